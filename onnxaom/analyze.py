@@ -1,0 +1,95 @@
+"""The end-to-end job behind ``onnxaom analyze`` and ``onnxaom demo``.
+
+model file + data spec -> statistics -> findings -> files in an output folder:
+``stats.npz`` (exact counts + metadata), ``findings.json`` (tasks 1-3) and ``report.html``.
+Every file is written atomically; a failure leaves earlier files of the folder untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .collect import collect
+from .data import load_spec
+from .errors import ModelFileNotFoundError
+from .findings import analyze
+from .model import load
+
+__all__ = ["AnalysisResult", "run_analysis"]
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """What one analysis wrote, and its findings in words (one line each)."""
+
+    stats_path: Path
+    findings_path: Path
+    report_path: Path | None
+    lines: tuple[str, ...]
+
+
+def run_analysis(
+    model_path: str | os.PathLike[str],
+    data_spec: str,
+    out: str | os.PathLike[str],
+    *,
+    layers: Sequence[str] | None = None,
+    batch_size: int = 256,
+    provider: str = "auto",
+    threshold: float = 0.0,
+    probe: str = "activation",
+    progress: bool = True,
+) -> AnalysisResult:
+    """Analyse ``model_path`` on the data named by ``data_spec`` and write the results to ``out``."""
+    model = load(model_path)
+    dataset = load_spec(data_spec)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ModelFileNotFoundError(f"--out {out} exists and is not a folder")
+    stats = collect(
+        model,
+        dataset,
+        batch_size=batch_size,
+        layers=layers,
+        provider=provider,
+        threshold=threshold,
+        probe=probe,
+        progress=progress,
+    )
+    findings = analyze(stats)
+    out.mkdir(parents=True, exist_ok=True)
+    stats_path = stats.save(out / "stats.npz")
+    findings_path = findings.to_json(out / "findings.json")
+    report_path = _write_report(model, stats, findings, out)
+    lines = [
+        f"{model.name}: {len(stats.layer_names)} layers, {stats.num_classes} classes, "
+        f"{stats.num_samples} samples ({dataset.source}) on {stats.metadata['provider']}",
+        *findings.summary_lines(),
+        f"wrote {stats_path}",
+        f"wrote {findings_path}",
+    ]
+    if report_path is not None:
+        lines.append(f"wrote {report_path}")
+    return AnalysisResult(stats_path, findings_path, report_path, tuple(lines))
+
+
+def _write_report(model: object, stats: object, findings: object, out: Path) -> Path | None:
+    """The HTML report, when the report module is part of this installation."""
+    try:
+        from .report import write_report
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.report":
+            raise
+        return None
+    summary = None
+    try:
+        from .summary import summary as model_summary
+
+        summary = model_summary(model).to_dict()  # type: ignore[arg-type]
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.summary":
+            raise
+    return write_report(stats, findings, out, model_summary=summary)  # type: ignore[arg-type]

@@ -1,0 +1,157 @@
+"""The ``onnxaom`` command line. The only module that prints.
+
+Exit codes: 0 success, 1 a user mistake reported in one line (no traceback), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import OnnxaomError
+
+__all__ = ["build_parser", "main"]
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+DEFAULT_MODEL = FIXTURES / "default_model.onnx"
+PROBE_CHOICES = ("activation", "conv", "pool")
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from .model import load
+
+    model = load(args.model)
+    layers = model.layers(probe=args.probe)
+    if args.json:
+        print(json.dumps([layer.to_dict() for layer in layers], indent=2))
+        return 0
+    print(f"{model.name}: opset {model.opset}, {len(layers)} layers (probe: {args.probe})")
+    width = max([len(layer.name) for layer in layers] + [4])
+    print(f"{'name':<{width}}  {'op':<6} {'K':>5}  {'shape':<12} probe (chain)")
+    for layer in layers:
+        shape = "x".join("?" if d is None else str(d) for d in layer.shape)
+        chain = "+".join(layer.chain) or "-"
+        print(f"{layer.name:<{width}}  {layer.op:<6} {layer.kernels:>5}  {shape:<12} "
+              f"{layer.probe} ({chain})")
+    return 0
+
+
+def _analyze(model_path: Path, data_spec: str, args: argparse.Namespace) -> int:
+    from .analyze import run_analysis
+
+    result = run_analysis(
+        model_path,
+        data_spec,
+        Path(args.out),
+        layers=args.layers,
+        batch_size=args.batch_size,
+        provider=args.provider,
+        threshold=args.threshold,
+        probe=args.probe,
+        progress=not args.quiet,
+    )
+    for line in result.lines:
+        print(line)
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    return _analyze(Path(args.model), args.data, args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .errors import ModelFileNotFoundError
+
+    if not DEFAULT_MODEL.exists():
+        raise ModelFileNotFoundError(
+            f"the bundled default model is missing ({DEFAULT_MODEL}); run "
+            f"fixtures/make_default_model.py, or use `onnxaom analyze MODEL --data SPEC`"
+        )
+    meta = json.loads((FIXTURES / "default_model.json").read_text())
+    spec = str(meta.get("data_spec", "digits:28"))
+    print(f"demo: analysing {DEFAULT_MODEL.name} on {spec}")
+    return _analyze(DEFAULT_MODEL, spec, args)
+
+
+def _add_collect_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", nargs="+", metavar="NAME", help="layers to analyse (default: all)")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per run (default 256)")
+    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="execution provider (default auto: CUDA when it loads, else CPU)")
+    p.add_argument("--threshold", type=float, default=0.0,
+                   help="an activation counts when it is > this (default 0)")
+    p.add_argument("--probe", choices=PROBE_CHOICES, default="activation",
+                   help="where a kernel's activation is read (default: after its BN/ReLU chain)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnxaom",
+        description="Activation occurrence maps (AOM, ODM, CSM) for CNNs exported to ONNX.",
+    )
+    parser.add_argument("--version", action="version", version=f"onnxaom {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("layers", help="list a model's analysable layers and probe points")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--probe", choices=PROBE_CHOICES, default="activation")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_layers)
+
+    p = sub.add_parser(
+        "analyze",
+        help="collect occurrence statistics and findings for a model",
+        description="Stream a labelled data set through MODEL and write stats.npz, "
+        "findings.json and report.html into --out.",
+    )
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--data", required=True, metavar="SPEC",
+                   help="digits | digits:SIZE | fashion-mnist:train|test | npz:PATH | "
+                   "idx:IMAGES,LABELS | folder:PATH")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    _add_collect_options(p)
+    p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("demo", help="analyse the bundled default model on sklearn digits")
+    p.add_argument("--out", default="onnxaom-out/demo", metavar="DIR",
+                   help="output folder (default onnxaom-out/demo)")
+    _add_collect_options(p)
+    p.set_defaults(func=_cmd_demo)
+
+    for extension in ("cli_surgery", "cli_report"):
+        module_name = f"{__package__}.{extension}"
+        try:
+            module = __import__(module_name, fromlist=["add_parsers"])
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except OnnxaomError as exc:
+        print(f"onnxaom: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("onnxaom: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

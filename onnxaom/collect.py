@@ -1,0 +1,501 @@
+"""Streaming a labelled data set through ONNX Runtime into exact occurrence counts.
+
+``collect`` is the one verb. Two methods give identical counts:
+
+* ``method="graph"`` (default): counting happens inside the ONNX graph
+  (:func:`onnxaom.instrument.counting_graph`); only (C, K*H*W) counts per layer leave the
+  runtime for each batch. On CUDA the counts stay on the device between batches (IOBinding and
+  a small accumulation session) and are copied back once at the end.
+* ``method="plain"``: the probe tensors are graph outputs and are counted in numpy, class by
+  class. It is slower and is the reference the fast path is tested against.
+
+Fixed batch sizes: a model whose image input has a fixed batch dimension is first rewritten
+with a symbolic batch. If that graph cannot run other batch sizes (a Reshape with the batch
+baked in, say), batches are fed in chunks of exactly the fixed size, the last one padded with
+zero images whose one-hot column is empty, so padding counts nothing. ``metadata["batching"]``
+records which was used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from . import __version__
+from .data import Dataset, iter_batches
+from .errors import DataError, LayerNotFoundError, ModelError
+from .graph import dim_values
+from .instrument import ONEHOT_INPUT, Instrumented, counting_graph, image_input, probe_graph
+from .layers import Layer
+from .model import Model, load
+from .runtime import make_session, resolve_providers
+from .stats import OccurrenceStats
+
+__all__ = ["METHODS", "collect", "select_layers"]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("graph", "plain")
+
+
+def select_layers(model: Model, names: Sequence[str] | None, probe: str) -> list[Layer]:
+    """The layers to analyse: ``names`` in the model's order, or every layer (needs a Conv)."""
+    layers = model.layers(probe=probe)
+    if names is None:
+        if not any(layer.op == "Conv" for layer in layers):
+            raise ModelError(
+                f"model {model.name!r} has no 2-D Conv layer to analyse; pass layers=[...] to "
+                f"analyse its fully-connected layers ({', '.join(x.name for x in layers) or 'none'})"
+            )
+        return layers
+    if isinstance(names, str):
+        names = [names]
+    by_name = {layer.name: layer for layer in layers}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise LayerNotFoundError(
+            f"model {model.name!r} has no layer {', '.join(map(repr, unknown))}; "
+            f"its layers: {', '.join(by_name) or '(none)'}"
+        )
+    wanted = set(names)
+    return [layer for layer in layers if layer.name in wanted]
+
+
+@dataclass
+class _Input:
+    name: str
+    dims: tuple[int | None, ...]
+    dtype: np.dtype[Any]
+
+    def check(self, images: np.ndarray) -> np.ndarray:
+        if images.ndim != len(self.dims):
+            raise DataError(
+                f"images have shape {images.shape} per batch but model input {self.name!r} "
+                f"expects rank {len(self.dims)} {self.expected()}"
+            )
+        for axis, (got, want) in enumerate(zip(images.shape[1:], self.dims[1:], strict=True)):
+            if want is not None and got != want:
+                raise DataError(
+                    f"images have shape {images.shape} per batch but model input {self.name!r} "
+                    f"expects {self.expected()} (axis {axis + 1} differs); check the layout "
+                    f"(NCHW) and resize in the preprocessing"
+                )
+        return np.ascontiguousarray(images, dtype=self.dtype)
+
+    def expected(self) -> str:
+        return "(" + ", ".join("N" if i == 0 else (str(d) if d else "?") for i, d in enumerate(self.dims)) + ")"
+
+
+def _input_info(model: onnx.ModelProto) -> _Input:
+    value = image_input(model)
+    dims = dim_values(value.type)
+    if dims is None or len(dims) < 2:
+        raise ModelError(f"model input {value.name!r} has no usable shape (need (N, C, H, W))")
+    elem = value.type.tensor_type.elem_type
+    if elem not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
+        raise ModelError(
+            f"model input {value.name!r} has element type {TensorProto.DataType.Name(elem)}; "
+            f"onnxaom feeds float images"
+        )
+    return _Input(value.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(elem)))
+
+
+class _Accumulator:
+    """int64 per-layer counts of shape (C, K*H*W), growing C when new labels appear."""
+
+    def __init__(self, sizes: Sequence[int], num_classes: int) -> None:
+        self.counts = [np.zeros((num_classes, p), np.int64) for p in sizes]
+        self.class_sizes = np.zeros(num_classes, np.int64)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.class_sizes.shape[0])
+
+    def grow(self, num_classes: int) -> None:
+        extra = num_classes - self.num_classes
+        if extra > 0:
+            self.counts = [np.pad(c, ((0, extra), (0, 0))) for c in self.counts]
+            self.class_sizes = np.pad(self.class_sizes, (0, extra))
+
+
+class _Engine:
+    """One instrumented session, fed whole or fixed-size chunks, counting into an accumulator."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        layers: list[Layer],
+        *,
+        method: str,
+        threshold: float,
+        providers: list[str],
+        threads: int | None,
+        fixed_batch: int | None,
+        on_device: bool,
+    ) -> None:
+        self.layers, self.method, self.threshold = layers, method, threshold
+        self.fixed_batch = fixed_batch
+        dynamic = fixed_batch is None
+        if method == "graph":
+            self.graph: Instrumented = counting_graph(
+                model, layers, threshold=threshold, dynamic_batch=dynamic
+            )
+        else:
+            self.graph = probe_graph(model, layers, dynamic_batch=dynamic)
+        self.session = make_session(self.graph.model, providers, threads=threads)
+        self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.on_device = on_device and method == "graph"
+        self._device_counts: list[ort.OrtValue] | None = None
+        self._adder: ort.InferenceSession | None = None
+        if self.on_device:
+            self._adder = make_session(_adder_graph(), providers)
+
+    # -- feeding ---------------------------------------------------------------------------
+    def run(self, images: np.ndarray, labels: np.ndarray, acc: _Accumulator) -> None:
+        if self.fixed_batch is None:
+            self._run(images, labels, acc)
+            return
+        b = self.fixed_batch
+        for start in range(0, images.shape[0], b):
+            chunk, chunk_labels = images[start : start + b], labels[start : start + b]
+            n = chunk.shape[0]
+            if n < b:  # pad: zero images with label -1 count nothing
+                chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
+                chunk_labels = np.concatenate([chunk_labels, np.full(b - n, -1, np.int64)])
+            self._run(chunk, chunk_labels, acc)
+
+    def _run(self, images: np.ndarray, labels: np.ndarray, acc: _Accumulator) -> None:
+        real = labels >= 0
+        acc.class_sizes += np.bincount(labels[real], minlength=acc.num_classes)
+        if self.method == "plain":
+            self._count_plain(images, labels, acc)
+            return
+        onehot = np.zeros((acc.num_classes, labels.shape[0]), np.float32)
+        onehot[labels[real], np.flatnonzero(real)] = 1.0
+        feeds = {self.graph.input_name: images, ONEHOT_INPUT: onehot}
+        if self.on_device:
+            self._run_on_device(feeds, acc)
+            return
+        results = self.session.run(None, feeds)
+        n_layers = len(self.graph.outputs)
+        self._check_nan(results[n_layers:])
+        for total, batch in zip(acc.counts, results[:n_layers], strict=True):
+            total += batch
+
+    def _count_plain(self, images: np.ndarray, labels: np.ndarray, acc: _Accumulator) -> None:
+        results = dict(zip([o.name for o in self.session.get_outputs()],
+                           self.session.run(None, {self.graph.input_name: images}), strict=True))
+        for layer, total in zip(self.layers, acc.counts, strict=True):
+            values = results[layer.probe]
+            if np.isnan(values).any():
+                raise ModelError(_nan_message(layer))
+            positive = values.reshape(values.shape[0], -1) > self.threshold
+            for c in np.unique(labels[labels >= 0]):
+                total[c] += positive[labels == c].sum(axis=0)
+
+    def _check_nan(self, flags: list[np.ndarray]) -> None:
+        for layer, flag in zip(self.layers, flags, strict=True):
+            if float(flag) != 0.0:
+                raise ModelError(_nan_message(layer))
+
+    # -- device-resident accumulation (CUDA) ------------------------------------------------
+    def _run_on_device(self, feeds: dict[str, np.ndarray], acc: _Accumulator) -> None:
+        assert self._adder is not None  # noqa: S101 - internal invariant, set in __init__
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name in self.graph.outputs:
+            binding.bind_output(name, self.device)
+        for name in self.graph.nan_outputs:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        n_layers = len(self.graph.outputs)
+        self._check_nan([o.numpy() for o in outputs[n_layers:]])
+        batch_counts = outputs[:n_layers]
+        if self._device_counts is not None and self._device_counts[0].shape()[0] != acc.num_classes:
+            self.flush(acc)  # the class count grew: settle on the host, restart on device
+        if self._device_counts is None:
+            self._device_counts = list(batch_counts)
+            return
+        summed = []
+        for total, batch in zip(self._device_counts, batch_counts, strict=True):
+            add = self._adder.io_binding()
+            add.bind_ortvalue_input("total", total)
+            add.bind_ortvalue_input("batch", batch)
+            add.bind_output("sum", self.device)
+            self._adder.run_with_iobinding(add)
+            summed.append(add.get_outputs()[0])
+        self._device_counts = summed
+
+    def flush(self, acc: _Accumulator) -> None:
+        """Copy device-resident counts into the host accumulator."""
+        if self._device_counts is None:
+            return
+        for total, device in zip(acc.counts, self._device_counts, strict=True):
+            host = device.numpy()
+            total[: host.shape[0]] += host
+        self._device_counts = None
+
+
+def _adder_graph() -> onnx.ModelProto:
+    """total (int64) + batch (float, exact integers) -> sum (int64), for device accumulation."""
+    total = helper.make_tensor_value_info("total", TensorProto.INT64, ["C", "P"])
+    batch = helper.make_tensor_value_info("batch", TensorProto.FLOAT, ["C", "P"])
+    out = helper.make_tensor_value_info("sum", TensorProto.INT64, ["C", "P"])
+    nodes = [
+        helper.make_node("Cast", ["batch"], ["batch_int"], to=TensorProto.INT64),
+        helper.make_node("Add", ["total", "batch_int"], ["sum"]),
+    ]
+    graph = helper.make_graph(nodes, "onnxaom_accumulate", [total, batch], [out])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _nan_message(layer: Layer) -> str:
+    return (
+        f"layer {layer.name!r} produced NaN activations (probe tensor {layer.probe!r}); check "
+        f"the model weights and the input preprocessing"
+    )
+
+
+def _resolve_shapes(
+    model: onnx.ModelProto, layers: list[Layer], sample: np.ndarray, providers: list[str]
+) -> list[Layer]:
+    """Fill unknown H, W of layer shapes by running one sample through the plain graph."""
+    if all(None not in layer.shape for layer in layers):
+        return layers
+    graph = probe_graph(model, layers)
+    session = make_session(graph.model, providers)
+    values = dict(zip([o.name for o in session.get_outputs()],
+                      session.run(None, {graph.input_name: sample}), strict=True))
+    resolved = []
+    for layer in layers:
+        shape = values[layer.probe].shape
+        if len(shape) == 4:
+            resolved.append(_replace_shape(layer, (layer.kernels, int(shape[2]), int(shape[3]))))
+        else:
+            resolved.append(_replace_shape(layer, (layer.kernels, 1, 1)))
+    return resolved
+
+
+def _replace_shape(layer: Layer, shape: tuple[int, int, int]) -> Layer:
+    from dataclasses import replace
+
+    return replace(layer, shape=shape)
+
+
+def collect(
+    model: Model | str | os.PathLike[str],
+    images: Any,
+    labels: Any = None,
+    *,
+    batch_size: int = 256,
+    layers: Sequence[str] | None = None,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    provider: str = "auto",
+    threshold: float = 0.0,
+    probe: str = "activation",
+    method: str = "graph",
+    progress: bool = True,
+    allow_empty_classes: bool = False,
+    threads: int | None = None,
+    accumulate_on_device: bool | None = None,
+) -> OccurrenceStats:
+    """Count, for every kernel, class and position, the samples with a positive activation.
+
+    Parameters
+    ----------
+    model:
+        An :class:`onnxaom.Model` or a path to an ONNX file.
+    images, labels:
+        A :class:`onnxaom.data.Dataset`; or a float array of shape (N, C, H, W) with integer
+        labels of shape (N,) in 0..C-1; or an iterable of ``(images, labels)`` batches (a torch
+        DataLoader works), with ``labels`` left as None.
+    batch_size:
+        Samples per ORT run when the data is an array or Dataset.
+    layers:
+        Layer names to analyse (see :meth:`Model.layers`); default all (the model needs a Conv).
+    num_classes:
+        C. Default: one more than the largest label seen. Classes with no samples raise
+        :class:`DataError` unless ``allow_empty_classes`` (then their AOMs are NaN, with a
+        warning).
+    class_names:
+        C names; default from a Dataset, else "0".."C-1".
+    provider:
+        "auto" (CUDA when it really loads, else CPU), "cpu" or "cuda".
+    threshold:
+        An activation counts when it is strictly greater than this (the paper: 0).
+    probe:
+        "activation", "conv" or "pool" (see :mod:`onnxaom.layers`).
+    method:
+        "graph" (count inside the ONNX graph) or "plain" (probe outputs counted in numpy).
+    progress:
+        Show a progress bar (tqdm) on stderr.
+    threads:
+        ORT intra-op threads (default: ORT's choice).
+    accumulate_on_device:
+        Keep counts on the execution device between batches (default: on CUDA only).
+
+    Returns
+    -------
+    OccurrenceStats with counts of shape (K, C, H, W) per layer.
+    """
+    if method not in METHODS:
+        raise ModelError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise DataError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if not isinstance(model, Model):
+        model = load(model)
+    chosen = select_layers(model, layers, probe)
+    proto = model.proto
+    info = _input_info(proto)
+    providers = resolve_providers(provider)
+    on_device = (providers[0] == "CUDAExecutionProvider") if accumulate_on_device is None else accumulate_on_device
+
+    dataset = images if isinstance(images, Dataset) else None
+    if dataset is not None:
+        class_names = class_names or dataset.class_names
+        if num_classes is None:
+            num_classes = dataset.num_classes
+    if class_names is not None and num_classes is None:
+        num_classes = len(class_names)
+    total = _length(images)
+    batches = iter_batches(images, labels, batch_size=batch_size)
+
+    acc: _Accumulator | None = None
+    engine: _Engine | None = None
+    fixed = info.dims[0]
+    bar = _progress(total, progress)
+    try:
+        for batch_images, batch_labels in batches:
+            batch_images = info.check(batch_images)
+            if num_classes is not None and batch_labels.size and batch_labels.max() >= num_classes:
+                raise DataError(
+                    f"labels must be in 0..{num_classes - 1} (num_classes={num_classes}); found "
+                    f"label {int(batch_labels.max())}"
+                )
+            if engine is None:
+                chosen = _resolve_shapes(proto, chosen, batch_images[:1], providers)
+                engine, acc = _start_engine(
+                    proto, chosen, method, threshold, providers, threads, fixed, on_device,
+                    batch_images, num_classes or 0,
+                )
+            assert acc is not None  # noqa: S101 - set together with engine
+            if batch_labels.size:
+                needed = int(batch_labels.max()) + 1
+                if needed > acc.num_classes:
+                    engine.flush(acc)
+                    acc.grow(needed)
+            engine.run(batch_images, batch_labels, acc)
+            bar.update(batch_images.shape[0])
+        if engine is None or acc is None:
+            raise DataError("the data set is empty: no batch of images was given")
+        engine.flush(acc)
+    finally:
+        bar.close()
+
+    if num_classes is not None:
+        acc.grow(num_classes)
+    names = tuple(class_names) if class_names is not None else tuple(str(i) for i in range(acc.num_classes))
+    if len(names) != acc.num_classes:
+        raise DataError(f"{len(names)} class names given for {acc.num_classes} classes")
+    empty = [names[i] for i in np.flatnonzero(acc.class_sizes == 0)]
+    if empty:
+        message = f"classes with no samples: {', '.join(empty)} (their AOMs are undefined)"
+        if not allow_empty_classes:
+            raise DataError(message + "; pass allow_empty_classes=True to get NaN AOMs for them")
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    counts = {}
+    for layer, flat in zip(chosen, acc.counts, strict=True):
+        k, h, w = layer.shape
+        assert h is not None and w is not None  # noqa: S101 - resolved above
+        counts[layer.name] = flat.reshape(acc.num_classes, k, h, w).transpose(1, 0, 2, 3)
+    metadata = {
+        "model_digest": model.digest,
+        "model_name": model.name,
+        "threshold": float(threshold),
+        "probe": probe,
+        "layers": [layer.to_dict() for layer in chosen],
+        "preprocessing": dataset.preprocessing.to_dict() if dataset is not None else None,
+        "source": dataset.source if dataset is not None else type(images).__name__,
+        "num_samples": int(acc.class_sizes.sum()),
+        "method": method,
+        "provider": providers[0],
+        "batching": "dynamic" if engine.fixed_batch is None else f"fixed:{engine.fixed_batch}",
+        "onnxaom_version": __version__,
+    }
+    return OccurrenceStats(counts, acc.class_sizes, names, metadata)
+
+
+def _start_engine(
+    proto: onnx.ModelProto,
+    layers: list[Layer],
+    method: str,
+    threshold: float,
+    providers: list[str],
+    threads: int | None,
+    fixed: int | None,
+    on_device: bool,
+    first_images: np.ndarray,
+    num_classes: int,
+) -> tuple[_Engine, _Accumulator]:
+    """The engine, trying a symbolic batch first for fixed-batch models."""
+    sizes = [k * h * w for k, h, w in (layer.shape for layer in layers)]  # type: ignore[operator]
+
+    def build(fixed_batch: int | None) -> _Engine:
+        return _Engine(proto, layers, method=method, threshold=threshold, providers=providers,
+                       threads=threads, fixed_batch=fixed_batch, on_device=on_device)
+
+    engine = build(None)
+    if fixed is not None:
+        probe_acc = _Accumulator(sizes, 1)
+        trial = np.resize(first_images, (fixed + 1, *first_images.shape[1:]))
+        try:  # does the symbolic-batch graph really run another batch size?
+            engine.run(trial, np.full(fixed + 1, -1, np.int64), probe_acc)
+            engine.flush(probe_acc)
+        except ModelError:
+            raise
+        except Exception as exc:  # ORT raises its own exception types
+            log.info("model has a fixed batch of %d that cannot be made symbolic (%s); "
+                     "feeding chunks of %d", fixed, exc, fixed)
+            engine = build(fixed)
+        else:
+            engine._device_counts = None
+    return engine, _Accumulator(sizes, num_classes)
+
+
+def _length(images: Any) -> int | None:
+    try:
+        return len(images) if isinstance(images, np.ndarray | Dataset) else None
+    except TypeError:
+        return None
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        del n
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int | None, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc="collecting", leave=False)
+

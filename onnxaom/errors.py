@@ -1,0 +1,64 @@
+"""The one exception hierarchy of onnxaom.
+
+Every error the library raises on purpose derives from :class:`OnnxaomError`. Each subclass
+also inherits the builtin it matches, so ``except ValueError`` keeps working::
+
+    OnnxaomError (Exception)
+    ├── ModelError (ValueError)           not an ONNX file, no Conv, unsupported graph, NaN activations
+    ├── LayerNotFoundError (KeyError)     a layer name the model does not have
+    ├── DataError (ValueError)            images/labels of wrong shape, dtype, length or range; empty data
+    ├── ModelFileNotFoundError (FileNotFoundError)   a model or data path that does not exist
+    ├── StatsError (ValueError)           merging incompatible statistics, corrupt stats file
+    ├── EditError (ValueError)            a graph edit that cannot be applied (names the node/layer)
+    └── ProviderError (RuntimeError)      an execution provider asked for explicitly that cannot load
+
+Messages name the node, layer, file or argument at fault and, where possible, the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DataError",
+    "EditError",
+    "LayerNotFoundError",
+    "ModelError",
+    "ModelFileNotFoundError",
+    "OnnxaomError",
+    "ProviderError",
+    "StatsError",
+]
+
+
+class OnnxaomError(Exception):
+    """Base of every error onnxaom raises on purpose."""
+
+
+class ModelError(OnnxaomError, ValueError):
+    """The ONNX model cannot be used as asked (names the file, node or layer)."""
+
+
+class LayerNotFoundError(OnnxaomError, KeyError):
+    """A layer name that the model does not have."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class DataError(OnnxaomError, ValueError):
+    """Images or labels that cannot be used (names the argument or file)."""
+
+
+class ModelFileNotFoundError(OnnxaomError, FileNotFoundError):
+    """A path given by the user that does not exist."""
+
+
+class StatsError(OnnxaomError, ValueError):
+    """Occurrence statistics that cannot be merged, loaded or queried."""
+
+
+class EditError(OnnxaomError, ValueError):
+    """A graph edit that cannot be applied; names the node, op or layer at fault."""
+
+
+class ProviderError(OnnxaomError, RuntimeError):
+    """An execution provider requested explicitly that does not load on this machine."""

@@ -1,0 +1,156 @@
+"""Read-only helpers over an ONNX graph: producers, consumers, constants, inferred shapes.
+
+Shared by layer discovery, instrumentation and surgery so that each asks the graph the same
+questions the same way.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["GraphIndex", "Shape", "dim_values"]
+
+Shape = tuple[int | None, ...]
+
+
+def dim_values(type_proto: onnx.TypeProto) -> Shape | None:
+    """Static dims of a tensor type (None for symbolic/unknown ones); None if rank unknown."""
+    if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
+        return None
+    return tuple(
+        int(d.dim_value) if d.HasField("dim_value") else None
+        for d in type_proto.tensor_type.shape.dim
+    )
+
+
+@dataclass
+class GraphIndex:
+    """Index of one model's main graph. Built once, never mutates the model."""
+
+    model: onnx.ModelProto
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.model.graph
+
+    @cached_property
+    def producer(self) -> dict[str, int]:
+        """Tensor name -> index of the node that produces it."""
+        out: dict[str, int] = {}
+        for i, node in enumerate(self.graph.node):
+            for name in node.output:
+                if name:
+                    out[name] = i
+        return out
+
+    @cached_property
+    def consumers(self) -> dict[str, list[int]]:
+        """Tensor name -> indices of the nodes that read it (subgraph reads included)."""
+        out: dict[str, list[int]] = defaultdict(list)
+        for i, node in enumerate(self.graph.node):
+            for name in set(node.input) | _subgraph_inputs(node):
+                if name:
+                    out[name].append(i)
+        return out
+
+    @cached_property
+    def graph_outputs(self) -> set[str]:
+        return {o.name for o in self.graph.output}
+
+    @cached_property
+    def initializers(self) -> dict[str, onnx.TensorProto]:
+        return {t.name: t for t in self.graph.initializer}
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of ``name`` if it is an initializer or a Constant node's output."""
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        index = self.producer.get(name)
+        if index is None:
+            return None
+        node = self.graph.node[index]
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            return None
+        for attr in node.attribute:
+            if attr.name == "value":
+                return numpy_helper.to_array(attr.t)
+            if attr.name == "value_float":
+                return np.array(attr.f, dtype=np.float32)
+            if attr.name == "value_floats":
+                return np.array(list(attr.floats), dtype=np.float32)
+            if attr.name == "value_int":
+                return np.array(attr.i, dtype=np.int64)
+            if attr.name == "value_ints":
+                return np.array(list(attr.ints), dtype=np.int64)
+        return None
+
+    def constant_shape(self, name: str) -> Shape | None:
+        """Shape of a constant without materialising big initializers."""
+        if name in self.initializers:
+            return tuple(int(d) for d in self.initializers[name].dims)
+        value = self.constant(name)
+        return None if value is None else tuple(value.shape)
+
+    @cached_property
+    def _inferred_values(self) -> list[onnx.ValueInfoProto]:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(self.model, data_prop=True)
+        except Exception:  # inference is best effort; exporters sometimes write odd graphs
+            inferred = self.model
+        graph = inferred.graph
+        return [*graph.input, *graph.value_info, *graph.output]
+
+    @cached_property
+    def shapes(self) -> dict[str, Shape]:
+        """Tensor name -> shape from ONNX shape inference (dims None where symbolic)."""
+        out: dict[str, Shape] = {}
+        for value in self._inferred_values:
+            dims = dim_values(value.type)
+            if dims is not None:
+                out[value.name] = dims
+        for name in self.initializers:
+            out[name] = self.constant_shape(name) or ()
+        return out
+
+    def elem_type(self, tensor: str) -> int:
+        """ONNX element type of ``tensor`` (FLOAT when inference could not tell)."""
+        if tensor in self.initializers:
+            return int(self.initializers[tensor].data_type)
+        for value in self._inferred_values:
+            if value.name == tensor and value.type.tensor_type.elem_type:
+                return int(value.type.tensor_type.elem_type)
+        return int(onnx.TensorProto.FLOAT)
+
+    def single_consumer(self, tensor: str) -> int | None:
+        """The only node reading ``tensor``, or None (several readers, or a graph output)."""
+        readers = self.consumers.get(tensor, [])
+        if len(readers) != 1 or tensor in self.graph_outputs:
+            return None
+        return readers[0]
+
+    def attribute(self, node: onnx.NodeProto, name: str, default: object = None) -> object:
+        for attr in node.attribute:
+            if attr.name == name:
+                return onnx.helper.get_attribute_value(attr)
+        return default
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names read from the outer scope by If/Loop/Scan bodies."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for sub in g.node:
+                local.update(sub.output)
+            for sub in g.node:
+                names.update(n for n in sub.input if n and n not in local)
+                names.update(_subgraph_inputs(sub))
+    return names

@@ -1,0 +1,229 @@
+"""Rewriting a model so that ONNX Runtime hands back what collection needs.
+
+Two rewrites, both pure (the input proto is never changed):
+
+* :func:`counting_graph` (the fast path): after each tapped tensor T of shape (N, K, H, W) or
+  (N, K) it adds ``Greater(T, threshold) -> Cast(float) -> Reshape(N, K*H*W)`` and a
+  ``MatMul`` with the one-hot label matrix fed as the extra input ``onnxaom_onehot`` of shape
+  (C, N). Only the per-class counts, (C, K*H*W) per layer, leave the runtime. Samples whose
+  one-hot column is all zero (padding) count nothing.
+* :func:`probe_graph` (the plain path): the probe tensors become the graph outputs and are
+  counted in numpy. It is the reference the fast path is tested against.
+
+Both drop every node that the new outputs do not need (the classifier head after the last
+probe, typically), and can make a fixed batch dimension symbolic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import ModelError
+from .graph import GraphIndex
+from .layers import Layer
+
+__all__ = [
+    "ONEHOT_INPUT",
+    "Instrumented",
+    "counting_graph",
+    "image_input",
+    "probe_graph",
+    "tap_tensor",
+]
+
+ONEHOT_INPUT = "onnxaom_onehot"
+_PREFIX = "onnxaom_"
+_SIGN_PRESERVING = frozenset({"Relu", "LeakyRelu", "PRelu", "Identity", "Dropout"})
+
+
+@dataclass(frozen=True)
+class Instrumented:
+    """An instrumented model and the names of its outputs, one per layer (same order)."""
+
+    model: onnx.ModelProto
+    input_name: str
+    outputs: tuple[str, ...]
+    nan_outputs: tuple[str, ...]
+
+
+def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    """The graph input that takes the images (the one input that is not an initializer)."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs) or "(none)"
+        raise ModelError(
+            f"model must have exactly one image input; it has {len(inputs)}: {names}"
+        )
+    return inputs[0]
+
+
+def tap_tensor(index: GraphIndex, layer: Layer, threshold: float) -> str:
+    """The tensor to count for ``layer``: its probe, or an equivalent one ORT keeps fused.
+
+    Reading a raw Conv output would stop ORT from fusing Conv+Relu. For threshold >= 0,
+    ``x > t`` equals ``relu(x) > t`` (and likewise for LeakyRelu/PRelu with positive slopes,
+    whose sign matches x), so when the raw output flows only into such an op we read that op's
+    output instead and get the same counts.
+    """
+    if layer.probe_kind != "conv" or threshold < 0:
+        return layer.probe
+    tensor = layer.probe
+    while True:
+        reader = index.single_consumer(tensor)
+        if reader is None:
+            return tensor
+        node = index.graph.node[reader]
+        if node.op_type not in _SIGN_PRESERVING or node.input[0] != tensor:
+            return tensor
+        if node.op_type == "LeakyRelu" and float(index.attribute(node, "alpha", 0.01)) <= 0:  # type: ignore[arg-type]
+            return tensor
+        if node.op_type == "PRelu":
+            slope = index.constant(node.input[1])
+            if slope is None or np.any(slope <= 0):
+                return tensor
+        if node.op_type in ("LeakyRelu", "PRelu") and threshold > 0:
+            return tensor  # x > t and leaky(x) > t agree only for t = 0
+        tensor = node.output[0]
+
+
+def _with_dynamic_batch(model: onnx.ModelProto, input_name: str) -> None:
+    """Make dim 0 of the image input symbolic and forget intermediate shapes (in place)."""
+    for value in model.graph.input:
+        if value.name == input_name and value.type.tensor_type.HasField("shape"):
+            dims = value.type.tensor_type.shape.dim
+            if len(dims) > 0 and dims[0].HasField("dim_value"):
+                dims[0].ClearField("dim_value")
+                dims[0].dim_param = "N"
+    del model.graph.value_info[:]
+
+
+def _prune(model: onnx.ModelProto, needed_outputs: list[str]) -> None:
+    """Drop nodes and initializers that ``needed_outputs`` do not depend on (in place)."""
+    index = GraphIndex(model)
+    needed = set(needed_outputs)
+    keep = [False] * len(model.graph.node)
+    for i in range(len(model.graph.node) - 1, -1, -1):
+        node = model.graph.node[i]
+        if any(o in needed for o in node.output):
+            keep[i] = True
+            needed.update(n for n in node.input if n)
+            for attr in node.attribute:  # outer-scope reads of subgraphs
+                if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                    needed.update(_outer_reads(attr))
+    del index
+    nodes = [n for n, k in zip(model.graph.node, keep, strict=True) if k]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    initializers = [t for t in model.graph.initializer if t.name in needed]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(initializers)
+
+
+def _outer_reads(attr: onnx.AttributeProto) -> set[str]:
+    graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+    names: set[str] = set()
+    for g in graphs:
+        for node in g.node:
+            names.update(n for n in node.input if n)
+    return names
+
+
+def _start(model: onnx.ModelProto, dynamic_batch: bool) -> tuple[onnx.ModelProto, str]:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    input_name = image_input(copy).name
+    if dynamic_batch:
+        _with_dynamic_batch(copy, input_name)
+    return copy, input_name
+
+
+def probe_graph(
+    model: onnx.ModelProto, layers: list[Layer], *, dynamic_batch: bool = True
+) -> Instrumented:
+    """The model with exactly the layers' probe tensors as outputs (plain path)."""
+    copy, input_name = _start(model, dynamic_batch)
+    index = GraphIndex(model)
+    outputs: list[str] = []
+    del copy.graph.output[:]
+    for layer in layers:
+        if layer.probe in outputs:
+            continue
+        elem = index.elem_type(layer.probe)
+        copy.graph.output.append(helper.make_tensor_value_info(layer.probe, elem, None))
+        outputs.append(layer.probe)
+    _prune(copy, outputs)
+    return Instrumented(copy, input_name, tuple(layer.probe for layer in layers), ())
+
+
+def counting_graph(
+    model: onnx.ModelProto,
+    layers: list[Layer],
+    *,
+    threshold: float = 0.0,
+    dynamic_batch: bool = True,
+    check_nan: bool = True,
+) -> Instrumented:
+    """The model with in-graph per-class occurrence counting for every layer (fast path).
+
+    Outputs ``onnxaom_count_<i>``: float32 (C, K*H*W) exact integer counts for the batch
+    (exact while the batch has fewer than 2**24 samples), and with ``check_nan`` a scalar
+    ``onnxaom_nan_<i>`` that is non-zero when the probe held a NaN.
+    """
+    copy, input_name = _start(model, dynamic_batch)
+    index = GraphIndex(model)
+    graph = copy.graph
+    del graph.output[:]
+    graph.input.append(helper.make_tensor_value_info(ONEHOT_INPUT, TensorProto.FLOAT, ["C", "N"]))
+    flat_shape = f"{_PREFIX}flat_shape"
+    graph.initializer.append(numpy_helper.from_array(np.array([0, -1], np.int64), flat_shape))
+    outputs, nan_outputs, thresholds = [], [], {}
+    for i, layer in enumerate(layers):
+        tap = tap_tensor(index, layer, threshold)
+        elem = index.elem_type(tap)
+        if elem not in thresholds:
+            dtype = helper.tensor_dtype_to_np_dtype(elem)
+            name = f"{_PREFIX}threshold_{len(thresholds)}"
+            graph.initializer.append(numpy_helper.from_array(np.array(threshold, dtype), name))
+            thresholds[elem] = name
+        p = f"{_PREFIX}{i}_"
+        count = f"{_PREFIX}count_{i}"
+        graph.node.extend(
+            [
+                helper.make_node("Greater", [tap, thresholds[elem]], [p + "positive"], name=p + "greater"),
+                helper.make_node("Cast", [p + "positive"], [p + "mask"], to=TensorProto.FLOAT, name=p + "cast"),
+                helper.make_node("Reshape", [p + "mask", flat_shape], [p + "flat"], name=p + "flatten"),
+                helper.make_node("MatMul", [ONEHOT_INPUT, p + "flat"], [count], name=p + "count"),
+            ]
+        )
+        graph.output.append(helper.make_tensor_value_info(count, TensorProto.FLOAT, None))
+        outputs.append(count)
+        if check_nan:
+            nan = f"{_PREFIX}nan_{i}"
+            graph.node.extend(
+                [
+                    helper.make_node("IsNaN", [tap], [p + "isnan"], name=p + "isnan"),
+                    helper.make_node("Cast", [p + "isnan"], [p + "nanmask"], to=TensorProto.FLOAT, name=p + "nancast"),
+                    helper.make_node("ReduceMax", [p + "nanmask"], [nan], keepdims=0, name=p + "nanmax"),
+                ]
+            )
+            graph.output.append(helper.make_tensor_value_info(nan, TensorProto.FLOAT, None))
+            nan_outputs.append(nan)
+    _prune(copy, outputs + nan_outputs)
+    _ensure_opset(copy, 13)
+    return Instrumented(copy, input_name, tuple(outputs), tuple(nan_outputs))
+
+
+def _ensure_opset(model: onnx.ModelProto, minimum: int) -> None:
+    """Greater on float and IsNaN need opset >= 9/13 semantics; old models are rejected."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and imp.version < 9:
+            raise ModelError(
+                f"model opset {imp.version} is too old for in-graph counting (needs >= 9); "
+                f"convert it with onnx.version_converter or use method='plain'"
+            )
+    del minimum

@@ -1,0 +1,180 @@
+"""Loading and saving ONNX models: the only module that touches model files.
+
+A :class:`Model` holds an ``onnx.ModelProto`` with every weight in memory (external data is
+resolved at load time) and remembers whether it came with external data, so that saving keeps
+large weights external. Models are treated as immutable: the library never edits ``proto`` in
+place and never overwrites the file a model was loaded from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import onnx
+from onnx import external_data_helper
+
+from .errors import LayerNotFoundError, ModelError, ModelFileNotFoundError
+
+if TYPE_CHECKING:
+    from .layers import Layer
+
+__all__ = ["Model", "load"]
+
+#: Initializers at least this large (bytes) go to the external-data file when saving externally.
+EXTERNAL_DATA_THRESHOLD = 1024
+
+
+class Model:
+    """An ONNX model in memory.
+
+    Parameters
+    ----------
+    proto:
+        The model. Its tensors must hold their data (no unresolved external references).
+    path:
+        The file it was loaded from, if any.
+    external_data:
+        Whether saving should write weights to an external ``<file>.data`` (defaults to whether
+        the source file used external data).
+    """
+
+    def __init__(
+        self, proto: onnx.ModelProto, path: Path | None = None, external_data: bool = False
+    ) -> None:
+        self._proto = proto
+        self.path = path
+        self.external_data = external_data
+
+    @property
+    def proto(self) -> onnx.ModelProto:
+        """The model proto. Treat as read-only; use :meth:`copy_proto` to edit."""
+        return self._proto
+
+    def copy_proto(self) -> onnx.ModelProto:
+        """A deep copy of the model proto, safe to edit."""
+        copy = onnx.ModelProto()
+        copy.CopyFrom(self._proto)
+        return copy
+
+    @cached_property
+    def digest(self) -> str:
+        """SHA-256 of the serialized model (weights included), hex."""
+        return hashlib.sha256(self._proto.SerializeToString(deterministic=True)).hexdigest()
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path is not None else (self._proto.graph.name or "model")
+
+    @property
+    def opset(self) -> int:
+        for imp in self._proto.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                return int(imp.version)
+        raise ModelError(f"model {self.name!r} declares no default-domain opset")
+
+    def layers(self, probe: str = "activation") -> list[Layer]:
+        """The analysable layers (Conv, Gemm, MatMul-with-weights) in topological order.
+
+        ``probe`` picks where a kernel's activation is read: ``"activation"`` (after the
+        per-channel chain that follows the layer: BN, ReLU-like, constant Add/Mul),
+        ``"conv"`` (the raw layer output) or ``"pool"`` (after the pooling that follows the
+        activation, where there is one).
+        """
+        from .layers import find_layers
+
+        return find_layers(self._proto, probe=probe)
+
+    def layer(self, name: str, probe: str = "activation") -> Layer:
+        """The layer called ``name``; raises :class:`LayerNotFoundError` naming the known ones."""
+        layers = self.layers(probe=probe)
+        for layer in layers:
+            if layer.name == name:
+                return layer
+        known = ", ".join(layer.name for layer in layers)
+        raise LayerNotFoundError(f"model {self.name!r} has no layer {name!r}; its layers: {known}")
+
+    def save(self, path: str | os.PathLike[str], external_data: bool | None = None) -> Path:
+        """Write the model to ``path`` atomically and return the path.
+
+        Refuses to overwrite the file this model was loaded from. With external data (default:
+        as the source), weights go to ``<path>.data`` beside the model file.
+        """
+        return save(self._proto, path, external_data=self.external_data
+                    if external_data is None else external_data, protect=self.path)
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, opset={self.opset}, nodes={len(self._proto.graph.node)})"
+
+
+def load(path: str | os.PathLike[str]) -> Model:
+    """Load an ONNX model file, resolving external data (``.onnx.data``) next to it."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileNotFoundError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelError(f"{path} is a directory, not an ONNX model file")
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise ModelError(f"{path} is not an ONNX model ({type(exc).__name__}: {exc})") from exc
+    if not proto.HasField("graph") or len(proto.graph.node) == 0:
+        raise ModelError(f"{path} is not an ONNX model with a graph (no nodes found)")
+    uses_external = any(
+        external_data_helper.uses_external_data(t)
+        for t in external_data_helper._get_all_tensors(proto)
+    )
+    if uses_external:
+        try:
+            external_data_helper.load_external_data_for_model(proto, str(path.parent))
+        except Exception as exc:  # OSError, or onnx's ValidationError for a missing file
+            raise ModelFileNotFoundError(
+                f"{path} stores weights in an external data file that cannot be read: {exc}"
+            ) from exc
+    return Model(proto, path=path.resolve(), external_data=uses_external)
+
+
+def save(
+    proto: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    external_data: bool = False,
+    protect: Path | None = None,
+) -> Path:
+    """Write ``proto`` to ``path`` atomically (temp file + rename); ``proto`` is not changed.
+
+    With ``external_data`` the weights go to ``<name>.data`` in the same folder. ``protect`` is
+    a path that must not be overwritten (the model's source file).
+    """
+    path = Path(path)
+    if protect is not None and path.resolve() == Path(protect).resolve():
+        raise ModelError(
+            f"refusing to overwrite the input model {path}; choose another output path"
+        )
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ModelFileNotFoundError(f"output folder does not exist: {parent}")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".onnxaom-") as tmp:
+        tmp_model = Path(tmp) / path.name
+        if external_data:
+            onnx.save_model(
+                copy,
+                str(tmp_model),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=EXTERNAL_DATA_THRESHOLD,
+            )
+            tmp_data = Path(tmp) / data_name
+            if tmp_data.exists():
+                os.replace(tmp_data, parent / data_name)
+        else:
+            onnx.save_model(copy, str(tmp_model))
+        os.replace(tmp_model, path)
+    return path

@@ -1,0 +1,103 @@
+"""ONNX Runtime sessions: which execution providers really load, and how sessions are made.
+
+``onnxruntime-gpu`` lists ``CUDAExecutionProvider`` as *available* even on machines without a
+GPU or CUDA libraries; asking for it there prints errors and silently falls back. We therefore
+probe once, quietly, whether CUDA really loads (a tiny session with logging muted) and only
+then ask for it. On CPU-only machines nothing is printed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from functools import lru_cache
+
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from .errors import ProviderError
+
+__all__ = ["PROVIDERS", "cuda_available", "make_session", "resolve_providers"]
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = ("auto", "cpu", "cuda")
+_QUIET = 4  # ORT severity: fatal only
+_SESSION_LOG_LEVEL = 3  # errors only for real sessions
+
+
+@lru_cache(maxsize=1)
+def cuda_available() -> bool:
+    """True when the CUDA execution provider really loads and runs a node here."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:  # no driver library: no GPU, so don't even let ORT try (it would log errors)
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    options = ort.SessionOptions()
+    options.log_severity_level = _QUIET
+    previous = _QUIET
+    try:
+        ort.set_default_logger_severity(_QUIET)
+        session = ort.InferenceSession(
+            probe.SerializeToString(), options, providers=["CUDAExecutionProvider"]
+        )
+        return bool(session.get_providers()[0] == "CUDAExecutionProvider")
+    except Exception as exc:  # any failure means: not usable here
+        log.debug("CUDA execution provider does not load: %s", exc)
+        return False
+    finally:
+        ort.set_default_logger_severity(min(previous, 2))
+
+
+def resolve_providers(provider: str = "auto") -> list[str]:
+    """ORT provider list for ``provider`` in {"auto", "cpu", "cuda"}.
+
+    "auto" picks CUDA when it really loads, else CPU, silently. "cuda" raises
+    :class:`ProviderError` when CUDA does not load.
+    """
+    if provider not in PROVIDERS:
+        raise ProviderError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if cuda_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if provider == "cuda":
+        raise ProviderError(
+            "provider='cuda' was requested but the CUDA execution provider does not load on "
+            "this machine (no GPU, driver or CUDA libraries); use provider='auto' or 'cpu'"
+        )
+    return ["CPUExecutionProvider"]
+
+
+def make_session(
+    model: onnx.ModelProto,
+    providers: list[str],
+    *,
+    threads: int | None = None,
+    optimization: str = "all",
+) -> ort.InferenceSession:
+    """An InferenceSession for an in-memory model.
+
+    ``threads`` sets intra-op threads (None: ORT's default); ``optimization`` is one of
+    "disable", "basic", "extended", "all" (ORT's graph optimisation levels).
+    """
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    options = ort.SessionOptions()
+    options.log_severity_level = _SESSION_LOG_LEVEL
+    options.graph_optimization_level = levels[optimization]
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)

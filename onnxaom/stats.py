@@ -1,0 +1,294 @@
+"""Occurrence statistics: exact integer counts and the paper's matrices derived from them.
+
+Axis order, everywhere: kernels first. For a layer with K kernels whose activation maps are
+H x W, over C classes:
+
+* ``counts[name]``: int64 array of shape (K, C, H, W), the number of class-c samples whose
+  activation at (h, w) of kernel k is above the threshold;
+* ``class_sizes``: int64 array of shape (C,), samples per class.
+
+From these come the AOM (eq. 1), ODM (eq. 2), CSM (eq. 3) and kernel selectivity (eq. 4).
+Fully-connected layers have H = W = 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from .errors import LayerNotFoundError, ModelFileNotFoundError, StatsError
+
+__all__ = ["OccurrenceStats", "aom_from_counts", "class_selectivity", "csm", "odm", "selectivity"]
+
+FORMAT_VERSION = 1
+#: Metadata keys that must agree for two runs to be merged.
+MERGE_KEYS = ("model_digest", "threshold", "probe", "layers", "preprocessing")
+
+
+def aom_from_counts(counts: np.ndarray, class_sizes: np.ndarray) -> np.ndarray:
+    """Eq. 1: occurrence fraction, float64 (K, C, H, W). Classes of size 0 give NaN."""
+    sizes = np.asarray(class_sizes, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return counts / sizes[None, :, None, None]
+
+
+def odm(aom: np.ndarray) -> np.ndarray:
+    """Eq. 2: mean absolute AOM difference for every kernel pair, float64 (K, K).
+
+    ``aom`` has shape (K, C, H, W).
+    """
+    k = aom.shape[0]
+    flat = np.ascontiguousarray(aom.reshape(k, -1), dtype=np.float64)
+    if flat.shape[1] == 0:
+        return np.zeros((k, k))
+    from scipy.spatial.distance import cdist
+
+    return np.asarray(cdist(flat, flat, metric="cityblock") / flat.shape[1])
+
+
+def csm(aom: np.ndarray) -> np.ndarray:
+    """Eq. 3: class selectivity maps, float64 (K, C, H, W), values in [-1, 1].
+
+    S[k, c] = 1/(C-1) * sum over d != c of (M[k, c] - M[k, d]) = (C M[k, c] - sum_d M[k, d]) / (C-1).
+    """
+    c = aom.shape[1]
+    if c < 2:
+        raise StatsError("class selectivity needs at least 2 classes; the statistics have 1")
+    total = aom.sum(axis=1, keepdims=True)
+    return np.asarray((c * aom - total) / (c - 1))
+
+
+def class_selectivity(aom: np.ndarray) -> np.ndarray:
+    """Average CSM of every (kernel, class) pair, float64 (K, C): the paper's s^{k,c}."""
+    s = csm(aom)
+    return np.asarray(s.reshape(s.shape[0], s.shape[1], -1).mean(axis=2))
+
+
+def selectivity(aom: np.ndarray) -> np.ndarray:
+    """Eq. 4: kernel selectivity, float64 (K,).
+
+    s(k) = sum over ordered class pairs c0 != c1 of |avg S[k, c0] - avg S[k, c1]|
+    (each unordered pair counts twice, as the sum runs over ordered pairs).
+    """
+    a = class_selectivity(aom)
+    return np.asarray(np.abs(a[:, :, None] - a[:, None, :]).sum(axis=(1, 2)))
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    array = np.array(array, copy=True)
+    array.setflags(write=False)
+    return array
+
+
+@dataclass(frozen=True)
+class OccurrenceStats:
+    """Exact activation-occurrence counts of one model over one labelled data set.
+
+    Parameters
+    ----------
+    counts:
+        Layer name -> int64 array of shape (K, C, H, W), in the model's topological order.
+    class_sizes:
+        int64 array of shape (C,): samples seen per class.
+    class_names:
+        C names (defaults to "0".."C-1").
+    metadata:
+        JSON-able facts about the run: model digest and name, probe point, threshold,
+        preprocessing, layers (name, op, shape), data source, samples.
+    """
+
+    counts: Mapping[str, np.ndarray]
+    class_sizes: np.ndarray
+    class_names: tuple[str, ...] = ()
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        sizes = np.asarray(self.class_sizes)
+        if sizes.ndim != 1 or not np.issubdtype(sizes.dtype, np.integer):
+            raise StatsError(f"class_sizes must be a 1-D integer array, got {sizes.dtype} {sizes.shape}")
+        c = sizes.shape[0]
+        counts: dict[str, np.ndarray] = {}
+        for name, array in self.counts.items():
+            array = np.asarray(array)
+            if array.ndim != 4 or array.shape[1] != c:
+                raise StatsError(
+                    f"counts for layer {name!r} must have shape (K, {c}, H, W), got {array.shape}"
+                )
+            if not np.issubdtype(array.dtype, np.integer):
+                raise StatsError(f"counts for layer {name!r} must be integers, got {array.dtype}")
+            counts[name] = _readonly(array.astype(np.int64, copy=False))
+        names = tuple(self.class_names) if self.class_names else tuple(str(i) for i in range(c))
+        if len(names) != c:
+            raise StatsError(f"{len(names)} class names given for {c} classes")
+        object.__setattr__(self, "counts", MappingProxyType(counts))
+        object.__setattr__(self, "class_sizes", _readonly(sizes.astype(np.int64)))
+        object.__setattr__(self, "class_names", names)
+        object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
+
+    # ----------------------------------------------------------------- basic facts
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(self.counts)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.class_sizes.shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.class_sizes.sum())
+
+    def _counts(self, name: str) -> np.ndarray:
+        try:
+            return self.counts[name]
+        except KeyError:
+            known = ", ".join(self.counts) or "(none)"
+            raise LayerNotFoundError(
+                f"no statistics for layer {name!r}; layers collected: {known}"
+            ) from None
+
+    # ----------------------------------------------------------------- the paper's matrices
+    def aom(self, name: str) -> np.ndarray:
+        """Eq. 1, float64 (K, C, H, W). A class with no samples gives NaN (with a warning)."""
+        counts = self._counts(name)
+        empty = [self.class_names[i] for i in np.flatnonzero(self.class_sizes == 0)]
+        if empty:
+            warnings.warn(
+                f"classes with no samples have undefined AOMs (NaN): {', '.join(empty)}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return aom_from_counts(counts, self.class_sizes)
+
+    def odm(self, name: str) -> np.ndarray:
+        """Eq. 2, float64 (K, K)."""
+        return odm(self.aom(name))
+
+    def csm(self, name: str) -> np.ndarray:
+        """Eq. 3, float64 (K, C, H, W), divided by |C| - 1."""
+        return csm(self.aom(name))
+
+    def class_selectivity(self, name: str) -> np.ndarray:
+        """Average CSM per (kernel, class), float64 (K, C)."""
+        return class_selectivity(self.aom(name))
+
+    def selectivity(self, name: str) -> np.ndarray:
+        """Eq. 4, float64 (K,), over ordered class pairs c0 != c1."""
+        return selectivity(self.aom(name))
+
+    # ----------------------------------------------------------------- merging
+    def __add__(self, other: object) -> OccurrenceStats:
+        """Exact merge of two runs over disjoint data (same model, layers, probe, classes)."""
+        if not isinstance(other, OccurrenceStats):
+            return NotImplemented
+        for key in MERGE_KEYS:
+            mine, theirs = self.metadata.get(key), other.metadata.get(key)
+            if mine != theirs:
+                raise StatsError(
+                    f"cannot merge statistics with different {key!r}: {mine!r} vs {theirs!r}"
+                )
+        if self.layer_names != other.layer_names:
+            raise StatsError(
+                f"cannot merge statistics of different layers: {self.layer_names} vs "
+                f"{other.layer_names}"
+            )
+        c = max(self.num_classes, other.num_classes)
+        names = self._merged_class_names(other, c)
+        counts = {}
+        for name in self.layer_names:
+            a, b = self.counts[name], other.counts[name]
+            if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
+                raise StatsError(
+                    f"cannot merge layer {name!r}: shapes {a.shape} and {b.shape} differ"
+                )
+            counts[name] = _pad_classes(a, c) + _pad_classes(b, c)
+        sizes = _pad_classes(self.class_sizes, c, axis=0) + _pad_classes(other.class_sizes, c, axis=0)
+        metadata = dict(self.metadata)
+        metadata["num_samples"] = int(sizes.sum())
+        sources = list(self.metadata.get("sources", [self.metadata.get("source")]))
+        sources += list(other.metadata.get("sources", [other.metadata.get("source")]))
+        metadata["sources"] = [s for s in sources if s is not None]
+        return OccurrenceStats(counts, sizes, names, metadata)
+
+    def _merged_class_names(self, other: OccurrenceStats, c: int) -> tuple[str, ...]:
+        longer, shorter = (self, other) if self.num_classes >= other.num_classes else (other, self)
+        if longer.class_names[: shorter.num_classes] != shorter.class_names:
+            raise StatsError(
+                f"cannot merge statistics with different class names: {self.class_names} vs "
+                f"{other.class_names}"
+            )
+        return longer.class_names[:c]
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write to ``path`` (.npz) atomically; counts stay int64, metadata as JSON."""
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise ModelFileNotFoundError(f"output folder does not exist: {path.parent}")
+        header = {
+            "format": "onnxaom.OccurrenceStats",
+            "version": FORMAT_VERSION,
+            "layers": list(self.layer_names),
+            "class_names": list(self.class_names),
+            "metadata": dict(self.metadata),
+        }
+        arrays = {f"counts_{i}": self.counts[n] for i, n in enumerate(self.layer_names)}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".onnxaom-", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.savez_compressed(
+                    handle,
+                    header=np.array(json.dumps(header)),
+                    class_sizes=self.class_sizes,
+                    **arrays,
+                )
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> OccurrenceStats:
+        """Read statistics written by :meth:`save`."""
+        path = Path(path)
+        if not path.exists():
+            raise ModelFileNotFoundError(f"statistics file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                header = json.loads(str(data["header"]))
+                if header.get("format") != "onnxaom.OccurrenceStats":
+                    raise StatsError(f"{path} is not an onnxaom statistics file")
+                counts = {
+                    name: data[f"counts_{i}"] for i, name in enumerate(header["layers"])
+                }
+                sizes = data["class_sizes"]
+        except StatsError:
+            raise
+        except Exception as exc:
+            raise StatsError(f"cannot read statistics file {path}: {exc}") from exc
+        return cls(counts, sizes, tuple(header["class_names"]), header["metadata"])
+
+    def __repr__(self) -> str:
+        return (
+            f"OccurrenceStats(layers={list(self.layer_names)}, classes={self.num_classes}, "
+            f"samples={self.num_samples})"
+        )
+
+
+def _pad_classes(array: np.ndarray, c: int, axis: int = 1) -> np.ndarray:
+    missing = c - array.shape[axis]
+    if missing == 0:
+        return array
+    pad = [(0, 0)] * array.ndim
+    pad[axis] = (0, missing)
+    return np.pad(array, pad)

@@ -1,0 +1,98 @@
+"""Model loading and saving: external data, atomic writes, refusing to overwrite, bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxaom
+from onnxaom import ModelError, ModelFileNotFoundError
+
+
+def tiny_conv(k: int = 8, big: bool = False) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    cin = 64 if big else 1
+    w = rng.normal(size=(k, cin, 3, 3)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, 6, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+         helper.make_node("Relu", ["c"], ["y"], name="relu")],
+        "g", [x], [y], [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what onnxruntime reads (newer onnx writes IR versions it can't)
+    model.metadata_props.add(key="author", value="test")
+    return model
+
+
+def run(model: onnxaom.Model, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_external_data_loads_and_saves_external(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save_model(tiny_conv(big=True), src, save_as_external_data=True, location="m.onnx.data")
+    model = onnxaom.load(src)
+    assert model.external_data
+    out = model.save(tmp_path / "copy.onnx")
+    assert (tmp_path / "copy.onnx.data").stat().st_size > 64 * 8 * 9 * 4 - 1
+    assert out.stat().st_size < 4096  # weights are not inline
+    again = onnxaom.load(out)
+    x = np.random.default_rng(1).normal(size=(2, 64, 6, 6)).astype(np.float32)
+    np.testing.assert_array_equal(run(again, x), run(model, x))
+    assert again.digest == model.digest
+
+
+def test_save_keeps_metadata_and_refuses_to_overwrite_source(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save_model(tiny_conv(), src)
+    before = src.read_bytes()
+    model = onnxaom.load(src)
+    with pytest.raises(ModelError, match="refusing to overwrite"):
+        model.save(src)
+    assert src.read_bytes() == before
+    out = onnxaom.load(model.save(tmp_path / "b.onnx"))
+    assert {p.key: p.value for p in out.proto.metadata_props} == {"author": "test"}
+    assert not list(tmp_path.glob(".onnxaom-*"))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileNotFoundError, match="nope.onnx"):
+        onnxaom.load(tmp_path / "nope.onnx")
+
+
+def test_not_an_onnx_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("this is not a protobuf\n" * 10)
+    with pytest.raises(ModelError, match="bad.onnx"):
+        onnxaom.load(bad)
+
+
+def test_missing_external_data_names_the_file(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save_model(tiny_conv(big=True), src, save_as_external_data=True, location="m.onnx.data")
+    (tmp_path / "m.onnx.data").unlink()
+    with pytest.raises(ModelFileNotFoundError, match="m.onnx"):
+        onnxaom.load(src)
+
+
+def test_layer_lookup_names_known_layers(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save_model(tiny_conv(), src)
+    model = onnxaom.load(src)
+    assert model.layer("conv").probe == "y"
+    with pytest.raises(onnxaom.LayerNotFoundError, match="conv"):
+        model.layer("conv9")
+
+
+def test_save_to_missing_folder(tmp_path: Path) -> None:
+    model = onnxaom.Model(tiny_conv())
+    with pytest.raises(ModelFileNotFoundError, match="does not exist"):
+        model.save(tmp_path / "no" / "m.onnx")

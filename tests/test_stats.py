@@ -1,0 +1,186 @@
+"""OccurrenceStats: eqs. 1-4 on hand-worked cases, brute-force checks, merging, persistence."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from onnxaom import LayerNotFoundError, OccurrenceStats, StatsError
+
+
+def two_by_two() -> OccurrenceStats:
+    # kernel 0: all of class 0 positive, none of class 1; kernel 1: half of class 0, all of class 1
+    counts = np.array([[[[2]], [[0]]], [[[1]], [[4]]]], dtype=np.int64)  # (K=2, C=2, 1, 1)
+    return OccurrenceStats({"conv": counts}, np.array([2, 4]), ("a", "b"), {"model_digest": "x"})
+
+
+def test_eq1_aom_is_fraction_of_class_samples() -> None:
+    aom = two_by_two().aom("conv")
+    np.testing.assert_array_equal(aom[:, :, 0, 0], [[1.0, 0.0], [0.5, 1.0]])
+
+
+def test_eq2_odm_hand_worked() -> None:
+    d = two_by_two().odm("conv")
+    # (|1 - 0.5| + |0 - 1|) / (C=2 * H*W=1)
+    np.testing.assert_allclose(d, [[0.0, 0.75], [0.75, 0.0]])
+
+
+def test_eq3_csm_two_classes_is_plain_difference() -> None:
+    s = two_by_two().csm("conv")[:, :, 0, 0]
+    np.testing.assert_allclose(s, [[1.0, -1.0], [-0.5, 0.5]])
+
+
+def test_eq4_selectivity_counts_ordered_pairs() -> None:
+    np.testing.assert_allclose(two_by_two().selectivity("conv"), [4.0, 2.0])
+
+
+def test_three_classes_hand_worked() -> None:
+    # one kernel, 3 classes, 1x2 positions; class sizes 2 each
+    m = np.array([[1, 1], [0, 0], [0.5, 0]])  # M[c, w]
+    counts = (m * 2).astype(np.int64)[None, :, None, :]  # (1, 3, 1, 2)
+    stats = OccurrenceStats({"k": counts}, np.array([2, 2, 2]))
+    s = stats.csm("k")[0, :, 0, :]
+    np.testing.assert_allclose(s[0], [(1 - 0 + 1 - 0.5) / 2, (1 - 0 + 1 - 0) / 2])
+    np.testing.assert_allclose(s[1], [(0 - 1 + 0 - 0.5) / 2, (0 - 1 + 0 - 0) / 2])
+    np.testing.assert_allclose(stats.class_selectivity("k")[0], [0.875, -0.625, -0.25])
+    np.testing.assert_allclose(stats.selectivity("k"), [2 * (1.5 + 1.125 + 0.375)])
+
+
+def brute_force(counts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Direct loops over the paper's equations."""
+    k, c, h, w = counts.shape
+    m = np.zeros(counts.shape)
+    for ki, ci, hi, wi in itertools.product(range(k), range(c), range(h), range(w)):
+        m[ki, ci, hi, wi] = counts[ki, ci, hi, wi] / sizes[ci]
+    d = np.zeros((k, k))
+    for a, b in itertools.product(range(k), repeat=2):
+        d[a, b] = sum(
+            abs(m[a, ci, hi, wi] - m[b, ci, hi, wi])
+            for ci, hi, wi in itertools.product(range(c), range(h), range(w))
+        ) / (c * h * w)
+    s = np.zeros(counts.shape)
+    for ki, ci, hi, wi in itertools.product(range(k), range(c), range(h), range(w)):
+        s[ki, ci, hi, wi] = sum(
+            m[ki, ci, hi, wi] - m[ki, di, hi, wi] for di in range(c) if di != ci
+        ) / (c - 1)
+    sel = np.zeros(k)
+    for ki in range(k):
+        avg = [s[ki, ci].mean() for ci in range(c)]
+        sel[ki] = sum(abs(avg[c0] - avg[c1]) for c0 in range(c) for c1 in range(c) if c0 != c1)
+    return m, d, s, sel
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.tuples(
+        st.integers(1, 4), st.integers(2, 4), st.integers(1, 3), st.integers(1, 3)
+    ),
+    data=st.data(),
+)
+def test_matrices_equal_brute_force(shape: tuple[int, int, int, int], data: st.DataObject) -> None:
+    k, c, h, w = shape
+    sizes = data.draw(hnp.arrays(np.int64, (c,), elements=st.integers(1, 20)))
+    frac = data.draw(hnp.arrays(np.float64, shape, elements=st.floats(0, 1)))
+    counts = np.floor(frac * sizes[None, :, None, None]).astype(np.int64)
+    stats = OccurrenceStats({"L": counts}, sizes)
+    m, d, s, sel = brute_force(counts, sizes)
+    np.testing.assert_allclose(stats.aom("L"), m)
+    np.testing.assert_allclose(stats.odm("L"), d, atol=1e-12)
+    np.testing.assert_allclose(stats.csm("L"), s, atol=1e-12)
+    np.testing.assert_allclose(stats.selectivity("L"), sel, atol=1e-9)
+
+
+def random_stats(seed: int, sizes: list[int], meta: dict | None = None) -> OccurrenceStats:
+    rng = np.random.default_rng(seed)
+    counts = {
+        "a": rng.integers(0, 3, size=(3, len(sizes), 2, 2)),
+        "b": rng.integers(0, 3, size=(5, len(sizes), 1, 1)),
+    }
+    return OccurrenceStats(counts, np.array(sizes), metadata=meta or {"model_digest": "d"})
+
+
+def test_merge_adds_counts_exactly() -> None:
+    x, y = random_stats(0, [4, 5]), random_stats(1, [2, 3])
+    merged = x + y
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(merged.counts[name], x.counts[name] + y.counts[name])
+        assert merged.counts[name].dtype == np.int64
+    np.testing.assert_array_equal(merged.class_sizes, [6, 8])
+    assert merged.metadata["num_samples"] == 14
+
+
+def test_merge_pads_classes_seen_only_in_one_run() -> None:
+    x, y = random_stats(0, [4, 5]), random_stats(1, [2, 3, 7])
+    merged = x + y
+    assert merged.num_classes == 3
+    np.testing.assert_array_equal(merged.counts["a"][:, 2], y.counts["a"][:, 2])
+
+
+def test_merge_refuses_other_model() -> None:
+    with pytest.raises(StatsError, match="model_digest"):
+        random_stats(0, [1, 1]) + random_stats(1, [1, 1], {"model_digest": "other"})
+
+
+def test_merge_refuses_other_class_names() -> None:
+    x = OccurrenceStats({"a": np.zeros((1, 2, 1, 1), np.int64)}, np.array([1, 1]), ("cat", "dog"))
+    y = OccurrenceStats({"a": np.zeros((1, 2, 1, 1), np.int64)}, np.array([1, 1]), ("dog", "cat"))
+    with pytest.raises(StatsError, match="class names"):
+        x + y
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    stats = random_stats(3, [2, 2], {"model_digest": "d", "layers": [{"name": "a/b"}]})
+    path = stats.save(tmp_path / "s.npz")
+    back = OccurrenceStats.load(path)
+    assert back.layer_names == stats.layer_names
+    assert back.class_names == stats.class_names
+    assert dict(back.metadata) == json.loads(json.dumps(dict(stats.metadata)))
+    for name in stats.layer_names:
+        np.testing.assert_array_equal(back.counts[name], stats.counts[name])
+        assert back.counts[name].dtype == np.int64
+    assert not list(tmp_path.glob(".onnxaom-*"))  # no temporary file left behind
+
+
+def test_load_rejects_other_npz(tmp_path) -> None:
+    np.savez(tmp_path / "x.npz", a=np.zeros(3))
+    with pytest.raises(StatsError, match="x.npz"):
+        OccurrenceStats.load(tmp_path / "x.npz")
+
+
+def test_results_are_read_only() -> None:
+    stats = two_by_two()
+    with pytest.raises(ValueError):
+        stats.counts["conv"][0, 0, 0, 0] = 5
+    with pytest.raises(TypeError):
+        stats.counts["new"] = np.zeros(1)  # type: ignore[index]
+
+
+def test_unknown_layer_names_the_known_ones() -> None:
+    with pytest.raises(LayerNotFoundError, match="conv"):
+        two_by_two().aom("nope")
+
+
+def test_empty_class_gives_nan_with_warning() -> None:
+    stats = OccurrenceStats({"a": np.zeros((1, 2, 1, 1), np.int64)}, np.array([3, 0]))
+    with pytest.warns(RuntimeWarning, match="no samples"):
+        aom = stats.aom("a")
+    assert np.isnan(aom[0, 1]).all() and not np.isnan(aom[0, 0]).any()
+
+
+def test_csm_needs_two_classes() -> None:
+    stats = OccurrenceStats({"a": np.zeros((1, 1, 1, 1), np.int64)}, np.array([3]))
+    with pytest.raises(StatsError, match="2 classes"):
+        stats.csm("a")
+
+
+def test_bad_construction() -> None:
+    with pytest.raises(StatsError, match="shape"):
+        OccurrenceStats({"a": np.zeros((1, 3, 1, 1), np.int64)}, np.array([1, 1]))
+    with pytest.raises(StatsError, match="integers"):
+        OccurrenceStats({"a": np.zeros((1, 2, 1, 1))}, np.array([1, 1]))
