@@ -248,16 +248,15 @@ class _Engine:
 
 
 def _adder_graph() -> onnx.ModelProto:
-    """total (int64) + batch (float, exact integers) -> sum (int64), for device accumulation."""
+    """total + batch -> sum, all int64 (C, P), for device-resident accumulation."""
     total = helper.make_tensor_value_info("total", TensorProto.INT64, ["C", "P"])
-    batch = helper.make_tensor_value_info("batch", TensorProto.FLOAT, ["C", "P"])
+    batch = helper.make_tensor_value_info("batch", TensorProto.INT64, ["C", "P"])
     out = helper.make_tensor_value_info("sum", TensorProto.INT64, ["C", "P"])
-    nodes = [
-        helper.make_node("Cast", ["batch"], ["batch_int"], to=TensorProto.INT64),
-        helper.make_node("Add", ["total", "batch_int"], ["sum"]),
-    ]
+    nodes = [helper.make_node("Add", ["total", "batch"], ["sum"])]
     graph = helper.make_graph(nodes, "onnxaom_accumulate", [total, batch], [out])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7  # the IR of opset 13; newer onnx writes IR versions ORT may not read
+    return model
 
 
 def _nan_message(layer: Layer) -> str:

@@ -170,8 +170,8 @@ def counting_graph(
 ) -> Instrumented:
     """The model with in-graph per-class occurrence counting for every layer (fast path).
 
-    Outputs ``onnxaom_count_<i>``: float32 (C, K*H*W) exact integer counts for the batch
-    (exact while the batch has fewer than 2**24 samples), and with ``check_nan`` a scalar
+    Outputs ``onnxaom_count_<i>``: int64 (C, K*H*W) counts for the batch (the float32 MatMul
+    is exact while a batch has fewer than 2**24 samples), and with ``check_nan`` a scalar
     ``onnxaom_nan_<i>`` that is non-zero when the probe held a NaN.
     """
     copy, input_name = _start(model, dynamic_batch)
@@ -197,10 +197,10 @@ def counting_graph(
                 helper.make_node("Greater", [tap, thresholds[elem]], [p + "positive"], name=p + "greater"),
                 helper.make_node("Cast", [p + "positive"], [p + "mask"], to=TensorProto.FLOAT, name=p + "cast"),
                 helper.make_node("Reshape", [p + "mask", flat_shape], [p + "flat"], name=p + "flatten"),
-                helper.make_node("MatMul", [ONEHOT_INPUT, p + "flat"], [count], name=p + "count"),
+                helper.make_node("MatMul", [ONEHOT_INPUT, p + "flat"], [p + "sum"], name=p + "matmul"),
+                helper.make_node("Cast", [p + "sum"], [count], to=TensorProto.INT64, name=p + "count"),
             ]
         )
-        graph.output.append(helper.make_tensor_value_info(count, TensorProto.FLOAT, None))
         outputs.append(count)
         if check_nan:
             nan = f"{_PREFIX}nan_{i}"
@@ -211,8 +211,11 @@ def counting_graph(
                     helper.make_node("ReduceMax", [p + "nanmask"], [nan], keepdims=0, name=p + "nanmax"),
                 ]
             )
-            graph.output.append(helper.make_tensor_value_info(nan, TensorProto.FLOAT, None))
             nan_outputs.append(nan)
+    for name in outputs:  # counts first, then the NaN flags
+        graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT64, None))
+    for name in nan_outputs:
+        graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     _prune(copy, outputs + nan_outputs)
     _ensure_opset(copy, 13)
     return Instrumented(copy, input_name, tuple(outputs), tuple(nan_outputs))

@@ -40,6 +40,7 @@ def cuda_available() -> bool:
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
     probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    probe.ir_version = 7
     options = ort.SessionOptions()
     options.log_severity_level = _QUIET
     previous = _QUIET

@@ -64,8 +64,8 @@ class PaperMNISTNet(nn.Module):
         )
         side = (image_size - 4) // 2
         if side < 1:
-            raise ValueError(f"image_size must be at least 6 for two valid 3x3 convs and a 2x2 pool, "
-                             f"got {image_size}")
+            raise ValueError(f"image_size must be at least 6 for two valid 3x3 convs and a 2x2 "
+                             f"pool, got {image_size}")
         self.conv1 = nn.Conv2d(in_channels, k1, kernel_size=3)
         self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(k1, k2, kernel_size=3)
@@ -116,7 +116,8 @@ class PaperCIFARNet(nn.Module):
         self.batch_norm = batch_norm
         channels = in_channels
         for i in range(1, 7):
-            self.add_module(f"conv{i}", nn.Conv2d(channels, width, 3, padding=1, bias=not batch_norm))
+            conv = nn.Conv2d(channels, width, 3, padding=1, bias=not batch_norm)
+            self.add_module(f"conv{i}", conv)
             if batch_norm:
                 self.add_module(f"bn{i}", nn.BatchNorm2d(width))
             self.add_module(f"relu{i}", nn.ReLU())
@@ -203,8 +204,8 @@ def export_onnx(
     opset:
         The default-domain opset the file should declare.
     external_data:
-        Write weights to ``<file name>.data`` beside the model (e.g. ``model.onnx.data``), referenced
-        by a relative location. An existing file of that name is replaced.
+        Write weights to ``<file name>.data`` beside the model (e.g. ``model.onnx.data``),
+        referenced by a relative location. An existing file of that name is replaced.
     dynamic_batch:
         Make axis 0 of input and output the symbolic dimension ``"N"``
         (legacy: ``dynamic_axes``; dynamo: ``dynamic_shapes`` with ``torch.export.Dim("N")``).
@@ -236,13 +237,13 @@ def export_onnx(
       graph computes the shape with ``Shape``/``Squeeze``/``Concat`` nodes and keeps eval-mode
       dropout as ``Identity`` and batch norm as ``BatchNormalization``. The external data file is
       ``<file name>.data`` and holds only tensors over 256 bytes (biases of 16 floats stay inline).
-    * Both: eval-mode dropout disappears, and eval-mode ``BatchNorm2d`` after a conv is folded into
-      that conv (legacy renames the folded weights ``onnx::Conv_<n>`` and may share identical
-      biases through ``Identity`` nodes; dynamo names the new bias ``conv1.weight_bias`` and names the
+    * Both: eval-mode dropout disappears, and eval-mode ``BatchNorm2d`` after a conv is folded
+      into that conv (legacy renames the folded weights ``onnx::Conv_<n>`` and may share identical
+      biases through ``Identity`` nodes; dynamo names the new bias ``conv1.weight_bias`` and the
       conv ``node_Conv_<n>``).
 
-    Legacy has no external-data switch below 2 GB, so with ``external_data=True`` the file is written
-    whole and re-saved through ``onnx`` (tensors of at least 1,024 bytes go external).
+    Legacy has no external-data switch below 2 GB, so with ``external_data=True`` the file is
+    written whole and re-saved through ``onnx`` (tensors of at least 1,024 bytes go external).
     The exporters' deprecation warnings and the opset-conversion and torchvision log messages are
     silenced; other warnings pass through.
 
@@ -257,8 +258,8 @@ def export_onnx(
         raise ValueError(f"exporter must be 'legacy' or 'dynamo', got {exporter!r}")
     shape = tuple(input_shape)
     if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
-        raise ValueError(f"input_shape must be a non-empty sequence of positive ints (batch first), "
-                         f"got {input_shape!r}")
+        raise ValueError(f"input_shape must be a non-empty sequence of positive ints, batch "
+                         f"first, got {input_shape!r}")
     if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
         raise ImportError("exporter='dynamo' needs onnxscript: pip install onnxscript "
                           "(or use exporter='legacy')")
@@ -271,14 +272,14 @@ def export_onnx(
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     was_training = module.training
     module.eval()
+    dynamic_axes = {INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}} if dynamic_batch else None
     try:
         with _quiet_exporter(), torch.no_grad():
             if exporter == "legacy":
                 torch.onnx.export(
                     module, (example,), path, dynamo=False, opset_version=opset,
                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}} if dynamic_batch else None,
-                    verbose=False,
+                    dynamic_axes=dynamic_axes, verbose=False,
                 )
             else:
                 torch.onnx.export(

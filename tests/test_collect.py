@@ -1,0 +1,255 @@
+"""Collection: in-graph and plain counts equal a brute-force reference on many structures."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxaom
+from onnxaom import DataError, LayerNotFoundError, ModelError, ProviderError
+from onnxaom.collect import collect
+from onnxaom.runtime import cuda_available
+
+from . import zoo
+
+STRUCTURES = [
+    "chain",
+    "bn_kept",
+    "folded_bn",
+    "residual",
+    "concat",
+    "depthwise",
+    "reshape_matmul",
+    "reduce_mean_head",
+    "activations",
+    "conv_pool_no_act",
+]
+
+
+def data_for(model: onnx.ModelProto, n: int, classes: int, seed: int = 0):
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(n, *dims)).astype(np.float32)
+    labels = np.arange(n) % classes  # every class present
+    rng.shuffle(labels)
+    return images, labels.astype(np.int64)
+
+
+def brute_force(model: onnx.ModelProto, layers, images, labels, threshold=0.0):
+    """One sample at a time through ORT with the probes as outputs; counted element by element."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for layer in layers:
+        m.graph.output.append(helper.make_tensor_value_info(layer.probe, TensorProto.FLOAT, None))
+    session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [layer.probe for layer in layers]
+    c = int(labels.max()) + 1
+    counts = {}
+    for i in range(images.shape[0]):
+        values = session.run(names, {m.graph.input[0].name: images[i : i + 1]})
+        for layer, v in zip(layers, values, strict=True):
+            v = v.reshape(layer.kernels, layer.shape[1], layer.shape[2])
+            target = counts.setdefault(layer.name, np.zeros((v.shape[0], c, *v.shape[1:]), np.int64))
+            for k, h, w in zip(*np.nonzero(v > threshold), strict=True):
+                target[k, labels[i], h, w] += 1
+    return counts
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("method", ["graph", "plain"])
+def test_counts_equal_brute_force(structure: str, method: str) -> None:
+    proto = getattr(zoo, structure)()
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, n=37, classes=3, seed=1)
+    stats = collect(model, images, labels, batch_size=8, method=method, progress=False,
+                    layers=[layer.name for layer in model.layers()])
+    expected = brute_force(proto, model.layers(), images, labels)
+    assert stats.layer_names == tuple(expected)
+    for name, counts in expected.items():
+        assert stats.counts[name].dtype == np.int64
+        np.testing.assert_array_equal(stats.counts[name], counts, err_msg=name)
+    np.testing.assert_array_equal(stats.class_sizes, np.bincount(labels))
+
+
+@pytest.mark.parametrize("probe", ["conv", "pool"])
+def test_other_probe_points(probe: str) -> None:
+    proto = zoo.chain()
+    model = onnxaom.Model(proto)
+    layers = model.layers(probe=probe)
+    images, labels = data_for(proto, n=21, classes=2)
+    stats = collect(model, images, labels, batch_size=5, probe=probe, progress=False)
+    expected = brute_force(proto, [x for x in layers if x.name in stats.counts], images, labels)
+    for name, counts in expected.items():
+        np.testing.assert_array_equal(stats.counts[name], counts, err_msg=name)
+    if probe == "pool":
+        assert "pool" in {x.probe_kind for x in layers}
+
+
+def test_threshold_is_strict_and_configurable() -> None:
+    proto = zoo.chain()
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, n=16, classes=2)
+    stats = collect(model, images, labels, threshold=0.3, progress=False)
+    expected = brute_force(proto, model.layers(), images, labels, threshold=0.3)
+    for name in stats.layer_names:
+        np.testing.assert_array_equal(stats.counts[name], expected[name])
+    assert stats.metadata["threshold"] == 0.3
+
+
+def test_split_runs_merge_to_one_run() -> None:
+    proto = zoo.residual()
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, n=40, classes=4)
+    whole = collect(model, images, labels, batch_size=16, progress=False)
+    parts = [
+        collect(model, images[s], labels[s], batch_size=7, num_classes=4, progress=False)
+        for s in (slice(0, 13), slice(13, 40))
+    ]
+    merged = parts[0] + parts[1]
+    for name in whole.layer_names:
+        np.testing.assert_array_equal(merged.counts[name], whole.counts[name])
+    np.testing.assert_array_equal(merged.class_sizes, whole.class_sizes)
+
+
+def test_fixed_batch_model() -> None:
+    proto = zoo.chain(fixed_batch=1)
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, n=11, classes=2)
+    stats = collect(model, images, labels, batch_size=4, progress=False)
+    expected = brute_force(proto, model.layers(), images, labels)
+    for name in stats.layer_names:
+        np.testing.assert_array_equal(stats.counts[name], expected[name])
+    assert stats.metadata["batching"] in {"dynamic", "fixed:1"}
+
+
+def test_empty_node_names_get_unique_layer_names() -> None:
+    proto = zoo.chain(empty_names=True)
+    names = [layer.name for layer in onnxaom.Model(proto).layers()]
+    assert len(set(names)) == len(names)
+    assert names[0] == "Conv_0"
+
+
+def test_iterable_of_batches_and_growing_classes() -> None:
+    proto = zoo.chain()
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, n=30, classes=3)
+    order = np.argsort(labels, kind="stable")  # class 2 appears only in the last batches
+    images, labels = images[order], labels[order]
+    batches = ((images[i : i + 7], labels[i : i + 7]) for i in range(0, 30, 7))
+    streamed = collect(model, batches, progress=False)
+    whole = collect(model, images, labels, progress=False)
+    for name in whole.layer_names:
+        np.testing.assert_array_equal(streamed.counts[name], whole.counts[name])
+
+
+def test_device_accumulation_path_on_cpu() -> None:
+    """The IOBinding accumulation used on CUDA, exercised with CPU OrtValues."""
+    proto = zoo.bn_kept()
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, n=29, classes=3)
+    on_device = collect(model, images, labels, batch_size=6, accumulate_on_device=True, progress=False)
+    plain = collect(model, images, labels, batch_size=6, method="plain", progress=False)
+    for name in plain.layer_names:
+        np.testing.assert_array_equal(on_device.counts[name], plain.counts[name])
+
+
+def test_progress_false_is_silent_and_cpu_is_quiet(capfd) -> None:
+    proto = zoo.chain()
+    images, labels = data_for(proto, n=9, classes=2)
+    collect(onnxaom.Model(proto), images, labels, progress=False)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_cuda_request_without_gpu() -> None:
+    if cuda_available():
+        pytest.skip("this machine has a working CUDA provider")
+    proto = zoo.chain()
+    images, labels = data_for(proto, n=4, classes=2)
+    with pytest.raises(ProviderError, match="cuda"):
+        collect(onnxaom.Model(proto), images, labels, provider="cuda", progress=False)
+
+
+# ------------------------------------------------------------------------ bad input
+@pytest.fixture
+def chain_data():
+    proto = zoo.chain()
+    images, labels = data_for(proto, n=10, classes=2)
+    return onnxaom.Model(proto), images, labels
+
+
+def test_labels_out_of_range(chain_data) -> None:
+    model, images, labels = chain_data
+    with pytest.raises(DataError, match="0..1"):
+        collect(model, images, labels + 1, num_classes=2, progress=False)
+    with pytest.raises(DataError, match="negative|label"):
+        collect(model, images, labels - 1, progress=False)
+
+
+def test_labels_wrong_length(chain_data) -> None:
+    model, images, labels = chain_data
+    with pytest.raises(DataError, match="labels"):
+        collect(model, images, labels[:-1], progress=False)
+
+
+def test_images_wrong_shape(chain_data) -> None:
+    model, images, labels = chain_data
+    with pytest.raises(DataError, match="expects"):
+        collect(model, images[:, :, :-1], labels, progress=False)
+    with pytest.raises(DataError):
+        collect(model, images[:, 0], labels, progress=False)
+
+
+def test_images_wrong_dtype(chain_data) -> None:
+    model, images, labels = chain_data
+    with pytest.raises(DataError):
+        collect(model, images.astype(str), labels, progress=False)
+
+
+def test_empty_data_set(chain_data) -> None:
+    model, images, labels = chain_data
+    with pytest.raises(DataError, match="empty"):
+        collect(model, images[:0], labels[:0], progress=False)
+
+
+def test_class_without_samples(chain_data) -> None:
+    model, images, labels = chain_data
+    with pytest.raises(DataError, match="no samples"):
+        collect(model, images, labels, num_classes=3, progress=False)
+    with pytest.warns(RuntimeWarning, match="no samples"):
+        stats = collect(model, images, labels, num_classes=3, allow_empty_classes=True,
+                        progress=False)
+    with pytest.warns(RuntimeWarning):
+        assert np.isnan(stats.aom(stats.layer_names[0])[:, 2]).all()
+
+
+def test_unknown_layer(chain_data) -> None:
+    model, images, labels = chain_data
+    with pytest.raises(LayerNotFoundError, match="nope"):
+        collect(model, images, labels, layers=["nope"], progress=False)
+
+
+@pytest.mark.parametrize("method", ["graph", "plain"])
+def test_nan_activations_name_the_layer(method: str) -> None:
+    proto = zoo.chain()
+    bias = next(t for t in proto.graph.initializer if t.name == proto.graph.node[0].input[2])
+    value = numpy_helper.to_array(bias).copy()
+    value[0] = np.nan
+    bias.CopyFrom(numpy_helper.from_array(value, bias.name))
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, n=4, classes=2)
+    with pytest.raises(ModelError, match="NaN"):
+        collect(model, images, labels, method=method, progress=False)
+
+
+def test_model_without_conv() -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mlp", [x], [y], [w])
+    model = onnxaom.Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.raises(ModelError, match="no 2-D Conv"):
+        collect(model, np.zeros((2, 4), np.float32), np.array([0, 1]), progress=False)
