@@ -18,14 +18,29 @@ from .errors import (
     ProviderError,
     StatsError,
 )
+from ._version import __version__
+from .collect import collect
+from .data import Dataset, Preprocessing, from_arrays, load_digits, load_fashion_mnist, load_spec
+from .findings import Findings, LayerFindings, Thresholds, analyze, kernel_order
 from .layers import Layer
 from .model import Model, load
 from .stats import OccurrenceStats
 
-__version__ = "0.1.0"
 
 __all__ = [
     "DataError",
+    "Dataset",
+    "Findings",
+    "LayerFindings",
+    "Preprocessing",
+    "Thresholds",
+    "analyze",
+    "collect",
+    "from_arrays",
+    "kernel_order",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_spec",
     "EditError",
     "Layer",
     "LayerNotFoundError",

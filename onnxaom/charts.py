@@ -7,7 +7,7 @@ SVG with :func:`onnxaom.report.render`.
 * :func:`aom_grid` (Fig. 2): rows are kernels in the cluster order of
   :func:`onnxaom.findings.kernel_order`, columns classes, each cell the kernel's H x W
   occurrence map on an ordinal (10-step) colormap over [0, 1]; redundant groups are framed in
-  red, ineffective kernels in dashed grey.
+  red, ineffective kernels in grey.
 * :func:`odm_heatmap` (Fig. 3): the K x K occurrence difference matrix in the same order on an
   ordinal blue-to-red scale; clicking a row selects its kernel (shift-click adds, double-click
   clears).
@@ -35,8 +35,10 @@ are painted with (an invisible layer carries the colour scale).
 from __future__ import annotations
 
 import base64
+import json
 import math
 import struct
+import warnings
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -111,9 +113,8 @@ def quantize(values: np.ndarray, domain: tuple[float, float], n: int) -> np.ndar
     values = np.asarray(values, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         index = np.floor((values - lo) / (hi - lo) * n)
-    index = np.clip(np.nan_to_num(index, nan=n), 0, n - 1)
-    index[np.isnan(values)] = n
-    return index.astype(np.uint8)
+    index = np.where(np.isnan(values), n, np.clip(np.nan_to_num(index), 0, n - 1))
+    return np.asarray(index, dtype=np.uint8)
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -159,20 +160,9 @@ def _pool(maps: np.ndarray, limit: int) -> np.ndarray:
     pad = [(0, 0)] * (maps.ndim - 2) + [(0, ph - h), (0, pw - w)]
     padded = np.pad(maps.astype(np.float64), pad, constant_values=np.nan)
     blocks = padded.reshape(*maps.shape[:-2], ph // f, f, pw // f, f)
-    with np.errstate(invalid="ignore"), _ignore_empty_slice():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks: NaN, on purpose
         return np.asarray(np.nanmean(blocks, axis=(-3, -1)))
-
-
-class _ignore_empty_slice:
-    def __enter__(self) -> None:
-        import warnings
-
-        self._cm = warnings.catch_warnings()
-        self._cm.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc: object) -> None:
-        self._cm.__exit__(*exc)
 
 
 # --------------------------------------------------------------------------- per-layer data
@@ -193,7 +183,7 @@ class _Layer:
     rank: np.ndarray  # (K,) row of kernel k
     rows: tuple[str, ...]  # y value of kernel k: zero-padded rank | label (sorts as shown)
     groups: tuple[_Group, ...]
-    ineffective: tuple[int, ...]
+    ineffective: tuple[tuple[int, str], ...]  # (kernel, reason)
     page_size: int
 
     @property
@@ -263,7 +253,7 @@ def _prepare(
     *,
     order: Sequence[int] | np.ndarray | None = None,
     groups: Iterable[Any] | None = None,
-    ineffective: Iterable[int] | None = None,
+    ineffective: Iterable[Any] | None = None,
     page_size: int = 64,
 ) -> _Layer:
     if page_size < 1:
@@ -287,6 +277,7 @@ def _prepare(
         groups = _attr(found, "redundant_groups", "groups", default=()) if found is not None else ()
     if ineffective is None:
         ineffective = _attr(found, "ineffective", default=()) if found is not None else ()
+        # IneffectiveKernel records (kernel, reason) or bare kernel indices
     rank = np.empty(k, dtype=np.int64)
     rank[order_arr] = np.arange(k)
     digits = len(str(max(k - 1, 0)))
@@ -299,7 +290,10 @@ def _prepare(
         rank=rank,
         rows=rows,
         groups=_as_groups(groups),
-        ineffective=tuple(int(i) for i in ineffective),
+        ineffective=tuple(
+            (int(_attr(i, "kernel", default=i)), str(_attr(i, "reason", default="")))
+            for i in ineffective
+        ),
         page_size=page_size,
     )
 
@@ -313,6 +307,17 @@ def _runs(ranks: Sequence[int]) -> list[tuple[int, int]]:
         else:
             runs.append((r, r))
     return runs
+
+
+def _data(records: list[dict[str, Any]]) -> alt.InlineData:
+    """Records inlined as one JSON string.
+
+    Altair deep-copies list-of-dict data on every chart operation (seconds for the 5,120
+    tiles of a 512-kernel layer) and its row limit (``MaxRowsError``) applies to data frames;
+    a string is copied by reference and passes through as is. Vega parses it on load.
+    """
+    text = json.dumps(records, separators=(",", ":"), allow_nan=False)
+    return alt.InlineData(values=text, format=alt.JsonDataFormat(type="json"))
 
 
 def _r(x: float) -> float | None:
@@ -369,14 +374,15 @@ def _filtered(chart: alt.Chart, *predicates: Any) -> alt.Chart:
 
 
 def _key_layer(
-    title: str, palette: Sequence[str], domain: tuple[float, float], name: str
+    title: str, palette: Sequence[str], domain: tuple[float, float], name: str | None = None
 ) -> alt.Chart:
     """An invisible layer that carries the colour scale the images were painted with."""
     n = len(palette)
     lo, hi = domain
     values = [{"value": lo + (i + 0.5) * (hi - lo) / n} for i in range(n)]
     return (
-        alt.Chart(alt.InlineData(values=values), name=name)
+        (alt.Chart(_data(values), name=name) if name else
+         alt.Chart(_data(values)))
         .mark_point(opacity=0, size=0, filled=True)
         .encode(
             color=alt.Color(
@@ -441,7 +447,7 @@ def _tile_grid(
     if kernels is not None:
         opacity = alt.when(kernels, empty=True).then(alt.value(1.0)).otherwise(alt.value(0.3))
     images = _filtered(
-        alt.Chart(alt.InlineData(values=records), name=f"{view}_images").mark_image(
+        alt.Chart(_data(records), name=f"{view}_images").mark_image(
             width=cell, height=cell, aspect=True
         ),
         row_filter,
@@ -466,7 +472,7 @@ def _tile_grid(
         ]
         layers.append(
             _filtered(
-                alt.Chart(alt.InlineData(values=rows), name=f"{view}_highlight").mark_rect(
+                alt.Chart(_data(rows), name=f"{view}_highlight").mark_rect(
                     fillOpacity=0.15, strokeWidth=2
                 ),
                 row_filter,
@@ -483,7 +489,7 @@ def _tile_grid(
     layers.append(images)
     frames = _frames(layer, page)
     if frames:
-        frame_chart = alt.Chart(alt.InlineData(values=frames), name=f"{view}_frames")
+        frame_chart = alt.Chart(_data(frames), name=f"{view}_frames")
         if isinstance(page, alt.Parameter):
             frame_chart = frame_chart.transform_filter(f"datum.page == {page.name}")
         layers.append(
@@ -496,40 +502,32 @@ def _tile_grid(
                     title="marked",
                     scale=alt.Scale(domain=list(_FRAME_KINDS), range=list(_FRAME_COLORS)),
                 ),
-                strokeDash=alt.StrokeDash(
-                    "kind:N",
-                    title="marked",
-                    scale=alt.Scale(domain=list(_FRAME_KINDS), range=[[1, 0], [4, 3]]),
-                ),
                 tooltip=[alt.Tooltip("label:N", title="marked")],
             )
         )
     layers.append(_key_layer(legend_title, palette, domain, f"{view}_key"))
-    return alt.layer(*layers).properties(
-        title=title, width=alt.Step(step), height=alt.Step(step)
-    )
+    return alt.LayerChart(layer=layers, title=title, width=alt.Step(step), height=alt.Step(step))
 
 
 def _frames(layer: _Layer, page: int | alt.Parameter | None) -> list[dict[str, Any]]:
     """One rect per run of consecutive rows of a group (split at page breaks)."""
-    marked = [
-        (f"G{i + 1}", "redundant group", g.members, g.representative)
-        for i, g in enumerate(layer.groups)
-    ] + [(f"k{k}", "ineffective", (k,), None) for k in layer.ineffective]
+    marked: list[tuple[str, tuple[int, ...], str]] = []  # (kind, members, tooltip)
+    for i, group in enumerate(layer.groups):
+        keep = "" if group.representative is None else f"; keep k{group.representative}"
+        names = ", ".join(f"k{m}" for m in group.members)
+        marked.append(("redundant group", group.members, f"G{i + 1}: kernels {names}{keep}"))
+    for k, reason in layer.ineffective:
+        why = f" ({reason.replace('_', ' ')})" if reason else ""
+        marked.append(("ineffective", (k,), f"k{k}: ineffective{why}"))
     frames = []
-    for label, kind, members, rep in marked:
-        ranks = [int(layer.rank[m]) for m in members if 0 <= m < layer.kernels]
+    for kind, members, text in marked:
         by_page: dict[int, list[int]] = {}
-        for r in ranks:
-            by_page.setdefault(r // layer.page_size + 1, []).append(r)
+        for m in members:
+            if 0 <= m < layer.kernels:
+                r = int(layer.rank[m])
+                by_page.setdefault(r // layer.page_size + 1, []).append(r)
         for page_no, page_ranks in sorted(by_page.items()):
             for first, last in _runs(page_ranks):
-                text = (
-                    f"{label}: kernels {', '.join(f'k{m}' for m in members)}"
-                    + (f"; keep k{rep}" if rep is not None else "")
-                    if kind == "redundant group"
-                    else f"{label}: ineffective"
-                )
                 frames.append(
                     {
                         "first": layer.rows[int(layer.order[first])],
@@ -671,7 +669,7 @@ def odm_heatmap(
             for j in order_list
         ]
         return (
-            alt.Chart(alt.InlineData(values=cells), name="odm_cells")
+            alt.Chart(_data(cells), name="odm_cells")
             .mark_rect()
             .encode(
                 x=alt.X(
@@ -708,8 +706,9 @@ def odm_heatmap(
     side = k * step
     image = (
         alt.Chart(
-            alt.InlineData(values=[{"url": _image_url(index, ODM_COLORS, step)}]),
-            name="odm_image",
+            # unnamed, like the key layer: Altair lists every *named* layer of a layer chart
+            # in a concat as a view of the selection, which gives duplicate Vega signals
+            _data([{"url": _image_url(index, ODM_COLORS, step)}]),
         )
         .mark_image(width=side, height=side, aspect=False, align="left", baseline="top")
         .encode(x=alt.value(0), y=alt.value(0), url=alt.Url("url:N"))
@@ -723,14 +722,14 @@ def odm_heatmap(
         for i in order_list
     ]
     hits = (
-        alt.Chart(alt.InlineData(values=rows), name="odm_rows")
+        alt.Chart(_data(rows), name="odm_rows")
         .mark_rect(fill="black", strokeWidth=0)
         .encode(
             y=alt.Y(
                 "row:N",
                 sort="ascending",
                 scale=alt.Scale(type="band", paddingInner=0, paddingOuter=0),
-                axis=_row_axis(labels=k <= 128),
+                axis=_row_axis(labels=step >= 8),  # unreadable when rows are thinner
             ),
             fillOpacity=alt.when(kernels, empty=False).then(alt.value(0.25)).otherwise(
                 alt.value(0.0)
@@ -742,9 +741,9 @@ def odm_heatmap(
         )
         .add_params(kernels)
     )
-    key = _key_layer("mean |ΔAOM|", ODM_COLORS, domain, "odm_key")
-    return alt.layer(image, hits, key).properties(
-        title=title, width=side, height=alt.Step(step)
+    key = _key_layer("mean |ΔAOM|", ODM_COLORS, domain)
+    return alt.LayerChart(
+        layer=[image, hits, key], title=title, width=side, height=alt.Step(step)
     )
 
 
@@ -788,7 +787,7 @@ def selectivity_bars(
             alt.value("#4c78a8")
         )
     chart = _filtered(
-        alt.Chart(alt.InlineData(values=records), name="selectivity_bars").mark_bar(),
+        alt.Chart(_data(records), name="selectivity_bars").mark_bar(),
         _row_filter(page, kernels),
     ).encode(
         x=alt.X("selectivity:Q", title="kernel selectivity s(k)", axis=alt.Axis(orient="top")),
@@ -853,7 +852,7 @@ def selectivity_experiment(records: Iterable[Mapping[str, Any]]) -> alt.Chart:
     if not long:
         raise StatsError("selectivity_experiment needs at least one record with counts")
     return (
-        alt.Chart(alt.InlineData(values=long), name="selectivity_experiment")
+        alt.Chart(_data(long), name="selectivity_experiment")
         .mark_bar()
         .encode(
             x=alt.X("class:N", sort=classes, title="class"),
@@ -893,7 +892,7 @@ def tuning_history(steps: Iterable[Mapping[str, Any]]) -> alt.Chart:
     if not values:
         raise StatsError("tuning_history needs at least one step")
     return (
-        alt.Chart(alt.InlineData(values=values), name="tuning_history")
+        alt.Chart(_data(values), name="tuning_history")
         .mark_line(point=True)
         .encode(
             x=alt.X("params:Q", title="parameters", scale=alt.Scale(zero=False)),
@@ -951,8 +950,9 @@ def layer_view(
         )
         params.append(page)
     found = _layer_findings(findings, layer)
-    odm_chart = odm_heatmap(stats, layer, found, kernels=kernels, size=odm_size, **{
-        "order": prepared.order})
+    odm_chart = odm_heatmap(
+        stats, layer, found, order=prepared.order, kernels=kernels, size=odm_size
+    )
     grids: list[Any] = [
         aom_grid(stats, layer, found, kernels=kernels, classes=classes, page=page, cell=cell, **kw)
     ]
@@ -965,9 +965,9 @@ def layer_view(
             selectivity_bars(stats, layer, found, kernels=kernels, page=page, cell=cell, **kw)
         )
     bottom = alt.hconcat(*grids, spacing=24).resolve_scale(
-        color="independent", stroke="independent", strokeDash="independent"
+        color="independent", stroke="independent"
     )
     chart = alt.vconcat(odm_chart, bottom, spacing=24).resolve_scale(
-        color="independent", stroke="independent", strokeDash="independent"
+        color="independent", stroke="independent"
     )
     return chart.add_params(*params).properties(title=f"Layer {layer}")

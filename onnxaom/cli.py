@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .errors import OnnxaomError
 
 __all__ = ["build_parser", "main"]
@@ -42,7 +42,7 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 
 
 def _analyze(model_path: Path, data_spec: str, args: argparse.Namespace) -> int:
-    from .analyze import run_analysis
+    from .job import run_analysis
 
     result = run_analysis(
         model_path,

@@ -30,7 +30,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from . import __version__
+from ._version import __version__
 from .data import Dataset, iter_batches
 from .errors import DataError, LayerNotFoundError, ModelError
 from .graph import dim_values
@@ -187,9 +187,9 @@ class _Engine:
             return
         results = self.session.run(None, feeds)
         n_layers = len(self.graph.outputs)
-        self._check_nan(results[n_layers:])
+        self._check_nan(results[:n_layers], results[n_layers:])
         for total, batch in zip(acc.counts, results[:n_layers], strict=True):
-            total += batch
+            total += batch.astype(np.int64)
 
     def _count_plain(self, images: np.ndarray, labels: np.ndarray, acc: _Accumulator) -> None:
         results = dict(zip([o.name for o in self.session.get_outputs()],
@@ -202,10 +202,14 @@ class _Engine:
             for c in np.unique(labels[labels >= 0]):
                 total[c] += positive[labels == c].sum(axis=0)
 
-    def _check_nan(self, flags: list[np.ndarray]) -> None:
-        for layer, flag in zip(self.layers, flags, strict=True):
-            if float(flag) != 0.0:
+    def _check_nan(self, counts: list[np.ndarray], checks: list[np.ndarray]) -> None:
+        """Counts of Sign-masked layers carry NaN themselves; the others have a scalar check."""
+        for layer, batch in zip(self.layers, counts, strict=False):  # [] on the device path
+            if np.isnan(batch).any():
                 raise ModelError(_nan_message(layer))
+        for (position, _), value in zip(self.graph.checks, checks, strict=True):
+            if not np.isfinite(value):
+                raise ModelError(_nan_message(self.layers[position]))
 
     # -- device-resident accumulation (CUDA) ------------------------------------------------
     def _run_on_device(self, feeds: dict[str, np.ndarray], acc: _Accumulator) -> None:
@@ -215,26 +219,32 @@ class _Engine:
             binding.bind_cpu_input(name, value)
         for name in self.graph.outputs:
             binding.bind_output(name, self.device)
-        for name in self.graph.nan_outputs:
+        for _, name in self.graph.checks:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         n_layers = len(self.graph.outputs)
-        self._check_nan([o.numpy() for o in outputs[n_layers:]])
-        batch_counts = outputs[:n_layers]
+        self._check_nan([], [o.numpy() for o in outputs[n_layers:]])
         if self._device_counts is not None and self._device_counts[0].shape()[0] != acc.num_classes:
-            self.flush(acc)  # the class count grew: settle on the host, restart on device
+            self.flush(acc)  # the class count grew: settle on the host, restart on the device
         if self._device_counts is None:
-            self._device_counts = list(batch_counts)
-            return
+            self._device_counts = [
+                ort.OrtValue.ortvalue_from_numpy(np.zeros(c.shape, np.int64), self.device)
+                for c in acc.counts
+            ]
         summed = []
-        for total, batch in zip(self._device_counts, batch_counts, strict=True):
+        for layer, total, batch in zip(self.layers, self._device_counts, outputs[:n_layers],
+                                       strict=True):
             add = self._adder.io_binding()
             add.bind_ortvalue_input("total", total)
             add.bind_ortvalue_input("batch", batch)
             add.bind_output("sum", self.device)
+            add.bind_output("nan", "cpu")
             self._adder.run_with_iobinding(add)
-            summed.append(add.get_outputs()[0])
+            result, nan = add.get_outputs()
+            if float(nan.numpy()) != 0.0:
+                raise ModelError(_nan_message(layer))
+            summed.append(result)
         self._device_counts = summed
 
     def flush(self, acc: _Accumulator) -> None:
@@ -248,12 +258,19 @@ class _Engine:
 
 
 def _adder_graph() -> onnx.ModelProto:
-    """total + batch -> sum, all int64 (C, P), for device-resident accumulation."""
+    """total (int64) + batch (float32 exact counts) -> sum (int64), and a NaN flag of the batch."""
     total = helper.make_tensor_value_info("total", TensorProto.INT64, ["C", "P"])
-    batch = helper.make_tensor_value_info("batch", TensorProto.INT64, ["C", "P"])
+    batch = helper.make_tensor_value_info("batch", TensorProto.FLOAT, ["C", "P"])
     out = helper.make_tensor_value_info("sum", TensorProto.INT64, ["C", "P"])
-    nodes = [helper.make_node("Add", ["total", "batch"], ["sum"])]
-    graph = helper.make_graph(nodes, "onnxaom_accumulate", [total, batch], [out])
+    nan = helper.make_tensor_value_info("nan", TensorProto.FLOAT, [])
+    nodes = [
+        helper.make_node("Cast", ["batch"], ["batch_int"], to=TensorProto.INT64),
+        helper.make_node("Add", ["total", "batch_int"], ["sum"]),
+        helper.make_node("IsNaN", ["batch"], ["is_nan"]),
+        helper.make_node("Cast", ["is_nan"], ["nan_float"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMax", ["nan_float"], ["nan"], keepdims=0),
+    ]
+    graph = helper.make_graph(nodes, "onnxaom_accumulate", [total, batch], [out, nan])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 7  # the IR of opset 13; newer onnx writes IR versions ORT may not read
     return model

@@ -161,7 +161,7 @@ class Preprocessing:
             raise DataError(
                 f"images: shape {array.shape} does not match Preprocessing.layout={self.layout!r}, "
                 f"which expects a {expected}-D array {_LAYOUT_SHAPES[self.layout]}; "
-                f"set layout to {_suggest_layout(array.shape)}"
+                f"{_suggest_layout(array.shape)}"
             )
         if self.layout == "NHW":
             array = array[:, None, :, :]
@@ -207,10 +207,10 @@ _LAYOUT_SHAPES = {"NCHW": "(N, C, H, W)", "NHWC": "(N, H, W, C)", "NHW": "(N, H,
 
 def _suggest_layout(shape: tuple[int, ...]) -> str:
     if len(shape) == 3:
-        return "'NHW' (grayscale images)"
+        return "for grayscale (N, H, W) images use Preprocessing(layout='NHW')"
     if len(shape) == 4:
-        return "'NHWC' if channels come last, 'NCHW' if they come second"
-    return "match the array, which must be 3-D (N, H, W) or 4-D"
+        return "use layout='NHWC' if channels come last, 'NCHW' if they come second"
+    return "images must be 3-D (N, H, W) or 4-D (N, C, H, W) / (N, H, W, C)"
 
 
 def _per_channel(values: tuple[float, ...], channels: int, name: str) -> np.ndarray:
@@ -245,7 +245,10 @@ def _resize_bilinear(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Dataset:
-    """A labelled, preprocessed image set. Immutable: its arrays are read-only.
+    """A labelled, preprocessed image set. Immutable: its arrays are read-only views.
+
+    Loaders hand over fresh arrays. A float32 C-contiguous array passed here directly is not
+    copied, so do not modify it afterwards.
 
     Parameters
     ----------
@@ -439,9 +442,10 @@ def load_npz(
     """
     file = _existing_file(path, "npz file")
     try:
-        with np.load(file, allow_pickle=False) as archive:
-            if not isinstance(archive, Mapping):
-                raise DataError(f"{file}: a single .npy array, not an .npz archive")
+        loaded = np.load(file, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(f"{file}: a single .npy array, not an .npz archive")
+        with loaded as archive:
             keys = list(archive.keys())
             ik = _pick_key(file, keys, images_key, NPZ_IMAGE_KEYS, "images", "images_key")
             lk = _pick_key(file, keys, labels_key, NPZ_LABEL_KEYS, "labels", "labels_key")
@@ -954,8 +958,8 @@ def _check_4d(array: np.ndarray, name: str) -> None:
     if array.ndim != 4:
         raise DataError(
             f"{name}: expected a 4-D array of shape (N, C, H, W), got shape {array.shape}; "
-            f"convert other layouts with from_arrays(images, labels, preprocessing="
-            f"Preprocessing(layout={_suggest_layout(array.shape)}))"
+            f"convert (N, H, W) or (N, H, W, C) arrays with from_arrays(images, labels, "
+            f"preprocessing=Preprocessing(layout='NHW' or 'NHWC'))"
         )
 
 
@@ -964,7 +968,9 @@ def _check_finite(array: np.ndarray, name: str) -> None:
     if array.dtype.kind not in "f":
         return
     for start in range(0, array.shape[0], _FINITE_CHUNK):
-        finite = np.isfinite(array[start:start + _FINITE_CHUNK].astype(np.float32, copy=False))
+        with np.errstate(over="ignore"):  # too large for float32 becomes inf: reported below
+            chunk = array[start:start + _FINITE_CHUNK].astype(np.float32, copy=False)
+        finite = np.isfinite(chunk)
         if not finite.all():
             bad = start + int(np.flatnonzero(~finite.reshape(finite.shape[0], -1).all(axis=1))[0])
             raise DataError(f"{name}: image {bad} contains NaN or infinity (or a value too large "
@@ -978,7 +984,7 @@ def _as_labels(value: Any, name: str, n: int) -> np.ndarray:
         hint = "; one-hot labels? pass labels.argmax(axis=1)" if labels.ndim == 2 else ""
         raise DataError(f"{name}: expected a 1-D array of shape (N,), got shape "
                         f"{labels.shape}{hint}")
-    if labels.dtype.kind not in "iu":
+    if labels.dtype.kind not in "iu" and labels.size:  # an empty list is float64: allow it
         hint = "; convert with labels.astype(int)" if labels.dtype.kind == "f" else ""
         raise DataError(f"{name}: class indices must be integers, got dtype {labels.dtype}{hint}")
     if labels.shape[0] != n:

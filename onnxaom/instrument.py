@@ -38,16 +38,22 @@ __all__ = [
 ONEHOT_INPUT = "onnxaom_onehot"
 _PREFIX = "onnxaom_"
 _SIGN_PRESERVING = frozenset({"Relu", "LeakyRelu", "PRelu", "Identity", "Dropout"})
+_NONNEGATIVE = frozenset({"Relu", "Softplus", "Sigmoid", "Abs", "HardSigmoid"})
+_ORDER_PRESERVING = frozenset({"MaxPool", "AveragePool", "Identity", "Dropout", "Flatten", "Reshape"})
 
 
 @dataclass(frozen=True)
 class Instrumented:
-    """An instrumented model and the names of its outputs, one per layer (same order)."""
+    """An instrumented model and the names of its outputs.
+
+    ``outputs``: one per layer, in the layers' order. ``checks``: (layer position, output name)
+    of the scalar NaN checks, for layers whose counts cannot carry a NaN themselves.
+    """
 
     model: onnx.ModelProto
     input_name: str
     outputs: tuple[str, ...]
-    nan_outputs: tuple[str, ...]
+    checks: tuple[tuple[int, str], ...] = ()
 
 
 def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
@@ -157,7 +163,29 @@ def probe_graph(
         copy.graph.output.append(helper.make_tensor_value_info(layer.probe, elem, None))
         outputs.append(layer.probe)
     _prune(copy, outputs)
-    return Instrumented(copy, input_name, tuple(layer.probe for layer in layers), ())
+    return Instrumented(copy, input_name, tuple(layer.probe for layer in layers))
+
+
+def is_nonnegative(index: GraphIndex, tensor: str) -> bool:
+    """True when every value of ``tensor`` is >= 0 or NaN, whatever the input (by its producer)."""
+    while True:
+        producer = index.producer.get(tensor)
+        if producer is None:
+            return False
+        node = index.graph.node[producer]
+        if node.domain not in ("", "ai.onnx"):
+            return False
+        if node.op_type in _NONNEGATIVE:
+            return True
+        if node.op_type == "Clip":
+            low = index.attribute(node, "min")  # opset < 11 keeps min as an attribute
+            if low is None and len(node.input) > 1 and node.input[1]:
+                value = index.constant(node.input[1])
+                low = None if value is None else float(value)
+            return low is not None and float(low) >= 0  # type: ignore[arg-type]
+        if node.op_type not in _ORDER_PRESERVING:
+            return False
+        tensor = node.input[0]
 
 
 def counting_graph(
@@ -170,9 +198,19 @@ def counting_graph(
 ) -> Instrumented:
     """The model with in-graph per-class occurrence counting for every layer (fast path).
 
-    Outputs ``onnxaom_count_<i>``: int64 (C, K*H*W) counts for the batch (the float32 MatMul
-    is exact while a batch has fewer than 2**24 samples), and with ``check_nan`` a scalar
-    ``onnxaom_nan_<i>`` that is non-zero when the probe held a NaN.
+    For each layer, output ``onnxaom_count_<i>``: float32 (C, K*H*W), the batch's counts
+    (exact integers while a batch has fewer than 2**24 samples). Two formulations, chosen per
+    layer, both exact:
+
+    * the tapped tensor is non-negative by construction (it comes out of a Relu, a Clip with
+      min >= 0, ...) and the threshold is 0: ``Sign(x)`` is exactly the 0/1 mask, one kernel
+      instead of Greater + Cast, and a NaN activation propagates into the counts, so the host
+      sees it at no extra cost;
+    * otherwise ``Cast(Greater(x, t))``, with ``check_nan`` a scalar ``onnxaom_check_<i>``
+      = ReduceSum(x) that is NaN when x held a NaN (or infinite values of both signs).
+
+    Every extra full pass over an activation costs about as much as a cheap layer, which is why
+    the first form matters (see benchmarks/RESULTS.md).
     """
     copy, input_name = _start(model, dynamic_batch)
     index = GraphIndex(model)
@@ -181,52 +219,57 @@ def counting_graph(
     graph.input.append(helper.make_tensor_value_info(ONEHOT_INPUT, TensorProto.FLOAT, ["C", "N"]))
     flat_shape = f"{_PREFIX}flat_shape"
     graph.initializer.append(numpy_helper.from_array(np.array([0, -1], np.int64), flat_shape))
-    outputs, nan_outputs, thresholds = [], [], {}
+    outputs: list[str] = []
+    checks: list[tuple[int, str]] = []
+    check_types: list[int] = []
+    thresholds: dict[int, str] = {}
     for i, layer in enumerate(layers):
         tap = tap_tensor(index, layer, threshold)
         elem = index.elem_type(tap)
-        if elem not in thresholds:
-            dtype = helper.tensor_dtype_to_np_dtype(elem)
-            name = f"{_PREFIX}threshold_{len(thresholds)}"
-            graph.initializer.append(numpy_helper.from_array(np.array(threshold, dtype), name))
-            thresholds[elem] = name
         p = f"{_PREFIX}{i}_"
-        count = f"{_PREFIX}count_{i}"
-        graph.node.extend(
-            [
+        if threshold == 0 and is_nonnegative(index, tap):
+            nodes = [helper.make_node("Sign", [tap], [p + "mask"], name=p + "sign")]
+            if elem != TensorProto.FLOAT:
+                nodes[0].output[0] = p + "sign"
+                nodes.append(helper.make_node("Cast", [p + "sign"], [p + "mask"], to=TensorProto.FLOAT,
+                                              name=p + "cast"))
+        else:
+            if elem not in thresholds:
+                dtype = helper.tensor_dtype_to_np_dtype(elem)
+                thresholds[elem] = f"{_PREFIX}threshold_{len(thresholds)}"
+                graph.initializer.append(
+                    numpy_helper.from_array(np.array(threshold, dtype), thresholds[elem])
+                )
+            nodes = [
                 helper.make_node("Greater", [tap, thresholds[elem]], [p + "positive"], name=p + "greater"),
                 helper.make_node("Cast", [p + "positive"], [p + "mask"], to=TensorProto.FLOAT, name=p + "cast"),
-                helper.make_node("Reshape", [p + "mask", flat_shape], [p + "flat"], name=p + "flatten"),
-                helper.make_node("MatMul", [ONEHOT_INPUT, p + "flat"], [p + "sum"], name=p + "matmul"),
-                helper.make_node("Cast", [p + "sum"], [count], to=TensorProto.INT64, name=p + "count"),
             ]
-        )
+            if check_nan:
+                check = f"{_PREFIX}check_{i}"
+                nodes.append(helper.make_node("ReduceSum", [tap], [check], keepdims=0, name=p + "check"))
+                checks.append((i, check))
+                check_types.append(elem)
+        count = f"{_PREFIX}count_{i}"
+        nodes += [
+            helper.make_node("Reshape", [p + "mask", flat_shape], [p + "flat"], name=p + "flatten"),
+            helper.make_node("MatMul", [ONEHOT_INPUT, p + "flat"], [count], name=p + "count"),
+        ]
+        graph.node.extend(nodes)
         outputs.append(count)
-        if check_nan:
-            nan = f"{_PREFIX}nan_{i}"
-            graph.node.extend(
-                [
-                    helper.make_node("IsNaN", [tap], [p + "isnan"], name=p + "isnan"),
-                    helper.make_node("Cast", [p + "isnan"], [p + "nanmask"], to=TensorProto.FLOAT, name=p + "nancast"),
-                    helper.make_node("ReduceMax", [p + "nanmask"], [nan], keepdims=0, name=p + "nanmax"),
-                ]
-            )
-            nan_outputs.append(nan)
-    for name in outputs:  # counts first, then the NaN flags
-        graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT64, None))
-    for name in nan_outputs:
+    for name in outputs:  # counts first, then the NaN checks
         graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    _prune(copy, outputs + nan_outputs)
-    _ensure_opset(copy, 13)
-    return Instrumented(copy, input_name, tuple(outputs), tuple(nan_outputs))
+    for (_, name), elem in zip(checks, check_types, strict=True):
+        graph.output.append(helper.make_tensor_value_info(name, elem, None))
+    _prune(copy, outputs + [name for _, name in checks])
+    _ensure_opset(copy)
+    return Instrumented(copy, input_name, tuple(outputs), tuple(checks))
 
 
-def _ensure_opset(model: onnx.ModelProto, minimum: int) -> None:
-    """Greater on float and IsNaN need opset >= 9/13 semantics; old models are rejected."""
+def _ensure_opset(model: onnx.ModelProto) -> None:
+    """Sign and Greater on floats need opset >= 9; older models are rejected."""
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx") and imp.version < 9:
             raise ModelError(
                 f"model opset {imp.version} is too old for in-graph counting (needs >= 9); "
                 f"convert it with onnx.version_converter or use method='plain'"
             )
-    del minimum

@@ -49,7 +49,8 @@ def _javascript_bundle() -> str:
     """Vega + Vega-Lite + Vega-Embed as one script (globals vega, vegaLite, vegaEmbed)."""
     import vl_convert as vlc
 
-    return str(vlc.javascript_bundle(vl_version=_vl_version()))
+    snippet = "window.vegaEmbed = vegaEmbed; window.vega = vega; window.vegaLite = vegaLite;"
+    return str(vlc.javascript_bundle(snippet, vl_version=_vl_version()))
 
 
 def _spec(chart_or_spec: Any) -> dict[str, Any]:
@@ -97,6 +98,9 @@ def _atomic_write(path: Path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is for sharing
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -197,7 +201,9 @@ def _table(mapping: Mapping[str, Any]) -> str:
 
 def _json_script(spec: Mapping[str, Any], view_id: str) -> str:
     text = json.dumps(spec, separators=(",", ":"), allow_nan=False)
-    text = text.replace("</", "<\\/").replace("<!--", "<\\!--")  # cannot close the <script>
+    # "<" only occurs inside JSON strings, where \u003c means the same: no "</script>" or
+    # "<!--" can end or confuse the script element.
+    text = text.replace("<", "\\u003c")
     return f"<script type='application/json' data-view='{_e(view_id)}'>{text}</script>"
 
 
@@ -208,33 +214,26 @@ def _summary_lines(findings: Any) -> list[str]:
     return []
 
 
-def _layer_lines(stats: OccurrenceStats, layer: str, found: Any) -> list[str]:
-    """The layer's findings in words, matching the G1.. labels of its charts."""
-    counts = stats.counts[layer]
-    k, _, h, w = counts.shape
+def _layer_lines(
+    stats: OccurrenceStats, layer: str, found: Any, summary: Sequence[str]
+) -> list[str]:
+    """The layer's facts and findings in words, and the G1.. labels of its charts."""
+    k, _, h, w = stats.counts[layer].shape
     lines = [f"{k} kernels, {h} x {w} activation maps, {stats.num_classes} classes."]
+    # Findings.summary_lines() starts each line with the layer name ("conv1: ...",
+    # "conv1 (last conv layer): ...").
+    lines += [x for x in summary if x.startswith((f"{layer}:", f"{layer} ("))]
     if found is None:
         return lines
     from .charts import _as_groups
 
     groups = _as_groups(getattr(found, "redundant_groups", ()) or ())
-    for i, group in enumerate(groups):
-        keep = "" if group.representative is None else f"; keep k{group.representative}"
-        lines.append(
-            f"G{i + 1}: kernels {', '.join(f'k{m}' for m in group.members)} have near-identical "
-            f"AOMs (Task 1: redundant{keep})."
-        )
-    ineffective = list(getattr(found, "ineffective", ()) or ())
-    if ineffective:
-        lines.append(
-            f"{len(ineffective)} kernel(s) with the same AOM for every class (Task 1: "
-            f"ineffective): {', '.join(f'k{int(i)}' for i in ineffective)}."
-        )
-    for attr in ("summary_lines", "lines"):
-        extra = getattr(found, attr, None)
-        if callable(extra):
-            lines.extend(str(x) for x in extra())
-            break
+    if groups:
+        labels = []
+        for i, group in enumerate(groups):
+            keep = "" if group.representative is None else f", keep k{group.representative}"
+            labels.append(f"G{i + 1} = {' '.join(f'k{m}' for m in group.members)}{keep}")
+        lines.append("Redundant groups in the charts: " + "; ".join(labels) + ".")
     return lines
 
 
@@ -298,7 +297,7 @@ def build_report(
     hint = (
         "Click a kernel (row) in the ODM to highlight it in the AOM and CSM grids and the "
         "selectivity bars; shift-click adds kernels, double-click clears. Red frames: redundant "
-        "groups (G1, G2, ...); dashed grey: ineffective kernels. The class menu filters the "
+        "groups (G1, G2, ...); grey: ineffective kernels. The class menu filters the "
         "grids' columns."
     )
     for i, name in enumerate(names):
@@ -308,7 +307,7 @@ def build_report(
         spec = chart.to_dict(validate=False)
         view_id = f"view-{i}"
         parts.append(f"<section class='layer' id='layer-{i}'><h2>Layer {_e(name)}</h2><ul>")
-        parts.extend(f"<li>{_e(x)}</li>" for x in _layer_lines(stats, name, found))
+        parts.extend(f"<li>{_e(x)}</li>" for x in _layer_lines(stats, name, found, lines))
         parts.append(f"</ul><p class='hint'>{_e(hint)}</p>")
         parts.append(f"<div class='view' id='{view_id}'></div>{_json_script(spec, view_id)}")
         parts.append("</section>")

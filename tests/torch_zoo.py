@@ -15,7 +15,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["TORCH_BUILDERS", "ChainBN", "Depthwise", "Residual", "reinit"]
+__all__ = [
+    "TORCH_BUILDERS",
+    "ChainBN",
+    "Depthwise",
+    "Residual",
+    "chain_bn",
+    "depthwise",
+    "reinit",
+    "residual",
+]
 
 
 def reinit(module: nn.Module, seed: int) -> nn.Module:
@@ -36,10 +45,11 @@ def reinit(module: nn.Module, seed: int) -> nn.Module:
                 if sub.bias is not None:
                     sub.bias.copy_(uniform(sub.bias.shape, -0.1, 0.1))
             elif isinstance(sub, nn.BatchNorm2d):
-                sub.weight.copy_(uniform(sub.weight.shape, 0.5, 1.5))
-                sub.bias.copy_(0.2 * torch.randn(sub.bias.shape, generator=gen))
-                sub.running_mean.copy_(0.2 * torch.randn(sub.running_mean.shape, generator=gen))
-                sub.running_var.copy_(uniform(sub.running_var.shape, 0.5, 1.5))
+                k = sub.num_features
+                sub.weight.copy_(uniform(torch.Size([k]), 0.5, 1.5))
+                sub.bias.copy_(0.2 * torch.randn(k, generator=gen))
+                sub.get_buffer("running_mean").copy_(0.2 * torch.randn(k, generator=gen))
+                sub.get_buffer("running_var").copy_(uniform(torch.Size([k]), 0.5, 1.5))
     return module.eval()
 
 
@@ -118,9 +128,24 @@ class Depthwise(nn.Module):
         return self.fc(self.flatten(self.gap(x)))
 
 
+def chain_bn(seed: int = 0) -> nn.Module:
+    """:class:`ChainBN` with defaults, seeded, in eval mode."""
+    return reinit(ChainBN(), seed)
+
+
+def residual(seed: int = 0) -> nn.Module:
+    """:class:`Residual` with defaults, seeded, in eval mode."""
+    return reinit(Residual(), seed)
+
+
+def depthwise(seed: int = 0) -> nn.Module:
+    """:class:`Depthwise` with defaults, seeded, in eval mode."""
+    return reinit(Depthwise(), seed)
+
+
 #: name → builder(seed) returning a seeded module in eval mode; input shape (N, 3, 8, 8).
 TORCH_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
-    "chain_bn": lambda seed=0: reinit(ChainBN(), seed),
-    "residual": lambda seed=0: reinit(Residual(), seed),
-    "depthwise": lambda seed=0: reinit(Depthwise(), seed),
+    "chain_bn": chain_bn,
+    "residual": residual,
+    "depthwise": depthwise,
 }

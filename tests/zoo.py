@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -70,7 +70,7 @@ class _Net:
         return name
 
     def op(self, op_type: str, name: str, inputs: Sequence[str], *, output: str | None = None,
-           **attrs: object) -> str:
+           **attrs: Any) -> str:
         out = output or f"{name}_out"
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=name, **attrs))
         return out
@@ -166,7 +166,7 @@ def _bn_net(fold: bool, *, seed: int, opset: int, fixed_batch: int | None, empty
         shift = net.rng.normal(0.0, 0.2, k).astype(np.float32)
         mean = net.rng.normal(0.0, 0.2, k).astype(np.float32)
         var = net.rng.uniform(0.5, 1.5, k).astype(np.float32)
-        conv_attrs = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+        conv_attrs: dict[str, Any] = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
         if fold:
             factor = scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + BN_EPSILON)
             w_folded = (w * factor[:, None, None, None]).astype(np.float32)

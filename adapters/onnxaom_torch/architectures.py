@@ -191,7 +191,7 @@ def export_onnx(
     ----------
     module:
         A module taking one tensor. It is put in eval mode for the export (dropout off, batch norm
-        on running statistics) and its train/eval mode is restored afterwards.
+        on running statistics); each submodule's train/eval mode is restored afterwards.
     path:
         The ``.onnx`` file to write; its folder must exist.
     exporter:
@@ -270,7 +270,7 @@ def export_onnx(
     parameter = next(module.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
-    was_training = module.training
+    modes = {sub: sub.training for sub in module.modules()}
     module.eval()
     dynamic_axes = {INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}} if dynamic_batch else None
     try:
@@ -289,7 +289,8 @@ def export_onnx(
                     external_data=external_data, verbose=False,
                 )
     finally:
-        module.train(was_training)
+        for sub, training in modes.items():
+            sub.training = training
     if exporter == "legacy" and external_data:
         onnx.save_model(onnx.load_model(path), path, save_as_external_data=True,
                         all_tensors_to_one_file=True, location=data_path.name)

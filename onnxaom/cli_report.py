@@ -1,0 +1,74 @@
+"""``onnxaom render``: one view of one layer to PNG, SVG or PDF (registered by :mod:`onnxaom.cli`).
+
+    onnxaom render STATS.npz --layer NAME --view aom|odm|csm|selectivity|layer -o OUT.png
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+__all__ = ["VIEWS", "add_parsers"]
+
+VIEWS = ("aom", "odm", "csm", "selectivity", "layer")
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from . import charts
+    from .errors import LayerNotFoundError
+    from .findings import Findings, analyze
+    from .report import render
+    from .stats import OccurrenceStats
+
+    stats = OccurrenceStats.load(args.stats)
+    layer = args.layer if args.layer is not None else stats.layer_names[0]
+    if layer not in stats.layer_names:
+        raise LayerNotFoundError(
+            f"no statistics for layer {layer!r} in {args.stats}; layers: "
+            f"{', '.join(stats.layer_names)}"
+        )
+    found: Any
+    if args.findings is not None:
+        found = Findings.from_json(args.findings).layer(layer)
+    else:
+        found = analyze(stats, layers=[layer]).layer(layer)
+    kw: dict[str, Any] = {}
+    if args.view in ("aom", "csm", "selectivity"):
+        kw = {"page": args.page, "page_size": args.page_size}
+    make = {
+        "aom": charts.aom_grid,
+        "odm": charts.odm_heatmap,
+        "csm": charts.csm_grid,
+        "selectivity": charts.selectivity_bars,
+        "layer": charts.layer_view,
+    }[args.view]
+    chart = make(stats, layer, found, **kw)
+    path = render(chart, Path(args.output), scale=args.scale)
+    print(f"wrote {path}")
+    return 0
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Register ``render`` on the ``onnxaom`` command's subparsers."""
+    p = subparsers.add_parser(
+        "render",
+        help="export one chart of a layer (AOM, ODM, CSM, selectivity) to PNG, SVG or PDF",
+        description="Draw one view of one layer from a statistics file and write it to OUT; "
+        "the format follows OUT's suffix (.png, .svg, .pdf).",
+    )
+    p.add_argument("stats", help="statistics file (stats.npz written by `onnxaom analyze`)")
+    p.add_argument("--layer", metavar="NAME", help="layer to draw (default: the first)")
+    p.add_argument("--view", choices=VIEWS, default="aom",
+                   help="aom (Fig. 2), odm (Fig. 3), csm (Fig. 4), selectivity (eq. 4), or "
+                   "layer (all of them, linked); default aom")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output file: OUT.png, OUT.svg or OUT.pdf")
+    p.add_argument("--findings", metavar="JSON",
+                   help="findings.json for the kernel order and groups (default: computed)")
+    p.add_argument("--page", type=int, default=None, metavar="N",
+                   help="aom/csm/selectivity: draw only kernels page N (default: all kernels)")
+    p.add_argument("--page-size", type=int, default=64, metavar="K",
+                   help="kernels a page (default 64)")
+    p.add_argument("--scale", type=float, default=1.0, help="PNG/PDF scale factor (default 1)")
+    p.set_defaults(func=_cmd_render)

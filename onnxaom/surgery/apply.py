@@ -1,0 +1,180 @@
+"""``apply(model, edits)``: the one entry point of graph surgery. A pure function.
+
+The input :class:`~onnxaom.Model` (and its file) is never touched: the proto is deep-copied,
+imported into onnx-graphsurgeon, edited step by step, cleaned up, sorted and exported. Steps:
+a run of consecutive :class:`~onnxaom.RemoveKernels` edits is one step (their indices all refer
+to the model before it); every other edit is a step of its own, applied to the model the
+previous steps produced.
+
+Post-conditions, checked on every result (:class:`~onnxaom.EditError` if one fails):
+``onnx.checker.check_model(full_check=True)`` and strict shape inference. The result keeps the
+input's IR version, opset imports, producer, doc strings, model and graph metadata, node names,
+node metadata, its choice of intermediate ``value_info`` and its external-data setting; the
+applied edits are appended as JSON to the metadata key ``"onnxaom.edits"``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import onnx
+
+from ..edits import Edit, InsertLayer, RemoveKernels, WidenLayer, edit_from_dict
+from ..errors import EditError
+from ..model import Model
+from .deepen import insert_step
+from .gsio import export_model, import_graph, restore_node_metadata, restore_value_info
+from .remove import RemovalPlan, plan, remove_step
+from .widen import widen_step
+
+__all__ = ["METADATA_KEY", "apply", "plan_removal", "remove_kernels"]
+
+logger = logging.getLogger(__name__)
+
+#: Model metadata key holding the JSON list of applied edits (appended to on every apply).
+METADATA_KEY = "onnxaom.edits"
+#: Protobuf's limit: larger models cannot be checked in memory.
+_MAX_PROTO_BYTES = 2**31 - 1
+
+
+def _normalise(edits: Edit | Mapping[str, Any] | Iterable[Edit | Mapping[str, Any]]
+               ) -> list[Edit]:
+    items: list[Any]
+    if isinstance(edits, RemoveKernels | WidenLayer | InsertLayer | Mapping):
+        items = [edits]
+    elif isinstance(edits, str | bytes) or not isinstance(edits, Iterable):
+        raise EditError(f"edits must be an edit or a list of edits, got {type(edits).__name__}")
+    else:
+        items = list(edits)
+    out: list[Edit] = []
+    for item in items:
+        if isinstance(item, Mapping):
+            item = edit_from_dict(item)
+        if not isinstance(item, RemoveKernels | WidenLayer | InsertLayer):
+            raise EditError(f"not an edit: {item!r}; use onnxaom.RemoveKernels, WidenLayer or "
+                            f"InsertLayer")
+        out.append(item)
+    return out
+
+
+def _steps(edits: list[Edit]) -> list[list[Edit]]:
+    steps: list[list[Edit]] = []
+    for edit in edits:
+        if isinstance(edit, RemoveKernels) and steps and isinstance(steps[-1][0], RemoveKernels):
+            steps[-1].append(edit)
+        else:
+            steps.append([edit])
+    return steps
+
+
+def _check_model(model: Model) -> None:
+    if not isinstance(model, Model):
+        raise EditError(f"expected an onnxaom.Model, got {type(model).__name__}; load one with "
+                        f"onnxaom.load(path) or wrap a proto with onnxaom.Model(proto)")
+
+
+def apply(model: Model, edits: Edit | Iterable[Edit]) -> Model:
+    """A new model with ``edits`` applied in order; ``model`` and its file are unchanged.
+
+    Parameters
+    ----------
+    model:
+        The model to edit.
+    edits:
+        One edit or a list (edit dicts from :meth:`to_dict` are accepted too). Consecutive
+        :class:`RemoveKernels` form one step whose indices refer to the model before it.
+
+    Returns
+    -------
+    Model
+        The edited model (``path`` None, ``external_data`` as the input's), with the edits
+        recorded under metadata key ``"onnxaom.edits"``.
+
+    Raises
+    ------
+    LayerNotFoundError
+        An edit names a layer the model does not have.
+    EditError
+        An edit that cannot be applied exactly (indices out of range, every kernel of a layer,
+        coupled layers with ``coupled="refuse"``, an op on the channels' path that the surgery
+        does not support, ...), or a result that fails the checker (a bug: please report).
+    """
+    _check_model(model)
+    edit_list = _normalise(edits)
+    original = model.proto
+    proto = model.copy_proto()
+    for step in _steps(edit_list):
+        graph = import_graph(proto)
+        head = step[0]
+        if isinstance(head, RemoveKernels):
+            result = remove_step(graph, proto, [e for e in step if isinstance(e, RemoveKernels)])
+            logger.info("removed kernels: %s", result.removed)
+        elif isinstance(head, WidenLayer):
+            logger.info("widened: %s", widen_step(graph, proto, head))
+        else:
+            logger.info("inserted: %s", insert_step(graph, proto, head))
+        proto = export_model(graph, proto)
+    restore_node_metadata(proto, original)
+    restore_value_info(proto, [v.name for v in original.graph.value_info])
+    _record(proto, edit_list)
+    _postconditions(proto, edit_list)
+    return Model(proto, path=None, external_data=model.external_data)
+
+
+def remove_kernels(model: Model, removals: Mapping[str, Iterable[int]],
+                   coupled: str = "propagate") -> Model:
+    """Shorthand: ``apply(model, [RemoveKernels(layer, kernels, coupled) for ...])``, one step
+    (every index refers to ``model``)."""
+    _check_model(model)
+    if not isinstance(removals, Mapping) or not removals:
+        raise EditError("removals must be a non-empty mapping of layer name -> kernel indices, "
+                        "e.g. {'conv1': [0, 3, 5]}")
+    return apply(model, [RemoveKernels(layer, tuple(kernels), coupled)
+                         for layer, kernels in removals.items()])
+
+
+def plan_removal(model: Model, removals: Mapping[str, Iterable[int]],
+                 coupled: str = "propagate") -> RemovalPlan:
+    """What :func:`remove_kernels` would remove, layer by layer, without editing anything."""
+    from .channels import build
+
+    _check_model(model)
+    edits = [RemoveKernels(layer, tuple(kernels), coupled) for layer, kernels in removals.items()]
+    cg = build(import_graph(model.proto), model.proto)
+    return plan(cg, edits)[1]
+
+
+def _record(proto: onnx.ModelProto, edits: list[Edit]) -> None:
+    history: list[Any] = []
+    for prop in proto.metadata_props:
+        if prop.key == METADATA_KEY:
+            try:
+                loaded = json.loads(prop.value)
+                history = loaded if isinstance(loaded, list) else [loaded]
+            except json.JSONDecodeError:
+                logger.warning("metadata %r is not JSON; starting a new edit history",
+                               METADATA_KEY)
+    history.extend(edit.to_dict() for edit in edits)
+    keep = [p for p in proto.metadata_props if p.key != METADATA_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(history))
+
+
+def _postconditions(proto: onnx.ModelProto, edits: list[Edit]) -> None:
+    if proto.ByteSize() > _MAX_PROTO_BYTES:
+        logger.warning("edited model exceeds 2 GB; checker and shape inference skipped")
+        return
+    applied = json.dumps([e.to_dict() for e in edits])
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except Exception as exc:  # checker and inference raise several unrelated types
+        raise EditError(
+            f"the edited model fails the ONNX checker or shape inference "
+            f"({type(exc).__name__}: {exc}); this is a bug in onnxaom's surgery, please report "
+            f"it with the model and these edits: {applied}"
+        ) from exc

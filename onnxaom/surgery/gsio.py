@@ -1,0 +1,157 @@
+"""Moving a model between ``onnx`` and onnx-graphsurgeon, and reading/writing constants.
+
+Surgery edits a :class:`gs.Graph`; this module is the only one that converts. Exporting keeps
+every model-level field of the proto it started from (IR version, opset imports, producer,
+doc string, metadata, local functions) and only replaces the graph; the graph's own name, doc
+string and metadata are kept too. Node doc strings and metadata, which onnx-graphsurgeon drops,
+are put back by :func:`restore_node_metadata`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+__all__ = [
+    "GRAPH_FIELDS_KEPT",
+    "NameRegistry",
+    "constant_value",
+    "export_model",
+    "import_graph",
+    "restore_node_metadata",
+    "restore_value_info",
+]
+
+#: Graph fields that onnx-graphsurgeon does not round-trip and that exporting copies back.
+GRAPH_FIELDS_KEPT = ("name", "doc_string", "metadata_props")
+
+
+def import_graph(proto: onnx.ModelProto) -> gs.Graph:
+    """The graph of ``proto`` (not modified; weights are shared until a constant is replaced)."""
+    return gs.import_onnx(proto)
+
+
+def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """``graph`` cleaned up, sorted and exported, inside a copy of ``template``'s model fields.
+
+    Intermediate ``value_info`` is dropped (shapes may have changed); see
+    :func:`restore_value_info`.
+    """
+    graph.cleanup().toposort()
+    exported = gs.export_onnx(graph, do_type_check=False)
+    out = onnx.ModelProto()
+    for field, value in template.ListFields():
+        if field.name == "graph":
+            continue
+        if hasattr(value, "extend"):  # repeated (FieldDescriptor.label is gone in protobuf 7)
+            getattr(out, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(out, field.name).CopyFrom(value)
+        else:
+            setattr(out, field.name, value)
+    out.graph.CopyFrom(exported.graph)
+    del out.graph.value_info[:]
+    out.graph.name = template.graph.name
+    out.graph.doc_string = template.graph.doc_string
+    del out.graph.metadata_props[:]
+    out.graph.metadata_props.extend(template.graph.metadata_props)
+    return out
+
+
+def restore_node_metadata(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """Copy node doc strings and metadata from ``original`` to the nodes of ``model`` that
+    have the same name (or, for unnamed nodes, the same op and first output). In place."""
+    by_key: dict[tuple[str, str], onnx.NodeProto] = {}
+    for node in original.graph.node:
+        if node.doc_string or len(node.metadata_props):
+            by_key.setdefault(_node_key(node), node)
+    if not by_key:
+        return
+    for node in model.graph.node:
+        source = by_key.get(_node_key(node))
+        if source is None or source.op_type != node.op_type:
+            continue
+        if not node.doc_string:
+            node.doc_string = source.doc_string
+        if not len(node.metadata_props):
+            node.metadata_props.extend(source.metadata_props)
+
+
+def _node_key(node: onnx.NodeProto) -> tuple[str, str]:
+    if node.name:
+        return ("name", node.name)
+    return ("output", node.output[0] if len(node.output) else "")
+
+
+def restore_value_info(model: onnx.ModelProto, names: Iterable[str]) -> None:
+    """Give ``model`` value_info for exactly the tensors in ``names`` that still exist, with
+    shapes from ONNX shape inference (initializers: from their dims). In place.
+
+    Exporters differ on whether they write value_info; this keeps a model's choice.
+    """
+    wanted = list(dict.fromkeys(names))
+    del model.graph.value_info[:]
+    if not wanted:
+        return
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    found = {v.name: v for v in inferred.graph.value_info}
+    io = {v.name for v in [*model.graph.input, *model.graph.output]}
+    initializers = {t.name: t for t in model.graph.initializer}
+    for name in wanted:
+        if name in io:
+            continue
+        if name in found:
+            model.graph.value_info.append(found[name])
+        elif name in initializers:
+            tensor = initializers[name]
+            model.graph.value_info.append(
+                onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims))
+            )
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of ``tensor`` if it is constant: an initializer, a ``Constant`` node's output,
+    or an ``Identity`` of either (exporters share equal weights that way); else None."""
+    for _ in range(8):  # Identity chains are short; the bound only guards against cycles
+        if isinstance(tensor, gs.Constant):
+            return np.asarray(tensor.values)
+        if len(tensor.inputs) != 1:
+            return None
+        producer = tensor.inputs[0]
+        if producer.domain not in (None, "", "ai.onnx"):
+            return None
+        if producer.op == "Constant":
+            return _constant_node_value(producer)
+        if producer.op != "Identity" or not producer.inputs:
+            return None
+        tensor = producer.inputs[0]
+    return None
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    for key, value in node.attrs.items():
+        if key == "value" and isinstance(value, gs.Constant):
+            return np.asarray(value.values)
+        if key in ("value_float", "value_int"):
+            return np.asarray(value, dtype=np.float32 if key == "value_float" else np.int64)
+        if key in ("value_floats", "value_ints"):
+            return np.asarray(list(value), dtype=np.float32 if key == "value_floats" else np.int64)
+    return None
+
+
+class NameRegistry:
+    """Fresh node and tensor names for one graph."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self._used: set[str] = set(graph.tensors().keys())
+        self._used.update(node.name for node in graph.nodes if node.name)
+
+    def fresh(self, base: str) -> str:
+        name, n = base, 1
+        while name in self._used:
+            name, n = f"{base}_{n}", n + 1
+        self._used.add(name)
+        return name

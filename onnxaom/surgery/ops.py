@@ -1,0 +1,780 @@
+"""The op registry: per op, how layer channels flow through it and how it changes with them.
+
+Each :class:`Handler` answers three questions for the ops it is registered for:
+
+* ``trace``: given the :class:`~onnxaom.surgery.channels.Flow` of each input (None where an
+  input carries no layer channels), the flows of the outputs; raise
+  :class:`~onnxaom.surgery.channels.Unsupported` where the op does something with the
+  channels that the surgery cannot follow (the channels are then blocked, never edited);
+* ``apply``: given the :class:`~onnxaom.surgery.channels.Change` of each input and output,
+  rewrite the node's constants and attributes (out-channel side for layers, in-channel side for
+  consumers, per-channel parameters for everything in between);
+* ``zero_reason``: for removal after a layer's probe point, whether the op turns a zeroed
+  channel into something non-zero (a BN shift, an added constant): the surgery then refuses,
+  because removing the channel would not equal zeroing it.
+
+Supported: layers (Conv, including grouped and depthwise; Gemm; MatMul with a constant weight)
+on both sides; element-wise activations, Identity, Dropout, Cast, Clip, PRelu; BatchNormalization;
+Add/Sub/Mul/Div/Max/Min/Pow/Sum/Mean with constants, with another layer's tensor (coupling), or
+with a tensor broadcast over channels; pools (Max/Average/Lp, global ones); Pad and Resize that
+leave the channel axis alone; Concat; Flatten and Reshape (channel-major flattening, trailing
+dims merged, (N, F) -> (N, F, 1, 1)); Reduce* over other axes; Squeeze, Unsqueeze, Transpose;
+Slice and Split along other axes. Everything else blocks the channels it reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..errors import EditError
+from .channels import (
+    Change,
+    ChannelGraph,
+    Flow,
+    LayerSlots,
+    Rewriter,
+    Segment,
+    Unsupported,
+    concat_flows,
+    describe,
+)
+
+__all__ = ["HANDLERS", "LAYER_HANDLERS", "Handler", "handler_for", "layer_handler_for"]
+
+Flows = Sequence["Flow | None"]
+Changes = Sequence["Change | None"]
+
+
+class Handler:
+    """Channel rules for one family of ops (see the module docstring)."""
+
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        raise NotImplementedError
+
+    def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
+        """Default: nothing to rewrite (shapes are inferred again after the edit)."""
+
+    def zero_reason(self, r: Rewriter, node: gs.Node, ins: Changes) -> str | None:
+        """Default: zero in, zero out."""
+        return None
+
+
+HANDLERS: dict[str, Handler] = {}
+LAYER_HANDLERS: dict[str, Handler] = {}
+
+
+def register(*ops: str, layer: bool = False) -> Callable[[type[Handler]], type[Handler]]:
+    def wrap(cls: type[Handler]) -> type[Handler]:
+        instance = cls()
+        for op in ops:
+            (LAYER_HANDLERS if layer else HANDLERS)[op] = instance
+        return cls
+    return wrap
+
+
+def handler_for(node: gs.Node) -> Handler | None:
+    return HANDLERS.get(node.op)
+
+
+def layer_handler_for(op: str) -> Handler:
+    return LAYER_HANDLERS[op]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _first(changes: Changes) -> Change | None:
+    return next((c for c in changes if c is not None), None)
+
+
+def _only_first_input(node: gs.Node, ins: Flows) -> Flow:
+    if any(f is not None for f in ins[1:]):
+        raise Unsupported("reads layer channels as a parameter input")
+    flow = ins[0]
+    if flow is None:
+        raise Unsupported("reads layer channels as a parameter input")
+    return flow
+
+
+def _extra_outputs_unused(cg: ChannelGraph, node: gs.Node) -> None:
+    graph_outputs = {t.name for t in cg.graph.outputs}
+    for tensor in node.outputs[1:]:
+        if tensor.name and (tensor.outputs or tensor.name in graph_outputs):
+            raise Unsupported(f"has its extra output {tensor.name!r} in use")
+
+
+def _same(flow: Flow, n_outputs: int) -> list[Flow | None]:
+    return [flow] + [None] * (n_outputs - 1)
+
+
+def _out_rank(cg: ChannelGraph, node: gs.Node, default: int) -> int:
+    shape = cg.shape(node.outputs[0])
+    return len(shape) if shape is not None else default
+
+
+def _norm_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def _ints(cg: ChannelGraph, node: gs.Node, attr: str, input_index: int) -> list[int] | None:
+    """An int list given as attribute ``attr`` (older opsets) or constant input (newer)."""
+    if attr in node.attrs:
+        return [int(v) for v in node.attrs[attr]]
+    if input_index < len(node.inputs) and node.inputs[input_index].name:
+        value = cg.const(node.inputs[input_index])
+        if value is None:
+            raise Unsupported(f"has a computed {attr!r} input")
+        return [int(v) for v in np.asarray(value).ravel()]
+    return None
+
+
+def _channel_dim(shape: Sequence[int | None], flow: Flow, out_rank: int) -> int | None:
+    """Where a broadcast operand of ``shape`` meets the flow's channel axis: its own dim index
+    when that dim has the channel size, None when it broadcasts (size 1 or absent)."""
+    a_out = flow.axis + (out_rank - flow.rank)
+    d = a_out - (out_rank - len(shape))
+    if d < 0 or shape[d] == 1:
+        return None
+    if shape[d] == flow.size:
+        return d
+    raise Unsupported(f"broadcasts an operand of shape {tuple(shape)} against "
+                      f"{flow.size} channels")
+
+
+# --------------------------------------------------------------------------------------------
+# element-wise
+
+
+ZERO_PRESERVING_UNARY = frozenset({
+    "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "HardSwish", "Tanh", "Identity",
+    "Dropout", "Abs", "Neg", "Sqrt", "Erf", "Softsign", "Mish", "Cast", "Sign", "Floor", "Ceil",
+    "Round", "ThresholdedRelu", "Sin", "Asin", "Atan", "Sinh", "Asinh", "Atanh", "Tan",
+})
+OTHER_UNARY = frozenset({
+    "Sigmoid", "Softplus", "Exp", "HardSigmoid", "Log", "Reciprocal", "Cos", "Cosh",
+})
+
+
+@register(*ZERO_PRESERVING_UNARY, *OTHER_UNARY, "Clip")
+class Unary(Handler):
+    """Element-wise ops of one tensor (Clip's min/max and Dropout's ratio must be constants)."""
+
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        flow = _only_first_input(node, ins)
+        for t in node.inputs[1:]:
+            if t.name and cg.const(t) is None:
+                raise Unsupported(f"has a computed parameter input {t.name!r}")
+            if node.op == "Clip" and t.name and np.asarray(cg.const(t)).size != 1:
+                raise Unsupported("clips with per-element bounds")
+        if node.op == "Dropout":
+            _extra_outputs_unused(cg, node)
+        return _same(flow, len(node.outputs))
+
+    def zero_reason(self, r: Rewriter, node: gs.Node, ins: Changes) -> str | None:
+        if node.op in ZERO_PRESERVING_UNARY:
+            return None
+        if node.op == "Clip":
+            bounds = [r.const(t) if t.name else None for t in node.inputs[1:3]]
+            low = node.attrs.get("min", -np.inf) if not bounds or bounds[0] is None \
+                else float(np.asarray(bounds[0]))
+            high = node.attrs.get("max", np.inf) if len(bounds) < 2 or bounds[1] is None \
+                else float(np.asarray(bounds[1]))
+            value = float(np.clip(0.0, low, high))
+            return None if value == 0 else f"clips 0 to {value}"
+        return "does not map 0 to 0"
+
+
+@register("PRelu")
+class PRelu(Handler):
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        flow = _only_first_input(node, ins)
+        slope = cg.const(node.inputs[1])
+        if slope is None:
+            raise Unsupported("has a computed slope")
+        _channel_dim(slope.shape, flow, flow.rank)
+        return _same(flow, len(node.outputs))
+
+    def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
+        change = ins[0]
+        if change is None:
+            return
+        flow = r.cg.flows[node.inputs[0].name]
+        slope = r.require_const(node, 1, "slope")
+        d = _channel_dim(slope.shape, flow, flow.rank)
+        if d is not None:
+            r.set_input(node, 1, r.per_channel(slope, d, change, 0.25))
+
+
+@register("BatchNormalization")
+class BatchNorm(Handler):
+    PARAMS = ((1, "scale", 1.0), (2, "bias", 0.0), (3, "mean", 0.0), (4, "var", 1.0))
+
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        flow = _only_first_input(node, ins)
+        if flow.axis != 1:
+            raise Unsupported("normalises an axis that does not carry the channels")
+        for i, what, _ in self.PARAMS:
+            value = cg.const(node.inputs[i])
+            if value is None or value.shape != (flow.size,):
+                raise Unsupported(f"has a {what} that is not a constant of {flow.size} values")
+        _extra_outputs_unused(cg, node)
+        return _same(flow, len(node.outputs))
+
+    def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
+        change = ins[0]
+        if change is None:
+            return
+        for i, what, neutral in self.PARAMS:
+            r.set_input(node, i, r.per_channel(r.require_const(node, i, what), 0, change,
+                                               neutral))
+
+    def zero_reason(self, r: Rewriter, node: gs.Node, ins: Changes) -> str | None:
+        change = ins[0]
+        if change is None:
+            return None
+        gone = change.removed()
+        scale, bias, mean, var = (r.require_const(node, i, w)[gone].astype(np.float64)
+                                  for i, w, _ in self.PARAMS)
+        eps = float(node.attrs.get("epsilon", 1e-5))
+        shift = bias - mean * scale / np.sqrt(var + eps)
+        if np.any(shift != 0):
+            return "(a batch norm after the probe) shifts zeroed channels to non-zero values"
+        return None
+
+
+BINARY_NEUTRAL = {"Add": 0.0, "Sub": 0.0, "Mul": 1.0, "Div": 1.0, "Pow": 1.0, "Max": 0.0,
+                  "Min": 0.0, "Sum": 0.0, "Mean": 0.0}
+_NUMPY_OPS: dict[str, Callable[..., np.ndarray]] = {
+    "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide, "Pow": np.power,
+    "Max": np.maximum, "Min": np.minimum,
+}
+
+
+@register(*BINARY_NEUTRAL)
+class Elementwise(Handler):
+    """Element-wise ops of several tensors with broadcasting.
+
+    Layer tensors merged here are coupled channel by channel; constants are per-channel
+    parameters (edited) or broadcast over channels (left alone); another tensor is fine if it
+    broadcasts over channels, and couples to channels no layer produces (blocked) otherwise.
+    """
+
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        traced = [f for f in ins if f is not None]
+        ref = traced[0]
+        rank = _out_rank(cg, node, max(f.rank for f in traced))
+        a_out = ref.axis + (rank - ref.rank)
+        for other in traced[1:]:
+            if other.axis + (rank - other.rank) != a_out:
+                raise Unsupported("merges tensors whose channels lie on different axes")
+            cg.couple(ref, other, node)
+        for t, flow in zip(node.inputs, ins, strict=True):
+            if flow is not None or not t.name:
+                continue
+            value = cg.const(t)
+            shape = value.shape if value is not None else cg.shape(t)
+            if shape is None:
+                raise Unsupported(f"merges tensor {t.name!r} of unknown shape")
+            d = _channel_dim(shape, ref, rank)
+            if value is None and d is not None:
+                pinned = cg.pinned(ref.size, f"node {describe(node)} merges its channels with "
+                                             f"tensor {t.name!r}, which no layer produces")
+                cg.slots.union(ref.expanded(), pinned)
+        return _same(ref.moved(rank, a_out), len(node.outputs))
+
+    def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
+        change = _first(ins)
+        if change is None:
+            return
+        ref = next(r.cg.flows[t.name] for t, c in zip(node.inputs, ins, strict=True)
+                   if c is not None)
+        rank = _out_rank(r.cg, node, ref.rank)
+        for i, (t, c) in enumerate(zip(node.inputs, ins, strict=True)):
+            if c is not None or not t.name or t.name in r.cg.flows:
+                continue
+            value = r.const(t)
+            if value is None:
+                continue
+            d = _channel_dim(value.shape, ref, rank)
+            if d is not None:
+                r.set_input(node, i, r.per_channel(value, d, change, BINARY_NEUTRAL[node.op]))
+
+    def zero_reason(self, r: Rewriter, node: gs.Node, ins: Changes) -> str | None:
+        change = _first(ins)
+        if change is None:
+            return None
+        gone = change.removed()
+        ref = next(r.cg.flows[t.name] for t, c in zip(node.inputs, ins, strict=True)
+                   if c is not None)
+        rank = _out_rank(r.cg, node, ref.rank)
+        operands: list[np.ndarray] = []
+        for t in node.inputs:
+            if t.name in r.cg.flows:
+                operands.append(np.zeros(1))
+                continue
+            value = r.const(t)
+            if value is None:
+                if node.op == "Mul":
+                    operands.append(np.ones(1))
+                    continue
+                return f"combines the zeroed channels with tensor {t.name!r}"
+            d = _channel_dim(value.shape, ref, rank)
+            operands.append(np.take(value, gone, axis=d).astype(np.float64) if d is not None
+                            else np.asarray(value, dtype=np.float64))
+        with np.errstate(all="ignore"):
+            if node.op in ("Sum", "Mean"):
+                result = np.zeros(1)
+                for operand in operands:
+                    result = np.add(result, operand)
+                if node.op == "Mean":
+                    result = result / len(operands)
+            else:
+                result = _NUMPY_OPS[node.op](operands[0], operands[1])
+        if np.any(np.asarray(result) != 0):
+            return "maps the zeroed channels to non-zero values (a constant added after the probe)"
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# spatial ops that leave channels alone
+
+
+@register("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+          "GlobalLpPool")
+class Pool(Handler):
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        flow = _only_first_input(node, ins)
+        if flow.axis != 1 or flow.rank < 3:
+            raise Unsupported("pools over the channel axis")
+        _extra_outputs_unused(cg, node)
+        return _same(flow, len(node.outputs))
+
+
+@register("Pad")
+class Pad(Handler):
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        flow = _only_first_input(node, ins)
+        pads = _ints(cg, node, "pads", 1)
+        axes = _ints(cg, node, "axes", 3) if len(node.inputs) > 3 else None
+        if pads is None:
+            raise Unsupported("has no pads")
+        axes = [_norm_axis(a, flow.rank) for a in axes] if axes else list(range(flow.rank))
+        half = len(pads) // 2
+        for j, a in enumerate(axes[:half]):
+            if a == flow.axis and (pads[j] != 0 or pads[j + half] != 0):
+                raise Unsupported("pads the channel axis")
+        return _same(flow, len(node.outputs))
+
+    def zero_reason(self, r: Rewriter, node: gs.Node, ins: Changes) -> str | None:
+        if node.attrs.get("mode", "constant") != "constant":
+            return None
+        value = node.attrs.get("value", 0.0)
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            const = r.const(node.inputs[2])
+            value = 0.0 if const is None else float(np.asarray(const).ravel()[0])
+        return None if value == 0 else f"pads with the constant {value}"
+
+
+@register("Resize", "Upsample")
+class Resize(Handler):
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        flow = _only_first_input(node, ins)
+        axes = [_norm_axis(int(a), flow.rank) for a in node.attrs.get("axes", [])] \
+            or list(range(flow.rank))
+        if flow.axis not in axes:
+            return _same(flow, len(node.outputs))
+        j = axes.index(flow.axis)
+        scale_input = 1 if node.op == "Upsample" or len(node.inputs) == 2 else 2
+        scales = cg.const(node.inputs[scale_input]) if len(node.inputs) > scale_input and \
+            node.inputs[scale_input].name else None
+        sizes = cg.const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name \
+            else None
+        if scales is not None and scales.size:
+            if float(scales.ravel()[j]) != 1.0:
+                raise Unsupported("resizes the channel axis")
+        elif sizes is not None and sizes.size:
+            if int(sizes.ravel()[j]) != flow.size:
+                raise Unsupported("resizes the channel axis")
+        elif "scales" in node.attrs:
+            if float(node.attrs["scales"][j]) != 1.0:
+                raise Unsupported("resizes the channel axis")
+        else:
+            raise Unsupported("has computed scales or sizes")
+        return _same(flow, len(node.outputs))
+
+    def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
+        change = ins[0]
+        if change is None or len(node.inputs) <= 3 or not node.inputs[3].name:
+            return
+        sizes = r.const(node.inputs[3])
+        if sizes is None or not sizes.size:
+            return
+        flow = r.cg.flows[node.inputs[0].name]
+        axes = [_norm_axis(int(a), flow.rank) for a in node.attrs.get("axes", [])] \
+            or list(range(flow.rank))
+        new = np.array(sizes, copy=True)
+        new[axes.index(flow.axis)] = change.size
+        r.set_input(node, 3, new)
+
+
+@register("Slice")
+class Slice(Handler):
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        flow = _only_first_input(node, ins)
+        starts = _ints(cg, node, "starts", 1)
+        if starts is None:
+            raise Unsupported("has no starts")
+        axes = _ints(cg, node, "axes", 3) if len(node.inputs) > 3 or "axes" in node.attrs \
+            else None
+        axes = [_norm_axis(a, flow.rank) for a in axes] if axes else list(range(len(starts)))
+        if flow.axis in axes:
+            raise Unsupported("slices the channel axis")
+        return _same(flow, len(node.outputs))
+
+
+@register("Split")
+class Split(Handler):
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        flow = _only_first_input(node, ins)
+        if _norm_axis(int(node.attrs.get("axis", 0)), flow.rank) == flow.axis:
+            raise Unsupported("splits the channel axis")
+        return [flow] * len(node.outputs)
+
+
+# --------------------------------------------------------------------------------------------
+# layout
+
+
+@register("Concat")
+class Concat(Handler):
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        traced = [f for f in ins if f is not None]
+        rank = traced[0].rank
+        if any(f.rank != rank for f in traced):
+            raise Unsupported("concatenates tensors of different ranks")
+        axis = _norm_axis(int(node.attrs.get("axis", 0)), rank)
+        if any(f.axis != axis for f in traced):
+            if all(f.axis == traced[0].axis for f in traced) and len(traced) == len(ins):
+                for other in traced[1:]:
+                    cg.couple(traced[0], other, node)
+                return _same(traced[0], len(node.outputs))
+            raise Unsupported("concatenates along an axis that does not carry the channels")
+        parts: list[Flow] = []
+        for t, flow in zip(node.inputs, ins, strict=True):
+            if flow is not None:
+                parts.append(flow)
+                continue
+            shape = cg.shape(t)
+            if shape is None or len(shape) != rank or shape[axis] is None:
+                raise Unsupported(f"concatenates tensor {t.name!r} of unknown channel count")
+            pinned = cg.pinned(int(shape[axis]), f"channels of tensor {t.name!r} (no layer's)")
+            parts.append(Flow(rank, axis, (Segment(pinned),)))
+        return _same(concat_flows(parts, rank, axis), len(node.outputs))
+
+
+@register("Flatten")
+class Flatten(Handler):
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        flow = _only_first_input(node, ins)
+        axis = _norm_axis(int(node.attrs.get("axis", 1)), flow.rank)
+        if axis != 1 or flow.axis != 1:
+            raise Unsupported("flattens in an order that does not keep channels together")
+        if flow.rank == 2:
+            return _same(flow, len(node.outputs))
+        shape = cg.shape(node.inputs[0])
+        if shape is None or any(d is None for d in shape[2:]):
+            raise Unsupported("flattens a tensor whose spatial size is unknown")
+        inner = int(np.prod([int(d) for d in shape[2:] if d is not None]))
+        return _same(flow.flattened(inner), len(node.outputs))
+
+
+@register("Reshape")
+class Reshape(Handler):
+    """Reshapes that keep channel positions meaningful: (N, C, ...) -> (N, C, ...) (trailing
+    dims merged or split) and (N, C, H, W) -> (N, C*H*W) (channel-major flatten). The target
+    shape must be a constant; a literal channel (or feature) count in it is updated."""
+
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        flow = _only_first_input(node, ins)
+        if cg.const(node.inputs[1]) is None:
+            raise Unsupported("has a computed target shape")
+        src, dst = cg.shape(node.inputs[0]), cg.shape(node.outputs[0])
+        if src is None or dst is None or flow.axis != 1 or len(dst) < 2:
+            raise Unsupported("reshapes tensors of unknown or unsuitable shape")
+        if src[0] != dst[0]:
+            raise Unsupported("moves channels into the batch axis")
+        if dst[1] == src[1]:
+            rest_src, rest_dst = src[2:], dst[2:]
+            if None in rest_src or None in rest_dst or \
+                    int(np.prod(rest_src)) != int(np.prod(rest_dst)):  # type: ignore[arg-type]
+                raise Unsupported("reshapes the channel axis")
+            return _same(flow.moved(len(dst), 1), len(node.outputs))
+        if len(dst) == 2 and None not in src[1:] and dst[1] == int(np.prod(src[1:])):  # type: ignore[arg-type]
+            return _same(flow.flattened(int(np.prod(src[2:]))), len(node.outputs))  # type: ignore[arg-type]
+        raise Unsupported("reshapes the channel axis")
+
+    def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
+        change = outs[0]
+        if change is None:
+            return
+        target = r.require_const(node, 1, "target shape")
+        new = np.array(target, copy=True)
+        if new.ndim != 1 or len(new) < 2:
+            raise EditError(f"node {describe(node)}: unexpected target shape {target.tolist()}")
+        if int(new[1]) == change.old_size:
+            new[1] = change.size
+        elif int(new[1]) not in (-1, 0):
+            raise EditError(f"node {describe(node)}: target shape {target.tolist()} does not "
+                            f"name the {change.old_size} channels at position 1")
+        if not np.array_equal(new, target):
+            r.set_input(node, 1, new)
+
+
+REDUCE_OPS = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2",
+              "ReduceSumSquare", "ReduceProd")
+
+
+@register(*REDUCE_OPS)
+class Reduce(Handler):
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        flow = _only_first_input(node, ins)
+        axes = _ints(cg, node, "axes", 1)
+        if not axes:
+            raise Unsupported("reduces over every axis, channels included")
+        axes = [_norm_axis(a, flow.rank) for a in axes]
+        if flow.axis in axes:
+            raise Unsupported("reduces over the channel axis")
+        if int(node.attrs.get("keepdims", 1)):
+            return _same(flow, len(node.outputs))
+        return _same(flow.moved(flow.rank - len(set(axes)),
+                                flow.axis - sum(a < flow.axis for a in set(axes))),
+                     len(node.outputs))
+
+
+@register("Squeeze")
+class Squeeze(Handler):
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        flow = _only_first_input(node, ins)
+        axes = _ints(cg, node, "axes", 1)
+        if axes is None:
+            shape = cg.shape(node.inputs[0])
+            if shape is None:
+                raise Unsupported("squeezes axes of unknown size")
+            axes = [i for i, d in enumerate(shape) if d == 1]
+        axes = sorted({_norm_axis(a, flow.rank) for a in axes})
+        if flow.axis in axes:
+            raise Unsupported("squeezes the channel axis")
+        return _same(flow.moved(flow.rank - len(axes),
+                                flow.axis - sum(a < flow.axis for a in axes)),
+                     len(node.outputs))
+
+
+@register("Unsqueeze")
+class Unsqueeze(Handler):
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        flow = _only_first_input(node, ins)
+        axes = _ints(cg, node, "axes", 1)
+        if not axes:
+            raise Unsupported("has no axes")
+        rank = flow.rank + len(axes)
+        inserted = {_norm_axis(a, rank) for a in axes}
+        kept = [i for i in range(rank) if i not in inserted]
+        return _same(flow.moved(rank, kept[flow.axis]), len(node.outputs))
+
+
+@register("Transpose")
+class Transpose(Handler):
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        flow = _only_first_input(node, ins)
+        perm = [int(p) for p in node.attrs.get("perm", list(range(flow.rank))[::-1])]
+        return _same(flow.moved(flow.rank, perm.index(flow.axis)), len(node.outputs))
+
+
+# --------------------------------------------------------------------------------------------
+# layers
+
+
+def _layer_inputs(node: gs.Node, ins: Flows) -> Flow | None:
+    if any(f is not None for f in ins[1:]):
+        raise Unsupported("reads layer channels as weights or bias")
+    return ins[0]
+
+
+@register("Conv", layer=True)
+class Conv(Handler):
+    """2-D Conv layers: out-channels are the layer's kernels; in-channels follow the input.
+
+    Grouped convs: a depthwise-style conv (one input channel per group) ties each group's
+    kernels to its input channel (they go, and the group count drops, together). Other grouped
+    convs accept removals that take the same number of channels from every group.
+    """
+
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        if layer is None:
+            raise Unsupported("is not an analysable layer (weights not a constant 4-D tensor)")
+        flow = _layer_inputs(node, ins)
+        weight = cg.const(node.inputs[1])
+        if weight is None:
+            raise Unsupported("has weights that are not constant")
+        group = int(node.attrs.get("group", 1))
+        n_in = int(weight.shape[1])
+        if flow is not None:
+            if flow.rank != 4 or flow.axis != 1 or not flow.channel_level:
+                raise Unsupported("reads channels that are not on axis 1 of a 4-D tensor")
+            if flow.size != n_in * group:
+                raise Unsupported(f"expects {n_in * group} input channels, gets {flow.size}")
+        if group > 1 and n_in == 1:
+            if flow is None:
+                raise Unsupported(f"is a depthwise conv on tensor {node.inputs[0].name!r}, "
+                                  f"whose channels no layer produces")
+            multiplier = len(layer.slots) // group
+            cg.slots.union(np.repeat(flow.all_slots(), multiplier), layer.slots, tie=True)
+        out = Flow(4, 1, (Segment(layer.slots),))
+        return _same(out, len(node.outputs))
+
+    def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
+        in_change, out_change = ins[0], outs[0]
+        weight = r.require_const(node, 1, "weight")
+        group = int(node.attrs.get("group", 1))
+        c_out, n_in = int(weight.shape[0]), int(weight.shape[1])
+        taps = int(np.prod(weight.shape[2:]))
+        if group == 1:
+            if out_change is not None:
+                weight = r.out_channels(weight, 0, out_change, fan_in=n_in * taps)
+            if in_change is not None:
+                weight = r.in_channels(weight, 1, in_change)
+        elif n_in == 1:
+            multiplier = c_out // group
+            if out_change is not None:
+                weight = r.out_channels(weight, 0, out_change, fan_in=taps)
+            new_group = in_change.size if in_change is not None else group
+            if weight.shape[0] != new_group * multiplier:
+                raise EditError(f"internal: depthwise conv {describe(node)} would get "
+                                f"{weight.shape[0]} kernels for {new_group} groups")
+            node.attrs["group"] = new_group
+        else:
+            weight = _grouped(node, weight, group, in_change, out_change)
+        r.set_input(node, 1, weight)
+        if out_change is not None and len(node.inputs) > 2 and node.inputs[2].name:
+            bias = r.require_const(node, 2, "bias")
+            r.set_input(node, 2, r.out_channels(bias, 0, out_change, fan_in=1, bias=True))
+
+
+def _per_group(change: Change | None, size: int, group: int, what: str,
+               node: gs.Node) -> list[np.ndarray]:
+    """Kept positions (local to their group) for each group, refusing unequal groups."""
+    per = size // group
+    if change is None:
+        return [np.arange(per)] * group
+    if change.grows:
+        raise EditError(f"cannot widen through grouped conv {describe(node)} (group={group}): "
+                        f"its groups would become unequal; widen a layer it does not read")
+    kept = [change.index[(change.index >= g * per) & (change.index < (g + 1) * per)] - g * per
+            for g in range(group)]
+    counts = [len(k) for k in kept]
+    if len(set(counts)) != 1 or counts[0] == 0:
+        removed = [per - c for c in counts]
+        raise EditError(
+            f"grouped conv {describe(node)} (group={group}) would lose {removed} {what} channels "
+            f"per group; ONNX groups must stay equal and non-empty: remove the same number of "
+            f"channels from every group of {per}"
+        )
+    return kept
+
+
+def _grouped(node: gs.Node, weight: np.ndarray, group: int, in_change: Change | None,
+             out_change: Change | None) -> np.ndarray:
+    c_out, n_in = int(weight.shape[0]), int(weight.shape[1])
+    ins = _per_group(in_change, n_in * group, group, "input", node)
+    outs = _per_group(out_change, c_out, group, "output", node)
+    per_out = c_out // group
+    blocks = [weight[g * per_out + outs[g]][:, ins[g]] for g in range(group)]
+    return np.concatenate(blocks, axis=0)
+
+
+@register("Gemm", layer=True)
+class Gemm(Handler):
+    """Fully-connected layers ``Y = alpha * A @ op(B) + beta * C``: neurons are B's output
+    side (rows with ``transB=1``), inputs its other side; C is per neuron or broadcast."""
+
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        if layer is None:
+            raise Unsupported("is not an analysable layer (weights not a constant)")
+        flow = _layer_inputs(node, ins)
+        if cg.const(node.inputs[1]) is None:
+            raise Unsupported("has weights that are not constant")
+        if flow is not None and (int(node.attrs.get("transA", 0)) or flow.rank != 2
+                                 or flow.axis != 1):
+            raise Unsupported("reads features that are not on axis 1 of its (N, F) input")
+        return _same(Flow(2, 1, (Segment(layer.slots),)), len(node.outputs))
+
+    def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
+        in_change, out_change = ins[0], outs[0]
+        weight = r.require_const(node, 1, "weight")
+        out_axis = 0 if int(node.attrs.get("transB", 0)) else 1
+        in_axis = 1 - out_axis
+        if out_change is not None:
+            weight = r.out_channels(weight, out_axis, out_change,
+                                    fan_in=int(weight.shape[in_axis]))
+        if in_change is not None:
+            weight = r.in_channels(weight, in_axis, in_change)
+        r.set_input(node, 1, weight)
+        if out_change is not None and len(node.inputs) > 2 and node.inputs[2].name:
+            bias = r.require_const(node, 2, "bias C")
+            if bias.size == 1:
+                return
+            if bias.shape[-1] != out_change.old_size or bias.size != out_change.old_size:
+                raise EditError(f"node {describe(node)}: bias C of shape {bias.shape} is not "
+                                f"one value per neuron")
+            r.set_input(node, 2, r.out_channels(bias, bias.ndim - 1, out_change, fan_in=1,
+                                                bias=True))
+
+
+@register("MatMul", layer=True)
+class MatMul(Handler):
+    """``Y = X @ W`` with a constant W of shape (F, K): neurons are W's columns."""
+
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        if layer is None:
+            raise Unsupported("is not an analysable layer (second input not a constant 2-D "
+                              "weight)")
+        flow = _layer_inputs(node, ins)
+        if cg.const(node.inputs[1]) is None:
+            raise Unsupported("has weights that are not constant")
+        rank = _out_rank(cg, node, 2)
+        if flow is not None and (flow.rank != 2 or flow.axis != 1):
+            raise Unsupported("reads features that are not on the last axis of its (N, F) input")
+        return _same(Flow(rank, rank - 1, (Segment(layer.slots),)), len(node.outputs))
+
+    def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
+        in_change, out_change = ins[0], outs[0]
+        weight = r.require_const(node, 1, "weight")
+        if out_change is not None:
+            weight = r.out_channels(weight, 1, out_change, fan_in=int(weight.shape[0]))
+        if in_change is not None:
+            weight = r.in_channels(weight, 0, in_change)
+        r.set_input(node, 1, weight)

@@ -1,0 +1,137 @@
+"""Removing kernels (task 1): plan over the channel graph, then rewrite every node involved.
+
+Removal is exact in this sense: the edited model computes what the original computes with the
+removed channels forced to zero at their layers' probe points (for coupled layers, in every
+coupled layer). Nodes between a layer and its probe (its per-channel chain) lose the channel
+with it; after the probe, consumers drop the channel's weights; a node after the probe that
+would turn a zero into something else (a batch norm shift, an added constant) makes the
+removal refuse rather than change the function silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..edits import RemoveKernels
+from ..errors import EditError
+from .channels import ChannelGraph, RemovePlan, Rewriter, build, rewrite
+
+__all__ = ["RemovalPlan", "check_blocked", "plan", "refuse_coupled", "remove_step"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RemovalPlan:
+    """What one removal step does.
+
+    requested: layer -> kernels asked for. removed: layer -> kernels that go, for every layer
+    that changes (requested ones and the ones that follow: coupled by a residual merge or tied
+    by a depthwise conv), in layer order. coupled: layers that lose kernels only because they
+    are coupled to requested ones, in layer order.
+    """
+
+    requested: Mapping[str, tuple[int, ...]]
+    removed: Mapping[str, tuple[int, ...]]
+    coupled: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"requested": {k: list(v) for k, v in self.requested.items()},
+                "removed": {k: list(v) for k, v in self.removed.items()},
+                "coupled": list(self.coupled)}
+
+
+def plan(cg: ChannelGraph, edits: Sequence[RemoveKernels]) -> tuple[RemovePlan, RemovalPlan]:
+    """Check a removal step against the traced graph and resolve its coupled channels."""
+    requested: dict[str, tuple[int, ...]] = {}
+    for edit in edits:
+        if edit.layer in requested:
+            raise EditError(f"layer {edit.layer!r} is named by two RemoveKernels edits in one "
+                            f"step (their indices would both refer to the unedited layer); "
+                            f"merge them into one edit")
+        requested[edit.layer] = edit.kernels
+    asked: set[tuple[str, int]] = set()
+    all_classes: set[int] = set()
+    for edit in edits:
+        ref = cg.layer(edit.layer)
+        k = len(ref.slots)
+        bad = [i for i in edit.kernels if i >= k]
+        if bad:
+            raise EditError(f"layer {edit.layer!r} has {k} kernels (indices 0..{k - 1}); "
+                            f"{bad} out of range")
+        asked.update((edit.layer, i) for i in edit.kernels)
+        classes = cg.classes(ref.slots[list(edit.kernels)])
+        check_blocked(cg, edit.layer, classes)
+        if edit.coupled == "refuse":
+            refuse_coupled(cg, edit.layer, classes, asked_by_step=set(requested))
+        all_classes |= classes
+    removed = cg.layers_in(all_classes)
+    for name, kernels in removed.items():
+        total = len(cg.layers[name].slots)
+        if len(kernels) == total:
+            why = "" if name in requested else " (it is coupled to the layers named)"
+            raise EditError(f"removing these kernels would remove all {total} kernels of layer "
+                            f"{name!r}{why}; keep at least one")
+    coupled = tuple(name for name, kernels in removed.items()
+                    if any((name, k) not in asked for k in kernels) and name not in requested)
+    if coupled:
+        logger.info("removal also changes coupled layers: %s", ", ".join(coupled))
+    result = RemovalPlan(requested, {n: tuple(k) for n, k in removed.items()}, coupled)
+    return RemovePlan(cg, all_classes), result
+
+
+def check_blocked(cg: ChannelGraph, layer: str, classes: set[int]) -> None:
+    reasons: list[str] = []
+    for root in sorted(classes):
+        for reason in cg.slots.blocked(root):
+            if reason not in reasons:
+                reasons.append(reason)
+    if reasons:
+        more = f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else ""
+        raise EditError(f"cannot edit kernels of layer {layer!r}: " + "; ".join(reasons[:3])
+                        + more)
+
+
+def refuse_coupled(cg: ChannelGraph, layer: str, classes: set[int],
+                   asked_by_step: set[str]) -> None:
+    """Raise when ``classes`` reach other layers by coupling (not by depthwise ties), unless
+    those layers are named in the same step."""
+    ref = cg.layers[layer]
+    own = ref.slots.tolist()
+    tie_roots = {cg.slots.find_tie(s) for s in own}
+    others: list[str] = []
+    for name, kernels in cg.layers_in(classes).items():
+        if name == layer or name in asked_by_step:
+            continue
+        slots = cg.layers[name].slots
+        if any(cg.slots.find_tie(int(slots[k])) not in tie_roots for k in kernels):
+            others.append(name)
+    if not others:
+        return
+    couplers: list[str] = []
+    for root in classes:
+        for c in cg.slots.couplers(root):
+            if c not in couplers:
+                couplers.append(c)
+    via = f" (their channels are merged by node {', '.join(couplers[:3])})" if couplers else ""
+    raise EditError(
+        f"editing layer {layer!r} with coupled='refuse': its channels are coupled to layer(s) "
+        f"{', '.join(repr(o) for o in others)}{via}; use coupled='propagate' to edit every "
+        f"coupled layer the same way, or name those layers in the same step"
+    )
+
+
+def remove_step(graph: gs.Graph, proto: onnx.ModelProto,
+                edits: Sequence[RemoveKernels]) -> RemovalPlan:
+    """Remove the kernels of ``edits`` (one step) from ``graph`` in place."""
+    cg = build(graph, proto)
+    remove_plan, result = plan(cg, edits)
+    rewrite(cg, Rewriter(cg, remove_plan, init="zeros", rng=np.random.default_rng(0)),
+            check_zero=True)
+    return result
