@@ -633,29 +633,21 @@ class Rewriter:
 def rewrite(cg: ChannelGraph, rewriter: Rewriter, check_zero: bool) -> int:
     """Apply ``rewriter.plan`` to every recorded node; returns how many nodes changed.
 
-    ``check_zero`` (removal): a node after the probe point that would turn a removed (zeroed)
-    channel into something non-zero refuses, since removing the channel would then differ from
-    zeroing it.
+    ``check_zero`` (removal): follows, after each layer's probe point, whether the removed
+    channels are still zero in the original model once zeroed at the probe (a Sigmoid, a batch
+    norm shift or an added constant make them non-zero; a Mul by a zeroed channel makes them
+    zero again). A layer that would read non-zero values from removed channels makes the edit
+    refuse: removing them there would not be the same as zeroing them.
     """
     changed = 0
+    state: dict[str, str | None] = {}
     for rec in cg.records:
         ins = [None if f is None else rewriter.plan.change(f) for f in rec.ins]
         outs = [None if f is None else rewriter.plan.change(f) for f in rec.outs]
         if all(c is None for c in ins) and all(c is None for c in outs):
             continue
         if check_zero:
-            zeroed = [i for i, (f, c) in enumerate(zip(rec.ins, ins, strict=True))
-                      if f is not None and c is not None and not f.pre_probe
-                      and len(c.removed())]
-            if zeroed:
-                reason = rec.handler.zero_reason(rewriter, rec.node, ins)
-                if reason is not None:
-                    raise EditError(
-                        f"node {describe(rec.node)} {reason}: zeroing the removed channels "
-                        f"there would leave non-zero values that reach later layers, so removing "
-                        f"them would not be the same as zeroing them; remove different kernels "
-                        f"or edit the model so this node follows the probe's chain"
-                    )
+            _follow_zeros(rewriter, rec, ins, state)
         rec.handler.apply(rewriter, rec.node, ins, outs)
         changed += 1
     io = {t.name for t in [*cg.graph.inputs, *cg.graph.outputs]}
@@ -663,3 +655,27 @@ def rewrite(cg: ChannelGraph, rewriter: Rewriter, check_zero: bool) -> int:
         if isinstance(tensor, gs.Variable) and tensor.name not in io:
             tensor.shape = None
     return changed
+
+
+def _follow_zeros(rewriter: Rewriter, rec: NodeRecord, ins: list[Change | None],
+                  state: dict[str, str | None]) -> None:
+    """Update ``state`` (tensor -> None if its removed channels are zero in the oracle, else
+    why not) for the outputs of ``rec``; raise where a layer reads non-zero removed channels."""
+    post = {i: state.get(rec.node.inputs[i].name)
+            for i, (f, c) in enumerate(zip(rec.ins, ins, strict=True))
+            if f is not None and c is not None and not f.pre_probe and len(c.removed())}
+    out_state: str | None = None
+    if rec.layer is not None:
+        bad = next((s for s in post.values() if s is not None), None)
+        if bad is not None:
+            raise EditError(
+                f"cannot remove these kernels exactly: {bad}, and layer {rec.layer.layer.name!r} "
+                f"reads those values; zeroing the channels at their probe point would not remove "
+                f"their contribution, so removing them would change the model's outputs. Remove "
+                f"other kernels, or fold that node into the layer before it"
+            )
+    elif post:
+        out_state = rec.handler.zero_state(rewriter, rec.node, ins, post)
+    for tensor, flow in zip(rec.node.outputs, rec.outs, strict=True):
+        if flow is not None:
+            state[tensor.name] = out_state

@@ -9,9 +9,10 @@ Each :class:`Handler` answers three questions for the ops it is registered for:
 * ``apply``: given the :class:`~onnxaom.surgery.channels.Change` of each input and output,
   rewrite the node's constants and attributes (out-channel side for layers, in-channel side for
   consumers, per-channel parameters for everything in between);
-* ``zero_reason``: for removal after a layer's probe point, whether the op turns a zeroed
-  channel into something non-zero (a BN shift, an added constant): the surgery then refuses,
-  because removing the channel would not equal zeroing it.
+* ``zero_reason`` / ``zero_state``: for removal after a layer's probe point, whether the op
+  turns zeroed channels into something non-zero (a Sigmoid, a BN shift, an added constant);
+  if such values reach a layer, the surgery refuses, because removing the channels would not
+  equal zeroing them.
 
 Supported: layers (Conv, including grouped and depthwise; Gemm; MatMul with a constant weight)
 on both sides; element-wise activations, Identity, Dropout, Cast, Clip, PRelu; BatchNormalization;
@@ -59,8 +60,20 @@ class Handler:
         """Default: nothing to rewrite (shapes are inferred again after the edit)."""
 
     def zero_reason(self, r: Rewriter, node: gs.Node, ins: Changes) -> str | None:
-        """Default: zero in, zero out."""
+        """Why zero inputs give non-zero outputs at the removed channels (None: they don't).
+        Default: zero in, zero out."""
         return None
+
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, str | None]) -> str | None:
+        """Whether the removed channels of the output are zero (None) or not (why), given the
+        same for each input carrying removed channels. Default: non-zero in, non-zero out;
+        otherwise :meth:`zero_reason`."""
+        bad = next((s for s in states.values() if s is not None), None)
+        if bad is not None:
+            return bad
+        reason = self.zero_reason(r, node, ins)
+        return None if reason is None else f"node {describe(node)} {reason}"
 
 
 HANDLERS: dict[str, Handler] = {}
@@ -307,6 +320,12 @@ class Elementwise(Handler):
             d = _channel_dim(value.shape, ref, rank)
             if d is not None:
                 r.set_input(node, i, r.per_channel(value, d, change, BINARY_NEUTRAL[node.op]))
+
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, str | None]) -> str | None:
+        if node.op == "Mul" and any(s is None for s in states.values()):
+            return None  # anything times a zero is zero
+        return super().zero_state(r, node, ins, states)
 
     def zero_reason(self, r: Rewriter, node: gs.Node, ins: Changes) -> str | None:
         change = _first(ins)

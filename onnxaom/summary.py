@@ -1,0 +1,190 @@
+"""Per-layer size of a model: kernels, parameters and multiply-accumulates, with totals.
+
+Answers "what did the surgery buy?": compare ``summary(model)`` before and after an edit.
+MACs are per sample, from ONNX shape inference: a Conv does K * (C_in / group) * kh * kw
+multiply-accumulates per output position, a Gemm/MatMul F * K. Layers whose output size is only
+known at run time have ``macs=None`` (and count as 0 in the total, which then says so).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import external_data_helper
+
+from .graph import GraphIndex
+from .layers import find_layers
+from .model import Model
+
+__all__ = ["LayerSummary", "ModelSummary", "summary"]
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One layer: ``params`` counts its weight and bias elements; ``macs`` is per sample."""
+
+    name: str
+    op: str
+    kernels: int
+    inputs: int | None
+    params: int
+    macs: int | None
+    output_shape: tuple[int | None, ...] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "op": self.op, "kernels": self.kernels, "inputs": self.inputs,
+                "params": self.params, "macs": self.macs,
+                "output_shape": None if self.output_shape is None else list(self.output_shape)}
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """A model's layers and totals.
+
+    total_params: elements of every float initializer and constant (not only layers').
+    layer_params / total_macs: sums over the layers (MACs of layers with unknown size left out;
+    ``macs_complete`` says whether any were). file_size / external_size: bytes on disk of the
+    model file and its external data files, None for a model not loaded from a file.
+    """
+
+    name: str
+    opset: int
+    nodes: int
+    layers: tuple[LayerSummary, ...]
+    total_params: int
+    layer_params: int
+    total_macs: int
+    macs_complete: bool
+    file_size: int | None
+    external_size: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "opset": self.opset, "nodes": self.nodes,
+                "layers": [layer.to_dict() for layer in self.layers],
+                "total_params": self.total_params, "layer_params": self.layer_params,
+                "total_macs": self.total_macs, "macs_complete": self.macs_complete,
+                "file_size": self.file_size, "external_size": self.external_size}
+
+    def format_table(self) -> str:
+        """A plain-text table, one row per layer, then the totals."""
+        width = max([len(layer.name) for layer in self.layers] + [5])
+        lines = [f"{self.name}: opset {self.opset}, {self.nodes} nodes, "
+                 f"{len(self.layers)} layers",
+                 f"{'layer':<{width}}  {'op':<6} {'kernels':>7} {'inputs':>7} {'params':>12} "
+                 f"{'MACs':>14}"]
+        for layer in self.layers:
+            macs = "?" if layer.macs is None else f"{layer.macs:,}"
+            inputs = "?" if layer.inputs is None else str(layer.inputs)
+            lines.append(f"{layer.name:<{width}}  {layer.op:<6} {layer.kernels:>7} {inputs:>7} "
+                         f"{layer.params:>12,} {macs:>14}")
+        macs_total = f"{self.total_macs:,}" + ("" if self.macs_complete else " (+ unknown)")
+        lines.append(f"{'total':<{width}}  {'':<6} {sum(x.kernels for x in self.layers):>7} "
+                     f"{'':>7} {self.layer_params:>12,} {macs_total:>14}")
+        lines.append(f"all parameters: {self.total_params:,}")
+        if self.file_size is not None:
+            size = f"file size: {_human(self.file_size)}"
+            if self.external_size:
+                size += f" (of which external data: {_human(self.external_size)})"
+            lines.append(size)
+        return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{n:,} B" if unit == "B" else f"{value:.1f} {unit} ({n:,} B)"
+        value /= 1024
+    return f"{n:,} B"
+
+
+def summary(model: Model) -> ModelSummary:
+    """The :class:`ModelSummary` of ``model`` (layers named as everywhere in onnxaom)."""
+    proto = model.proto
+    index = GraphIndex(proto)
+    rows: list[LayerSummary] = []
+    for layer in find_layers(proto):
+        node = proto.graph.node[layer.node_index]
+        params = sum(int(np.prod(shape)) for shape in
+                     (index.constant_shape(name) for name in node.input[1:] if name)
+                     if shape is not None)
+        weight = index.constant_shape(node.input[1]) or index.shapes.get(node.input[1])
+        out_shape = index.shapes.get(layer.output)
+        inputs, macs = _inputs_and_macs(index, node, weight, out_shape, layer.kernels)
+        rows.append(LayerSummary(layer.name, layer.op, layer.kernels, inputs, params, macs,
+                                 out_shape))
+    total_params = 0
+    for tensor in proto.graph.initializer:
+        if tensor.data_type in _FLOAT_TYPES:
+            total_params += int(np.prod(tensor.dims))
+    for node in proto.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type in _FLOAT_TYPES:
+                    total_params += int(np.prod(attr.t.dims))
+    file_size, external_size = _file_sizes(model.path)
+    return ModelSummary(
+        name=model.name,
+        opset=model.opset,
+        nodes=len(proto.graph.node),
+        layers=tuple(rows),
+        total_params=total_params,
+        layer_params=sum(r.params for r in rows),
+        total_macs=sum(r.macs or 0 for r in rows),
+        macs_complete=all(r.macs is not None for r in rows),
+        file_size=file_size,
+        external_size=external_size,
+    )
+
+
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                          onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16})
+
+
+def _inputs_and_macs(index: GraphIndex, node: onnx.NodeProto,
+                     weight: tuple[int | None, ...] | None,
+                     out_shape: tuple[int | None, ...] | None,
+                     kernels: int) -> tuple[int | None, int | None]:
+    if weight is None or any(d is None for d in weight):
+        return None, None
+    dims = [int(d) for d in weight if d is not None]
+    if node.op_type == "Conv":
+        group = int(index.attribute(node, "group", 1))  # type: ignore[call-overload]
+        inputs = dims[1] * group
+        if out_shape is None or len(out_shape) < 3 or any(d is None for d in out_shape[2:]):
+            return inputs, None
+        positions = int(np.prod([int(d) for d in out_shape[2:] if d is not None]))
+        return inputs, kernels * dims[1] * int(np.prod(dims[2:])) * positions
+    if node.op_type == "Gemm":
+        inputs = dims[1] if index.attribute(node, "transB", 0) else dims[0]
+        return inputs, inputs * kernels
+    inputs = dims[0]  # MatMul (F, K)
+    return inputs, inputs * kernels
+
+
+def _file_sizes(path: Path | None) -> tuple[int | None, int | None]:
+    if path is None or not path.exists():
+        return None, None
+    size = path.stat().st_size
+    try:
+        header = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # the file changed since loading; report what is there
+        return size, None
+    locations = {
+        entry.value
+        for tensor in external_data_helper._get_all_tensors(header)
+        if external_data_helper.uses_external_data(tensor)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    external = 0
+    for location in locations:
+        data = path.parent / location
+        if data.exists():
+            external += os.path.getsize(data)
+    return size + external, external

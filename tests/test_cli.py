@@ -1,0 +1,91 @@
+"""The command line: the demo end to end, analyze, layers, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import onnxaom
+from onnxaom.cli import DEFAULT_MODEL, main
+
+from . import zoo
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "onnxaom.cli", *args], capture_output=True,
+                          text=True, check=False)
+
+
+def test_demo_writes_stats_findings_and_report(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "1797 samples" in out
+    stats = onnxaom.OccurrenceStats.load(tmp_path / "stats.npz")
+    assert stats.num_samples == 1797 and stats.num_classes == 10
+    assert stats.counts["/conv1/Conv"].shape == (16, 10, 26, 26)
+    assert stats.metadata["preprocessing"]["resize"] == [28, 28]
+    findings = json.loads((tmp_path / "findings.json").read_text())
+    assert [layer["name"] for layer in findings["layers"]] == list(stats.layer_names)
+    assert (tmp_path / "report.html").stat().st_size > 10_000
+
+
+def test_analyze_npz_data(tmp_path: Path) -> None:
+    proto = zoo.chain()
+    model_path = zoo.save(proto, tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(20, 3, 8, 8)).astype(np.float32),
+             y=np.arange(20) % 3)
+    out = tmp_path / "out"
+    result = run_cli("analyze", str(model_path), "--data", f"npz:{tmp_path / 'd.npz'}",
+                     "--out", str(out), "-q", "--layers", "conv1", "conv2")
+    assert result.returncode == 0, result.stderr
+    stats = onnxaom.OccurrenceStats.load(out / "stats.npz")
+    assert stats.layer_names == ("conv1", "conv2") and stats.num_samples == 20
+
+
+def test_layers_lists_probe_points(capsys) -> None:
+    assert main(["layers", str(DEFAULT_MODEL)]) == 0
+    out = capsys.readouterr().out
+    assert "/conv1/Conv" in out and "/relu1/Relu_output_0" in out
+    assert main(["layers", str(DEFAULT_MODEL), "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)
+    assert layers[0]["shape"] == [16, 26, 26]
+
+
+def test_user_mistakes_are_one_line_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("not a model")
+    for args in (
+        ["layers", str(tmp_path / "missing.onnx")],
+        ["layers", str(bad)],
+        ["analyze", str(DEFAULT_MODEL), "--data", "nonsense:1", "--out", str(tmp_path / "o")],
+        ["analyze", str(DEFAULT_MODEL), "--data", "digits", "--out", str(tmp_path / "o"), "-q"],
+        ["analyze", str(DEFAULT_MODEL), "--data", "digits:28", "--out", str(tmp_path / "o"),
+         "--layers", "nope", "-q"],
+    ):
+        result = run_cli(*args)
+        assert result.returncode == 1, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("onnxaom: error:"), result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "stats.npz").exists()  # nothing written half
+
+
+def test_bad_usage_exits_2() -> None:
+    assert run_cli().returncode == 2
+    assert run_cli("analyze", "m.onnx").returncode == 2  # --data and --out missing
+    with pytest.raises(SystemExit) as info:
+        main(["layers", "m.onnx", "--probe", "elsewhere"])
+    assert info.value.code == 2
+
+
+def test_help_mentions_every_command() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("layers", "analyze", "demo"):
+        assert command in result.stdout
