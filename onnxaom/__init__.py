@@ -8,6 +8,9 @@ selectivity, computed exactly by streaming a data set through ONNX Runtime.
 
 from __future__ import annotations
 
+from ._version import __version__
+from .collect import Collector, collect
+from .data import Dataset, Preprocessing, from_arrays, load_digits, load_fashion_mnist, load_spec
 from .errors import (
     DataError,
     EditError,
@@ -18,16 +21,13 @@ from .errors import (
     ProviderError,
     StatsError,
 )
-from ._version import __version__
-from .collect import collect
-from .data import Dataset, Preprocessing, from_arrays, load_digits, load_fashion_mnist, load_spec
 from .findings import Findings, LayerFindings, Thresholds, analyze, kernel_order
 from .layers import Layer
 from .model import Model, load
 from .stats import OccurrenceStats
 
-
 __all__ = [
+    "Collector",
     "DataError",
     "Dataset",
     "EditError",

@@ -22,19 +22,22 @@ SVG with :func:`onnxaom.report.render`.
 Scale. A grid cell is not drawn as one rect per pixel: a 512-kernel x 10-class layer of
 28 x 28 maps would be four million marks. Each (kernel, class) map is quantised to the colour
 scale's bins here and shipped as one small indexed PNG (4-bit palette) drawn by an ``image``
-mark, so a grid costs K x C marks, whatever H x W. Maps larger than ``MAX_TILE`` pixels a side
-are average-pooled first (an average of occurrence fractions is still one). Grids of more than
-``page_size`` kernels are paged (a slider picks the page; selected kernels stay visible). The
-ODM is drawn with one rect per cell up to ``ODM_MAX_RECTS`` kernels (tooltips per cell) and as
-one K x K image above that, with one transparent rect per row to take clicks, so 1,024 kernels
-cost one image and 1,024 rects. Data are inlined as ``alt.InlineData``, which Altair's row
-limit (``MaxRowsError``) does not apply to. Colour legends come from the same palettes the PNGs
-are painted with (an invisible layer carries the colour scale).
+mark, so a grid costs K x C marks, whatever H x W. Maps of 2 ``cell`` pixels a side or more are
+average-pooled to fewer (an average of occurrence fractions is still one), so a tile stays
+under (2 ``cell``)^2 pixels; small maps are enlarged here, nearest-neighbour, as browsers would
+blur them. Grids of more than ``page_size`` kernels are paged (a slider picks the page;
+selected kernels stay visible). The ODM is drawn with one rect per cell up to
+``ODM_MAX_RECTS`` kernels (tooltips per cell) and as one K x K image above that, with one
+transparent rect per row to take clicks, so 1,024 kernels cost one image and 1,024 rects.
+Data are inlined as one JSON string per data set: Altair's row limit (``MaxRowsError``) does
+not apply to it, and Altair copies it by reference. Colour legends use the very palettes the
+PNGs are painted with (an invisible layer carries the colour scale).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import struct
@@ -93,8 +96,6 @@ CSM_COLORS: tuple[str, ...] = _ramp(("#c80000", "#ffe600"), 5) + _ramp(("#00e6ff
 MISSING_COLOR = "#d9d9d9"
 #: The ODM is drawn with one rect per cell up to this many kernels, as one image above it.
 ODM_MAX_RECTS = 64
-#: Occurrence maps larger than this many pixels a side are average-pooled before drawing.
-MAX_TILE = 64
 
 _SELECT_COLOR = "#ff7f0e"
 _FRAME_KINDS = ("redundant group", "ineffective")
@@ -121,6 +122,11 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+@functools.lru_cache(maxsize=16)
+def _plte(palette: tuple[str, ...]) -> bytes:
+    return bytes(int(c[i : i + 2], 16) for c in palette for i in (1, 3, 5))
+
+
 def _palette_png(index: np.ndarray, palette: Sequence[str]) -> bytes:
     """An indexed-colour PNG of ``index`` (uint8 (h, w)) painted with ``palette`` (hex)."""
     h, w = index.shape
@@ -131,12 +137,11 @@ def _palette_png(index: np.ndarray, palette: Sequence[str]) -> bytes:
     else:
         depth, rows = 8, index
     raw = np.concatenate([np.zeros((h, 1), np.uint8), rows.astype(np.uint8)], axis=1)
-    plte = bytes(int(c[i : i + 2], 16) for c in palette for i in (1, 3, 5))
     return b"".join(
         (
             b"\x89PNG\r\n\x1a\n",
             _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, 3, 0, 0, 0)),
-            _chunk(b"PLTE", plte),
+            _chunk(b"PLTE", _plte(tuple(palette))),
             _chunk(b"IDAT", zlib.compress(raw.tobytes(), 9)),
             _chunk(b"IEND", b""),
         )
@@ -150,15 +155,16 @@ def _image_url(index: np.ndarray, palette: Sequence[str], upscale: int) -> str:
     return "data:image/png;base64," + data
 
 
-def _pool(maps: np.ndarray, limit: int) -> np.ndarray:
-    """Average-pool the last two axes so neither exceeds ``limit`` (NaN-aware)."""
+def _pool(maps: np.ndarray, f: int) -> np.ndarray:
+    """Average-pool the last two axes in f x f blocks (NaN-aware; ragged edges padded)."""
     h, w = maps.shape[-2:]
-    f = max(math.ceil(h / limit), math.ceil(w / limit), 1)
-    if f == 1:
+    if f <= 1:
         return maps
     ph, pw = math.ceil(h / f) * f, math.ceil(w / f) * f
-    pad = [(0, 0)] * (maps.ndim - 2) + [(0, ph - h), (0, pw - w)]
-    padded = np.pad(maps.astype(np.float64), pad, constant_values=np.nan)
+    padded = np.asarray(maps, dtype=np.float64)
+    if (ph, pw) != (h, w):
+        pad = [(0, 0)] * (maps.ndim - 2) + [(0, ph - h), (0, pw - w)]
+        padded = np.pad(padded, pad, constant_values=np.nan)
     blocks = padded.reshape(*maps.shape[:-2], ph // f, f, pw // f, f)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks: NaN, on purpose
@@ -267,17 +273,19 @@ def _prepare(
         from .findings import kernel_order  # the one clustering of the project
 
         order = kernel_order(aom)
-    order_arr = np.asarray(order, dtype=np.int64)
-    if order_arr.shape != (k,) or sorted(order_arr.tolist()) != list(range(k)):
+    order_arr = np.asarray(order, dtype=np.int64).reshape(-1)
+    if sorted(order_arr.tolist()) != list(range(k)):
         raise StatsError(
-            f"kernel order for layer {layer!r} must be a permutation of 0..{k - 1}, "
-            f"got {order_arr.shape[0]} entries"
+            f"kernel order for layer {layer!r} must list each of its {k} kernels (0..{k - 1}) "
+            f"once; got {order_arr.size} entries: {order_arr.tolist()[:12]}"
+            f"{' ...' if order_arr.size > 12 else ''}. Pass the layer's findings or "
+            f"onnxaom.findings.kernel_order(stats.aom(layer))"
         )
     if groups is None:
         groups = _attr(found, "redundant_groups", "groups", default=()) if found is not None else ()
     if ineffective is None:
-        ineffective = _attr(found, "ineffective", default=()) if found is not None else ()
         # IneffectiveKernel records (kernel, reason) or bare kernel indices
+        ineffective = _attr(found, "ineffective", default=()) if found is not None else ()
     rank = np.empty(k, dtype=np.int64)
     rank[order_arr] = np.arange(k)
     digits = len(str(max(k - 1, 0)))
@@ -412,7 +420,10 @@ def _tile_grid(
 ) -> alt.LayerChart:
     if cell < 4:
         raise StatsError(f"cell must be at least 4 pixels, got {cell}")
-    pooled = _pool(maps, MAX_TILE)
+    # A tile never carries 2 x 2 or more map pixels per screen pixel: the browser would
+    # shrink them anyway, and the file would grow with H x W (a mean of occurrence fractions
+    # is still an occurrence fraction).
+    pooled = _pool(maps, max(maps.shape[-2:]) // cell)
     h, w = pooled.shape[-2:]
     upscale = max(1, math.ceil(cell / max(h, w)))
     index = quantize(pooled, domain, len(palette))
@@ -729,7 +740,7 @@ def odm_heatmap(
                 "row:N",
                 sort="ascending",
                 scale=alt.Scale(type="band", paddingInner=0, paddingOuter=0),
-                axis=_row_axis(labels=step >= 8),  # unreadable when rows are thinner
+                axis=_row_axis(labels=step >= 10),  # unreadable when rows are thinner
             ),
             fillOpacity=alt.when(kernels, empty=False).then(alt.value(0.25)).otherwise(
                 alt.value(0.0)

@@ -36,8 +36,10 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     for layer in layers:
         shape = "x".join("?" if d is None else str(d) for d in layer.shape)
         chain = "+".join(layer.chain) or "-"
-        print(f"{layer.name:<{width}}  {layer.op:<6} {layer.kernels:>5}  {shape:<12} "
-              f"{layer.probe} ({chain})")
+        print(
+            f"{layer.name:<{width}}  {layer.op:<6} {layer.kernels:>5}  {shape:<12} "
+            f"{layer.probe} ({chain})"
+        )
     return 0
 
 
@@ -81,12 +83,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _add_collect_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", nargs="+", metavar="NAME", help="layers to analyse (default: all)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per run (default 256)")
-    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="execution provider (default auto: CUDA when it loads, else CPU)")
-    p.add_argument("--threshold", type=float, default=0.0,
-                   help="an activation counts when it is > this (default 0)")
-    p.add_argument("--probe", choices=PROBE_CHOICES, default="activation",
-                   help="where a kernel's activation is read (default: after its BN/ReLU chain)")
+    p.add_argument(
+        "--provider",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="execution provider (default auto: CUDA when it loads, else CPU)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.0,
+        help="an activation counts when it is > this (default 0)",
+    )
+    p.add_argument(
+        "--probe",
+        choices=PROBE_CHOICES,
+        default="activation",
+        help="where a kernel's activation is read (default: after its BN/ReLU chain)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -113,16 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
         "findings.json and report.html into --out.",
     )
     p.add_argument("model", help="ONNX model file")
-    p.add_argument("--data", required=True, metavar="SPEC",
-                   help="digits | digits:SIZE | fashion-mnist:train|test | npz:PATH | "
-                   "idx:IMAGES,LABELS | folder:PATH")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="SPEC",
+        help="digits | digits:SIZE | fashion-mnist:train|test | npz:PATH | "
+        "idx:IMAGES,LABELS | folder:PATH",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     _add_collect_options(p)
     p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("demo", help="analyse the bundled default model on sklearn digits")
-    p.add_argument("--out", default="onnxaom-out/demo", metavar="DIR",
-                   help="output folder (default onnxaom-out/demo)")
+    p.add_argument(
+        "--out",
+        default="onnxaom-out/demo",
+        metavar="DIR",
+        help="output folder (default onnxaom-out/demo)",
+    )
     _add_collect_options(p)
     p.set_defaults(func=_cmd_demo)
 
@@ -141,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args.func(args))
     except OnnxaomError as exc:

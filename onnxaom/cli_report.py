@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,14 @@ def _cmd_render(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = {}
     if args.view in ("aom", "csm", "selectivity"):
         kw = {"page": args.page, "page_size": args.page_size}
-    make = {
+    makers: dict[str, Callable[..., Any]] = {
         "aom": charts.aom_grid,
         "odm": charts.odm_heatmap,
         "csm": charts.csm_grid,
         "selectivity": charts.selectivity_bars,
         "layer": charts.layer_view,
-    }[args.view]
+    }
+    make = makers[args.view]
     chart = make(stats, layer, found, **kw)
     path = render(chart, Path(args.output), scale=args.scale)
     print(f"wrote {path}")

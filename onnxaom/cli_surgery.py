@@ -20,8 +20,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .edits import COUPLED_MODES, INSERT_INITS, WIDEN_INITS, Edit, InsertLayer, RemoveKernels, \
-    WidenLayer
+from .edits import (
+    COUPLED_MODES,
+    INSERT_INITS,
+    WIDEN_INITS,
+    Edit,
+    InsertLayer,
+    RemoveKernels,
+    WidenLayer,
+)
 from .errors import EditError, ModelError
 
 __all__ = ["add_parsers", "parse_indices", "parse_removal"]

@@ -40,7 +40,7 @@ from .model import Model, load
 from .runtime import make_session, resolve_providers
 from .stats import OccurrenceStats
 
-__all__ = ["METHODS", "collect", "select_layers"]
+__all__ = ["METHODS", "Collector", "collect", "select_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ def select_layers(model: Model, names: Sequence[str] | None, probe: str) -> list
         if not any(layer.op == "Conv" for layer in layers):
             raise ModelError(
                 f"model {model.name!r} has no 2-D Conv layer to analyse; pass layers=[...] to "
-                f"analyse its fully-connected layers ({', '.join(x.name for x in layers) or 'none'})"
+                f"analyse its fully-connected layers "
+                f"({', '.join(x.name for x in layers) or 'none'})"
             )
         return layers
     if isinstance(names, str):
@@ -92,7 +93,11 @@ class _Input:
         return np.ascontiguousarray(images, dtype=self.dtype)
 
     def expected(self) -> str:
-        return "(" + ", ".join("N" if i == 0 else (str(d) if d else "?") for i, d in enumerate(self.dims)) + ")"
+        return (
+            "("
+            + ", ".join("N" if i == 0 else (str(d) if d else "?") for i, d in enumerate(self.dims))
+            + ")"
+        )
 
 
 def _input_info(model: onnx.ModelProto) -> _Input:
@@ -192,8 +197,13 @@ class _Engine:
             total += batch.astype(np.int64)
 
     def _count_plain(self, images: np.ndarray, labels: np.ndarray, acc: _Accumulator) -> None:
-        results = dict(zip([o.name for o in self.session.get_outputs()],
-                           self.session.run(None, {self.graph.input_name: images}), strict=True))
+        results = dict(
+            zip(
+                [o.name for o in self.session.get_outputs()],
+                self.session.run(None, {self.graph.input_name: images}),
+                strict=True,
+            )
+        )
         for layer, total in zip(self.layers, acc.counts, strict=True):
             values = results[layer.probe]
             if np.isnan(values).any():
@@ -213,7 +223,7 @@ class _Engine:
 
     # -- device-resident accumulation (CUDA) ------------------------------------------------
     def _run_on_device(self, feeds: dict[str, np.ndarray], acc: _Accumulator) -> None:
-        assert self._adder is not None  # noqa: S101 - internal invariant, set in __init__
+        assert self._adder is not None
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
@@ -233,8 +243,9 @@ class _Engine:
                 for c in acc.counts
             ]
         summed = []
-        for layer, total, batch in zip(self.layers, self._device_counts, outputs[:n_layers],
-                                       strict=True):
+        for layer, total, batch in zip(
+            self.layers, self._device_counts, outputs[:n_layers], strict=True
+        ):
             add = self._adder.io_binding()
             add.bind_ortvalue_input("total", total)
             add.bind_ortvalue_input("batch", batch)
@@ -291,8 +302,13 @@ def _resolve_shapes(
         return layers
     graph = probe_graph(model, layers)
     session = make_session(graph.model, providers)
-    values = dict(zip([o.name for o in session.get_outputs()],
-                      session.run(None, {graph.input_name: sample}), strict=True))
+    values = dict(
+        zip(
+            [o.name for o in session.get_outputs()],
+            session.run(None, {graph.input_name: sample}),
+            strict=True,
+        )
+    )
     resolved = []
     for layer in layers:
         shape = values[layer.probe].shape
@@ -307,6 +323,151 @@ def _replace_shape(layer: Layer, shape: tuple[int, int, int]) -> Layer:
     from dataclasses import replace
 
     return replace(layer, shape=shape)
+
+
+class Collector:
+    """Streaming occurrence counting: feed batches with :meth:`update`, then :meth:`result`.
+
+    Parameters are those of :func:`collect` (which is this class plus a batching loop and a
+    progress bar). The ONNX Runtime session is built on the first batch, which also resolves
+    activation shapes that are only known at run time and tests whether a fixed batch
+    dimension can be made symbolic.
+    """
+
+    def __init__(
+        self,
+        model: Model | str | os.PathLike[str],
+        *,
+        layers: Sequence[str] | None = None,
+        num_classes: int | None = None,
+        class_names: Sequence[str] | None = None,
+        provider: str = "auto",
+        threshold: float = 0.0,
+        probe: str = "activation",
+        method: str = "graph",
+        threads: int | None = None,
+        accumulate_on_device: bool | None = None,
+    ) -> None:
+        if method not in METHODS:
+            raise ModelError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if num_classes is not None and (
+            not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1
+        ):
+            raise DataError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if class_names is not None:
+            class_names = tuple(str(n) for n in class_names)
+            if num_classes is None:
+                num_classes = len(class_names)
+            elif len(class_names) != num_classes:
+                raise DataError(f"{len(class_names)} class names given for {num_classes} classes")
+        self.model = model if isinstance(model, Model) else load(model)
+        self.layers = select_layers(self.model, layers, probe)
+        self.num_classes, self.class_names = num_classes, class_names
+        self.threshold, self.probe, self.method, self.threads = (
+            float(threshold),
+            probe,
+            method,
+            threads,
+        )
+        self._input = _input_info(self.model.proto)
+        self.providers = resolve_providers(provider)
+        self._on_device = (
+            self.providers[0] == "CUDAExecutionProvider"
+            if accumulate_on_device is None
+            else accumulate_on_device
+        )
+        self._engine: _Engine | None = None
+        self._acc: _Accumulator | None = None
+
+    def update(self, images: np.ndarray, labels: np.ndarray) -> None:
+        """Count one batch: float images (n, C, H, W) and integer labels (n,)."""
+        images = self._input.check(images)
+        labels = np.asarray(labels)
+        if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(
+                f"labels must be integers of shape ({images.shape[0]},), got {labels.dtype} "
+                f"{labels.shape}"
+            )
+        if labels.size and labels.min() < 0:
+            raise DataError(f"labels must be non-negative; found label {int(labels.min())}")
+        if self.num_classes is not None and labels.size and labels.max() >= self.num_classes:
+            raise DataError(
+                f"labels must be in 0..{self.num_classes - 1} (num_classes={self.num_classes}); "
+                f"found label {int(labels.max())}"
+            )
+        if images.shape[0] == 0:
+            return
+        if self._engine is None:
+            proto, providers = self.model.proto, self.providers
+            self.layers = _resolve_shapes(proto, self.layers, images[:1], providers)
+            self._engine, self._acc = _start_engine(
+                proto,
+                self.layers,
+                self.method,
+                self.threshold,
+                providers,
+                self.threads,
+                self._input.dims[0],
+                self._on_device,
+                images,
+                self.num_classes or 0,
+            )
+        engine, acc = self._engine, self._acc
+        assert acc is not None
+        needed = int(labels.max()) + 1
+        if needed > acc.num_classes:
+            engine.flush(acc)
+            acc.grow(needed)
+        engine.run(images, labels.astype(np.int64, copy=False), acc)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples counted so far."""
+        return 0 if self._acc is None else int(self._acc.class_sizes.sum())
+
+    def result(
+        self,
+        *,
+        allow_empty_classes: bool = False,
+        source: str | None = None,
+        preprocessing: dict[str, Any] | None = None,
+    ) -> OccurrenceStats:
+        """The statistics of every batch so far (collection may go on afterwards)."""
+        engine, acc = self._engine, self._acc
+        if engine is None or acc is None or self.num_samples == 0:
+            raise DataError("the data set is empty: no image was given")
+        engine.flush(acc)
+        if self.num_classes is not None:
+            acc.grow(self.num_classes)
+        c = acc.num_classes
+        names = self.class_names or tuple(str(i) for i in range(c))
+        if len(names) != c:
+            raise DataError(f"{len(names)} class names given for {c} classes")
+        empty = [names[i] for i in np.flatnonzero(acc.class_sizes == 0)]
+        if empty:
+            message = f"classes with no samples: {', '.join(empty)} (their AOMs are undefined)"
+            if not allow_empty_classes:
+                raise DataError(message + "; pass allow_empty_classes=True to get NaN AOMs")
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        counts = {}
+        for layer, flat in zip(self.layers, acc.counts, strict=True):
+            k, h, w = layer.shape
+            counts[layer.name] = flat.reshape(c, k, h, w).transpose(1, 0, 2, 3)  # type: ignore[arg-type]
+        metadata = {
+            "model_digest": self.model.digest,
+            "model_name": self.model.name,
+            "threshold": self.threshold,
+            "probe": self.probe,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "preprocessing": preprocessing,
+            "source": source,
+            "num_samples": self.num_samples,
+            "method": self.method,
+            "provider": self.providers[0],
+            "batching": "dynamic" if engine.fixed_batch is None else f"fixed:{engine.fixed_batch}",
+            "onnxaom_version": __version__,
+        }
+        return OccurrenceStats(counts, acc.class_sizes.copy(), names, metadata)
 
 
 def collect(
@@ -366,94 +527,36 @@ def collect(
     -------
     OccurrenceStats with counts of shape (K, C, H, W) per layer.
     """
-    if method not in METHODS:
-        raise ModelError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-        raise DataError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if not isinstance(model, Model):
-        model = load(model)
-    chosen = select_layers(model, layers, probe)
-    proto = model.proto
-    info = _input_info(proto)
-    providers = resolve_providers(provider)
-    on_device = (providers[0] == "CUDAExecutionProvider") if accumulate_on_device is None else accumulate_on_device
-
     dataset = images if isinstance(images, Dataset) else None
     if dataset is not None:
         class_names = class_names or dataset.class_names
-        if num_classes is None:
-            num_classes = dataset.num_classes
-    if class_names is not None and num_classes is None:
-        num_classes = len(class_names)
-    total = _length(images)
-    batches = iter_batches(images, labels, batch_size=batch_size)
-
-    acc: _Accumulator | None = None
-    engine: _Engine | None = None
-    fixed = info.dims[0]
-    bar = _progress(total, progress)
+        num_classes = num_classes or dataset.num_classes
+    collector = Collector(
+        model,
+        layers=layers,
+        num_classes=num_classes,
+        class_names=class_names,
+        provider=provider,
+        threshold=threshold,
+        probe=probe,
+        method=method,
+        threads=threads,
+        accumulate_on_device=accumulate_on_device,
+    )
+    bar = _progress(_length(images), progress)
     try:
-        for batch_images, batch_labels in batches:
-            batch_images = info.check(batch_images)
-            if num_classes is not None and batch_labels.size and batch_labels.max() >= num_classes:
-                raise DataError(
-                    f"labels must be in 0..{num_classes - 1} (num_classes={num_classes}); found "
-                    f"label {int(batch_labels.max())}"
-                )
-            if engine is None:
-                chosen = _resolve_shapes(proto, chosen, batch_images[:1], providers)
-                engine, acc = _start_engine(
-                    proto, chosen, method, threshold, providers, threads, fixed, on_device,
-                    batch_images, num_classes or 0,
-                )
-            assert acc is not None  # noqa: S101 - set together with engine
-            if batch_labels.size:
-                needed = int(batch_labels.max()) + 1
-                if needed > acc.num_classes:
-                    engine.flush(acc)
-                    acc.grow(needed)
-            engine.run(batch_images, batch_labels, acc)
+        for batch_images, batch_labels in iter_batches(images, labels, batch_size=batch_size):
+            collector.update(batch_images, batch_labels)
             bar.update(batch_images.shape[0])
-        if engine is None or acc is None:
-            raise DataError("the data set is empty: no batch of images was given")
-        engine.flush(acc)
     finally:
         bar.close()
-
-    if num_classes is not None:
-        acc.grow(num_classes)
-    names = tuple(class_names) if class_names is not None else tuple(str(i) for i in range(acc.num_classes))
-    if len(names) != acc.num_classes:
-        raise DataError(f"{len(names)} class names given for {acc.num_classes} classes")
-    empty = [names[i] for i in np.flatnonzero(acc.class_sizes == 0)]
-    if empty:
-        message = f"classes with no samples: {', '.join(empty)} (their AOMs are undefined)"
-        if not allow_empty_classes:
-            raise DataError(message + "; pass allow_empty_classes=True to get NaN AOMs for them")
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-
-    counts = {}
-    for layer, flat in zip(chosen, acc.counts, strict=True):
-        k, h, w = layer.shape
-        assert h is not None and w is not None  # noqa: S101 - resolved above
-        counts[layer.name] = flat.reshape(acc.num_classes, k, h, w).transpose(1, 0, 2, 3)
-    metadata = {
-        "model_digest": model.digest,
-        "model_name": model.name,
-        "threshold": float(threshold),
-        "probe": probe,
-        "layers": [layer.to_dict() for layer in chosen],
-        "preprocessing": dataset.preprocessing.to_dict() if dataset is not None else None,
-        "source": dataset.source if dataset is not None else type(images).__name__,
-        "num_samples": int(acc.class_sizes.sum()),
-        "method": method,
-        "provider": providers[0],
-        "batching": "dynamic" if engine.fixed_batch is None else f"fixed:{engine.fixed_batch}",
-        "onnxaom_version": __version__,
-    }
-    return OccurrenceStats(counts, acc.class_sizes, names, metadata)
+    return collector.result(
+        allow_empty_classes=allow_empty_classes,
+        source=dataset.source if dataset is not None else type(images).__name__,
+        preprocessing=dataset.preprocessing.to_dict() if dataset is not None else None,
+    )
 
 
 def _start_engine(
@@ -472,8 +575,16 @@ def _start_engine(
     sizes = [k * h * w for k, h, w in (layer.shape for layer in layers)]  # type: ignore[operator]
 
     def build(fixed_batch: int | None) -> _Engine:
-        return _Engine(proto, layers, method=method, threshold=threshold, providers=providers,
-                       threads=threads, fixed_batch=fixed_batch, on_device=on_device)
+        return _Engine(
+            proto,
+            layers,
+            method=method,
+            threshold=threshold,
+            providers=providers,
+            threads=threads,
+            fixed_batch=fixed_batch,
+            on_device=on_device,
+        )
 
     engine = build(None)
     if fixed is not None:
@@ -485,8 +596,13 @@ def _start_engine(
         except ModelError:
             raise
         except Exception as exc:  # ORT raises its own exception types
-            log.info("model has a fixed batch of %d that cannot be made symbolic (%s); "
-                     "feeding chunks of %d", fixed, exc, fixed)
+            log.info(
+                "model has a fixed batch of %d that cannot be made symbolic (%s); "
+                "feeding chunks of %d",
+                fixed,
+                exc,
+                fixed,
+            )
             engine = build(fixed)
         else:
             engine._device_counts = None
@@ -514,4 +630,3 @@ def _progress(total: int | None, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="img", desc="collecting", leave=False)
-

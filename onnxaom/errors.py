@@ -4,13 +4,13 @@ Every error the library raises on purpose derives from :class:`OnnxaomError`. Ea
 also inherits the builtin it matches, so ``except ValueError`` keeps working::
 
     OnnxaomError (Exception)
-    ├── ModelError (ValueError)           not an ONNX file, no Conv, unsupported graph, NaN activations
-    ├── LayerNotFoundError (KeyError)     a layer name the model does not have
-    ├── DataError (ValueError)            images/labels of wrong shape, dtype, length or range; empty data
+    ├── ModelError (ValueError)         not ONNX, no Conv, unsupported graph, NaN activations
+    ├── LayerNotFoundError (KeyError)   a layer name the model does not have
+    ├── DataError (ValueError)          images/labels of wrong shape, dtype, length, range; no data
     ├── ModelFileNotFoundError (FileNotFoundError)   a model or data path that does not exist
-    ├── StatsError (ValueError)           merging incompatible statistics, corrupt stats file
-    ├── EditError (ValueError)            a graph edit that cannot be applied (names the node/layer)
-    └── ProviderError (RuntimeError)      an execution provider asked for explicitly that cannot load
+    ├── StatsError (ValueError)         merging incompatible statistics, corrupt stats file
+    ├── EditError (ValueError)          a graph edit that cannot be applied (names node/layer)
+    └── ProviderError (RuntimeError)    an execution provider asked for that cannot load
 
 Messages name the node, layer, file or argument at fault and, where possible, the fix.
 """

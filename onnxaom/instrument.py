@@ -39,7 +39,9 @@ ONEHOT_INPUT = "onnxaom_onehot"
 _PREFIX = "onnxaom_"
 _SIGN_PRESERVING = frozenset({"Relu", "LeakyRelu", "PRelu", "Identity", "Dropout"})
 _NONNEGATIVE = frozenset({"Relu", "Softplus", "Sigmoid", "Abs", "HardSigmoid"})
-_ORDER_PRESERVING = frozenset({"MaxPool", "AveragePool", "Identity", "Dropout", "Flatten", "Reshape"})
+_ORDER_PRESERVING = frozenset(
+    {"MaxPool", "AveragePool", "Identity", "Dropout", "Flatten", "Reshape"}
+)
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,7 @@ def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
         names = ", ".join(i.name for i in inputs) or "(none)"
-        raise ModelError(
-            f"model must have exactly one image input; it has {len(inputs)}: {names}"
-        )
+        raise ModelError(f"model must have exactly one image input; it has {len(inputs)}: {names}")
     return inputs[0]
 
 
@@ -231,8 +231,11 @@ def counting_graph(
             nodes = [helper.make_node("Sign", [tap], [p + "mask"], name=p + "sign")]
             if elem != TensorProto.FLOAT:
                 nodes[0].output[0] = p + "sign"
-                nodes.append(helper.make_node("Cast", [p + "sign"], [p + "mask"], to=TensorProto.FLOAT,
-                                              name=p + "cast"))
+                nodes.append(
+                    helper.make_node(
+                        "Cast", [p + "sign"], [p + "mask"], to=TensorProto.FLOAT, name=p + "cast"
+                    )
+                )
         else:
             if elem not in thresholds:
                 dtype = helper.tensor_dtype_to_np_dtype(elem)
@@ -241,12 +244,18 @@ def counting_graph(
                     numpy_helper.from_array(np.array(threshold, dtype), thresholds[elem])
                 )
             nodes = [
-                helper.make_node("Greater", [tap, thresholds[elem]], [p + "positive"], name=p + "greater"),
-                helper.make_node("Cast", [p + "positive"], [p + "mask"], to=TensorProto.FLOAT, name=p + "cast"),
+                helper.make_node(
+                    "Greater", [tap, thresholds[elem]], [p + "positive"], name=p + "greater"
+                ),
+                helper.make_node(
+                    "Cast", [p + "positive"], [p + "mask"], to=TensorProto.FLOAT, name=p + "cast"
+                ),
             ]
             if check_nan:
                 check = f"{_PREFIX}check_{i}"
-                nodes.append(helper.make_node("ReduceSum", [tap], [check], keepdims=0, name=p + "check"))
+                nodes.append(
+                    helper.make_node("ReduceSum", [tap], [check], keepdims=0, name=p + "check")
+                )
                 checks.append((i, check))
                 check_types.append(elem)
         count = f"{_PREFIX}count_{i}"

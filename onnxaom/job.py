@@ -43,7 +43,7 @@ def run_analysis(
     probe: str = "activation",
     progress: bool = True,
 ) -> AnalysisResult:
-    """Analyse ``model_path`` on the data named by ``data_spec`` and write the results to ``out``."""
+    """Analyse ``model_path`` on the data named by ``data_spec``; write the results to ``out``."""
     model = load(model_path)
     dataset = load_spec(data_spec)
     out = Path(out)

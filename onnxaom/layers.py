@@ -114,6 +114,7 @@ def find_layers(model: onnx.ModelProto, probe: str = "activation") -> list[Layer
         node = model.graph.node[i]
         output = node.output[0]
         spatial = node.op_type == "Conv"
+        chain: tuple[str, ...]
         if probe == "conv":
             tensor, chain, kind = output, (), "conv"
         else:
@@ -166,9 +167,10 @@ def _kernels(index: GraphIndex, node: onnx.NodeProto) -> int | None:
 
 
 def _is_per_channel_constant(index: GraphIndex, name: str, kernels: int, spatial: bool) -> bool:
-    shape = index.constant_shape(name)
-    if shape is None:
+    found = index.constant_shape(name)
+    if found is None or any(d is None for d in found):
         return False
+    shape = tuple(int(d) for d in found if d is not None)
     size = 1
     for d in shape:
         size *= int(d)
@@ -180,7 +182,7 @@ def _is_per_channel_constant(index: GraphIndex, name: str, kernels: int, spatial
     rank = 4 if spatial else 2
     if len(shape) > rank:
         return False
-    padded = (1,) * (rank - len(shape)) + tuple(int(d) for d in shape)
+    padded = (1,) * (rank - len(shape)) + shape
     return padded[1] == kernels
 
 

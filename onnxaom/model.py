@@ -104,8 +104,12 @@ class Model:
         Refuses to overwrite the file this model was loaded from. With external data (default:
         as the source), weights go to ``<path>.data`` beside the model file.
         """
-        return save(self._proto, path, external_data=self.external_data
-                    if external_data is None else external_data, protect=self.path)
+        return save(
+            self._proto,
+            path,
+            external_data=self.external_data if external_data is None else external_data,
+            protect=self.path,
+        )
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, opset={self.opset}, nodes={len(self._proto.graph.node)})"

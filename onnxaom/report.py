@@ -214,6 +214,28 @@ def _summary_lines(findings: Any) -> list[str]:
     return []
 
 
+_TASKS = (
+    ("Task 1: kernels to remove (ineffective or redundant)", ("ineffective", "behave alike")),
+    ("Task 2: layers that may be too small", ("too small",)),
+    ("Task 3: is the model deep enough?", ("too shallow", "last conv layer")),
+)
+
+
+def _by_task(lines: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """Findings lines under the paper's three tasks (by their wording), the rest as notes."""
+    groups: dict[str, list[str]] = {heading: [] for heading, _ in _TASKS}
+    other: list[str] = []
+    for line in lines:
+        for heading, words in _TASKS:
+            if any(word in line for word in words):
+                groups[heading].append(line)
+                break
+        else:
+            other.append(line)
+    out = [(heading, found) for heading, found in groups.items() if found]
+    return out + ([("Other findings and notes", other)] if other else [])
+
+
 def _layer_lines(
     stats: OccurrenceStats, layer: str, found: Any, summary: Sequence[str]
 ) -> list[str]:
@@ -288,11 +310,12 @@ def build_report(
                  "<p class='hint'>no model summary was given.</p>")
     parts.append("</section><section id='findings'><h2>Findings</h2>")
     lines = _summary_lines(findings)
-    parts.append(
-        "<ul>" + "".join(f"<li>{_e(x)}</li>" for x in lines) + "</ul>"
-        if lines
-        else "<p class='hint'>no findings were given.</p>"
-    )
+    if not lines:
+        parts.append("<p class='hint'>no findings were given.</p>")
+    for heading, task_lines in _by_task(lines):
+        parts.append(f"<h3>{_e(heading)}</h3><ul>")
+        parts.extend(f"<li>{_e(x)}</li>" for x in task_lines)
+        parts.append("</ul>")
     parts.append("</section>")
     hint = (
         "Click a kernel (row) in the ODM to highlight it in the AOM and CSM grids and the "

@@ -58,7 +58,8 @@ def odm(aom: np.ndarray) -> np.ndarray:
 def csm(aom: np.ndarray) -> np.ndarray:
     """Eq. 3: class selectivity maps, float64 (K, C, H, W), values in [-1, 1].
 
-    S[k, c] = 1/(C-1) * sum over d != c of (M[k, c] - M[k, d]) = (C M[k, c] - sum_d M[k, d]) / (C-1).
+    S[k, c] = 1/(C-1) * sum over d != c of (M[k, c] - M[k, d])
+            = (C M[k, c] - sum_d M[k, d]) / (C-1).
     """
     c = aom.shape[1]
     if c < 2:
@@ -118,7 +119,9 @@ class OccurrenceStats:
     def __post_init__(self) -> None:
         sizes = np.asarray(self.class_sizes)
         if sizes.ndim != 1 or not np.issubdtype(sizes.dtype, np.integer):
-            raise StatsError(f"class_sizes must be a 1-D integer array, got {sizes.dtype} {sizes.shape}")
+            raise StatsError(
+                f"class_sizes must be a 1-D integer array, got {sizes.dtype} {sizes.shape}"
+            )
         c = sizes.shape[0]
         counts: dict[str, np.ndarray] = {}
         for name, array in self.counts.items():
@@ -215,7 +218,9 @@ class OccurrenceStats:
                     f"cannot merge layer {name!r}: shapes {a.shape} and {b.shape} differ"
                 )
             counts[name] = _pad_classes(a, c) + _pad_classes(b, c)
-        sizes = _pad_classes(self.class_sizes, c, axis=0) + _pad_classes(other.class_sizes, c, axis=0)
+        sizes = _pad_classes(self.class_sizes, c, axis=0) + _pad_classes(
+            other.class_sizes, c, axis=0
+        )
         metadata = dict(self.metadata)
         metadata["num_samples"] = int(sizes.sum())
         sources = list(self.metadata.get("sources", [self.metadata.get("source")]))
@@ -245,16 +250,15 @@ class OccurrenceStats:
             "class_names": list(self.class_names),
             "metadata": dict(self.metadata),
         }
-        arrays = {f"counts_{i}": self.counts[n] for i, n in enumerate(self.layer_names)}
+        arrays: dict[str, Any] = {
+            f"counts_{i}": self.counts[n] for i, n in enumerate(self.layer_names)
+        }
+        arrays["header"] = np.array(json.dumps(header))
+        arrays["class_sizes"] = self.class_sizes
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".onnxaom-", suffix=".npz")
         try:
             with os.fdopen(fd, "wb") as handle:
-                np.savez_compressed(
-                    handle,
-                    header=np.array(json.dumps(header)),
-                    class_sizes=self.class_sizes,
-                    **arrays,
-                )
+                np.savez_compressed(handle, **arrays)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -272,9 +276,7 @@ class OccurrenceStats:
                 header = json.loads(str(data["header"]))
                 if header.get("format") != "onnxaom.OccurrenceStats":
                     raise StatsError(f"{path} is not an onnxaom statistics file")
-                counts = {
-                    name: data[f"counts_{i}"] for i, name in enumerate(header["layers"])
-                }
+                counts = {name: data[f"counts_{i}"] for i, name in enumerate(header["layers"])}
                 sizes = data["class_sizes"]
         except StatsError:
             raise

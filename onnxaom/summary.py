@@ -8,6 +8,7 @@ known at run time have ``macs=None`` (and count as 0 in the total, which then sa
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +111,7 @@ def summary(model: Model) -> ModelSummary:
     rows: list[LayerSummary] = []
     for layer in find_layers(proto):
         node = proto.graph.node[layer.node_index]
-        params = sum(int(np.prod(shape)) for shape in
+        params = sum(math.prod(d or 0 for d in shape) for shape in
                      (index.constant_shape(name) for name in node.input[1:] if name)
                      if shape is not None)
         weight = index.constant_shape(node.input[1]) or index.shapes.get(node.input[1])

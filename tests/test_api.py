@@ -26,6 +26,7 @@ def test_core_imports_without_torch() -> None:
         "[importlib.import_module('onnxaom.' + m) for m in ('charts', 'report')]; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr

@@ -17,8 +17,9 @@ from . import zoo
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "onnxaom.cli", *args], capture_output=True,
-                          text=True, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "onnxaom.cli", *args], capture_output=True, text=True, check=False
+    )
 
 
 def test_demo_writes_stats_findings_and_report(tmp_path: Path, capsys) -> None:
@@ -38,11 +39,22 @@ def test_analyze_npz_data(tmp_path: Path) -> None:
     proto = zoo.chain()
     model_path = zoo.save(proto, tmp_path / "m.onnx")
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", x=rng.normal(size=(20, 3, 8, 8)).astype(np.float32),
-             y=np.arange(20) % 3)
+    np.savez(
+        tmp_path / "d.npz", x=rng.normal(size=(20, 3, 8, 8)).astype(np.float32), y=np.arange(20) % 3
+    )
     out = tmp_path / "out"
-    result = run_cli("analyze", str(model_path), "--data", f"npz:{tmp_path / 'd.npz'}",
-                     "--out", str(out), "-q", "--layers", "conv1", "conv2")
+    result = run_cli(
+        "analyze",
+        str(model_path),
+        "--data",
+        f"npz:{tmp_path / 'd.npz'}",
+        "--out",
+        str(out),
+        "-q",
+        "--layers",
+        "conv1",
+        "conv2",
+    )
     assert result.returncode == 0, result.stderr
     stats = onnxaom.OccurrenceStats.load(out / "stats.npz")
     assert stats.layer_names == ("conv1", "conv2") and stats.num_samples == 20
@@ -65,8 +77,17 @@ def test_user_mistakes_are_one_line_without_traceback(tmp_path: Path) -> None:
         ["layers", str(bad)],
         ["analyze", str(DEFAULT_MODEL), "--data", "nonsense:1", "--out", str(tmp_path / "o")],
         ["analyze", str(DEFAULT_MODEL), "--data", "digits", "--out", str(tmp_path / "o"), "-q"],
-        ["analyze", str(DEFAULT_MODEL), "--data", "digits:28", "--out", str(tmp_path / "o"),
-         "--layers", "nope", "-q"],
+        [
+            "analyze",
+            str(DEFAULT_MODEL),
+            "--data",
+            "digits:28",
+            "--out",
+            str(tmp_path / "o"),
+            "--layers",
+            "nope",
+            "-q",
+        ],
     ):
         result = run_cli(*args)
         assert result.returncode == 1, (args, result.stderr)

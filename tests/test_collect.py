@@ -52,7 +52,9 @@ def brute_force(model: onnx.ModelProto, layers, images, labels, threshold=0.0):
         values = session.run(names, {m.graph.input[0].name: images[i : i + 1]})
         for layer, v in zip(layers, values, strict=True):
             v = v.reshape(layer.kernels, layer.shape[1], layer.shape[2])
-            target = counts.setdefault(layer.name, np.zeros((v.shape[0], c, *v.shape[1:]), np.int64))
+            target = counts.setdefault(
+                layer.name, np.zeros((v.shape[0], c, *v.shape[1:]), np.int64)
+            )
             for k, h, w in zip(*np.nonzero(v > threshold), strict=True):
                 target[k, labels[i], h, w] += 1
     return counts
@@ -64,8 +66,15 @@ def test_counts_equal_brute_force(structure: str, method: str) -> None:
     proto = getattr(zoo, structure)()
     model = onnxaom.Model(proto)
     images, labels = data_for(proto, n=37, classes=3, seed=1)
-    stats = collect(model, images, labels, batch_size=8, method=method, progress=False,
-                    layers=[layer.name for layer in model.layers()])
+    stats = collect(
+        model,
+        images,
+        labels,
+        batch_size=8,
+        method=method,
+        progress=False,
+        layers=[layer.name for layer in model.layers()],
+    )
     expected = brute_force(proto, model.layers(), images, labels)
     assert stats.layer_names == tuple(expected)
     for name, counts in expected.items():
@@ -150,7 +159,9 @@ def test_device_accumulation_path_on_cpu() -> None:
     proto = zoo.bn_kept()
     model = onnxaom.Model(proto)
     images, labels = data_for(proto, n=29, classes=3)
-    on_device = collect(model, images, labels, batch_size=6, accumulate_on_device=True, progress=False)
+    on_device = collect(
+        model, images, labels, batch_size=6, accumulate_on_device=True, progress=False
+    )
     plain = collect(model, images, labels, batch_size=6, method="plain", progress=False)
     for name in plain.layer_names:
         np.testing.assert_array_equal(on_device.counts[name], plain.counts[name])
@@ -220,8 +231,9 @@ def test_class_without_samples(chain_data) -> None:
     with pytest.raises(DataError, match="no samples"):
         collect(model, images, labels, num_classes=3, progress=False)
     with pytest.warns(RuntimeWarning, match="no samples"):
-        stats = collect(model, images, labels, num_classes=3, allow_empty_classes=True,
-                        progress=False)
+        stats = collect(
+            model, images, labels, num_classes=3, allow_empty_classes=True, progress=False
+        )
     with pytest.warns(RuntimeWarning):
         assert np.isnan(stats.aom(stats.layer_names[0])[:, 2]).all()
 
@@ -253,3 +265,22 @@ def test_model_without_conv() -> None:
     model = onnxaom.Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     with pytest.raises(ModelError, match="no 2-D Conv"):
         collect(model, np.zeros((2, 4), np.float32), np.array([0, 1]), progress=False)
+
+
+def test_collector_streams_and_continues_after_result() -> None:
+    proto = zoo.depthwise()
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, n=30, classes=3)
+    collector = onnxaom.Collector(model, num_classes=3)
+    collector.update(images[:4], labels[:4])
+    collector.update(images[4:4], labels[4:4])  # an empty batch is fine
+    collector.update(images[4:20], labels[4:20])
+    partial = collector.result()
+    assert partial.num_samples == 20
+    collector.update(images[20:], labels[20:])
+    whole = collect(model, images, labels, progress=False)
+    final = collector.result()
+    for name in whole.layer_names:
+        np.testing.assert_array_equal(final.counts[name], whole.counts[name])
+    with pytest.raises(DataError, match="labels"):
+        collector.update(images[:2], labels[:3])

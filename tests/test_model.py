@@ -21,9 +21,14 @@ def tiny_conv(k: int = 8, big: bool = False) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, 6, 6])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-         helper.make_node("Relu", ["c"], ["y"], name="relu")],
-        "g", [x], [y], [numpy_helper.from_array(w, "w")],
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+            helper.make_node("Relu", ["c"], ["y"], name="relu"),
+        ],
+        "g",
+        [x],
+        [y],
+        [numpy_helper.from_array(w, "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # what onnxruntime reads (newer onnx writes IR versions it can't)
@@ -32,7 +37,9 @@ def tiny_conv(k: int = 8, big: bool = False) -> onnx.ModelProto:
 
 
 def run(model: onnxaom.Model, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model.proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model.proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     return session.run(None, {"x": x})[0]
 
 

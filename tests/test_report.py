@@ -84,7 +84,7 @@ def two_layer_stats() -> OccurrenceStats:
 def report(tmp_path_factory: pytest.TempPathFactory, two_layer_stats: OccurrenceStats) -> Path:
     out = tmp_path_factory.mktemp("report")
     findings = analyze(two_layer_stats)
-    history = [{"step": 0, "params": 1333, "accuracy": 0.9},
+    history: list[dict[str, Any]] = [{"step": 0, "params": 1333, "accuracy": 0.9},
                {"step": 1, "params": 1000, "accuracy": 0.91, "label": "conv: remove 3"}]
     return write_report(two_layer_stats, findings, out, model_summary=SUMMARY, title="Tiny",
                         history=history)
@@ -200,3 +200,30 @@ def test_cli_render(tmp_path: Path, two_layer_stats: OccurrenceStats,
     assert "conv_b" in capsys.readouterr().err  # names the layers there are
     assert main(["render", str(stats_path), "-o", str(tmp_path / "x.gif")]) == 1
     assert issubclass(ModelFileNotFoundError, OnnxaomError)
+
+
+def test_findings_are_grouped_by_task() -> None:
+    from onnxaom.report import _by_task
+
+    lines = [
+        "conv: 2 of 8 kernels ineffective (2 dead): kernels 1, 2",
+        "conv: kernels 3, 4 behave alike (keep 4, the most selective; mean ODM 0.010)",
+        "conv: 1 class pair(s) look alike in every kernel (...): 'a'/'b'; the layer may be too "
+        "small",
+        "conv (last conv layer): 1 of 8 kernels (12%) fire for ...; no sign of a too-shallow model",
+        "fc: 10 kernels, nothing to report",
+    ]
+    grouped = dict(_by_task(lines))
+    assert [len(v) for v in grouped.values()] == [2, 1, 1, 1]
+    assert [line for group in grouped.values() for line in group] == lines
+
+
+def test_cli_render_with_a_findings_file(tmp_path: Path,
+                                         two_layer_stats: OccurrenceStats) -> None:
+    stats_path = two_layer_stats.save(tmp_path / "stats.npz")
+    found = analyze(two_layer_stats)
+    findings_path = found.to_json(tmp_path / "findings.json")
+    out = tmp_path / "layer.svg"
+    assert main(["render", str(stats_path), "--layer", "conv", "--view", "layer",
+                 "--findings", str(findings_path), "-o", str(out)]) == 0
+    assert out.read_bytes().startswith(b"<svg")

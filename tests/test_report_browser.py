@@ -38,7 +38,7 @@ window.onnxaomFind = function (viewId, prefix) {
   var view = window.onnxaom.views[viewId];
   var canvas = document.getElementById(viewId).querySelector("canvas");
   var box = canvas.getBoundingClientRect();
-  var origin = view.origin();
+  var origin = view.origin(), pad = view.padding();  // canvas = padding + origin + scene
   var out = [];
   function walk(mark, ox, oy) {
     if (!mark || !mark.items) return;
@@ -49,8 +49,8 @@ window.onnxaomFind = function (viewId, prefix) {
         out.push({
           datum: item.datum,
           opacity: item.opacity === undefined ? 1 : item.opacity,
-          x: box.left + origin[0] + ox + (b.x1 + b.x2) / 2,
-          y: box.top + origin[1] + oy + (b.y1 + b.y2) / 2
+          x: box.left + (pad.left || 0) + origin[0] + ox + (b.x1 + b.x2) / 2,
+          y: box.top + (pad.top || 0) + origin[1] + oy + (b.y1 + b.y2) / 2
         });
       }
       if (mark.marktype === "group") {

@@ -78,13 +78,11 @@ def brute_force(counts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, ...]
 
 @settings(max_examples=30, deadline=None)
 @given(
-    shape=st.tuples(
-        st.integers(1, 4), st.integers(2, 4), st.integers(1, 3), st.integers(1, 3)
-    ),
+    shape=st.tuples(st.integers(1, 4), st.integers(2, 4), st.integers(1, 3), st.integers(1, 3)),
     data=st.data(),
 )
 def test_matrices_equal_brute_force(shape: tuple[int, int, int, int], data: st.DataObject) -> None:
-    k, c, h, w = shape
+    _, c, _, _ = shape
     sizes = data.draw(hnp.arrays(np.int64, (c,), elements=st.integers(1, 20)))
     frac = data.draw(hnp.arrays(np.float64, shape, elements=st.floats(0, 1)))
     counts = np.floor(frac * sizes[None, :, None, None]).astype(np.int64)

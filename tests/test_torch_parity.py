@@ -39,8 +39,9 @@ def hooked_counts(module, images: np.ndarray, labels: np.ndarray, names: list[st
 
 def make_module(seed: int):
     torch.manual_seed(seed)
-    module = architectures.PaperCIFARNet(in_channels=3, image_size=16, width=8, hidden=16,
-                                         batch_norm=True)
+    module = architectures.PaperCIFARNet(
+        in_channels=3, image_size=16, width=8, hidden=16, batch_norm=True
+    )
     for i in range(1, 7):  # non-trivial BN statistics, so BN really matters
         bn = getattr(module, f"bn{i}")
         bn.running_mean.uniform_(-0.5, 0.5)
@@ -54,8 +55,13 @@ def make_module(seed: int):
 @pytest.mark.parametrize(("exporter", "external"), [("legacy", False), ("dynamo", True)])
 def test_counts_match_torch_hooks(tmp_path: Path, exporter: str, external: bool) -> None:
     module = make_module(seed=3)
-    path = architectures.export_onnx(module, tmp_path / "m.onnx", exporter=exporter,
-                                     input_shape=(1, 3, 16, 16), external_data=external)
+    path = architectures.export_onnx(
+        module,
+        tmp_path / "m.onnx",
+        exporter=exporter,
+        input_shape=(1, 3, 16, 16),
+        external_data=external,
+    )
     if external:
         assert (tmp_path / "m.onnx.data").exists()
     model = onnxaom.load(path)

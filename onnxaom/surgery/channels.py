@@ -84,7 +84,7 @@ class Segment:
 
     @property
     def size(self) -> int:
-        return int(len(self.slots)) * self.inner
+        return len(self.slots) * self.inner
 
 
 @dataclass(frozen=True)
@@ -367,16 +367,17 @@ def build(graph: gs.Graph, proto: onnx.ModelProto) -> ChannelGraph:
             None if isinstance(t, gs.Constant) or not t.name else cg.flows.get(t.name)
             for t in node.inputs
         ]
-        layer = by_index.get(i)
-        if layer is None and not any(f is not None for f in ins):
+        found = by_index.get(i)
+        if found is None and not any(f is not None for f in ins):
             continue
         ref: LayerSlots | None = None
-        if layer is not None:
-            if node.outputs[0].name != layer.output:
-                raise EditError(f"internal: layer {layer.name!r} does not match node "
+        handler: Handler | None
+        if found is not None:
+            if node.outputs[0].name != found.output:
+                raise EditError(f"internal: layer {found.name!r} does not match node "
                                 f"{describe(node)}")
-            ref = LayerSlots(layer, node, cg.slots.new(layer.kernels, layer=layer.name))
-            cg.layers[layer.name] = ref
+            ref = LayerSlots(found, node, cg.slots.new(found.kernels, layer=found.name))
+            cg.layers[found.name] = ref
             handler = layer_handler_for(node.op)
         else:
             handler = handler_for(node) if node.domain in DEFAULT_DOMAINS else None
@@ -429,7 +430,7 @@ class Change:
 
     @property
     def size(self) -> int:
-        return int(len(self.index))
+        return len(self.index)
 
     @property
     def fresh(self) -> np.ndarray:
@@ -581,6 +582,12 @@ class Rewriter:
         values = np.ascontiguousarray(values, dtype=None if dtype is None else dtype.dtype)
         if isinstance(old, gs.Constant) and len(old.outputs) == 1:
             old.values = values
+            return
+        producer = old.inputs[0] if isinstance(old, gs.Variable) and len(old.inputs) == 1 \
+            else None
+        if producer is not None and producer.op == "Constant" and len(old.outputs) == 1 \
+                and old.name not in {t.name for t in self.cg.graph.outputs}:
+            producer.attrs = {"value": gs.Constant(old.name, values)}  # keeps the Constant node
             return
         node.inputs[i] = gs.Constant(self.names.fresh(old.name or f"{node.name}_const"), values)
 

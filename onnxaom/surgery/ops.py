@@ -499,9 +499,10 @@ class Concat(Handler):
                 parts.append(flow)
                 continue
             shape = cg.shape(t)
-            if shape is None or len(shape) != rank or shape[axis] is None:
+            width = None if shape is None or len(shape) != rank else shape[axis]
+            if width is None:
                 raise Unsupported(f"concatenates tensor {t.name!r} of unknown channel count")
-            pinned = cg.pinned(int(shape[axis]), f"channels of tensor {t.name!r} (no layer's)")
+            pinned = cg.pinned(int(width), f"channels of tensor {t.name!r} (no layer's)")
             parts.append(Flow(rank, axis, (Segment(pinned),)))
         return _same(concat_flows(parts, rank, axis), len(node.outputs))
 

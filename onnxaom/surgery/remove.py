@@ -75,7 +75,12 @@ def plan(cg: ChannelGraph, edits: Sequence[RemoveKernels]) -> tuple[RemovePlan, 
     for name, kernels in removed.items():
         total = len(cg.layers[name].slots)
         if len(kernels) == total:
-            why = "" if name in requested else " (it is coupled to the layers named)"
+            if name not in requested:
+                why = " (it is coupled to the layers named)"
+            elif len(requested[name]) < total:
+                why = " (with the kernels named for the layers it is coupled to)"
+            else:
+                why = ""
             raise EditError(f"removing these kernels would remove all {total} kernels of layer "
                             f"{name!r}{why}; keep at least one")
     coupled = tuple(name for name, kernels in removed.items()

@@ -62,8 +62,10 @@ def widen_step(graph: gs.Graph, proto: onnx.ModelProto, edit: WidenLayer) -> dic
     grown = [name for name, kernels in cg.layers_in(classes).items() if len(kernels) == k]
     partial = [name for name, kernels in cg.layers_in(classes).items() if len(kernels) != k]
     if partial:
-        raise EditError(f"cannot widen layer {edit.layer!r}: layer(s) {', '.join(partial)} "
-                        f"share only some of its channels")
+        raise EditError(f"cannot widen layer {edit.layer!r}: the kernels of layer(s) "
+                        f"{', '.join(map(repr, partial))} are tied to its channels in another "
+                        f"pattern (e.g. a depthwise conv with a channel multiplier), so new "
+                        f"channels would have no matching kernels there")
     widen_plan = WidenPlan(cg, block, sources, edit.layer)
     rewriter = Rewriter(cg, widen_plan, init="random" if edit.init == "random" else "zeros",
                         rng=rng, noise=edit.noise)

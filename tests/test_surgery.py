@@ -1,0 +1,645 @@
+"""Graph surgery: removal against the zeroing oracle, widen and deepen against the original,
+refusals, and what the result keeps.
+
+The oracle for removal: the original model with a Mul-by-mask inserted after the probe tensor
+of every layer that loses kernels (``plan_removal`` says which: the requested layers and the
+coupled ones), zeroing exactly the removed channels. The edited model must compute the same
+outputs on random inputs, to 1e-5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxaom
+from onnxaom.edits import InsertLayer, RemoveKernels, WidenLayer, edits_from_json
+from onnxaom.errors import EditError, LayerNotFoundError
+from onnxaom.layers import find_layers
+from onnxaom.model import Model
+from onnxaom.surgery import METADATA_KEY, apply, plan_removal, remove_kernels
+
+from . import zoo
+
+ATOL = 1e-5
+
+# --------------------------------------------------------------------------------------------
+# the oracle
+
+
+def zeroed_at_probes(proto: onnx.ModelProto,
+                     removed: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    """``proto`` with the ``removed`` kernels of each layer forced to zero at its probe point
+    (a Mul by a 0/1 mask right after the tensor's producer)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    layers = {layer.name: layer for layer in find_layers(model)}
+    for name, kernels in removed.items():
+        layer = layers[name]
+        rank = 4 if layer.op == "Conv" else 2
+        mask = np.ones(layer.kernels, np.float32)
+        mask[list(kernels)] = 0
+        mask_name, masked = f"oracle_mask_{len(model.graph.initializer)}", f"{layer.probe}__zeroed"
+        model.graph.initializer.append(
+            numpy_helper.from_array(mask.reshape((1, -1) + (1,) * (rank - 2)), mask_name))
+        nodes = list(model.graph.node)
+        for node in nodes:
+            for i, tensor in enumerate(node.input):
+                if tensor == layer.probe:
+                    node.input[i] = masked
+        for output in model.graph.output:
+            assert output.name != layer.probe, "a probe that is a graph output cannot be masked"
+        producer = next(i for i, n in enumerate(nodes) if layer.probe in n.output)
+        nodes.insert(producer + 1, helper.make_node("Mul", [layer.probe, mask_name], [masked]))
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return model
+
+
+def assert_removal_exact(proto: onnx.ModelProto, removals: Mapping[str, Sequence[int]],
+                         coupled: str = "propagate", batch: int = 3) -> Model:
+    """Remove ``removals`` and compare with the oracle; returns the edited model."""
+    model = Model(proto)
+    digest = model.digest
+    plan = plan_removal(model, removals, coupled=coupled)
+    for layer, kernels in removals.items():
+        assert set(kernels) <= set(plan.removed[layer])
+    edited = remove_kernels(model, removals, coupled=coupled)
+    assert model.digest == digest, "the input model changed"
+    x = zoo.random_input(proto, batch=batch, seed=1)
+    got = zoo.run(edited.proto, x)
+    want = zoo.run(zeroed_at_probes(proto, plan.removed), x)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=ATOL, atol=ATOL)
+    kernels = {layer.name: layer.kernels for layer in model.layers()}
+    new_kernels = {layer.name: layer.kernels for layer in edited.layers()}
+    for name, gone in plan.removed.items():
+        assert new_kernels[name] == kernels[name] - len(gone)
+    return edited
+
+
+def assert_same_function(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    x = zoo.random_input(before, batch=3, seed=2)
+    for g, w in zip(zoo.run(after, x), zoo.run(before, x), strict=True):
+        np.testing.assert_allclose(g, w, rtol=ATOL, atol=ATOL)
+
+
+def editable_layers(proto: onnx.ModelProto) -> list[str]:
+    """Layers whose kernels do not reach the graph output (the classifier's do)."""
+    outputs = {o.name for o in proto.graph.output}
+    return [layer.name for layer in find_layers(proto) if layer.probe not in outputs
+            and layer.output not in outputs]
+
+
+# --------------------------------------------------------------------------------------------
+# private builders for structures the zoo does not have
+
+
+class _Net:
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op: str, name: str, inputs: Sequence[str], **attrs: object) -> str:
+        self.nodes.append(helper.make_node(op, list(inputs), [f"{name}_out"], name=name,
+                                           **attrs))
+        return f"{name}_out"
+
+    def conv(self, name: str, x: str, c_in: int, c_out: int, k: int = 3, group: int = 1) -> str:
+        w = self.rng.normal(0, (c_in // group * k * k) ** -0.5, (c_out, c_in // group, k, k))
+        b = self.rng.uniform(-0.1, 0.1, c_out)
+        return self.op("Conv", name, [x, self.const(f"{name}.weight", w.astype(np.float32)),
+                                      self.const(f"{name}.bias", b.astype(np.float32))],
+                       kernel_shape=[k, k], pads=[k // 2] * 4, group=group)
+
+    def gemm(self, name: str, x: str, n_in: int, n_out: int) -> str:
+        w = self.rng.normal(0, n_in ** -0.5, (n_out, n_in)).astype(np.float32)
+        b = self.rng.uniform(-0.1, 0.1, n_out).astype(np.float32)
+        return self.op("Gemm", name, [x, self.const(f"{name}.weight", w),
+                                      self.const(f"{name}.bias", b)], transB=1)
+
+    def bn(self, name: str, x: str, c: int, shift: bool = True) -> str:
+        scale = self.rng.uniform(0.5, 1.5, c).astype(np.float32)
+        bias = self.rng.normal(0, 0.2, c).astype(np.float32) if shift else np.zeros(c, np.float32)
+        mean = self.rng.normal(0, 0.2, c).astype(np.float32) if shift else np.zeros(c, np.float32)
+        var = self.rng.uniform(0.5, 1.5, c).astype(np.float32)
+        return self.op("BatchNormalization", name,
+                       [x] + [self.const(f"{name}.{p}", v) for p, v in
+                              (("scale", scale), ("bias", bias), ("mean", mean), ("var", var))])
+
+    def head(self, x: str, c: int, classes: int = 3) -> onnx.ModelProto:
+        x = self.op("GlobalAveragePool", "gap", [x])
+        x = self.op("Flatten", "flatten", [x], axis=1)
+        self.gemm("fc", x, c, classes)
+        self.nodes[-1].output[0] = "logits"
+        graph = helper.make_graph(
+            self.nodes, "test", [helper.make_tensor_value_info("input", 1, ["N", 3, 8, 8])],
+            [helper.make_tensor_value_info("logits", 1, ["N", classes])], self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                  ir_version=8)
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def post_probe_bn(shift: bool = True) -> onnx.ModelProto:
+    """conv1 → relu1 → pool → bn (after the probe) → conv2 → relu2 → head."""
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
+    x = net.op("MaxPool", "pool", [x], kernel_shape=[2, 2], strides=[2, 2])
+    x = net.bn("bn", x, 4, shift=shift)
+    return net.head(net.op("Relu", "relu2", [net.conv("conv2", x, 4, 5)]), 5)
+
+
+def squeeze_excite() -> onnx.ModelProto:
+    """conv1 → relu1 → x; gap → flatten → se1 → relu → se2 → Sigmoid → Reshape (N, K, 1, 1)
+    → Mul(x, ·) → conv2 → relu2 → head. se2's neurons are coupled to conv1's kernels."""
+    net, k = _Net(), 6
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, k)])
+    s = net.op("GlobalAveragePool", "se_gap", [x])
+    s = net.op("Flatten", "se_flat", [s], axis=1)
+    s = net.op("Relu", "se_relu", [net.gemm("se1", s, k, 2)])
+    s = net.op("Sigmoid", "se_sigmoid", [net.gemm("se2", s, 2, k)])
+    s = net.op("Reshape", "se_reshape", [s, net.const("se_shape", np.array([-1, k, 1, 1]))])
+    x = net.op("Mul", "se_mul", [x, s])
+    return net.head(net.op("Relu", "relu2", [net.conv("conv2", x, k, 5)]), 5)
+
+
+def grouped() -> onnx.ModelProto:
+    """conv1 (8) → relu1 → conv2 (8 → 8, group 2) → relu2 → head."""
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 8)])
+    return net.head(net.op("Relu", "relu2", [net.conv("conv2", x, 8, 8, group=2)]), 8)
+
+
+def depthwise_multiplier() -> onnx.ModelProto:
+    """conv1 (4) → relu1 → dw (group 4, 8 kernels: multiplier 2) → relu2 → pw (1x1, 5) →
+    relu3 → head."""
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
+    x = net.op("Relu", "relu2", [net.conv("dw", x, 4, 8, group=4)])
+    return net.head(net.op("Relu", "relu3", [net.conv("pw", x, 8, 5, k=1)]), 5)
+
+
+def merge_with_input(op: str) -> onnx.ModelProto:
+    """conv1 (3) → relu1 → ``op``(relu1, input) → conv2 → relu2 → head (Concat on channels
+    or Add)."""
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 3)])
+    attrs = {"axis": 1} if op == "Concat" else {}
+    x = net.op(op, "merge", [x, "input"], **attrs)
+    c = 6 if op == "Concat" else 3
+    return net.head(net.op("Relu", "relu2", [net.conv("conv2", x, c, 5)]), 5)
+
+
+def after_activation(op: str, **attrs: object) -> onnx.ModelProto:
+    """conv1 → relu1 → ``op`` → conv2 → relu2 → head."""
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
+    x = net.op(op, "middle", [x], **attrs)
+    return net.head(net.op("Relu", "relu2", [net.conv("conv2", x, 4, 5)]), 5)
+
+
+def pad_resize(pad_value: float = 0.0) -> onnx.ModelProto:
+    """conv1 → relu1 → Pad (spatial, constant ``pad_value``) → Resize (x2 nearest) → conv2 →
+    relu2 → head."""
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
+    pads = net.const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64))
+    value = net.const("pad_value", np.array(pad_value, dtype=np.float32))
+    x = net.op("Pad", "pad", [x, pads, value], mode="constant")
+    scales = net.const("scales", np.array([1, 1, 2, 2], dtype=np.float32))
+    x = net.op("Resize", "resize", [x, "", scales], mode="nearest")
+    return net.head(net.op("Relu", "relu2", [net.conv("conv2", x, 4, 5)]), 5)
+
+
+def resnet_bn() -> onnx.ModelProto:
+    """stem conv → bn → relu (x0); block: conv_a → bn_a → relu_a → conv_b → bn_b → Add(·, x0)
+    → relu → head. conv_b is coupled to the stem."""
+    net = _Net()
+    x0 = net.op("Relu", "stem_relu", [net.bn("stem_bn", net.conv("stem", "input", 3, 4), 4)])
+    x = net.op("Relu", "relu_a", [net.bn("bn_a", net.conv("conv_a", x0, 4, 4), 4)])
+    x = net.bn("bn_b", net.conv("conv_b", x, 4, 4), 4)
+    x = net.op("Relu", "relu_out", [net.op("Add", "add", [x, x0])])
+    return net.head(x, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# removal, structure by structure
+
+ZOO_CASES = [(name, layer) for name, build in zoo.BUILDERS.items()
+             for layer in editable_layers(build())]
+
+
+@pytest.mark.parametrize("builder, layer", ZOO_CASES)
+@pytest.mark.parametrize("pick", ["first", "last_two"])
+def test_removal_equals_zeroing_at_the_probe(builder, layer, pick):
+    proto = zoo.BUILDERS[builder]()
+    k = Model(proto).layer(layer).kernels
+    kernels = [0] if pick == "first" else [k - 2, k - 1]
+    assert_removal_exact(proto, {layer: kernels})
+
+
+@pytest.mark.parametrize("builder", ["chain", "bn_kept", "concat", "reduce_mean_head",
+                                     "reshape_matmul"])
+def test_removal_in_several_layers_at_once(builder):
+    proto = zoo.BUILDERS[builder]()
+    removals = {name: [0] for name in editable_layers(proto)}
+    assert_removal_exact(proto, removals)
+
+
+@pytest.mark.parametrize("options", [{"opset": 13}, {"opset": 18}, {"opset": 21},
+                                     {"fixed_batch": 2}, {"empty_names": True}])
+def test_removal_across_opsets_batches_and_unnamed_nodes(options):
+    for builder in ("chain", "reduce_mean_head", "residual", "reshape_matmul"):
+        if builder == "reshape_matmul" and options.get("fixed_batch"):
+            proto = zoo.reshape_matmul(target="batch", **options)
+        else:
+            proto = zoo.BUILDERS[builder](**options)
+        for layer in editable_layers(proto):
+            assert_removal_exact(proto, {layer: [1]})
+
+
+@pytest.mark.parametrize("target, source", [("minus_one", "initializer"), ("zero", "constant"),
+                                            ("minus_one", "constant")])
+def test_reshape_targets_are_updated(target, source):
+    proto = zoo.reshape_matmul(target=target, shape_source=source)
+    edited = assert_removal_exact(proto, {"conv1": [0, 2]})
+    if target == "minus_one":
+        reshape = next(n for n in edited.proto.graph.node if n.op_type == "Reshape")
+        assert reshape.input[1] == "reshape1.shape"  # same name, new value
+        values = [numpy_helper.to_array(t) for t in edited.proto.graph.initializer
+                  if t.name == "reshape1.shape"]
+        values += [numpy_helper.to_array(a.t) for n in edited.proto.graph.node
+                   if n.op_type == "Constant" for a in n.attribute]
+        assert [v.tolist() for v in values] == [[-1, 2 * 8 * 8]]
+
+
+def test_residual_coupling_propagates_to_every_coupled_layer():
+    proto = zoo.residual()
+    plan = plan_removal(Model(proto), {"conv3": [1, 2]})
+    assert plan.removed == {"conv1": (1, 2), "conv3": (1, 2)}
+    assert plan.coupled == ("conv1",)
+    assert_removal_exact(proto, {"conv3": [1, 2]})
+    assert_removal_exact(proto, {"conv1": [0], "conv3": [3]})  # union of both
+
+
+def test_residual_coupling_refused_on_request_names_the_coupled_layer():
+    model = Model(zoo.residual())
+    with pytest.raises(EditError) as info:
+        remove_kernels(model, {"conv1": [0]}, coupled="refuse")
+    message = str(info.value)
+    assert "'conv3'" in message and "add1" in message and "coupled='propagate'" in message
+    # naming every coupled layer in the same step is explicit enough
+    assert_removal_exact(model.proto, {"conv1": [0], "conv3": [0]}, coupled="refuse")
+
+
+def test_resnet_with_batch_norm_in_the_residual_branch():
+    proto = resnet_bn()
+    assert plan_removal(Model(proto), {"conv_b": [1]}).removed == {"stem": (1,), "conv_b": (1,)}
+    assert_removal_exact(proto, {"conv_b": [1]})
+    assert_removal_exact(proto, {"conv_a": [0, 3]})
+
+
+def test_depthwise_channels_and_groups_follow_the_producer():
+    proto = zoo.depthwise()
+    edited = assert_removal_exact(proto, {"conv1": [0, 2]})
+    dw = next(n for n in edited.proto.graph.node if n.name == "dwconv2")
+    assert helper.get_attribute_value(next(a for a in dw.attribute if a.name == "group")) == 2
+    # removing a depthwise kernel takes its input channel too, even with coupled="refuse"
+    assert plan_removal(Model(proto), {"dwconv2": [1]}, coupled="refuse").removed == {
+        "conv1": (1,), "dwconv2": (1,)}
+    assert_removal_exact(proto, {"dwconv2": [1]}, coupled="refuse")
+
+
+def test_depthwise_with_channel_multiplier():
+    proto = depthwise_multiplier()
+    assert plan_removal(Model(proto), {"conv1": [1]}).removed == {"conv1": (1,), "dw": (2, 3)}
+    assert_removal_exact(proto, {"conv1": [1]})
+    assert_removal_exact(proto, {"dw": [2]})
+    assert_removal_exact(proto, {"pw": [0, 4]})
+
+
+def test_grouped_conv_accepts_equal_removals_per_group_only():
+    proto = grouped()
+    assert_removal_exact(proto, {"conv1": [0, 4]})
+    assert_removal_exact(proto, {"conv1": [1, 2, 5, 7]})
+    assert_removal_exact(proto, {"conv2": [3, 4]})
+    with pytest.raises(EditError, match="same number of channels from every group"):
+        remove_kernels(Model(proto), {"conv1": [0, 1]})
+    with pytest.raises(EditError, match="same number of channels from every group"):
+        remove_kernels(Model(proto), {"conv2": [0]})
+
+
+def test_squeeze_excitation_couples_the_gate_to_the_features():
+    proto = squeeze_excite()
+    plan = plan_removal(Model(proto), {"conv1": [2]})
+    assert plan.removed == {"conv1": (2,), "se2": (2,)}
+    assert_removal_exact(proto, {"conv1": [2]})
+    assert_removal_exact(proto, {"se1": [0]})
+
+
+def test_concat_with_a_graph_input_keeps_the_input_channels():
+    proto = merge_with_input("Concat")
+    assert_removal_exact(proto, {"conv1": [1]})
+
+
+def test_add_with_a_graph_input_is_refused():
+    with pytest.raises(EditError) as info:
+        remove_kernels(Model(merge_with_input("Add")), {"conv1": [1]})
+    assert "'merge' (Add)" in str(info.value) and "no layer produces" in str(info.value)
+
+
+def test_pad_and_resize_pass_channels_through():
+    assert_removal_exact(pad_resize(), {"conv1": [0, 3]})
+
+
+def test_pad_with_a_non_zero_value_after_the_probe_is_refused():
+    with pytest.raises(EditError, match=r"'pad' \(Pad\) pads with the constant 0.5"):
+        remove_kernels(Model(pad_resize(0.5)), {"conv1": [0]})
+
+
+@pytest.mark.parametrize("op, attrs, node", [
+    ("Softmax", {"axis": 1}, "'middle' (Softmax)"),
+    ("Split", {"axis": 1, "num_outputs": 1}, "'middle' (Split)"),
+    ("LRN", {"size": 3}, "'middle' (LRN)"),
+])
+def test_unsupported_ops_on_the_path_are_named(op, attrs, node):
+    if op == "Split":
+        attrs = {"axis": 1}
+    proto = after_activation(op, **attrs)
+    with pytest.raises(EditError) as info:
+        remove_kernels(Model(proto), {"conv1": [0]})
+    assert node in str(info.value)
+    assert_removal_exact(proto, {"conv2": [0]})  # layers after it are fine
+
+
+def test_non_zero_preserving_activation_after_the_probe_is_refused():
+    with pytest.raises(EditError, match=r"'middle' \(Sigmoid\) does not map 0 to 0"):
+        remove_kernels(Model(after_activation("Sigmoid")), {"conv1": [0]})
+    assert_removal_exact(after_activation("Tanh"), {"conv1": [0]})
+
+
+def test_batch_norm_after_the_probe_refuses_unless_its_shift_is_zero():
+    with pytest.raises(EditError, match=r"'bn' \(BatchNormalization\)"):
+        remove_kernels(Model(post_probe_bn()), {"conv1": [0]})
+    assert_removal_exact(post_probe_bn(shift=False), {"conv1": [0, 1]})
+
+
+# --------------------------------------------------------------------------------------------
+# refusals
+
+
+def test_refusals_name_the_problem():
+    model = Model(zoo.chain())
+    with pytest.raises(LayerNotFoundError, match=r"no layer 'conv9'.*conv1, conv2, fc1, fc2"):
+        remove_kernels(model, {"conv9": [0]})
+    with pytest.raises(EditError, match=r"has 4 kernels \(indices 0..3\); \[4, 7\] out of range"):
+        remove_kernels(model, {"conv1": [0, 4, 7]})
+    with pytest.raises(EditError, match="all 4 kernels of layer 'conv1'"):
+        remove_kernels(model, {"conv1": [0, 1, 2, 3]})
+    with pytest.raises(EditError, match="repeats"):
+        remove_kernels(model, {"conv1": [1, 1]})
+    with pytest.raises(EditError, match="graph output 'logits'"):
+        remove_kernels(model, {"fc2": [0]})
+    with pytest.raises(EditError, match="named by two RemoveKernels edits"):
+        apply(model, [RemoveKernels("conv1", [0]), RemoveKernels("conv1", [1])])
+    with pytest.raises(EditError, match="non-empty mapping"):
+        remove_kernels(model, {})
+    with pytest.raises(EditError, match=r"expected an onnxaom\.Model"):
+        apply(model.proto, [])  # type: ignore[arg-type]
+
+
+def test_coupling_that_would_empty_a_layer_is_refused():
+    with pytest.raises(EditError, match=r"all 4 kernels of layer 'conv1' \(it is coupled"):
+        remove_kernels(Model(zoo.residual()), {"conv3": [0, 1, 2, 3]})
+
+
+# --------------------------------------------------------------------------------------------
+# widen (task 2)
+
+WIDEN_CASES = [*ZOO_CASES, ("se", "conv1"), ("se", "se1"), ("resnet_bn", "stem"),
+               ("resnet_bn", "conv_a"), ("depthwise_multiplier", "pw"), ("pad_resize", "conv1"),
+               ("post_probe_bn", "conv1")]
+EXTRA = {"se": squeeze_excite, "resnet_bn": resnet_bn,
+         "depthwise_multiplier": depthwise_multiplier, "pad_resize": pad_resize,
+         "post_probe_bn": post_probe_bn}
+
+
+def _build(name: str) -> onnx.ModelProto:
+    return EXTRA[name]() if name in EXTRA else zoo.BUILDERS[name]()
+
+
+@pytest.mark.parametrize("builder, layer", WIDEN_CASES)
+@pytest.mark.parametrize("init", ["net2net", "random", "zeros"])
+def test_widening_keeps_the_function(builder, layer, init):
+    proto = _build(builder)
+    model = Model(proto)
+    k = model.layer(layer).kernels
+    edited = apply(model, WidenLayer(layer, add=3, init=init, seed=1))
+    assert edited.layer(layer).kernels == k + 3
+    assert_same_function(proto, edited.proto)
+
+
+def test_net2net_copies_the_named_sources_and_splits_the_consumer():
+    proto = zoo.chain()
+    edited = apply(Model(proto), WidenLayer("conv1", add=2, sources=(1, 1)))
+    weights = {t.name: numpy_helper.to_array(t) for t in edited.proto.graph.initializer}
+    before = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    np.testing.assert_array_equal(weights["conv1.weight"][4], before["conv1.weight"][1])
+    np.testing.assert_array_equal(weights["conv1.weight"][5], before["conv1.weight"][1])
+    np.testing.assert_allclose(weights["conv2.weight"][:, 1], before["conv2.weight"][:, 1] / 3)
+    np.testing.assert_allclose(weights["conv2.weight"][:, 5], before["conv2.weight"][:, 1] / 3)
+    assert_same_function(proto, edited.proto)
+
+
+def test_widening_with_noise_breaks_symmetry():
+    proto = zoo.chain()
+    edited = apply(Model(proto), WidenLayer("conv1", add=2, noise=0.5, seed=3))
+    x = zoo.random_input(proto, seed=0)
+    assert not np.allclose(zoo.run(edited.proto, x)[0], zoo.run(proto, x)[0], atol=ATOL)
+
+
+def test_random_widening_draws_new_kernels_and_zero_consumer_weights():
+    proto = zoo.chain()
+    edited = apply(Model(proto), WidenLayer("conv1", add=2, init="random", seed=0))
+    weights = {t.name: numpy_helper.to_array(t) for t in edited.proto.graph.initializer}
+    assert np.abs(weights["conv1.weight"][4:]).sum() > 0
+    assert not np.any(weights["conv2.weight"][:, 4:])
+    assert not np.any(weights["conv1.bias"][4:])
+
+
+def test_widening_a_residual_group_widens_every_coupled_layer():
+    model = Model(zoo.residual())
+    edited = apply(model, WidenLayer("conv1", add=2))
+    assert {layer.name: layer.kernels for layer in edited.layers()}["conv3"] == 6
+    with pytest.raises(EditError, match=r"coupled to layer.*'conv3'"):
+        apply(model, WidenLayer("conv1", add=2, coupled="refuse"))
+
+
+def test_widening_into_a_depthwise_conv_grows_its_groups():
+    proto = zoo.depthwise()
+    edited = apply(Model(proto), WidenLayer("conv1", add=2))
+    kernels = {layer.name: layer.kernels for layer in edited.layers()}
+    assert kernels["conv1"] == kernels["dwconv2"] == 6
+    assert_same_function(proto, edited.proto)
+
+
+def test_widening_refuses_consumers_it_cannot_split():
+    with pytest.raises(EditError, match="grouped conv 'conv2'"):
+        apply(Model(grouped()), WidenLayer("conv1", add=1))
+    with pytest.raises(EditError, match=r"'middle' \(Softmax\)"):
+        apply(Model(after_activation("Softmax", axis=1)), WidenLayer("conv1", add=1))
+    with pytest.raises(EditError, match="graph output"):
+        apply(Model(zoo.chain()), WidenLayer("fc2", add=1))
+    with pytest.raises(EditError, match="channel multiplier"):
+        apply(Model(depthwise_multiplier()), WidenLayer("conv1", add=1))
+    with pytest.raises(EditError, match=r"sources \[9\] out of range"):
+        apply(Model(zoo.chain()), WidenLayer("conv1", add=1, sources=(9,)))
+
+
+# --------------------------------------------------------------------------------------------
+# deepen (task 3)
+
+DEEPEN_CASES = [("chain", "conv1"), ("chain", "conv2"), ("chain", "fc1"), ("bn_kept", "conv1"),
+                ("folded_bn", "conv2"), ("residual", "conv1"), ("residual", "conv2"),
+                ("concat", "conv1b"), ("depthwise", "dwconv2"), ("reshape_matmul", "conv1"),
+                ("reshape_matmul", "matmul1"), ("reduce_mean_head", "conv2"),
+                ("activations", "conv3")]
+
+
+@pytest.mark.parametrize("builder, layer", DEEPEN_CASES)
+@pytest.mark.parametrize("size", [1, 3])
+def test_identity_layer_keeps_the_function(builder, layer, size):
+    proto = zoo.BUILDERS[builder]()
+    edited = apply(Model(proto), InsertLayer(after=layer, kernel_size=size))
+    names = [x.name for x in edited.layers()]
+    new = names[names.index(layer) + 1]
+    assert new == f"{layer}_deep"
+    assert edited.layer(new).kernels == Model(proto).layer(layer).kernels
+    assert edited.layer(new).chain == ("Relu",)
+    assert_same_function(proto, edited.proto)
+
+
+def test_inserted_layer_can_be_named_and_randomly_initialised():
+    proto = zoo.chain()
+    edited = apply(Model(proto), InsertLayer("conv1", init="random", name="extra"))
+    assert [x.name for x in edited.layers()] == ["conv1", "extra", "conv2", "fc1", "fc2"]
+    x = zoo.random_input(proto)
+    assert not np.allclose(zoo.run(edited.proto, x)[0], zoo.run(proto, x)[0], atol=ATOL)
+    with pytest.raises(EditError, match="already used"):
+        apply(Model(proto), InsertLayer("conv1", name="conv2"))
+
+
+def test_insertion_needs_a_relu():
+    with pytest.raises(EditError, match="Conv → LeakyRelu"):
+        apply(Model(zoo.activations()), InsertLayer("conv1"))
+    with pytest.raises(EditError, match=r"Conv\. Choose"):
+        apply(Model(zoo.conv_pool_no_act()), InsertLayer("conv1"))
+    with pytest.raises(LayerNotFoundError):
+        apply(Model(zoo.chain()), InsertLayer("conv7"))
+
+
+def test_insertion_after_a_probe_that_is_a_graph_output_keeps_the_output_name():
+    proto = zoo.chain()
+    proto.graph.output.append(helper.make_tensor_value_info("relu1_out", 1, ["N", 4, 8, 8]))
+    edited = apply(Model(proto), InsertLayer("conv1"))
+    assert [o.name for o in edited.proto.graph.output] == ["logits", "relu1_out"]
+    assert_same_function(proto, edited.proto)
+
+
+# --------------------------------------------------------------------------------------------
+# sequences, replay, and what the result keeps
+
+
+def test_edit_sequences_replay_from_the_metadata():
+    proto = zoo.bn_kept()
+    model = Model(proto)
+    edits = [WidenLayer("conv1", add=2), RemoveKernels("conv1", [0, 5]),
+             RemoveKernels("conv2", [1]), InsertLayer("conv2"), RemoveKernels("conv2_deep", [3]),
+             WidenLayer("fc1", add=4, init="random")]
+    edited = apply(model, edits)
+    history = dict((p.key, p.value) for p in edited.proto.metadata_props)[METADATA_KEY]
+    assert edits_from_json(history) == edits
+    replayed = apply(model, edits_from_json(history))
+    x = zoo.random_input(proto)
+    np.testing.assert_array_equal(zoo.run(replayed.proto, x)[0], zoo.run(edited.proto, x)[0])
+    # edits applied to an edited model extend its history
+    again = apply(edited, RemoveKernels("conv1", [0]))
+    meta = dict((p.key, p.value) for p in again.proto.metadata_props)
+    assert edits_from_json(meta[METADATA_KEY]) == [*edits, RemoveKernels("conv1", [0])]
+
+
+def test_the_result_keeps_opset_names_metadata_and_doc_strings():
+    proto = zoo.chain(opset=18)
+    proto.producer_name, proto.producer_version = "exporter", "9.9"
+    proto.doc_string, proto.graph.doc_string, proto.model_version = "model doc", "graph doc", 7
+    onnx.helper.set_model_props(proto, {"author": "me", "license": "MIT"})
+    proto.graph.node[0].doc_string = "first conv"
+    proto.graph.node[0].metadata_props.add(key="namespace", value="net/conv1")
+    before = onnx.ModelProto()
+    before.CopyFrom(proto)
+    edited = apply(Model(proto), [RemoveKernels("conv2", [0, 1]), WidenLayer("conv1", 1)]).proto
+    assert proto == before  # the input proto is untouched
+    assert edited.opset_import == proto.opset_import and edited.ir_version == proto.ir_version
+    assert (edited.producer_name, edited.producer_version) == ("exporter", "9.9")
+    assert (edited.doc_string, edited.graph.doc_string) == ("model doc", "graph doc")
+    assert edited.model_version == 7 and edited.graph.name == proto.graph.name
+    meta = {p.key: p.value for p in edited.metadata_props}
+    assert meta["author"] == "me" and meta["license"] == "MIT" and METADATA_KEY in meta
+    assert [n.name for n in edited.graph.node] == [n.name for n in proto.graph.node]
+    assert {t.name for t in edited.graph.initializer} == {t.name for t in proto.graph.initializer}
+    assert edited.graph.node[0].doc_string == "first conv"
+    assert edited.graph.node[0].metadata_props[0].value == "net/conv1"
+    assert [i.name for i in edited.graph.input] == ["input"]
+    assert len(edited.graph.value_info) == 0  # the zoo writes none, so none are added
+
+
+def test_value_info_is_kept_and_updated():
+    proto = onnx.shape_inference.infer_shapes(zoo.chain())
+    assert len(proto.graph.value_info)
+    edited = remove_kernels(Model(proto), {"conv1": [0]}).proto
+    assert {v.name for v in edited.graph.value_info} == {v.name for v in proto.graph.value_info}
+    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+              for v in edited.graph.value_info}
+    assert shapes["conv1_out"] == ["N", 3, 8, 8]
+
+
+def test_external_data_stays_external_and_the_input_file_is_untouched(tmp_path):
+    proto = zoo.chain(kernels=(16, 16), hidden=64)
+    path = zoo.save(proto, tmp_path / "model.onnx", external_data=True)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    model = onnxaom.load(path)
+    edited = remove_kernels(model, {"conv2": list(range(8))})
+    assert edited.external_data and edited.path is None
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+    out = edited.save(tmp_path / "pruned.onnx")
+    assert (tmp_path / "pruned.onnx.data").exists()
+    header = onnx.load(out, load_external_data=False)
+    big = next(t for t in header.graph.initializer if t.name == "fc1.weight")
+    assert big.data_location == TensorProto.EXTERNAL
+    assert_same_function(zeroed_at_probes(proto, {"conv2": range(8)}),
+                         onnxaom.load(out).proto)
+    with pytest.raises(onnxaom.ModelError, match="refusing to overwrite"):
+        model.save(path)
+
+
+def test_empty_edit_list_returns_an_equal_model():
+    proto = zoo.chain()
+    edited = apply(Model(proto), [])
+    assert_same_function(proto, edited.proto)
+    assert {p.key: p.value for p in edited.proto.metadata_props} == {METADATA_KEY: "[]"}
+
+
+def test_apply_accepts_edit_dicts():
+    edited = apply(Model(zoo.chain()), [{"edit": "RemoveKernels", "layer": "conv1",
+                                         "kernels": [0]}])
+    assert edited.layer("conv1").kernels == 3

@@ -1,0 +1,87 @@
+"""``onnxaom.summary``: kernels, parameters and MACs per layer, totals, file size."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+import onnxaom
+from onnxaom.model import Model
+from onnxaom.summary import summary
+from onnxaom.surgery import remove_kernels
+
+from . import zoo
+
+
+def test_chain_counts_by_hand():
+    result = summary(Model(zoo.chain()))  # input 3x8x8, conv1 4 (pad 1), conv2 8 (no pad)
+    rows = {row.name: row for row in result.layers}
+    assert (rows["conv1"].kernels, rows["conv1"].inputs) == (4, 3)
+    assert rows["conv1"].params == 4 * 3 * 9 + 4
+    assert rows["conv1"].macs == 4 * 3 * 9 * 8 * 8
+    assert rows["conv2"].macs == 8 * 4 * 9 * 6 * 6
+    assert rows["fc1"].inputs == 8 * 3 * 3 and rows["fc1"].macs == 72 * 16
+    assert rows["fc2"].params == 16 * 3 + 3
+    assert result.layer_params == sum(r.params for r in result.layers) == result.total_params
+    assert result.total_macs == sum(r.macs or 0 for r in result.layers)
+    assert result.macs_complete and result.file_size is None
+    assert result.opset == 17 and result.nodes == 9
+
+
+def test_grouped_and_matmul_layers():
+    rows = {row.name: row for row in summary(Model(zoo.depthwise())).layers}
+    assert (rows["dwconv2"].inputs, rows["dwconv2"].params) == (4, 4 * 9 + 4)
+    assert rows["dwconv2"].macs == 4 * 1 * 9 * 8 * 8
+    rows = {row.name: row for row in summary(Model(zoo.reshape_matmul())).layers}
+    assert rows["matmul1"].inputs == 4 * 64 and rows["matmul1"].macs == 256 * 16
+
+
+def test_pruning_shrinks_the_totals():
+    model = Model(zoo.chain())
+    before = summary(model)
+    after = summary(remove_kernels(model, {"conv2": [0, 1, 2, 3]}))
+    rows = {row.name: row for row in after.layers}
+    assert rows["conv2"].kernels == 4 and rows["fc1"].inputs == 36
+    assert after.total_params < before.total_params
+    assert after.total_macs < before.total_macs
+
+
+def test_unknown_spatial_size_gives_unknown_macs():
+    proto = zoo.reduce_mean_head()
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    result = summary(Model(proto))
+    assert all(row.macs is None for row in result.layers if row.op == "Conv")
+    assert not result.macs_complete
+    assert "?" in result.format_table() and "(+ unknown)" in result.format_table()
+
+
+def test_file_size_counts_external_data(tmp_path):
+    proto = zoo.chain(kernels=(16, 16), hidden=64)
+    path = zoo.save(proto, tmp_path / "m.onnx", external_data=True)
+    result = summary(onnxaom.load(path))
+    data = (tmp_path / "m.onnx.data").stat().st_size
+    assert result.external_size == data
+    assert result.file_size == path.stat().st_size + data
+    assert "external data" in result.format_table()
+
+
+def test_to_dict_is_json_and_the_table_has_every_layer():
+    result = summary(Model(zoo.concat()))
+    data = json.loads(json.dumps(result.to_dict()))
+    assert [row["name"] for row in data["layers"]] == ["conv1a", "conv1b", "conv2", "fc"]
+    table = result.format_table()
+    for name in ("conv1a", "conv1b", "conv2", "fc", "total", "all parameters"):
+        assert name in table
+    with pytest.raises(AttributeError):
+        result.total_params = 0  # type: ignore[misc]
+
+
+def test_summary_counts_constant_nodes():
+    proto = zoo.reshape_matmul(shape_source="constant")
+    assert any(n.op_type == "Constant" for n in proto.graph.node)
+    floats = sum(int(onnx.numpy_helper.to_array(t).size) for t in proto.graph.initializer
+                 if t.data_type == onnx.TensorProto.FLOAT)
+    assert summary(Model(proto)).total_params == floats  # the int64 shape is not a parameter

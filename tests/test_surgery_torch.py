@@ -1,0 +1,128 @@
+"""Surgery on models exported by both torch exporters: removal against the zeroing oracle (and,
+for the paper's MNIST net, against torch with the kernels zeroed by a forward hook), widen and
+deepen against the unedited export.
+
+Dynamo exports are marked slow: the exporter's first call in a process takes seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import onnxaom
+from onnxaom.edits import InsertLayer, WidenLayer
+from onnxaom.surgery import apply, remove_kernels
+
+from . import zoo
+from .test_surgery import assert_removal_exact, assert_same_function, editable_layers
+
+torch = pytest.importorskip("torch")
+architectures = pytest.importorskip("onnxaom_torch.architectures")
+torch_zoo = pytest.importorskip("tests.torch_zoo")
+
+EXPORTERS = ["legacy", pytest.param("dynamo", marks=pytest.mark.slow)]
+
+
+def _modules():
+    return {
+        "chain_bn": (lambda: torch_zoo.TORCH_BUILDERS["chain_bn"](0), (2, 3, 8, 8)),
+        "residual": (lambda: torch_zoo.TORCH_BUILDERS["residual"](0), (2, 3, 8, 8)),
+        "depthwise": (lambda: torch_zoo.TORCH_BUILDERS["depthwise"](0), (2, 3, 8, 8)),
+        "mnist": (lambda: torch_zoo.reinit(architectures.PaperMNISTNet(conv_kernels=(4, 6),
+                                                                       hidden=8), 0),
+                  (2, 1, 28, 28)),
+        "cifar_bn": (lambda: torch_zoo.reinit(architectures.PaperCIFARNet(
+            width=4, hidden=8, image_size=16, batch_norm=True), 0), (2, 3, 16, 16)),
+    }
+
+
+def _export(tmp_path: Path, name: str, exporter: str, dynamic_batch: bool = True,
+            external_data: bool = False) -> onnxaom.Model:
+    if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
+        pytest.skip("the dynamo exporter needs onnxscript")
+    build, shape = _modules()[name]
+    path = tmp_path / f"{name}-{exporter}.onnx"
+    architectures.export_onnx(build(), path, exporter=exporter, input_shape=shape,
+                              dynamic_batch=dynamic_batch, external_data=external_data,
+                              opset=18)
+    return onnxaom.load(path)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("name", ["chain_bn", "residual", "depthwise", "mnist", "cifar_bn"])
+def test_exported_models_take_every_edit_exactly(tmp_path, name, exporter):
+    model = _export(tmp_path, name, exporter)
+    proto = model.proto
+    for layer in model.layers():
+        if layer.name not in editable_layers(proto):
+            continue
+        assert_removal_exact(proto, {layer.name: [0, layer.kernels - 1]})
+        assert_same_function(proto, apply(model, WidenLayer(layer.name, add=2)).proto)
+        if layer.chain and layer.chain[-1] == "Relu":
+            assert_same_function(proto, apply(model, InsertLayer(layer.name)).proto)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_fixed_batch_reshape_is_updated(tmp_path, exporter):
+    model = _export(tmp_path, "mnist", exporter, dynamic_batch=False)
+    conv2 = model.layers()[1].name
+    assert_removal_exact(model.proto, {conv2: [1, 3]}, batch=2)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_pruned_export_matches_torch_with_the_kernels_zeroed(tmp_path, exporter):
+    build, shape = _modules()["mnist"]
+    module = build()
+    path = tmp_path / "mnist.onnx"
+    if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
+        pytest.skip("the dynamo exporter needs onnxscript")
+    architectures.export_onnx(module, path, exporter=exporter, input_shape=shape)
+    model = onnxaom.load(path)
+    conv1, conv2, fc1 = (layer.name for layer in model.layers()[:3])
+    pruned = remove_kernels(model, {conv1: [0, 2], conv2: [5], fc1: [1, 2, 3]})
+    masks = {"relu1": [0, 2], "relu2": [5], "relu3": [1, 2, 3]}
+
+    def zero(channels):
+        def hook(_module, _inputs, output):
+            output = output.clone()
+            output[:, channels] = 0
+            return output
+        return hook
+
+    handles = [getattr(module, name).register_forward_hook(zero(ch))
+               for name, ch in masks.items()]
+    x = np.random.default_rng(0).standard_normal((5, *shape[1:])).astype(np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    for handle in handles:
+        handle.remove()
+    np.testing.assert_allclose(zoo.run(pruned.proto, x)[0], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_node_metadata_and_value_info_survive(tmp_path, exporter):
+    model = _export(tmp_path, "cifar_bn", exporter)
+    proto = model.proto
+    layer = model.layers()[2].name
+    edited = apply(model, [WidenLayer(layer, add=1), InsertLayer(layer)]).proto
+    before = {n.name: list(n.metadata_props) for n in proto.graph.node}
+    after = {n.name: list(n.metadata_props) for n in edited.graph.node}
+    assert all(after[name] == props for name, props in before.items())
+    assert {v.name for v in edited.graph.value_info} >= {v.name for v in proto.graph.value_info}
+    assert edited.opset_import == proto.opset_import and edited.ir_version == proto.ir_version
+
+
+def test_external_data_export_keeps_big_weights_external(tmp_path):
+    model = _export(tmp_path, "mnist", "legacy", external_data=True)
+    assert model.external_data
+    conv2 = model.layers()[1].name
+    pruned = remove_kernels(model, {conv2: [0, 1, 2]})
+    out = pruned.save(tmp_path / "pruned.onnx")
+    assert (tmp_path / "pruned.onnx.data").stat().st_size > 1024
+    reloaded = onnxaom.load(out)
+    assert reloaded.external_data
+    assert_same_function(pruned.proto, reloaded.proto)
