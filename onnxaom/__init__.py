@@ -19,6 +19,7 @@ from .errors import (
     ModelFileNotFoundError,
     OnnxaomError,
     ProviderError,
+    ReportError,
     StatsError,
 )
 from .findings import Findings, LayerFindings, Thresholds, analyze, kernel_order
@@ -42,6 +43,7 @@ __all__ = [
     "OnnxaomError",
     "Preprocessing",
     "ProviderError",
+    "ReportError",
     "StatsError",
     "Thresholds",
     "__version__",

@@ -50,7 +50,7 @@ from typing import Any
 import altair as alt
 import numpy as np
 
-from .errors import StatsError
+from .errors import ReportError
 from .stats import OccurrenceStats, class_selectivity, csm, odm, selectivity
 
 __all__ = [
@@ -263,7 +263,7 @@ def _prepare(
     page_size: int = 64,
 ) -> _Layer:
     if page_size < 1:
-        raise StatsError(f"page_size must be at least 1, got {page_size}")
+        raise ReportError(f"page_size must be at least 1, got {page_size}")
     aom = stats.aom(layer)
     k = aom.shape[0]
     found = _layer_findings(findings, layer)
@@ -275,7 +275,7 @@ def _prepare(
         order = kernel_order(aom)
     order_arr = np.asarray(order, dtype=np.int64).reshape(-1)
     if sorted(order_arr.tolist()) != list(range(k)):
-        raise StatsError(
+        raise ReportError(
             f"kernel order for layer {layer!r} must list each of its {k} kernels (0..{k - 1}) "
             f"once; got {order_arr.size} entries: {order_arr.tolist()[:12]}"
             f"{' ...' if order_arr.size > 12 else ''}. Pass the layer's findings or "
@@ -419,7 +419,7 @@ def _tile_grid(
     title: str,
 ) -> alt.LayerChart:
     if cell < 4:
-        raise StatsError(f"cell must be at least 4 pixels, got {cell}")
+        raise ReportError(f"cell must be at least 4 pixels, got {cell}")
     # A tile never carries 2 x 2 or more map pixels per screen pixel: the browser would
     # shrink them anyway, and the file would grow with H x W (a mean of occurrence fractions
     # is still an occurrence fraction).
@@ -861,7 +861,7 @@ def selectivity_experiment(records: Iterable[Mapping[str, Any]]) -> alt.Chart:
                 long.append({"class": name, "set": label, "panel": "class accuracy",
                              "value": float(acc)})
     if not long:
-        raise StatsError("selectivity_experiment needs at least one record with counts")
+        raise ReportError("selectivity_experiment needs at least one record with counts")
     return (
         alt.Chart(_data(long), name="selectivity_experiment")
         .mark_bar()
@@ -901,7 +901,7 @@ def tuning_history(steps: Iterable[Mapping[str, Any]]) -> alt.Chart:
         for s in steps
     ]
     if not values:
-        raise StatsError("tuning_history needs at least one step")
+        raise ReportError("tuning_history needs at least one step")
     return (
         alt.Chart(_data(values), name="tuning_history")
         .mark_line(point=True)

@@ -10,6 +10,7 @@ also inherits the builtin it matches, so ``except ValueError`` keeps working::
     ├── ModelFileNotFoundError (FileNotFoundError)   a model or data path that does not exist
     ├── StatsError (ValueError)         merging incompatible statistics, corrupt stats file
     ├── EditError (ValueError)          a graph edit that cannot be applied (names node/layer)
+    ├── ReportError (ValueError)        a chart or report that cannot be made as asked
     └── ProviderError (RuntimeError)    an execution provider asked for that cannot load
 
 Messages name the node, layer, file or argument at fault and, where possible, the fix.
@@ -25,6 +26,7 @@ __all__ = [
     "ModelFileNotFoundError",
     "OnnxaomError",
     "ProviderError",
+    "ReportError",
     "StatsError",
 ]
 
@@ -62,3 +64,7 @@ class EditError(OnnxaomError, ValueError):
 
 class ProviderError(OnnxaomError, RuntimeError):
     """An execution provider requested explicitly that does not load on this machine."""
+
+
+class ReportError(OnnxaomError, ValueError):
+    """A chart, report or rendering that cannot be made as asked (names the argument or file)."""

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelFileNotFoundError, StatsError
+from .errors import ModelFileNotFoundError, ReportError
 from .stats import OccurrenceStats
 
 __all__ = ["build_report", "render", "write_report"]
@@ -75,7 +75,7 @@ def render(chart_or_spec: Any, path: str | os.PathLike[str], *, scale: float = 1
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in _RENDER_SUFFIXES:
-        raise StatsError(
+        raise ReportError(
             f"cannot render to {path.name!r}: use a file name ending in "
             f"{', '.join(_RENDER_SUFFIXES)}"
         )

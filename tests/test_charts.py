@@ -26,7 +26,7 @@ from onnxaom.charts import (
     ODM_COLORS,
     quantize,
 )
-from onnxaom.errors import LayerNotFoundError, StatsError
+from onnxaom.errors import LayerNotFoundError, ReportError
 from onnxaom.findings import analyze
 from onnxaom.stats import OccurrenceStats, class_selectivity, csm, odm, selectivity
 
@@ -283,9 +283,9 @@ def test_empty_class_is_drawn_as_missing() -> None:
 
 
 def test_bad_arguments_raise(stats: OccurrenceStats) -> None:
-    with pytest.raises(StatsError, match="each of its 12 kernels"):
+    with pytest.raises(ReportError, match="each of its 12 kernels"):
         charts.aom_grid(stats, "conv", order=[0, 0, 1])
-    with pytest.raises(StatsError, match="cell"):
+    with pytest.raises(ReportError, match="cell"):
         charts.aom_grid(stats, "conv", order=list(range(12)), cell=2)
     with pytest.raises(LayerNotFoundError, match="conv"):
         charts.odm_heatmap(stats, "nope")
@@ -392,7 +392,7 @@ def test_selectivity_counts_and_experiment_chart(stats: OccurrenceStats) -> None
     kept = [v for v in values if v["panel"] == "kernels kept"]
     acc = [v for v in values if v["panel"] == "class accuracy"]
     assert len(kept) == 2 * 4 and len(acc) == 3 * 4 - 1
-    with pytest.raises(StatsError):
+    with pytest.raises(ReportError):
         charts.selectivity_experiment([])
 
 
@@ -408,7 +408,7 @@ def test_tuning_history() -> None:
     assert spec["encoding"]["y"]["field"] == "accuracy"
     values = data_of(spec, spec)
     assert values[1] == {"step": 0, "params": 10000, "accuracy": 0.96, "label": ""}
-    with pytest.raises(StatsError):
+    with pytest.raises(ReportError):
         charts.tuning_history([])
 
 

@@ -284,3 +284,58 @@ def test_collector_streams_and_continues_after_result() -> None:
         np.testing.assert_array_equal(final.counts[name], whole.counts[name])
     with pytest.raises(DataError, match="labels"):
         collector.update(images[:2], labels[:3])
+
+
+@pytest.mark.parametrize("method", ["graph", "plain"])
+def test_fixed_batch_baked_into_a_reshape_is_fed_in_chunks(method: str) -> None:
+    proto = zoo.reshape_matmul(fixed_batch=2, target="batch")
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, n=9, classes=3)  # odd: the last chunk is padded
+    stats = collect(model, images, labels, batch_size=4, method=method, progress=False)
+    assert stats.metadata["batching"] == "fixed:2"
+    expected = brute_force_chunked(proto, model.layers(), images, labels, chunk=2)
+    for name in stats.layer_names:
+        np.testing.assert_array_equal(stats.counts[name], expected[name], err_msg=name)
+    np.testing.assert_array_equal(stats.class_sizes, np.bincount(labels))
+
+
+def brute_force_chunked(proto, layers, images, labels, chunk):
+    """The brute force for a model that only runs batches of exactly ``chunk``."""
+    n = images.shape[0]
+    padded = np.concatenate([images, images[: (-n) % chunk]])
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    for layer in layers:
+        m.graph.output.append(helper.make_tensor_value_info(layer.probe, TensorProto.FLOAT, None))
+    session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    c = int(labels.max()) + 1
+    counts = {x.name: np.zeros((x.kernels, c, x.shape[1], x.shape[2]), np.int64) for x in layers}
+    for start in range(0, n, chunk):
+        values = session.run([x.probe for x in layers], {"input": padded[start : start + chunk]})
+        for layer, v in zip(layers, values, strict=True):
+            v = v.reshape(chunk, layer.kernels, layer.shape[1], layer.shape[2])
+            for i in range(min(chunk, n - start)):
+                for k, h, w in zip(*np.nonzero(v[i] > 0), strict=True):
+                    counts[layer.name][k, labels[start + i], h, w] += 1
+    return counts
+
+
+def test_fresh_process_on_cpu_prints_nothing(tmp_path) -> None:
+    """provider='auto' on a machine without a GPU: no provider errors on stderr."""
+    import subprocess
+    import sys
+
+    path = zoo.save(zoo.chain(), tmp_path / "m.onnx")
+    code = (
+        "import numpy as np, onnxaom\n"
+        f"m = onnxaom.load({str(path)!r})\n"
+        "x = np.random.default_rng(0).normal(size=(6, 3, 8, 8)).astype(np.float32)\n"
+        "s = onnxaom.collect(m, x, np.arange(6) % 2, progress=False)\n"
+        "print(s.metadata['provider'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    if not cuda_available():
+        assert result.stdout.strip() == "CPUExecutionProvider"

@@ -611,6 +611,10 @@ def test_value_info_is_kept_and_updated():
     shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
               for v in edited.graph.value_info}
     assert shapes["conv1_out"] == ["N", 3, 8, 8]
+    deeper = apply(Model(proto), InsertLayer("conv1")).proto
+    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+              for v in deeper.graph.value_info}
+    assert shapes["conv1_deep_output_0"] == ["N", 4, 8, 8]
 
 
 def test_external_data_stays_external_and_the_input_file_is_untouched(tmp_path):
@@ -643,3 +647,30 @@ def test_apply_accepts_edit_dicts():
     edited = apply(Model(zoo.chain()), [{"edit": "RemoveKernels", "layer": "conv1",
                                          "kernels": [0]}])
     assert edited.layer("conv1").kernels == 3
+
+
+@pytest.mark.parametrize("builder", sorted(zoo.BUILDERS))
+def test_node_order_and_layer_names_are_kept(builder):
+    proto = zoo.BUILDERS[builder](empty_names=True)
+    model = Model(proto)
+    layer = editable_layers(proto)[0]
+    for edit in (RemoveKernels(layer, [0]), WidenLayer(layer, 2)):
+        edited = apply(model, edit)
+        assert [n.output[0] for n in edited.proto.graph.node] == \
+            [n.output[0] for n in proto.graph.node]
+        assert [x.name for x in edited.layers()] == [x.name for x in model.layers()]
+
+
+def test_inserted_layers_come_right_after_their_activation():
+    edited = apply(Model(zoo.concat()), InsertLayer("conv1a"))
+    assert [n.name for n in edited.proto.graph.node][:5] == [
+        "conv1a", "relu1a", "conv1a_deep", "conv1a_deep_relu", "conv1b"]
+
+
+@pytest.mark.xfail(strict=True, reason="layers.layer_nodes counts named nodes when numbering "
+                   "unnamed ones, so a named inserted Conv renames the unnamed Convs after it")
+def test_insertion_keeps_the_names_of_unnamed_layers():
+    model = Model(zoo.chain(empty_names=True))
+    edited = apply(model, InsertLayer("Conv_0"))
+    assert [x.name for x in edited.layers()] == ["Conv_0", "Conv_0_deep", "Conv_1", "Gemm_0",
+                                                 "Gemm_1"]

@@ -9,7 +9,8 @@ previous steps produced.
 Post-conditions, checked on every result (:class:`~onnxaom.EditError` if one fails):
 ``onnx.checker.check_model(full_check=True)`` and strict shape inference. The result keeps the
 input's IR version, opset imports, producer, doc strings, model and graph metadata, node names,
-node metadata, its choice of intermediate ``value_info`` and its external-data setting; the
+node metadata, its choice of intermediate ``value_info`` (none stays none; a model with
+value_info gets it for new tensors too) and its external-data setting; the
 applied edits are appended as JSON to the metadata key ``"onnxaom.edits"``.
 """
 
@@ -118,7 +119,7 @@ def apply(model: Model, edits: Edit | Iterable[Edit]) -> Model:
             logger.info("inserted: %s", insert_step(graph, proto, head))
         proto = export_model(graph, proto)
     restore_node_metadata(proto, original)
-    restore_value_info(proto, [v.name for v in original.graph.value_info])
+    restore_value_info(proto, _value_info_names(original, proto))
     _record(proto, edit_list)
     _postconditions(proto, edit_list)
     return Model(proto, path=None, external_data=model.external_data)
@@ -145,6 +146,18 @@ def plan_removal(model: Model, removals: Mapping[str, Iterable[int]],
     edits = [RemoveKernels(layer, tuple(kernels), coupled) for layer, kernels in removals.items()]
     cg = build(import_graph(model.proto), model.proto)
     return plan(cg, edits)[1]
+
+
+def _value_info_names(original: onnx.ModelProto, edited: onnx.ModelProto) -> list[str]:
+    """The input's value_info names, plus every new tensor if the input had any value_info
+    (exporters that write value_info write it for every tensor)."""
+    names = [v.name for v in original.graph.value_info]
+    if not names:
+        return names
+    known = {t.name for t in original.graph.initializer}
+    known.update(v.name for v in [*original.graph.input, *original.graph.output])
+    known.update(o for node in original.graph.node for o in node.output)
+    return names + [o for node in edited.graph.node for o in node.output if o and o not in known]
 
 
 def _record(proto: onnx.ModelProto, edits: list[Edit]) -> None:

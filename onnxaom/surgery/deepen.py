@@ -90,5 +90,7 @@ def insert_step(graph: gs.Graph, proto: onnx.ModelProto, edit: InsertLayer) -> d
         out.shape = graph.outputs[graph_output[0]].shape
         for i in graph_output:
             graph.outputs[i] = out
-    graph.nodes.extend([new_layer, relu])
+    producer = probe.inputs[0] if probe.inputs else None
+    at = next((i + 1 for i, n in enumerate(graph.nodes) if n is producer), len(graph.nodes))
+    graph.nodes[at:at] = [new_layer, relu]  # right after the activation: layer order follows
     return {"layer": name, "after": edit.after, "kernels": k}

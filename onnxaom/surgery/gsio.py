@@ -37,10 +37,20 @@ def import_graph(proto: onnx.ModelProto) -> gs.Graph:
 def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """``graph`` cleaned up, sorted and exported, inside a copy of ``template``'s model fields.
 
+    Nodes keep the order they have in ``graph`` when it is topological (gs's own sort, run
+    first as the check, would regroup independent branches).
+
     Intermediate ``value_info`` is dropped (shapes may have changed); see
     :func:`restore_value_info`.
     """
+    before = list(graph.nodes)
     graph.cleanup().toposort()
+    # gs sorts by depth, which reorders independent branches (and so the layers of a model with
+    # unnamed nodes); keep the edited order where it is still topological.
+    remaining = {id(node) for node in graph.nodes}
+    stable = [node for node in before if id(node) in remaining]
+    if len(stable) == len(graph.nodes) and _is_topological(stable):
+        graph.nodes = stable
     exported = gs.export_onnx(graph, do_type_check=False)
     out = onnx.ModelProto()
     for field, value in template.ListFields():
@@ -59,6 +69,18 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     del out.graph.metadata_props[:]
     out.graph.metadata_props.extend(template.graph.metadata_props)
     return out
+
+
+def _is_topological(nodes: list[gs.Node]) -> bool:
+    produced = {t.name for node in nodes for t in node.outputs if t.name}
+    seen: set[str] = set()
+    for node in nodes:
+        for tensor in node.inputs:
+            if isinstance(tensor, gs.Variable) and tensor.name in produced \
+                    and tensor.name not in seen:
+                return False
+        seen.update(t.name for t in node.outputs)
+    return True
 
 
 def restore_node_metadata(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
