@@ -187,7 +187,7 @@ def profile(
     session = ort.InferenceSession(
         graph.model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
-    onehot = np.zeros((10, BATCH), np.float32)
+    onehot = np.zeros((10, BATCH), np.uint8)
     onehot[labels[:BATCH] % 10, np.arange(BATCH)] = 1
     for _ in range(5):
         session.run(None, {graph.input_name: images[:BATCH], ONEHOT_INPUT: onehot})

@@ -184,17 +184,17 @@ class _Engine:
         if self.method == "plain":
             self._count_plain(images, labels, acc)
             return
-        onehot = np.zeros((acc.num_classes, labels.shape[0]), np.float32)
-        onehot[labels[real], np.flatnonzero(real)] = 1.0
+        onehot = np.zeros((acc.num_classes, labels.shape[0]), np.uint8)
+        onehot[labels[real], np.flatnonzero(real)] = 1
         feeds = {self.graph.input_name: images, ONEHOT_INPUT: onehot}
         if self.on_device:
             self._run_on_device(feeds, acc)
             return
         results = self.session.run(None, feeds)
         n_layers = len(self.graph.outputs)
-        self._check_nan(results[:n_layers], results[n_layers:])
+        self._check_nan(results[n_layers:])
         for total, batch in zip(acc.counts, results[:n_layers], strict=True):
-            total += batch.astype(np.int64)
+            total += batch
 
     def _count_plain(self, images: np.ndarray, labels: np.ndarray, acc: _Accumulator) -> None:
         results = dict(
@@ -212,11 +212,7 @@ class _Engine:
             for c in np.unique(labels[labels >= 0]):
                 total[c] += positive[labels == c].sum(axis=0)
 
-    def _check_nan(self, counts: list[np.ndarray], checks: list[np.ndarray]) -> None:
-        """Counts of Sign-masked layers carry NaN themselves; the others have a scalar check."""
-        for layer, batch in zip(self.layers, counts, strict=False):  # [] on the device path
-            if np.isnan(batch).any():
-                raise ModelError(_nan_message(layer))
+    def _check_nan(self, checks: list[np.ndarray]) -> None:
         for (position, _), value in zip(self.graph.checks, checks, strict=True):
             if not np.isfinite(value):
                 raise ModelError(_nan_message(self.layers[position]))
@@ -234,7 +230,7 @@ class _Engine:
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         n_layers = len(self.graph.outputs)
-        self._check_nan([], [o.numpy() for o in outputs[n_layers:]])
+        self._check_nan([o.numpy() for o in outputs[n_layers:]])
         if self._device_counts is not None and self._device_counts[0].shape()[0] != acc.num_classes:
             self.flush(acc)  # the class count grew: settle on the host, restart on the device
         if self._device_counts is None:
@@ -243,19 +239,13 @@ class _Engine:
                 for c in acc.counts
             ]
         summed = []
-        for layer, total, batch in zip(
-            self.layers, self._device_counts, outputs[:n_layers], strict=True
-        ):
+        for total, batch in zip(self._device_counts, outputs[:n_layers], strict=True):
             add = self._adder.io_binding()
             add.bind_ortvalue_input("total", total)
             add.bind_ortvalue_input("batch", batch)
             add.bind_output("sum", self.device)
-            add.bind_output("nan", "cpu")
             self._adder.run_with_iobinding(add)
-            result, nan = add.get_outputs()
-            if float(nan.numpy()) != 0.0:
-                raise ModelError(_nan_message(layer))
-            summed.append(result)
+            summed.append(add.get_outputs()[0])
         self._device_counts = summed
 
     def flush(self, acc: _Accumulator) -> None:
@@ -269,19 +259,15 @@ class _Engine:
 
 
 def _adder_graph() -> onnx.ModelProto:
-    """total (int64) + batch (float32 exact counts) -> sum (int64), and a NaN flag of the batch."""
+    """total (int64) + batch (int32 counts) -> sum (int64), for device-resident accumulation."""
     total = helper.make_tensor_value_info("total", TensorProto.INT64, ["C", "P"])
-    batch = helper.make_tensor_value_info("batch", TensorProto.FLOAT, ["C", "P"])
+    batch = helper.make_tensor_value_info("batch", TensorProto.INT32, ["C", "P"])
     out = helper.make_tensor_value_info("sum", TensorProto.INT64, ["C", "P"])
-    nan = helper.make_tensor_value_info("nan", TensorProto.FLOAT, [])
     nodes = [
         helper.make_node("Cast", ["batch"], ["batch_int"], to=TensorProto.INT64),
         helper.make_node("Add", ["total", "batch_int"], ["sum"]),
-        helper.make_node("IsNaN", ["batch"], ["is_nan"]),
-        helper.make_node("Cast", ["is_nan"], ["nan_float"], to=TensorProto.FLOAT),
-        helper.make_node("ReduceMax", ["nan_float"], ["nan"], keepdims=0),
     ]
-    graph = helper.make_graph(nodes, "onnxaom_accumulate", [total, batch], [out, nan])
+    graph = helper.make_graph(nodes, "onnxaom_accumulate", [total, batch], [out])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 7  # the IR of opset 13; newer onnx writes IR versions ORT may not read
     return model

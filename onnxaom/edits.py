@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeAlias
+
+import numpy as np
 
 from .errors import EditError
 
@@ -56,9 +59,11 @@ def _check_name(value: object, field: str, edit: str) -> str:
 
 
 def _check_int(value: object, field: str, edit: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` as an int (numpy integers welcome), refusing bools, floats and small values."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral) \
+            or int(value) < minimum:
         raise EditError(f"{edit}.{field} must be an int >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_choice(value: object, field: str, edit: str, choices: Sequence[str]) -> str:
@@ -177,7 +182,7 @@ class WidenLayer:
 
     def __post_init__(self) -> None:
         _check_name(self.layer, "layer", self.kind)
-        _check_int(self.add, "add", self.kind, 1)
+        object.__setattr__(self, "add", _check_int(self.add, "add", self.kind, 1))
         _check_choice(self.init, "init", self.kind, WIDEN_INITS)
         if self.sources is not None:
             if self.init != "net2net":
@@ -188,7 +193,7 @@ class WidenLayer:
                 raise EditError(f"{self.kind}.sources names {len(sources)} kernels but add is "
                                 f"{self.add}; give one source kernel per new kernel")
             object.__setattr__(self, "sources", sources)
-        _check_int(self.seed, "seed", self.kind, 0)
+        object.__setattr__(self, "seed", _check_int(self.seed, "seed", self.kind, 0))
         if (isinstance(self.noise, bool) or not isinstance(self.noise, int | float)
                 or not math.isfinite(self.noise) or self.noise < 0):
             raise EditError(f"{self.kind}.noise must be a finite number >= 0, got {self.noise!r}")
@@ -241,14 +246,15 @@ class InsertLayer:
 
     def __post_init__(self) -> None:
         _check_name(self.after, "after", self.kind)
-        _check_int(self.kernel_size, "kernel_size", self.kind, 1)
+        object.__setattr__(self, "kernel_size",
+                           _check_int(self.kernel_size, "kernel_size", self.kind, 1))
         if self.kernel_size % 2 == 0:
             raise EditError(f"{self.kind}.kernel_size must be odd so the output keeps its size, "
                             f"got {self.kernel_size}")
         _check_choice(self.init, "init", self.kind, INSERT_INITS)
         if self.name is not None:
             _check_name(self.name, "name", self.kind)
-        _check_int(self.seed, "seed", self.kind, 0)
+        object.__setattr__(self, "seed", _check_int(self.seed, "seed", self.kind, 0))
 
     def to_dict(self) -> dict[str, Any]:
         return {"edit": self.kind, "after": self.after, "kernel_size": self.kernel_size,

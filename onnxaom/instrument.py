@@ -49,7 +49,7 @@ class Instrumented:
     """An instrumented model and the names of its outputs.
 
     ``outputs``: one per layer, in the layers' order. ``checks``: (layer position, output name)
-    of the scalar NaN checks, for layers whose counts cannot carry a NaN themselves.
+    of the scalar NaN checks.
     """
 
     model: onnx.ModelProto
@@ -166,28 +166,6 @@ def probe_graph(
     return Instrumented(copy, input_name, tuple(layer.probe for layer in layers))
 
 
-def is_nonnegative(index: GraphIndex, tensor: str) -> bool:
-    """True when every value of ``tensor`` is >= 0 or NaN, whatever the input (by its producer)."""
-    while True:
-        producer = index.producer.get(tensor)
-        if producer is None:
-            return False
-        node = index.graph.node[producer]
-        if node.domain not in ("", "ai.onnx"):
-            return False
-        if node.op_type in _NONNEGATIVE:
-            return True
-        if node.op_type == "Clip":
-            low = index.attribute(node, "min")  # opset < 11 keeps min as an attribute
-            if low is None and len(node.input) > 1 and node.input[1]:
-                value = index.constant(node.input[1])
-                low = None if value is None else float(value)
-            return low is not None and float(low) >= 0  # type: ignore[arg-type]
-        if node.op_type not in _ORDER_PRESERVING:
-            return False
-        tensor = node.input[0]
-
-
 def counting_graph(
     model: onnx.ModelProto,
     layers: list[Layer],
@@ -198,25 +176,24 @@ def counting_graph(
 ) -> Instrumented:
     """The model with in-graph per-class occurrence counting for every layer (fast path).
 
-    For each layer, output ``onnxaom_count_<i>``: float32 (C, K*H*W), the batch's counts
-    (exact integers while a batch has fewer than 2**24 samples). Two formulations, chosen per
-    layer, both exact:
+    After each tapped tensor x (N, K, H, W) or (N, K)::
 
-    * the tapped tensor is non-negative by construction (it comes out of a Relu, a Clip with
-      min >= 0, ...) and the threshold is 0: ``Sign(x)`` is exactly the 0/1 mask, one kernel
-      instead of Greater + Cast, and a NaN activation propagates into the counts, so the host
-      sees it at no extra cost;
-    * otherwise ``Cast(Greater(x, t))``, with ``check_nan`` a scalar ``onnxaom_check_<i>``
-      = ReduceSum(x) that is NaN when x held a NaN (or infinite values of both signs).
+        Greater(x, t) -> Cast(uint8) -> Reshape(N, K*H*W) -> MatMulInteger(onehot, .)
 
-    Every extra full pass over an activation costs about as much as a cheap layer, which is why
-    the first form matters (see benchmarks/RESULTS.md).
+    with ``onnxaom_onehot`` a uint8 (C, N) input, gives ``onnxaom_count_<i>``: int32
+    (C, K*H*W), the batch's exact counts (samples with x > t per class and position; exact
+    for batches below 2**31 samples). The mask is one byte per value, so the reduction reads a
+    quarter of what a float MatMul would; every extra full pass over an activation costs about
+    as much as a cheap layer (see benchmarks/RESULTS.md for the formulations measured).
+
+    Greater is false for NaN, so with ``check_nan`` each layer also gets a scalar
+    ``onnxaom_check_<i>`` = ReduceSum(x), NaN when x held a NaN (or infinities of both signs).
     """
     copy, input_name = _start(model, dynamic_batch)
     index = GraphIndex(model)
     graph = copy.graph
     del graph.output[:]
-    graph.input.append(helper.make_tensor_value_info(ONEHOT_INPUT, TensorProto.FLOAT, ["C", "N"]))
+    graph.input.append(helper.make_tensor_value_info(ONEHOT_INPUT, TensorProto.UINT8, ["C", "N"]))
     flat_shape = f"{_PREFIX}flat_shape"
     graph.initializer.append(numpy_helper.from_array(np.array([0, -1], np.int64), flat_shape))
     outputs: list[str] = []
@@ -226,47 +203,37 @@ def counting_graph(
     for i, layer in enumerate(layers):
         tap = tap_tensor(index, layer, threshold)
         elem = index.elem_type(tap)
+        if elem not in thresholds:
+            dtype = helper.tensor_dtype_to_np_dtype(elem)
+            thresholds[elem] = f"{_PREFIX}threshold_{len(thresholds)}"
+            graph.initializer.append(
+                numpy_helper.from_array(np.array(threshold, dtype), thresholds[elem])
+            )
         p = f"{_PREFIX}{i}_"
-        if threshold == 0 and is_nonnegative(index, tap):
-            nodes = [helper.make_node("Sign", [tap], [p + "mask"], name=p + "sign")]
-            if elem != TensorProto.FLOAT:
-                nodes[0].output[0] = p + "sign"
-                nodes.append(
-                    helper.make_node(
-                        "Cast", [p + "sign"], [p + "mask"], to=TensorProto.FLOAT, name=p + "cast"
-                    )
-                )
-        else:
-            if elem not in thresholds:
-                dtype = helper.tensor_dtype_to_np_dtype(elem)
-                thresholds[elem] = f"{_PREFIX}threshold_{len(thresholds)}"
-                graph.initializer.append(
-                    numpy_helper.from_array(np.array(threshold, dtype), thresholds[elem])
-                )
-            nodes = [
-                helper.make_node(
-                    "Greater", [tap, thresholds[elem]], [p + "positive"], name=p + "greater"
-                ),
-                helper.make_node(
-                    "Cast", [p + "positive"], [p + "mask"], to=TensorProto.FLOAT, name=p + "cast"
-                ),
-            ]
-            if check_nan:
-                check = f"{_PREFIX}check_{i}"
-                nodes.append(
-                    helper.make_node("ReduceSum", [tap], [check], keepdims=0, name=p + "check")
-                )
-                checks.append((i, check))
-                check_types.append(elem)
         count = f"{_PREFIX}count_{i}"
-        nodes += [
+        nodes = [
+            helper.make_node(
+                "Greater", [tap, thresholds[elem]], [p + "positive"], name=p + "greater"
+            ),
+            helper.make_node(
+                "Cast", [p + "positive"], [p + "mask"], to=TensorProto.UINT8, name=p + "cast"
+            ),
             helper.make_node("Reshape", [p + "mask", flat_shape], [p + "flat"], name=p + "flatten"),
-            helper.make_node("MatMul", [ONEHOT_INPUT, p + "flat"], [count], name=p + "count"),
+            helper.make_node(
+                "MatMulInteger", [ONEHOT_INPUT, p + "flat"], [count], name=p + "count"
+            ),
         ]
+        if check_nan:
+            check = f"{_PREFIX}check_{i}"
+            nodes.append(
+                helper.make_node("ReduceSum", [tap], [check], keepdims=0, name=p + "check")
+            )
+            checks.append((i, check))
+            check_types.append(elem)
         graph.node.extend(nodes)
         outputs.append(count)
     for name in outputs:  # counts first, then the NaN checks
-        graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+        graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT32, None))
     for (_, name), elem in zip(checks, check_types, strict=True):
         graph.output.append(helper.make_tensor_value_info(name, elem, None))
     _prune(copy, outputs + [name for _, name in checks])
@@ -275,10 +242,10 @@ def counting_graph(
 
 
 def _ensure_opset(model: onnx.ModelProto) -> None:
-    """Sign and Greater on floats need opset >= 9; older models are rejected."""
+    """MatMulInteger needs opset >= 10; older models are rejected."""
     for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx") and imp.version < 9:
+        if imp.domain in ("", "ai.onnx") and imp.version < 10:
             raise ModelError(
-                f"model opset {imp.version} is too old for in-graph counting (needs >= 9); "
+                f"model opset {imp.version} is too old for in-graph counting (needs >= 10); "
                 f"convert it with onnx.version_converter or use method='plain'"
             )

@@ -133,3 +133,15 @@ def test_from_json_accepts_one_object_and_refuses_garbage():
         edits_from_json("{")
     with pytest.raises(EditError, match="array of objects"):
         edits_from_json("3")
+
+
+def test_numpy_integers_are_accepted_as_plain_ints():
+    import numpy as np
+
+    edit = RemoveKernels("conv1", np.array([3, 0]))
+    assert edit.kernels == (0, 3) and all(type(k) is int for k in edit.kernels)
+    widen = WidenLayer("conv1", add=np.int64(2), seed=np.int32(1))
+    assert (widen.add, widen.seed) == (2, 1) and type(widen.add) is int
+    assert json.loads(edit.to_json())["kernels"] == [0, 3]
+    with pytest.raises(EditError):
+        RemoveKernels("conv1", np.array([True]))
