@@ -11,6 +11,7 @@ from __future__ import annotations
 from ._version import __version__
 from .collect import Collector, collect
 from .data import Dataset, Preprocessing, from_arrays, load_digits, load_fashion_mnist, load_spec
+from .edits import InsertLayer, RemoveKernels, WidenLayer, edits_from_json, edits_to_json
 from .errors import (
     DataError,
     EditError,
@@ -26,6 +27,8 @@ from .findings import Findings, LayerFindings, Thresholds, analyze, kernel_order
 from .layers import Layer
 from .model import Model, load
 from .stats import OccurrenceStats
+from .summary import LayerSummary, ModelSummary, summary
+from .surgery import apply, plan_removal, remove_kernels
 
 __all__ = [
     "Collector",
@@ -33,26 +36,37 @@ __all__ = [
     "Dataset",
     "EditError",
     "Findings",
+    "InsertLayer",
     "Layer",
     "LayerFindings",
     "LayerNotFoundError",
+    "LayerSummary",
     "Model",
     "ModelError",
     "ModelFileNotFoundError",
+    "ModelSummary",
     "OccurrenceStats",
     "OnnxaomError",
     "Preprocessing",
     "ProviderError",
+    "RemoveKernels",
     "ReportError",
     "StatsError",
     "Thresholds",
+    "WidenLayer",
     "__version__",
     "analyze",
+    "apply",
     "collect",
+    "edits_from_json",
+    "edits_to_json",
     "from_arrays",
     "kernel_order",
     "load",
     "load_digits",
     "load_fashion_mnist",
     "load_spec",
+    "plan_removal",
+    "remove_kernels",
+    "summary",
 ]

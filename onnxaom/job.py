@@ -15,8 +15,10 @@ from pathlib import Path
 from .collect import collect
 from .data import load_spec
 from .errors import ModelFileNotFoundError
-from .findings import analyze
-from .model import load
+from .findings import Findings, analyze
+from .model import Model, load
+from .stats import OccurrenceStats
+from .summary import summary
 
 __all__ = ["AnalysisResult", "run_analysis"]
 
@@ -27,7 +29,7 @@ class AnalysisResult:
 
     stats_path: Path
     findings_path: Path
-    report_path: Path | None
+    report_path: Path
     lines: tuple[str, ...]
 
 
@@ -71,25 +73,12 @@ def run_analysis(
         f"wrote {stats_path}",
         f"wrote {findings_path}",
     ]
-    if report_path is not None:
-        lines.append(f"wrote {report_path}")
+    lines.append(f"wrote {report_path}")
     return AnalysisResult(stats_path, findings_path, report_path, tuple(lines))
 
 
-def _write_report(model: object, stats: object, findings: object, out: Path) -> Path | None:
-    """The HTML report, when the report module is part of this installation."""
-    try:
-        from .report import write_report
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.report":
-            raise
-        return None
-    summary = None
-    try:
-        from .summary import summary as model_summary
+def _write_report(model: Model, stats: OccurrenceStats, findings: Findings, out: Path) -> Path:
+    """The offline HTML report with the model summary, findings in words and every layer's views."""
+    from .report import write_report  # altair and vl-convert load only when a report is made
 
-        summary = model_summary(model).to_dict()  # type: ignore[arg-type]
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.summary":
-            raise
-    return write_report(stats, findings, out, model_summary=summary)  # type: ignore[arg-type]
+    return write_report(stats, findings, out, model_summary=summary(model).to_dict())

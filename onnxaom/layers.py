@@ -45,7 +45,7 @@ class Layer:
     Attributes
     ----------
     name: unique layer name: the node's name, or ``<op>_<i>`` when the node has none (i counts
-        nodes of that op), with ``_<n>`` appended if a name repeats.
+        the unnamed layer nodes of that op), with ``_<n>`` appended if a name repeats.
     op: ``"Conv"``, ``"Gemm"`` or ``"MatMul"``.
     node: the node's name in the graph (may be empty).
     node_index: position of the node in ``graph.node``.
@@ -94,8 +94,10 @@ def layer_nodes(model: onnx.ModelProto) -> list[tuple[int, str, int]]:
         kernels = _kernels(index, node)
         if kernels is None:
             continue
-        name = node.name or f"{node.op_type}_{per_op[node.op_type]}"
-        per_op[node.op_type] += 1
+        name = node.name
+        if not name:  # numbered among the unnamed nodes of that op, so named insertions don't shift it
+            name = f"{node.op_type}_{per_op[node.op_type]}"
+            per_op[node.op_type] += 1
         unique, n = name, 1
         while unique in used:
             unique, n = f"{name}_{n}", n + 1

@@ -667,8 +667,6 @@ def test_inserted_layers_come_right_after_their_activation():
         "conv1a", "relu1a", "conv1a_deep", "conv1a_deep_relu", "conv1b"]
 
 
-@pytest.mark.xfail(strict=True, reason="layers.layer_nodes counts named nodes when numbering "
-                   "unnamed ones, so a named inserted Conv renames the unnamed Convs after it")
 def test_insertion_keeps_the_names_of_unnamed_layers():
     model = Model(zoo.chain(empty_names=True))
     edited = apply(model, InsertLayer("Conv_0"))

@@ -1,0 +1,147 @@
+"""What a torch module does when it runs: the leaf-module calls of one forward pass, in order.
+
+:func:`trace` runs the module once (eval mode, no gradients) with a forward hook on every leaf
+module and records, per call, the module's path, its input tensors and its output tensor. Tensor
+*identity* links the calls: a module whose first input is the very tensor another module
+returned reads that module's output. From this come two facts the other steps need:
+
+* which :data:`LAYER_TYPES` modules run, in call order (the structure the ONNX layers are matched
+  against, :mod:`onnxaom_torch.mapping`);
+* each layer's *chain*: the per-channel and element-wise modules that follow it directly
+  (``conv1 → bn1 → relu1``), which share its channels (:meth:`Trace.chain`).
+
+Functional calls (``F.relu``, ``x + y``, ``torch.flatten``) are invisible to hooks; a chain stops
+where one sits between two modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["CHAIN_TYPES", "LAYER_TYPES", "PER_CHANNEL_TYPES", "Call", "Trace", "trace"]
+
+#: Modules that are onnxaom layers (ONNX Conv and Gemm/MatMul).
+LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+#: Modules with one parameter (or buffer) per channel, sliced with the channels they read.
+PER_CHANNEL_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.PReLU)
+#: Modules that keep channels apart (per-channel or element-wise): they continue a layer's chain.
+CHAIN_TYPES: tuple[type[nn.Module], ...] = (
+    *PER_CHANNEL_TYPES, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
+    nn.Hardswish, nn.Softplus, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Dropout,
+    nn.Dropout1d, nn.Dropout2d, nn.Identity,
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Call:
+    """One call of a leaf module: ``name`` is its path in the traced module (``"conv1"``,
+    ``"layer1.0.conv1"``); ``inputs`` the positional tensor inputs; ``output`` the returned
+    tensor (None when it returned something else)."""
+
+    name: str
+    module: nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    output: torch.Tensor | None
+
+
+@dataclass(frozen=True, eq=False)
+class Trace:
+    """The leaf-module calls of one forward pass, in call order."""
+
+    calls: tuple[Call, ...]
+
+    def first_call(self, name: str) -> Call | None:
+        return next((c for c in self.calls if c.name == name), None)
+
+    def call_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for call in self.calls:
+            counts[call.name] = counts.get(call.name, 0) + 1
+        return counts
+
+    def layers(self) -> list[str]:
+        """Paths of the :data:`LAYER_TYPES` modules that ran, in order of their first call."""
+        seen: list[str] = []
+        for call in self.calls:
+            if isinstance(call.module, LAYER_TYPES) and call.name not in seen:
+                seen.append(call.name)
+        return seen
+
+    def chain(self, name: str) -> tuple[str, ...]:
+        """Paths of the :data:`CHAIN_TYPES` modules that directly follow module ``name``: each
+        reads, as its first input, exactly the tensor the one before returned (in-place
+        activations included), and nothing else reads that tensor first. Empty when a functional
+        op or a non-chain module comes first, or when ``name`` did not run."""
+        calls = self.calls
+        start = next((i for i, c in enumerate(calls) if c.name == name), None)
+        if start is None or calls[start].output is None:
+            return ()
+        out: list[str] = []
+        tensor = calls[start].output
+        i = start + 1
+        while i < len(calls):
+            reader = next((j for j in range(i, len(calls))
+                           if any(t is tensor for t in calls[j].inputs)), None)
+            if reader is None:
+                break
+            call = calls[reader]
+            if (not isinstance(call.module, CHAIN_TYPES) or not call.inputs
+                    or call.inputs[0] is not tensor or call.output is None
+                    or call.output.shape != tensor.shape):
+                break
+            out.append(call.name)
+            tensor, i = call.output, reader + 1
+        return tuple(out)
+
+    def producer_of_input(self, name: str) -> str | None:
+        """Path of the module whose output module ``name`` reads first (None: a functional op
+        or the graph input produced it)."""
+        call = self.first_call(name)
+        if call is None or not call.inputs:
+            return None
+        first = call.inputs[0]
+        for other in self.calls:
+            if other is call:
+                break
+            if other.output is first:
+                return other.name
+        return None
+
+
+def _leaves(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, sub) for name, sub in module.named_modules()
+            if name and next(iter(sub.children()), None) is None]
+
+
+def trace(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor]) -> Trace:
+    """Run ``module`` once on ``example`` (a tensor, or a sequence of positional inputs) in
+    eval mode without gradients, recording every leaf-module call. Train/eval modes are restored
+    afterwards; parameters are not changed."""
+    calls: list[Call] = []
+    handles = []
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def record(mod: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+            tensors = tuple(t for t in inputs if isinstance(t, torch.Tensor))
+            calls.append(Call(name, mod, tensors,
+                              output if isinstance(output, torch.Tensor) else None))
+        return record
+
+    modes = {sub: sub.training for sub in module.modules()}
+    args = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    try:
+        for name, sub in _leaves(module):
+            handles.append(sub.register_forward_hook(hook(name)))
+        module.eval()
+        with torch.no_grad():
+            module(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for sub, training in modes.items():
+            sub.training = training
+    return Trace(tuple(calls))

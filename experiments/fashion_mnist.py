@@ -1,0 +1,435 @@
+"""The paper's MNIST experiments (Sec. V-A and V-C, Fig. 8) on Fashion-MNIST, with onnxaom's
+statistics driving the kernel selection, against L1 magnitude (torch-pruning) and random.
+
+Run from the repository root (about 60 minutes on 2 CPU cores; ``--quick``: seconds)::
+
+    .venv/bin/python -m experiments.fashion_mnist --out experiments/results --seeds 3 --epochs 4
+    .venv/bin/python -m experiments.fashion_mnist --quick --out /tmp/quick
+
+What it does:
+
+1. Train :class:`onnxaom_torch.PaperMNISTNet` (conv 3x3 x16, conv 3x3 x16, max-pool 2, dense
+   128, dense 10) on the training set (``--epochs``, Adam 1e-3, batch 128, seed
+   ``--base-seed``: one base model for all seeds). Export it to ONNX (legacy exporter) and
+   collect onnxaom's statistics over the whole *training* set (as the paper does);
+   :func:`onnxaom.analyze` gives the findings.
+2. Fig. 8 (Sec. V-C) on the last conv layer (conv2) of that model: per class c, the kernels with
+   mean CSM s^{k,c} > 0 are *selective* for c. Test accuracy on class c with all kernels, with
+   only the selective ones (the others' activations zeroed after the ReLU, onnxaom's probe
+   point), and with only the non-selective ones.
+3. conv1 kept at each of ``--counts`` kernels, chosen by each proposal strategy, by L1 magnitude
+   and at random; conv1 frozen, the rest retrained for ``--retrain-epochs`` (1) epoch; test
+   accuracy before and after. Each ``--seeds`` seed s retrains with its own batch order (and
+   draws its own random selection); the "unreduced" control retrains the full model the same
+   way.
+4. conv2 likewise, from the model with conv1 reduced to ``--stage2-from`` (5) kernels by the
+   ``--pipeline-strategy`` proposal and retrained with seed s (the paper's order: conv1, then
+   conv2), its statistics collected again; conv1 and conv2 frozen, fc1 and fc2 retrained.
+
+Writes to ``--out``: ``results.json`` (every raw number, rewritten after each run; ``--resume``
+continues an interrupted run with the same settings), ``tables.md`` (the Markdown tables and the
+target checks), ``selection.png/svg`` and ``fig8.png/svg`` (Altair, rendered by vl-convert),
+``base_stats.npz`` and ``base_findings.json`` (onnxaom's statistics and findings of the trained
+model), and ``models/`` (state dicts to resume from, and the ONNX exports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import onnxaom
+from onnxaom_torch import PaperMNISTNet, export_onnx
+
+from . import selection, tables, torchnet
+from .torchnet import TrainConfig
+
+__all__ = ["Config", "load_data", "main", "run"]
+
+log = logging.getLogger("experiments.fashion_mnist")
+
+#: ONNX node names of the two convs (legacy exporter: named after the module attributes).
+ONNX_LAYER = {"conv1": "/conv1/Conv", "conv2": "/conv2/Conv"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting that changes the numbers (stored in results.json)."""
+
+    dataset: str = "fashion-mnist"
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 1e-3
+    retrain_epochs: int = 1
+    base_seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    counts: tuple[int, ...] = (8, 6, 5, 4, 3, 2)
+    strategies: tuple[str, ...] = ("paper", "clusters", "selectivity")
+    pipeline_strategy: str = "paper"
+    stage2_from: int = 5
+    stages: tuple[str, ...] = ("conv1", "conv2")
+    fig8_layer: str = "conv2"
+    use_library_proposal: bool = True
+    threads: int = 2
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls) -> Config:
+        """Digits in seconds: the test suite's end-to-end run."""
+        return cls(dataset="digits", epochs=12, batch_size=32, seeds=(0, 1), counts=(5, 3),
+                   strategies=("paper", "clusters"))
+
+    def key(self) -> str:
+        """Digest of the settings, to refuse resuming a run made with others."""
+        d = asdict(self)
+        d.pop("threads")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Data:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    class_names: tuple[str, ...]
+    source: str
+
+
+def load_data(dataset: str) -> Data:
+    """Fashion-MNIST train/test (60,000/10,000), or scikit-learn digits upsampled to 28x28 with a
+    stratified 80/20 split (1,437/360, ``random_state=0``, as fixtures/make_default_model.py)."""
+    if dataset == "fashion-mnist":
+        train, test = onnxaom.load_fashion_mnist("train"), onnxaom.load_fashion_mnist("test")
+        pairs = (train.images, train.labels, test.images, test.labels)
+        names, source = train.class_names, "Fashion-MNIST (Debian dataset-fashion-mnist)"
+    elif dataset == "digits":
+        from sklearn.model_selection import train_test_split
+
+        digits = onnxaom.load_digits(size=28)
+        tr, te = train_test_split(np.arange(len(digits.labels)), test_size=0.2,
+                                  stratify=digits.labels, random_state=0)
+        pairs = (digits.images[tr], digits.labels[tr], digits.images[te], digits.labels[te])
+        names, source = digits.class_names, "scikit-learn digits, 28x28, 80/20 split"
+    else:
+        raise ValueError(f"dataset must be 'fashion-mnist' or 'digits', got {dataset!r}")
+    xs, ys, xt, yt = (torch.from_numpy(np.array(a)) for a in pairs)
+    return Data(xs.float(), ys.long(), xt.float(), yt.long(), tuple(names), source)
+
+
+# ----------------------------------------------------------------------------- statistics
+def statistics_of(model: PaperMNISTNet, data: Data, folder: Path, name: str, threads: int
+                  ) -> tuple[onnxaom.OccurrenceStats, onnxaom.Findings, float]:
+    """Export ``model`` to ``folder/name.onnx`` and collect onnxaom's statistics of both convs
+    over the training set; returns (stats, findings, seconds)."""
+    path = export_onnx(model, folder / f"{name}.onnx", input_shape=(1, 1, 28, 28))
+    start = time.perf_counter()
+    stats = onnxaom.collect(
+        str(path), data.x_train.numpy(), data.y_train.numpy(), class_names=data.class_names,
+        layers=list(ONNX_LAYER.values()), provider="cpu", progress=False, threads=threads,
+        batch_size=500,
+    )
+    findings = onnxaom.analyze(stats)
+    return stats, findings, time.perf_counter() - start
+
+
+def layer_summary(stats: onnxaom.OccurrenceStats, findings: onnxaom.Findings, layer: str
+                  ) -> dict[str, Any]:
+    """What the proposal saw in one layer, for results.json."""
+    lf = findings.layer(ONNX_LAYER[layer])
+    return {
+        "selectivity": [round(float(v), 6) for v in stats.selectivity(ONNX_LAYER[layer])],
+        "ineffective": [f.to_dict() for f in lf.ineffective],
+        "redundant_groups": [g.to_dict() for g in lf.redundant_groups],
+        "natural_size": selection.natural_size(findings, ONNX_LAYER[layer]),
+    }
+
+
+# ----------------------------------------------------------------------------- Fig. 8
+def selectivity_experiment(model: PaperMNISTNet, stats: onnxaom.OccurrenceStats, data: Data,
+                           layer: str) -> list[dict[str, Any]]:
+    """Per class: kernels selective (s^{k,c} > 0) and not, and the class's test accuracy with all
+    kernels, only the selective ones and only the non-selective ones."""
+    s = stats.class_selectivity(ONNX_LAYER[layer])  # (K, C), from the training set
+    records = []
+    y = data.y_test.numpy()
+    for c, name in enumerate(data.class_names):
+        x = data.x_test[y == c]
+        selective = s[:, c] > 0
+        rec: dict[str, Any] = {"class": name, "selective": int(selective.sum()),
+                               "not_selective": int((~selective).sum()),
+                               "samples": len(x)}
+        rec["accuracy_all"] = float((torchnet.predict(model, x) == c).mean())
+        for key, keep in (("selective", selective), ("not_selective", ~selective)):
+            with torchnet.kernel_mask(model, layer, keep):
+                rec[f"accuracy_{key}"] = float((torchnet.predict(model, x) == c).mean())
+        records.append(rec)
+    return records
+
+
+# ----------------------------------------------------------------------------- runs
+class Recorder:
+    """results.json, rewritten atomically after each run; resumes from a previous file."""
+
+    def __init__(self, out: Path, config: Config, resume: bool) -> None:
+        self.path = out / "results.json"
+        self.results: dict[str, Any] = {"config": asdict(config), "config_key": config.key(),
+                                        "runs": [], "stages": {}}
+        self.previous: dict[tuple[str, int, str, int], dict[str, Any]] = {}
+        if resume and self.path.exists():
+            old = json.loads(self.path.read_text())
+            if old.get("config_key") != config.key():
+                raise SystemExit(f"{self.path} was made with other settings; drop --resume or "
+                                 f"use another --out")
+            self.previous = {(r["stage"], r["seed"], r["method"], r["n"]): r for r in old["runs"]}
+            log.info("resuming: %d runs already done", len(self.previous))
+
+    def save(self) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.results, f, indent=1)
+        os.replace(tmp, self.path)
+
+
+def _parameters(k1: int, k2: int) -> int:
+    return sum(p.numel() for p in PaperMNISTNet(conv_kernels=(k1, k2)).parameters())
+
+
+def reduce_stage(
+    base: PaperMNISTNet, stage: str, seed: int, stats: onnxaom.OccurrenceStats,
+    findings: onnxaom.Findings, features: torch.Tensor, data: Data, config: Config,
+    recorder: Recorder, keep_model: tuple[str, int] | None = None,
+) -> PaperMNISTNet | None:
+    """Every (method, n) of one stage for one seed; returns the model of ``keep_model`` (method,
+    n) after retraining, if asked."""
+    k = getattr(base, stage).out_channels
+    jobs: list[tuple[str, int, tuple[int, ...], str]] = [("unreduced", k, tuple(range(k)), "-")]
+    for n in config.counts:
+        for strategy in config.strategies:
+            kept, impl = selection.proposal_keep(
+                stats, findings, ONNX_LAYER[stage], n, strategy,
+                use_library=config.use_library_proposal)
+            jobs.append((f"proposal:{strategy}", n, kept, impl))
+        jobs.append(("magnitude", n, selection.magnitude_keep(base, stage, n), "torch-pruning"))
+        jobs.append(("random", n, selection.random_keep(k, n, seed, salt=1 + torchnet.STAGES
+                                                        .index(stage)), "numpy"))
+    done: dict[tuple[int, ...], dict[str, Any]] = {}
+    kept_model = None
+    for method, n, kept, impl in jobs:
+        want_model = keep_model == (method, n)
+        old = recorder.previous.get((stage, seed, method, n))
+        if old is not None and tuple(old["kept"]) == kept and not want_model:
+            recorder.results["runs"].append(old)
+            done.setdefault(kept, old)
+            continue
+        if kept in done and not want_model:  # same kernels, same seed: the same retraining
+            run = {**done[kept], "method": method, "impl": impl, "same_as": done[kept]["method"]}
+            recorder.results["runs"].append(run)
+            recorder.save()
+            continue
+        model = torchnet.remove_kernels(base, stage, kept)
+        before = torchnet.accuracy(model, data.x_test, data.y_test)
+        h = features[:, list(kept)].contiguous()
+        torchnet.check_features(model, stage, data.x_train[:16], h[:16])
+        info = torchnet.retrain_suffix(model, stage, h, data.y_train, TrainConfig(
+            epochs=config.retrain_epochs, batch_size=config.batch_size, lr=config.lr, seed=seed))
+        del h
+        run = {"stage": stage, "seed": seed, "method": method, "n": n, "kept": list(kept),
+               "impl": impl, "accuracy_before": before,
+               "accuracy": torchnet.accuracy(model, data.x_test, data.y_test),
+               "loss": info["loss"], "seconds": round(info["seconds"], 2)}
+        log.info("%s seed %d %-22s n=%2d kept=%s: %.4f -> %.4f (%.1f s)", stage, seed, method, n,
+                 list(kept), before, run["accuracy"], info["seconds"])
+        done.setdefault(kept, run)
+        recorder.results["runs"].append(run)
+        recorder.save()
+        if want_model:
+            kept_model = model
+    return kept_model
+
+
+def run(config: Config, out: Path, *, resume: bool = False, render: bool = True
+        ) -> dict[str, Any]:
+    """The whole experiment; returns (and writes) the results dict."""
+    torch.set_num_threads(config.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    models = out / "models"
+    models.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    recorder = Recorder(out, config, resume)
+    res = recorder.results
+    res["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
+                          "onnxaom": onnxaom.__version__, "machine": platform.machine(),
+                          "cpu_threads": config.threads, "torch_pruning": _tp_version()}
+    data = load_data(config.dataset)
+    res["data"] = {"source": data.source, "train": len(data.y_train), "test": len(data.y_test),
+                   "classes": list(data.class_names)}
+
+    # 1. the trained model and its statistics
+    base_path = models / "base.pt"
+    base = PaperMNISTNet()
+    if resume and base_path.exists():
+        base.load_state_dict(torch.load(base_path))
+        base_info: dict[str, Any] = dict(json.loads((models / "base.json").read_text()))
+    else:
+        t0 = time.perf_counter()
+        losses = torchnet.train(base, data.x_train, data.y_train, TrainConfig(
+            epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+            seed=config.base_seed))
+        base_info = {"train_losses": losses, "seconds": time.perf_counter() - t0}
+        torch.save(base.state_dict(), base_path)
+        (models / "base.json").write_text(json.dumps(base_info))
+    base.eval()
+    base_info["accuracy"] = torchnet.accuracy(base, data.x_test, data.y_test)
+    res["base"] = base_info
+    log.info("trained model: test accuracy %.4f", base_info["accuracy"])
+    stats, findings, secs = statistics_of(base, data, models, "base", config.threads)
+    stats.save(out / "base_stats.npz")
+    findings.to_json(out / "base_findings.json")
+    res["statistics"] = {"base": {"seconds": secs, "findings": findings.summary_lines(),
+                                  **{st: layer_summary(stats, findings, st)
+                                     for st in config.stages}}}
+    res["parameters"] = {f"{a}x{b}": _parameters(a, b)
+                         for a in (*config.counts, 16, config.stage2_from)
+                         for b in (*config.counts, 16)}
+
+    # 2. Fig. 8 on the last conv layer of the trained model
+    res["fig8_layer"] = config.fig8_layer
+    res["fig8"] = selectivity_experiment(base, stats, data, config.fig8_layer)
+    recorder.save()
+
+    # 3. conv1, every seed; keep the pipeline model of each seed for stage 2
+    res["stages"]["conv1"] = {"kernels": base.conv1.out_channels}
+    pipeline = (f"proposal:{config.pipeline_strategy}", config.stage2_from)
+    stage2_bases: dict[int, PaperMNISTNet] = {}
+    features = torchnet.prefix_features(base, "conv1", data.x_train)
+    for seed in config.seeds:
+        path = models / f"stage2_base_seed{seed}.pt"
+        model = reduce_stage(base, "conv1", seed, stats, findings, features, data, config,
+                             recorder, keep_model=pipeline if "conv2" in config.stages else None)
+        if model is not None:
+            torch.save(model.state_dict(), path)
+            stage2_bases[seed] = model
+        elif path.exists():
+            m = PaperMNISTNet(conv_kernels=(config.stage2_from, base.conv2.out_channels))
+            m.load_state_dict(torch.load(path))
+            stage2_bases[seed] = m.eval()
+    del features
+
+    # 4. conv2 from conv1 reduced by the pipeline strategy, per seed
+    if "conv2" in config.stages:
+        res["stages"]["conv2"] = {"kernels": base.conv2.out_channels,
+                                  "from_conv1": config.stage2_from}
+        for seed in config.seeds:
+            base2 = stage2_bases[seed]
+            stats2, findings2, secs = statistics_of(base2, data, models, f"stage2_seed{seed}",
+                                                    config.threads)
+            res["statistics"][f"stage2_seed{seed}"] = {
+                "seconds": secs, "conv2": layer_summary(stats2, findings2, "conv2")}
+            features = torchnet.prefix_features(base2, "conv2", data.x_train)
+            reduce_stage(base2, "conv2", seed, stats2, findings2, features, data, config,
+                         recorder)
+            del features
+
+    res["seconds"] = time.perf_counter() - start
+    recorder.save()
+    write_outputs(res, out, render=render)
+    return res
+
+
+def _tp_version() -> str | None:
+    try:
+        import torch_pruning
+
+        return str(getattr(torch_pruning, "__version__", "unknown"))
+    except ImportError:
+        return None
+
+
+def write_outputs(results: dict[str, Any], out: Path, *, render: bool = True) -> None:
+    """tables.md and the charts (PNG and SVG) from the results dict."""
+    strategy = results["config"]["pipeline_strategy"]
+    parts = [f"Data: {results['data']['source']}; trained model: test accuracy "
+             f"{100 * results['base']['accuracy']:.2f}% after {results['config']['epochs']} "
+             f"epochs. Seeds: {results['config']['seeds']}. Test accuracy in %, mean ± sample "
+             f"sd over seeds.", "", "## Pipeline (Sec. V-A), proposal strategy "
+             f"`{strategy}`", "", tables.pipeline_table(results, strategy)]
+    for stage in results["stages"]:
+        parts += ["", f"## Selection quality: {stage}, after one frozen retraining epoch", "",
+                  tables.selection_table(results, stage), "",
+                  f"## Selection quality: {stage}, right after removal (no retraining)", "",
+                  tables.selection_table(results, stage, key="accuracy_before")]
+    parts += ["", f"## Kernel selectivity experiment (Fig. 8), {results['fig8_layer']}", "",
+              tables.fig8_table(results["fig8"])]
+    for strat in results["config"]["strategies"]:
+        parts += ["", f"## Targets, proposal strategy `{strat}`", "",
+                  tables.checks_table(tables.target_checks(results, strat))]
+    (out / "tables.md").write_text("\n".join(parts) + "\n")
+    if render:
+        from onnxaom.charts import selectivity_experiment as fig8_chart
+        from onnxaom.report import render as render_chart
+
+        charts = {"selection": tables.selection_chart(results),
+                  "fig8": fig8_chart(results["fig8"])}
+        for name, chart in charts.items():
+            for suffix in (".png", ".svg"):
+                render_chart(chart, out / f"{name}{suffix}", scale=2.0 if suffix == ".png"
+                             else 1.0)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true",
+                        help="digits, few epochs, counts 5,3, 2 seeds: seconds")
+    parser.add_argument("--out", type=Path, default=Path("experiments/results"))
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (0..S-1)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of the base model")
+    parser.add_argument("--counts", type=_ints, default=None, help="kernels kept, e.g. 8,6,5")
+    parser.add_argument("--strategies", default=None, help="proposal strategies, comma-separated")
+    parser.add_argument("--pipeline-strategy", default=None)
+    parser.add_argument("--stage2-from", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--local-proposal", action="store_true",
+                        help="use experiments.selection's strategies even if onnxaom.proposal "
+                             "exists")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--no-render", action="store_true", help="skip PNG/SVG charts")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    config = Config.quick() if args.quick else Config()
+    changes: dict[str, Any] = {}
+    if args.seeds is not None:
+        changes["seeds"] = tuple(range(args.seeds))
+    for name in ("epochs", "counts", "pipeline_strategy", "stage2_from", "threads"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.strategies is not None:
+        changes["strategies"] = tuple(s for s in args.strategies.split(",") if s)
+    if args.local_proposal:
+        changes["use_library_proposal"] = False
+    config = Config(**{**asdict(config), **changes})
+    run(config, args.out, resume=args.resume, render=not args.no_render)
+    print((args.out / "tables.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
