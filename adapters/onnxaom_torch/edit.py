@@ -1,0 +1,481 @@
+"""The edit objects of :mod:`onnxaom.edits`, applied to a torch module.
+
+``apply_edits(module, model, edits)`` edits a deep copy of ``module`` (never ``module`` itself)
+so that it computes what ``onnxaom.surgery.apply(model, edits)`` computes, where ``model`` is the
+ONNX export of ``module``. The ONNX side decides, the torch side follows:
+
+* the surgery runs first, on ``model``: it validates every edit (a missing layer, indices out of
+  range, coupled layers with ``coupled="refuse"``, unsupported ops ...) and raises before any
+  torch work; its result is the *oracle* the torch edit is checked against;
+* the channel graph of the surgery (:func:`onnxaom.surgery.channels.build`) says, for every
+  layer, which input and output positions change, including layers coupled by a residual Add,
+  depthwise convs tied to their producer and ``Linear`` layers after a flatten (a channel of
+  (K, H, W) covers positions k*H*W .. (k+1)*H*W-1); the torch modules get exactly those
+  changes, computed by the surgery's own :class:`~onnxaom.surgery.channels.Rewriter`
+  arithmetic (Net2Net copies and splits, fresh kernels, zero consumer weights);
+* per-channel modules that the exporter folded away (a ``BatchNorm2d`` after a conv) are found
+  by tracing the module (:meth:`onnxaom_torch.trace.Trace.chain`) and sliced with their layer;
+  ones that stay in the ONNX graph are found by their node (:attr:`LayerMap.nodes`).
+
+Torch modules changed in place on the copy: ``Conv2d`` (out and in channels, bias, ``groups`` of
+depthwise convs, equal removals per group of grouped convs), ``Linear``, ``BatchNorm1d/2d``
+(weight, bias, running statistics; new channels neutral: 1, 0, 0, 1), ``PReLU`` with one slope
+per channel (new: 0.25). :class:`~onnxaom.InsertLayer` puts a ``Conv2d`` (or ``Linear``) + ``ReLU``
+after the layer's ReLU module: that module becomes ``nn.Sequential(act=<the ReLU>, deep=<new
+layer>, deep_relu=ReLU())``; where the ReLU is functional or shared by several calls, the module
+before it becomes ``nn.Sequential(body=<module>, act=ReLU(), deep=<new layer>)`` (the ReLU that
+follows then acts as the new layer's ReLU).
+
+With ``check=True`` (default) the edited module is exported and compared with the surgery
+result on a random batch (``atol``); a difference raises :class:`~onnxaom.EditError`. Random
+numbers: :class:`~onnxaom.WidenLayer` (sources, random kernels) and :class:`~onnxaom.InsertLayer`
+(random init) draw exactly what the surgery draws, from the same seed; Net2Net ``noise`` is
+scaled by the torch weight's standard deviation, which differs from the ONNX one when a batch
+norm was folded, so with ``noise > 0`` the check is skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+import torch
+from torch import nn
+
+import onnxaom
+from onnxaom.edits import Edit, InsertLayer, RemoveKernels, WidenLayer, edit_from_dict
+from onnxaom.errors import EditError, ModelError
+from onnxaom.runtime import make_session
+from onnxaom.surgery import apply as surgery_apply
+from onnxaom.surgery.channels import (
+    Change,
+    ChannelGraph,
+    Plan,
+    Rewriter,
+    WidenPlan,
+    build,
+)
+from onnxaom.surgery.gsio import import_graph
+from onnxaom.surgery.remove import plan as removal_plan
+
+from .mapping import LayerMap, example_input, map_layers
+from .trace import PER_CHANNEL_TYPES, Trace, trace
+
+__all__ = ["TorchEdit", "apply_edits"]
+
+logger = logging.getLogger(__name__)
+
+#: Tolerance of the post-edit check against the ONNX surgery result.
+CHECK_ATOL = 1e-5
+
+
+@dataclass(frozen=True, eq=False)
+class TorchEdit:
+    """The result of :func:`apply_edits`.
+
+    module: the edited copy. model: the ONNX surgery result (the oracle; its layer names).
+    layers: ONNX layer name (in ``model``) -> module path (in ``module``).
+    changed: ONNX layer names whose kernels changed or that are new (removed or added kernels,
+        coupled layers included), in layer order.
+    modules: paths of the modules whose parameters or shapes changed (layers, their batch norms,
+        consumers), in the order they were edited.
+    difference: largest absolute output difference against ``model`` (None: not checked).
+    """
+
+    module: nn.Module
+    model: onnxaom.Model
+    layers: MappingProxyType[str, str]
+    changed: tuple[str, ...]
+    modules: tuple[str, ...]
+    difference: float | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    def module_names(self, layers: Iterable[str]) -> list[str]:
+        """Module paths of ONNX layers ``layers`` (names of :attr:`model`)."""
+        return [self.layers[name] for name in layers]
+
+
+def _normalise(edits: Edit | Iterable[Edit]) -> list[Edit]:
+    items = [edits] if isinstance(edits, RemoveKernels | WidenLayer | InsertLayer) else edits
+    if isinstance(items, str | bytes) or not isinstance(items, Iterable):
+        raise EditError(f"edits must be an edit or a list of edits, got {type(edits).__name__}")
+    out: list[Edit] = []
+    for item in items:
+        if isinstance(item, dict):
+            item = edit_from_dict(item)
+        if not isinstance(item, RemoveKernels | WidenLayer | InsertLayer):
+            raise EditError(f"not an edit: {item!r}; use onnxaom.edits.RemoveKernels, "
+                            f"WidenLayer or InsertLayer")
+        out.append(item)
+    return out
+
+
+def _steps(edits: list[Edit]) -> list[list[Edit]]:
+    """The surgery's steps: consecutive RemoveKernels form one step."""
+    steps: list[list[Edit]] = []
+    for edit in edits:
+        if isinstance(edit, RemoveKernels) and steps and isinstance(steps[-1][0], RemoveKernels):
+            steps[-1].append(edit)
+        else:
+            steps.append([edit])
+    return steps
+
+
+def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[Edit], *,
+                mapping: LayerMap | None = None, example: torch.Tensor | None = None,
+                check: bool = True, atol: float = CHECK_ATOL) -> TorchEdit:
+    """Apply ``edits`` to a deep copy of ``module``, as the ONNX surgery applies them to
+    ``model``.
+
+    Parameters
+    ----------
+    module:
+        The torch module; not modified.
+    model:
+        Its ONNX export (weights must match: :func:`~onnxaom_torch.mapping.map_layers`). The
+        edits name its layers.
+    edits:
+        One edit or a list, as for :func:`onnxaom.surgery.apply` (consecutive RemoveKernels
+        are one step whose indices refer to the model before it).
+    mapping:
+        A :class:`LayerMap` of ``module`` and ``model`` (default: computed).
+    example:
+        An input for tracing and checking (default: random, of the model's input shape).
+    check:
+        Export the edited module and compare it with the surgery result (skipped for Net2Net
+        ``noise > 0``).
+    atol:
+        Largest output difference the check accepts (plus 1e-4 relative).
+
+    Raises
+    ------
+    LayerNotFoundError, EditError
+        As the surgery raises them (before any torch work), or an edit the torch side cannot
+        follow (a module with per-channel parameters it cannot place, a failed check).
+    ModuleMismatchError
+        ``module`` is not what ``model`` computes.
+    """
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    edit_list = _normalise(edits)
+    if not edit_list:
+        raise EditError("no edits given; pass at least one RemoveKernels, WidenLayer or "
+                        "InsertLayer")
+    work = copy.deepcopy(module)
+    x = example_input(model) if example is None else example
+    lmap = mapping if mapping is not None else map_layers(work, model, x)
+    layers = dict(lmap.modules)
+    nodes = dict(lmap.nodes)
+    current = model
+    changed: list[str] = []
+    touched: list[str] = []
+    notes: list[str] = []
+    for step in _steps(edit_list):
+        result = surgery_apply(current, step)  # validates, and is the oracle of this step
+        run = trace(work, x)
+        proto = current.proto
+        cg = build(import_graph(proto), proto)
+        head = step[0]
+        if isinstance(head, RemoveKernels):
+            plan, _ = removal_plan(cg, [e for e in step if isinstance(e, RemoveKernels)])
+            rewriter = Rewriter(cg, plan, init="zeros", rng=np.random.default_rng(0))
+            step_changed = _apply_plan(work, cg, rewriter, layers, nodes, run, touched)
+        elif isinstance(head, WidenLayer):
+            rewriter = _widen_rewriter(cg, head)
+            step_changed = _apply_plan(work, cg, rewriter, layers, nodes, run, touched)
+        elif isinstance(head, InsertLayer):
+            new = [layer for layer in result.layers()
+                   if layer.name not in {old.name for old in current.layers()}]
+            if len(new) != 1:
+                raise EditError(f"internal: InsertLayer({head.after!r}) added {len(new)} layers")
+            step_changed = [new[0].name]
+            _insert(work, head, new[0].name, layers, nodes, run, touched, notes)
+        else:  # pragma: no cover - _normalise admits only the three edit types
+            raise EditError(f"not an edit: {head!r}")
+        changed.extend(n for n in step_changed if n not in changed)
+        current = result
+    difference = None
+    noisy = any(isinstance(e, WidenLayer) and e.noise > 0 for e in edit_list)
+    if check and not noisy:
+        difference = _check_against(work, current, x, atol)
+    order = [layer.name for layer in current.layers()]
+    return TorchEdit(
+        module=work, model=current,
+        layers=MappingProxyType({name: layers[name] for name in order if name in layers}),
+        changed=tuple(n for n in order if n in changed),
+        modules=tuple(dict.fromkeys(touched)),
+        difference=difference, notes=tuple(notes),
+    )
+
+
+# ------------------------------------------------------------------------------- plans
+def _widen_rewriter(cg: ChannelGraph, edit: WidenLayer) -> Rewriter:
+    """The plan and random numbers of :func:`onnxaom.surgery.widen.widen_step`, drawn again
+    from the same seed (the surgery has validated the edit already)."""
+    ref = cg.layer(edit.layer)
+    k = len(ref.slots)
+    rng = np.random.default_rng(edit.seed)
+    if edit.init == "net2net":
+        if edit.sources is not None:
+            sources = np.asarray(edit.sources, dtype=np.int64)
+        else:
+            sources = np.sort(rng.choice(k, size=edit.add, replace=edit.add > k)).astype(np.int64)
+    else:
+        sources = np.full(edit.add, -1, dtype=np.int64)
+    block = cg.slots.roots(ref.slots)
+    plan = WidenPlan(cg, block, sources, edit.layer)
+    return Rewriter(cg, plan, init="random" if edit.init == "random" else "zeros", rng=rng,
+                    noise=edit.noise)
+
+
+def _apply_plan(work: nn.Module, cg: ChannelGraph, r: Rewriter, layers: dict[str, str],
+                nodes: dict[str, str], run: Trace, touched: list[str]) -> list[str]:
+    """Change every module the plan touches, in the surgery's record order (so random draws
+    come in the same order); returns the ONNX layers whose kernels changed."""
+    plan: Plan = r.plan
+    modules = dict(work.named_modules())
+    done: set[str] = set()
+    changed: list[str] = []
+    for rec in cg.records:
+        in_flow = rec.ins[0] if rec.ins else None
+        in_change = plan.change(in_flow) if in_flow is not None else None
+        if rec.layer is not None:
+            name = rec.layer.layer.name
+            out_flow = rec.outs[0] if rec.outs else None
+            out_change = plan.change(out_flow) if out_flow is not None else None
+            if in_change is None and out_change is None:
+                continue
+            path = layers.get(name)
+            if path is None:
+                raise EditError(f"no torch module is mapped to ONNX layer {name!r}")
+            _edit_layer(modules[path], path, r, in_change, out_change)
+            touched.append(path)
+            done.add(path)
+            if out_change is not None:
+                changed.append(name)
+                for follower in run.chain(path):
+                    sub = modules[follower]
+                    if isinstance(sub, PER_CHANNEL_TYPES) and follower not in done:
+                        _edit_per_channel(sub, follower, r, out_change)
+                        touched.append(follower)
+                        done.add(follower)
+        elif in_change is not None and rec.node.op in ("BatchNormalization", "PRelu"):
+            path = nodes.get(rec.node.name)
+            if path is None:
+                raise EditError(
+                    f"ONNX node {rec.node.name!r} ({rec.node.op}) has per-channel parameters "
+                    f"that change with this edit, but no torch module could be identified for "
+                    f"it (not after a layer module, no module path in its name or metadata)")
+            if path not in done:
+                _edit_per_channel(modules[path], path, r, in_change)
+                touched.append(path)
+                done.add(path)
+    return changed
+
+
+# ------------------------------------------------------------------------------- modules
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return np.array(tensor.detach().cpu().numpy(), copy=True)
+
+
+def _set_param(module: nn.Module, name: str, values: np.ndarray) -> None:
+    old = getattr(module, name)
+    new = torch.from_numpy(np.ascontiguousarray(values)).to(device=old.device, dtype=old.dtype)
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
+    else:  # a buffer
+        setattr(module, name, new)
+
+
+def _edit_layer(module: nn.Module, path: str, r: Rewriter, in_change: Change | None,
+                out_change: Change | None) -> None:
+    if isinstance(module, nn.Conv2d):
+        _edit_conv(module, path, r, in_change, out_change)
+    elif isinstance(module, nn.Linear):
+        weight = _numpy(module.weight)  # (K, F)
+        if out_change is not None:
+            weight = r.out_channels(weight, 0, out_change, fan_in=int(weight.shape[1]))
+        if in_change is not None:
+            weight = r.in_channels(weight, 1, in_change)
+        _set_param(module, "weight", weight)
+        module.out_features, module.in_features = int(weight.shape[0]), int(weight.shape[1])
+        if out_change is not None and module.bias is not None:
+            _set_param(module, "bias", r.out_channels(_numpy(module.bias), 0, out_change,
+                                                      fan_in=1, bias=True))
+    else:
+        raise EditError(f"module {path!r} is a {type(module).__name__}; only Conv2d and Linear "
+                        f"layers can be edited")
+
+
+def _edit_conv(module: nn.Conv2d, path: str, r: Rewriter, in_change: Change | None,
+               out_change: Change | None) -> None:
+    weight = _numpy(module.weight)  # (K, C/g, kh, kw)
+    group = module.groups
+    n_in = int(weight.shape[1])
+    taps = int(np.prod(weight.shape[2:]))
+    if group == 1:
+        if out_change is not None:
+            weight = r.out_channels(weight, 0, out_change, fan_in=n_in * taps)
+        if in_change is not None:
+            weight = r.in_channels(weight, 1, in_change)
+    elif n_in == 1:  # depthwise: kernels are tied to input channels, groups follow the input
+        if out_change is not None:
+            weight = r.out_channels(weight, 0, out_change, fan_in=taps)
+        group = in_change.size if in_change is not None else group
+    else:
+        weight = _grouped(path, weight, group, in_change, out_change)
+    _set_param(module, "weight", weight)
+    module.groups = group
+    module.out_channels = int(weight.shape[0])
+    module.in_channels = int(weight.shape[1]) * group
+    if out_change is not None and module.bias is not None:
+        _set_param(module, "bias", r.out_channels(_numpy(module.bias), 0, out_change, fan_in=1,
+                                                  bias=True))
+
+
+def _kept_per_group(change: Change | None, size: int, group: int, path: str) -> list[np.ndarray]:
+    per = size // group
+    if change is None:
+        return [np.arange(per)] * group
+    if change.grows:
+        raise EditError(f"cannot widen through grouped conv {path!r} (groups={group})")
+    kept = [change.index[(change.index >= g * per) & (change.index < (g + 1) * per)] - g * per
+            for g in range(group)]
+    if len({len(k) for k in kept}) != 1 or len(kept[0]) == 0:
+        raise EditError(f"grouped conv {path!r} (groups={group}) would lose unequal numbers of "
+                        f"channels per group")
+    return kept
+
+
+def _grouped(path: str, weight: np.ndarray, group: int, in_change: Change | None,
+             out_change: Change | None) -> np.ndarray:
+    c_out, n_in = int(weight.shape[0]), int(weight.shape[1])
+    ins = _kept_per_group(in_change, n_in * group, group, path)
+    outs = _kept_per_group(out_change, c_out, group, path)
+    per_out = c_out // group
+    return np.concatenate([weight[g * per_out + outs[g]][:, ins[g]] for g in range(group)],
+                          axis=0)
+
+
+def _edit_per_channel(module: nn.Module, path: str, r: Rewriter, change: Change) -> None:
+    if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+        if module.num_features != change.old_size:
+            raise EditError(f"batch norm {path!r} has {module.num_features} features, but the "
+                            f"channels it reads number {change.old_size}")
+        for name, neutral in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0),
+                              ("running_var", 1.0)):
+            if getattr(module, name, None) is not None:
+                _set_param(module, name, r.per_channel(_numpy(getattr(module, name)), 0, change,
+                                                       neutral))
+        module.num_features = change.size
+    elif isinstance(module, nn.PReLU):
+        if module.num_parameters == 1:
+            return
+        _set_param(module, "weight", r.per_channel(_numpy(module.weight), 0, change, 0.25))
+        module.num_parameters = change.size
+    else:  # pragma: no cover - PER_CHANNEL_TYPES lists only the two above
+        raise EditError(f"module {path!r} ({type(module).__name__}) cannot be edited")
+
+
+# ------------------------------------------------------------------------------- insertion
+def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, attr, new)
+
+
+def _new_layer(layer_module: nn.Module, edit: InsertLayer, kernels: int) -> nn.Module:
+    """The inserted layer, with the weights :func:`onnxaom.surgery.deepen.insert_step` gives."""
+    rng = np.random.default_rng(edit.seed)
+    weight_param = layer_module.weight
+    k = kernels
+    new: nn.Module
+    if isinstance(layer_module, nn.Conv2d):
+        size, pad = edit.kernel_size, edit.kernel_size // 2
+        if edit.init == "identity":
+            w = np.zeros((k, k, size, size))
+            w[np.arange(k), np.arange(k), pad, pad] = 1
+        else:
+            w = rng.normal(0.0, np.sqrt(2.0 / (k * size * size)), (k, k, size, size))
+        new = nn.Conv2d(k, k, size, padding=pad)
+    else:
+        w = np.eye(k) if edit.init == "identity" else rng.normal(0.0, np.sqrt(2.0 / k), (k, k))
+        new = nn.Linear(k, k)
+    new = new.to(device=weight_param.device, dtype=weight_param.dtype)
+    with torch.no_grad():
+        new.weight.copy_(torch.from_numpy(w.astype(np.float32)))
+        new.bias.zero_()  # type: ignore[union-attr]
+    return new
+
+
+def _insert(work: nn.Module, edit: InsertLayer, new_name: str, layers: dict[str, str],
+            nodes: dict[str, str], run: Trace, touched: list[str], notes: list[str]) -> None:
+    path = layers.get(edit.after)
+    if path is None:
+        raise EditError(f"no torch module is mapped to ONNX layer {edit.after!r}")
+    modules = dict(work.named_modules())
+    layer_module = modules[path]
+    kernels = int(layer_module.weight.shape[0])  # type: ignore[union-attr,index]
+    chain = list(run.chain(path))
+    counts = run.call_counts()
+    relu_at = next((i for i, p in enumerate(chain) if isinstance(modules[p], nn.ReLU)), None)
+    new = _new_layer(layer_module, edit, kernels)
+    if relu_at is not None and counts.get(chain[relu_at], 0) == 1:
+        target = chain[relu_at]
+        _replace(work, target, nn.Sequential(OrderedDict(
+            [("act", modules[target]), ("deep", new), ("deep_relu", nn.ReLU())])))
+        layers[new_name] = f"{target}.deep"
+    else:
+        before = chain[:relu_at] if relu_at is not None else chain
+        target = ([path, *before])[-1]
+        if counts.get(target, 0) != 1:
+            raise EditError(f"cannot insert a layer after {edit.after!r}: module {target!r} "
+                            f"runs {counts.get(target, 0)} times, so wrapping it would insert "
+                            f"the layer in several places")
+        _replace(work, target, nn.Sequential(OrderedDict(
+            [("body", modules[target]), ("act", nn.ReLU()), ("deep", new)])))
+        for table in (layers, nodes):
+            for key, value in table.items():
+                if value == target:
+                    table[key] = f"{target}.body"
+        layers[new_name] = f"{target}.deep"
+        notes.append(f"the ReLU after {target!r} is functional or shared: wrapped {target!r} "
+                     f"as {target}.body")
+    touched.append(layers[new_name])
+
+
+# ------------------------------------------------------------------------------- the check
+def _check_against(work: nn.Module, oracle: onnxaom.Model, x: torch.Tensor,
+                   atol: float) -> float:
+    """Export ``work``, run it and ``oracle`` on ``x``; raise if they differ."""
+    from .architectures import export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="onnxaom-check-") as tmp:
+        path = export_onnx(work, Path(tmp) / "edited.onnx", input_shape=tuple(x.shape))
+        exported = onnxaom.load(path)
+    feed = x.detach().cpu().numpy().astype(np.float32)
+    got = _run(exported, feed)
+    want = _run(oracle, feed)
+    if got.shape != want.shape:
+        raise EditError(f"the edited torch module gives outputs of shape {got.shape}, the ONNX "
+                        f"surgery result {want.shape}")
+    difference = float(np.abs(got - want).max(initial=0.0))
+    if not np.allclose(got, want, rtol=1e-4, atol=atol):
+        raise EditError(
+            f"the edited torch module differs from the ONNX surgery result by up to "
+            f"{difference:.3g} (tolerance {atol:g}); a module with per-channel parameters or a "
+            f"functional op the adapter cannot follow is on the edited channels' path")
+    return difference
+
+
+def _run(model: onnxaom.Model, x: np.ndarray) -> np.ndarray:
+    session = make_session(model.proto, ["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.asarray(session.run(None, {name: x})[0])

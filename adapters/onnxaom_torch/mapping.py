@@ -1,0 +1,331 @@
+"""ONNX layer names <-> torch module paths, checked against the weights.
+
+onnxaom names layers by their ONNX nodes (:func:`onnxaom.layers.layer_nodes`); an edit names
+``"/conv1/Conv"`` and the torch adapter must find ``conv1``. Evidence, strongest first, for each
+ONNX layer:
+
+1. ``"weight"``: the layer's weight initializer is named after a parameter, ``conv1.weight``
+   (both exporters keep parameter names for weights they do not fold);
+2. ``"node name"``: the legacy exporter's node names carry the module path,
+   ``/layer1/layer1.0/conv1/Conv`` → ``layer1.0.conv1``;
+3. ``"name scopes"``: the dynamo exporter (opset >= 18) records the module path in node metadata
+   ``pkg.torch.onnx.name_scopes``; where it names a batch norm folded into the conv, the conv
+   whose output that batch norm reads is meant;
+4. ``"structure"``: otherwise the layer modules in the order they run are matched to the ONNX
+   layers in topological order.
+
+Every candidate is then *checked*: module type (Conv2d for Conv, Linear for Gemm/MatMul), kernel
+and input counts, groups, and the weight values (allclose; a batch norm folded into the conv by
+the exporter is folded the same way before comparing). A layer whose candidate fails is matched
+by its weights alone among the unmatched modules; if none fits, :class:`ModuleMismatchError`
+names the first mismatch. So is a layer module that runs in the forward pass but has no ONNX
+layer, and a module that runs more than once (shared weights cannot be edited per layer).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+import onnxaom
+from onnxaom.errors import LayerNotFoundError, ModelError
+from onnxaom.graph import GraphIndex
+from onnxaom.layers import Layer
+
+from .trace import LAYER_TYPES, PER_CHANNEL_TYPES, Trace, trace
+
+__all__ = ["LayerMap", "ModuleMismatchError", "example_input", "map_layers", "node_module_paths"]
+
+#: Tolerances of the weight check (relative to the largest weight of the layer for ``atol``).
+RTOL = 1e-4
+ATOL = 1e-5
+#: Node metadata key where the dynamo exporter records the module path.
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+class ModuleMismatchError(ModelError):
+    """The torch module does not compute what the ONNX model computes (names the first
+    mismatch: the ONNX layer, the module and what differs)."""
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """Which torch module is which ONNX layer.
+
+    modules: ONNX layer name -> module path, in the model's layer order.
+    chains: ONNX layer name -> paths of the per-channel / element-wise modules that directly
+        follow the layer in torch (``bn1``, ``relu1`` ...; see :meth:`Trace.chain`).
+    nodes: names of other ONNX nodes with per-channel parameters (BatchNormalization, PRelu not
+        folded into a layer) -> module path, where the module could be identified.
+    how: ONNX layer name -> the evidence used: ``"weight"``, ``"node name"``, ``"name scopes"``,
+        ``"structure"`` or ``"weights"`` (found by its weight values alone).
+    """
+
+    modules: Mapping[str, str]
+    chains: Mapping[str, tuple[str, ...]]
+    nodes: Mapping[str, str]
+    how: Mapping[str, str]
+
+    def __post_init__(self) -> None:
+        for name in ("modules", "chains", "nodes", "how"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    def module_name(self, layer: str) -> str:
+        """The module path of ONNX layer ``layer``."""
+        try:
+            return self.modules[layer]
+        except KeyError:
+            known = ", ".join(self.modules) or "(none)"
+            raise LayerNotFoundError(f"no module is mapped to ONNX layer {layer!r}; mapped "
+                                     f"layers: {known}") from None
+
+    def layer_name(self, module: str) -> str:
+        """The ONNX layer name of module path ``module``."""
+        for layer, path in self.modules.items():
+            if path == module:
+                return layer
+        known = ", ".join(self.modules.values()) or "(none)"
+        raise LayerNotFoundError(f"module {module!r} is not an ONNX layer; layer modules: "
+                                 f"{known}")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"modules": dict(self.modules), "chains": {k: list(v) for k, v in
+                                                         self.chains.items()},
+                "nodes": dict(self.nodes), "how": dict(self.how)}
+
+
+def example_input(model: onnxaom.Model, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """A random float32 input of the ONNX model's first input shape (symbolic dims -> ``batch``
+    for the first axis, 1 elsewhere), drawn from a seeded generator."""
+    graph = model.proto.graph
+    inits = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in inits]
+    if not inputs:
+        raise ModelError(f"model {model.name!r} has no graph input")
+    dims = inputs[0].type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (batch if i == 0
+             else 1) for i, d in enumerate(dims)]
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _legacy_path(node_name: str) -> str | None:
+    """``/layer1/layer1.0/conv1/Conv`` -> ``layer1.0.conv1``; None if not of that form."""
+    if not node_name.startswith("/"):
+        return None
+    parts = [p for p in node_name.split("/")[1:-1] if p]
+    if not parts:
+        return None
+    path = ""
+    for part in parts:
+        path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
+    return path
+
+
+def _scope_path(node: onnx.NodeProto) -> str | None:
+    """The module path the dynamo exporter recorded for ``node`` (last scope is the op)."""
+    for prop in node.metadata_props:
+        if prop.key == NAME_SCOPES:
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            if isinstance(scopes, list | tuple) and len(scopes) >= 2:
+                names = [str(s) for s in scopes[:-1] if s]
+                return ".".join(names) if names else None
+    return None
+
+
+def node_module_paths(node: onnx.NodeProto) -> list[tuple[str, str]]:
+    """Candidate module paths for an ONNX node, strongest evidence first, as (path, how)."""
+    out: list[tuple[str, str]] = []
+    legacy = _legacy_path(node.name)
+    if legacy is not None:
+        out.append((legacy, "node name"))
+    scope = _scope_path(node)
+    if scope is not None:
+        out.append((scope, "name scopes"))
+    return out
+
+
+def _onnx_weight(index: GraphIndex, layer: Layer, node: onnx.NodeProto) -> np.ndarray | None:
+    """The layer's weight as torch lays it out: Conv (K, C/g, kh, kw); Linear (K, F)."""
+    weight = index.constant(node.input[1])
+    if weight is None:
+        return None
+    weight = np.asarray(weight, dtype=np.float64)
+    if layer.op == "Gemm":
+        if not index.attribute(node, "transB", 0):
+            weight = weight.T
+        weight = weight * float(index.attribute(node, "alpha", 1.0))  # type: ignore[arg-type]
+    elif layer.op == "MatMul":
+        weight = weight.T
+    return weight
+
+
+def _torch_weights(module: nn.Module, chain: list[nn.Module]) -> list[np.ndarray]:
+    """The module's weight, and the same with a following eval-mode batch norm folded in."""
+    weight = module.weight.detach().cpu().double().numpy()  # type: ignore[union-attr,operator]
+    out = [weight]
+    bn = chain[0] if chain else None
+    if isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d) and bn.running_var is not None:
+        scale = (bn.weight.detach().cpu().double().numpy() if bn.weight is not None
+                 else np.ones(bn.num_features))
+        scale = scale / np.sqrt(bn.running_var.detach().cpu().double().numpy() + bn.eps)
+        if scale.shape[0] == weight.shape[0]:
+            out.append(weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1)))
+    return out
+
+
+def _check(layer: Layer, node: onnx.NodeProto, onnx_w: np.ndarray | None, path: str,
+           module: nn.Module, chain: list[nn.Module], index: GraphIndex) -> str | None:
+    """Why ``module`` is not ``layer`` (None: it is)."""
+    kind = type(module).__name__
+    want = nn.Conv2d if layer.op == "Conv" else nn.Linear
+    if not isinstance(module, want):
+        return f"module {path!r} is a {kind}, ONNX layer {layer.name!r} is a {layer.op}"
+    if onnx_w is None:
+        return f"ONNX layer {layer.name!r} has weights that are not constant"
+    weight = module.weight
+    if tuple(weight.shape) != onnx_w.shape:
+        return (f"ONNX layer {layer.name!r} has weights of shape {onnx_w.shape}, module "
+                f"{path!r} ({kind}) has {tuple(weight.shape)}")
+    if isinstance(module, nn.Conv2d):
+        group = int(index.attribute(node, "group", 1))  # type: ignore[call-overload]
+        if group != module.groups:
+            return (f"ONNX layer {layer.name!r} has group={group}, module {path!r} has "
+                    f"groups={module.groups}")
+    scale = max(1.0, float(np.abs(onnx_w).max(initial=0.0)))
+    for candidate in _torch_weights(module, chain):
+        if np.allclose(candidate, onnx_w, rtol=RTOL, atol=ATOL * scale):
+            return None
+    return (f"ONNX layer {layer.name!r} and module {path!r} ({kind}) have different weight "
+            f"values (max difference {np.abs(_torch_weights(module, chain)[0] - onnx_w).max():.3g})")
+
+
+def map_layers(module: nn.Module, model: onnxaom.Model,
+               example: torch.Tensor | None = None) -> LayerMap:
+    """Map every ONNX layer of ``model`` to the module of ``module`` that computes it.
+
+    ``example`` is an input for one forward pass (default: :func:`example_input`); ``module`` is
+    not changed. Raises :class:`ModuleMismatchError` naming the first mismatch.
+    """
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    if not isinstance(model, onnxaom.Model):
+        raise ModelError(f"expected an onnxaom.Model, got {type(model).__name__}; load one with "
+                         f"onnxaom.load(path)")
+    x = example_input(model) if example is None else example
+    try:
+        run = trace(module, x)
+    except Exception as exc:  # the module cannot run the ONNX model's input at all
+        raise ModuleMismatchError(
+            f"{type(module).__name__} cannot run an input of shape {tuple(x.shape)} (the ONNX "
+            f"model {model.name!r}'s input): {type(exc).__name__}: {exc}") from exc
+    return _match(module, model, run)
+
+
+def _match(module: nn.Module, model: onnxaom.Model, run: Trace) -> LayerMap:
+    proto = model.proto
+    index = GraphIndex(proto)
+    layers = model.layers()
+    modules = dict(module.named_modules())
+    counts = run.call_counts()
+    ran = run.layers()
+    initializer_owner = {f"{p}.weight": p for p in modules}
+
+    def chain_of(path: str) -> list[nn.Module]:
+        return [modules[p] for p in run.chain(path)]
+
+    def candidates(layer: Layer, node: onnx.NodeProto) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
+        owner = initializer_owner.get(node.input[1])
+        if owner is not None:
+            found.append((owner, "weight"))
+        for path, how in node_module_paths(node):
+            sub = modules.get(path)
+            if isinstance(sub, PER_CHANNEL_TYPES):  # dynamo: a batch norm folded into the conv
+                producer = run.producer_of_input(path)
+                if producer is not None:
+                    found.append((producer, how))
+            elif sub is not None:
+                found.append((path, how))
+        return found
+
+    chosen: dict[str, tuple[str, str]] = {}
+    problems: dict[str, str] = {}
+    for layer in layers:
+        node = proto.graph.node[layer.node_index]
+        onnx_w = _onnx_weight(index, layer, node)
+        for path, how in candidates(layer, node):
+            if path in {p for p, _ in chosen.values()}:
+                continue
+            why = _check(layer, node, onnx_w, path, modules[path], chain_of(path), index)
+            if why is None:
+                chosen[layer.name] = (path, how)
+                break
+            problems.setdefault(layer.name, why)
+    # structure: unmatched ONNX layers against unmatched layer modules, in order
+    free_layers = [layer for layer in layers if layer.name not in chosen]
+    used = {p for p, _ in chosen.values()}
+    free_modules = [p for p in ran if p not in used]
+    if free_layers and len(free_layers) == len(free_modules):
+        for layer, path in zip(free_layers, free_modules, strict=True):
+            node = proto.graph.node[layer.node_index]
+            why = _check(layer, node, _onnx_weight(index, layer, node), path, modules[path],
+                         chain_of(path), index)
+            if why is None:
+                chosen[layer.name] = (path, "structure")
+            else:
+                problems.setdefault(layer.name, why)
+    for layer in layers:  # last resort: any unmatched module with the same weights
+        if layer.name in chosen:
+            continue
+        node = proto.graph.node[layer.node_index]
+        onnx_w = _onnx_weight(index, layer, node)
+        used = {p for p, _ in chosen.values()}
+        for path in ran:
+            if path not in used and _check(layer, node, onnx_w, path, modules[path],
+                                           chain_of(path), index) is None:
+                chosen[layer.name] = (path, "weights")
+                break
+    for layer in layers:
+        if layer.name not in chosen:
+            why = problems.get(layer.name) or (
+                f"no module of {type(module).__name__} has its kind, shape and weights "
+                f"({layer.op}, {layer.kernels} kernels)")
+            raise ModuleMismatchError(
+                f"the module does not match ONNX model {model.name!r}: layer {layer.name!r} "
+                f"has no module: {why}. Export the module again (onnxaom_torch.export_onnx) or "
+                f"pass the ONNX model exported from this module")
+    used = {p for p, _ in chosen.values()}
+    extra = [p for p in ran if p not in used]
+    if extra:
+        raise ModuleMismatchError(
+            f"the module does not match ONNX model {model.name!r}: module {extra[0]!r} "
+            f"({type(modules[extra[0]]).__name__}) runs in the forward pass but no ONNX layer "
+            f"matches it")
+    shared = [p for p in used if counts.get(p, 0) > 1]
+    if shared:
+        raise ModuleMismatchError(
+            f"module {shared[0]!r} runs {counts[shared[0]]} times in one forward pass; onnxaom "
+            f"edits each ONNX layer on its own, so modules used more than once are not supported")
+    nodes: dict[str, str] = {}
+    for node in proto.graph.node:
+        if node.op_type in ("BatchNormalization", "PRelu"):
+            for path, _ in node_module_paths(node):
+                if isinstance(modules.get(path), PER_CHANNEL_TYPES):
+                    nodes[node.name] = path
+                    break
+    return LayerMap(
+        modules={layer.name: chosen[layer.name][0] for layer in layers},
+        chains={layer.name: run.chain(chosen[layer.name][0]) for layer in layers},
+        nodes=nodes,
+        how={layer.name: chosen[layer.name][1] for layer in layers},
+    )

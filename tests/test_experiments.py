@@ -1,0 +1,161 @@
+"""experiments/: kernel removal and frozen retraining against torch, the selectors, the tables,
+and the reduced (digits) version of experiments/fashion_mnist.py end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxaom_torch")
+torchnet = pytest.importorskip("experiments.torchnet")
+
+from experiments import selection, tables  # noqa: E402 (after the torch skip)
+from onnxaom_torch import PaperMNISTNet  # noqa: E402
+
+
+def _net(seed: int = 0) -> PaperMNISTNet:
+    torch.manual_seed(seed)
+    net = PaperMNISTNet(conv_kernels=(6, 5), hidden=8)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+@pytest.mark.parametrize("layer", ["conv1", "conv2"])
+def test_remove_kernels_equals_zeroing(layer):
+    net = _net()
+    x = torch.rand(4, 1, 28, 28)
+    k = getattr(net, layer).out_channels
+    keep = [4, 0, 2] if layer == "conv1" else [3, 1]
+    reduced = torchnet.remove_kernels(net, layer, keep)
+    assert getattr(reduced, layer).out_channels == len(keep)
+    mask = np.zeros(k, dtype=bool)
+    mask[keep] = True
+    with torch.no_grad(), torchnet.kernel_mask(net, layer, mask):
+        zeroed = net(x)
+    with torch.no_grad():
+        assert torch.allclose(reduced(x), zeroed, atol=1e-5)
+    # the features of the reduced model are the kept channels of the unreduced model's
+    h = torchnet.prefix_features(net, layer, x)[:, keep]
+    torchnet.check_features(reduced, layer, x, h)
+    # the source model is untouched
+    assert getattr(net, layer).out_channels == k
+
+
+def test_remove_kernels_rejects_bad_indices():
+    with pytest.raises(ValueError, match="distinct kernel indices"):
+        torchnet.remove_kernels(_net(), "conv1", [0, 0])
+    with pytest.raises(ValueError, match="layer must be"):
+        torchnet.remove_kernels(_net(), "fc1", [0])
+
+
+def test_retrain_suffix_freezes_the_prefix():
+    net = _net()
+    x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    conv1 = net.conv1.weight.detach().clone()
+    conv2 = net.conv2.weight.detach().clone()
+    fc1 = net.fc1.weight.detach().clone()
+    h = torchnet.prefix_features(net, "conv1", x)
+    torchnet.retrain_suffix(net, "conv1", h, y, torchnet.TrainConfig(batch_size=16, seed=1))
+    assert torch.equal(net.conv1.weight, conv1)
+    assert not torch.equal(net.conv2.weight, conv2)
+    assert not torch.equal(net.fc1.weight, fc1)
+
+
+def test_retrain_on_features_matches_full_network_training():
+    """Training the suffix on cached features takes the same steps as training the whole net
+    with the prefix frozen."""
+    a, b = _net(), _net()
+    x, y = torch.rand(48, 1, 28, 28), torch.randint(0, 10, (48,))
+    config = torchnet.TrainConfig(batch_size=16, seed=3)
+    torchnet.retrain_suffix(a, "conv2", torchnet.prefix_features(a, "conv2", x), y, config)
+    params = torchnet.freeze(b, "conv2")
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    for batch in torch.randperm(len(y), generator=generator).split(config.batch_size):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(b(x[batch]), y[batch]).backward()
+        optimizer.step()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-5)
+
+
+def test_random_and_magnitude_selectors():
+    assert selection.random_keep(16, 5, seed=0) == selection.random_keep(16, 5, seed=0)
+    assert len(set(selection.random_keep(16, 5, seed=1))) == 5
+    pytest.importorskip("torch_pruning")
+    net = _net()
+    with torch.no_grad():
+        net.conv1.weight[2].mul_(100.0)  # by far the largest filter
+    kept = selection.magnitude_keep(net, "conv1", 2)
+    assert len(kept) == 2 and 2 in kept
+
+
+def test_tables_from_runs():
+    runs = []
+    for seed in (0, 1):
+        runs.append({"stage": "conv1", "seed": seed, "method": "unreduced", "n": 16,
+                     "accuracy_before": 0.9, "accuracy": 0.9})
+        for method, acc in (("proposal:paper", 0.88), ("magnitude", 0.85), ("random", 0.8)):
+            for n in (4, 3):
+                runs.append({"stage": "conv1", "seed": seed, "method": method, "n": n,
+                             "accuracy_before": acc - 0.1, "accuracy": acc + 0.01 * seed})
+    results = {"runs": runs, "stages": {"conv1": {"kernels": 16}},
+               "config": {"stage2_from": 5, "epochs": 3, "seeds": [0, 1]},
+               "base": {"accuracy": 0.9}, "parameters": {"16x16": 10}}
+    table = tables.selection_table(results, "conv1")
+    assert "| 16 (unreduced) |" in table and "| 4 |" in table and "| 3 |" in table
+    assert "**88.50 ± 0.71**" in table
+    checks = tables.target_checks(results, "paper")
+    assert [c["met"] for c in checks if "at 4" in c["target"]] == [True]
+    assert tables.selection_chart(results).to_dict()["facet"]
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end(tmp_path):
+    from experiments import fashion_mnist
+
+    out = tmp_path / "quick"
+    assert fashion_mnist.main(["--quick", "--out", str(out), "--no-render"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert 0.5 < results["base"]["accuracy"] <= 1.0
+    config = results["config"]
+    methods = {f"proposal:{s}" for s in config["strategies"]} | {"magnitude", "random",
+                                                                "unreduced"}
+    for stage in ("conv1", "conv2"):
+        runs = [r for r in results["runs"] if r["stage"] == stage]
+        assert {r["method"] for r in runs} == methods
+        assert {r["n"] for r in runs} == {*config["counts"], 16}
+        assert len(runs) == len(config["seeds"]) * (1 + len(config["counts"]) * (len(methods) - 1))
+        for r in runs:
+            assert 0.0 <= r["accuracy_before"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0
+            assert len(r["kept"]) == r["n"] == len(set(r["kept"]))
+        # sanity: the reduced, retrained models still classify
+        after = np.mean([r["accuracy"] for r in runs])
+        assert after > 0.5
+    assert len(results["fig8"]) == 10
+    for rec in results["fig8"]:
+        assert rec["selective"] + rec["not_selective"] == 16
+        for key in ("accuracy_all", "accuracy_selective", "accuracy_not_selective"):
+            assert 0.0 <= rec[key] <= 1.0
+    md = (out / "tables.md").read_text()
+    for heading in ("## Pipeline", "## Selection quality: conv1", "## Selection quality: conv2",
+                    "## Kernel selectivity experiment", "## Targets"):
+        assert heading in md
+    assert (out / "base_stats.npz").exists() and (out / "base_findings.json").exists()
+
+
+def test_charts_render(tmp_path):
+    pytest.importorskip("vl_convert")
+    from onnxaom.report import render
+
+    results = {"runs": [
+        {"stage": "conv1", "seed": s, "method": m, "n": n, "accuracy": 0.8 + 0.01 * s}
+        for s in (0, 1) for m in ("proposal:paper", "random") for n in (3, 5)
+    ] + [{"stage": "conv1", "seed": 0, "method": "unreduced", "n": 16, "accuracy": 0.9}]}
+    path = render(tables.selection_chart(results), tmp_path / "selection.svg")
+    assert path.read_text().startswith("<svg")
