@@ -3,7 +3,7 @@ statistics driving the kernel selection, against L1 magnitude (torch-pruning) an
 
 Run from the repository root (about 60 minutes on 2 CPU cores; ``--quick``: seconds)::
 
-    .venv/bin/python -m experiments.fashion_mnist --out experiments/results --seeds 3 --epochs 4
+    .venv/bin/python -m experiments.fashion_mnist --out experiments/results --seeds 3 --epochs 5
     .venv/bin/python -m experiments.fashion_mnist --quick --out /tmp/quick
 
 What it does:
@@ -51,9 +51,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from onnxaom_torch import PaperMNISTNet, export_onnx
+from onnxaom_torch.edit import apply_edits
+from onnxaom_torch.train import evaluate
 
 import onnxaom
-from onnxaom_torch import PaperMNISTNet, export_onnx
+from onnxaom.edits import RemoveKernels
 
 from . import selection, tables, torchnet
 from .torchnet import TrainConfig
@@ -71,20 +74,21 @@ class Config:
     """Every setting that changes the numbers (stored in results.json)."""
 
     dataset: str = "fashion-mnist"
-    epochs: int = 4
+    epochs: int = 5
     batch_size: int = 128
     lr: float = 1e-3
     retrain_epochs: int = 1
     base_seed: int = 0
     seeds: tuple[int, ...] = (0, 1, 2)
     counts: tuple[int, ...] = (8, 6, 5, 4, 3, 2)
-    strategies: tuple[str, ...] = ("paper", "clusters", "selectivity")
+    strategies: tuple[str, ...] = ("paper", "clusters", "coverage", "selectivity")
     pipeline_strategy: str = "paper"
     stage2_from: int = 5
     stages: tuple[str, ...] = ("conv1", "conv2")
     fig8_layer: str = "conv2"
-    use_library_proposal: bool = True
-    threads: int = 2
+    # One intra-op thread: on a 2-core machine shared with other jobs, 2 OpenMP threads were
+    # 5-10x slower than 1 (oversubscription), e.g. 101 ms vs 10 ms per fc1/fc2 training step.
+    threads: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -133,9 +137,9 @@ def load_data(dataset: str) -> Data:
 
 # ----------------------------------------------------------------------------- statistics
 def statistics_of(model: PaperMNISTNet, data: Data, folder: Path, name: str, threads: int
-                  ) -> tuple[onnxaom.OccurrenceStats, onnxaom.Findings, float]:
+                  ) -> tuple[onnxaom.OccurrenceStats, onnxaom.Findings, float, onnxaom.Model]:
     """Export ``model`` to ``folder/name.onnx`` and collect onnxaom's statistics of both convs
-    over the training set; returns (stats, findings, seconds)."""
+    over the training set; returns (stats, findings, seconds, the ONNX model)."""
     path = export_onnx(model, folder / f"{name}.onnx", input_shape=(1, 1, 28, 28))
     start = time.perf_counter()
     stats = onnxaom.collect(
@@ -144,7 +148,7 @@ def statistics_of(model: PaperMNISTNet, data: Data, folder: Path, name: str, thr
         batch_size=500,
     )
     findings = onnxaom.analyze(stats)
-    return stats, findings, time.perf_counter() - start
+    return stats, findings, time.perf_counter() - start, onnxaom.load(path)
 
 
 def layer_summary(stats: onnxaom.OccurrenceStats, findings: onnxaom.Findings, layer: str
@@ -155,7 +159,7 @@ def layer_summary(stats: onnxaom.OccurrenceStats, findings: onnxaom.Findings, la
         "selectivity": [round(float(v), 6) for v in stats.selectivity(ONNX_LAYER[layer])],
         "ineffective": [f.to_dict() for f in lf.ineffective],
         "redundant_groups": [g.to_dict() for g in lf.redundant_groups],
-        "natural_size": selection.natural_size(findings, ONNX_LAYER[layer]),
+        "natural_size": selection.natural_size(stats, findings, ONNX_LAYER[layer]),
     }
 
 
@@ -173,10 +177,11 @@ def selectivity_experiment(model: PaperMNISTNet, stats: onnxaom.OccurrenceStats,
         rec: dict[str, Any] = {"class": name, "selective": int(selective.sum()),
                                "not_selective": int((~selective).sum()),
                                "samples": len(x)}
-        rec["accuracy_all"] = float((torchnet.predict(model, x) == c).mean())
+        labels = torch.full((len(x),), c, dtype=torch.long)
+        rec["accuracy_all"] = evaluate(model, (x, labels), device="cpu").accuracy
         for key, keep in (("selective", selective), ("not_selective", ~selective)):
             with torchnet.kernel_mask(model, layer, keep):
-                rec[f"accuracy_{key}"] = float((torchnet.predict(model, x) == c).mean())
+                rec[f"accuracy_{key}"] = evaluate(model, (x, labels), device="cpu").accuracy
         records.append(rec)
     return records
 
@@ -209,21 +214,30 @@ def _parameters(k1: int, k2: int) -> int:
     return sum(p.numel() for p in PaperMNISTNet(conv_kernels=(k1, k2)).parameters())
 
 
+def _accuracy(model: torch.nn.Module, data: Data) -> float:
+    return evaluate(model, (data.x_test, data.y_test), batch_size=1000, device="cpu").accuracy
+
+
 def reduce_stage(
-    base: PaperMNISTNet, stage: str, seed: int, stats: onnxaom.OccurrenceStats,
+    base: PaperMNISTNet, base_onnx: onnxaom.Model, stage: str, seed: int,
+    stats: onnxaom.OccurrenceStats,
     findings: onnxaom.Findings, features: torch.Tensor, data: Data, config: Config,
-    recorder: Recorder, keep_model: tuple[str, int] | None = None,
+    recorder: Recorder, before_cache: dict[tuple[int, ...], float],
+    keep_model: tuple[str, int] | None = None,
 ) -> PaperMNISTNet | None:
     """Every (method, n) of one stage for one seed; returns the model of ``keep_model`` (method,
-    n) after retraining, if asked."""
+    n) after retraining, if asked. ``before_cache``: test accuracy right after removal by kept
+    kernels, shared by the seeds that reduce the same ``base``.
+
+    Kernels are removed by the torch adapter (:func:`onnxaom_torch.edit.apply_edits`, checked
+    against onnxaom's ONNX surgery of ``base_onnx``); the frozen part is computed once
+    (``features``: :func:`torchnet.prefix_features` of ``base``) and the rest retrained on it."""
     k = getattr(base, stage).out_channels
     jobs: list[tuple[str, int, tuple[int, ...], str]] = [("unreduced", k, tuple(range(k)), "-")]
     for n in config.counts:
         for strategy in config.strategies:
-            kept, impl = selection.proposal_keep(
-                stats, findings, ONNX_LAYER[stage], n, strategy,
-                use_library=config.use_library_proposal)
-            jobs.append((f"proposal:{strategy}", n, kept, impl))
+            kept = selection.proposal_keep(stats, findings, ONNX_LAYER[stage], n, strategy)
+            jobs.append((f"proposal:{strategy}", n, kept, "onnxaom.proposal"))
         jobs.append(("magnitude", n, selection.magnitude_keep(base, stage, n), "torch-pruning"))
         jobs.append(("random", n, selection.random_keep(k, n, seed, salt=1 + torchnet.STAGES
                                                         .index(stage)), "numpy"))
@@ -241,16 +255,24 @@ def reduce_stage(
             recorder.results["runs"].append(run)
             recorder.save()
             continue
-        model = torchnet.remove_kernels(base, stage, kept)
-        before = torchnet.accuracy(model, data.x_test, data.y_test)
+        removed = tuple(i for i in range(k) if i not in kept)
+        if removed:
+            edit = apply_edits(base, base_onnx, [RemoveKernels(ONNX_LAYER[stage], removed)])
+            model = edit.module
+            difference = edit.difference
+        else:
+            model, difference = torchnet.clone(base), 0.0
+        if kept not in before_cache:  # no retraining yet: the same for every seed
+            before_cache[kept] = _accuracy(model, data)
+        before = before_cache[kept]
         h = features[:, list(kept)].contiguous()
         torchnet.check_features(model, stage, data.x_train[:16], h[:16])
         info = torchnet.retrain_suffix(model, stage, h, data.y_train, TrainConfig(
             epochs=config.retrain_epochs, batch_size=config.batch_size, lr=config.lr, seed=seed))
         del h
         run = {"stage": stage, "seed": seed, "method": method, "n": n, "kept": list(kept),
-               "impl": impl, "accuracy_before": before,
-               "accuracy": torchnet.accuracy(model, data.x_test, data.y_test),
+               "impl": impl, "accuracy_before": before, "accuracy": _accuracy(model, data),
+               "edit_check_difference": difference,
                "loss": info["loss"], "seconds": round(info["seconds"], 2)}
         log.info("%s seed %d %-22s n=%2d kept=%s: %.4f -> %.4f (%.1f s)", stage, seed, method, n,
                  list(kept), before, run["accuracy"], info["seconds"])
@@ -297,7 +319,7 @@ def run(config: Config, out: Path, *, resume: bool = False, render: bool = True
     base_info["accuracy"] = torchnet.accuracy(base, data.x_test, data.y_test)
     res["base"] = base_info
     log.info("trained model: test accuracy %.4f", base_info["accuracy"])
-    stats, findings, secs = statistics_of(base, data, models, "base", config.threads)
+    stats, findings, secs, base_onnx = statistics_of(base, data, models, "base", config.threads)
     stats.save(out / "base_stats.npz")
     findings.to_json(out / "base_findings.json")
     res["statistics"] = {"base": {"seconds": secs, "findings": findings.summary_lines(),
@@ -315,12 +337,14 @@ def run(config: Config, out: Path, *, resume: bool = False, render: bool = True
     # 3. conv1, every seed; keep the pipeline model of each seed for stage 2
     res["stages"]["conv1"] = {"kernels": base.conv1.out_channels}
     pipeline = (f"proposal:{config.pipeline_strategy}", config.stage2_from)
+    keep_model = pipeline if "conv2" in config.stages else None
     stage2_bases: dict[int, PaperMNISTNet] = {}
     features = torchnet.prefix_features(base, "conv1", data.x_train)
+    before: dict[tuple[int, ...], float] = {}
     for seed in config.seeds:
         path = models / f"stage2_base_seed{seed}.pt"
-        model = reduce_stage(base, "conv1", seed, stats, findings, features, data, config,
-                             recorder, keep_model=pipeline if "conv2" in config.stages else None)
+        model = reduce_stage(base, base_onnx, "conv1", seed, stats, findings, features, data,
+                             config, recorder, before, keep_model=keep_model)
         if model is not None:
             torch.save(model.state_dict(), path)
             stage2_bases[seed] = model
@@ -336,13 +360,13 @@ def run(config: Config, out: Path, *, resume: bool = False, render: bool = True
                                   "from_conv1": config.stage2_from}
         for seed in config.seeds:
             base2 = stage2_bases[seed]
-            stats2, findings2, secs = statistics_of(base2, data, models, f"stage2_seed{seed}",
-                                                    config.threads)
+            stats2, findings2, secs, onnx2 = statistics_of(base2, data, models,
+                                                           f"stage2_seed{seed}", config.threads)
             res["statistics"][f"stage2_seed{seed}"] = {
                 "seconds": secs, "conv2": layer_summary(stats2, findings2, "conv2")}
             features = torchnet.prefix_features(base2, "conv2", data.x_train)
-            reduce_stage(base2, "conv2", seed, stats2, findings2, features, data, config,
-                         recorder)
+            reduce_stage(base2, onnx2, "conv2", seed, stats2, findings2, features, data, config,
+                         recorder, {})
             del features
 
     res["seconds"] = time.perf_counter() - start
@@ -407,9 +431,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pipeline-strategy", default=None)
     parser.add_argument("--stage2-from", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--local-proposal", action="store_true",
-                        help="use experiments.selection's strategies even if onnxaom.proposal "
-                             "exists")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-render", action="store_true", help="skip PNG/SVG charts")
     args = parser.parse_args(argv)
@@ -423,8 +444,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             changes[name] = getattr(args, name)
     if args.strategies is not None:
         changes["strategies"] = tuple(s for s in args.strategies.split(",") if s)
-    if args.local_proposal:
-        changes["use_library_proposal"] = False
     config = Config(**{**asdict(config), **changes})
     run(config, args.out, resume=args.resume, render=not args.no_render)
     print((args.out / "tables.md").read_text())

@@ -102,7 +102,7 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- kernel removal
 def _shape(model: PaperMNISTNet) -> dict[str, int]:
     k2 = model.conv2.out_channels
-    side = int(round((model.fc1.in_features // k2) ** 0.5))
+    side = round((model.fc1.in_features // k2) ** 0.5)
     return {
         "in_channels": model.conv1.in_channels,
         "num_classes": model.fc2.out_features,

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_collect_options(p)
     p.set_defaults(func=_cmd_demo)
 
-    for extension in ("cli_surgery", "cli_report"):
+    for extension in ("cli_surgery", "cli_report", "cli_session"):
         module_name = f"{__package__}.{extension}"
         try:
             module = __import__(module_name, fromlist=["add_parsers"])

@@ -95,7 +95,7 @@ def layer_nodes(model: onnx.ModelProto) -> list[tuple[int, str, int]]:
         if kernels is None:
             continue
         name = node.name
-        if not name:  # numbered among the unnamed nodes of that op, so named insertions don't shift it
+        if not name:  # counted among unnamed nodes only: a named insertion shifts no name
             name = f"{node.op_type}_{per_op[node.op_type]}"
             per_op[node.op_type] += 1
         unique, n = name, 1

@@ -333,9 +333,30 @@ def test_fresh_process_on_cpu_prints_nothing(tmp_path) -> None:
         "s = onnxaom.collect(m, x, np.arange(6) % 2, progress=False)\n"
         "print(s.metadata['provider'])\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     if not cuda_available():
         assert result.stdout.strip() == "CPUExecutionProvider"
+
+
+def test_nan_check_can_be_switched_off() -> None:
+    proto = zoo.chain()
+    bias = next(t for t in proto.graph.initializer if t.name == proto.graph.node[0].input[2])
+    value = numpy_helper.to_array(bias).copy()
+    value[0] = np.nan
+    bias.CopyFrom(numpy_helper.from_array(value, bias.name))
+    images, labels = data_for(proto, n=4, classes=2)
+    for method in ("graph", "plain"):
+        stats = collect(
+            onnxaom.Model(proto),
+            images,
+            labels,
+            method=method,
+            check_nan=False,
+            progress=False,
+            layers=["conv1"],
+        )
+        assert stats.counts["conv1"][0].sum() == 0  # NaN is not > 0

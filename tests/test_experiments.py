@@ -12,8 +12,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxaom_torch")
 torchnet = pytest.importorskip("experiments.torchnet")
 
-from experiments import selection, tables  # noqa: E402 (after the torch skip)
 from onnxaom_torch import PaperMNISTNet  # noqa: E402
+
+from experiments import selection, tables  # noqa: E402 (after the torch skip)
 
 
 def _net(seed: int = 0) -> PaperMNISTNet:
@@ -82,6 +83,58 @@ def test_retrain_on_features_matches_full_network_training():
         optimizer.step()
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.allclose(pa, pb, atol=1e-5)
+
+
+def test_retrain_suffix_matches_the_adapters_retrain():
+    """The experiments' cached-feature retraining takes the same steps as the torch adapter's
+    retrain(frozen=...) running the whole network."""
+    train = pytest.importorskip("onnxaom_torch.train")
+    net = _net()
+    x, y = torch.rand(40, 1, 28, 28), torch.randint(0, 10, (40,))
+    ours = torchnet.clone(net)
+    torchnet.retrain_suffix(ours, "conv1", torchnet.prefix_features(ours, "conv1", x), y,
+                            torchnet.TrainConfig(batch_size=16, seed=5))
+    theirs = train.retrain(net, (x, y), 1, batch_size=16, seed=5, device="cpu",
+                           frozen=["conv1"], progress=False).module
+    for (name, pa), pb in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-5), name
+
+
+def test_remove_kernels_matches_the_adapters_edit(tmp_path):
+    edit = pytest.importorskip("onnxaom_torch.edit")
+    from onnxaom_torch import export_onnx
+
+    import onnxaom
+    from onnxaom.edits import RemoveKernels
+
+    net = _net()
+    model = onnxaom.load(export_onnx(net, tmp_path / "net.onnx", input_shape=(1, 1, 28, 28)))
+    x = torch.rand(3, 1, 28, 28)
+    for layer, keep in (("conv1", [1, 3, 5]), ("conv2", [0, 4])):
+        k = getattr(net, layer).out_channels
+        removed = [i for i in range(k) if i not in keep]
+        adapted = edit.apply_edits(net, model, [RemoveKernels(f"/{layer}/Conv", removed)]).module
+        with torch.no_grad():
+            assert torch.allclose(adapted(x), torchnet.remove_kernels(net, layer, keep)(x),
+                                  atol=1e-5)
+
+
+def test_proposal_keep_gives_exactly_n(tmp_path):
+    from onnxaom_torch import export_onnx
+
+    import onnxaom
+
+    net = _net()
+    path = export_onnx(net, tmp_path / "net.onnx", input_shape=(1, 1, 28, 28))
+    rng = np.random.default_rng(0)
+    stats = onnxaom.collect(str(path), rng.random((60, 1, 28, 28), dtype=np.float32),
+                            np.arange(60) % 3, progress=False, provider="cpu")
+    findings = onnxaom.analyze(stats)
+    for strategy in selection.STRATEGIES:
+        for n in (1, 2, 4):
+            kept = selection.proposal_keep(stats, findings, "/conv1/Conv", n, strategy)
+            assert len(kept) == n and list(kept) == sorted(set(kept))
+    assert 1 <= selection.natural_size(stats, findings, "/conv2/Conv") <= 5
 
 
 def test_random_and_magnitude_selectors():

@@ -395,6 +395,8 @@ def _new_layer(layer_module: nn.Module, edit: InsertLayer, kernels: int) -> nn.M
     """The inserted layer, with the weights :func:`onnxaom.surgery.deepen.insert_step` gives."""
     rng = np.random.default_rng(edit.seed)
     weight_param = layer_module.weight
+    if not isinstance(weight_param, torch.Tensor):
+        raise EditError(f"layer module {type(layer_module).__name__} has no weight tensor")
     k = kernels
     new: nn.Module
     if isinstance(layer_module, nn.Conv2d):

@@ -39,7 +39,7 @@ from onnxaom.errors import LayerNotFoundError, ModelError
 from onnxaom.graph import GraphIndex
 from onnxaom.layers import Layer
 
-from .trace import LAYER_TYPES, PER_CHANNEL_TYPES, Trace, trace
+from .trace import PER_CHANNEL_TYPES, Trace, trace
 
 __all__ = ["LayerMap", "ModuleMismatchError", "example_input", "map_layers", "node_module_paths"]
 
@@ -205,8 +205,9 @@ def _check(layer: Layer, node: onnx.NodeProto, onnx_w: np.ndarray | None, path: 
     for candidate in _torch_weights(module, chain):
         if np.allclose(candidate, onnx_w, rtol=RTOL, atol=ATOL * scale):
             return None
+    worst = float(np.abs(_torch_weights(module, chain)[0] - onnx_w).max())
     return (f"ONNX layer {layer.name!r} and module {path!r} ({kind}) have different weight "
-            f"values (max difference {np.abs(_torch_weights(module, chain)[0] - onnx_w).max():.3g})")
+            f"values (max difference {worst:.3g})")
 
 
 def map_layers(module: nn.Module, model: onnxaom.Model,

@@ -1,0 +1,369 @@
+"""The torch runner of a tuning session: edit, freeze, retrain, export, evaluate, step by step.
+
+:class:`TorchRunner` implements :class:`onnxaom.tuning.Runner`. For each step it takes the
+current step's torch module and ONNX model, applies the edits to the module
+(:func:`~onnxaom_torch.edit.apply_edits`, checked against the ONNX surgery), freezes the layers
+the paper freezes, retrains (:func:`~onnxaom_torch.train.retrain`), exports the result to ONNX
+(:func:`~onnxaom_torch.architectures.export_onnx`) and evaluates it on the test data
+(:func:`~onnxaom_torch.train.evaluate`). The session stores the ONNX model and the module's
+``state_dict`` (``models/step_<i>.pt``).
+
+A step's module is rebuilt from the files alone: the *factory* (``"package.module:Class"`` with
+JSON keyword arguments, kept in the session's config) makes step 0's architecture, its
+``state_dict`` is loaded, then the edits of every step on the way are replayed (structure only)
+and each step's ``state_dict`` is loaded in turn. Rebuilt modules are cached by model digest.
+
+Freezing (``freeze=``), the layers kept as they are while the rest retrains:
+
+* ``"upto"`` (default, Sec. V-A): every layer up to and including the last layer that lost
+  kernels in this step ("we freeze the weights of this layer and retrain the model from the
+  second layer onward"; after layer 2, "only the fully-connected layers" retrain);
+* ``"edited"``: only the layers that lost kernels (coupled ones included);
+* ``"none"``: everything retrains.
+
+Layers a step widens or inserts are never frozen. A frozen layer's batch norm is frozen with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import math
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import onnxaom
+from onnxaom.data import Dataset
+from onnxaom.edits import Edit
+from onnxaom.session import Artifact, SessionError, TuningSession
+from onnxaom.tuning import StepOutcome, StepReport, apply_step, tune
+
+from .architectures import export_onnx
+from .edit import TorchEdit, apply_edits
+from .mapping import ModuleMismatchError, map_layers
+from .trace import PER_CHANNEL_TYPES, trace
+from .train import evaluate, retrain
+
+__all__ = ["FREEZE_POLICIES", "TorchRunner", "runner_from_session"]
+
+logger = logging.getLogger(__name__)
+
+FREEZE_POLICIES = ("upto", "edited", "none")
+#: The module path :func:`runner_from_session` is found under (kept in session configs).
+RUNNER_MODULE = "onnxaom_torch.runner"
+#: Options kept in the session config and given back to the runner on resume.
+OPTIONS = ("epochs", "lr", "batch_size", "seed", "device", "freeze", "optimizer", "exporter",
+           "opset", "check")
+
+
+def _factory_spec(factory: Callable[..., nn.Module] | str | None) -> str | None:
+    """``"module:qualname"`` for an importable factory, else None."""
+    if factory is None:
+        return None
+    if isinstance(factory, str):
+        return factory
+    module = getattr(factory, "__module__", None)
+    qualname = getattr(factory, "__qualname__", None)
+    if not module or not qualname or "<" in qualname or module == "__main__":
+        return None
+    return f"{module}:{qualname}"
+
+
+def _resolve_factory(factory: Callable[..., nn.Module] | str) -> Callable[..., nn.Module]:
+    if not isinstance(factory, str):
+        return factory
+    module_name, sep, attr = factory.partition(":")
+    if not sep or not module_name or not attr:
+        raise SessionError(f"a module factory is written 'package.module:Name', got {factory!r}")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise SessionError(f"cannot import the module factory {factory!r}: {exc}") from exc
+    if not callable(target):
+        raise SessionError(f"module factory {factory!r} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+class TorchRunner:
+    """Runs tuning steps on a torch module (see the module docstring).
+
+    Parameters
+    ----------
+    train, test:
+        Training data (retraining) and test data (accuracy), as :func:`retrain` and
+        :func:`evaluate` take them (an :class:`onnxaom.Dataset`, arrays, or batches).
+    factory, factory_kwargs:
+        What builds step 0's architecture when a session is resumed: a class or function (or
+        ``"package.module:Name"``) and JSON keyword arguments. Needed for :meth:`resume` and
+        the command line; a class defined in ``__main__`` or a lambda only works in-process.
+    epochs, lr, batch_size, seed, device, optimizer:
+        Retraining (:func:`~onnxaom_torch.train.retrain`); the seed of step i is ``seed + i``.
+    freeze:
+        One of :data:`FREEZE_POLICIES`.
+    exporter, opset:
+        How step models are exported (:func:`~onnxaom_torch.architectures.export_onnx`).
+    check:
+        Check each torch edit against the ONNX surgery (:func:`apply_edits`).
+    progress:
+        Progress bars while retraining.
+    """
+
+    def __init__(
+        self,
+        train: Any,
+        test: Any,
+        *,
+        factory: Callable[..., nn.Module] | str | None = None,
+        factory_kwargs: Mapping[str, Any] | None = None,
+        epochs: int = 1,
+        lr: float = 1e-3,
+        batch_size: int = 64,
+        seed: int = 0,
+        device: str = "auto",
+        freeze: str = "upto",
+        optimizer: str = "adam",
+        exporter: str = "legacy",
+        opset: int = 17,
+        check: bool = True,
+        progress: bool = True,
+        cache_size: int = 4,
+    ) -> None:
+        if freeze not in FREEZE_POLICIES:
+            raise ValueError(f"freeze must be one of {', '.join(FREEZE_POLICIES)}, got "
+                             f"{freeze!r}")
+        if exporter not in ("legacy", "dynamo"):
+            raise ValueError(f"exporter must be 'legacy' or 'dynamo', got {exporter!r}")
+        self.train, self.test = train, test
+        self.factory = factory
+        self.factory_kwargs = dict(factory_kwargs or {})
+        self.epochs, self.lr, self.batch_size, self.seed = epochs, lr, batch_size, seed
+        self.device, self.freeze, self.optimizer = device, freeze, optimizer
+        self.exporter, self.opset, self.check = exporter, opset, check
+        self.progress = progress
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, nn.Module] = OrderedDict()
+
+    # ------------------------------------------------------------------ sessions
+    def config(self) -> dict[str, Any]:
+        """The runner's part of a session config (JSON)."""
+        return {"module": RUNNER_MODULE, "factory": _factory_spec(self.factory),
+                "factory_kwargs": self.factory_kwargs,
+                **{name: getattr(self, name) for name in OPTIONS}}
+
+    def start(self, folder: str | os.PathLike[str], module: nn.Module, *,
+              data: Mapping[str, Any] | None = None,
+              loop: Mapping[str, Any] | None = None) -> TuningSession:
+        """Start a session in ``folder`` with ``module`` (trained) as step 0: exported,
+        evaluated, saved. ``data`` (e.g. ``{"spec": "digits", "train_fraction": 0.8}``) and
+        ``loop`` (keyword arguments of :func:`onnxaom.tuning.tune`) go into the config so that
+        ``onnxaom session resume`` can continue without Python; ``module`` is not changed."""
+        if not isinstance(module, nn.Module):
+            raise ModuleMismatchError(f"expected a torch.nn.Module, got {type(module).__name__}")
+        base = copy.deepcopy(module).cpu().eval()
+        self._check_factory(base)
+        model = self._export(base)
+        map_layers(base, model)  # the export must map back onto the module
+        result = evaluate(base, self.test, device=self.device)
+        config = {"runner": self.config(), "data": dict(data or {}), "loop": dict(loop or {})}
+        session = TuningSession.create(
+            folder, model, accuracy=result.accuracy, per_class=_none_for_nan(result.per_class),
+            files={"torch": self._state_artifact(base)}, config=config,
+            info={"evaluation": result.to_dict()}, label="start")
+        self._remember(session.current.model_digest, base)
+        return session
+
+    def resume(self, folder: str | os.PathLike[str], *, verify: bool = True) -> TuningSession:
+        """Load a session and check that this runner can rebuild its current module."""
+        session = TuningSession.resume(folder, verify=verify)
+        self.module(session)
+        return session
+
+    def module(self, session: TuningSession, index: int | None = None) -> nn.Module:
+        """The torch module of step ``index`` (default: the current step), on the CPU. A copy:
+        changing it changes nothing in the session."""
+        step = session.current if index is None else session.step(index)
+        cached = self._cache.get(step.model_digest)
+        if cached is None:
+            cached = self._rebuild(session, step.index)
+            self._remember(step.model_digest, cached)
+        return copy.deepcopy(cached)
+
+    def forget(self, step: int) -> None:
+        """Nothing to do: modules are cached by model digest, and an undone step's module may
+        be asked for again."""
+
+    # ------------------------------------------------------------------ one step
+    def run(self, session: TuningSession, edits: Sequence[Edit]) -> StepOutcome:
+        """Edit the current step's module, freeze, retrain, export and evaluate."""
+        parent = session.current
+        module = self.module(session)
+        parent_model = session.model()
+        edited = apply_edits(module, parent_model, list(edits), check=self.check)
+        frozen = self._frozen(edited, parent_model)
+        index = len(session.steps)
+        trained = retrain(edited.module, self.train, self.epochs, lr=self.lr,
+                          batch_size=self.batch_size, seed=self.seed + index,
+                          device=self.device, frozen=frozen, optimizer=self.optimizer,
+                          progress=self.progress)
+        final = trained.module.cpu().eval()
+        model = self._export(final)
+        result = evaluate(final, self.test, device=self.device)
+        self._remember(model.digest, final)
+        info = {
+            "parent": parent.index, "frozen": frozen, "epochs": self.epochs,
+            "train": trained.to_dict(), "evaluation": result.to_dict(),
+            "changed_layers": list(edited.changed), "changed_modules": list(edited.modules),
+            "check_difference": edited.difference, "notes": list(edited.notes),
+        }
+        return StepOutcome(model, result.accuracy, _none_for_nan(result.per_class),
+                           {"torch": self._state_artifact(final)}, info)
+
+    def apply(self, session: TuningSession, edits: Any, **kwargs: Any) -> StepReport:
+        """:func:`onnxaom.tuning.apply_step` with this runner."""
+        return apply_step(session, self, edits, **kwargs)
+
+    def tune(self, session: TuningSession, data: Dataset | None = None,
+             **kwargs: Any) -> list[StepReport]:
+        """:func:`onnxaom.tuning.tune` with this runner; statistics on ``data`` (default: the
+        training data, which must then be an :class:`onnxaom.Dataset`)."""
+        source = data if data is not None else self.train
+        return tune(session, self, source, progress=self.progress, **kwargs)
+
+    # ------------------------------------------------------------------ helpers
+    def _frozen(self, edited: TorchEdit, parent: onnxaom.Model) -> list[str]:
+        """Module paths to freeze: the layers that lost kernels (``"edited"``), or every layer
+        up to the last of them (``"upto"``), with their batch norms."""
+        if self.freeze == "none":
+            return []
+        before = {layer.name: layer.kernels for layer in parent.layers()}
+        after = {layer.name: layer.kernels for layer in edited.model.layers()}
+        names = list(after)
+        lost = [n for n in edited.changed if n in before and after.get(n, 0) < before[n]]
+        if not lost:
+            return []
+        if self.freeze == "upto":
+            last = max(names.index(n) for n in lost)
+            chosen = [n for n in names[:last + 1] if n in edited.layers and n in before
+                      and after[n] <= before[n]]  # widened and inserted layers train
+        else:
+            chosen = lost
+        run = trace(edited.module, _example(edited.model))
+        modules = dict(edited.module.named_modules())
+        paths: list[str] = []
+        for name in chosen:
+            path = edited.layers[name]
+            paths.append(path)
+            paths.extend(p for p in run.chain(path) if isinstance(modules[p], PER_CHANNEL_TYPES))
+        return list(dict.fromkeys(paths))
+
+    def _export(self, module: nn.Module) -> onnxaom.Model:
+        shape = self._input_shape()
+        with tempfile.TemporaryDirectory(prefix="onnxaom-export-") as tmp:
+            path = export_onnx(module, Path(tmp) / "model.onnx", exporter=self.exporter,  # type: ignore[arg-type]
+                               input_shape=shape, opset=self.opset)
+            loaded = onnxaom.load(path)
+        return onnxaom.Model(loaded.proto)
+
+    def _input_shape(self) -> tuple[int, ...]:
+        for data in (self.test, self.train):
+            if isinstance(data, Dataset):
+                return (1, *data.image_shape)
+            if isinstance(data, tuple) and len(data) == 2:
+                return (1, *tuple(int(d) for d in data[0].shape[1:]))
+        for x, _ in self.test:
+            return (1, *tuple(int(d) for d in x.shape[1:]))
+        raise SessionError("the test data gave no batch")
+
+    @staticmethod
+    def _state_artifact(module: nn.Module) -> Artifact:
+        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return Artifact(".pt", lambda path: torch.save(state, path))
+
+    def _remember(self, digest: str, module: nn.Module) -> None:
+        self._cache[digest] = copy.deepcopy(module).cpu()
+        self._cache.move_to_end(digest)
+        while len(self._cache) > max(1, self.cache_size):
+            self._cache.popitem(last=False)
+
+    def _check_factory(self, module: nn.Module) -> None:
+        if self.factory is None:
+            logger.warning("no factory given: this session can be continued in this process "
+                           "only, not resumed from its folder")
+            return
+        try:
+            fresh = _resolve_factory(self.factory)(**self.factory_kwargs)
+            fresh.load_state_dict(module.state_dict())
+        except Exception as exc:  # any failure: the factory does not build this module
+            raise ModuleMismatchError(
+                f"the factory {_factory_spec(self.factory) or self.factory!r} with "
+                f"{self.factory_kwargs} does not build the module given to start(): "
+                f"{type(exc).__name__}: {exc}") from exc
+
+    def _rebuild(self, session: TuningSession, index: int) -> nn.Module:
+        factory = self.factory if self.factory is not None else \
+            (session.config.get("runner") or {}).get("factory")
+        if factory is None:
+            raise SessionError("cannot rebuild the session's torch modules: it was started "
+                               "without a factory; give TorchRunner(factory=...) the class "
+                               "that built step 0")
+        kwargs = self.factory_kwargs or dict((session.config.get("runner") or {})
+                                             .get("factory_kwargs") or {})
+        module = _resolve_factory(factory)(**kwargs)
+        lineage = session.lineage(index)
+        self._load_state(session, module, lineage[0].index)
+        for step in lineage[1:]:
+            parent = session.model(step.parent)
+            module = apply_edits(module, parent, list(step.edits), check=False).module
+            self._load_state(session, module, step.index)
+        return module.cpu().eval()
+
+    @staticmethod
+    def _load_state(session: TuningSession, module: nn.Module, index: int) -> None:
+        path = session.path(index, "torch")
+        if not path.exists():
+            raise SessionError(f"{path} is missing (torch weights of step {index})")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle and zip errors of several kinds
+            raise SessionError(f"{path} (torch weights of step {index}) cannot be read: "
+                               f"{exc}") from exc
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ModuleMismatchError(
+                f"{path} (torch weights of step {index}) does not fit the module rebuilt by "
+                f"the factory and the recorded edits: {exc}") from exc
+
+
+def _none_for_nan(values: Sequence[float]) -> list[float | None]:
+    return [None if math.isnan(v) else v for v in values]
+
+
+def _example(model: onnxaom.Model) -> torch.Tensor:
+    from .mapping import example_input
+
+    return example_input(model)
+
+
+def runner_from_session(session: TuningSession, train: Any, test: Any,
+                        **overrides: Any) -> TorchRunner:
+    """The runner a session's config describes (used by ``onnxaom session resume``);
+    ``overrides`` replace its options (e.g. ``epochs=2``; None values are ignored)."""
+    config = dict(session.config.get("runner") or {})
+    options = {name: config[name] for name in OPTIONS if name in config}
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(options) - set(OPTIONS) - {"progress"})
+    if unknown:
+        raise SessionError(f"unknown runner option(s) {', '.join(unknown)}")
+    return TorchRunner(train, test, factory=config.get("factory"),
+                       factory_kwargs=config.get("factory_kwargs") or {}, **options)

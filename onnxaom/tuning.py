@@ -1,0 +1,314 @@
+"""The tuning loop of the paper's workflow (Fig. 1): analyse, propose, edit, retrain, evaluate,
+undo an edit that costs too much accuracy, repeat.
+
+session (history) + runner (framework) -> **loop**. The loop is framework-free: a *runner*
+(protocol :class:`Runner`; the torch one is :class:`onnxaom_torch.TorchRunner`) turns the current
+step's model and a list of edits into a retrained, evaluated model; this module decides what to
+edit and whether to keep it.
+
+* :func:`apply_step`: one step with given edits (a designer's, or a reviewed proposal); undone
+  when accuracy drops more than ``accept_drop`` percentage points below the reference (the
+  starting model, or with ``relative_to="parent"`` the step it started from).
+* :func:`tune`: the automatic loop, layer by layer from the first to the last (the paper's order):
+  statistics of the layer on the current model (:func:`onnxaom.collect`), findings,
+  :func:`onnxaom.proposal.propose`, :func:`apply_step`. Its place is kept in the session's
+  ``progress`` after every layer, so a crashed or interrupted loop continues where it stopped
+  (:func:`resume_loop`).
+
+A session made for the command line stores in its ``config``:
+``"runner": {"module": "onnxaom_torch.runner", ...}`` (a module with a
+``runner_from_session(session, train, test, **overrides)`` function), ``"data"``:
+``{"spec": "digits", "train_fraction": 0.8, "seed": 0}`` (:func:`load_session_data`) and
+``"loop"``: the keyword arguments of :func:`tune`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .data import Dataset, load_spec
+from .edits import Edit
+from .errors import DataError, LayerNotFoundError
+from .model import Model
+from .proposal import Proposal, propose, stats_digest
+from .session import Artifact, SessionError, Step, TuningSession, describe_edits
+from .stats import OccurrenceStats
+
+__all__ = [
+    "RELATIVE_TO",
+    "Runner",
+    "StepOutcome",
+    "StepReport",
+    "apply_step",
+    "load_runner",
+    "load_session_data",
+    "resume_loop",
+    "tune",
+]
+
+logger = logging.getLogger(__name__)
+
+RELATIVE_TO = ("baseline", "parent")
+
+
+@dataclass(frozen=True, eq=False)
+class StepOutcome:
+    """What a runner returns for one step: the edited (and retrained) model, its accuracy
+    (overall, per class), its own files and facts (JSON) to keep with the step."""
+
+    model: Model
+    accuracy: float | None
+    per_class: Sequence[float | None] = ()
+    files: Mapping[str, Artifact] = field(default_factory=dict)
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Runner(Protocol):
+    """Applies edits to the current step's model, retrains and evaluates it."""
+
+    def run(self, session: TuningSession, edits: Sequence[Edit]) -> StepOutcome:
+        """Edit the model of ``session.current`` (and whatever the runner keeps beside it)."""
+        ...
+
+    def forget(self, step: int) -> None:
+        """Drop anything cached for ``step`` (called after it is undone)."""
+        ...
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One step of a loop: the recorded step, whether it was kept, the accuracy change in
+    percentage points against the reference (negative: a drop), and the proposal (if any)."""
+
+    step: Step
+    kept: bool
+    change_pp: float | None
+    proposal: Proposal | None = None
+
+    def line(self) -> str:
+        change = "-" if self.change_pp is None else f"{self.change_pp:+.2f} pp"
+        acc = "-" if self.step.accuracy is None else f"{100 * self.step.accuracy:.2f}%"
+        verdict = "kept" if self.kept else f"undone ({self.step.undo_reason})"
+        return (f"step {self.step.index}: {self.step.label}: accuracy {acc} ({change}), "
+                f"params {self.step.params:,}: {verdict}")
+
+
+def _check_drop(accept_drop: float | None, relative_to: str) -> None:
+    if relative_to not in RELATIVE_TO:
+        raise SessionError(f"relative_to must be one of {', '.join(RELATIVE_TO)}, got "
+                           f"{relative_to!r}")
+    if accept_drop is not None and (isinstance(accept_drop, bool)
+                                    or not isinstance(accept_drop, int | float)
+                                    or not math.isfinite(accept_drop) or accept_drop < 0):
+        raise SessionError(f"accept_drop must be a number of percentage points >= 0 (or None "
+                           f"to keep every step), got {accept_drop!r}")
+
+
+def apply_step(
+    session: TuningSession,
+    runner: Runner,
+    edits: Iterable[Edit] | Proposal,
+    *,
+    stats: OccurrenceStats | None = None,
+    accept_drop: float | None = None,
+    relative_to: str = "baseline",
+    label: str | None = None,
+) -> StepReport:
+    """Apply ``edits`` to the current step through ``runner`` and record the step; undo it when
+    accuracy falls more than ``accept_drop`` percentage points below the reference.
+
+    ``stats``: the statistics the edits were chosen from; they must be of the current step's
+    model (checked through their ``model_digest``), and their digest is recorded.
+    """
+    _check_drop(accept_drop, relative_to)
+    proposal = edits if isinstance(edits, Proposal) else None
+    edit_list = list(edits)
+    if not edit_list:
+        raise SessionError("no edits to apply (the proposal removes nothing)")
+    parent = session.current
+    digest = None
+    if proposal is not None and proposal.model_digest not in (None, parent.model_digest):
+        raise SessionError(f"the proposal was made for another model (digest "
+                           f"{str(proposal.model_digest)[:12]}), not for the current step "
+                           f"{parent.index} ({parent.model_digest[:12]}); collect statistics on "
+                           f"the current model and propose again")
+    if stats is not None:
+        made_for = stats.metadata.get("model_digest")
+        if made_for not in (None, parent.model_digest):
+            raise SessionError(f"the statistics were collected on another model (digest "
+                               f"{str(made_for)[:12]}), not on the current step {parent.index} "
+                               f"({parent.model_digest[:12]})")
+        digest = stats_digest(stats)
+    elif proposal is not None:
+        digest = proposal.stats_digest
+    outcome = runner.run(session, edit_list)
+    info = dict(outcome.info)
+    if proposal is not None:
+        info["proposal"] = proposal.to_dict()
+    step = session.record(edit_list, outcome.model, accuracy=outcome.accuracy,
+                          per_class=outcome.per_class, files=outcome.files,
+                          stats_digest=digest, label=label or describe_edits(edit_list),
+                          info=info)
+    reference = session.baseline if relative_to == "baseline" else parent
+    change = None
+    if step.accuracy is not None and reference.accuracy is not None:
+        change = 100.0 * (step.accuracy - reference.accuracy)
+    kept = True
+    if accept_drop is not None and change is not None and -change > accept_drop + 1e-9:
+        reason = (f"accuracy {-change:.2f} pp below the {relative_to} "
+                  f"(more than {accept_drop:g} pp)")
+        session.undo(reason)
+        runner.forget(step.index)
+        step = session.step(step.index)
+        kept = False
+    return StepReport(step, kept, change, proposal)
+
+
+def _layer_names(model: Model, wanted: Sequence[str] | None) -> list[str]:
+    layers = model.layers()
+    if wanted is None:
+        return [layer.name for layer in layers if layer.op == "Conv"]
+    known = {layer.name for layer in layers}
+    missing = [n for n in wanted if n not in known]
+    if missing:
+        raise LayerNotFoundError(f"the model has no layer {missing[0]!r}; its layers: "
+                                 f"{', '.join(layer.name for layer in layers)}")
+    return list(wanted)
+
+
+def tune(
+    session: TuningSession,
+    runner: Runner,
+    data: Dataset,
+    *,
+    layers: Sequence[str] | None = None,
+    strategy: str = "paper",
+    keep: Mapping[str, int] | None = None,
+    accept_drop: float | None = 1.0,
+    relative_to: str = "baseline",
+    max_steps: int | None = None,
+    batch_size: int = 256,
+    provider: str = "auto",
+    progress: bool = True,
+) -> list[StepReport]:
+    """The automatic loop (see the module docstring); returns the steps it made.
+
+    Parameters
+    ----------
+    data:
+        The labelled data the statistics are collected on (the paper: the training set).
+    layers:
+        Layer names of the starting model, tuned in this order; default: its conv layers.
+    strategy, keep:
+        As for :func:`onnxaom.proposal.propose` (``keep``: target kernel counts per layer).
+    accept_drop:
+        Percentage points of accuracy a step may lose against the reference before it is
+        undone; None keeps every step.
+    relative_to:
+        ``"baseline"`` (the starting model, default) or ``"parent"`` (the step before).
+    max_steps:
+        Stop after this many steps (kept or undone) in this call.
+    """
+    _check_drop(accept_drop, relative_to)
+    if not isinstance(data, Dataset):
+        raise DataError(f"tune() collects statistics from an onnxaom Dataset, got "
+                        f"{type(data).__name__}")
+    state = dict(session.progress)
+    if layers is not None or not state.get("layers"):
+        order = _layer_names(session.model(0), layers)
+    else:
+        order = [str(n) for n in state["layers"]]
+    done = list(state.get("done", []))
+    state.update({"layers": order, "done": done, "strategy": strategy,
+                  "keep": dict(keep or {}), "accept_drop": accept_drop,
+                  "relative_to": relative_to})
+    session.set_progress(state)
+    reports: list[StepReport] = []
+    from .collect import collect
+
+    for name in order:
+        if name in done:
+            continue
+        if max_steps is not None and len(reports) >= max_steps:
+            break
+        model = session.model()
+        if name not in {layer.name for layer in model.layers()}:
+            logger.warning("layer %s is gone from the current model; skipped", name)
+            done.append(name)
+            session.set_progress({**state, "done": done})
+            continue
+        stats = collect(model, data, layers=[name], batch_size=batch_size, provider=provider,
+                        progress=progress)
+        target = {name: keep[name]} if keep and name in keep else None
+        proposal = propose(stats, layers=[name], strategy=strategy, keep=target)
+        if not len(proposal):
+            logger.info("layer %s: nothing to remove", name)
+        else:
+            report = apply_step(session, runner, proposal, stats=stats,
+                                accept_drop=accept_drop, relative_to=relative_to)
+            reports.append(report)
+            logger.info("%s", report.line())
+        done.append(name)
+        session.set_progress({**state, "done": done})
+    return reports
+
+
+def resume_loop(session: TuningSession, runner: Runner, data: Dataset, *,
+                accept_drop: float | None = None, max_steps: int | None = None,
+                progress: bool = True) -> list[StepReport]:
+    """Continue :func:`tune` with the settings kept in the session (``accept_drop`` may be
+    changed); layers already done are skipped."""
+    state = dict(session.progress)
+    loop = dict(session.config.get("loop") or {})
+    strategy = str(state.get("strategy", loop.get("strategy", "paper")))
+    keep = state.get("keep", loop.get("keep")) or None
+    relative_to = str(state.get("relative_to", loop.get("relative_to", "baseline")))
+    layers = state.get("layers", loop.get("layers"))
+    drop = accept_drop if accept_drop is not None else state.get(
+        "accept_drop", loop.get("accept_drop", 1.0))
+    return tune(session, runner, data, layers=layers, strategy=strategy, keep=keep,
+                accept_drop=drop, relative_to=relative_to, max_steps=max_steps,
+                batch_size=int(loop.get("batch_size", 256)),
+                provider=str(loop.get("provider", "auto")), progress=progress)
+
+
+def load_session_data(config: Mapping[str, Any]) -> tuple[Dataset, Dataset]:
+    """(train, test) from a session config's ``"data"``: ``spec`` (a CLI data spec, e.g.
+    ``"digits"``), ``train_fraction`` (stratified split, default 0.8), ``seed`` (default 0).
+    With ``test_spec`` the test set is loaded from it instead of split off."""
+    data = config.get("data")
+    if not isinstance(data, Mapping) or not isinstance(data.get("spec"), str):
+        raise SessionError("this session's config has no data spec (it was started from Python "
+                           "with in-memory data); resume it from Python, giving the runner its "
+                           "data")
+    full = load_spec(data["spec"])
+    if isinstance(data.get("test_spec"), str):
+        return full, load_spec(data["test_spec"])
+    return full.split(float(data.get("train_fraction", 0.8)), seed=int(data.get("seed", 0)))
+
+
+def load_runner(session: TuningSession, train: Dataset, test: Dataset,
+                **overrides: Any) -> Runner:
+    """The runner named in the session's config (``config["runner"]["module"]``, a module with
+    ``runner_from_session(session, train, test, **overrides)``)."""
+    spec = session.config.get("runner")
+    module_name = spec.get("module") if isinstance(spec, Mapping) else None
+    if not isinstance(module_name, str):
+        raise SessionError("this session's config names no runner module; resume it from "
+                           "Python with the runner that made it")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SessionError(f"this session needs runner module {module_name!r}, which cannot be "
+                           f"imported ({exc}); for the torch runner: pip install "
+                           f"'onnxaom[torch]'") from exc
+    factory = getattr(module, "runner_from_session", None)
+    if factory is None:
+        raise SessionError(f"runner module {module_name!r} has no runner_from_session()")
+    runner = factory(session, train, test, **overrides)
+    return runner  # type: ignore[no-any-return]

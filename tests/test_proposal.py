@@ -1,0 +1,192 @@
+"""Proposals: the paper's rule on a layer built to have dead, always-on and redundant kernels;
+kernel targets and every strategy; overrides; JSON; invariants under hypothesis."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from onnxaom.edits import RemoveKernels
+from onnxaom.errors import LayerNotFoundError, StatsError
+from onnxaom.findings import analyze
+from onnxaom.proposal import STRATEGIES, Proposal, override, propose, stats_digest
+from onnxaom.stats import OccurrenceStats
+
+SIZE = 10  # samples per class
+
+
+def designed_stats() -> OccurrenceStats:
+    """Layer "conv" (K=6, C=3, 2x2): 0 dead; 1, 2 alike (selective for class 0, 1 more so);
+    3 always on; 4 selective for class 1; 5 for class 2. Layer "fc" (K=4, 1x1) a dense one."""
+    conv = np.zeros((6, 3, 2, 2), dtype=np.int64)
+    conv[1, 0] = SIZE
+    conv[2, 0] = SIZE
+    conv[2, 1, 0, 0] = 1  # a little less selective than kernel 1
+    conv[3] = SIZE
+    conv[4, 1] = SIZE
+    conv[4, 0, 1, 1] = 3
+    conv[5, 2] = SIZE
+    conv[5, 1, 0, 1] = 5
+    fc = np.zeros((4, 3, 1, 1), dtype=np.int64)
+    fc[:, 0, 0, 0] = [SIZE, 2, 5, 0]
+    fc[:, 1, 0, 0] = [0, SIZE, 4, 0]
+    fc[:, 2, 0, 0] = [1, 0, SIZE, 0]
+    meta = {"model_digest": "abc", "layers": [{"name": "conv", "op": "Conv"},
+                                              {"name": "fc", "op": "Gemm"}]}
+    return OccurrenceStats({"conv": conv, "fc": fc}, np.full(3, SIZE, dtype=np.int64),
+                           metadata=meta)
+
+
+def test_the_paper_rule_drops_ineffective_and_keeps_one_per_redundant_group():
+    stats = designed_stats()
+    findings = analyze(stats)
+    lf = findings.layer("conv")
+    assert set(lf.ineffective_kernels) == {0, 3}
+    assert [(g.members, g.representative) for g in lf.redundant_groups] in ([((1, 2), 1)],
+                                                                           [((2, 1), 1)])
+    proposal = propose(stats, findings)
+    assert proposal.layer_names == ("conv",)  # dense layers only when named
+    p = proposal.layer("conv")
+    assert p.kept == (1, 4, 5) and p.removed == (0, 2, 3)
+    assert "dead" in p.reasons[0] and "always on" in p.reasons[3]
+    assert "redundant" in p.reasons[2] and "1" in p.reasons[2]
+    assert "representative" in p.reasons[1]
+    assert list(proposal) == [RemoveKernels("conv", (0, 2, 3))] == list(proposal.edits)
+    assert len(proposal) == 1
+    assert proposal.stats_digest == stats_digest(stats) and proposal.model_digest == "abc"
+
+
+def test_a_kernel_target_follows_the_paper_order():
+    stats = designed_stats()
+    ranked = propose(stats, keep={"conv": 2}).layer("conv")
+    # survivors 1, 4, 5: the least selective of them goes first
+    assert len(ranked.kept) == 2 and set(ranked.kept) <= {1, 4, 5}
+    assert ranked.target == 2
+    # more than the rule keeps: the redundant member comes back before the ineffective ones
+    assert propose(stats, keep={"conv": 4}).layer("conv").kept == (1, 2, 4, 5)
+    assert propose(stats, keep={"conv": 6}).layer("conv").removed == ()
+    assert not list(propose(stats, keep={"conv": 6}))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_keeps_the_rules_count_by_default_and_a_target_when_asked(strategy):
+    stats = designed_stats()
+    assert len(propose(stats, strategy=strategy).layer("conv").kept) == 3
+    for n in (1, 2, 5):
+        p = propose(stats, strategy=strategy, keep={"conv": n}).layer("conv")
+        assert len(p.kept) == n and p.strategy == strategy
+        assert not set(p.kept) & {0, 3} or n == 5  # ineffective kernels are the last kept
+
+
+def test_coverage_and_clusters_avoid_the_redundant_pair():
+    stats = designed_stats()
+    for strategy in ("coverage", "clusters"):
+        kept = set(propose(stats, strategy=strategy, keep={"conv": 3}).layer("conv").kept)
+        assert kept == {1, 4, 5}, strategy
+
+
+def test_layers_and_targets_select_what_is_proposed():
+    stats = designed_stats()
+    both = propose(stats, layers=["conv", "fc"])
+    assert both.layer_names == ("conv", "fc")
+    only_fc = propose(stats, keep={"fc": 2})
+    assert only_fc.layer_names == ("fc",) and len(only_fc.layer("fc").kept) == 2
+
+
+def test_bad_arguments_are_named():
+    stats = designed_stats()
+    with pytest.raises(StatsError, match="unknown strategy 'magic'.*paper"):
+        propose(stats, strategy="magic")
+    with pytest.raises(LayerNotFoundError, match="'nope'.*conv, fc"):
+        propose(stats, layers=["nope"])
+    with pytest.raises(StatsError, match=r"keep\['conv'\].*1\.\.6"):
+        propose(stats, keep={"conv": 0})
+    with pytest.raises(StatsError, match=r"keep\['conv'\].*1\.\.6"):
+        propose(stats, keep={"conv": 7})
+    with pytest.raises(StatsError, match="not among the layers"):
+        propose(stats, layers=["fc"], keep={"conv": 2})
+    with pytest.raises(StatsError, match="OccurrenceStats"):
+        propose({"conv": 1})  # type: ignore[arg-type]
+
+
+def test_override_keeps_removes_and_restricts():
+    stats = designed_stats()
+    proposal = propose(stats)
+    changed = override(proposal, keep={"conv": [3]}, remove={"conv": [5]})
+    p = changed.layer("conv")
+    assert p.kept == (1, 3, 4) and p.removed == (0, 2, 5)
+    assert p.overridden == (3, 5) and p.reasons[3].startswith("designer: keep")
+    assert proposal.layer("conv").kept == (1, 4, 5)  # the input is unchanged
+    only = override(proposal, only={"conv": [0, 2]}).layer("conv")
+    assert only.kept == (0, 2)
+    with pytest.raises(StatsError, match="every kernel"):
+        override(proposal, only={"conv": [1]}, remove={"conv": [1]})
+    with pytest.raises(StatsError, match="both keeps and removes"):
+        override(proposal, keep={"conv": [1]}, remove={"conv": [1]})
+    with pytest.raises(StatsError, match="not an index"):
+        override(proposal, keep={"conv": [6]})
+    with pytest.raises(LayerNotFoundError, match="Propose it first"):
+        override(proposal, keep={"fc": [0]})
+
+
+def test_json_round_trip(tmp_path):
+    proposal = override(propose(designed_stats(), layers=["conv", "fc"], strategy="coverage"),
+                        keep={"fc": [3]})
+    path = proposal.to_json(tmp_path / "proposal.json")
+    data = json.loads(path.read_text())
+    assert data["edits"] == [e.to_dict() for e in proposal.edits]
+    assert Proposal.from_json(path) == proposal
+    bad = dict(data, layers=[dict(data["layers"][0], kept=[])])
+    with pytest.raises(StatsError, match="keeps no kernel"):
+        Proposal.from_dict(bad)
+    with pytest.raises(StatsError, match="not an onnxaom proposal"):
+        Proposal.from_dict({"format": "other"})
+
+
+def test_a_layer_of_only_dead_kernels_keeps_its_most_selective_one():
+    counts = np.zeros((3, 2, 2, 2), dtype=np.int64)
+    stats = OccurrenceStats({"conv": counts}, np.array([5, 5]),
+                            metadata={"layers": [{"name": "conv", "op": "Conv"}]})
+    p = propose(stats).layer("conv")
+    assert p.kept == (0,) and "most selective stays" in p.reasons[0]
+
+
+@st.composite
+def random_stats(draw):
+    k = draw(st.integers(1, 7))
+    c = draw(st.integers(2, 4))
+    h = draw(st.integers(1, 3))
+    sizes = np.array(draw(st.lists(st.integers(1, 12), min_size=c, max_size=c)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    counts = (rng.random((k, c, h, h)) * (sizes[None, :, None, None] + 1)).astype(np.int64)
+    counts = np.minimum(counts, sizes[None, :, None, None])
+    dead = draw(st.lists(st.integers(0, k - 1), max_size=k))
+    counts[dead] = 0
+    stats = OccurrenceStats({"conv": counts}, sizes,
+                            metadata={"layers": [{"name": "conv", "op": "Conv"}]})
+    n = draw(st.none() | st.integers(1, k))
+    return stats, k, n
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=random_stats(), strategy=st.sampled_from(STRATEGIES))
+def test_proposal_invariants(case, strategy):
+    stats, k, n = case
+    proposal = propose(stats, strategy=strategy, keep=None if n is None else {"conv": n})
+    p = proposal.layer("conv")
+    assert p.kept, "never removes every kernel"
+    assert sorted(p.kept + p.removed) == list(range(k))
+    assert not set(p.kept) & set(p.removed)
+    assert sorted(p.order) == list(range(k)) and len(p.reasons) == k
+    if n is not None:
+        assert len(p.kept) == n
+    for edit in proposal:
+        assert all(0 <= i < k for i in edit.kernels) and len(edit.kernels) < k
+    assert Proposal.from_dict(json.loads(json.dumps(proposal.to_dict()))) == proposal
+    flipped = override(proposal, keep={"conv": list(p.removed[:1])})
+    assert sorted(flipped.layer("conv").kept + flipped.layer("conv").removed) == list(range(k))

@@ -1,0 +1,237 @@
+"""Tuning sessions without torch: a runner that applies the ONNX surgery and measures accuracy
+with ONNX Runtime drives record / undo / resume, the accept-drop rule and the automatic loop;
+damaged folders give errors that name the file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import onnxaom
+from onnxaom.data import from_arrays
+from onnxaom.edits import RemoveKernels, WidenLayer
+from onnxaom.errors import ModelFileNotFoundError
+from onnxaom.proposal import propose
+from onnxaom.session import Artifact, SessionError, TuningSession
+from onnxaom.surgery import apply
+from onnxaom.tuning import StepOutcome, apply_step, tune
+
+from . import zoo
+
+
+def _accuracy(model: onnxaom.Model, data: onnxaom.Dataset) -> tuple[float, list[float | None]]:
+    logits = zoo.run(model.proto, np.asarray(data.images))[0]
+    pred = logits.argmax(axis=1)
+    labels = np.asarray(data.labels)
+    per_class = [float((pred[labels == c] == c).mean()) if (labels == c).any() else None
+                 for c in range(logits.shape[1])]
+    return float((pred == labels).mean()), per_class
+
+
+class SurgeryRunner:
+    """Edits with the ONNX surgery, no retraining; accuracy on ``data``."""
+
+    def __init__(self, data: onnxaom.Dataset) -> None:
+        self.data = data
+        self.runs = 0
+        self.forgotten: list[int] = []
+
+    def run(self, session: TuningSession, edits):
+        self.runs += 1
+        model = apply(session.model(), edits)
+        accuracy, per_class = _accuracy(model, self.data)
+        note = Artifact(".txt", lambda p: p.write_text(f"run {self.runs}\n"))
+        return StepOutcome(model, accuracy, per_class, {"note": note}, {"runs": self.runs})
+
+    def forget(self, step: int) -> None:
+        self.forgotten.append(step)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """A zoo chain model, data it classifies perfectly (labels = its own predictions), and a
+    session started from it."""
+    proto = zoo.chain(seed=3, kernels=(6, 8))
+    model = onnxaom.Model(proto)
+    x = np.random.default_rng(0).standard_normal((120, 3, 8, 8)).astype(np.float32)
+    labels = zoo.run(proto, x)[0].argmax(axis=1)
+    data = from_arrays(x, labels, class_names=["a", "b", "c"])
+    accuracy, per_class = _accuracy(model, data)
+    session = TuningSession.create(tmp_path / "s", model, accuracy=accuracy, per_class=per_class,
+                                   config={"note": "test"})
+    return session, SurgeryRunner(data), data
+
+
+def test_a_new_session_records_the_starting_model(setup):
+    session, _, _ = setup
+    step = session.current
+    assert step.index == 0 and step.parent is None and step.edits == ()
+    assert step.accuracy == 1.0 and step.params > 0 and step.macs > 0
+    assert (session.folder / "models" / "step_0.onnx").is_file()
+    data = json.loads((session.folder / "session.json").read_text())
+    assert data["format"] == "onnxaom.TuningSession" and data["config"] == {"note": "test"}
+    assert session.model().digest == step.model_digest
+
+
+def test_steps_undo_and_resume(setup):
+    session, runner, _ = setup
+    first = apply_step(session, runner, [RemoveKernels("conv1", (0, 1))])
+    assert first.kept and first.step.index == 1 and first.step.parent == 0
+    assert first.step.files["note"].path == "models/step_1.txt"
+    assert first.step.params < session.baseline.params
+    second = apply_step(session, runner, [WidenLayer("conv2", 2)], label="widen")
+    assert second.step.parent == 1 and second.step.label == "widen"
+    assert second.step.accuracy == first.step.accuracy  # widening keeps the function
+    back = session.undo("testing")
+    assert back.index == 1 and session.step(2).status == "undone"
+    third = apply_step(session, runner, [RemoveKernels("conv2", (3,))])
+    assert third.step.index == 3 and third.step.parent == 1  # indices are never reused
+    assert [s.index for s in session.lineage()] == [0, 1, 3]
+    again = TuningSession.resume(session.folder)
+    assert [s.to_dict() for s in again.steps] == [s.to_dict() for s in session.steps]
+    assert again.current.index == 3 and again.step(2).undo_reason == "testing"
+    assert [row["step"] for row in again.history()] == [0, 1, 3]
+    assert len(again.history(include_undone=True)) == 4
+    table = again.format_table()
+    assert "undone: testing" in table and "* " in table and "conv1: remove 2 kernels" in table
+    again.undo()
+    again.undo()
+    with pytest.raises(SessionError, match="nothing to undo"):
+        again.undo()
+
+
+def test_a_step_that_costs_too_much_accuracy_is_undone(setup):
+    session, runner, _ = setup
+    report = apply_step(session, runner, [RemoveKernels("conv1", (0, 1, 2, 3, 4))],
+                        accept_drop=0.5)
+    assert not report.kept and report.change_pp is not None and report.change_pp < -0.5
+    assert session.current.index == 0 and session.step(1).status == "undone"
+    assert "below the baseline" in (session.step(1).undo_reason or "")
+    assert runner.forgotten == [1]
+    assert "undone" in report.line()
+
+
+def test_statistics_of_another_model_are_refused(setup):
+    session, runner, data = setup
+    apply_step(session, runner, [RemoveKernels("conv1", (0,))])
+    stale = onnxaom.collect(session.model(0), data, progress=False)
+    with pytest.raises(SessionError, match="another model"):
+        apply_step(session, runner, [RemoveKernels("conv2", (0,))], stats=stale)
+    with pytest.raises(SessionError, match="another model"):
+        apply_step(session, runner, propose(stale, layers=["conv2"], keep={"conv2": 4}))
+    assert runner.runs == 1  # refused before running anything
+
+
+def test_the_loop_goes_layer_by_layer_and_continues_after_an_interruption(setup):
+    session, runner, data = setup
+    reports = tune(session, runner, data, keep={"conv1": 5, "conv2": 6}, accept_drop=None,
+                   max_steps=1, progress=False)
+    assert len(reports) == 1 and reports[0].step.edits[0].layer == "conv1"
+    assert session.progress["done"] == ["conv1"]
+    resumed = TuningSession.resume(session.folder)
+    more = tune(resumed, runner, data, keep={"conv1": 5, "conv2": 6}, accept_drop=None,
+                progress=False)
+    assert [r.step.edits[0].layer for r in more] == ["conv2"]
+    assert [s.parent for s in resumed.steps] == [None, 0, 1]
+    assert resumed.step(2).stats_digest is not None
+    assert "proposal" in resumed.step(2).info
+    assert tune(resumed, runner, data, progress=False) == []  # every layer done
+
+
+def test_resume_refuses_damaged_folders_naming_the_file(setup, tmp_path):
+    session, runner, _ = setup
+    apply_step(session, runner, [RemoveKernels("conv1", (0,))])
+    folder = session.folder
+    json_file = folder / "session.json"
+    good = json_file.read_text()
+
+    json_file.write_text(good[: len(good) // 2])
+    with pytest.raises(SessionError, match=r"session\.json is corrupt"):
+        TuningSession.resume(folder)
+    json_file.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(SessionError, match="not an onnxaom tuning session"):
+        TuningSession.resume(folder)
+    data = json.loads(good)
+    data["current"] = 7
+    json_file.write_text(json.dumps(data))
+    with pytest.raises(SessionError, match="current step 7"):
+        TuningSession.resume(folder)
+    data = json.loads(good)
+    data["steps"][1]["edits"] = [{"edit": "Nope"}]
+    json_file.write_text(json.dumps(data))
+    with pytest.raises(SessionError, match="step 1 is malformed"):
+        TuningSession.resume(folder)
+    json_file.write_text(good)
+
+    model_file = folder / "models" / "step_1.onnx"
+    saved = model_file.read_bytes()
+    model_file.write_bytes(saved[:-10])
+    with pytest.raises(SessionError, match=r"models/step_1\.onnx .*step 1.* is corrupt"):
+        TuningSession.resume(folder)
+    model_file.unlink()
+    with pytest.raises(SessionError, match=r"models/step_1\.onnx .*is missing"):
+        TuningSession.resume(folder)
+    model_file.write_bytes(saved)
+    assert TuningSession.resume(folder).current.index == 1
+    assert json_file.read_text() == good  # resuming writes nothing
+
+    with pytest.raises(ModelFileNotFoundError, match="not found"):
+        TuningSession.resume(tmp_path / "nowhere")
+    half = tmp_path / "half"
+    (half / "models").mkdir(parents=True)
+    with pytest.raises(SessionError, match="half-written"):
+        TuningSession.resume(half)
+    with pytest.raises(SessionError, match="not an empty folder"):
+        TuningSession.create(folder, session.model(), accuracy=1.0)
+
+
+def test_files_of_an_interrupted_step_are_moved_aside_not_overwritten(setup):
+    session, runner, _ = setup
+    orphan = session.folder / "models" / "step_1.onnx"
+    orphan.write_bytes(b"left by a crash")
+    report = apply_step(session, runner, [RemoveKernels("conv1", (0,))])
+    assert report.step.index == 1
+    aside = session.folder / "models" / "orphaned" / "step_1.onnx.0"
+    assert aside.read_bytes() == b"left by a crash"
+    TuningSession.resume(session.folder)
+
+
+def test_a_crash_while_writing_a_step_leaves_the_previous_session(setup, monkeypatch):
+    session, runner, _ = setup
+    before = (session.folder / "session.json").read_text()
+
+    def boom(path: Path) -> None:
+        path.write_text("partial")
+        raise OSError("disk full")
+
+    outcome = runner.run(session, [RemoveKernels("conv1", (0,))])
+    with pytest.raises(OSError, match="disk full"):
+        session.record([RemoveKernels("conv1", (0,))], outcome.model, accuracy=0.5,
+                       files={"big": Artifact(".bin", boom)})
+    assert (session.folder / "session.json").read_text() == before
+    assert not any(p.name.endswith(".tmp") for p in (session.folder / "models").iterdir())
+    resumed = TuningSession.resume(session.folder)
+    assert len(resumed.steps) == 1 and len(session.steps) == 1
+    assert os.path.exists(session.folder / "models" / "step_1.onnx")  # orphan, moved later
+    apply_step(resumed, runner, [RemoveKernels("conv1", (0,))])
+    assert (session.folder / "models" / "orphaned" / "step_1.onnx.0").exists()
+
+
+def test_bad_values_are_refused(setup):
+    session, runner, _ = setup
+    outcome = runner.run(session, [RemoveKernels("conv1", (0,))])
+    with pytest.raises(SessionError, match="fraction, not a percentage"):
+        session.record([RemoveKernels("conv1", (0,))], outcome.model, accuracy=97.0)
+    with pytest.raises(SessionError, match="at least one edit"):
+        session.record([], outcome.model, accuracy=0.5)
+    with pytest.raises(SessionError, match="accept_drop"):
+        apply_step(session, runner, [RemoveKernels("conv1", (0,))], accept_drop=-1)
+    with pytest.raises(SessionError, match="no step 9"):
+        session.step(9)
+    with pytest.raises(SessionError, match="suffix"):
+        Artifact("pt", lambda p: None)
+    assert len(session.steps) == 1

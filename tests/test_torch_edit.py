@@ -1,0 +1,242 @@
+"""The torch adapter's edits against the ONNX surgery: the torch-edited module, exported to ONNX,
+computes what the surgery result computes (1e-5), for removal (PaperMNISTNet conv1 / conv2 /
+fc1, batch norm, depthwise, residual), Net2Net / random widening and identity insertion; layer
+mapping and its errors."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import onnxaom
+from onnxaom.edits import InsertLayer, RemoveKernels, WidenLayer
+from onnxaom.errors import EditError, LayerNotFoundError, ModelError
+from onnxaom.surgery import apply
+
+from . import zoo
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+architectures = pytest.importorskip("onnxaom_torch.architectures")
+torch_zoo = pytest.importorskip("tests.torch_zoo")
+edit_module = pytest.importorskip("onnxaom_torch.edit")
+mapping_module = pytest.importorskip("onnxaom_torch.mapping")
+apply_edits = edit_module.apply_edits
+map_layers = mapping_module.map_layers
+ModuleMismatchError = mapping_module.ModuleMismatchError
+
+EXPORTERS = ["legacy", pytest.param("dynamo", marks=pytest.mark.slow)]
+ATOL = 1e-5
+
+
+def mnist():
+    return torch_zoo.reinit(architectures.PaperMNISTNet(image_size=8, conv_kernels=(6, 5),
+                                                        hidden=7), 0)
+
+
+class FunctionalRelu(nn.Module):
+    """conv1 → F.relu → conv2 → shared ReLU module → gap → fc: ReLUs the adapter cannot wrap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = self.relu(self.conv2(nn.functional.relu(self.conv1(x))))
+        x = self.relu(x)  # the shared module runs twice
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+MODULES = {
+    "mnist": (mnist, (1, 1, 8, 8)),
+    "chain_bn": (lambda: torch_zoo.chain_bn(0), (1, 3, 8, 8)),
+    "residual": (lambda: torch_zoo.residual(0), (1, 3, 8, 8)),
+    "depthwise": (lambda: torch_zoo.depthwise(0), (1, 3, 8, 8)),
+    "functional": (lambda: torch_zoo.reinit(FunctionalRelu(), 0), (1, 3, 8, 8)),
+}
+
+
+def export(tmp_path: Path, module, shape, exporter: str = "legacy") -> onnxaom.Model:
+    if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
+        pytest.skip("the dynamo exporter needs onnxscript")
+    path = tmp_path / f"{type(module).__name__}-{exporter}.onnx"
+    architectures.export_onnx(module, path, exporter=exporter, input_shape=shape, opset=18)
+    return onnxaom.load(path)
+
+
+def assert_parity(tmp_path: Path, module, model: onnxaom.Model, edits) -> object:
+    """Torch edit, exported, against the surgery on the same input (the oracle of the issue)."""
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    result = apply_edits(module, model, edits, check=False)
+    oracle = apply(model, edits)
+    shape = tuple(int(d) for d in zoo.random_input(model.proto, batch=4, seed=7).shape)
+    path = architectures.export_onnx(result.module, tmp_path / "edited.onnx", input_shape=shape)
+    x = zoo.random_input(model.proto, batch=4, seed=7)
+    got, want = zoo.run(onnxaom.load(path).proto, x)[0], zoo.run(oracle.proto, x)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=ATOL)
+    with torch.no_grad():
+        direct = result.module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(direct, want, rtol=1e-4, atol=ATOL)
+    for key, value in module.state_dict().items():  # the input module is unchanged
+        assert torch.equal(value, state[key]), key
+    return result
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("name", ["mnist", "chain_bn", "residual", "depthwise"])
+def test_removal_matches_the_surgery(tmp_path, name, exporter):
+    build, shape = MODULES[name]
+    module = build()
+    model = export(tmp_path, module, shape, exporter)
+    layers = [layer.name for layer in model.layers()][:-1]  # not the classifier
+    for i, layer in enumerate(layers):
+        k = model.layer(layer).kernels
+        assert_parity(tmp_path, module, model, [RemoveKernels(layer, (0, k - 1 - i % 2))])
+    several = [RemoveKernels(layers[0], (1,)), RemoveKernels(layers[1], (0, 2))]
+    assert_parity(tmp_path, module, model, several)
+
+
+def test_paper_mnist_conv1_conv2_fc1_lose_the_right_channels(tmp_path):
+    module = mnist()
+    model = export(tmp_path, module, (1, 1, 8, 8))
+    edits = [RemoveKernels("/conv1/Conv", (0, 2)), RemoveKernels("/conv2/Conv", (1, 4)),
+             RemoveKernels("/fc1/Gemm", (3,))]
+    result = assert_parity(tmp_path, module, model, edits)
+    edited = result.module
+    assert (edited.conv1.out_channels, edited.conv2.in_channels) == (4, 4)
+    assert edited.conv2.out_channels == 3 and edited.fc1.out_features == 6
+    side = 2 * 2  # (8 - 4) // 2 squared: flatten of (K, 2, 2)
+    assert edited.fc1.in_features == 3 * side
+    kept = [k for k in range(5) if k not in (1, 4)]
+    columns = np.concatenate([np.arange(k * side, (k + 1) * side) for k in kept])
+    want = module.fc1.weight.detach()[[0, 1, 2, 4, 5, 6]][:, columns]
+    assert torch.equal(edited.fc1.weight.detach(), want)
+    assert result.changed == ("/conv1/Conv", "/conv2/Conv", "/fc1/Gemm")
+    assert result.difference is None
+
+
+def test_batch_norm_depthwise_and_residual_follow_their_layers(tmp_path):
+    bn = torch_zoo.chain_bn(0)
+    model = export(tmp_path, bn, (1, 3, 8, 8))
+    edited = apply_edits(bn, model, [RemoveKernels("/conv1/Conv", (1, 2))]).module
+    assert edited.bn1.num_features == 2 and edited.bn1.running_mean.shape == (2,)
+    assert edited.conv2.in_channels == 2
+
+    dw = torch_zoo.depthwise(0)
+    model = export(tmp_path, dw, (1, 3, 8, 8))
+    result = apply_edits(dw, model, [RemoveKernels("/conv1/Conv", (0,))])
+    assert result.module.dwconv2.groups == 3 and result.module.dwconv2.out_channels == 3
+    assert result.changed == ("/conv1/Conv", "/dwconv2/Conv")
+    assert result.difference is not None and result.difference <= ATOL
+
+    res = torch_zoo.residual(0)
+    model = export(tmp_path, res, (1, 3, 8, 8))
+    result = apply_edits(res, model, [RemoveKernels("/conv1/Conv", (3,))])
+    assert result.changed == ("/conv1/Conv", "/conv3/Conv")  # coupled by the Add
+    with pytest.raises(EditError, match="coupled"):
+        apply_edits(res, model, [RemoveKernels("/conv1/Conv", (3,), coupled="refuse")])
+
+
+@pytest.mark.parametrize("name", ["mnist", "chain_bn", "residual", "depthwise"])
+def test_widening_and_insertion_keep_the_function(tmp_path, name):
+    build, shape = MODULES[name]
+    module = build()
+    model = export(tmp_path, module, shape)
+    first, second = (layer.name for layer in model.layers()[:2])
+    edits = [WidenLayer(first, 3), WidenLayer(second, 2, init="random", seed=4),
+             WidenLayer(first, 1, init="zeros"), InsertLayer(first)]
+    result = assert_parity(tmp_path, module, model, edits)
+    x = zoo.random_input(model.proto, batch=3, seed=1)
+    np.testing.assert_allclose(zoo.run(result.model.proto, x)[0], zoo.run(model.proto, x)[0],
+                               rtol=1e-4, atol=ATOL)
+    assert result.model.layer(first).kernels >= model.layer(first).kernels + 4  # dw: +2 tied
+
+
+def test_random_draws_are_the_surgerys(tmp_path):
+    module = mnist()
+    model = export(tmp_path, module, (1, 1, 8, 8))
+    edits = [WidenLayer("/conv2/Conv", 3, init="random", seed=11),
+             WidenLayer("/conv1/Conv", 2, seed=5),
+             InsertLayer("/conv1/Conv", init="random", seed=2, kernel_size=1)]
+    result = apply_edits(module, model, edits)
+    weights = {t.name: t for t in result.model.proto.graph.initializer}
+    conv2 = result.model.proto.graph.node[result.model.layer("/conv2/Conv").node_index]
+    got = result.module.conv2.weight.detach().numpy()
+    want = onnxaom.graph.numpy_helper.to_array(weights[conv2.input[1]])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    deep = result.model.proto.graph.node[result.model.layer("/conv1/Conv_deep").node_index]
+    np.testing.assert_allclose(result.module.relu1.deep.weight.detach().numpy(),
+                               onnxaom.graph.numpy_helper.to_array(weights[deep.input[1]]),
+                               rtol=1e-6, atol=1e-7)
+    assert result.layers["/conv1/Conv_deep"] == "relu1.deep"
+
+
+def test_insertion_after_a_functional_or_shared_relu_wraps_the_module_before(tmp_path):
+    module = torch_zoo.reinit(FunctionalRelu(), 0)
+    model = export(tmp_path, module, (1, 3, 8, 8))
+    result = assert_parity(tmp_path, module, model, [InsertLayer("/conv1/Conv")])
+    assert result.layers["/conv1/Conv"] == "conv1.body"
+    assert result.layers["/conv1/Conv_deep"] == "conv1.deep" and result.notes
+    result = assert_parity(tmp_path, module, model, [InsertLayer("/conv2/Conv")])
+    assert result.layers["/conv2/Conv"] == "conv2.body"  # the ReLU module runs twice
+    follow = assert_parity(tmp_path, result.module, result.model,
+                           [RemoveKernels("/conv1/Conv", (0,))])
+    assert follow.module.conv1.out_channels == 3
+
+
+def test_mapping_uses_names_and_weights_and_names_the_first_mismatch(tmp_path):
+    module = mnist()
+    model = export(tmp_path, module, (1, 1, 8, 8))
+    mapping = map_layers(module, model)
+    assert dict(mapping.modules) == {"/conv1/Conv": "conv1", "/conv2/Conv": "conv2",
+                                     "/fc1/Gemm": "fc1", "/fc2/Gemm": "fc2"}
+    assert mapping.chains["/conv1/Conv"] == ("relu1",)
+    assert mapping.module_name("/fc1/Gemm") == "fc1" and mapping.layer_name("fc2") == "/fc2/Gemm"
+    with pytest.raises(LayerNotFoundError, match="'/conv9/Conv'"):
+        mapping.module_name("/conv9/Conv")
+
+    renamed = onnxaom.Model(model.copy_proto())  # no names: matched by structure and weights
+    for node in renamed.proto.graph.node:
+        node.name = ""
+    for init in renamed.proto.graph.initializer:
+        init.name = "w_" + init.name.replace(".", "_")
+    for node in renamed.proto.graph.node:
+        node.input[:] = ["w_" + i.replace(".", "_") if i.startswith(("conv", "fc", "onnx::"))
+                         else i for i in node.input]
+    renamed_map = map_layers(module, renamed)
+    assert list(renamed_map.modules.values()) == ["conv1", "conv2", "fc1", "fc2"]
+    assert set(renamed_map.how.values()) == {"structure"}
+
+    other = mnist()
+    with torch.no_grad():
+        other.conv2.weight[0, 0, 0, 0] += 1.0
+    with pytest.raises(ModuleMismatchError, match=r"'/conv2/Conv'.*different weight values"):
+        map_layers(other, model)
+    smaller = torch_zoo.reinit(architectures.PaperMNISTNet(image_size=8, conv_kernels=(6, 4),
+                                                           hidden=7), 0)
+    with pytest.raises(ModuleMismatchError, match=r"'/conv2/Conv'.*shape"):
+        map_layers(smaller, model)
+    with pytest.raises(ModuleMismatchError, match="cannot run an input"):
+        map_layers(torch_zoo.chain_bn(0), model)
+    assert issubclass(ModuleMismatchError, ModelError)
+
+
+def test_bad_edits_raise_before_any_torch_work(tmp_path):
+    module = mnist()
+    model = export(tmp_path, module, (1, 1, 8, 8))
+    with pytest.raises(LayerNotFoundError, match="'/conv7/Conv'"):
+        apply_edits(module, model, [RemoveKernels("/conv7/Conv", (0,))])
+    with pytest.raises(EditError, match="out of range"):
+        apply_edits(module, model, [RemoveKernels("/conv1/Conv", (9,))])
+    with pytest.raises(EditError, match="all 6 kernels"):
+        apply_edits(module, model, [RemoveKernels("/conv1/Conv", tuple(range(6)))])
+    with pytest.raises(EditError, match="no edits"):
+        apply_edits(module, model, [])
+    with pytest.raises(ModelError, match="torch.nn.Module"):
+        apply_edits("not a module", model, [RemoveKernels("/conv1/Conv", (0,))])

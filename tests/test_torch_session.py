@@ -1,0 +1,161 @@
+"""The torch runner in a tuning session on sklearn digits (8x8): two steps, the paper's freezing,
+undo, resume from the folder (modules rebuilt from factory + edits + state dicts), the command
+line's resume, and damaged folders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import onnxaom
+from onnxaom.cli import main
+from onnxaom.edits import RemoveKernels
+from onnxaom.proposal import propose
+from onnxaom.session import SessionError, TuningSession
+
+torch = pytest.importorskip("torch")
+architectures = pytest.importorskip("onnxaom_torch.architectures")
+runner_module = pytest.importorskip("onnxaom_torch.runner")
+train_module = pytest.importorskip("onnxaom_torch.train")
+mapping_module = pytest.importorskip("onnxaom_torch.mapping")
+TorchRunner = runner_module.TorchRunner
+
+FACTORY = "onnxaom_torch.architectures:PaperMNISTNet"
+KWARGS = {"image_size": 8, "conv_kernels": [6, 6], "hidden": 16}
+DATA = {"spec": "digits", "train_fraction": 0.8, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return onnxaom.load_digits().split(0.8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    module = architectures.PaperMNISTNet(**KWARGS)
+    return train_module.retrain(module, data[0], 2, lr=3e-3, seed=0, progress=False,
+                                device="cpu").module
+
+
+def make_runner(data, **options):
+    train, test = data
+    return TorchRunner(train, test, factory=FACTORY, factory_kwargs=KWARGS, epochs=1,
+                       device="cpu", progress=False, **options)
+
+
+def states_equal(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_steps_undo_and_resume(tmp_path, data, trained):
+    runner = make_runner(data)
+    session = runner.start(tmp_path / "s", trained, data=DATA)
+    start = session.current
+    assert start.accuracy is not None and len(start.per_class) == 10
+    assert set(start.files) == {"onnx", "torch"}
+    assert session.config["runner"]["factory"] == FACTORY
+
+    first = runner.apply(session, [RemoveKernels("/conv1/Conv", (0, 2))])
+    assert first.kept and first.step.info["frozen"] == ["conv1"]
+    one = runner.module(session)
+    kept = [1, 3, 4, 5]
+    assert torch.equal(one.conv1.weight.detach(), trained.conv1.weight.detach()[kept])
+
+    stats = onnxaom.collect(session.model(), data[0], layers=["/conv2/Conv"], progress=False)
+    proposal = propose(stats, keep={"/conv2/Conv": 4})
+    second = runner.apply(session, proposal, stats=stats)
+    assert second.step.info["frozen"] == ["conv1", "conv2"]  # "upto": the paper's freezing
+    assert second.step.stats_digest == proposal.stats_digest
+    two = runner.module(session)
+    assert torch.equal(two.conv1.weight, one.conv1.weight)
+    assert two.conv2.out_channels == 4 and not torch.equal(two.fc1.weight[:, :4],
+                                                           one.fc1.weight[:, :4])
+    assert session.current.params < first.step.params < start.params
+
+    session.undo("try another")
+    assert session.current.index == 1
+    assert states_equal(runner.module(session).state_dict(), one.state_dict())
+
+    fresh = make_runner(data)
+    resumed = fresh.resume(tmp_path / "s")  # rebuilt from the files alone
+    assert resumed.current.index == 1
+    assert states_equal(fresh.module(resumed).state_dict(), one.state_dict())
+    assert states_equal(fresh.module(resumed, 2).state_dict(), two.state_dict())
+    mapping_module.map_layers(fresh.module(resumed, 2), resumed.model(2))  # files agree
+
+    table = resumed.format_table()
+    assert "undone: try another" in table and "/conv1/Conv: remove 2 kernels" in table
+
+
+def test_bad_factories_and_damaged_weights_are_named(tmp_path, data, trained):
+    wrong = make_runner(data)
+    wrong.factory_kwargs = {**KWARGS, "hidden": 8}
+    with pytest.raises(mapping_module.ModuleMismatchError, match="does not build the module"):
+        wrong.start(tmp_path / "bad", trained)
+    assert not (tmp_path / "bad").exists()
+
+    runner = make_runner(data)
+    session = runner.start(tmp_path / "s", trained, data=DATA)
+    runner.apply(session, [RemoveKernels("/conv2/Conv", (1,))])
+    with pytest.raises(mapping_module.ModuleMismatchError, match=r"step_0\.pt"):
+        wrong.resume(tmp_path / "s")
+    weights = tmp_path / "s" / "models" / "step_1.pt"
+    weights.write_bytes(b"garbage")
+    with pytest.raises(SessionError, match=r"models/step_1\.pt .*corrupt"):
+        make_runner(data).resume(tmp_path / "s")
+    weights.unlink()
+    with pytest.raises(SessionError, match=r"models/step_1\.pt .*missing"):
+        make_runner(data).resume(tmp_path / "s")
+    no_factory = TorchRunner(*data, progress=False)
+    session.config  # noqa: B018 - the config still names the factory
+    weights_less = TuningSession.resume(tmp_path / "s", verify=False)
+    with pytest.raises(SessionError, match=r"step_1\.pt is missing"):
+        no_factory.module(weights_less)
+
+
+def test_the_command_line_continues_and_shows_a_session(tmp_path, data, trained, capsys):
+    runner = make_runner(data)
+    runner.start(tmp_path / "s", trained, data=DATA,
+                 loop={"keep": {"/conv1/Conv": 4, "/conv2/Conv": 5}, "accept_drop": 100})
+    assert main(["session", "resume", str(tmp_path / "s"), "--max-steps", "1", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "step 1: /conv1/Conv: remove 2 kernels" in out and "kept" in out
+    assert main(["session", "resume", str(tmp_path / "s"), "--epochs", "0", "-q",
+                 "--accept-drop", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "step 2: /conv2/Conv: remove 1 kernel" in out
+    session = TuningSession.resume(tmp_path / "s")
+    assert session.step(2).info["epochs"] == 0 and session.progress["done"] == [
+        "/conv1/Conv", "/conv2/Conv"]
+    assert main(["session", "resume", str(tmp_path / "s"), "-q"]) == 0
+    assert "nothing left to do" in capsys.readouterr().out
+    assert main(["session", "show", str(tmp_path / "s")]) == 0
+    shown = capsys.readouterr().out
+    assert "/conv2/Conv: remove 1 kernel" in shown and shown.count("applied") == 3
+    assert main(["session", "show", str(tmp_path / "s"), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["steps"]) == 3
+
+    edits = tmp_path / "edits.json"
+    edits.write_text(json.dumps([RemoveKernels("/fc1/Gemm", (0, 1)).to_dict()]))
+    assert main(["session", "apply", str(tmp_path / "s"), str(edits), "--epochs", "0", "-q",
+                 "--accept-drop", "0"]) == 0
+    line = capsys.readouterr().out
+    assert "step 3" in line
+    assert TuningSession.resume(tmp_path / "s").step(3).params < session.step(2).params
+
+    (tmp_path / "s" / "session.json").write_text("{")
+    assert main(["session", "show", str(tmp_path / "s")]) == 1
+    assert "session.json is corrupt" in capsys.readouterr().err
+
+
+def test_sessions_from_python_data_cannot_resume_on_the_command_line(tmp_path, data, trained,
+                                                                     capsys):
+    x = np.asarray(data[1].images)
+    y = np.asarray(data[1].labels)
+    runner = TorchRunner((x, y), (x, y), factory=FACTORY, factory_kwargs=KWARGS,
+                         progress=False, device="cpu")
+    runner.start(tmp_path / "s", trained)
+    assert main(["session", "resume", str(tmp_path / "s"), "-q"]) == 1
+    assert "no data spec" in capsys.readouterr().err
