@@ -124,8 +124,8 @@ def _as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         return torch.from_numpy(np.array(data.images)), torch.from_numpy(np.array(data.labels))
     if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], tuple):
         images, labels = data
-        x = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
-        y = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
+        y = labels if isinstance(labels, torch.Tensor) else torch.from_numpy(np.array(labels))
         if x.ndim != 4:
             raise DataError(f"images must have shape (N, C, H, W), got {tuple(x.shape)}")
         if y.ndim != 1 or y.shape[0] != x.shape[0]:
