@@ -218,41 +218,41 @@ def checks_table(checks: Sequence[Mapping[str, Any]]) -> str:
 
 def selection_chart(results: Mapping[str, Any], key: str = "accuracy") -> alt.FacetChart:
     """Test accuracy against kernels kept, one line per method (mean over seeds, bars min to
-    max), one panel per reduced layer; the dashed rule is the unreduced control."""
+    max; methods side by side around each count), one panel per reduced layer; the dashed rule
+    is the unreduced control (all kernels, the same retraining)."""
     s = summarize(results["runs"], key)
+    methods = sorted({m for (_, m, _) in s if m != "unreduced"})
+    offset = {m: 0.12 * (i - (len(methods) - 1) / 2) for i, m in enumerate(methods)}
     rows = [
-        {"layer": stage, "method": method_label(method), "kept": n, "mean": v["mean"],
-         "min": v["min"], "max": v["max"], "seeds": v["count"]}
+        {"layer": stage, "method": method_label(method), "kept": n, "x": n + offset[method],
+         "mean": v["mean"], "min": v["min"], "max": v["max"], "seeds": v["count"]}
         for (stage, method, n), v in s.items() if method != "unreduced"
     ]
-    rules = [{"layer": stage, "mean": v["mean"], "what": "unreduced, same retraining"}
+    rules = [{"layer": stage, "rule": v["mean"], "what": "unreduced, same retraining"}
              for (stage, method, _), v in s.items() if method == "unreduced"]
-    methods = sorted({r["method"] for r in rows})
-    color = alt.Color("method:N", sort=methods, title="selection")
-    x = alt.X("kept:Q", title="kernels kept", scale=alt.Scale(zero=False))
-    y_scale = alt.Scale(zero=False)
-    lines = alt.Chart().mark_line(point=True).encode(
-        x=x, y=alt.Y("mean:Q", title="test accuracy", scale=y_scale, axis=alt.Axis(format="%")),
-        color=color,
+    labels = [method_label(m) for m in methods]
+    color = alt.Color("method:N", sort=labels, title="selection")
+    x = alt.X("x:Q", title="kernels kept", scale=alt.Scale(zero=False, nice=False, padding=14),
+              axis=alt.Axis(tickMinStep=1, format="d"))
+    y = alt.Y("mean:Q", title="test accuracy", scale=alt.Scale(zero=False),
+              axis=alt.Axis(format="%"))
+    valid = alt.Chart().transform_filter("isValid(datum.method)")
+    lines = valid.mark_line(point=True).encode(
+        x=x, y=y, color=color,
         tooltip=["layer:N", "method:N", "kept:Q", alt.Tooltip("mean:Q", format=".2%"),
                  alt.Tooltip("min:Q", format=".2%"), alt.Tooltip("max:Q", format=".2%"),
                  "seeds:Q"],
     )
-    bars = alt.Chart().mark_errorbar(ticks=True).encode(
-        x=x, y=alt.Y("min:Q", scale=y_scale, title="test accuracy"), y2="max:Q", color=color)
+    bars = valid.mark_errorbar(ticks=True).encode(
+        x=x, y=alt.Y("min:Q", title="test accuracy"), y2="max:Q", color=color)
     layers: list[Any] = [bars, lines]
-    data = rows
     if rules:
-        data = rows + rules
-        layers.append(alt.Chart().mark_rule(strokeDash=[4, 3], color="black").encode(
-            y=alt.Y("mean:Q", scale=y_scale), tooltip=["what:N", alt.Tooltip("mean:Q",
-                                                                             format=".2%")]
-        ).transform_filter("isValid(datum.what)"))
-        lines = lines.transform_filter("!isValid(datum.what)")
-        bars = bars.transform_filter("!isValid(datum.what)")
-        layers[0], layers[1] = bars, lines
-    return alt.layer(*layers, data=alt.Data(values=data)).properties(
-        width=300, height=240
-    ).facet(column=alt.Column("layer:N", title="reduced layer")).resolve_scale(y="independent"
-                                                                               ).properties(
-        title="Test accuracy after one frozen retraining epoch (mean; bars: min-max over seeds)")
+        layers.append(alt.Chart().transform_filter("isValid(datum.rule)").mark_rule(
+            strokeDash=[4, 3], color="black").encode(
+            y=alt.Y("rule:Q"), tooltip=["what:N", alt.Tooltip("rule:Q", format=".2%")]))
+    return alt.layer(*layers, data=alt.Data(values=rows + rules)).properties(
+        width=320, height=260
+    ).facet(column=alt.Column("layer:N", title="reduced layer")).resolve_scale(
+        y="independent"
+    ).properties(title="Test accuracy after one frozen retraining epoch (mean; bars: min-max "
+                       "over seeds; dashed: unreduced control)")

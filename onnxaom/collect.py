@@ -74,10 +74,16 @@ def select_layers(model: Model, names: Sequence[str] | None, probe: str) -> list
 @dataclass
 class _Input:
     name: str
-    dims: tuple[int | None, ...]
+    dims: tuple[int | None, ...] | None  # None: the model declares no shape; anything goes
     dtype: np.dtype[Any]
 
+    @property
+    def fixed_batch(self) -> int | None:
+        return self.dims[0] if self.dims else None
+
     def check(self, images: np.ndarray) -> np.ndarray:
+        if self.dims is None:
+            return np.ascontiguousarray(images, dtype=self.dtype)
         if images.ndim != len(self.dims):
             raise DataError(
                 f"images have shape {images.shape} per batch but model input {self.name!r} "
@@ -93,6 +99,8 @@ class _Input:
         return np.ascontiguousarray(images, dtype=self.dtype)
 
     def expected(self) -> str:
+        if self.dims is None:
+            return "(any shape)"
         return (
             "("
             + ", ".join("N" if i == 0 else (str(d) if d else "?") for i, d in enumerate(self.dims))
@@ -103,8 +111,11 @@ class _Input:
 def _input_info(model: onnx.ModelProto) -> _Input:
     value = image_input(model)
     dims = dim_values(value.type)
-    if dims is None or len(dims) < 2:
-        raise ModelError(f"model input {value.name!r} has no usable shape (need (N, C, H, W))")
+    if dims is not None and len(dims) < 2:
+        raise ModelError(
+            f"model input {value.name!r} has shape {dims}; onnxaom needs a batch of images "
+            f"(N, C, H, W)"
+        )
     elem = value.type.tensor_type.elem_type
     if elem not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
         raise ModelError(
@@ -410,7 +421,7 @@ class Collector:
                 self.check_nan,
             )
             self._engine, self._acc = _start_engine(
-                proto, self.layers, settings, self._input.dims[0], images, self.num_classes or 0
+                proto, self.layers, settings, self._input.fixed_batch, images, self.num_classes or 0
             )
         engine, acc = self._engine, self._acc
         assert acc is not None

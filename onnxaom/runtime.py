@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import re
 from functools import lru_cache
 
 import onnx
@@ -101,4 +102,30 @@ def make_session(
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    except Exception as exc:  # ORT raises its own exception types
+        supported = _max_ir_version(str(exc))
+        if supported is None or model.ir_version <= supported:
+            raise
+    # A newer onnx wrote an IR version this onnxruntime does not read yet. The IR version only
+    # gates file-format features (the opset says what the ops mean), so we run a copy that
+    # declares the newest IR onnxruntime reads; the user's model is not changed.
+    log.info(
+        "model IR version %d is newer than onnxruntime reads (%d); running it as IR %d",
+        model.ir_version,
+        supported,
+        supported,
+    )
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.ir_version = supported
+    return ort.InferenceSession(copy.SerializeToString(), options, providers=providers)
+
+
+def _max_ir_version(message: str) -> int | None:
+    """The IR version onnxruntime reads, from its 'Unsupported model IR version' error."""
+    match = re.search(
+        r"Unsupported model IR version: \d+, max supported IR version: (\d+)", message
+    )
+    return int(match.group(1)) if match else None

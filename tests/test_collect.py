@@ -360,3 +360,11 @@ def test_nan_check_can_be_switched_off() -> None:
             layers=["conv1"],
         )
         assert stats.counts["conv1"][0].sum() == 0  # NaN is not > 0
+
+
+def test_model_with_an_ir_version_newer_than_onnxruntime_reads() -> None:
+    proto = zoo.chain()
+    proto.ir_version = onnx.IR_VERSION  # what onnx.helper.make_model writes by default
+    images, labels = data_for(proto, n=6, classes=2)
+    stats = collect(onnxaom.Model(proto), images, labels, progress=False)
+    assert stats.num_samples == 6
