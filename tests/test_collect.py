@@ -368,3 +368,18 @@ def test_model_with_an_ir_version_newer_than_onnxruntime_reads() -> None:
     images, labels = data_for(proto, n=6, classes=2)
     stats = collect(onnxaom.Model(proto), images, labels, progress=False)
     assert stats.num_samples == 6
+
+
+def test_raw_conv_probe_reads_the_fused_relu_output() -> None:
+    """Reading conv1's raw output would break ORT's Conv+Relu fusion; x > 0 iff relu(x) > 0."""
+    from onnxaom.instrument import counting_graph
+
+    model = onnxaom.Model(zoo.chain())
+    layers = model.layers(probe="conv")
+    graph = counting_graph(model.proto, layers).model
+    greater = [n for n in graph.graph.node if n.op_type == "Greater"]
+    assert greater[0].input[0] == "relu1_out"  # not conv1_out
+    with_threshold = counting_graph(model.proto, layers, threshold=-0.5).model
+    assert next(n for n in with_threshold.graph.node if n.op_type == "Greater").input[0] == (
+        "conv1_out"
+    )

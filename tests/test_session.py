@@ -95,6 +95,8 @@ def test_steps_undo_and_resume(setup):
     assert [s.to_dict() for s in again.steps] == [s.to_dict() for s in session.steps]
     assert again.current.index == 3 and again.step(2).undo_reason == "testing"
     assert [row["step"] for row in again.history()] == [0, 1, 3]
+    chart = pytest.importorskip("onnxaom.charts").tuning_history(again.history())
+    assert len(next(iter(chart.to_dict()["datasets"].values()))) == 3
     assert len(again.history(include_undone=True)) == 4
     table = again.format_table()
     assert "undone: testing" in table and "* " in table and "conv1: remove 2 kernels" in table
