@@ -21,11 +21,14 @@ from .errors import (
     OnnxaomError,
     ProviderError,
     ReportError,
+    SessionError,
     StatsError,
 )
 from .findings import Findings, LayerFindings, Thresholds, analyze, kernel_order
 from .layers import Layer
 from .model import Model, load
+from .proposal import Proposal, override, propose
+from .session import TuningSession
 from .stats import OccurrenceStats
 from .summary import LayerSummary, ModelSummary, summary
 from .surgery import apply, plan_removal, remove_kernels
@@ -48,11 +51,14 @@ __all__ = [
     "OccurrenceStats",
     "OnnxaomError",
     "Preprocessing",
+    "Proposal",
     "ProviderError",
     "RemoveKernels",
     "ReportError",
+    "SessionError",
     "StatsError",
     "Thresholds",
+    "TuningSession",
     "WidenLayer",
     "__version__",
     "analyze",
@@ -66,7 +72,9 @@ __all__ = [
     "load_digits",
     "load_fashion_mnist",
     "load_spec",
+    "override",
     "plan_removal",
+    "propose",
     "remove_kernels",
     "summary",
 ]

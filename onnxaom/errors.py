@@ -5,12 +5,15 @@ also inherits the builtin it matches, so ``except ValueError`` keeps working::
 
     OnnxaomError (Exception)
     ├── ModelError (ValueError)         not ONNX, no Conv, unsupported graph, NaN activations
+    │   └── onnxaom_torch.ModuleMismatchError   a torch module that does not match the ONNX model
     ├── LayerNotFoundError (KeyError)   a layer name the model does not have
     ├── DataError (ValueError)          images/labels of wrong shape, dtype, length, range; no data
     ├── ModelFileNotFoundError (FileNotFoundError)   a model or data path that does not exist
     ├── StatsError (ValueError)         merging incompatible statistics, corrupt stats file
     ├── EditError (ValueError)          a graph edit that cannot be applied (names node/layer)
     ├── ReportError (ValueError)        a chart or report that cannot be made as asked
+    ├── SessionError (ValueError)       a tuning-session folder that is corrupt, half-written or
+    │                                   does not match (names the file or step)
     └── ProviderError (RuntimeError)    an execution provider asked for that cannot load
 
 Messages name the node, layer, file or argument at fault and, where possible, the fix.
@@ -27,6 +30,7 @@ __all__ = [
     "OnnxaomError",
     "ProviderError",
     "ReportError",
+    "SessionError",
     "StatsError",
 ]
 
@@ -68,3 +72,7 @@ class ProviderError(OnnxaomError, RuntimeError):
 
 class ReportError(OnnxaomError, ValueError):
     """A chart, report or rendering that cannot be made as asked (names the argument or file)."""
+
+
+class SessionError(OnnxaomError, ValueError):
+    """A tuning session folder that cannot be used (names the file or step at fault)."""

@@ -46,7 +46,7 @@ import numpy as np
 
 from .edits import RemoveKernels
 from .errors import LayerNotFoundError, ModelFileNotFoundError, StatsError
-from .findings import Findings, LayerFindings, analyze
+from .findings import Findings, IneffectiveKernel, LayerFindings, analyze
 from .stats import OccurrenceStats
 
 __all__ = [
@@ -144,7 +144,8 @@ class Proposal:
     """Per-layer kernel choices and the edits that carry them out.
 
     Iterating a proposal yields its edits (one :class:`~onnxaom.edits.RemoveKernels` per layer
-    that loses kernels, in layer order), so ``onnxaom.surgery.apply(model, proposal)`` works.
+    that loses kernels, in layer order), so ``onnxaom.surgery.apply(model, proposal)`` works;
+    ``len(proposal)`` counts them, and a proposal that removes nothing is falsy.
     ``stats_digest`` / ``model_digest`` identify the statistics and the model it was made from.
     """
 
@@ -255,6 +256,14 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
+_MEASURE = {"dead": "highest occurrence", "always_on": "lowest occurrence",
+            "class_blind": "class spread"}
+
+
+def _ineffective_reason(f: IneffectiveKernel) -> str:
+    return f"ineffective: {f.reason.replace('_', ' ')} ({_MEASURE[f.reason]} {_fmt(f.value)})"
+
+
 @dataclass
 class _Ranking:
     """A strategy's answer: the order and a reason for each kernel when kept / removed."""
@@ -287,7 +296,7 @@ def _rank_paper(lf: LayerFindings, s: np.ndarray, odm: np.ndarray, cs: np.ndarra
                                      f"selective (s={_fmt(s[m])}) than the kernels kept for "
                                      f"the target")
     for kernel, f in ineffective.items():
-        removed_reason[kernel] = f"ineffective: {f.reason.replace('_', ' ')} ({_fmt(f.value)})"
+        removed_reason[kernel] = _ineffective_reason(f)
         kept_reason[kernel] = (f"ineffective ({f.reason.replace('_', ' ')}), kept to reach the "
                                f"target")
     survivors = [i for i in range(k) if i not in ineffective and i not in dropped]
@@ -344,7 +353,7 @@ def _rank_coverage(lf: LayerFindings, s: np.ndarray, odm: np.ndarray,
     for i in _by_selectivity(ineffective, s):
         f = next(x for x in lf.ineffective if x.kernel == i)
         kept[i] = f"ineffective ({f.reason.replace('_', ' ')}), kept to reach the target"
-        removed[i] = f"ineffective: {f.reason.replace('_', ' ')} ({_fmt(f.value)})"
+        removed[i] = _ineffective_reason(f)
         order.append(i)
     return _Ranking(order, kept, removed)
 
@@ -379,7 +388,7 @@ def _rank_clusters(lf: LayerFindings, s: np.ndarray, odm: np.ndarray, cs: np.nda
         removed.setdefault(i, f"less selective (s={_fmt(s[i])}) than the kernels kept")
     for f in lf.ineffective:
         kept[f.kernel] = f"ineffective ({f.reason.replace('_', ' ')}), kept to reach the target"
-        removed[f.kernel] = f"ineffective: {f.reason.replace('_', ' ')} ({_fmt(f.value)})"
+        removed[f.kernel] = _ineffective_reason(f)
     order = _by_selectivity(chosen, s) + rest + _by_selectivity(ineffective, s)
     return _Ranking(order, kept, removed)
 

@@ -41,7 +41,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from .edits import Edit, edit_from_dict
-from .errors import EditError, ModelError, ModelFileNotFoundError, OnnxaomError
+from .errors import EditError, ModelError, ModelFileNotFoundError, SessionError
 from .model import Model, load
 
 __all__ = [
@@ -64,8 +64,6 @@ Status = Literal["applied", "undone"]
 STATUSES: tuple[Status, ...] = ("applied", "undone")
 
 
-class SessionError(OnnxaomError, ValueError):
-    """A tuning session folder that cannot be used (names the file or step at fault)."""
 
 
 @dataclass(frozen=True)

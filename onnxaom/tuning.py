@@ -12,8 +12,9 @@ edit and whether to keep it.
 * :func:`tune`: the automatic loop, layer by layer from the first to the last (the paper's order):
   statistics of the layer on the current model (:func:`onnxaom.collect`), findings,
   :func:`onnxaom.proposal.propose`, :func:`apply_step`. Its place is kept in the session's
-  ``progress`` after every layer, so a crashed or interrupted loop continues where it stopped
-  (:func:`resume_loop`).
+  ``progress`` after every layer, and each step it makes names its layer (``info["loop_layer"]``),
+  so a crashed or interrupted loop continues where it stopped (:func:`resume_loop`) without
+  editing a layer twice; a step recorded just before a crash is judged (kept or undone) then.
 
 A session made for the command line stores in its ``config``:
 ``"runner": {"module": "onnxaom_torch.runner", ...}`` (a module with a
@@ -118,12 +119,14 @@ def apply_step(
     accept_drop: float | None = None,
     relative_to: str = "baseline",
     label: str | None = None,
+    info: Mapping[str, Any] | None = None,
 ) -> StepReport:
     """Apply ``edits`` to the current step through ``runner`` and record the step; undo it when
     accuracy falls more than ``accept_drop`` percentage points below the reference.
 
     ``stats``: the statistics the edits were chosen from; they must be of the current step's
-    model (checked through their ``model_digest``), and their digest is recorded.
+    model (checked through their ``model_digest``), and their digest is recorded. ``info`` is
+    kept with the step, beside what the runner reports.
     """
     _check_drop(accept_drop, relative_to)
     proposal = edits if isinstance(edits, Proposal) else None
@@ -147,13 +150,20 @@ def apply_step(
     elif proposal is not None:
         digest = proposal.stats_digest
     outcome = runner.run(session, edit_list)
-    info = dict(outcome.info)
+    facts = {**dict(outcome.info), **dict(info or {})}
     if proposal is not None:
-        info["proposal"] = proposal.to_dict()
+        facts["proposal"] = proposal.to_dict()
     step = session.record(edit_list, outcome.model, accuracy=outcome.accuracy,
                           per_class=outcome.per_class, files=outcome.files,
                           stats_digest=digest, label=label or describe_edits(edit_list),
-                          info=info)
+                          info=facts)
+    return _judge(session, runner, step, accept_drop, relative_to, proposal)
+
+
+def _judge(session: TuningSession, runner: Runner, step: Step, accept_drop: float | None,
+           relative_to: str, proposal: Proposal | None = None) -> StepReport:
+    """Undo ``step`` (the current one) if it lost more than ``accept_drop`` pp."""
+    parent = session.step(step.parent) if step.parent is not None else step
     reference = session.baseline if relative_to == "baseline" else parent
     change = None
     if step.accuracy is not None and reference.accuracy is not None:
@@ -229,12 +239,21 @@ def tune(
                   "relative_to": relative_to})
     session.set_progress(state)
     reports: list[StepReport] = []
+    made_now = 0
     from .collect import collect
 
     for name in order:
         if name in done:
             continue
-        if max_steps is not None and len(reports) >= max_steps:
+        made = [s for s in session.steps if s.info.get("loop_layer") == name]
+        if made:  # interrupted after the step was recorded: settle it, don't edit twice
+            last = made[-1]
+            if last.index == session.current.index and last.applied:
+                reports.append(_judge(session, runner, last, accept_drop, relative_to))
+            done.append(name)
+            session.set_progress({**state, "done": done})
+            continue
+        if max_steps is not None and made_now >= max_steps:
             break
         model = session.model()
         if name not in {layer.name for layer in model.layers()}:
@@ -250,8 +269,10 @@ def tune(
             logger.info("layer %s: nothing to remove", name)
         else:
             report = apply_step(session, runner, proposal, stats=stats,
-                                accept_drop=accept_drop, relative_to=relative_to)
+                                accept_drop=accept_drop, relative_to=relative_to,
+                                info={"loop_layer": name})
             reports.append(report)
+            made_now += 1
             logger.info("%s", report.line())
         done.append(name)
         session.set_progress({**state, "done": done})

@@ -96,7 +96,8 @@ def test_steps_undo_and_resume(setup):
     assert again.current.index == 3 and again.step(2).undo_reason == "testing"
     assert [row["step"] for row in again.history()] == [0, 1, 3]
     chart = pytest.importorskip("onnxaom.charts").tuning_history(again.history())
-    assert len(next(iter(chart.to_dict()["datasets"].values()))) == 3
+    rows = json.loads(next(iter(chart.to_dict()["datasets"].values())))
+    assert [row["step"] for row in rows] == [0, 1, 3]
     assert len(again.history(include_undone=True)) == 4
     table = again.format_table()
     assert "undone: testing" in table and "* " in table and "conv1: remove 2 kernels" in table
@@ -142,6 +143,21 @@ def test_the_loop_goes_layer_by_layer_and_continues_after_an_interruption(setup)
     assert resumed.step(2).stats_digest is not None
     assert "proposal" in resumed.step(2).info
     assert tune(resumed, runner, data, progress=False) == []  # every layer done
+
+
+def test_a_step_recorded_just_before_a_crash_is_judged_not_repeated(setup):
+    session, runner, data = setup
+    # the loop recorded conv1's step, then crashed before judging it and noting its progress
+    apply_step(session, runner, [RemoveKernels("conv1", (0, 1, 2, 3, 4))],
+               info={"loop_layer": "conv1"})
+    assert session.current.index == 1
+    reports = tune(TuningSession.resume(session.folder), runner, data, layers=["conv1"],
+                   accept_drop=0.5, progress=False)
+    resumed = TuningSession.resume(session.folder)
+    assert len(resumed.steps) == 2 and runner.runs == 1  # conv1 was not edited again
+    assert resumed.current.index == 0 and resumed.step(1).status == "undone"
+    assert len(reports) == 1 and not reports[0].kept
+    assert resumed.progress["done"] == ["conv1"]
 
 
 def test_resume_refuses_damaged_folders_naming_the_file(setup, tmp_path):

@@ -108,8 +108,7 @@ def test_bad_factories_and_damaged_weights_are_named(tmp_path, data, trained):
     weights.unlink()
     with pytest.raises(SessionError, match=r"models/step_1\.pt .*missing"):
         make_runner(data).resume(tmp_path / "s")
-    no_factory = TorchRunner(*data, progress=False)
-    session.config  # noqa: B018 - the config still names the factory
+    no_factory = TorchRunner(*data, progress=False)  # takes the factory from the config
     weights_less = TuningSession.resume(tmp_path / "s", verify=False)
     with pytest.raises(SessionError, match=r"step_1\.pt is missing"):
         no_factory.module(weights_less)

@@ -168,17 +168,19 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
     if not edit_list:
         raise EditError("no edits given; pass at least one RemoveKernels, WidenLayer or "
                         "InsertLayer")
+    steps = _steps(edit_list)
+    models = [model]
+    for step in steps:  # validates every edit before any torch work; the oracles
+        models.append(surgery_apply(models[-1], step))
     work = copy.deepcopy(module)
     x = example_input(model) if example is None else example
     lmap = mapping if mapping is not None else map_layers(work, model, x)
     layers = dict(lmap.modules)
     nodes = dict(lmap.nodes)
-    current = model
     changed: list[str] = []
     touched: list[str] = []
     notes: list[str] = []
-    for step in _steps(edit_list):
-        result = surgery_apply(current, step)  # validates, and is the oracle of this step
+    for current, result, step in zip(models[:-1], models[1:], steps, strict=True):
         run = trace(work, x)
         proto = current.proto
         cg = build(import_graph(proto), proto)
@@ -200,7 +202,7 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
         else:  # pragma: no cover - _normalise admits only the three edit types
             raise EditError(f"not an edit: {head!r}")
         changed.extend(n for n in step_changed if n not in changed)
-        current = result
+    current = models[-1]
     difference = None
     noisy = any(isinstance(e, WidenLayer) and e.noise > 0 for e in edit_list)
     if check and not noisy:

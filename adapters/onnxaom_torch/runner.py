@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 import onnxaom
-from onnxaom.data import Dataset
+from onnxaom.data import Dataset, from_arrays
 from onnxaom.edits import Edit
 from onnxaom.session import Artifact, SessionError, TuningSession
 from onnxaom.tuning import StepOutcome, StepReport, apply_step, tune
@@ -232,12 +232,17 @@ class TorchRunner:
         """:func:`onnxaom.tuning.apply_step` with this runner."""
         return apply_step(session, self, edits, **kwargs)
 
-    def tune(self, session: TuningSession, data: Dataset | None = None,
+    def tune(self, session: TuningSession, data: Any = None,
              **kwargs: Any) -> list[StepReport]:
         """:func:`onnxaom.tuning.tune` with this runner; statistics on ``data`` (default: the
-        training data, which must then be an :class:`onnxaom.Dataset`)."""
+        training data; an ``(images, labels)`` pair of arrays is wrapped in a Dataset)."""
         source = data if data is not None else self.train
-        return tune(session, self, source, progress=self.progress, **kwargs)
+        if isinstance(source, tuple) and len(source) == 2:
+            images, labels = (v.cpu().numpy() if isinstance(v, torch.Tensor) else v
+                              for v in source)
+            source = from_arrays(images, labels)
+        kwargs.setdefault("progress", self.progress)
+        return tune(session, self, source, **kwargs)
 
     # ------------------------------------------------------------------ helpers
     def _frozen(self, edited: TorchEdit, parent: onnxaom.Model) -> list[str]:
