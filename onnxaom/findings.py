@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -44,6 +43,7 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from .errors import LayerNotFoundError, ModelFileNotFoundError, StatsError
+from .files import atomic_write_text
 from .stats import OccurrenceStats
 from .stats import selectivity as kernel_selectivity
 
@@ -499,15 +499,7 @@ class Findings:
         if not path.parent.is_dir():
             raise ModelFileNotFoundError(f"output folder does not exist: {path.parent}")
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".onnxaom-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, text)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Findings:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,6 +45,7 @@ import numpy as np
 
 from .edits import RemoveKernels
 from .errors import LayerNotFoundError, ModelFileNotFoundError, StatsError
+from .files import atomic_write_text
 from .findings import Findings, IneffectiveKernel, LayerFindings, analyze
 from .stats import OccurrenceStats
 
@@ -225,15 +225,7 @@ class Proposal:
         path = Path(path)
         if not path.parent.is_dir():
             raise ModelFileNotFoundError(f"output folder does not exist: {path.parent}")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".onnxaom-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(self.to_dict(), indent=2) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Proposal:

@@ -19,13 +19,13 @@ import html
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import ModelFileNotFoundError, ReportError
+from .files import atomic_write
 from .stats import OccurrenceStats
 
 __all__ = ["build_report", "render", "write_report"]
@@ -90,22 +90,9 @@ def render(chart_or_spec: Any, path: str | os.PathLike[str], *, scale: float = 1
         data = str(vlc.vegalite_to_svg(spec, vl_version=version)).encode("utf-8")
     else:
         data = bytes(vlc.vegalite_to_pdf(spec, vl_version=version, scale=scale))
-    return _atomic_write(path, data)
+    return atomic_write(path, data)
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".onnxaom-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # --------------------------------------------------------------------------- HTML pieces
@@ -384,4 +371,4 @@ def write_report(
         layers=layers,
         page_size=page_size,
     )
-    return _atomic_write(out / REPORT_NAME, text.encode("utf-8"))
+    return atomic_write(out / REPORT_NAME, text.encode("utf-8"))

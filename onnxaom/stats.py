@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .errors import LayerNotFoundError, ModelFileNotFoundError, StatsError
+from .files import atomic_write
 
 __all__ = ["OccurrenceStats", "aom_from_counts", "class_selectivity", "csm", "odm", "selectivity"]
 
@@ -255,15 +255,7 @@ class OccurrenceStats:
         }
         arrays["header"] = np.array(json.dumps(header))
         arrays["class_sizes"] = self.class_sizes
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".onnxaom-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez_compressed(handle, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, lambda handle: np.savez_compressed(handle, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> OccurrenceStats:
