@@ -97,11 +97,17 @@ class Config:
         return cls(dataset="digits", epochs=12, batch_size=32, seeds=(0, 1), counts=(5, 3),
                    strategies=("paper", "clusters"))
 
-    def key(self) -> str:
-        """Digest of the settings, to refuse resuming a run made with others."""
-        d = asdict(self)
-        d.pop("threads")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    def key(self, stage1_only: bool = False) -> str:
+        """Digest of the settings, to refuse resuming a run made with others; ``stage1_only``:
+        of those the conv1 runs depend on (not the pipeline strategy, which picks conv2's
+        starting model)."""
+        return _digest(asdict(self), stage1_only)
+
+
+def _digest(config: dict[str, Any], stage1_only: bool = False) -> str:
+    d = {k: v for k, v in config.items()
+         if k != "threads" and not (stage1_only and k == "pipeline_strategy")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -197,10 +203,14 @@ class Recorder:
         self.previous: dict[tuple[str, int, str, int], dict[str, Any]] = {}
         if resume and self.path.exists():
             old = json.loads(self.path.read_text())
-            if old.get("config_key") != config.key():
+            if _digest(old["config"]) == config.key():
+                runs = old["runs"]
+            elif _digest(old["config"], stage1_only=True) == config.key(stage1_only=True):
+                runs = [r for r in old["runs"] if r["stage"] == "conv1"]  # conv2: new pipeline
+            else:
                 raise SystemExit(f"{self.path} was made with other settings; drop --resume or "
                                  f"use another --out")
-            self.previous = {(r["stage"], r["seed"], r["method"], r["n"]): r for r in old["runs"]}
+            self.previous = {(r["stage"], r["seed"], r["method"], r["n"]): r for r in runs}
             log.info("resuming: %d runs already done", len(self.previous))
 
     def save(self) -> None:
