@@ -108,9 +108,12 @@ def _with_dynamic_batch(model: onnx.ModelProto, input_name: str) -> None:
     del model.graph.value_info[:]
 
 
-def _prune(model: onnx.ModelProto, needed_outputs: list[str]) -> None:
-    """Drop nodes and initializers that ``needed_outputs`` do not depend on (in place)."""
-    index = GraphIndex(model)
+def _prune(model: onnx.ModelProto, needed_outputs: list[str], image_input: str) -> None:
+    """Drop nodes, initializers and initializer-inputs that ``needed_outputs`` do not need.
+
+    Old exporters list initializers among the graph inputs too (keep_initializers_as_inputs);
+    such an input whose initializer is dropped would become a feed ORT asks for, so it goes too.
+    """
     needed = set(needed_outputs)
     keep = [False] * len(model.graph.node)
     for i in range(len(model.graph.node) - 1, -1, -1):
@@ -121,13 +124,16 @@ def _prune(model: onnx.ModelProto, needed_outputs: list[str]) -> None:
             for attr in node.attribute:  # outer-scope reads of subgraphs
                 if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
                     needed.update(_outer_reads(attr))
-    del index
     nodes = [n for n, k in zip(model.graph.node, keep, strict=True) if k]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     initializers = [t for t in model.graph.initializer if t.name in needed]
     del model.graph.initializer[:]
     model.graph.initializer.extend(initializers)
+    keep_inputs = needed | {image_input, ONEHOT_INPUT}
+    inputs = [i for i in model.graph.input if i.name in keep_inputs]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
 
 
 def _outer_reads(attr: onnx.AttributeProto) -> set[str]:
@@ -162,7 +168,7 @@ def probe_graph(
         elem = index.elem_type(layer.probe)
         copy.graph.output.append(helper.make_tensor_value_info(layer.probe, elem, None))
         outputs.append(layer.probe)
-    _prune(copy, outputs)
+    _prune(copy, outputs, input_name)
     return Instrumented(copy, input_name, tuple(layer.probe for layer in layers))
 
 
@@ -236,7 +242,7 @@ def counting_graph(
         graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT32, None))
     for (_, name), elem in zip(checks, check_types, strict=True):
         graph.output.append(helper.make_tensor_value_info(name, elem, None))
-    _prune(copy, outputs + [name for _, name in checks])
+    _prune(copy, outputs + [name for _, name in checks], input_name)
     _ensure_opset(copy)
     return Instrumented(copy, input_name, tuple(outputs), tuple(checks))
 

@@ -383,3 +383,18 @@ def test_raw_conv_probe_reads_the_fused_relu_output() -> None:
     assert next(n for n in with_threshold.graph.node if n.op_type == "Greater").input[0] == (
         "conv1_out"
     )
+
+
+@pytest.mark.parametrize("method", ["graph", "plain"])
+def test_initializers_listed_as_graph_inputs(method: str) -> None:
+    """Old exporters (keep_initializers_as_inputs=True) list every weight as a graph input."""
+    proto = zoo.chain()
+    for tensor in proto.graph.initializer:
+        proto.graph.input.append(
+            helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+        )
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, n=10, classes=2)
+    stats = collect(model, images, labels, method=method, layers=["conv1"], progress=False)
+    expected = brute_force(proto, [model.layer("conv1")], images, labels)
+    np.testing.assert_array_equal(stats.counts["conv1"], expected["conv1"])
