@@ -1,4 +1,8 @@
-"""The torch side of the experiments: train, evaluate, remove kernels, retrain frozen, mask.
+"""The torch side of the experiments: train, retrain frozen on cached features, mask kernels.
+
+Kernel removal and evaluation in the experiments go through the torch adapter
+(:mod:`onnxaom_torch.edit`, :mod:`onnxaom_torch.train`); :func:`remove_kernels` here is a plain
+slicing of :class:`~onnxaom_torch.PaperMNISTNet` that the tests use as an independent reference.
 
 Everything here works on :class:`onnxaom_torch.PaperMNISTNet` (conv1 → ReLU → conv2 → ReLU →
 max-pool → flatten → fc1 → ReLU → fc2) and on tensors already in memory: images float32
@@ -31,12 +35,10 @@ from onnxaom_torch import PaperMNISTNet
 __all__ = [
     "STAGES",
     "TrainConfig",
-    "accuracy",
     "check_features",
     "clone",
     "freeze",
     "kernel_mask",
-    "predict",
     "prefix_features",
     "remove_kernels",
     "retrain_suffix",
@@ -82,21 +84,6 @@ def train(model: PaperMNISTNet, x: torch.Tensor, y: torch.Tensor, config: TrainC
         losses.append(total / len(y))
     model.eval()
     return losses
-
-
-def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 2000) -> np.ndarray:
-    """Predicted labels, int64 (N,)."""
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for chunk in x.split(batch_size):
-            out.append(model(chunk).argmax(dim=1))
-    return torch.cat(out).numpy()
-
-
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of ``x`` classified as ``y``."""
-    return float((predict(model, x) == y.numpy()).mean())
 
 
 # ----------------------------------------------------------------------------- kernel removal

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StatsError
+from .proposal import DEFAULT_STRATEGY, STRATEGIES
 
 __all__ = ["add_parsers", "parse_keep", "parse_override"]
 
@@ -184,8 +185,9 @@ def add_parsers(subparsers: Any) -> None:
                    help="findings to use (default: computed from the statistics)")
     q.add_argument("--layers", nargs="+", metavar="NAME",
                    help="layers to propose for (default: the conv layers)")
-    q.add_argument("--strategy", default="paper",
-                   choices=("paper", "selectivity", "coverage", "clusters"))
+    q.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES,
+                   help=f"how kernels are chosen (default {DEFAULT_STRATEGY}; see "
+                   f"experiments/RESULTS.md)")
     q.add_argument("--keep", action="append", metavar="LAYER=N",
                    help="keep exactly N kernels of LAYER (repeatable)")
     q.add_argument("--override", action="append", metavar="LAYER:ACTION=INDICES",

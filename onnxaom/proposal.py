@@ -62,6 +62,9 @@ FORMAT = "onnxaom.Proposal"
 FORMAT_VERSION = 1
 #: The ranking strategies :func:`propose` knows.
 STRATEGIES = ("paper", "selectivity", "coverage", "clusters")
+#: The default: the best of the four on conv1 of the paper's MNIST architecture trained on
+#: Fashion-MNIST (experiments/RESULTS.md). The paper's own order is ``"paper"``.
+DEFAULT_STRATEGY = "clusters"
 
 
 def stats_digest(stats: OccurrenceStats) -> str:
@@ -417,7 +420,7 @@ def propose(
     findings: Findings | None = None,
     *,
     layers: Sequence[str] | None = None,
-    strategy: str = "paper",
+    strategy: str = DEFAULT_STRATEGY,
     keep: Mapping[str, int] | None = None,
 ) -> Proposal:
     """Propose which kernels of each layer to keep (see the module docstring).
@@ -432,7 +435,7 @@ def propose(
         Layers to propose for, in the statistics' order. Default: the layers of ``keep`` when
         given, else the conv layers of ``stats``.
     strategy:
-        One of :data:`STRATEGIES`.
+        One of :data:`STRATEGIES`; default :data:`DEFAULT_STRATEGY` (``"clusters"``).
     keep:
         Target kernel counts, layer -> n in 1..K: keep exactly n kernels. Layers without one
         keep as many as the paper's rule does.

@@ -36,7 +36,7 @@ from .data import Dataset, load_spec
 from .edits import Edit
 from .errors import DataError, LayerNotFoundError
 from .model import Model
-from .proposal import Proposal, propose, stats_digest
+from .proposal import DEFAULT_STRATEGY, Proposal, propose, stats_digest
 from .session import Artifact, SessionError, Step, TuningSession, describe_edits
 from .stats import OccurrenceStats
 
@@ -197,7 +197,7 @@ def tune(
     data: Dataset,
     *,
     layers: Sequence[str] | None = None,
-    strategy: str = "paper",
+    strategy: str = DEFAULT_STRATEGY,
     keep: Mapping[str, int] | None = None,
     accept_drop: float | None = 1.0,
     relative_to: str = "baseline",
@@ -286,7 +286,7 @@ def resume_loop(session: TuningSession, runner: Runner, data: Dataset, *,
     changed); layers already done are skipped."""
     state = dict(session.progress)
     loop = dict(session.config.get("loop") or {})
-    strategy = str(state.get("strategy", loop.get("strategy", "paper")))
+    strategy = str(state.get("strategy", loop.get("strategy", DEFAULT_STRATEGY)))
     keep = state.get("keep", loop.get("keep")) or None
     relative_to = str(state.get("relative_to", loop.get("relative_to", "baseline")))
     layers = state.get("layers", loop.get("layers"))

@@ -170,6 +170,7 @@ def test_tables_from_runs():
 
 @pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path):
+    pytest.importorskip("torch_pruning")  # the L1-magnitude peer
     from experiments import fashion_mnist
 
     out = tmp_path / "quick"

@@ -48,7 +48,7 @@ def test_the_paper_rule_drops_ineffective_and_keeps_one_per_redundant_group():
     assert set(lf.ineffective_kernels) == {0, 3}
     assert [(g.members, g.representative) for g in lf.redundant_groups] in ([((1, 2), 1)],
                                                                            [((2, 1), 1)])
-    proposal = propose(stats, findings)
+    proposal = propose(stats, findings, strategy="paper")
     assert proposal.layer_names == ("conv",)  # dense layers only when named
     p = proposal.layer("conv")
     assert p.kept == (1, 4, 5) and p.removed == (0, 2, 3)
@@ -151,7 +151,7 @@ def test_a_layer_of_only_dead_kernels_keeps_its_most_selective_one():
     counts = np.zeros((3, 2, 2, 2), dtype=np.int64)
     stats = OccurrenceStats({"conv": counts}, np.array([5, 5]),
                             metadata={"layers": [{"name": "conv", "op": "Conv"}]})
-    p = propose(stats).layer("conv")
+    p = propose(stats, strategy="paper").layer("conv")
     assert p.kept == (0,) and "most selective stays" in p.reasons[0]
 
 
@@ -190,3 +190,13 @@ def test_proposal_invariants(case, strategy):
     assert Proposal.from_dict(json.loads(json.dumps(proposal.to_dict()))) == proposal
     flipped = override(proposal, keep={"conv": list(p.removed[:1])})
     assert sorted(flipped.layer("conv").kept + flipped.layer("conv").removed) == list(range(k))
+
+
+def test_default_strategy_is_the_best_measured_one():
+    from onnxaom.proposal import DEFAULT_STRATEGY
+
+    counts = np.random.default_rng(0).integers(0, 5, size=(6, 3, 2, 2))
+    stats = OccurrenceStats({"conv": counts}, np.array([5, 5, 5]),
+                            metadata={"layers": [{"name": "conv", "op": "Conv"}]})
+    assert DEFAULT_STRATEGY == "clusters"
+    assert propose(stats).strategy == propose(stats, strategy="clusters").strategy
