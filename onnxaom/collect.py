@@ -238,7 +238,7 @@ class _Engine:
 
     def _check_nan(self, checks: list[np.ndarray]) -> None:
         for (position, _), value in zip(self.graph.checks, checks, strict=True):
-            if not np.isfinite(value):
+            if np.isnan(value):
                 raise ModelError(_nan_message(self.layers[position]))
 
     # -- device-resident accumulation (CUDA) ------------------------------------------------

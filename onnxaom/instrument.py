@@ -193,7 +193,9 @@ def counting_graph(
     as much as a cheap layer (see benchmarks/RESULTS.md for the formulations measured).
 
     Greater is false for NaN, so with ``check_nan`` each layer also gets a scalar
-    ``onnxaom_check_<i>`` = ReduceSum(x), NaN when x held a NaN (or infinities of both signs).
+    ``onnxaom_check_<i>``, NaN when x held a NaN (or infinities of both signs): the sum of x's
+    per-channel means (GlobalAveragePool, which ORT runs in its blocked NCHWc layout without an
+    extra reorder), or ReduceSum(x) for fully-connected layers.
     """
     copy, input_name = _start(model, dynamic_batch)
     index = GraphIndex(model)
@@ -231,8 +233,16 @@ def counting_graph(
         ]
         if check_nan:
             check = f"{_PREFIX}check_{i}"
+            summed = tap
+            if layer.op == "Conv":
+                # GlobalAveragePool runs in ORT's NCHWc layout, on the data before the reorder
+                # that the count needs: the check then costs almost nothing (RESULTS.md)
+                summed = p + "means"
+                nodes.append(
+                    helper.make_node("GlobalAveragePool", [tap], [summed], name=p + "means")
+                )
             nodes.append(
-                helper.make_node("ReduceSum", [tap], [check], keepdims=0, name=p + "check")
+                helper.make_node("ReduceSum", [summed], [check], keepdims=0, name=p + "check")
             )
             checks.append((i, check))
             check_types.append(elem)
