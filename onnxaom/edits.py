@@ -37,7 +37,9 @@ __all__ = [
     "InsertLayer",
     "RemoveKernels",
     "WidenLayer",
+    "as_edit_list",
     "edit_from_dict",
+    "edit_steps",
     "edits_from_json",
     "edits_to_json",
 ]
@@ -60,21 +62,26 @@ def _check_name(value: object, field: str, edit: str) -> str:
 
 def _check_int(value: object, field: str, edit: str, minimum: int) -> int:
     """``value`` as an int (numpy integers welcome), refusing bools, floats and small values."""
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral) \
-            or int(value) < minimum:
+    if (
+        isinstance(value, bool | np.bool_)
+        or not isinstance(value, numbers.Integral)
+        or int(value) < minimum
+    ):
         raise EditError(f"{edit}.{field} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
 
 def _check_choice(value: object, field: str, edit: str, choices: Sequence[str]) -> str:
     if value not in choices:
-        raise EditError(f"{edit}.{field} must be one of {', '.join(map(repr, choices))}, "
-                        f"got {value!r}")
+        raise EditError(
+            f"{edit}.{field} must be one of {', '.join(map(repr, choices))}, got {value!r}"
+        )
     return str(value)
 
 
-def _check_indices(value: object, field: str, edit: str, allow_empty: bool = False
-                   ) -> tuple[int, ...]:
+def _check_indices(
+    value: object, field: str, edit: str, allow_empty: bool = False
+) -> tuple[int, ...]:
     if isinstance(value, str | bytes) or not isinstance(value, Iterable):
         raise EditError(f"{edit}.{field} must be a list of kernel indices, got {value!r}")
     items = list(value)
@@ -118,14 +125,20 @@ class RemoveKernels:
         kernels = _check_indices(self.kernels, "kernels", self.kind)
         repeated = sorted({k for k in kernels if kernels.count(k) > 1})
         if repeated:
-            raise EditError(f"{self.kind}.kernels repeats {repeated} for layer {self.layer!r}; "
-                            f"name each kernel once")
+            raise EditError(
+                f"{self.kind}.kernels repeats {repeated} for layer {self.layer!r}; "
+                f"name each kernel once"
+            )
         object.__setattr__(self, "kernels", tuple(sorted(kernels)))
         _check_choice(self.coupled, "coupled", self.kind, COUPLED_MODES)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"edit": self.kind, "layer": self.layer, "kernels": list(self.kernels),
-                "coupled": self.coupled}
+        return {
+            "edit": self.kind,
+            "layer": self.layer,
+            "kernels": list(self.kernels),
+            "coupled": self.coupled,
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -186,24 +199,39 @@ class WidenLayer:
         _check_choice(self.init, "init", self.kind, WIDEN_INITS)
         if self.sources is not None:
             if self.init != "net2net":
-                raise EditError(f"{self.kind}.sources only applies to init='net2net' "
-                                f"(got init={self.init!r}); leave it out")
+                raise EditError(
+                    f"{self.kind}.sources only applies to init='net2net' "
+                    f"(got init={self.init!r}); leave it out"
+                )
             sources = _check_indices(self.sources, "sources", self.kind)
             if len(sources) != self.add:
-                raise EditError(f"{self.kind}.sources names {len(sources)} kernels but add is "
-                                f"{self.add}; give one source kernel per new kernel")
+                raise EditError(
+                    f"{self.kind}.sources names {len(sources)} kernels but add is "
+                    f"{self.add}; give one source kernel per new kernel"
+                )
             object.__setattr__(self, "sources", sources)
         object.__setattr__(self, "seed", _check_int(self.seed, "seed", self.kind, 0))
-        if (isinstance(self.noise, bool) or not isinstance(self.noise, int | float)
-                or not math.isfinite(self.noise) or self.noise < 0):
+        if (
+            isinstance(self.noise, bool)
+            or not isinstance(self.noise, int | float)
+            or not math.isfinite(self.noise)
+            or self.noise < 0
+        ):
             raise EditError(f"{self.kind}.noise must be a finite number >= 0, got {self.noise!r}")
         object.__setattr__(self, "noise", float(self.noise))
         _check_choice(self.coupled, "coupled", self.kind, COUPLED_MODES)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"edit": self.kind, "layer": self.layer, "add": self.add, "init": self.init,
-                "sources": None if self.sources is None else list(self.sources),
-                "seed": self.seed, "noise": self.noise, "coupled": self.coupled}
+        return {
+            "edit": self.kind,
+            "layer": self.layer,
+            "add": self.add,
+            "init": self.init,
+            "sources": None if self.sources is None else list(self.sources),
+            "seed": self.seed,
+            "noise": self.noise,
+            "coupled": self.coupled,
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -246,19 +274,28 @@ class InsertLayer:
 
     def __post_init__(self) -> None:
         _check_name(self.after, "after", self.kind)
-        object.__setattr__(self, "kernel_size",
-                           _check_int(self.kernel_size, "kernel_size", self.kind, 1))
+        object.__setattr__(
+            self, "kernel_size", _check_int(self.kernel_size, "kernel_size", self.kind, 1)
+        )
         if self.kernel_size % 2 == 0:
-            raise EditError(f"{self.kind}.kernel_size must be odd so the output keeps its size, "
-                            f"got {self.kernel_size}")
+            raise EditError(
+                f"{self.kind}.kernel_size must be odd so the output keeps its size, "
+                f"got {self.kernel_size}"
+            )
         _check_choice(self.init, "init", self.kind, INSERT_INITS)
         if self.name is not None:
             _check_name(self.name, "name", self.kind)
         object.__setattr__(self, "seed", _check_int(self.seed, "seed", self.kind, 0))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"edit": self.kind, "after": self.after, "kernel_size": self.kernel_size,
-                "init": self.init, "name": self.name, "seed": self.seed}
+        return {
+            "edit": self.kind,
+            "after": self.after,
+            "kernel_size": self.kernel_size,
+            "init": self.init,
+            "name": self.name,
+            "seed": self.seed,
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -282,8 +319,9 @@ def edit_from_dict(data: Mapping[str, Any]) -> Edit:
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - allowed)
     if unknown:
-        raise EditError(f"{kind} has no field(s) {', '.join(unknown)}; its fields: "
-                        f"{', '.join(sorted(allowed))}")
+        raise EditError(
+            f"{kind} has no field(s) {', '.join(unknown)}; its fields: {', '.join(sorted(allowed))}"
+        )
     try:
         return cls(**values)
     except TypeError as exc:  # a required field is missing
@@ -306,3 +344,38 @@ def edits_from_json(text: str) -> list[Edit]:
     if not isinstance(data, list):
         raise EditError(f"edits JSON must be an array of objects, got {type(data).__name__}")
     return [edit_from_dict(item) for item in data]
+
+
+def as_edit_list(
+    edits: Edit | Mapping[str, Any] | Iterable[Edit | Mapping[str, Any]],
+) -> list[Edit]:
+    """One edit, a dict, or an iterable of them, as a list of edit objects (dicts are parsed)."""
+    items: list[Any]
+    if isinstance(edits, RemoveKernels | WidenLayer | InsertLayer | Mapping):
+        items = [edits]
+    elif isinstance(edits, str | bytes) or not isinstance(edits, Iterable):
+        raise EditError(f"edits must be an edit or a list of edits, got {type(edits).__name__}")
+    else:
+        items = list(edits)
+    out: list[Edit] = []
+    for item in items:
+        if isinstance(item, Mapping):
+            item = edit_from_dict(item)
+        if not isinstance(item, RemoveKernels | WidenLayer | InsertLayer):
+            raise EditError(
+                f"not an edit: {item!r}; use onnxaom.RemoveKernels, WidenLayer or InsertLayer"
+            )
+        out.append(item)
+    return out
+
+
+def edit_steps(edits: list[Edit]) -> list[list[Edit]]:
+    """The steps edits are applied in: consecutive RemoveKernels form one step (their indices
+    all refer to the model before it); every other edit is a step of its own."""
+    steps: list[list[Edit]] = []
+    for edit in edits:
+        if isinstance(edit, RemoveKernels) and steps and isinstance(steps[-1][0], RemoveKernels):
+            steps[-1].append(edit)
+        else:
+            steps.append([edit])
+    return steps

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 import onnxaom
-from onnxaom.edits import Edit, InsertLayer, RemoveKernels, WidenLayer, edit_from_dict
+from onnxaom.edits import Edit, InsertLayer, RemoveKernels, WidenLayer, as_edit_list, edit_steps
 from onnxaom.errors import EditError, ModelError
 from onnxaom.runtime import make_session
 from onnxaom.surgery import apply as surgery_apply
@@ -102,30 +102,6 @@ class TorchEdit:
         return [self.layers[name] for name in layers]
 
 
-def _normalise(edits: Edit | Iterable[Edit]) -> list[Edit]:
-    items = [edits] if isinstance(edits, RemoveKernels | WidenLayer | InsertLayer) else edits
-    if isinstance(items, str | bytes) or not isinstance(items, Iterable):
-        raise EditError(f"edits must be an edit or a list of edits, got {type(edits).__name__}")
-    out: list[Edit] = []
-    for item in items:
-        if isinstance(item, dict):
-            item = edit_from_dict(item)
-        if not isinstance(item, RemoveKernels | WidenLayer | InsertLayer):
-            raise EditError(f"not an edit: {item!r}; use onnxaom.edits.RemoveKernels, "
-                            f"WidenLayer or InsertLayer")
-        out.append(item)
-    return out
-
-
-def _steps(edits: list[Edit]) -> list[list[Edit]]:
-    """The surgery's steps: consecutive RemoveKernels form one step."""
-    steps: list[list[Edit]] = []
-    for edit in edits:
-        if isinstance(edit, RemoveKernels) and steps and isinstance(steps[-1][0], RemoveKernels):
-            steps[-1].append(edit)
-        else:
-            steps.append([edit])
-    return steps
 
 
 def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[Edit], *,
@@ -164,11 +140,11 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
     """
     if not isinstance(module, nn.Module):
         raise ModelError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    edit_list = _normalise(edits)
+    edit_list = as_edit_list(edits)
     if not edit_list:
         raise EditError("no edits given; pass at least one RemoveKernels, WidenLayer or "
                         "InsertLayer")
-    steps = _steps(edit_list)
+    steps = edit_steps(edit_list)
     models = [model]
     for step in steps:  # validates every edit before any torch work; the oracles
         models.append(surgery_apply(models[-1], step))
@@ -199,7 +175,7 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
                 raise EditError(f"internal: InsertLayer({head.after!r}) added {len(new)} layers")
             step_changed = [new[0].name]
             _insert(work, head, new[0].name, layers, nodes, run, touched, notes)
-        else:  # pragma: no cover - _normalise admits only the three edit types
+        else:  # pragma: no cover - as_edit_list admits only the three edit types
             raise EditError(f"not an edit: {head!r}")
         changed.extend(n for n in step_changed if n not in changed)
     current = models[-1]

@@ -23,7 +23,7 @@ from typing import Any
 
 import onnx
 
-from ..edits import Edit, InsertLayer, RemoveKernels, WidenLayer, edit_from_dict
+from ..edits import Edit, RemoveKernels, WidenLayer, as_edit_list, edit_steps
 from ..errors import EditError
 from ..model import Model
 from .deepen import insert_step
@@ -41,34 +41,6 @@ METADATA_KEY = "onnxaom.edits"
 _MAX_PROTO_BYTES = 2**31 - 1
 
 
-def _normalise(edits: Edit | Mapping[str, Any] | Iterable[Edit | Mapping[str, Any]]
-               ) -> list[Edit]:
-    items: list[Any]
-    if isinstance(edits, RemoveKernels | WidenLayer | InsertLayer | Mapping):
-        items = [edits]
-    elif isinstance(edits, str | bytes) or not isinstance(edits, Iterable):
-        raise EditError(f"edits must be an edit or a list of edits, got {type(edits).__name__}")
-    else:
-        items = list(edits)
-    out: list[Edit] = []
-    for item in items:
-        if isinstance(item, Mapping):
-            item = edit_from_dict(item)
-        if not isinstance(item, RemoveKernels | WidenLayer | InsertLayer):
-            raise EditError(f"not an edit: {item!r}; use onnxaom.RemoveKernels, WidenLayer or "
-                            f"InsertLayer")
-        out.append(item)
-    return out
-
-
-def _steps(edits: list[Edit]) -> list[list[Edit]]:
-    steps: list[list[Edit]] = []
-    for edit in edits:
-        if isinstance(edit, RemoveKernels) and steps and isinstance(steps[-1][0], RemoveKernels):
-            steps[-1].append(edit)
-        else:
-            steps.append([edit])
-    return steps
 
 
 def _check_model(model: Model) -> None:
@@ -104,10 +76,10 @@ def apply(model: Model, edits: Edit | Iterable[Edit]) -> Model:
         does not support, ...), or a result that fails the checker (a bug: please report).
     """
     _check_model(model)
-    edit_list = _normalise(edits)
+    edit_list = as_edit_list(edits)
     original = model.proto
     proto = model.copy_proto()
-    for step in _steps(edit_list):
+    for step in edit_steps(edit_list):
         graph = import_graph(proto)
         head = step[0]
         if isinstance(head, RemoveKernels):
