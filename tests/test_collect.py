@@ -398,3 +398,15 @@ def test_initializers_listed_as_graph_inputs(method: str) -> None:
     stats = collect(model, images, labels, method=method, layers=["conv1"], progress=False)
     expected = brute_force(proto, [model.layer("conv1")], images, labels)
     np.testing.assert_array_equal(stats.counts["conv1"], expected["conv1"])
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18, 21])
+@pytest.mark.parametrize("structure", ["bn_kept", "residual", "reduce_mean_head"])
+def test_other_opsets(structure: str, opset: int) -> None:
+    proto = getattr(zoo, structure)(opset=opset)
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, n=13, classes=2)
+    graph = collect(model, images, labels, batch_size=5, progress=False)
+    expected = brute_force(proto, model.layers(), images, labels)
+    for name in graph.layer_names:
+        np.testing.assert_array_equal(graph.counts[name], expected[name], err_msg=name)
