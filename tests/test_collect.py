@@ -410,3 +410,27 @@ def test_other_opsets(structure: str, opset: int) -> None:
     expected = brute_force(proto, model.layers(), images, labels)
     for name in graph.layer_names:
         np.testing.assert_array_equal(graph.counts[name], expected[name], err_msg=name)
+
+
+def test_channels_last_model_as_tf2onnx_writes_it() -> None:
+    """A Keras/tf2onnx-style model: NHWC input, Transpose to NCHW before the first Conv."""
+    proto = zoo.chain()
+    image = proto.graph.input[0]
+    dims = image.type.tensor_type.shape.dim
+    n, c, h, w = (d.dim_param or d.dim_value for d in dims)
+    nhwc = helper.make_tensor_value_info("input_nhwc", TensorProto.FLOAT, [n, h, w, c])
+    transpose = helper.make_node("Transpose", ["input_nhwc"], [image.name], perm=[0, 3, 1, 2])
+    proto.graph.node.insert(0, transpose)
+    del proto.graph.input[:]
+    proto.graph.input.append(nhwc)
+    model = onnxaom.Model(proto)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(11, h, w, c)).astype(np.float32)
+    labels = np.arange(11) % 2
+    stats = collect(model, images, labels, batch_size=4, progress=False)
+    reference = collect(onnxaom.Model(zoo.chain()), images.transpose(0, 3, 1, 2), labels,
+                        batch_size=4, progress=False)
+    for name in reference.layer_names:
+        np.testing.assert_array_equal(stats.counts[name], reference.counts[name])
+    with pytest.raises(DataError, match="expects"):
+        collect(model, images.transpose(0, 3, 1, 2), labels, progress=False)
