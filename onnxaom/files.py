@@ -8,15 +8,16 @@ untouched. (Models are written by :mod:`onnxaom.model`, which also places extern
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from .errors import ModelFileNotFoundError
+from .errors import ModelFileNotFoundError, StatsError
 
-__all__ = ["atomic_write", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_text", "read_json"]
 
 
 def _default_mode() -> int:
@@ -50,3 +51,14 @@ def atomic_write(path: str | os.PathLike[str], content: bytes | Callable[[Binary
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` as UTF-8 to ``path`` atomically."""
     return atomic_write(path, text.encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike[str], what: str) -> Any:
+    """The JSON in ``path``; ``what`` ("findings", "proposal") names the file in errors."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileNotFoundError(f"{what} file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StatsError(f"cannot read {what} file {path}: {exc}") from exc

@@ -42,8 +42,8 @@ from typing import Any, Literal, cast
 
 import numpy as np
 
-from .errors import LayerNotFoundError, ModelFileNotFoundError, StatsError
-from .files import atomic_write_text
+from .errors import LayerNotFoundError, StatsError
+from .files import atomic_write_text, read_json
 from .stats import OccurrenceStats
 from .stats import selectivity as kernel_selectivity
 
@@ -495,23 +495,13 @@ class Findings:
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`to_dict` as JSON to ``path`` atomically; returns the path."""
-        path = Path(path)
-        if not path.parent.is_dir():
-            raise ModelFileNotFoundError(f"output folder does not exist: {path.parent}")
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
         return atomic_write_text(path, text)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Findings:
         """Read findings written by :meth:`to_json`."""
-        path = Path(path)
-        if not path.exists():
-            raise ModelFileNotFoundError(f"findings file not found: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise StatsError(f"cannot read findings file {path}: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "findings"))
 
     # ------------------------------------------------------------------------- in words
     def summary_lines(self) -> list[str]:

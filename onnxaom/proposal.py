@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 
 from .edits import RemoveKernels
-from .errors import LayerNotFoundError, ModelFileNotFoundError, StatsError
-from .files import atomic_write_text
+from .errors import LayerNotFoundError, StatsError
+from .files import atomic_write_text, read_json
 from .findings import Findings, IneffectiveKernel, LayerFindings, analyze
 from .stats import OccurrenceStats
 
@@ -225,21 +225,11 @@ class Proposal:
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`to_dict` as JSON to ``path`` atomically; returns the path."""
-        path = Path(path)
-        if not path.parent.is_dir():
-            raise ModelFileNotFoundError(f"output folder does not exist: {path.parent}")
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Proposal:
-        path = Path(path)
-        if not path.exists():
-            raise ModelFileNotFoundError(f"proposal file not found: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise StatsError(f"cannot read proposal file {path}: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "proposal"))
 
 
 # ===================================================================================== ranking

@@ -64,6 +64,7 @@ from onnxaom.surgery.channels import (
 )
 from onnxaom.surgery.gsio import import_graph
 from onnxaom.surgery.remove import plan as removal_plan
+from onnxaom.surgery.widen import widen_sources
 
 from .mapping import LayerMap, example_input, map_layers
 from .trace import PER_CHANNEL_TYPES, Trace, trace
@@ -200,13 +201,7 @@ def _widen_rewriter(cg: ChannelGraph, edit: WidenLayer) -> Rewriter:
     ref = cg.layer(edit.layer)
     k = len(ref.slots)
     rng = np.random.default_rng(edit.seed)
-    if edit.init == "net2net":
-        if edit.sources is not None:
-            sources = np.asarray(edit.sources, dtype=np.int64)
-        else:
-            sources = np.sort(rng.choice(k, size=edit.add, replace=edit.add > k)).astype(np.int64)
-    else:
-        sources = np.full(edit.add, -1, dtype=np.int64)
+    sources = widen_sources(edit, k, rng)
     block = cg.slots.roots(ref.slots)
     plan = WidenPlan(cg, block, sources, edit.layer)
     return Rewriter(cg, plan, init="random" if edit.init == "random" else "zeros", rng=rng,

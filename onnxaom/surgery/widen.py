@@ -29,9 +29,26 @@ from ..errors import EditError
 from .channels import Rewriter, WidenPlan, build, rewrite
 from .remove import check_blocked, refuse_coupled
 
-__all__ = ["widen_step"]
+__all__ = ["widen_sources", "widen_step"]
 
 logger = logging.getLogger(__name__)
+
+
+def widen_sources(edit: WidenLayer, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Which existing kernel each new kernel copies (int64 (add,); -1: not a copy).
+
+    The one place the Net2Net draw is made, so the torch adapter, redrawing from the same
+    seed, gets the same kernels as the ONNX surgery.
+    """
+    if edit.init != "net2net":
+        return np.full(edit.add, -1, dtype=np.int64)
+    if edit.sources is not None:
+        bad = [s for s in edit.sources if s >= k]
+        if bad:
+            raise EditError(f"WidenLayer.sources {bad} out of range: layer {edit.layer!r} "
+                            f"has {k} kernels (indices 0..{k - 1})")
+        return np.asarray(edit.sources, dtype=np.int64)
+    return np.sort(rng.choice(k, size=edit.add, replace=edit.add > k)).astype(np.int64)
 
 
 def widen_step(graph: gs.Graph, proto: onnx.ModelProto, edit: WidenLayer) -> dict[str, object]:
@@ -40,17 +57,7 @@ def widen_step(graph: gs.Graph, proto: onnx.ModelProto, edit: WidenLayer) -> dic
     ref = cg.layer(edit.layer)
     k = len(ref.slots)
     rng = np.random.default_rng(edit.seed)
-    if edit.init == "net2net":
-        if edit.sources is not None:
-            bad = [s for s in edit.sources if s >= k]
-            if bad:
-                raise EditError(f"WidenLayer.sources {bad} out of range: layer {edit.layer!r} "
-                                f"has {k} kernels (indices 0..{k - 1})")
-            sources = np.asarray(edit.sources, dtype=np.int64)
-        else:
-            sources = np.sort(rng.choice(k, size=edit.add, replace=edit.add > k)).astype(np.int64)
-    else:
-        sources = np.full(edit.add, -1, dtype=np.int64)
+    sources = widen_sources(edit, k, rng)
     block = cg.slots.roots(ref.slots)
     if len(set(block.tolist())) != k:
         raise EditError(f"cannot widen layer {edit.layer!r}: some of its own kernels are "
