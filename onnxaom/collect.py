@@ -31,6 +31,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from ._version import __version__
+from .blocked import BlockedTap, blocked_counting_session
 from .data import Dataset, iter_batches
 from .errors import DataError, LayerNotFoundError, ModelError
 from .graph import dim_values
@@ -153,6 +154,7 @@ class _Settings:
     threads: int | None
     on_device: bool
     check_nan: bool
+    blocked_reads: bool = True
 
 
 class _Engine:
@@ -180,9 +182,22 @@ class _Engine:
             )
         else:
             self.graph = probe_graph(model, layers, dynamic_batch=dynamic)
-        self.session = make_session(self.graph.model, providers, threads=settings.threads)
         self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
         self.on_device = on_device and self.method == "graph"
+        # per count output: how to restore columns counted in ORT's blocked layout (or None)
+        self.blocked: tuple[BlockedTap | None, ...] = ()
+        blocked = None
+        if (
+            settings.blocked_reads
+            and self.method == "graph"
+            and self.device == "cpu"
+            and not self.on_device
+        ):
+            blocked = blocked_counting_session(self.graph, threads=settings.threads)
+        if blocked is not None:
+            self.session, self.blocked = blocked
+        else:
+            self.session = make_session(self.graph.model, providers, threads=settings.threads)
         self._device_counts: list[ort.OrtValue] | None = None
         self._adder: ort.InferenceSession | None = None
         if self.on_device:
@@ -217,8 +232,9 @@ class _Engine:
         results = self.session.run(None, feeds)
         n_layers = len(self.graph.outputs)
         self._check_nan(results[n_layers:])
-        for total, batch in zip(acc.counts, results[:n_layers], strict=True):
-            total += batch
+        restore = self.blocked or (None,) * n_layers
+        for total, batch, tap in zip(acc.counts, results[:n_layers], restore, strict=True):
+            total += batch if tap is None else tap.restore(batch)
 
     def _count_plain(self, images: np.ndarray, labels: np.ndarray, acc: _Accumulator) -> None:
         results = dict(
@@ -358,6 +374,7 @@ class Collector:
         threads: int | None = None,
         accumulate_on_device: bool | None = None,
         check_nan: bool = True,
+        blocked_reads: bool = True,
     ) -> None:
         if method not in METHODS:
             raise ModelError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -387,7 +404,7 @@ class Collector:
             if accumulate_on_device is None
             else accumulate_on_device
         )
-        self.check_nan = check_nan
+        self.check_nan, self.blocked_reads = check_nan, blocked_reads
         self._engine: _Engine | None = None
         self._acc: _Accumulator | None = None
 
@@ -419,6 +436,7 @@ class Collector:
                 self.threads,
                 self._on_device,
                 self.check_nan,
+                self.blocked_reads,
             )
             self._engine, self._acc = _start_engine(
                 proto, self.layers, settings, self._input.fixed_batch, images, self.num_classes or 0
@@ -476,6 +494,11 @@ class Collector:
             "method": self.method,
             "provider": self.providers[0],
             "batching": "dynamic" if engine.fixed_batch is None else f"fixed:{engine.fixed_batch}",
+            "blocked_layers": [
+                layer.name
+                for layer, tap in zip(self.layers, engine.blocked, strict=False)
+                if tap is not None
+            ],
             "onnxaom_version": __version__,
         }
         return OccurrenceStats(counts, acc.class_sizes.copy(), names, metadata)
@@ -499,6 +522,7 @@ def collect(
     threads: int | None = None,
     accumulate_on_device: bool | None = None,
     check_nan: bool = True,
+    blocked_reads: bool = True,
 ) -> OccurrenceStats:
     """Count, for every kernel, class and position, the samples with a positive activation.
 
@@ -539,6 +563,11 @@ def collect(
         in-graph check reads every activation once more (about 5% of the time on small
         models, see benchmarks/RESULTS.md); ``False`` skips it, and NaN then counts as not
         positive.
+    blocked_reads:
+        On the CPU provider, count each activation in ONNX Runtime's blocked NCHWc layout,
+        where ORT keeps it, instead of after ORT's copy back to NCHW (default; same counts,
+        much less memory traffic: see :mod:`onnxaom.blocked`). ``False`` always counts NCHW
+        tensors. The layers counted this way are listed in ``metadata["blocked_layers"]``.
 
     Returns
     -------
@@ -562,6 +591,7 @@ def collect(
         threads=threads,
         accumulate_on_device=accumulate_on_device,
         check_nan=check_nan,
+        blocked_reads=blocked_reads,
     )
     bar = _progress(_length(images), progress)
     try:

@@ -172,6 +172,11 @@ def probe_graph(
     return Instrumented(copy, input_name, tuple(layer.probe for layer in layers))
 
 
+def positive_tensor(position: int) -> str:
+    """The Greater output (the boolean mask) of the count at ``position`` in a counting graph."""
+    return f"{_PREFIX}{position}_positive"
+
+
 def counting_graph(
     model: onnx.ModelProto,
     layers: list[Layer],
@@ -221,10 +226,10 @@ def counting_graph(
         count = f"{_PREFIX}count_{i}"
         nodes = [
             helper.make_node(
-                "Greater", [tap, thresholds[elem]], [p + "positive"], name=p + "greater"
+                "Greater", [tap, thresholds[elem]], [positive_tensor(i)], name=p + "greater"
             ),
             helper.make_node(
-                "Cast", [p + "positive"], [p + "mask"], to=TensorProto.UINT8, name=p + "cast"
+                "Cast", [positive_tensor(i)], [p + "mask"], to=TensorProto.UINT8, name=p + "cast"
             ),
             helper.make_node("Reshape", [p + "mask", flat_shape], [p + "flat"], name=p + "flatten"),
             helper.make_node(

@@ -12,6 +12,7 @@ import ctypes
 import logging
 import re
 from functools import lru_cache
+from pathlib import Path
 
 import onnx
 import onnxruntime as ort
@@ -84,11 +85,13 @@ def make_session(
     *,
     threads: int | None = None,
     optimization: str = "all",
+    optimized_path: Path | None = None,
 ) -> ort.InferenceSession:
     """An InferenceSession for an in-memory model.
 
     ``threads`` sets intra-op threads (None: ORT's default); ``optimization`` is one of
     "disable", "basic", "extended", "all" (ORT's graph optimisation levels).
+    ``optimized_path``: where ORT writes the graph as it optimised it (ONNX, inline weights).
     """
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -102,6 +105,8 @@ def make_session(
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types
