@@ -2,11 +2,20 @@
 
 Registered by :func:`add_parsers` on the main parser's subparsers (see :mod:`onnxaom.cli`, which
 prints :class:`~onnxaom.OnnxaomError` messages in one line and exits 1). Handlers return the exit
-code. Nothing here imports torch: a session names its runner module in its config and
-:func:`onnxaom.tuning.load_runner` imports it when a step has to be run.
+code. Nothing here imports torch at import time: a session names its runner module in its config
+and :func:`onnxaom.tuning.load_runner` imports it when a step has to be run.
+
+``session start`` is the exception: it builds and trains (or loads) the starting torch module,
+so it imports the torch adapter, inside its handler.
 
 ::
 
+    onnxaom session start DIR --factory PACKAGE.MODULE:NAME [--factory-kwargs JSON]
+                              --data SPEC [--test-data SPEC] [--train-fraction 0.8] [--split-seed 0]
+                              (--weights STATE.pt | --train-epochs N)
+                              [--epochs 1] [--lr 1e-3] [--batch-size 64] [--seed 0]
+                              [--freeze upto] [--device auto] [--exporter legacy] [--opset 17]
+                              [--loop-layers NAME ...] [--loop-strategy S] [--accept-drop PP] [-q]
     onnxaom session show DIR [--json]
     onnxaom session propose STATS.npz [--layers NAME ...] [--strategy paper] [--keep LAYER=N ...]
                                       [--override LAYER:keep|remove|only=INDICES ...] [-o OUT]
@@ -19,15 +28,47 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from .errors import StatsError
+from .errors import DataError, SessionError, StatsError
 from .proposal import DEFAULT_STRATEGY, STRATEGIES
 
 __all__ = ["add_parsers", "parse_keep", "parse_override"]
 
 OVERRIDE_ACTIONS = ("keep", "remove", "only")
+#: onnxaom_torch.runner.FREEZE_POLICIES, written out: importing it would import torch (a test
+#: checks that the two agree).
+FREEZE_CHOICES = ("upto", "edited", "none")
+EXPORTERS = ("legacy", "dynamo")
+
+
+def _int_at_least(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _float_from(low: float, *, strict: bool) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            bound = f"> {low:g}" if strict else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}")
+        return value
+
+    return parse
 
 
 def parse_keep(text: str) -> tuple[str, int]:
@@ -54,6 +95,73 @@ def parse_override(text: str) -> tuple[str, str, list[int]]:
                          f"{', '.join(OVERRIDE_ACTIONS)}, such as /conv1/Conv:keep=0,3,7, got "
                          f"{text!r}")
     return layer, action, parse_indices(indices)
+
+
+def _json_object(text: str | None, option: str) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SessionError(f"{option} is not JSON ({exc}); write an object such as "
+                           f"'{{\"image_size\": 8}}'") from exc
+    if not isinstance(value, dict):
+        raise SessionError(f"{option} must be a JSON object such as '{{\"image_size\": 8}}', "
+                           f"got {text!r}")
+    return value
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    from .session import SESSION_FILE
+    from .tuning import load_session_data
+
+    folder = Path(args.folder)
+    # TuningSession.create refuses such a folder too, but only once the module is trained;
+    # refusing here first makes a wrong DIR cost nothing.
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        what = (f"holds a tuning session (continue it with `onnxaom session resume {folder}`)"
+                if (folder / SESSION_FILE).exists() else "exists and is not an empty folder")
+        raise SessionError(f"{folder} {what}; a new session needs a new or empty folder")
+    kwargs = _json_object(args.factory_kwargs, "--factory-kwargs")
+    try:  # the torch adapter, only now: the core never imports torch at import time
+        from onnxaom_torch.runner import TorchRunner, build_module
+        from onnxaom_torch.train import retrain
+    except ImportError as exc:
+        raise SessionError(f"session start trains and exports a torch module and needs torch "
+                           f"({exc}): pip install 'onnxaom[torch]'") from exc
+
+    # exactly what load_session_data reads back for `session resume` and `session apply`
+    data: dict[str, Any] = {"spec": args.data, "train_fraction": args.train_fraction,
+                            "seed": args.split_seed}
+    if args.test_data is not None:
+        data["test_spec"] = args.test_data
+    train, test = load_session_data({"data": data})
+    if train.image_shape != test.image_shape:
+        raise DataError(f"the training images have shape {train.image_shape} but the test "
+                        f"images ({args.test_data}) {test.image_shape}; use test data of the "
+                        f"same size and channels")
+    module = build_module(args.factory, kwargs, weights=args.weights,
+                          input_shape=(1, *train.image_shape), num_classes=train.num_classes,
+                          seed=args.seed)
+    if args.train_epochs is not None:
+        module = retrain(module, train, args.train_epochs, lr=args.lr,
+                         batch_size=args.batch_size, seed=args.seed, device=args.device,
+                         progress=not args.quiet).module
+    runner = TorchRunner(train, test, factory=args.factory, factory_kwargs=kwargs,
+                         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                         seed=args.seed, device=args.device, freeze=args.freeze,
+                         exporter=args.exporter, opset=args.opset, progress=not args.quiet)
+    loop: dict[str, Any] = {}  # tune()'s keyword arguments, as resume_loop reads them
+    if args.loop_layers:
+        loop["layers"] = list(args.loop_layers)
+    if args.loop_strategy is not None:
+        loop["strategy"] = args.loop_strategy
+    if args.accept_drop is not None:
+        loop["accept_drop"] = args.accept_drop
+    session = runner.start(folder, module, data=data, loop=loop)
+    print(session.format_table())
+    print(f"started a tuning session in {session.folder}")
+    return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -160,13 +268,71 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def add_parsers(subparsers: Any) -> None:
-    """Register ``session`` (with show, propose, apply, undo, resume) on ``subparsers``."""
+    """Register ``session`` (with start, show, propose, apply, undo, resume) on
+    ``subparsers``."""
     p = subparsers.add_parser(
-        "session", help="tuning sessions: propose edits, apply, undo, resume, show history",
+        "session", help="tuning sessions: start, propose edits, apply, undo, resume, show "
+        "history",
         description="The paper's workflow (Fig. 1) as a session kept in a folder: every step's "
         "edits, accuracy, parameters and model files, undoable and resumable.")
     sub = p.add_subparsers(dest="session_command", metavar="ACTION")
     sub.required = True
+
+    q = sub.add_parser(
+        "start", help="start a session from a torch module (needs onnxaom[torch])",
+        description="Build the starting module with --factory, load its --weights or train it "
+        "from scratch for --train-epochs epochs, export and evaluate it, and record it as step "
+        "0 of a new session in DIR, with everything `session resume` and `session apply` need "
+        "to continue without Python.")
+    q.add_argument("folder", metavar="DIR", help="the session folder (new, or empty)")
+    q.add_argument("--factory", required=True, metavar="PACKAGE.MODULE:NAME",
+                   help="what builds the architecture, such as "
+                   "onnxaom_torch.architectures:PaperMNISTNet")
+    q.add_argument("--factory-kwargs", metavar="JSON",
+                   help='its keyword arguments, such as \'{"image_size": 8}\'')
+    q.add_argument("--data", required=True, metavar="SPEC",
+                   help="the labelled data, as for `onnxaom analyze` (digits, digits:SIZE, "
+                   "fashion-mnist:train, npz:PATH, ...)")
+    q.add_argument("--test-data", metavar="SPEC",
+                   help="test data (default: split off --data)")
+    q.add_argument("--train-fraction", type=float, default=0.8, metavar="F",
+                   help="share of --data used for training, the rest tests (default 0.8)")
+    q.add_argument("--split-seed", type=int, default=0, metavar="N",
+                   help="seed of the stratified split (default 0)")
+    source = q.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", metavar="STATE.pt",
+                        help="the trained module's state dict (torch.save(module.state_dict(), "
+                        "path))")
+    source.add_argument("--train-epochs", type=_int_at_least(1), metavar="N",
+                        help="train the module from scratch for N epochs (initialised and "
+                        "trained with --seed, --lr, --batch-size)")
+    q.add_argument("--epochs", type=_int_at_least(0), default=1, metavar="N",
+                   help="retraining epochs after each step (default 1)")
+    q.add_argument("--lr", type=_float_from(0.0, strict=True), default=1e-3, metavar="LR",
+                   help="learning rate (default 1e-3)")
+    q.add_argument("--batch-size", type=_int_at_least(1), default=64, metavar="N",
+                   help="training batch size (default 64)")
+    q.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="training seed; step i retrains with seed + i (default 0)")
+    q.add_argument("--freeze", choices=FREEZE_CHOICES, default="upto",
+                   help="layers kept as they are while a step retrains (default upto: every "
+                   "layer up to the last edited one, as in the paper)")
+    q.add_argument("--device", default="auto",
+                   help="torch device (default auto: CUDA when available)")
+    q.add_argument("--exporter", choices=EXPORTERS, default="legacy",
+                   help="torch's ONNX exporter (default legacy)")
+    q.add_argument("--opset", type=_int_at_least(1), default=17, metavar="N",
+                   help="ONNX opset of the exported models (default 17)")
+    q.add_argument("--loop-layers", nargs="+", metavar="NAME",
+                   help="layers `session resume` tunes, in this order (default: the conv layers)")
+    q.add_argument("--loop-strategy", choices=STRATEGIES, metavar="S",
+                   help=f"how `session resume` chooses kernels: {', '.join(STRATEGIES)} (default "
+                   f"{DEFAULT_STRATEGY})")
+    q.add_argument("--accept-drop", type=_float_from(0.0, strict=False), metavar="PP",
+                   help="`session resume` undoes a step that loses more than PP percentage "
+                   "points of accuracy (default 1)")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cmd_start)
 
     q = sub.add_parser("show", help="print a session's history table")
     q.add_argument("folder", metavar="DIR")

@@ -1,9 +1,13 @@
 """``onnxaom session propose / show / undo`` (no torch needed): output, files, overrides and
-the one-line errors of bad input."""
+the one-line errors of bad input; ``session start`` (torch, skipped without it): a session
+trained from scratch or from saved weights that ``show``, ``apply`` and ``resume`` continue, and
+the inputs it refuses before writing anything."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -86,3 +90,159 @@ def test_show_and_undo(stats_file, tmp_path, capsys):
     assert main(["session", "show", str(tmp_path / "s")]) == 1
     assert "step_1.onnx" in capsys.readouterr().err
     assert main(["session", "show", str(tmp_path / "s"), "--no-verify"]) == 0
+
+
+# ---------------------------------------------------------------------- session start (torch)
+FACTORY = "onnxaom_torch.architectures:PaperMNISTNet"
+KWARGS = {"image_size": 8, "conv_kernels": [6, 6], "hidden": 16}  # sklearn digits are 8x8
+SMALL = ["--data", "digits", "--train-fraction", "0.4", "--device", "cpu", "-q"]  # fast
+
+
+def start_args(folder, *extra: str, kwargs=KWARGS) -> list[str]:
+    return ["session", "start", str(folder), "--factory", FACTORY, "--factory-kwargs",
+            json.dumps(kwargs), *SMALL, *extra]
+
+
+@pytest.fixture
+def torch_runner():
+    pytest.importorskip("torch")
+    return pytest.importorskip("onnxaom_torch.runner")
+
+
+def test_the_parser_knows_no_torch():
+    code = ("import sys; from onnxaom.cli import build_parser; build_parser().parse_args("
+            "['session', 'start', 'd', '--factory', 'a:b', '--data', 'digits', "
+            "'--train-epochs', '1']); assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_start_from_scratch_then_show_apply_and_resume(tmp_path, torch_runner, capsys):
+    folder = tmp_path / "s"
+    assert main(start_args(folder, "--train-epochs", "1", "--epochs", "0", "--seed", "3",
+                           "--loop-layers", "/conv1/Conv", "--accept-drop", "100")) == 0
+    out = capsys.readouterr().out
+    assert "start" in out and "960" in out and f"started a tuning session in {folder}" in out
+    session = TuningSession.resume(folder)
+    assert session.config["data"] == {"spec": "digits", "train_fraction": 0.4, "seed": 0}
+    assert session.config["loop"] == {"layers": ["/conv1/Conv"], "accept_drop": 100.0}
+    runner = session.config["runner"]
+    assert (runner["factory"], runner["factory_kwargs"]) == (FACTORY, KWARGS)
+    assert (runner["epochs"], runner["seed"], runner["device"]) == (0, 3, "cpu")
+    assert session.current.accuracy is not None and set(session.current.files) == {"onnx",
+                                                                                    "torch"}
+
+    again = tmp_path / "again"  # the same seed starts from the same trained module
+    assert main(start_args(again, "--train-epochs", "1", "--seed", "3")) == 0
+    assert TuningSession.resume(again).current.model_digest == session.current.model_digest
+
+    assert main(["session", "show", str(folder)]) == 0
+    assert "start" in capsys.readouterr().out
+    edits = tmp_path / "edits.json"
+    edits.write_text(json.dumps([onnxaom.edits.RemoveKernels("/conv2/Conv", (0,)).to_dict()]))
+    assert main(["session", "apply", str(folder), str(edits), "-q"]) == 0
+    assert "step 1: /conv2/Conv: remove 1 kernel" in capsys.readouterr().out
+    assert main(["session", "resume", str(folder), "-q"]) == 0  # the recorded loop: conv1 only
+    resumed = TuningSession.resume(folder)
+    assert resumed.progress["layers"] == ["/conv1/Conv"]
+    assert resumed.progress["done"] == ["/conv1/Conv"] and resumed.progress["accept_drop"] == 100
+    assert resumed.step(1).info["epochs"] == 0
+
+
+def test_start_from_saved_weights(tmp_path, torch_runner, capsys):
+    torch = pytest.importorskip("torch")
+    from onnxaom_torch.architectures import PaperMNISTNet
+
+    torch.manual_seed(1)
+    module = PaperMNISTNet(**KWARGS)
+    torch.save(module.state_dict(), tmp_path / "w.pt")
+    folder = tmp_path / "s"
+    assert main(start_args(folder, "--weights", str(tmp_path / "w.pt"), "--test-data", "digits",
+                           "--loop-strategy", "coverage", "--freeze", "none")) == 0
+    assert f"started a tuning session in {folder}" in capsys.readouterr().out
+    session = TuningSession.resume(folder)
+    assert session.config["data"] == {"spec": "digits", "train_fraction": 0.4, "seed": 0,
+                                      "test_spec": "digits"}
+    assert session.config["loop"] == {"strategy": "coverage"}
+    assert session.config["runner"]["freeze"] == "none"
+    train = onnxaom.load_digits()
+    rebuilt = torch_runner.TorchRunner(train, train, progress=False).module(session)
+    loaded = rebuilt.state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in module.state_dict().items())
+
+
+def test_freeze_choices_are_the_runners(torch_runner):
+    from onnxaom.cli_session import FREEZE_CHOICES
+
+    assert FREEZE_CHOICES == torch_runner.FREEZE_POLICIES
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--weights", "{tmp}/missing.pt"], "weights file not found: {tmp}/missing.pt"),
+    (["--weights", "{tmp}/other.pt"], "does not fit the module built by"),
+    (["--weights", "{tmp}/junk.pt"], "cannot be read as a torch state dict"),
+    (["--train-epochs", "1", "--factory", "nope"], "is written 'package.module:Name'"),
+    (["--train-epochs", "1", "--factory", "no_such_module:Net"],
+     "cannot import the module factory 'no_such_module:Net'"),
+    (["--train-epochs", "1", "--factory", "onnxaom_torch.architectures:Nope"],
+     "cannot import the module factory"),
+    (["--train-epochs", "1", "--factory-kwargs", "{image_size: 8}"], "--factory-kwargs is not"),
+    (["--train-epochs", "1", "--factory-kwargs", "[8]"], "must be a JSON object"),
+    (["--train-epochs", "1", "--factory-kwargs", '{"size": 8}'], "failed with keyword arg"),
+    (["--train-epochs", "1", "--factory-kwargs", "{}"], "does not take inputs of shape (1, 1, 8"),
+    (["--train-epochs", "1", "--factory-kwargs", '{"image_size": 8, "num_classes": 3}'],
+     "C >= 10"),
+    (["--train-epochs", "1", "--train-fraction", "1.5"], "fraction must be strictly between"),
+    (["--train-epochs", "1", "--data", "npz:{tmp}/none.npz"], "none.npz"),
+])
+def test_start_refuses_bad_input_writing_nothing(tmp_path, torch_runner, capsys, args,
+                                                 message):
+    torch = pytest.importorskip("torch")
+    from onnxaom_torch.architectures import PaperMNISTNet
+
+    torch.save(PaperMNISTNet(**{**KWARGS, "hidden": 8}).state_dict(), tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    folder = tmp_path / "s"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(start_args(folder) + args) == 1
+    err = capsys.readouterr().err
+    assert message.replace("{tmp}", str(tmp_path)) in err and err.count("\n") == 1
+    assert not folder.exists()
+
+
+def test_start_refuses_a_used_folder_before_training(tmp_path, stats_file, capsys):
+    _, proto = stats_file
+    TuningSession.create(tmp_path / "s", onnxaom.Model(proto), accuracy=0.9)
+    before = sorted(p.name for p in (tmp_path / "s").rglob("*"))
+    assert main(start_args(tmp_path / "s", "--train-epochs", "1")) == 1
+    err = capsys.readouterr().err
+    assert "holds a tuning session (continue it with `onnxaom session resume" in err
+    assert err.count("\n") == 1 and sorted(p.name for p in (tmp_path / "s").rglob("*")) == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert main(start_args(tmp_path / "other", "--weights", "w.pt")) == 1
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+
+
+def test_start_without_torch_names_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxaom_torch.runner", None)  # as if torch were missing
+    assert main(start_args(tmp_path / "s", "--train-epochs", "1")) == 1
+    err = capsys.readouterr().err
+    assert "pip install 'onnxaom[torch]'" in err and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("args", [
+    [],  # neither --weights nor --train-epochs
+    ["--weights", "w.pt", "--train-epochs", "1"],  # both
+    ["--train-epochs", "0"],
+    ["--train-epochs", "1", "--lr", "0"],
+    ["--train-epochs", "1", "--accept-drop", "-1"],
+    ["--train-epochs", "1", "--freeze", "all"],
+])
+def test_start_usage_errors_exit_2(tmp_path, capsys, args):
+    with pytest.raises(SystemExit) as exc:
+        main(start_args(tmp_path / "s", *args))
+    assert exc.value.code == 2
+    assert "usage:" in capsys.readouterr().err and not (tmp_path / "s").exists()

@@ -43,6 +43,7 @@ from torch import nn
 import onnxaom
 from onnxaom.data import Dataset, from_arrays
 from onnxaom.edits import Edit
+from onnxaom.errors import ModelFileNotFoundError
 from onnxaom.session import Artifact, SessionError, TuningSession
 from onnxaom.tuning import StepOutcome, StepReport, apply_step, tune
 
@@ -52,7 +53,7 @@ from .mapping import ModuleMismatchError, map_layers
 from .trace import PER_CHANNEL_TYPES, trace
 from .train import evaluate, retrain
 
-__all__ = ["FREEZE_POLICIES", "TorchRunner", "runner_from_session"]
+__all__ = ["FREEZE_POLICIES", "TorchRunner", "build_module", "runner_from_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,89 @@ def _resolve_factory(factory: Callable[..., nn.Module] | str) -> Callable[..., n
     if not callable(target):
         raise SessionError(f"module factory {factory!r} is not callable")
     return target  # type: ignore[no-any-return]
+
+
+def _one_line(exc: BaseException) -> str:
+    """``"Type: message"`` on one line (torch's load and shape errors span several)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def build_module(
+    factory: str,
+    factory_kwargs: Mapping[str, Any] | None = None,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    input_shape: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    seed: int | None = None,
+) -> nn.Module:
+    """The module that ``factory`` (``"package.module:Name"``) builds with ``factory_kwargs``,
+    on the CPU: freshly initialised, or with the state dict saved in ``weights``
+    (``torch.save(module.state_dict(), path)``) loaded. What ``onnxaom session start`` begins
+    with.
+
+    With ``input_shape`` (e.g. ``(1, 1, 8, 8)``) a batch of zeros of that shape is run through
+    the module, which must return logits of shape ``(N, C)`` with ``C >= num_classes``, so that
+    an architecture that does not fit the data fails here, before any training. With ``seed``
+    the initial weights are drawn from it (the global torch RNG is forked, not changed).
+
+    Raises :class:`~onnxaom.SessionError` (factory not importable or failing, weights
+    unreadable), :class:`~onnxaom.ModelFileNotFoundError` (no ``weights`` file) or
+    :class:`ModuleMismatchError` (weights or data that do not fit the architecture).
+    """
+    kwargs = dict(factory_kwargs or {})
+    build = _resolve_factory(factory)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            module = build(**kwargs)
+    except Exception as exc:  # the factory's own checks raise anything
+        raise SessionError(f"the module factory {factory!r} failed with keyword arguments "
+                           f"{kwargs}: {_one_line(exc)}") from exc
+    if not isinstance(module, nn.Module):
+        raise SessionError(f"the module factory {factory!r} returned a "
+                           f"{type(module).__name__}, not a torch.nn.Module")
+    module = module.cpu().eval()
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise ModelFileNotFoundError(f"weights file not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle and zip errors of several kinds
+            raise SessionError(f"{path} cannot be read as a torch state dict (save one with "
+                               f"torch.save(module.state_dict(), path)): {_one_line(exc)}"
+                               ) from exc
+        if not isinstance(state, Mapping):
+            raise SessionError(f"{path} holds a {type(state).__name__}, not a state dict (save "
+                               f"one with torch.save(module.state_dict(), path))")
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ModuleMismatchError(
+                f"{path} does not fit the module built by {factory!r} with {kwargs}: "
+                f"{_one_line(exc)}") from exc
+    if input_shape is not None:
+        shape = tuple(int(d) for d in input_shape)
+        try:
+            with torch.no_grad():
+                logits = module(torch.zeros(shape))
+        except Exception as exc:  # shape errors of any layer
+            raise ModuleMismatchError(
+                f"the module built by {factory!r} with {kwargs} does not take inputs of shape "
+                f"{shape} (the data's); give the factory the data's image size and channels: "
+                f"{_one_line(exc)}") from exc
+        width = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.ndim == 2 else 0
+        need = max(1, num_classes or 1)
+        if width < need:
+            got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else \
+                f"a {type(logits).__name__}"
+            raise ModuleMismatchError(
+                f"the module built by {factory!r} with {kwargs} returns {got} for inputs of "
+                f"shape {shape}; a classifier of the data returns logits of shape (N, C) with "
+                f"C >= {need} (its number of classes)")
+    return module
 
 
 class TorchRunner:
