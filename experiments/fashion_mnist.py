@@ -86,10 +86,12 @@ class Config:
     base_seed: int = 0
     seeds: tuple[int, ...] = (0, 1, 2)
     counts: tuple[int, ...] = (8, 6, 5, 4, 3, 2)
-    strategies: tuple[str, ...] = ("paper", "clusters", "coverage", "selectivity")
-    # The strategy of the pipeline (conv1 -> stage2_from, then conv2): "clusters", the best on
-    # conv1 in experiments/RESULTS.md ("paper", the paper's order, was the worst at 3-6 kernels).
-    pipeline_strategy: str = "clusters"
+    strategies: tuple[str, ...] = ("paper", "clusters", "coverage", "selectivity", "usage",
+                                   "auto")
+    # The strategy of the pipeline (conv1 -> stage2_from, then conv2): "auto", the default of
+    # onnxaom.propose (clusters on conv1, usage on conv2; experiments/RESULTS.md). "paper", the
+    # paper's order, was the worst at 3-6 kernels of conv1.
+    pipeline_strategy: str = "auto"
     stage2_from: int = 5
     stages: tuple[str, ...] = ("conv1", "conv2")
     fig8_layer: str = "conv2"
@@ -102,7 +104,7 @@ class Config:
     def quick(cls) -> Config:
         """Digits in seconds: the test suite's end-to-end run."""
         return cls(dataset="digits", epochs=12, batch_size=32, seeds=(0, 1), counts=(5, 3),
-                   strategies=("paper", "clusters"))
+                   strategies=("paper", "clusters", "usage", "auto"))
 
     def key(self, stage1_only: bool = False) -> str:
         """Digest of the settings, to refuse resuming a run made with others; ``stage1_only``:
@@ -112,8 +114,10 @@ class Config:
 
 
 def _digest(config: dict[str, Any], stage1_only: bool = False) -> str:
+    # not the strategies: runs are matched one by one (stage, seed, method, n and kept kernels),
+    # so adding a strategy reuses every run already made
     d = {k: v for k, v in config.items()
-         if k != "threads" and not (stage1_only and k == "pipeline_strategy")}
+         if k not in ("threads", "strategies") and not (stage1_only and k == "pipeline_strategy")}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -149,6 +153,16 @@ def load_data(dataset: str) -> Data:
 
 
 # ----------------------------------------------------------------------------- statistics
+def pool_statistics_of(model: onnxaom.Model, data: Data, threads: int) -> onnxaom.OccurrenceStats:
+    """Statistics of both convs at ``probe="pool"`` (what the layer after the pool reads), for
+    the proposal strategy ``"usage"``."""
+    return onnxaom.collect(
+        model, data.x_train.numpy(), data.y_train.numpy(), class_names=data.class_names,
+        layers=list(ONNX_LAYER.values()), provider="cpu", progress=False, threads=threads,
+        batch_size=500, probe="pool",
+    )
+
+
 def statistics_of(model: PaperMNISTNet, data: Data, folder: Path, name: str, threads: int
                   ) -> tuple[onnxaom.OccurrenceStats, onnxaom.Findings, float, onnxaom.Model]:
     """Export ``model`` to ``folder/name.onnx`` and collect onnxaom's statistics of both convs
@@ -251,9 +265,12 @@ def reduce_stage(
     (``features``: :func:`torchnet.prefix_features` of ``base``) and the rest retrained on it."""
     k = getattr(base, stage).out_channels
     jobs: list[tuple[str, int, tuple[int, ...], str]] = [("unreduced", k, tuple(range(k)), "-")]
+    pool_stats = (pool_statistics_of(base_onnx, data, config.threads)
+                  if {"usage", "auto"} & set(config.strategies) else None)
     for n in config.counts:
         for strategy in config.strategies:
-            kept = selection.proposal_keep(stats, findings, ONNX_LAYER[stage], n, strategy)
+            kept = selection.proposal_keep(stats, findings, ONNX_LAYER[stage], n, strategy,
+                                           model=base_onnx, pool_stats=pool_stats)
             jobs.append((f"proposal:{strategy}", n, kept, "onnxaom.proposal"))
         jobs.append(("magnitude", n, selection.magnitude_keep(base, stage, n), "torch-pruning"))
         jobs.append(("random", n, selection.random_keep(k, n, seed, salt=1 + torchnet.STAGES

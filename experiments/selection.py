@@ -26,10 +26,21 @@ __all__ = [
 
 
 def proposal_keep(stats: onnxaom.OccurrenceStats, findings: onnxaom.Findings, layer: str, n: int,
-                  strategy: str) -> tuple[int, ...]:
+                  strategy: str, *, model: onnxaom.Model | None = None,
+                  pool_stats: onnxaom.OccurrenceStats | None = None) -> tuple[int, ...]:
     """Kernels of ``layer`` (an ONNX layer name, e.g. "/conv1/Conv") that the proposal keeps
-    with the target ``n``."""
-    proposal = propose(stats, findings, keep={layer: n}, strategy=strategy)
+    with the target ``n``.
+
+    Strategy ``"usage"`` reads the next layers' weights from ``model`` and is given
+    ``pool_stats`` (statistics collected with ``probe="pool"``: for conv2 the pooled 12 x 12
+    maps that fc1 reads, so its read mass applies position by position; conv1 has no pool and
+    its pool probe is its activation)."""
+    if strategy in ("usage", "auto"):
+        if model is None or pool_stats is None:
+            raise ValueError(f"strategy {strategy!r} needs the model and pool-probe statistics")
+        proposal = propose(pool_stats, keep={layer: n}, strategy=strategy, model=model)
+    else:
+        proposal = propose(stats, findings, keep={layer: n}, strategy=strategy)
     kept = proposal.layer(layer).kept
     if len(kept) != n:
         raise RuntimeError(f"onnxaom.proposal kept {len(kept)} kernels of {layer}, asked for {n}")

@@ -18,6 +18,7 @@ so it imports the torch adapter, inside its handler.
                               [--loop-layers NAME ...] [--loop-strategy S] [--accept-drop PP] [-q]
     onnxaom session show DIR [--json]
     onnxaom session propose STATS.npz [--layers NAME ...] [--strategy paper] [--keep LAYER=N ...]
+                                      [--model MODEL.onnx]
                                       [--override LAYER:keep|remove|only=INDICES ...] [-o OUT]
     onnxaom session apply DIR PROPOSAL.json [--epochs N] [--accept-drop PP]
     onnxaom session undo DIR [--reason TEXT]
@@ -185,8 +186,13 @@ def _cmd_propose(args: argparse.Namespace) -> int:
     stats = OccurrenceStats.load(args.stats)
     findings = Findings.from_json(args.findings) if args.findings else None
     keep: dict[str, int] = dict(parse_keep(k) for k in args.keep or [])
+    model = None
+    if args.model:
+        from .model import load
+
+        model = load(args.model)
     proposal = propose(stats, findings, layers=args.layers, strategy=args.strategy,
-                       keep=keep or None)
+                       keep=keep or None, model=model)
     tables: dict[str, dict[str, list[int]]] = {a: {} for a in OVERRIDE_ACTIONS}
     for spec in args.override or []:
         layer, action, indices = parse_override(spec)
@@ -356,6 +362,8 @@ def add_parsers(subparsers: Any) -> None:
                    f"experiments/RESULTS.md)")
     q.add_argument("--keep", action="append", metavar="LAYER=N",
                    help="keep exactly N kernels of LAYER (repeatable)")
+    q.add_argument("--model", metavar="MODEL.onnx",
+                   help="the model the statistics come from (strategy usage reads its weights)")
     q.add_argument("--override", action="append", metavar="LAYER:ACTION=INDICES",
                    help="keep / remove these kernels, or keep only these: "
                    "/conv1/Conv:keep=0,3,7 (repeatable)")

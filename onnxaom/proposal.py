@@ -25,6 +25,20 @@ selectivity ``s(k)`` (eq. 4), class selectivity ``s[k, c]`` (average CSM, eq. 3)
 * ``"clusters"``: cut the average-linkage tree of the effective kernels (ODM distance, as the
   redundancy finding) into exactly ``n`` clusters and keep the most selective kernel of each;
   ineffective kernels come last.
+* ``"usage"``: class-specific occurrence that the next layers read. Kernel k scores
+  ``sum over c, h, w of |S[k, c, h, w]| * R[k, h, w]``, with S the CSM (eq. 3) and R the read
+  mass of :mod:`onnxaom.readers` (the L1 of the next layers' weights that read k, per position
+  where a fully-connected layer reads the map flattened and the statistics have its grid, e.g.
+  collected with ``probe="pool"`` before a pool -> flatten -> dense head; per kernel
+  otherwise). The most scoring kernels are kept. Needs ``model=`` (the model the statistics
+  were collected on). Dead and always-on kernels score 0.
+* ``"auto"`` (the default): per layer, ``"usage"`` where every layer that reads it is
+  fully-connected (Gemm or MatMul: the last conv layer before the classifier), ``"clusters"``
+  elsewhere (a layer read by another conv), and ``"clusters"`` everywhere when no ``model`` is
+  given. Each :class:`LayerProposal` names the strategy it used. Why: on the paper's MNIST
+  network trained on Fashion-MNIST, ``clusters`` was the best strategy on conv1 (read by
+  conv2) and ``usage`` on conv2 (read by fc1), where the others lose to L1 magnitude
+  (experiments/RESULTS.md; one network, three retraining seeds: a measured rule, not a law).
 
 Ties: lower kernel index first. No strategy removes every kernel of a layer: at least one is
 always kept. Which layers: those named in ``layers``, else those in ``keep``, else the conv layers
@@ -47,6 +61,7 @@ from .edits import RemoveKernels
 from .errors import LayerNotFoundError, StatsError
 from .files import atomic_write_text, read_json
 from .findings import Findings, IneffectiveKernel, LayerFindings, analyze
+from .model import Model
 from .stats import OccurrenceStats
 
 __all__ = [
@@ -61,10 +76,11 @@ __all__ = [
 FORMAT = "onnxaom.Proposal"
 FORMAT_VERSION = 1
 #: The ranking strategies :func:`propose` knows.
-STRATEGIES = ("paper", "selectivity", "coverage", "clusters")
-#: The default: the best of the four on conv1 of the paper's MNIST architecture trained on
-#: Fashion-MNIST (experiments/RESULTS.md). The paper's own order is ``"paper"``.
-DEFAULT_STRATEGY = "clusters"
+STRATEGIES = ("paper", "selectivity", "coverage", "clusters", "usage", "auto")
+#: The default: ``clusters`` or ``usage`` by what reads the layer, the best measured on each
+#: conv layer of the paper's MNIST architecture trained on Fashion-MNIST
+#: (experiments/RESULTS.md). The paper's own order is ``"paper"``.
+DEFAULT_STRATEGY = "auto"
 
 
 def stats_digest(stats: OccurrenceStats) -> str:
@@ -412,6 +428,7 @@ def propose(
     layers: Sequence[str] | None = None,
     strategy: str = DEFAULT_STRATEGY,
     keep: Mapping[str, int] | None = None,
+    model: Model | None = None,
 ) -> Proposal:
     """Propose which kernels of each layer to keep (see the module docstring).
 
@@ -425,10 +442,13 @@ def propose(
         Layers to propose for, in the statistics' order. Default: the layers of ``keep`` when
         given, else the conv layers of ``stats``.
     strategy:
-        One of :data:`STRATEGIES`; default :data:`DEFAULT_STRATEGY` (``"clusters"``).
+        One of :data:`STRATEGIES`; default :data:`DEFAULT_STRATEGY` (``"auto"``).
     keep:
         Target kernel counts, layer -> n in 1..K: keep exactly n kernels. Layers without one
         keep as many as the paper's rule does.
+    model:
+        The model the statistics were collected on (checked by digest); needed by the
+        ``"usage"`` strategy, which reads the next layers' weights, and used by ``"auto"``.
 
     Returns
     -------
@@ -455,6 +475,8 @@ def propose(
     if unknown_targets:
         raise StatsError(f"keep names layer {unknown_targets[0]!r}, which is not among the "
                          f"layers proposed for ({', '.join(chosen)}); add it to layers")
+    if strategy == "usage" or (strategy == "auto" and model is not None):
+        _check_model(stats, model)
     if findings is None:
         findings = analyze(stats, layers=chosen) if chosen else Findings((), class_names=())
     layer_props = []
@@ -465,13 +487,75 @@ def propose(
             raise StatsError(f"findings for layer {name!r} have {lf.num_kernels} kernels, the "
                              f"statistics {k}: pass findings made from these statistics")
         target = _check_target(name, targets[name], k) if name in targets else None
-        layer_props.append(_propose_layer(stats, lf, name, strategy, target))
+        used = _auto_strategy(name, model) if strategy == "auto" else strategy
+        usage = _usage_scores(stats, name, model) if used == "usage" else None
+        layer_props.append(_propose_layer(stats, lf, name, used, target, usage))
     return Proposal(tuple(layer_props), strategy, stats_digest(stats),
                     stats.metadata.get("model_digest"))
 
 
+def _check_model(stats: OccurrenceStats, model: Model | None) -> None:
+    if model is None:
+        raise StatsError("strategy 'usage' reads the next layers' weights: pass model= (the "
+                         "model the statistics were collected on)")
+    expected = stats.metadata.get("model_digest")
+    if expected is not None and expected != model.digest:
+        raise StatsError(f"the statistics were collected on model {str(expected)[:12]}..., not "
+                         f"on the model given ({model.digest[:12]}...); collect statistics on "
+                         f"this model or pass the one they come from")
+
+
+def _auto_strategy(name: str, model: Model | None) -> str:
+    """``"usage"`` when every layer reading ``name`` is fully-connected, else ``"clusters"``."""
+    if model is None:
+        return "clusters"
+    from .readers import read_mass
+
+    ops = {layer.name: layer.op for layer in model.layers()}
+    readers = read_mass(model, name).readers
+    dense = readers and all(ops.get(r) in ("Gemm", "MatMul") for r in readers)
+    return "usage" if dense else "clusters"
+
+
+def _usage_scores(stats: OccurrenceStats, name: str, model: Model | None) -> tuple[np.ndarray, str]:
+    """Per kernel: sum over classes and positions of |CSM| times the read mass; and how the
+    read mass was applied (for the reasons)."""
+    from .readers import read_mass
+    from .stats import csm
+
+    assert model is not None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="classes with no samples",
+                                category=RuntimeWarning)
+        aom = stats.aom(name)
+    aom = aom[:, ~np.isnan(aom).all(axis=(0, 2, 3))]
+    k = aom.shape[0]
+    if aom.shape[1] < 2:
+        return np.zeros(k), "fewer than two classes"
+    specific = np.nan_to_num(np.abs(csm(aom)), nan=0.0).sum(axis=1).reshape(k, -1)  # (K, H*W)
+    mass = read_mass(model, name)
+    if not mass.per_kernel.any():
+        return specific.sum(axis=1), "no layer reads it that onnxaom traces: CSM alone"
+    if mass.per_position is not None and mass.per_position.shape[1] == specific.shape[1]:
+        return (specific * mass.per_position).sum(axis=1), "read mass per position"
+    return specific.sum(axis=1) * mass.per_kernel, "read mass per kernel"
+
+
+def _rank_usage(lf: LayerFindings, usage: tuple[np.ndarray, str]) -> _Ranking:
+    score, how = usage
+    order = sorted(range(lf.num_kernels), key=lambda i: (-float(score[i]), i))
+    kept = {k: f"usage rank {r + 1}: class-specific occurrence read by the next layers "
+               f"{_fmt(score[k])} ({how})" for r, k in enumerate(order)}
+    removed = {k: f"usage rank {r + 1} ({_fmt(score[k])}, {how}), below the kernels kept"
+               for r, k in enumerate(order)}
+    return _Ranking(order, kept, removed)
+
+
 def _propose_layer(stats: OccurrenceStats, lf: LayerFindings, name: str, strategy: str,
-                   target: int | None) -> LayerProposal:
+                   target: int | None,
+                   usage: tuple[np.ndarray, str] | None = None) -> LayerProposal:
     import warnings
 
     with warnings.catch_warnings():
@@ -492,6 +576,9 @@ def _propose_layer(stats: OccurrenceStats, lf: LayerFindings, name: str, strateg
         ranking = _rank_selectivity(lf, s, distances, cs)
     elif strategy == "coverage":
         ranking = _rank_coverage(lf, s, distances, cs)
+    elif strategy == "usage":
+        assert usage is not None
+        ranking = _rank_usage(lf, usage)
     else:
         ranking = _rank_clusters(lf, s, distances, cs, n)
     kept = ranking.order[:n]

@@ -264,7 +264,7 @@ def tune(
         stats = collect(model, data, layers=[name], batch_size=batch_size, provider=provider,
                         progress=progress)
         target = {name: keep[name]} if keep and name in keep else None
-        proposal = propose(stats, layers=[name], strategy=strategy, keep=target)
+        proposal = propose(stats, layers=[name], strategy=strategy, keep=target, model=model)
         if not len(proposal):
             logger.info("layer %s: nothing to remove", name)
         else:

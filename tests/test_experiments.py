@@ -130,9 +130,14 @@ def test_proposal_keep_gives_exactly_n(tmp_path):
     stats = onnxaom.collect(str(path), rng.random((60, 1, 28, 28), dtype=np.float32),
                             np.arange(60) % 3, progress=False, provider="cpu")
     findings = onnxaom.analyze(stats)
+    pool_stats = onnxaom.collect(str(path), rng.random((60, 1, 28, 28), dtype=np.float32),
+                                 np.arange(60) % 3, progress=False, provider="cpu",
+                                 probe="pool")
+    model = onnxaom.load(path)
     for strategy in selection.STRATEGIES:
         for n in (1, 2, 4):
-            kept = selection.proposal_keep(stats, findings, "/conv1/Conv", n, strategy)
+            kept = selection.proposal_keep(stats, findings, "/conv1/Conv", n, strategy,
+                                           model=model, pool_stats=pool_stats)
             assert len(kept) == n and list(kept) == sorted(set(kept))
     assert 1 <= selection.natural_size(stats, findings, "/conv2/Conv") <= 5
 

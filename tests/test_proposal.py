@@ -17,6 +17,8 @@ from onnxaom.proposal import STRATEGIES, Proposal, override, propose, stats_dige
 from onnxaom.stats import OccurrenceStats
 
 SIZE = 10  # samples per class
+#: The strategies that need nothing but the statistics ("usage" also reads the model).
+MODEL_FREE = tuple(s for s in STRATEGIES if s != "usage")
 
 
 def designed_stats() -> OccurrenceStats:
@@ -72,13 +74,14 @@ def test_a_kernel_target_follows_the_paper_order():
     assert not list(propose(stats, keep={"conv": 6}))
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", MODEL_FREE)
 def test_every_strategy_keeps_the_rules_count_by_default_and_a_target_when_asked(strategy):
     stats = designed_stats()
     assert len(propose(stats, strategy=strategy).layer("conv").kept) == 3
     for n in (1, 2, 5):
         p = propose(stats, strategy=strategy, keep={"conv": n}).layer("conv")
-        assert len(p.kept) == n and p.strategy == strategy
+        assert len(p.kept) == n
+        assert p.strategy == (strategy if strategy != "auto" else "clusters")  # no model
         assert not set(p.kept) & {0, 3} or n == 5  # ineffective kernels are the last kept
 
 
@@ -174,7 +177,7 @@ def random_stats(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=random_stats(), strategy=st.sampled_from(STRATEGIES))
+@given(case=random_stats(), strategy=st.sampled_from(MODEL_FREE))
 def test_proposal_invariants(case, strategy):
     stats, k, n = case
     proposal = propose(stats, strategy=strategy, keep=None if n is None else {"conv": n})
@@ -195,8 +198,84 @@ def test_proposal_invariants(case, strategy):
 def test_default_strategy_is_the_best_measured_one():
     from onnxaom.proposal import DEFAULT_STRATEGY
 
+    assert DEFAULT_STRATEGY == "auto"
     counts = np.random.default_rng(0).integers(0, 5, size=(6, 3, 2, 2))
     stats = OccurrenceStats({"conv": counts}, np.array([5, 5, 5]),
                             metadata={"layers": [{"name": "conv", "op": "Conv"}]})
-    assert DEFAULT_STRATEGY == "clusters"
-    assert propose(stats).strategy == propose(stats, strategy="clusters").strategy
+    # without the model: clusters everywhere, and the layer says so
+    default = propose(stats)
+    assert default.strategy == "auto" and default.layer("conv").strategy == "clusters"
+    assert default.layer("conv").kept == propose(stats, strategy="clusters").layer("conv").kept
+
+
+def test_auto_uses_usage_where_a_dense_layer_reads_and_clusters_elsewhere():
+    model, stats = _usage_case("pool")
+    keep = {"conv1": 2, "conv2": 3}
+    auto = propose(stats, keep=keep, model=model)
+    assert auto.layer("conv1").strategy == "clusters"  # read by conv2
+    assert auto.layer("conv2").strategy == "usage"  # read by fc1
+    assert auto.layer("conv1").kept == propose(stats, keep=keep, strategy="clusters",
+                                               model=model).layer("conv1").kept
+    assert auto.layer("conv2").kept == propose(stats, keep=keep, strategy="usage",
+                                               model=model).layer("conv2").kept
+
+
+# ----------------------------------------------------------------------------- usage
+def _usage_case(probe: str):
+    import onnxaom
+
+    from . import zoo
+
+    proto = zoo.chain(seed=5, kernels=(4, 8), size=8)  # conv2: 6x6, pooled 3x3, fc1 reads 8*9
+    model = onnxaom.Model(proto)
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((90, 3, 8, 8)).astype(np.float32)
+    stats = onnxaom.collect(model, images, np.arange(90) % 3, probe=probe, progress=False)
+    return model, stats
+
+
+@pytest.mark.parametrize(("probe", "how"), [("pool", "per position"),
+                                            ("activation", "per kernel")])
+def test_usage_scores_class_specific_occurrence_by_read_mass(probe, how):
+    from onnxaom.readers import read_mass
+
+    model, stats = _usage_case(probe)
+    mass = read_mass(model, "conv2")
+    specific = np.abs(stats.csm("conv2")).sum(axis=1).reshape(8, -1)  # (K, H*W)
+    if how == "per position":
+        score = (specific * mass.per_position).sum(axis=1)
+    else:
+        score = specific.sum(axis=1) * mass.per_kernel
+    expected = tuple(sorted(np.argsort(-score, kind="stable")[:3].tolist()))
+    p = propose(stats, keep={"conv2": 3}, strategy="usage", model=model).layer("conv2")
+    assert p.kept == expected and p.strategy == "usage"
+    assert all(how in reason for reason in p.reasons)
+
+
+def test_usage_needs_the_model_the_statistics_come_from():
+    stats = designed_stats()
+    with pytest.raises(StatsError, match="pass model="):
+        propose(stats, strategy="usage")
+    model, _ = _usage_case("pool")
+    with pytest.raises(StatsError, match="collected on model"):
+        propose(stats, strategy="usage", model=model)  # stats say model "abc"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**16), n=st.none() | st.integers(1, 8))
+def test_usage_invariants(seed, n):
+    import onnxaom
+
+    from . import zoo
+
+    model = onnxaom.Model(zoo.chain(kernels=(4, 8), size=8))
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 9, 3)
+    counts = np.minimum(rng.integers(0, 9, (8, 3, 6, 6)), sizes[None, :, None, None])
+    stats = OccurrenceStats({"conv2": counts}, sizes, metadata={
+        "model_digest": model.digest, "layers": [{"name": "conv2", "op": "Conv"}]})
+    p = propose(stats, strategy="usage", model=model,
+                keep=None if n is None else {"conv2": n}).layer("conv2")
+    assert p.kept and sorted(p.kept + p.removed) == list(range(8))
+    if n is not None:
+        assert len(p.kept) == n

@@ -49,6 +49,17 @@ def test_propose_prints_and_writes_the_proposal(stats_file, tmp_path, capsys):
     assert data["strategy"] == "coverage" and [p["layer"] for p in data["layers"]] == ["conv2"]
 
 
+def test_propose_usage_reads_the_model_given(stats_file, tmp_path, capsys):
+    path, proto = stats_file
+    model_path = onnxaom.Model(proto).save(tmp_path / "model.onnx")
+    assert main(["session", "propose", str(path), "--strategy", "usage", "--model",
+                 str(model_path), "--keep", "conv2=3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["strategy"] == "usage" and len(data["layers"][0]["kept"]) == 3
+    assert main(["session", "propose", str(path), "--strategy", "usage"]) == 1
+    assert "pass model=" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--keep", "conv1"], "LAYER=N"),
     (["--keep", "conv1=0"], "LAYER=N"),
