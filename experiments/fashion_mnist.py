@@ -342,7 +342,7 @@ def run(config: Config, out: Path, *, resume: bool = False, render: bool = True
 
     # 1. the trained model and its statistics
     base_path = models / "base.pt"
-    base = PaperMNISTNet()
+    base = _initial_model(config.base_seed)
     if resume and base_path.exists():
         base.load_state_dict(torch.load(base_path))
         base_info: dict[str, Any] = dict(json.loads((models / "base.json").read_text()))
@@ -414,6 +414,17 @@ def run(config: Config, out: Path, *, resume: bool = False, render: bool = True
     return res
 
 
+def _initial_model(base_seed: int) -> PaperMNISTNet:
+    """The untrained base model. Base seed 0 draws its initial weights from torch's default
+    generator as a fresh process has it (initial seed 67280421310721), as the recorded runs
+    did; another base seed seeds the draw with it (without changing the global generator)."""
+    if base_seed == 0:
+        return PaperMNISTNet()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(base_seed)
+        return PaperMNISTNet()
+
+
 def _tp_version() -> str | None:
     try:
         import torch_pruning
@@ -469,6 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--strategies", default=None, help="proposal strategies, comma-separated")
     parser.add_argument("--pipeline-strategy", default=None)
     parser.add_argument("--stage2-from", type=int, default=None)
+    parser.add_argument("--base-seed", type=int, default=None,
+                        help="seed of the base model (initial weights and batch order)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-render", action="store_true", help="skip PNG/SVG charts")
@@ -478,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     changes: dict[str, Any] = {}
     if args.seeds is not None:
         changes["seeds"] = tuple(range(args.seeds))
-    for name in ("epochs", "counts", "pipeline_strategy", "stage2_from", "threads"):
+    for name in ("epochs", "counts", "pipeline_strategy", "stage2_from", "threads", "base_seed"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.strategies is not None:

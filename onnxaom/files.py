@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 
 from .errors import ModelFileNotFoundError, StatsError
 
-__all__ = ["atomic_write", "atomic_write_text", "read_json"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_to", "read_json"]
 
 
 def _default_mode() -> int:
@@ -28,24 +28,53 @@ def _default_mode() -> int:
 
 def atomic_write(path: str | os.PathLike[str], content: bytes | Callable[[BinaryIO], None]) -> Path:
     """Write ``content`` (bytes, or a function writing to a binary handle) to ``path``."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ModelFileNotFoundError(f"output folder does not exist: {path.parent}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
             if isinstance(content, bytes):
                 handle.write(content)
             else:
                 content(handle)
-            handle.flush()
+
+    return atomic_write_to(path, write)
+
+
+def atomic_write_to(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """:func:`atomic_write` for writers that take a file name (``onnx.save_model``,
+    ``torch.save``): ``write(tmp)`` fills a temporary file beside ``path``, which is then
+    flushed to disk and renamed onto ``path``; the folder is synced too, so that the rename
+    itself survives a crash."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ModelFileNotFoundError(f"output folder does not exist: {path.parent}")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with tmp.open("rb+") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename) to disk, where the platform allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

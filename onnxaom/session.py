@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any, Literal
 
 from .edits import Edit, edit_from_dict
 from .errors import EditError, ModelError, ModelFileNotFoundError, SessionError
+from .files import atomic_write_to
 from .model import Model, load
 
 __all__ = [
@@ -209,35 +209,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, fsync, rename onto ``path``."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with tmp.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _accuracy(value: object, what: str) -> float | None:
@@ -549,7 +520,7 @@ class TuningSession:
         for _, target, _ in outputs:
             self._move_orphan(target)
         for kind, target, write in outputs:
-            _write_atomic(target, write)
+            atomic_write_to(target, write)
             records[kind] = FileRecord(target.relative_to(self._folder).as_posix(),
                                        target.stat().st_size, _sha256(target))
         step = Step(index=index, parent=parent, edits=edits, status="applied", accuracy=acc,
@@ -597,7 +568,7 @@ class TuningSession:
         def write(path: Path) -> None:
             path.write_text(text, encoding="utf-8")
 
-        _write_atomic(self._folder / SESSION_FILE, write)
+        atomic_write_to(self._folder / SESSION_FILE, write)
 
     def __repr__(self) -> str:
         return (f"TuningSession({str(self._folder)!r}, steps={len(self._steps)}, "

@@ -100,6 +100,19 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
+def _read_state_dict(path: Path, what: str) -> Mapping[str, Any]:
+    """``torch.load`` of a state dict, or a :class:`~onnxaom.SessionError` naming ``what``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle and zip errors of several kinds
+        raise SessionError(f"{path} ({what}) cannot be read as a torch state dict (save one with "
+                           f"torch.save(module.state_dict(), path)): {_one_line(exc)}") from exc
+    if not isinstance(state, Mapping):
+        raise SessionError(f"{path} ({what}) holds a {type(state).__name__}, not a state dict "
+                           f"(save one with torch.save(module.state_dict(), path))")
+    return state
+
+
 def build_module(
     factory: str,
     factory_kwargs: Mapping[str, Any] | None = None,
@@ -141,15 +154,7 @@ def build_module(
         path = Path(weights)
         if not path.is_file():
             raise ModelFileNotFoundError(f"weights file not found: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle and zip errors of several kinds
-            raise SessionError(f"{path} cannot be read as a torch state dict (save one with "
-                               f"torch.save(module.state_dict(), path)): {_one_line(exc)}"
-                               ) from exc
-        if not isinstance(state, Mapping):
-            raise SessionError(f"{path} holds a {type(state).__name__}, not a state dict (save "
-                               f"one with torch.save(module.state_dict(), path))")
+        state = _read_state_dict(path, "the starting weights")
         try:
             module.load_state_dict(state)
         except RuntimeError as exc:
@@ -421,11 +426,7 @@ class TorchRunner:
         path = session.path(index, "torch")
         if not path.exists():
             raise SessionError(f"{path} is missing (torch weights of step {index})")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle and zip errors of several kinds
-            raise SessionError(f"{path} (torch weights of step {index}) cannot be read: "
-                               f"{exc}") from exc
+        state = _read_state_dict(path, f"torch weights of step {index}")
         try:
             module.load_state_dict(state)
         except RuntimeError as exc:
