@@ -45,10 +45,12 @@ CPU = ["CPUExecutionProvider"]
 
 @dataclass(frozen=True)
 class BlockedTap:
-    """A layer counted in blocked layout: ``block`` channels a block, ``channels`` real ones."""
+    """A layer counted in blocked layout: ``block`` channels a block, ``channels`` real ones,
+    ``positions`` (H*W) a channel when known (then every batch's column count is checked)."""
 
     block: int
     channels: int
+    positions: int | None = None
 
     @property
     def padded_channels(self) -> int:
@@ -58,10 +60,11 @@ class BlockedTap:
         """(C, Kp*H*W) counts in blocked column order -> (C, K*H*W) in (k, h, w) order."""
         classes, columns = counts.shape
         padded = self.padded_channels
-        if columns % padded:
+        expected = None if self.positions is None else padded * self.positions
+        if columns % padded or (expected is not None and columns != expected):
             raise ModelError(
-                f"blocked-layout counts have {columns} columns, not a multiple of the "
-                f"{padded} padded channels of a {self.channels}-channel tap; count with "
+                f"blocked-layout counts have {columns} columns, not the {padded} padded "
+                f"channels of a {self.channels}-channel tap times its positions; count with "
                 f"blocked_reads=False"
             )
         positions = columns // padded

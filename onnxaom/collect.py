@@ -22,7 +22,7 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -195,7 +195,11 @@ class _Engine:
         ):
             blocked = blocked_counting_session(self.graph, threads=settings.threads)
         if blocked is not None:
-            self.session, self.blocked = blocked
+            self.session, taps = blocked
+            self.blocked = tuple(
+                None if tap is None else replace(tap, positions=_positions(layer))
+                for tap, layer in zip(taps, layers, strict=True)
+            )
         else:
             self.session = make_session(self.graph.model, providers, threads=settings.threads)
         self._device_counts: list[ort.OrtValue] | None = None
@@ -298,6 +302,12 @@ class _Engine:
         self._device_counts = None
 
 
+def _positions(layer: Layer) -> int | None:
+    """H*W of a layer's probe, when known."""
+    _, h, w = layer.shape
+    return None if h is None or w is None else h * w
+
+
 def _adder_graph() -> onnx.ModelProto:
     """total (int64) + batch (int32 counts) -> sum (int64), for device-resident accumulation."""
     total = helper.make_tensor_value_info("total", TensorProto.INT64, ["C", "P"])
@@ -346,8 +356,6 @@ def _resolve_shapes(
 
 
 def _replace_shape(layer: Layer, shape: tuple[int, int, int]) -> Layer:
-    from dataclasses import replace
-
     return replace(layer, shape=shape)
 
 

@@ -44,8 +44,12 @@ def test_restore_inverts_the_blocked_order(classes, channels, positions, block, 
 
 
 def test_restore_rejects_columns_that_do_not_fit() -> None:
-    with pytest.raises(ModelError, match="not a multiple of the 16 padded channels"):
+    with pytest.raises(ModelError, match="not the 16 padded channels"):
         BlockedTap(16, 10).restore(np.zeros((2, 17), np.int32))
+    # a multiple of the padded channels, but not for the positions the layer has
+    with pytest.raises(ModelError, match="times its positions"):
+        BlockedTap(16, 10, positions=4).restore(np.zeros((2, 32 * 4), np.int32))
+    assert BlockedTap(16, 10, positions=4).restore(np.zeros((2, 64), np.int32)).shape == (2, 40)
 
 
 def test_block_size_is_found_from_ort_itself() -> None:
