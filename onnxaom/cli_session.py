@@ -363,7 +363,8 @@ def add_parsers(subparsers: Any) -> None:
     q.add_argument("--keep", action="append", metavar="LAYER=N",
                    help="keep exactly N kernels of LAYER (repeatable)")
     q.add_argument("--model", metavar="MODEL.onnx",
-                   help="the model the statistics come from (strategy usage reads its weights)")
+                   help="the model the statistics come from (strategies usage and auto read "
+                   "its weights; without it auto is clusters)")
     q.add_argument("--override", action="append", metavar="LAYER:ACTION=INDICES",
                    help="keep / remove these kernels, or keep only these: "
                    "/conv1/Conv:keep=0,3,7 (repeatable)")
