@@ -64,6 +64,7 @@ from .errors import LayerNotFoundError, StatsError
 from .files import atomic_write_text, read_json
 from .findings import Findings, IneffectiveKernel, LayerFindings, analyze
 from .model import Model
+from .readers import ReadMass
 from .stats import OccurrenceStats
 
 __all__ = [
@@ -481,6 +482,13 @@ def propose(
         _check_model(stats, model)
     if findings is None:
         findings = analyze(stats, layers=chosen) if chosen else Findings((), class_names=())
+    masses: dict[str, ReadMass] = {}
+    dense_layers: set[str] = set()
+    if strategy in ("usage", "auto") and model is not None:
+        from .readers import read_masses
+
+        masses = read_masses(model, chosen)
+        dense_layers = {layer.name for layer in model.layers() if layer.op in ("Gemm", "MatMul")}
     layer_props = []
     for name in chosen:
         lf = findings.layer(name)
@@ -489,9 +497,9 @@ def propose(
             raise StatsError(f"findings for layer {name!r} have {lf.num_kernels} kernels, the "
                              f"statistics {k}: pass findings made from these statistics")
         target = _check_target(name, targets[name], k) if name in targets else None
-        used = _auto_strategy(name, model) if strategy == "auto" else strategy
-        usage = _usage_scores(stats, name, model) if used == "usage" else None
-        layer_props.append(_propose_layer(stats, lf, name, used, target, usage))
+        mass = masses.get(name)
+        used = _auto_strategy(mass, dense_layers) if strategy == "auto" else strategy
+        layer_props.append(_propose_layer(stats, lf, name, used, target, mass))
     return Proposal(tuple(layer_props), strategy, stats_digest(stats),
                     stats.metadata.get("model_digest"))
 
@@ -507,37 +515,23 @@ def _check_model(stats: OccurrenceStats, model: Model | None) -> None:
                          f"this model or pass the one they come from")
 
 
-def _auto_strategy(name: str, model: Model | None) -> str:
-    """``"usage"`` when every layer reading ``name`` is fully-connected, else ``"clusters"``."""
-    if model is None:
+def _auto_strategy(mass: ReadMass | None, dense_layers: set[str]) -> str:
+    """``"usage"`` when every layer reading the layer is fully-connected, else ``"clusters"``
+    (also without a model, ``mass`` None)."""
+    if mass is None or not mass.readers:
         return "clusters"
-    from .readers import read_mass
-
-    ops = {layer.name: layer.op for layer in model.layers()}
-    readers = read_mass(model, name).readers
-    dense = readers and all(ops.get(r) in ("Gemm", "MatMul") for r in readers)
-    return "usage" if dense else "clusters"
+    return "usage" if set(mass.readers) <= dense_layers else "clusters"
 
 
-def _usage_scores(stats: OccurrenceStats, name: str, model: Model | None) -> tuple[np.ndarray, str]:
-    """Per kernel: sum over classes and positions of |CSM| times the read mass; and how the
-    read mass was applied (for the reasons)."""
-    from .readers import read_mass
+def _usage_scores(aom: np.ndarray, mass: ReadMass) -> tuple[np.ndarray, str]:
+    """Per kernel: sum over classes and positions of |CSM| (of ``aom``, the classes with
+    samples) times the read mass; and how the read mass was applied (for the reasons)."""
     from .stats import csm
 
-    assert model is not None
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="classes with no samples",
-                                category=RuntimeWarning)
-        aom = stats.aom(name)
-    aom = aom[:, ~np.isnan(aom).all(axis=(0, 2, 3))]
     k = aom.shape[0]
     if aom.shape[1] < 2:
         return np.zeros(k), "fewer than two classes"
     specific = np.nan_to_num(np.abs(csm(aom)), nan=0.0).sum(axis=1).reshape(k, -1)  # (K, H*W)
-    mass = read_mass(model, name)
     if not mass.per_kernel.any():
         return specific.sum(axis=1), "no layer reads it that onnxaom traces: CSM alone"
     if mass.per_position is not None and mass.per_position.shape[1] == specific.shape[1]:
@@ -556,8 +550,7 @@ def _rank_usage(lf: LayerFindings, usage: tuple[np.ndarray, str]) -> _Ranking:
 
 
 def _propose_layer(stats: OccurrenceStats, lf: LayerFindings, name: str, strategy: str,
-                   target: int | None,
-                   usage: tuple[np.ndarray, str] | None = None) -> LayerProposal:
+                   target: int | None, mass: ReadMass | None = None) -> LayerProposal:
     import warnings
 
     with warnings.catch_warnings():
@@ -579,8 +572,8 @@ def _propose_layer(stats: OccurrenceStats, lf: LayerFindings, name: str, strateg
     elif strategy == "coverage":
         ranking = _rank_coverage(lf, s, distances, cs)
     elif strategy == "usage":
-        assert usage is not None
-        ranking = _rank_usage(lf, usage)
+        assert mass is not None
+        ranking = _rank_usage(lf, _usage_scores(aom, mass))
     else:
         ranking = _rank_clusters(lf, s, distances, cs, n)
     kept = ranking.order[:n]

@@ -21,6 +21,7 @@ are tied to (removing one removes what the other's readers read).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +30,7 @@ from .model import Model
 from .surgery.channels import ChannelGraph, Flow, NodeRecord, build
 from .surgery.gsio import import_graph
 
-__all__ = ["ReadMass", "read_mass"]
+__all__ = ["ReadMass", "read_mass", "read_masses"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,16 @@ class ReadMass:
 
 def read_mass(model: Model, layer: str) -> ReadMass:
     """The read mass of ``layer``'s kernels in ``model`` (raises LayerNotFoundError)."""
+    return read_masses(model, [layer])[layer]
+
+
+def read_masses(model: Model, layers: Sequence[str]) -> dict[str, ReadMass]:
+    """:func:`read_mass` of several layers, tracing the model's channels once."""
     cg = build(import_graph(model.proto), model.proto)
+    return {name: _layer_mass(cg, name) for name in layers}
+
+
+def _layer_mass(cg: ChannelGraph, layer: str) -> ReadMass:
     target = cg.layer(layer)
     classes = np.array([cg.slots.find(int(s)) for s in target.slots])
     k = len(classes)
