@@ -34,7 +34,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from .errors import ModelError
-from .instrument import Instrumented, positive_tensor
+from .instrument import Instrumented, count_prefix, positive_tensor
 from .runtime import make_session
 
 log = logging.getLogger(__name__)
@@ -150,12 +150,9 @@ def _read_blocked(
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
     taps: list[BlockedTap | None] = []
-    moved: set[str] = set()
+    moved: list[str] = []  # name prefixes of the counts moved
     for i in range(n_counts):
-        greater = next(
-            (n for n in graph.node if n.op_type == "Greater" and positive_tensor(i) in n.output),
-            None,
-        )
+        greater = producer.get(positive_tensor(i))
         reorder = producer.get(greater.input[0]) if greater is not None else None
         if (
             greater is None
@@ -168,7 +165,7 @@ def _read_blocked(
             taps.append(None)
             continue
         greater.input[0] = reorder.input[0]
-        moved.add(positive_tensor(i))
+        moved.append(count_prefix(i))
         taps.append(BlockedTap(block, _attribute(reorder, "channels", 0)))
     read = {name for node in graph.node for name in node.input}
     read |= {o.name for o in graph.output}
@@ -179,16 +176,11 @@ def _read_blocked(
     ]
     for node in unread:
         graph.node.remove(node)
-    # shapes recorded for the moved tensors may name K channels where Kp now flow
-    kept = [v for v in graph.value_info if not _downstream_of_moved(v.name, moved)]
+    # shapes recorded for the moved counts' tensors may name K channels where Kp now flow
+    kept = [v for v in graph.value_info if not v.name.startswith(tuple(moved))]
     del graph.value_info[:]
     graph.value_info.extend(kept)
     return tuple(taps)
-
-
-def _downstream_of_moved(name: str, moved: set[str]) -> bool:
-    """True for the mask tensors of a moved count (they share its ``onnxaom_<i>_`` prefix)."""
-    return any(name.startswith(tensor.rsplit("_", 1)[0] + "_") for tensor in moved)
 
 
 def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:

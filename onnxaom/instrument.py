@@ -172,9 +172,14 @@ def probe_graph(
     return Instrumented(copy, input_name, tuple(layer.probe for layer in layers))
 
 
+def count_prefix(position: int) -> str:
+    """The name prefix of every node and tensor the count at ``position`` adds."""
+    return f"{_PREFIX}{position}_"
+
+
 def positive_tensor(position: int) -> str:
     """The Greater output (the boolean mask) of the count at ``position`` in a counting graph."""
-    return f"{_PREFIX}{position}_positive"
+    return count_prefix(position) + "positive"
 
 
 def counting_graph(
@@ -222,7 +227,7 @@ def counting_graph(
             graph.initializer.append(
                 numpy_helper.from_array(np.array(threshold, dtype), thresholds[elem])
             )
-        p = f"{_PREFIX}{i}_"
+        p = count_prefix(i)
         count = f"{_PREFIX}count_{i}"
         nodes = [
             helper.make_node(
