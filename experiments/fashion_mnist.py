@@ -163,6 +163,14 @@ def pool_statistics_of(model: onnxaom.Model, data: Data, threads: int) -> onnxao
     )
 
 
+def _pool_stats_if_needed(model: onnxaom.Model, data: Data, config: Config
+                          ) -> onnxaom.OccurrenceStats | None:
+    """Pool-probe statistics when a strategy that reads them (usage, auto) is run."""
+    if {"usage", "auto"} & set(config.strategies):
+        return pool_statistics_of(model, data, config.threads)
+    return None
+
+
 def statistics_of(model: PaperMNISTNet, data: Data, folder: Path, name: str, threads: int
                   ) -> tuple[onnxaom.OccurrenceStats, onnxaom.Findings, float, onnxaom.Model]:
     """Export ``model`` to ``folder/name.onnx`` and collect onnxaom's statistics of both convs
@@ -255,6 +263,7 @@ def reduce_stage(
     findings: onnxaom.Findings, features: torch.Tensor, data: Data, config: Config,
     recorder: Recorder, before_cache: dict[tuple[int, ...], float],
     keep_model: tuple[str, int] | None = None,
+    pool_stats: onnxaom.OccurrenceStats | None = None,
 ) -> PaperMNISTNet | None:
     """Every (method, n) of one stage for one seed; returns the model of ``keep_model`` (method,
     n) after retraining, if asked. ``before_cache``: test accuracy right after removal by kept
@@ -265,8 +274,6 @@ def reduce_stage(
     (``features``: :func:`torchnet.prefix_features` of ``base``) and the rest retrained on it."""
     k = getattr(base, stage).out_channels
     jobs: list[tuple[str, int, tuple[int, ...], str]] = [("unreduced", k, tuple(range(k)), "-")]
-    pool_stats = (pool_statistics_of(base_onnx, data, config.threads)
-                  if {"usage", "auto"} & set(config.strategies) else None)
     for n in config.counts:
         for strategy in config.strategies:
             kept = selection.proposal_keep(stats, findings, ONNX_LAYER[stage], n, strategy,
@@ -380,10 +387,12 @@ def run(config: Config, out: Path, *, resume: bool = False, render: bool = True
     stage2_bases: dict[int, PaperMNISTNet] = {}
     features = torchnet.prefix_features(base, "conv1", data.x_train)
     before: dict[tuple[int, ...], float] = {}
+    pool_stats = _pool_stats_if_needed(base_onnx, data, config)  # once: the same base model
     for seed in config.seeds:
         path = models / f"stage2_base_seed{seed}.pt"
         model = reduce_stage(base, base_onnx, "conv1", seed, stats, findings, features, data,
-                             config, recorder, before, keep_model=keep_model)
+                             config, recorder, before, keep_model=keep_model,
+                             pool_stats=pool_stats)
         if model is not None:
             torch.save(model.state_dict(), path)
             stage2_bases[seed] = model
@@ -405,7 +414,7 @@ def run(config: Config, out: Path, *, resume: bool = False, render: bool = True
                 "seconds": secs, "conv2": layer_summary(stats2, findings2, "conv2")}
             features = torchnet.prefix_features(base2, "conv2", data.x_train)
             reduce_stage(base2, onnx2, "conv2", seed, stats2, findings2, features, data, config,
-                         recorder, {})
+                         recorder, {}, pool_stats=_pool_stats_if_needed(onnx2, data, config))
             del features
 
     res["seconds"] = time.perf_counter() - start
