@@ -45,6 +45,10 @@ __all__ = ["METHODS", "Collector", "collect", "select_layers"]
 
 log = logging.getLogger(__name__)
 
+#: Run options for trial runs whose failure is expected and handled: ORT logs nothing.
+_QUIET_RUN = ort.RunOptions()
+_QUIET_RUN.log_severity_level = 4
+
 METHODS = ("graph", "plain")
 
 
@@ -203,12 +207,17 @@ class _Engine:
         else:
             self.session = make_session(self.graph.model, providers, threads=settings.threads)
         self._device_counts: list[ort.OrtValue] | None = None
+        self._run_options: ort.RunOptions | None = None
         self._adder: ort.InferenceSession | None = None
         if self.on_device:
             self._adder = make_session(_adder_graph(), providers)
 
     # -- feeding ---------------------------------------------------------------------------
-    def run(self, images: np.ndarray, labels: np.ndarray, acc: _Accumulator) -> None:
+    def run(self, images: np.ndarray, labels: np.ndarray, acc: _Accumulator,
+            quiet: bool = False) -> None:
+        """Count a batch into ``acc``; ``quiet``: ORT logs nothing for this run (a trial whose
+        failure is handled)."""
+        self._run_options = _QUIET_RUN if quiet else None
         if self.fixed_batch is None:
             self._run(images, labels, acc)
             return
@@ -233,7 +242,7 @@ class _Engine:
         if self.on_device:
             self._run_on_device(feeds, acc)
             return
-        results = self.session.run(None, feeds)
+        results = self.session.run(None, feeds, self._run_options)
         n_layers = len(self.graph.outputs)
         self._check_nan(results[n_layers:])
         restore = self.blocked or (None,) * n_layers
@@ -244,7 +253,7 @@ class _Engine:
         results = dict(
             zip(
                 [o.name for o in self.session.get_outputs()],
-                self.session.run(None, {self.graph.input_name: images}),
+                self.session.run(None, {self.graph.input_name: images}, self._run_options),
                 strict=True,
             )
         )
@@ -271,7 +280,7 @@ class _Engine:
             binding.bind_output(name, self.device)
         for _, name in self.graph.checks:
             binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self._run_options)
         outputs = binding.get_outputs()
         n_layers = len(self.graph.outputs)
         self._check_nan([o.numpy() for o in outputs[n_layers:]])
@@ -623,7 +632,13 @@ def _start_engine(
     first_images: np.ndarray,
     num_classes: int,
 ) -> tuple[_Engine, _Accumulator]:
-    """The engine, trying a symbolic batch first for fixed-batch models."""
+    """The engine, trying a symbolic batch first for fixed-batch models.
+
+    A fixed-batch model whose batch was made symbolic is used only when it both runs a batch
+    of ``fixed + 1`` distinct images and counts each of them exactly as a batch of ``fixed``
+    does (:func:`_samples_independent`): a shape constant that bakes the batch in (a
+    ``Reshape`` to ``[1, C, -1]``, say) can make the graph run yet mix samples. Otherwise the
+    model is fed in chunks of ``fixed``, as exported."""
     sizes = [k * h * w for k, h, w in (layer.shape for layer in layers)]  # type: ignore[operator]
 
     def build(fixed_batch: int | None) -> _Engine:
@@ -631,25 +646,53 @@ def _start_engine(
 
     engine = build(None)
     if fixed is not None:
-        probe_acc = _Accumulator(sizes, 1)
-        trial = np.resize(first_images, (fixed + 1, *first_images.shape[1:]))
+        trial = _distinct_images(first_images, fixed + 1)
         try:  # does the symbolic-batch graph really run another batch size?
-            engine.run(trial, np.full(fixed + 1, -1, np.int64), probe_acc)
-            engine.flush(probe_acc)
+            independent = _samples_independent(engine, trial, fixed, sizes)
         except ModelError:
             raise
         except Exception as exc:  # ORT raises its own exception types
-            log.info(
-                "model has a fixed batch of %d that cannot be made symbolic (%s); "
-                "feeding chunks of %d",
-                fixed,
-                exc,
-                fixed,
-            )
-            engine = build(fixed)
+            reason = f"it does not run a batch of {fixed + 1}: {exc}"
         else:
-            engine._device_counts = None
+            reason = "" if independent else "its samples' counts depend on the batch size"
+        if reason:
+            log.info("model has a fixed batch of %d that cannot be made symbolic (%s); "
+                     "feeding chunks of %d", fixed, reason.splitlines()[0], fixed)
+            engine = build(fixed)
     return engine, _Accumulator(sizes, num_classes)
+
+
+def _distinct_images(images: np.ndarray, n: int) -> np.ndarray:
+    """``n`` images from ``images``: the first ``n``, or, when there are fewer, every image
+    followed by flipped and shifted copies (so that no two are likely to be equal)."""
+    if images.shape[0] >= n:
+        return images[:n].copy()
+    out = []
+    for i in range(n):
+        image, variant = images[i % images.shape[0]], i // images.shape[0]
+        if variant % 4 in (1, 3):
+            image = image[..., ::-1]
+        if variant % 4 in (2, 3):
+            image = image[..., ::-1, :]
+        if variant >= 4:
+            image = np.roll(image, variant, axis=-1)
+        out.append(image)
+    return np.ascontiguousarray(np.stack(out))
+
+
+def _samples_independent(engine: _Engine, trial: np.ndarray, fixed: int,
+                         sizes: Sequence[int]) -> bool:
+    """Whether each of the first ``fixed`` images of ``trial`` gets the same per-sample counts
+    (one class a sample) in a batch of ``len(trial)`` as in a batch of ``fixed``, the size the
+    model was exported for. Runs quietly: a failure here is expected and handled."""
+    n = trial.shape[0]
+    whole, alone = _Accumulator(sizes, n), _Accumulator(sizes, n)
+    engine.run(trial, np.arange(n, dtype=np.int64), whole, quiet=True)
+    engine.flush(whole)
+    engine.run(trial[:fixed], np.arange(fixed, dtype=np.int64), alone, quiet=True)
+    engine.flush(alone)
+    return all(np.array_equal(a[:fixed], b[:fixed])
+               for a, b in zip(whole.counts, alone.counts, strict=True))
 
 
 def _length(images: Any) -> int | None:

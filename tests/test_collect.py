@@ -434,3 +434,78 @@ def test_channels_last_model_as_tf2onnx_writes_it() -> None:
         np.testing.assert_array_equal(stats.counts[name], reference.counts[name])
     with pytest.raises(DataError, match="expects"):
         collect(model, images.transpose(0, 3, 1, 2), labels, progress=False)
+
+
+def _batch_mixing_gate(fixed: int) -> onnx.ModelProto:
+    """conv -> relu -> x - max over (the whole tensor reshaped to [fixed, C, -1]) -> conv -> relu
+    -> mean -> gemm, batch ``fixed`` baked into the Reshape constants: with the batch made
+    symbolic it still runs (-1 absorbs the extra samples) but gates each sample by the others."""
+    rng = np.random.default_rng(3)
+    c = 4
+
+    def init(name, value):
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    inits = [
+        init("w1", rng.normal(0, 0.5, (c, 1, 3, 3)).astype(np.float32)),
+        init("b1", rng.uniform(-0.1, 0.1, c).astype(np.float32)),
+        init("w2", rng.normal(0, 0.3, (c, c, 3, 3)).astype(np.float32)),
+        init("b2", rng.uniform(-0.1, 0.1, c).astype(np.float32)),
+        init("wf", rng.normal(0, 0.5, (3, c)).astype(np.float32)),
+        init("flat_shape", np.array([fixed, c, -1], np.int64)),
+        init("gate_shape", np.array([fixed, c, 1, 1], np.int64)),
+        init("half", np.array(0.5, np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Reshape", ["r1", "flat_shape"], ["flat"], name="flatten_gate"),
+        helper.make_node("ReduceMax", ["flat"], ["peak"], name="peak", axes=[2], keepdims=1),
+        helper.make_node("Reshape", ["peak", "gate_shape"], ["gate"], name="gate"),
+        helper.make_node("Mul", ["gate", "half"], ["scaled"], name="scale"),
+        helper.make_node("Sub", ["r1", "scaled"], ["gated"], name="subtract"),
+        helper.make_node("Conv", ["gated", "w2", "b2"], ["c2"], name="conv2", pads=[1] * 4),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat2"], name="flatten"),
+        helper.make_node("Gemm", ["flat2", "wf"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "mixing", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                        [fixed, 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [fixed, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("fixed", [1, 2])
+def test_fixed_batch_that_runs_symbolic_but_mixes_samples_is_fed_in_chunks(fixed: int) -> None:
+    """The symbolic-batch rewrite runs this graph at any batch size, but the Reshape to
+    [fixed, C, -1] then pools over samples: the trial must see that and feed chunks."""
+    proto = _batch_mixing_gate(fixed)
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, n=11, classes=3)
+    stats = collect(model, images, labels, batch_size=4, progress=False)
+    assert stats.metadata["batching"] == f"fixed:{fixed}"
+    expected = brute_force_chunked(proto, model.layers(), images, labels, chunk=fixed)
+    for name in stats.layer_names:
+        np.testing.assert_array_equal(stats.counts[name], expected[name], err_msg=name)
+
+
+def test_trial_of_a_fixed_batch_model_with_a_single_image_batch() -> None:
+    """The first batch holds one image: the trial still uses distinct images (flipped copies)."""
+    proto = _batch_mixing_gate(1)
+    images, labels = data_for(proto, n=3, classes=3)
+    stats = collect(onnxaom.Model(proto), images, labels, batch_size=1, progress=False)
+    assert stats.metadata["batching"] == "fixed:1"
+
+
+def test_fixed_batch_fallback_is_quiet(capfd) -> None:
+    """The symbolic-batch trial fails inside ORT for this model: nothing reaches stderr."""
+    proto = zoo.reshape_matmul(fixed_batch=2, target="batch")
+    images, labels = data_for(proto, n=5, classes=2)
+    stats = collect(onnxaom.Model(proto), images, labels, batch_size=4, progress=False)
+    assert stats.metadata["batching"] == "fixed:2"
+    assert capfd.readouterr().err == ""
