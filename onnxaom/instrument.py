@@ -38,7 +38,6 @@ __all__ = [
 ONEHOT_INPUT = "onnxaom_onehot"
 _PREFIX = "onnxaom_"
 _SIGN_PRESERVING = frozenset({"Relu", "LeakyRelu", "PRelu", "Identity", "Dropout"})
-_NONNEGATIVE = frozenset({"Relu", "Softplus", "Sigmoid", "Abs", "HardSigmoid"})
 _ORDER_PRESERVING = frozenset(
     {"MaxPool", "AveragePool", "Identity", "Dropout", "Flatten", "Reshape"}
 )

@@ -7,10 +7,13 @@ which ONNX requires to be topological.
 Probe points (``probe=``):
 
 * ``"activation"`` (default): the layer output after the per-channel chain that follows it:
-  BatchNormalization, element-wise activations (Relu, LeakyRelu, PRelu, Clip, Elu, Selu, Celu,
-  Gelu, HardSwish, Softplus), Add/Sub/Mul/Div with a per-channel or scalar constant, Identity
-  and Dropout. The chain stops before pooling, before any merge with another tensor (Add of two
-  tensors, Concat), and wherever a tensor has several readers or is a graph output.
+  BatchNormalization, element-wise activations that are positive exactly where their input is
+  (Relu, LeakyRelu, PRelu, Clip with a lower bound <= 0, Elu, Selu, Celu, Gelu, HardSwish),
+  Add/Sub/Mul/Div with a per-channel or scalar constant, Identity and Dropout. The chain stops
+  before pooling, before any merge with another tensor (Add of two tensors, Concat), wherever a
+  tensor has several readers or is a graph output, and before an activation whose output is
+  positive everywhere (Softplus, Sigmoid, Exp, a Clip with a positive lower bound): after one,
+  every position would count as "on", so the pre-activation is read instead.
 * ``"conv"``: the raw layer output.
 * ``"pool"``: the output of the MaxPool/AveragePool/LpPool that reads the activation, where
   there is one; layers without such a pool are read at their activation (``Layer.probe_kind``
@@ -30,8 +33,9 @@ from .graph import GraphIndex
 __all__ = ["PROBES", "Layer", "find_layers", "layer_nodes"]
 
 PROBES = ("activation", "conv", "pool")
+#: Activations with f(x) > 0 exactly where x > 0 (Clip: when its lower bound is <= 0).
 ELEMENTWISE_ACTIVATIONS = frozenset(
-    {"Relu", "LeakyRelu", "PRelu", "Clip", "Elu", "Selu", "Celu", "Gelu", "HardSwish", "Softplus"}
+    {"Relu", "LeakyRelu", "PRelu", "Clip", "Elu", "Selu", "Celu", "Gelu", "HardSwish"}
 )
 PASS_THROUGH = frozenset({"Identity", "Dropout"})
 CONSTANT_ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div"})
@@ -205,7 +209,7 @@ def _follow_channel_chain(
             others = [n for n in node.input[1:] if n]
             ok = node.input[0] == tensor and all(
                 _is_per_channel_constant(index, n, kernels, spatial) for n in others
-            )
+            ) and not (op == "Clip" and _clip_floor_positive(index, node))
         elif op == "BatchNormalization":
             ok = node.input[0] == tensor and spatial
         elif op in CONSTANT_ARITHMETIC and len(node.input) == 2:
@@ -216,6 +220,15 @@ def _follow_channel_chain(
         chain.append(op)
         tensor = node.output[0]
     return tensor, tuple(chain)
+
+
+def _clip_floor_positive(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """Whether a Clip's lower bound (attribute ``min`` before opset 11, input 1 after) is
+    above 0; an unknown bound counts as not."""
+    if len(node.input) > 1 and node.input[1]:
+        value = index.constant(node.input[1])
+        return value is not None and bool((value > 0).any())
+    return float(index.attribute(node, "min", -1.0)) > 0  # type: ignore[arg-type]
 
 
 def _probe_shape(

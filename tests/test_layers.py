@@ -92,3 +92,43 @@ def test_kernels_and_order_for_bundled_model() -> None:
 def test_unknown_probe() -> None:
     with pytest.raises(ModelError, match="probe"):
         onnxaom.Model(zoo.chain()).layers(probe="somewhere")
+
+
+def _conv_then(op: str, opset: int = 13, **clip: float) -> onnxaom.Model:
+    """input -> Conv(2 kernels) -> ``op`` -> logits; Clip bounds as inputs (opset >= 11) or
+    attributes (before)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "w")]
+    inputs = ["c"]
+    attrs: dict[str, float] = {}
+    if op == "Clip" and opset >= 11:
+        for key in ("min", "max"):
+            inits.append(numpy_helper.from_array(np.array(clip[key], np.float32), key))
+            inputs.append(key)
+    elif op == "Clip":
+        attrs = dict(clip)
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
+             helper.make_node(op, inputs, ["logits"], name="act", **attrs)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 5, 5])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    return onnxaom.Model(model)
+
+
+@pytest.mark.parametrize("op", ["Softplus", "Sigmoid"])
+def test_activation_positive_everywhere_is_read_before(op: str) -> None:
+    """softplus(x) > 0 for every x: read after it, every kernel would be always on."""
+    layer = _conv_then(op).layer("conv")
+    assert (layer.probe, layer.chain) == ("c", ())
+
+
+@pytest.mark.parametrize("opset", [9, 13])
+def test_clip_is_in_the_chain_only_with_a_lower_bound_at_most_zero(opset: int) -> None:
+    relu6 = _conv_then("Clip", opset, min=0.0, max=6.0).layer("conv")
+    assert (relu6.probe, relu6.chain) == ("logits", ("Clip",))
+    floor = _conv_then("Clip", opset, min=0.5, max=6.0).layer("conv")
+    assert (floor.probe, floor.chain) == ("c", ())
