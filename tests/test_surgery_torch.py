@@ -126,3 +126,37 @@ def test_external_data_export_keeps_big_weights_external(tmp_path):
     reloaded = onnxaom.load(out)
     assert reloaded.external_data
     assert_same_function(pruned.proto, reloaded.proto)
+
+
+class _ViewFlatten(torch.nn.Module):
+    """The common PyTorch flatten idiom ``x.view(x.size(0), -1)``: with a dynamic batch, the
+    legacy exporter computes the target as Concat(Unsqueeze(Gather(Shape(x), 0)), [-1]), and
+    with ``channels`` also a literal channel count, ``x.view(x.size(0), C, -1)``."""
+
+    def __init__(self, channels: bool = False) -> None:
+        super().__init__()
+        self.channels = channels
+        self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6 * 8 * 8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        if self.channels:
+            x = x.view(x.size(0), 6, -1)
+        return self.fc(x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+@pytest.mark.parametrize("channels", [False, True])
+def test_flatten_with_a_computed_batch_target(tmp_path, opset, channels):
+    module = torch_zoo.reinit(_ViewFlatten(channels), 0).eval()
+    path = tmp_path / "view.onnx"
+    torch.onnx.export(module, torch.zeros(2, 3, 8, 8), str(path), dynamo=False,
+                      opset_version=opset, input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    model = onnxaom.load(path)
+    assert any(n.op_type == "Shape" for n in model.proto.graph.node)
+    conv2 = model.layers()[1].name
+    assert_removal_exact(model.proto, {conv2: [1, 3]})
+    assert_same_function(model.proto, apply(model, WidenLayer(conv2, add=2)).proto)

@@ -19,8 +19,13 @@ on both sides; element-wise activations, Identity, Dropout, Cast, Clip, PRelu; B
 Add/Sub/Mul/Div/Max/Min/Pow/Sum/Mean with constants, with another layer's tensor (coupling), or
 with a tensor broadcast over channels; pools (Max/Average/Lp, global ones); Pad and Resize that
 leave the channel axis alone; Concat; Flatten and Reshape (channel-major flattening, trailing
-dims merged, (N, F) -> (N, F, 1, 1)); Reduce* over other axes; Squeeze, Unsqueeze, Transpose;
-Slice and Split along other axes. Everything else blocks the channels it reads.
+dims merged, (N, F) -> (N, F, 1, 1); the target a constant or ``Concat(batch size,
+constants)``, PyTorch's legacy export of ``x.view(x.size(0), -1)``); Shape and Size (computed
+at run time, no channels in their output); Reduce* over other axes; Squeeze, Unsqueeze,
+Transpose; Slice and Split along other axes. Everything else blocks the channels it reads.
+Not supported: a channels-last flatten (Transpose to NHWC, then Reshape to (N, H*W*C)), as
+Keras models exported by tf2onnx have before their dense head; it is refused with the node
+named.
 """
 
 from __future__ import annotations
@@ -524,18 +529,99 @@ class Flatten(Handler):
         return _same(flow.flattened(inner), len(node.outputs))
 
 
+def _batch_of_shape(cg: ChannelGraph, tensor: gs.Tensor) -> bool:
+    """Whether ``tensor`` is the batch size as a 1-D tensor: ``Unsqueeze(Gather(Shape(x), 0))``
+    or ``Slice(Shape(x), 0, 1)`` (the legacy PyTorch export of ``x.size(0)``)."""
+    node = _producer(tensor)
+    if node is None:
+        return False
+    if node.op == "Unsqueeze":
+        gather = _producer(node.inputs[0])
+        if gather is None or gather.op != "Gather" or int(gather.attrs.get("axis", 0)) != 0:
+            return False
+        index = cg.const(gather.inputs[1])
+        shape = _producer(gather.inputs[0])
+        return index is not None and index.size == 1 and int(index.ravel()[0]) == 0 \
+            and shape is not None and shape.op == "Shape" and not shape.attrs.get("start")
+    if node.op == "Slice":
+        shape = _producer(node.inputs[0])
+        bounds = [cg.const(t) if i < len(node.inputs) and node.inputs[i].name else None
+                  for i, t in ((1, node.inputs[1] if len(node.inputs) > 1 else None),
+                               (2, node.inputs[2] if len(node.inputs) > 2 else None))]
+        starts, ends = (node.attrs.get("starts"), node.attrs.get("ends")) \
+            if "starts" in node.attrs else tuple(bounds)
+        return shape is not None and shape.op == "Shape" and starts is not None \
+            and ends is not None and list(np.ravel(starts)) == [0] and list(np.ravel(ends)) == [1]
+    return False
+
+
+def _producer(tensor: gs.Tensor | None) -> gs.Node | None:
+    if tensor is None or not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1:
+        return None
+    return tensor.inputs[0]
+
+
+def _reshape_target(cg: ChannelGraph, node: gs.Node) -> list[int | None] | None:
+    """The target shape of a Reshape, ``None`` standing for the batch size where the target is
+    computed as ``Concat(batch size, constants...)``; ``None`` (the whole) when it is computed
+    any other way."""
+    value = cg.const(node.inputs[1])
+    if value is not None:
+        return [int(v) for v in np.asarray(value).ravel()]
+    concat = _producer(node.inputs[1])
+    if concat is None or concat.op != "Concat" or _norm_axis(int(concat.attrs.get("axis", 0)),
+                                                              1) != 0:
+        return None
+    target: list[int | None] = []
+    for part in concat.inputs:
+        value = cg.const(part)
+        if value is not None:
+            target += [int(v) for v in np.asarray(value).ravel()]
+        elif _batch_of_shape(cg, part):
+            target.append(None)
+        else:
+            return None
+    return target
+
+
+def _target_dims(target: Sequence[int | None], src: Sequence[int | None]
+                 ) -> list[int | None] | None:
+    """The output shape of reshaping ``src`` to ``target``, whose first entry is the batch
+    (``None``; 0: copy; -1: inferred from the other entries); ``None`` when it cannot be told."""
+    if None in src[1:]:
+        return None
+    dims = [src[0] if t is None else (src[i] if t == 0 and i < len(src) else t)
+            for i, t in enumerate(target)]
+    if dims.count(-1) == 1:
+        rest = int(np.prod([int(d) for d in dims[1:] if d != -1 and d is not None]))
+        total = int(np.prod([int(d) for d in src[1:] if d is not None]))
+        if rest == 0 or total % rest or None in dims[1:]:
+            return None
+        dims[dims.index(-1)] = total // rest
+    return None if -1 in dims else dims
+
+
 @register("Reshape")
 class Reshape(Handler):
     """Reshapes that keep channel positions meaningful: (N, C, ...) -> (N, C, ...) (trailing
     dims merged or split) and (N, C, H, W) -> (N, C*H*W) (channel-major flatten). The target
-    shape must be a constant; a literal channel (or feature) count in it is updated."""
+    shape must be a constant, or computed as ``Concat(batch size, constants)`` (PyTorch's
+    legacy export of ``x.view(x.size(0), -1)``); a literal channel (or feature) count in it is
+    updated."""
 
     def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
               layer: LayerSlots | None) -> list[Flow | None]:
         flow = _only_first_input(node, ins)
-        if cg.const(node.inputs[1]) is None:
+        target = _reshape_target(cg, node)
+        if target is None:
             raise Unsupported("has a computed target shape")
         src, dst = cg.shape(node.inputs[0]), cg.shape(node.outputs[0])
+        if target[0] is None and src is not None:
+            computed = _target_dims(target, src)
+            dst = None if computed is None else tuple(computed)
+            if dst is not None and (cg.shape(node.outputs[0]) is None
+                                    or None in cg.shape(node.outputs[0])[1:]):  # type: ignore[index]
+                cg.shapes[node.outputs[0].name] = dst  # for the readers of the output
         if src is None or dst is None or flow.axis != 1 or len(dst) < 2:
             raise Unsupported("reshapes tensors of unknown or unsuitable shape")
         if src[0] != dst[0]:
@@ -554,6 +640,9 @@ class Reshape(Handler):
         change = outs[0]
         if change is None:
             return
+        if r.const(node.inputs[1]) is None:  # Concat(batch size, constants): edit the constant
+            self._apply_computed(r, node, change)
+            return
         target = r.require_const(node, 1, "target shape")
         new = np.array(target, copy=True)
         if new.ndim != 1 or len(new) < 2:
@@ -565,6 +654,35 @@ class Reshape(Handler):
                             f"name the {change.old_size} channels at position 1")
         if not np.array_equal(new, target):
             r.set_input(node, 1, new)
+
+    @staticmethod
+    def _apply_computed(r: Rewriter, node: gs.Node, change: Change) -> None:
+        concat = _producer(node.inputs[1])
+        assert concat is not None  # trace accepted only Concat(batch size, constants)
+        position = 0
+        for i, part in enumerate(concat.inputs):
+            value = r.const(part)
+            width = 1 if value is None else int(np.asarray(value).size)
+            if value is not None and position <= 1 < position + width:
+                new = np.array(value, copy=True).ravel()
+                entry = int(new[1 - position])
+                if entry == change.old_size:
+                    new[1 - position] = change.size
+                    r.set_input(concat, i, new.reshape(np.asarray(value).shape))
+                elif entry not in (-1, 0):
+                    raise EditError(f"node {describe(node)}: its computed target shape does not "
+                                    f"name the {change.old_size} channels at position 1")
+            position += width
+
+
+@register("Shape", "Size")
+class ShapeOf(Handler):
+    """The shape (or size) of a tensor, computed when the graph runs: it follows any change
+    of the channel count by itself, and its output carries no channels."""
+
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        return [None] * len(node.outputs)
 
 
 REDUCE_OPS = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2",
