@@ -1,8 +1,9 @@
 """Streaming a labelled data set through ONNX Runtime into exact occurrence counts.
 
-``collect`` is the one verb. Two methods give identical counts:
+``collect`` is the one verb. Two methods give identical counts (``method="auto"``, the default,
+is "graph", or "plain" for a model whose opset is older than 10, which "graph" cannot extend):
 
-* ``method="graph"`` (default): counting happens inside the ONNX graph
+* ``method="graph"``: counting happens inside the ONNX graph
   (:func:`onnxaom.instrument.counting_graph`); only (C, K*H*W) counts per layer leave the
   runtime for each batch. On CUDA the counts stay on the device between batches (IOBinding and
   a small accumulation session) and are copied back once at the end.
@@ -49,7 +50,9 @@ log = logging.getLogger(__name__)
 _QUIET_RUN = ort.RunOptions()
 _QUIET_RUN.log_severity_level = 4
 
-METHODS = ("graph", "plain")
+METHODS = ("auto", "graph", "plain")
+#: The oldest default-domain opset the in-graph count works in (MatMulInteger).
+GRAPH_MIN_OPSET = 10
 
 
 def select_layers(model: Model, names: Sequence[str] | None, probe: str) -> list[Layer]:
@@ -387,7 +390,7 @@ class Collector:
         provider: str = "auto",
         threshold: float = 0.0,
         probe: str = "activation",
-        method: str = "graph",
+        method: str = "auto",
         threads: int | None = None,
         accumulate_on_device: bool | None = None,
         check_nan: bool = True,
@@ -407,6 +410,12 @@ class Collector:
                 raise DataError(f"{len(class_names)} class names given for {num_classes} classes")
         self.model = model if isinstance(model, Model) else load(model)
         self.layers = select_layers(self.model, layers, probe)
+        if method == "auto":
+            opset = _default_opset(self.model.proto)
+            method = "graph" if opset >= GRAPH_MIN_OPSET else "plain"
+            if method == "plain":
+                log.info("model opset %d is older than in-graph counting needs (%d): counting "
+                         "the probes in numpy (method='plain')", opset, GRAPH_MIN_OPSET)
         self.num_classes, self.class_names = num_classes, class_names
         self.threshold, self.probe, self.method, self.threads = (
             float(threshold),
@@ -533,7 +542,7 @@ def collect(
     provider: str = "auto",
     threshold: float = 0.0,
     probe: str = "activation",
-    method: str = "graph",
+    method: str = "auto",
     progress: bool = True,
     allow_empty_classes: bool = False,
     threads: int | None = None,
@@ -568,7 +577,9 @@ def collect(
     probe:
         "activation", "conv" or "pool" (see :mod:`onnxaom.layers`).
     method:
-        "graph" (count inside the ONNX graph) or "plain" (probe outputs counted in numpy).
+        "graph" (count inside the ONNX graph), "plain" (probe outputs counted in numpy), or
+        "auto" (default): "graph", or "plain" for a model older than opset 10. Recorded in
+        ``metadata["method"]``.
     progress:
         Show a progress bar (tqdm) on stderr.
     threads:
@@ -693,6 +704,12 @@ def _samples_independent(engine: _Engine, trial: np.ndarray, fixed: int,
     engine.flush(alone)
     return all(np.array_equal(a[:fixed], b[:fixed])
                for a, b in zip(whole.counts, alone.counts, strict=True))
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset (the ONNX default when it imports none)."""
+    versions = [imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")]
+    return max(versions) if versions else onnx.defs.onnx_opset_version()
 
 
 def _length(images: Any) -> int | None:

@@ -509,3 +509,34 @@ def test_fixed_batch_fallback_is_quiet(capfd) -> None:
     stats = collect(onnxaom.Model(proto), images, labels, batch_size=4, progress=False)
     assert stats.metadata["batching"] == "fixed:2"
     assert capfd.readouterr().err == ""
+
+
+def _opset9_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (3, 1, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (2, 3)).astype(np.float32), "wf"),
+             numpy_helper.from_array(np.zeros(2, np.float32), "bf")]
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(
+        nodes, "old", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 6, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 4
+    return model
+
+
+def test_opset_too_old_for_the_graph_count_falls_back_to_plain() -> None:
+    proto = _opset9_model()
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, n=10, classes=2)
+    stats = collect(model, images, labels, progress=False)
+    assert stats.metadata["method"] == "plain"
+    expected = brute_force(proto, model.layers(), images, labels)
+    for name in stats.layer_names:
+        np.testing.assert_array_equal(stats.counts[name], expected[name], err_msg=name)
+    with pytest.raises(ModelError, match="opset 9 is too old"):
+        collect(model, images, labels, method="graph", progress=False)
