@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .model import Model
-from .surgery.channels import ChannelGraph, Flow, NodeRecord, build
+from .surgery.channels import ChannelGraph, Flow, NodeRecord, Segment, build
 from .surgery.gsio import import_graph
 
 __all__ = ["ReadMass", "read_mass", "read_masses"]
@@ -78,7 +78,11 @@ def _layer_mass(cg: ChannelGraph, layer: str) -> ReadMass:
             continue
         read = False
         offset = 0
-        for segment in flow.segments:
+        segments = flow.segments
+        if flow.outer > 1:  # channels-last features: put them in channel-major order
+            mass = mass.reshape(flow.outer, flow.period).T.ravel()
+            segments = tuple(Segment(seg.slots, seg.inner * flow.outer) for seg in segments)
+        for segment in segments:
             for slot in segment.slots.tolist():
                 hits = np.flatnonzero(classes == cg.slots.find(int(slot)))
                 chunk = mass[offset : offset + segment.inner]

@@ -160,3 +160,37 @@ def test_flatten_with_a_computed_batch_target(tmp_path, opset, channels):
     conv2 = model.layers()[1].name
     assert_removal_exact(model.proto, {conv2: [1, 3]})
     assert_same_function(model.proto, apply(model, WidenLayer(conv2, add=2)).proto)
+
+
+class _ChannelsLast(torch.nn.Module):
+    """Keras-style head, as tf2onnx writes it: the feature map goes channels last (NHWC) and is
+    flattened there, so fc reads features in (h, w, channel) order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6 * 8 * 8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_channels_last_flatten_takes_every_edit_exactly(tmp_path, dynamic):
+    module = torch_zoo.reinit(_ChannelsLast(), 0).eval()
+    path = tmp_path / "nhwc.onnx"
+    torch.onnx.export(module, torch.zeros(2, 3, 8, 8), str(path), dynamo=False, opset_version=13,
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}} if dynamic else None)
+    model = onnxaom.load(path)
+    assert any(n.op_type == "Transpose" for n in model.proto.graph.node)
+    conv2 = model.layers()[1].name
+    assert_removal_exact(model.proto, {conv2: [0, 4]}, batch=2)
+    assert_same_function(model.proto, apply(model, WidenLayer(conv2, add=2)).proto)
+    from onnxaom.readers import read_mass
+
+    mass = read_mass(model, conv2)
+    weight = module.fc.weight.detach().abs().numpy().reshape(3, 8 * 8, 6)  # (out, h*w, channel)
+    np.testing.assert_allclose(mass.per_position, weight.sum(axis=0).T, rtol=1e-5)

@@ -93,28 +93,37 @@ class Flow:
 
     rank: the tensor's rank; axis: its channel axis; segments: the runs of channels along the
     axis, in order; pre_probe: the tensor lies between a layer and its probe point (its
-    per-channel chain), where a removed channel is simply gone.
+    per-channel chain), where a removed channel is simply gone; outer: how many times the
+    segments repeat along the axis (1; H*W once flattened channels-last, features in
+    (position, channel) order).
     """
 
     rank: int
     axis: int
     segments: tuple[Segment, ...]
     pre_probe: bool = False
+    outer: int = 1
 
     @property
-    def size(self) -> int:
+    def period(self) -> int:
+        """Positions of one repeat of the segments."""
         return sum(seg.size for seg in self.segments)
 
     @property
+    def size(self) -> int:
+        return self.outer * self.period
+
+    @property
     def channel_level(self) -> bool:
-        return all(seg.inner == 1 for seg in self.segments)
+        return self.outer == 1 and all(seg.inner == 1 for seg in self.segments)
 
     def all_slots(self) -> np.ndarray:
         return np.concatenate([seg.slots for seg in self.segments])
 
     def expanded(self) -> np.ndarray:
         """Slot per position, array of shape (size,)."""
-        return np.concatenate([np.repeat(seg.slots, seg.inner) for seg in self.segments])
+        one = np.concatenate([np.repeat(seg.slots, seg.inner) for seg in self.segments])
+        return np.tile(one, self.outer)
 
     def moved(self, rank: int, axis: int, pre_probe: bool | None = None) -> Flow:
         return replace(self, rank=rank, axis=axis,
@@ -123,13 +132,31 @@ class Flow:
     def flattened(self, inner: int) -> Flow:
         """This flow with every channel spread over ``inner`` positions (a channel-major
         flatten of the trailing axes), as a rank-2 (N, features) flow."""
+        if self.outer != 1:
+            raise Unsupported("flattens features that were flattened channels-last")
         return Flow(2, 1, tuple(Segment(seg.slots, seg.inner * inner) for seg in self.segments),
                     self.pre_probe)
+
+    def flattened_last(self, positions: int) -> Flow:
+        """This channel-level flow, channels last, flattened with the ``positions`` before it
+        (a channels-last flatten: feature = position * channels + channel), as a rank-2 flow."""
+        if not self.channel_level:
+            raise Unsupported("flattens channels-last a tensor already flattened")
+        return Flow(2, 1, self.segments, self.pre_probe, outer=positions)
+
+    def repeated(self, index: np.ndarray) -> np.ndarray:
+        """``index`` (positions within one period, -1 for none) for every repeat."""
+        if self.outer == 1:
+            return index
+        shifts = self.period * np.arange(self.outer, dtype=np.int64)[:, None]
+        return np.where(index[None, :] >= 0, index[None, :] + shifts, -1).ravel()
 
 
 def concat_flows(parts: Sequence[Flow], rank: int, axis: int) -> Flow:
     """The flow of a concatenation; adjacent segments of the same ``inner`` merge."""
     segments: list[Segment] = []
+    if any(part.outer != 1 for part in parts):
+        raise Unsupported("concatenates features flattened channels-last")
     for part in parts:
         for seg in part.segments:
             if segments and segments[-1].inner == seg.inner:
@@ -284,7 +311,7 @@ class ChannelGraph:
         """Couple two flows merged element-wise by ``node`` position by position."""
         if a.size != b.size:
             raise Unsupported(f"merges tensors of {a.size} and {b.size} channels")
-        if len(a.segments) == len(b.segments) and all(
+        if a.outer == b.outer and len(a.segments) == len(b.segments) and all(
             sa.inner == sb.inner and len(sa.slots) == len(sb.slots)
             for sa, sb in zip(a.segments, b.segments, strict=True)
         ):
@@ -480,7 +507,7 @@ class RemovePlan:
             positions = (kept[:, None] * seg.inner + np.arange(seg.inner)[None, :]).ravel()
             parts.append(positions + offset)
             offset += seg.size
-        index = np.concatenate(parts).astype(np.int64)
+        index = flow.repeated(np.concatenate(parts).astype(np.int64))
         if len(index) == flow.size:
             return None
         return Change(index, np.zeros(len(index), dtype=bool), flow.size)
@@ -541,7 +568,8 @@ class WidenPlan:
             offset += seg.size
         if not grew:
             return None
-        return Change(np.concatenate(index_parts), np.concatenate(added_parts), flow.size)
+        return Change(flow.repeated(np.concatenate(index_parts)),
+                      np.tile(np.concatenate(added_parts), flow.outer), flow.size)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,9 +23,9 @@ dims merged, (N, F) -> (N, F, 1, 1); the target a constant or ``Concat(batch siz
 constants)``, PyTorch's legacy export of ``x.view(x.size(0), -1)``); Shape and Size (computed
 at run time, no channels in their output); Reduce* over other axes; Squeeze, Unsqueeze,
 Transpose; Slice and Split along other axes. Everything else blocks the channels it reads.
-Not supported: a channels-last flatten (Transpose to NHWC, then Reshape to (N, H*W*C)), as
-Keras models exported by tf2onnx have before their dense head; it is refused with the node
-named.
+A channels-last flatten (Transpose to NHWC, then Flatten or Reshape to (N, H*W*C), as Keras
+models exported by tf2onnx have before their dense head) interleaves the channels: a flow's
+segments then repeat once per position (:attr:`Flow.outer`).
 """
 
 from __future__ import annotations
@@ -518,13 +518,17 @@ class Flatten(Handler):
               layer: LayerSlots | None) -> list[Flow | None]:
         flow = _only_first_input(node, ins)
         axis = _norm_axis(int(node.attrs.get("axis", 1)), flow.rank)
-        if axis != 1 or flow.axis != 1:
+        if axis != 1 or flow.axis not in (1, flow.rank - 1):
             raise Unsupported("flattens in an order that does not keep channels together")
         if flow.rank == 2:
             return _same(flow, len(node.outputs))
         shape = cg.shape(node.inputs[0])
-        if shape is None or any(d is None for d in shape[2:]):
+        if shape is None or any(d is None for d in shape[1:]):
             raise Unsupported("flattens a tensor whose spatial size is unknown")
+        if flow.axis == flow.rank - 1:  # channels last (NHWC): features (position, channel)
+            return _same(flow.flattened_last(int(np.prod([int(d) for d in shape[1:-1]
+                                                          if d is not None]))),
+                         len(node.outputs))
         inner = int(np.prod([int(d) for d in shape[2:] if d is not None]))
         return _same(flow.flattened(inner), len(node.outputs))
 
@@ -622,6 +626,13 @@ class Reshape(Handler):
             if dst is not None and (cg.shape(node.outputs[0]) is None
                                     or None in cg.shape(node.outputs[0])[1:]):  # type: ignore[index]
                 cg.shapes[node.outputs[0].name] = dst  # for the readers of the output
+        if (src is not None and dst is not None and len(src) > 2 and len(dst) == 2
+                and flow.axis == len(src) - 1 and None not in src[1:]
+                and (dst[0] == src[0] or target[0] == -1)
+                and dst[1] in (int(np.prod(src[1:])), -1, None)):  # type: ignore[arg-type]
+            # channels last (NHWC, as tf2onnx writes Keras' Flatten): features (position, channel)
+            return _same(flow.flattened_last(int(np.prod(src[1:-1]))),  # type: ignore[arg-type]
+                         len(node.outputs))
         if src is None or dst is None or flow.axis != 1 or len(dst) < 2:
             raise Unsupported("reshapes tensors of unknown or unsuitable shape")
         if src[0] != dst[0]:
