@@ -513,7 +513,7 @@ DEEPEN_CASES = [("chain", "conv1"), ("chain", "conv2"), ("chain", "fc1"), ("bn_k
                 ("folded_bn", "conv2"), ("residual", "conv1"), ("residual", "conv2"),
                 ("concat", "conv1b"), ("depthwise", "dwconv2"), ("reshape_matmul", "conv1"),
                 ("reshape_matmul", "matmul1"), ("reduce_mean_head", "conv2"),
-                ("activations", "conv3")]
+                ("activations", "conv3"), ("activations", "conv2")]  # conv2: ReLU6 (Clip 0..6)
 
 
 @pytest.mark.parametrize("builder, layer", DEEPEN_CASES)

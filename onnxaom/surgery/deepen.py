@@ -1,10 +1,11 @@
 """Deepening a model (task 3): Net2DeeperNet, an identity layer + ReLU after a ReLU layer.
 
 The new layer reads the probe tensor of ``after`` (its activation), which must be a ``Relu``
-output, and everything that read that tensor reads the new ReLU's output instead. With the
-identity init, ``relu(conv_identity(x)) == x`` for ``x >= 0``, so the function is unchanged.
-Only such places are allowed: after a layer whose per-channel chain ends in a ReLU (e.g.
-Conv → BN → ReLU, Gemm → ReLU); a layer followed directly by pooling, by a non-ReLU activation
+output (or a ``Clip`` with a lower bound of 0 or more, such as ReLU6), and everything that read
+that tensor reads the new ReLU's output instead. With the identity init,
+``relu(conv_identity(x)) == x`` for ``x >= 0``, so the function is unchanged. Only such places
+are allowed: after a layer whose per-channel chain ends in a ReLU (e.g. Conv → BN → ReLU,
+Gemm → ReLU, Conv → BN → ReLU6); a layer followed directly by pooling, by another activation
 or by a merge has no such place.
 """
 
@@ -22,6 +23,24 @@ from .gsio import NameRegistry, constant_value
 __all__ = ["insert_step"]
 
 
+def _nonnegative(proto: onnx.ModelProto, probe: str, chain: tuple[str, ...]) -> bool:
+    """Whether a layer's activation ``probe`` is never negative: its chain ends in a Relu, or
+    in a Clip whose lower bound (attribute before opset 11, constant input after) is >= 0."""
+    if not chain:
+        return False
+    if chain[-1] == "Relu":
+        return True
+    if chain[-1] != "Clip":
+        return False
+    node = next(n for n in proto.graph.node if probe in n.output)
+    if len(node.input) > 1 and node.input[1]:
+        from ..graph import GraphIndex
+
+        low = GraphIndex(proto).constant(node.input[1])
+        return low is not None and bool((np.asarray(low) >= 0).all())
+    return any(a.name == "min" and a.f >= 0 for a in node.attribute)
+
+
 def insert_step(graph: gs.Graph, proto: onnx.ModelProto, edit: InsertLayer) -> dict[str, object]:
     """Insert the layer of ``edit`` into ``graph`` in place; returns the new layer's name."""
     layers = find_layers(proto)
@@ -30,11 +49,11 @@ def insert_step(graph: gs.Graph, proto: onnx.ModelProto, edit: InsertLayer) -> d
         known = ", ".join(by_name) or "(none)"
         raise LayerNotFoundError(f"the model has no layer {edit.after!r}; its layers: {known}")
     layer = by_name[edit.after]
-    if not layer.chain or layer.chain[-1] != "Relu":
+    if not _nonnegative(proto, layer.probe, layer.chain):
         chain = " → ".join((layer.op, *layer.chain))
         raise EditError(
             f"InsertLayer(after={edit.after!r}) needs a layer whose activation is a ReLU "
-            f"output, so that an identity layer + ReLU leaves it unchanged; layer "
+            f"(or ReLU6) output, so that an identity layer + ReLU leaves it unchanged; layer "
             f"{edit.after!r} has {chain}. Choose a layer followed by a ReLU"
         )
     node = graph.nodes[layer.node_index]
