@@ -491,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stage2-from", type=int, default=None)
     parser.add_argument("--base-seed", type=int, default=None,
                         help="seed of the base model (initial weights and batch order)")
+    parser.add_argument("--stages", default=None,
+                        help="layers to reduce, comma-separated: conv1,conv2 (default) or conv1")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-render", action="store_true", help="skip PNG/SVG charts")
@@ -505,6 +507,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             changes[name] = getattr(args, name)
     if args.strategies is not None:
         changes["strategies"] = tuple(s for s in args.strategies.split(",") if s)
+    if args.stages is not None:
+        changes["stages"] = tuple(s for s in args.stages.split(",") if s)
+        if changes["stages"] not in (("conv1",), ("conv1", "conv2")):
+            parser.error(f"--stages must be conv1,conv2 or conv1 (conv2 starts from a reduced "
+                         f"conv1), got {args.stages!r}")
     config = Config(**{**asdict(config), **changes})
     run(config, args.out, resume=args.resume, render=not args.no_render)
     print((args.out / "tables.md").read_text())

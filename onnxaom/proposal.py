@@ -25,6 +25,10 @@ selectivity ``s(k)`` (eq. 4), class selectivity ``s[k, c]`` (average CSM, eq. 3)
 * ``"clusters"``: cut the average-linkage tree of the effective kernels (ODM distance, as the
   redundancy finding) into exactly ``n`` clusters and keep the most selective kernel of each;
   ineffective kernels come last.
+* ``"partitions"``: as ``"clusters"``, on the ODM with a kernel's complement counted as its
+  twin (:func:`onnxaom.stats.mirrored_odm`): a kernel that fires on the garment and one that
+  fires on the background split the input alike, and a retrained reader gets one from the
+  other, so one of them is enough.
 * ``"usage"``: class-specific occurrence that the next layers read. Kernel k scores
   ``sum over c, h, w of |S[k, c, h, w]| * R[k, h, w]``, with S the CSM (eq. 3) and R the read
   mass of :mod:`onnxaom.readers` (the L1 of the next layers' weights that read k, per position
@@ -79,7 +83,7 @@ __all__ = [
 FORMAT = "onnxaom.Proposal"
 FORMAT_VERSION = 1
 #: The ranking strategies :func:`propose` knows.
-STRATEGIES = ("paper", "selectivity", "coverage", "clusters", "usage", "auto")
+STRATEGIES = ("paper", "selectivity", "coverage", "clusters", "partitions", "usage", "auto")
 #: The default: ``clusters`` or ``usage`` by what reads the layer, the best measured on each
 #: conv layer of the paper's MNIST architecture trained on Fashion-MNIST
 #: (experiments/RESULTS.md). The paper's own order is ``"paper"``.
@@ -559,7 +563,7 @@ def _propose_layer(stats: OccurrenceStats, lf: LayerFindings, name: str, strateg
         aom = stats.aom(name)
     usable = ~np.isnan(aom).all(axis=(0, 2, 3))
     aom = aom[:, usable]
-    from .stats import class_selectivity, odm, selectivity
+    from .stats import class_selectivity, mirrored_odm, odm, selectivity
 
     s = selectivity(aom) if aom.shape[1] >= 2 else np.zeros(aom.shape[0])
     cs = class_selectivity(aom) if aom.shape[1] >= 2 else np.zeros((aom.shape[0], 1))
@@ -571,6 +575,8 @@ def _propose_layer(stats: OccurrenceStats, lf: LayerFindings, name: str, strateg
         ranking = _rank_selectivity(lf, s, distances, cs)
     elif strategy == "coverage":
         ranking = _rank_coverage(lf, s, distances, cs)
+    elif strategy == "partitions":
+        ranking = _rank_clusters(lf, s, mirrored_odm(aom), cs, n)
     elif strategy == "usage":
         assert mass is not None
         ranking = _rank_usage(lf, _usage_scores(aom, mass))

@@ -55,6 +55,24 @@ def odm(aom: np.ndarray) -> np.ndarray:
     return np.asarray(cdist(flat, flat, metric="cityblock") / flat.shape[1])
 
 
+def mirrored_odm(aom: np.ndarray) -> np.ndarray:
+    """The ODM (eq. 2) with a kernel's complement counted as its twin, float64 (K, K):
+    ``min(D[i, j], mean abs(M[i] - (1 - M[j])))``.
+
+    Two kernels that fire exactly where the other does not split the inputs the same way, so
+    a layer reading both gets the same information twice; the plain ODM puts them as far apart
+    as two kernels can be. ``aom`` has shape (K, C, H, W).
+    """
+    k = aom.shape[0]
+    flat = np.ascontiguousarray(aom.reshape(k, -1), dtype=np.float64)
+    if flat.shape[1] == 0:
+        return np.zeros((k, k))
+    from scipy.spatial.distance import cdist
+
+    mirrored = cdist(flat, 1.0 - flat, metric="cityblock") / flat.shape[1]
+    return np.asarray(np.minimum(odm(aom), mirrored))
+
+
 def csm(aom: np.ndarray) -> np.ndarray:
     """Eq. 3: class selectivity maps, float64 (K, C, H, W), values in [-1, 1].
 
