@@ -279,3 +279,17 @@ def test_usage_invariants(seed, n):
     assert p.kept and sorted(p.kept + p.removed) == list(range(8))
     if n is not None:
         assert len(p.kept) == n
+
+
+def test_partitions_keeps_one_of_a_kernel_and_its_complement():
+    """Kernel 1 fires exactly where kernel 0 does not: the plain ODM puts them furthest apart;
+    ``partitions`` sees one partition of the input and keeps one of them, and kernel 2."""
+    p = np.array([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=np.float64)  # (C=2, 4 positions)
+    q = np.array([[1, 0, 1, 0], [0.5, 0, 0.5, 0]])
+    aom = np.stack([p, 1 - p, q]).reshape(3, 2, 2, 2)
+    counts = np.rint(aom * SIZE).astype(np.int64)
+    stats = OccurrenceStats({"conv": counts}, np.full(2, SIZE, dtype=np.int64),
+                            metadata={"model_digest": "m"})
+    assert not analyze(stats).layer("conv").ineffective
+    partitions = set(propose(stats, strategy="partitions", keep={"conv": 2}).layer("conv").kept)
+    assert 2 in partitions and len(partitions & {0, 1}) == 1

@@ -182,3 +182,28 @@ def test_bad_construction() -> None:
         OccurrenceStats({"a": np.zeros((1, 3, 1, 1), np.int64)}, np.array([1, 1]))
     with pytest.raises(StatsError, match="integers"):
         OccurrenceStats({"a": np.zeros((1, 2, 1, 1))}, np.array([1, 1]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(aom=hnp.arrays(np.float64, st.tuples(st.integers(1, 4), st.integers(1, 3),
+                                            st.integers(1, 3), st.integers(1, 3)),
+                      elements=st.floats(0, 1)))
+def test_mirrored_odm_equals_brute_force(aom: np.ndarray) -> None:
+    from onnxaom.stats import mirrored_odm
+
+    k = aom.shape[0]
+    want = np.array([[min(np.mean(np.abs(aom[i] - aom[j])), np.mean(np.abs(aom[i] - (1 - aom[j]))))
+                      for j in range(k)] for i in range(k)])
+    got = mirrored_odm(aom)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    np.testing.assert_allclose(got, got.T, atol=1e-12)
+
+
+def test_mirrored_odm_puts_a_kernel_and_its_complement_together() -> None:
+    from onnxaom.stats import mirrored_odm, odm
+
+    garment = np.array([[[[1.0, 0.0], [1.0, 0.0]]], [[[0.0, 1.0], [0.0, 1.0]]]])  # (K=2, C=1, 2, 2)
+    background = 1.0 - garment
+    aom = np.concatenate([garment[:1], background[:1]])
+    assert odm(aom)[0, 1] == 1.0
+    assert mirrored_odm(aom)[0, 1] == 0.0
