@@ -484,19 +484,26 @@ class Plan(Protocol):
     def change(self, flow: Flow) -> Change | None: ...
 
 
+class _CachedChanges:
+    """A plan's :meth:`change` per flow, worked out once (flows are immutable)."""
+
+    def change(self, flow: Flow) -> Change | None:
+        cache: dict[int, Change | None] = self.__dict__.setdefault("_changes", {})
+        key = id(flow)
+        if key not in cache:
+            cache[key] = self._change(flow)
+        return cache[key]
+
+    def _change(self, flow: Flow) -> Change | None:
+        raise NotImplementedError
+
+
 @dataclass
-class RemovePlan:
+class RemovePlan(_CachedChanges):
     """Remove every channel whose class is in ``removed``."""
 
     cg: ChannelGraph
     removed: set[int]
-    _cache: dict[int, Change | None] = field(default_factory=dict)
-
-    def change(self, flow: Flow) -> Change | None:
-        key = id(flow)
-        if key not in self._cache:
-            self._cache[key] = self._change(flow)
-        return self._cache[key]
 
     def _change(self, flow: Flow) -> Change | None:
         parts: list[np.ndarray] = []
@@ -514,7 +521,7 @@ class RemovePlan:
 
 
 @dataclass
-class WidenPlan:
+class WidenPlan(_CachedChanges):
     """Append new channels after every run of ``block`` (the widened layer's classes, in
     kernel order): ``sources[j]`` is the kernel new channel j copies (-1: fresh)."""
 
@@ -522,13 +529,6 @@ class WidenPlan:
     block: np.ndarray
     sources: np.ndarray
     layer: str
-    _cache: dict[int, Change | None] = field(default_factory=dict)
-
-    def change(self, flow: Flow) -> Change | None:
-        key = id(flow)
-        if key not in self._cache:
-            self._cache[key] = self._change(flow)
-        return self._cache[key]
 
     def _change(self, flow: Flow) -> Change | None:
         k = len(self.block)

@@ -696,6 +696,11 @@ class ShapeOf(Handler):
         return [None] * len(node.outputs)
 
 
+def _without_axes(flow: Flow, axes: set[int]) -> Flow:
+    """``flow`` once the (other) axes ``axes`` are gone."""
+    return flow.moved(flow.rank - len(axes), flow.axis - sum(a < flow.axis for a in axes))
+
+
 REDUCE_OPS = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2",
               "ReduceSumSquare", "ReduceProd")
 
@@ -713,9 +718,7 @@ class Reduce(Handler):
             raise Unsupported("reduces over the channel axis")
         if int(node.attrs.get("keepdims", 1)):
             return _same(flow, len(node.outputs))
-        return _same(flow.moved(flow.rank - len(set(axes)),
-                                flow.axis - sum(a < flow.axis for a in set(axes))),
-                     len(node.outputs))
+        return _same(_without_axes(flow, set(axes)), len(node.outputs))
 
 
 @register("Squeeze")
@@ -729,12 +732,10 @@ class Squeeze(Handler):
             if shape is None:
                 raise Unsupported("squeezes axes of unknown size")
             axes = [i for i, d in enumerate(shape) if d == 1]
-        axes = sorted({_norm_axis(a, flow.rank) for a in axes})
-        if flow.axis in axes:
+        dropped = {_norm_axis(a, flow.rank) for a in axes}
+        if flow.axis in dropped:
             raise Unsupported("squeezes the channel axis")
-        return _same(flow.moved(flow.rank - len(axes),
-                                flow.axis - sum(a < flow.axis for a in axes)),
-                     len(node.outputs))
+        return _same(_without_axes(flow, dropped), len(node.outputs))
 
 
 @register("Unsqueeze")
