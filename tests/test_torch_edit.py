@@ -240,3 +240,40 @@ def test_bad_edits_raise_before_any_torch_work(tmp_path):
         apply_edits(module, model, [])
     with pytest.raises(ModelError, match="torch.nn.Module"):
         apply_edits("not a module", model, [RemoveKernels("/conv1/Conv", (0,))])
+
+
+class ReluSix(nn.Module):
+    """conv1 → ReLU6 (a module, or F.relu6) → conv2 → ReLU → gap → fc (MobileNet's activation)."""
+
+    def __init__(self, functional: bool = False) -> None:
+        super().__init__()
+        self.functional = functional
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.act1 = nn.ReLU6()
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = nn.functional.relu6(x) if self.functional else self.act1(x)
+        return self.fc(torch.relu(self.conv2(x)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("init", ["identity", "random"])
+def test_insertion_after_a_relu6_module(tmp_path, init):
+    """The new layer goes after the ReLU6 with its own ReLU; random init shows any difference,
+    and so does the check's scaled batch (ReLU6 saturates only on large values)."""
+    module = torch_zoo.reinit(ReluSix(), 0)
+    model = export(tmp_path, module, (1, 3, 8, 8))
+    result = assert_parity(tmp_path, module, model, [InsertLayer("/conv1/Conv", init=init)])
+    assert result.layers["/conv1/Conv_deep"] == "act1.deep"
+    assert isinstance(result.module.act1.deep_relu, nn.ReLU)
+    checked = apply_edits(module, model, [InsertLayer("/conv1/Conv", init=init)])
+    assert checked.difference is not None and checked.difference < 1e-4
+
+
+def test_insertion_after_a_functional_relu6_is_refused(tmp_path):
+    module = torch_zoo.reinit(ReluSix(functional=True), 0)
+    model = export(tmp_path, module, (1, 3, 8, 8))
+    with pytest.raises(EditError, match="Clip activation is not a module"):
+        apply_edits(module, model, [InsertLayer("/conv1/Conv")])

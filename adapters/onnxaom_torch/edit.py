@@ -21,13 +21,14 @@ Torch modules changed in place on the copy: ``Conv2d`` (out and in channels, bia
 depthwise convs, equal removals per group of grouped convs), ``Linear``, ``BatchNorm1d/2d``
 (weight, bias, running statistics; new channels neutral: 1, 0, 0, 1), ``PReLU`` with one slope
 per channel (new: 0.25). :class:`~onnxaom.InsertLayer` puts a ``Conv2d`` (or ``Linear``) + ``ReLU``
-after the layer's ReLU module: that module becomes ``nn.Sequential(act=<the ReLU>, deep=<new
-layer>, deep_relu=ReLU())``; where the ReLU is functional or shared by several calls, the module
-before it becomes ``nn.Sequential(body=<module>, act=ReLU(), deep=<new layer>)`` (the ReLU that
-follows then acts as the new layer's ReLU).
+after the layer's ReLU (or ReLU6) module: that module becomes ``nn.Sequential(act=<the ReLU>,
+deep=<new layer>, deep_relu=ReLU())``; where a ReLU is functional or shared by several calls,
+the module before it becomes ``nn.Sequential(body=<module>, act=ReLU(), deep=<new layer>)``
+(the ReLU that follows then acts as the new layer's ReLU). A functional ReLU6 is refused.
 
 With ``check=True`` (default) the edited module is exported and compared with the surgery
-result on a random batch (``atol``); a difference raises :class:`~onnxaom.EditError`. Random
+result on a random batch and on the same batch times 10, where saturating activations such as
+ReLU6 show (``atol``, relative to the largest output); a difference raises :class:`~onnxaom.EditError`. Random
 numbers: :class:`~onnxaom.WidenLayer` (sources, random kernels) and :class:`~onnxaom.InsertLayer`
 (random init) draw exactly what the surgery draws, from the same seed; Net2Net ``noise`` is
 scaled by the torch weight's standard deviation, which differs from the ONNX one when a batch
@@ -129,7 +130,8 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
         Export the edited module and compare it with the surgery result (skipped for Net2Net
         ``noise > 0``).
     atol:
-        Largest output difference the check accepts (plus 1e-4 relative).
+        Largest output difference the check accepts, per unit of the largest output (plus
+        1e-4 relative).
 
     Raises
     ------
@@ -175,7 +177,8 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
             if len(new) != 1:
                 raise EditError(f"internal: InsertLayer({head.after!r}) added {len(new)} layers")
             step_changed = [new[0].name]
-            _insert(work, head, new[0].name, layers, nodes, run, touched, notes)
+            activation = current.layer(head.after).chain[-1]  # "Relu" or "Clip" (surgery checked)
+            _insert(work, head, new[0].name, activation, layers, nodes, run, touched, notes)
         else:  # pragma: no cover - as_edit_list admits only the three edit types
             raise EditError(f"not an edit: {head!r}")
         changed.extend(n for n in step_changed if n not in changed)
@@ -390,8 +393,20 @@ def _new_layer(layer_module: nn.Module, edit: InsertLayer, kernels: int) -> nn.M
     return new
 
 
-def _insert(work: nn.Module, edit: InsertLayer, new_name: str, layers: dict[str, str],
-            nodes: dict[str, str], run: Trace, touched: list[str], notes: list[str]) -> None:
+def _nonnegative_activation(module: nn.Module) -> bool:
+    """A module that is the ReLU (or ReLU6) ending a layer's ONNX chain."""
+    if isinstance(module, nn.ReLU | nn.ReLU6):
+        return True
+    return isinstance(module, nn.Hardtanh) and float(module.min_val) >= 0
+
+
+def _insert(work: nn.Module, edit: InsertLayer, new_name: str, activation: str,
+            layers: dict[str, str], nodes: dict[str, str], run: Trace, touched: list[str],
+            notes: list[str]) -> None:
+    """Put the new layer after the activation module that ends ``edit.after``'s chain
+    (``activation``: its ONNX op, "Relu" or "Clip"), as ``Sequential(act, deep, deep_relu)``;
+    where that activation is functional, wrap the module before it, which is exact only for a
+    functional ReLU (relu(deep(relu(x))) either way)."""
     path = layers.get(edit.after)
     if path is None:
         raise EditError(f"no torch module is mapped to ONNX layer {edit.after!r}")
@@ -400,15 +415,19 @@ def _insert(work: nn.Module, edit: InsertLayer, new_name: str, layers: dict[str,
     kernels = int(layer_module.weight.shape[0])  # type: ignore[union-attr,index]
     chain = list(run.chain(path))
     counts = run.call_counts()
-    relu_at = next((i for i, p in enumerate(chain) if isinstance(modules[p], nn.ReLU)), None)
+    act_at = next((i for i, p in enumerate(chain) if _nonnegative_activation(modules[p])), None)
     new = _new_layer(layer_module, edit, kernels)
-    if relu_at is not None and counts.get(chain[relu_at], 0) == 1:
-        target = chain[relu_at]
+    if act_at is not None and counts.get(chain[act_at], 0) == 1:
+        target = chain[act_at]
         _replace(work, target, nn.Sequential(OrderedDict(
             [("act", modules[target]), ("deep", new), ("deep_relu", nn.ReLU())])))
         layers[new_name] = f"{target}.deep"
     else:
-        before = chain[:relu_at] if relu_at is not None else chain
+        if activation != "Relu":
+            raise EditError(f"cannot insert a layer after {edit.after!r} in the torch module: "
+                            f"its {activation} activation is not a module that runs once (a "
+                            f"functional call such as F.relu6?); make it an nn.ReLU6 module")
+        before = chain[:act_at] if act_at is not None else chain
         target = ([path, *before])[-1]
         if counts.get(target, 0) != 1:
             raise EditError(f"cannot insert a layer after {edit.after!r}: module {target!r} "
@@ -436,13 +455,16 @@ def _check_against(work: nn.Module, oracle: onnxaom.Model, x: torch.Tensor,
         path = export_onnx(work, Path(tmp) / "edited.onnx", input_shape=tuple(x.shape))
         exported = onnxaom.load(path)
     feed = x.detach().cpu().numpy().astype(np.float32)
-    got = _run(exported, feed)
-    want = _run(oracle, feed)
+    # the example batch and a scaled copy: saturating activations (ReLU6, clips) differ only
+    # on large values
+    got = np.concatenate([_run(exported, feed), _run(exported, 10 * feed)])
+    want = np.concatenate([_run(oracle, feed), _run(oracle, 10 * feed)])
     if got.shape != want.shape:
         raise EditError(f"the edited torch module gives outputs of shape {got.shape}, the ONNX "
                         f"surgery result {want.shape}")
     difference = float(np.abs(got - want).max(initial=0.0))
-    if not np.allclose(got, want, rtol=1e-4, atol=atol):
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    if not np.allclose(got, want, rtol=1e-4, atol=atol * scale):
         raise EditError(
             f"the edited torch module differs from the ONNX surgery result by up to "
             f"{difference:.3g} (tolerance {atol:g}); a module with per-channel parameters or a "
