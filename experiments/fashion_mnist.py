@@ -86,8 +86,8 @@ class Config:
     base_seed: int = 0
     seeds: tuple[int, ...] = (0, 1, 2)
     counts: tuple[int, ...] = (8, 6, 5, 4, 3, 2)
-    strategies: tuple[str, ...] = ("paper", "clusters", "coverage", "selectivity", "usage",
-                                   "auto")
+    strategies: tuple[str, ...] = ("paper", "clusters", "coverage", "selectivity", "partitions",
+                                   "usage", "auto")
     # The strategy of the pipeline (conv1 -> stage2_from, then conv2): "auto", the default of
     # onnxaom.propose (clusters on conv1, usage on conv2; experiments/RESULTS.md). "paper", the
     # paper's order, was the worst at 3-6 kernels of conv1.
