@@ -29,10 +29,11 @@ the module before it becomes ``nn.Sequential(body=<module>, act=ReLU(), deep=<ne
 With ``check=True`` (default) the edited module is exported and compared with the surgery
 result on a random batch and on the same batch times 10, where saturating activations such as
 ReLU6 show (``atol``, relative to the largest output); a difference raises
-:class:`~onnxaom.EditError`. Random numbers: :class:`~onnxaom.WidenLayer` (sources, random kernels) and :class:`~onnxaom.InsertLayer`
-(random init) draw exactly what the surgery draws, from the same seed; Net2Net ``noise`` is
-scaled by the torch weight's standard deviation, which differs from the ONNX one when a batch
-norm was folded, so with ``noise > 0`` the check is skipped.
+:class:`~onnxaom.EditError`. Random numbers: :class:`~onnxaom.WidenLayer` (sources, random
+kernels) and :class:`~onnxaom.InsertLayer` (random init) draw exactly what the surgery draws,
+from the same seed; Net2Net ``noise`` is scaled by the torch weight's standard deviation, which
+differs from the ONNX one when a batch norm was folded, so with ``noise > 0`` the check is
+skipped.
 """
 
 from __future__ import annotations
