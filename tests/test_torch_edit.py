@@ -277,3 +277,28 @@ def test_insertion_after_a_functional_relu6_is_refused(tmp_path):
     model = export(tmp_path, module, (1, 3, 8, 8))
     with pytest.raises(EditError, match="Clip activation is not a module"):
         apply_edits(module, model, [InsertLayer("/conv1/Conv")])
+
+
+class _ChannelsLastHead(nn.Module):
+    """The weights of :func:`mnist`'s conv layers and a same-shape head that flattens channels
+    last: every weight matches, the function does not."""
+
+    def __init__(self, reference: nn.Module) -> None:
+        super().__init__()
+        self.inner = reference
+
+    def forward(self, x):
+        m = self.inner
+        x = m.pool(m.relu2(m.conv2(m.relu1(m.conv1(x)))))
+        x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+        return m.fc2(m.relu3(m.fc1(x)))
+
+
+def test_a_module_with_matching_weights_but_another_function_is_refused(tmp_path):
+    module = mnist()
+    model = export(tmp_path, module, (1, 1, 8, 8))
+    other = _ChannelsLastHead(module)
+    with pytest.raises(ModuleMismatchError, match="computes something else"):
+        map_layers(other, model)
+    with pytest.raises(ModuleMismatchError, match="computes something else"):
+        apply_edits(other, model, [RemoveKernels("/conv1/Conv", (1,))], check=False)

@@ -229,7 +229,39 @@ def map_layers(module: nn.Module, model: onnxaom.Model,
         raise ModuleMismatchError(
             f"{type(module).__name__} cannot run an input of shape {tuple(x.shape)} (the ONNX "
             f"model {model.name!r}'s input): {type(exc).__name__}: {exc}") from exc
-    return _match(module, model, run)
+    layer_map = _match(module, model, run)
+    _check_outputs(module, model, x, run)
+    return layer_map
+
+
+#: How far the module's output may be from the ONNX model's on the example (relative to the
+#: largest output): folded batch norms and exporter rewrites differ by rounding only.
+OUTPUT_TOLERANCE = 1e-3
+
+
+def _check_outputs(module: nn.Module, model: onnxaom.Model, x: torch.Tensor, run: Trace) -> None:
+    """Raise :class:`ModuleMismatchError` when ``module`` and ``model`` give other outputs on
+    ``x``: weights that match but a forward pass that differs (another flatten order, say)."""
+    if run.output is None:
+        return
+    from onnxaom.runtime import make_session
+
+    try:  # a model ORT cannot run this way (another input type, several inputs) goes unchecked
+        session = make_session(model.proto, ["CPUExecutionProvider"])
+        feed = x.detach().cpu().numpy().astype(np.float32)
+        want = np.asarray(session.run(None, {session.get_inputs()[0].name: feed})[0])
+    except Exception:  # ORT raises its own exception types
+        return
+    got = run.output.detach().cpu().float().numpy()
+    if got.shape != want.shape:
+        raise ModuleMismatchError(f"{type(module).__name__} gives outputs of shape {got.shape}, "
+                                  f"the ONNX model {model.name!r} {want.shape}")
+    difference = float(np.abs(got - want).max(initial=0.0))
+    if difference > OUTPUT_TOLERANCE * max(1.0, float(np.abs(want).max(initial=0.0))):
+        raise ModuleMismatchError(
+            f"{type(module).__name__} has the weights of the ONNX model {model.name!r} but "
+            f"computes something else: outputs differ by up to {difference:.3g} on the example "
+            f"input (another flatten order, activation or head?)")
 
 
 def _match(module: nn.Module, model: onnxaom.Model, run: Trace) -> LayerMap:

@@ -50,9 +50,11 @@ class Call:
 
 @dataclass(frozen=True, eq=False)
 class Trace:
-    """The leaf-module calls of one forward pass, in call order."""
+    """The leaf-module calls of one forward pass, in call order, and the pass's output (when
+    it is one tensor)."""
 
     calls: tuple[Call, ...]
+    output: torch.Tensor | None = None
 
     def first_call(self, name: str) -> Call | None:
         return next((c for c in self.calls if c.name == name), None)
@@ -138,10 +140,10 @@ def trace(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor]) -> 
             handles.append(sub.register_forward_hook(hook(name)))
         module.eval()
         with torch.no_grad():
-            module(*args)
+            output = module(*args)
     finally:
         for handle in handles:
             handle.remove()
         for sub, training in modes.items():
             sub.training = training
-    return Trace(tuple(calls))
+    return Trace(tuple(calls), output if isinstance(output, torch.Tensor) else None)
