@@ -112,6 +112,10 @@ def test_bad_factories_and_damaged_weights_are_named(tmp_path, data, trained):
     weights_less = TuningSession.resume(tmp_path / "s", verify=False)
     with pytest.raises(SessionError, match=r"step_1\.pt is missing"):
         no_factory.module(weights_less)
+    renamed = make_runner(data)  # the factory's keywords changed since the session started
+    renamed.factory_kwargs = {**KWARGS, "no_such_keyword": 1}
+    with pytest.raises(SessionError, match="factory .* failed with keyword arguments"):
+        renamed.module(TuningSession.resume(tmp_path / "s", verify=False), 0)
 
 
 def test_the_command_line_continues_and_shows_a_session(tmp_path, data, trained, capsys):

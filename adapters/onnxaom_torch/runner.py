@@ -113,6 +113,25 @@ def _read_state_dict(path: Path, what: str) -> Mapping[str, Any]:
     return state
 
 
+def _call_factory(factory: Any, kwargs: dict[str, Any], seed: int | None = None) -> nn.Module:
+    """``factory(**kwargs)`` (a callable or "pkg.mod:Name"), its initial weights drawn from
+    ``seed`` when given (the global torch RNG is forked, not changed); a failure, or anything
+    but an ``nn.Module``, is a :class:`~onnxaom.SessionError` naming the factory."""
+    build = _resolve_factory(factory)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            module = build(**kwargs)
+    except Exception as exc:  # the factory's own checks raise anything
+        raise SessionError(f"the module factory {factory!r} failed with keyword arguments "
+                           f"{kwargs}: {_one_line(exc)}") from exc
+    if not isinstance(module, nn.Module):
+        raise SessionError(f"the module factory {factory!r} returned a "
+                           f"{type(module).__name__}, not a torch.nn.Module")
+    return module
+
+
 def build_module(
     factory: str,
     factory_kwargs: Mapping[str, Any] | None = None,
@@ -137,19 +156,7 @@ def build_module(
     :class:`ModuleMismatchError` (weights or data that do not fit the architecture).
     """
     kwargs = dict(factory_kwargs or {})
-    build = _resolve_factory(factory)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
-            module = build(**kwargs)
-    except Exception as exc:  # the factory's own checks raise anything
-        raise SessionError(f"the module factory {factory!r} failed with keyword arguments "
-                           f"{kwargs}: {_one_line(exc)}") from exc
-    if not isinstance(module, nn.Module):
-        raise SessionError(f"the module factory {factory!r} returned a "
-                           f"{type(module).__name__}, not a torch.nn.Module")
-    module = module.cpu().eval()
+    module = _call_factory(factory, kwargs, seed).cpu().eval()
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
@@ -412,7 +419,7 @@ class TorchRunner:
                                "that built step 0")
         kwargs = self.factory_kwargs or dict((session.config.get("runner") or {})
                                              .get("factory_kwargs") or {})
-        module = _resolve_factory(factory)(**kwargs)
+        module = _call_factory(factory, kwargs)
         lineage = session.lineage(index)
         self._load_state(session, module, lineage[0].index)
         for step in lineage[1:]:
