@@ -302,3 +302,24 @@ def test_a_module_with_matching_weights_but_another_function_is_refused(tmp_path
         map_layers(other, model)
     with pytest.raises(ModuleMismatchError, match="computes something else"):
         apply_edits(other, model, [RemoveKernels("/conv1/Conv", (1,))], check=False)
+
+
+class _ConvTwice(nn.Module):
+    """conv2 runs twice: the ONNX graph has two layers with its weights, the module one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv2(torch.relu(self.conv1(x))))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_a_module_that_runs_twice_is_named_as_such(tmp_path):
+    module = torch_zoo.reinit(_ConvTwice(), 0)
+    model = export(tmp_path, module, (1, 3, 8, 8))
+    with pytest.raises(ModuleMismatchError, match="'conv2' runs 2 times"):
+        map_layers(module, model)

@@ -328,6 +328,12 @@ def _match(module: nn.Module, model: onnxaom.Model, run: Trace) -> LayerMap:
                                            chain_of(path), index) is None:
                 chosen[layer.name] = (path, "weights")
                 break
+    reused = [p for p in ran if counts.get(p, 0) > 1]
+    if reused and any(layer.name not in chosen for layer in layers):
+        # the ONNX graph has one layer per call, the module one module: not a mismatch to fix
+        raise ModuleMismatchError(
+            f"module {reused[0]!r} runs {counts[reused[0]]} times in one forward pass; onnxaom "
+            f"edits each ONNX layer on its own, so modules used more than once are not supported")
     for layer in layers:
         if layer.name not in chosen:
             why = problems.get(layer.name) or (
