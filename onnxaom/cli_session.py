@@ -14,7 +14,7 @@ so it imports the torch adapter, inside its handler.
                               --data SPEC [--test-data SPEC] [--train-fraction 0.8] [--split-seed 0]
                               (--weights STATE.pt | --train-epochs N)
                               [--epochs 1] [--lr 1e-3] [--batch-size 64] [--seed 0]
-                              [--freeze upto] [--device auto] [--exporter legacy] [--opset 17]
+                              [--freeze upto] [--device auto] [--exporter legacy] [--opset N]
                               [--loop-layers NAME ...] [--loop-strategy S] [--accept-drop PP] [-q]
     onnxaom session show DIR [--json]
     onnxaom session propose STATS.npz [--layers NAME ...] [--strategy paper] [--keep LAYER=N ...]
@@ -327,8 +327,9 @@ def add_parsers(subparsers: Any) -> None:
                    help="torch device (default auto: CUDA when available)")
     q.add_argument("--exporter", choices=EXPORTERS, default="legacy",
                    help="torch's ONNX exporter (default legacy)")
-    q.add_argument("--opset", type=_int_at_least(1), default=17, metavar="N",
-                   help="ONNX opset of the exported models (default 17)")
+    q.add_argument("--opset", type=_int_at_least(1), default=None, metavar="N",
+                   help="ONNX opset of the exported models (default 17 with the legacy "
+                        "exporter, 18 with dynamo)")
     q.add_argument("--loop-layers", nargs="+", metavar="NAME",
                    help="layers `session resume` tunes, in this order (default: the conv layers)")
     q.add_argument("--loop-strategy", choices=STRATEGIES, metavar="S",

@@ -174,13 +174,17 @@ def _quiet_exporter() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
+#: The opset :func:`export_onnx` writes by default, per exporter.
+DEFAULT_OPSET = {"legacy": 17, "dynamo": 18}
+
+
 def export_onnx(
     module: nn.Module,
     path: str | os.PathLike[str],
     *,
     exporter: Literal["legacy", "dynamo"] = "legacy",
     input_shape: Sequence[int],
-    opset: int = 17,
+    opset: int | None = None,
     external_data: bool = False,
     dynamic_batch: bool = True,
 ) -> Path:
@@ -202,7 +206,9 @@ def export_onnx(
         Shape of the example input, batch first, e.g. ``(1, 1, 28, 28)``. Its batch size is the
         one baked in when ``dynamic_batch`` is false.
     opset:
-        The default-domain opset the file should declare.
+        The default-domain opset the file should declare (default: :data:`DEFAULT_OPSET` of
+        the exporter, 17 for legacy and 18 for dynamo, which writes 18 natively and keeps the
+        node metadata that maps nodes to modules only there).
     external_data:
         Write weights to ``<file name>.data`` beside the model (e.g. ``model.onnx.data``),
         referenced by a relative location. An existing file of that name is replaced.
@@ -263,6 +269,7 @@ def export_onnx(
     if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
         raise ImportError("exporter='dynamo' needs onnxscript: pip install onnxscript "
                           "(or use exporter='legacy')")
+    opset = DEFAULT_OPSET[exporter] if opset is None else opset
     path = Path(path)
     data_path = path.with_name(path.name + ".data")
     if external_data:

@@ -207,7 +207,8 @@ class TorchRunner:
     freeze:
         One of :data:`FREEZE_POLICIES`.
     exporter, opset:
-        How step models are exported (:func:`~onnxaom_torch.architectures.export_onnx`).
+        How step models are exported (:func:`~onnxaom_torch.architectures.export_onnx`;
+        ``opset`` None: 17 for the legacy exporter, 18 for dynamo).
     check:
         Check each torch edit against the ONNX surgery (:func:`apply_edits`).
     progress:
@@ -229,7 +230,7 @@ class TorchRunner:
         freeze: str = "upto",
         optimizer: str = "adam",
         exporter: str = "legacy",
-        opset: int = 17,
+        opset: int | None = None,
         check: bool = True,
         progress: bool = True,
         cache_size: int = 4,
