@@ -157,14 +157,13 @@ class Step:
         status = data["status"]
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-        accuracy = data.get("accuracy")
         return cls(
             index=int(data["index"]),
             parent=None if data.get("parent") is None else int(data["parent"]),
             edits=tuple(edit_from_dict(e) for e in data.get("edits", ())),
             status=status,
-            accuracy=None if accuracy is None else float(accuracy),
-            per_class=tuple(None if a is None else float(a) for a in data.get("per_class", ())),
+            accuracy=_accuracy(data.get("accuracy"), "accuracy"),
+            per_class=tuple(_accuracy(a, "per-class accuracy") for a in data.get("per_class", ())),
             params=int(data["params"]), macs=int(data["macs"]),
             stats_digest=data.get("stats_digest"), model_digest=str(data["model_digest"]),
             files={str(k): FileRecord.from_dict(v) for k, v in data["files"].items()},
@@ -292,6 +291,8 @@ class TuningSession:
                                          f"found")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SessionError(f"{path} cannot be read ({type(exc).__name__}: {exc})") from exc
         except UnicodeDecodeError as exc:
             raise SessionError(f"{path} is corrupt (not UTF-8 text): {exc}") from exc
         except json.JSONDecodeError as exc:
@@ -347,6 +348,15 @@ class TuningSession:
         for key in ("config", "progress"):
             if not isinstance(data.get(key) or {}, dict):
                 raise SessionError(f"{path}: {key!r} must be a JSON object")
+        progress = data.get("progress") or {}
+        for key in ("layers", "done"):
+            value = progress.get(key)
+            if value is not None and (not isinstance(value, list)
+                                      or not all(isinstance(v, str) for v in value)):
+                raise SessionError(f"{path}: progress {key!r} must be a list of layer names, got "
+                                   f"{value!r}")
+        if not isinstance(progress.get("keep") or {}, dict):
+            raise SessionError(f"{path}: progress 'keep' must be a JSON object")
         return cls(folder, data)
 
     def verify(self) -> None:

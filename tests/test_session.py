@@ -183,6 +183,21 @@ def test_resume_refuses_damaged_folders_naming_the_file(setup, tmp_path):
     json_file.write_text(json.dumps(data))
     with pytest.raises(SessionError, match="step 1 is malformed"):
         TuningSession.resume(folder)
+    data = json.loads(good)
+    data["steps"][1]["accuracy"] = 97.5  # a percentage
+    json_file.write_text(json.dumps(data))
+    with pytest.raises(SessionError, match=r"step 1 is malformed.*\[0, 1\]"):
+        TuningSession.resume(folder)
+    data = json.loads(good)
+    data["progress"] = {"layers": 5}
+    json_file.write_text(json.dumps(data))
+    with pytest.raises(SessionError, match="progress 'layers' must be a list"):
+        TuningSession.resume(folder)
+    json_file.unlink()
+    json_file.mkdir()
+    with pytest.raises(SessionError, match="cannot be read"):
+        TuningSession.resume(folder)
+    json_file.rmdir()
     json_file.write_text(good)
 
     model_file = folder / "models" / "step_1.onnx"

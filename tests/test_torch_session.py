@@ -162,3 +162,21 @@ def test_sessions_from_python_data_cannot_resume_on_the_command_line(tmp_path, d
     runner.start(tmp_path / "s", trained)
     assert main(["session", "resume", str(tmp_path / "s"), "-q"]) == 1
     assert "no data spec" in capsys.readouterr().err
+
+
+def test_runner_options_are_checked_when_made_and_when_read_from_a_session(tmp_path, data,
+                                                                           trained):
+    from onnxaom_torch.runner import runner_from_session
+
+    for bad in ({"optimizer": "lion"}, {"epochs": "many"}, {"lr": 0}, {"batch_size": 0},
+                {"opset": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TorchRunner(*data, **bad)
+    runner = make_runner(data)
+    session = runner.start(tmp_path / "s", trained, data=DATA)
+    path = session.folder / "session.json"
+    state = json.loads(path.read_text())
+    state["config"]["runner"]["optimizer"] = "lion"
+    path.write_text(json.dumps(state))
+    with pytest.raises(SessionError, match="runner options .* not valid.*lion"):
+        runner_from_session(TuningSession.resume(session.folder, verify=False), *data)

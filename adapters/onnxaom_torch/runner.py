@@ -51,7 +51,7 @@ from .architectures import export_onnx
 from .edit import TorchEdit, apply_edits
 from .mapping import ModuleMismatchError, map_layers
 from .trace import PER_CHANNEL_TYPES, trace
-from .train import evaluate, retrain
+from .train import OPTIMIZERS, evaluate, retrain
 
 __all__ = ["FREEZE_POLICIES", "TorchRunner", "build_module", "runner_from_session"]
 
@@ -240,6 +240,18 @@ class TorchRunner:
                              f"{freeze!r}")
         if exporter not in ("legacy", "dynamo"):
             raise ValueError(f"exporter must be 'legacy' or 'dynamo', got {exporter!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+                             f"{optimizer!r}")
+        for name, value, least in (("epochs", epochs, 0), ("batch_size", batch_size, 1),
+                                   ("seed", seed, 0), ("cache_size", cache_size, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)
+                                  or opset < 1):
+            raise ValueError(f"opset must be a positive integer or None, got {opset!r}")
         self.train, self.test = train, test
         self.factory = factory
         self.factory_kwargs = dict(factory_kwargs or {})
@@ -463,5 +475,9 @@ def runner_from_session(session: TuningSession, train: Any, test: Any,
     unknown = sorted(set(options) - set(OPTIONS) - {"progress"})
     if unknown:
         raise SessionError(f"unknown runner option(s) {', '.join(unknown)}")
-    return TorchRunner(train, test, factory=config.get("factory"),
-                       factory_kwargs=config.get("factory_kwargs") or {}, **options)
+    try:
+        return TorchRunner(train, test, factory=config.get("factory"),
+                           factory_kwargs=config.get("factory_kwargs") or {}, **options)
+    except (TypeError, ValueError) as exc:
+        raise SessionError(f"the session's runner options {options} are not valid: "
+                           f"{_one_line(exc)}") from exc
