@@ -101,3 +101,14 @@ def test_evaluate_counts_per_class():
     assert result.to_dict()["per_class"][3] is None
     with pytest.raises(DataError, match="labels must lie in 0..3"):
         train.evaluate(Fixed(), (x, labels + 2), device="cpu")
+
+
+def test_labels_and_image_sizes_that_do_not_fit_the_module_are_data_errors():
+    module = architectures.PaperMNISTNet(image_size=8, conv_kernels=(2, 2), hidden=4)
+    x = np.random.default_rng(0).random((12, 1, 8, 8)).astype(np.float32)
+    for run in (lambda d: train.retrain(module, d, 1, progress=False, device="cpu"),
+                lambda d: train.evaluate(module, d, device="cpu")):
+        with pytest.raises(DataError, match=r"labels must lie in 0\.\.9.*got 20\.\.31"):
+            run((x, np.arange(12) + 20))
+        with pytest.raises(DataError, match=r"cannot run a batch of shape \(12, 1, 10, 10\)"):
+            run((np.zeros((12, 1, 10, 10), np.float32), np.arange(12) % 10))

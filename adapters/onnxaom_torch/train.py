@@ -192,6 +192,28 @@ def _deterministic(device: torch.device) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------ train
+def _forward(module: nn.Module, x: torch.Tensor, *, first: bool) -> torch.Tensor:
+    """``module(x)``; on the first batch a shape error becomes a :class:`DataError` naming the
+    batch's shape (later batches have the same shape, so an error there is the module's)."""
+    if not first:
+        return module(x)
+    try:
+        return module(x)
+    except RuntimeError as exc:
+        if "out of memory" in str(exc):
+            raise
+        raise DataError(f"the module cannot run a batch of shape {tuple(x.shape)} (N, C, H, W): "
+                        f"{str(exc).splitlines()[0]}; check the data's channels and image "
+                        f"size against the model's input") from exc
+
+
+def _check_labels(y: torch.Tensor, classes: int) -> None:
+    """Labels must index the model's ``classes`` outputs."""
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise DataError(f"labels must lie in 0..{classes - 1} (the model has {classes} outputs), "
+                        f"got {int(y.min())}..{int(y.max())}")
+
+
 def retrain(
     module: nn.Module,
     data: Any,
@@ -275,7 +297,9 @@ def retrain(
                             f"epoch {epoch + 1}/{epochs}", progress)
             for x, y in bar:
                 x, y = x.to(target), y.to(target)
-                out = work(x)
+                out = _forward(work, x, first=count == 0 and epoch == 0)
+                if loss_fn is None:
+                    _check_labels(y, int(out.shape[1]))
                 loss = loss_of(out, y)
                 if opt is not None:
                     opt.zero_grad(set_to_none=True)
@@ -313,15 +337,13 @@ def evaluate(module: nn.Module, data: Any, *, batch_size: int = 256,
             batches = _batches(data, tensors, batch_size, None)
             for x, y in _progress(batches, _count(data, tensors, batch_size), "evaluate",
                                   progress):
-                logits = module(x.to(target))
+                logits = _forward(module, x.to(target), first=confusion is None)
                 c = num_classes if num_classes is not None else int(logits.shape[1])
                 if confusion is None:
                     confusion = np.zeros((c, c), dtype=np.int64)
                 pred = logits.argmax(dim=1).cpu().numpy()
+                _check_labels(y, c)
                 truth = y.cpu().numpy()
-                if truth.size and (truth.min() < 0 or truth.max() >= c):
-                    raise DataError(f"labels must lie in 0..{c - 1} (the model has {c} "
-                                    f"outputs), got {int(truth.min())}..{int(truth.max())}")
                 np.add.at(confusion, (truth, np.clip(pred, 0, c - 1)), 1)
                 n += int(truth.size)
     finally:
