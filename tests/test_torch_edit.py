@@ -323,3 +323,11 @@ def test_a_module_that_runs_twice_is_named_as_such(tmp_path):
     model = export(tmp_path, module, (1, 3, 8, 8))
     with pytest.raises(ModuleMismatchError, match="'conv2' runs 2 times"):
         map_layers(module, model)
+
+
+def test_legacy_node_names_of_nested_sequentials_give_module_paths():
+    path = mapping_module._legacy_path
+    assert path("/layer1/layer1.0/conv1/Conv") == "layer1.0.conv1"
+    assert path("/layer1/layer1.0/downsample/downsample.0/Conv") == "layer1.0.downsample.0"
+    assert path("/features/features.0/features.0.conv/Conv") == "features.0.conv"
+    assert path("/Conv") is None and path("Conv_3") is None

@@ -116,16 +116,22 @@ def example_input(model: onnxaom.Model, batch: int = 2, seed: int = 0) -> torch.
 
 
 def _legacy_path(node_name: str) -> str | None:
-    """``/layer1/layer1.0/conv1/Conv`` -> ``layer1.0.conv1``; None if not of that form."""
+    """``/layer1/layer1.0/conv1/Conv`` -> ``layer1.0.conv1``,
+    ``/layer1/layer1.0/downsample/downsample.0/Conv`` -> ``layer1.0.downsample.0``; None if not
+    of that form. A scope that extends the one before it (``downsample.0`` after
+    ``downsample``) replaces it."""
     if not node_name.startswith("/"):
         return None
     parts = [p for p in node_name.split("/")[1:-1] if p]
     if not parts:
         return None
-    path = ""
+    units: list[str] = []
     for part in parts:
-        path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
-    return path
+        if units and part.startswith(units[-1] + "."):
+            units[-1] = part
+        else:
+            units.append(part)
+    return ".".join(units)
 
 
 def _scope_path(node: onnx.NodeProto) -> str | None:
