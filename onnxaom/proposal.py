@@ -43,7 +43,8 @@ selectivity ``s(k)`` (eq. 4), class selectivity ``s[k, c]`` (average CSM, eq. 3)
   network trained on Fashion-MNIST, ``usage`` was the best strategy on conv2 (read by fc1),
   where the other four lose to L1 magnitude, and ``clusters`` the best on conv1 (read by
   conv2). A measured rule, not a law: over three base models ``usage`` matched or beat
-  magnitude at 4 and 3 kept kernels on two, and ``clusters``'s conv1 lead held on one
+  magnitude at 4 and 3 kept kernels on two, and ``clusters``'s conv1 lead held on one of five;
+  ``partitions`` did not beat ``clusters`` on two held-out base models, so it is not used here
   (experiments/RESULTS.md, section 4).
 
 Ties: lower kernel index first. No strategy removes every kernel of a layer: at least one is
