@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from ._version import __version__
 from .collect import Collector, collect
-from .data import Dataset, Preprocessing, from_arrays, load_digits, load_fashion_mnist, load_spec
+from .data import (
+    Dataset,
+    Preprocessing,
+    from_arrays,
+    load_digits,
+    load_fashion_mnist,
+    load_idx,
+    load_image_folder,
+    load_npz,
+    load_spec,
+)
 from .edits import InsertLayer, RemoveKernels, WidenLayer, edits_from_json, edits_to_json
 from .errors import (
     DataError,
@@ -71,6 +81,9 @@ __all__ = [
     "load",
     "load_digits",
     "load_fashion_mnist",
+    "load_idx",
+    "load_image_folder",
+    "load_npz",
     "load_spec",
     "override",
     "plan_removal",
