@@ -464,6 +464,7 @@ class Collector:
                 self.check_nan,
                 self.blocked_reads,
             )
+            _check_memory(self.layers, max(int(labels.max()) + 1, self.num_classes or 0))
             self._engine, self._acc = _start_engine(
                 proto, self.layers, settings, self._input.fixed_batch, images, self.num_classes or 0
             )
@@ -471,6 +472,7 @@ class Collector:
         assert acc is not None
         needed = int(labels.max()) + 1
         if needed > acc.num_classes:
+            _check_memory(self.layers, max(needed, self.num_classes or 0))
             engine.flush(acc)
             acc.grow(needed)
         engine.run(images, labels.astype(np.int64, copy=False), acc)
@@ -704,6 +706,33 @@ def _samples_independent(engine: _Engine, trial: np.ndarray, fixed: int,
     engine.flush(alone)
     return all(np.array_equal(a[:fixed], b[:fixed])
                for a, b in zip(whole.counts, alone.counts, strict=True))
+
+
+def _physical_memory() -> int | None:
+    """This machine's RAM in bytes (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _check_memory(layers: Sequence[Layer], classes: int) -> None:
+    """Refuse, before allocating, counts that cannot fit in this machine's memory: int64 counts
+    and one float64 AOM of (K, C, H, W) per layer, 16 bytes a cell."""
+    memory = _physical_memory()
+    cells = [(layer.kernels * (layer.shape[1] or 1) * (layer.shape[2] or 1) * classes, layer)
+             for layer in layers]
+    need = 16 * sum(n for n, _ in cells)
+    if memory is None or need <= memory:
+        return
+    biggest = max(cells, key=lambda item: item[0])[1]
+    raise DataError(
+        f"counting {len(layers)} layer(s) for {classes} classes needs about {need / 2**30:.1f} "
+        f"GiB (counts and occurrence maps are (K, C, H, W) per layer; the largest is "
+        f"{biggest.name!r}, {biggest.kernels}x{classes}x{biggest.shape[1]}x{biggest.shape[2]}), "
+        f"more than this machine's {memory / 2**30:.1f} GiB: collect a few layers at a time "
+        f"(layers=[...]; each layer's counts are independent of the others), read them after "
+        f"pooling (probe='pool') or use fewer classes")
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

@@ -540,3 +540,16 @@ def test_opset_too_old_for_the_graph_count_falls_back_to_plain() -> None:
         np.testing.assert_array_equal(stats.counts[name], expected[name], err_msg=name)
     with pytest.raises(ModelError, match="opset 9 is too old"):
         collect(model, images, labels, method="graph", progress=False)
+
+
+def test_counts_larger_than_the_machine_are_refused_before_allocating(monkeypatch) -> None:
+    import sys
+
+    collect_module = sys.modules["onnxaom.collect"]  # the attribute is the function
+    proto = zoo.chain()
+    images, labels = data_for(proto, n=6, classes=3)
+    monkeypatch.setattr(collect_module, "_physical_memory", lambda: 10_000)
+    with pytest.raises(DataError, match=r"largest is 'conv2'.*layers=\[\.\.\.\]"):
+        collect(onnxaom.Model(proto), images, labels, progress=False)
+    small = collect(onnxaom.Model(proto), images, labels, layers=["fc2"], progress=False)
+    assert small.layer_names == ("fc2",)
