@@ -65,6 +65,7 @@ from onnxaom.surgery.channels import (
     build,
 )
 from onnxaom.surgery.gsio import import_graph
+from onnxaom.surgery.ops import conv_weight
 from onnxaom.surgery.remove import plan as removal_plan
 from onnxaom.surgery.widen import widen_sources
 
@@ -293,21 +294,8 @@ def _edit_layer(module: nn.Module, path: str, r: Rewriter, in_change: Change | N
 
 def _edit_conv(module: nn.Conv2d, path: str, r: Rewriter, in_change: Change | None,
                out_change: Change | None) -> None:
-    weight = _numpy(module.weight)  # (K, C/g, kh, kw)
-    group = module.groups
-    n_in = int(weight.shape[1])
-    taps = int(np.prod(weight.shape[2:]))
-    if group == 1:
-        if out_change is not None:
-            weight = r.out_channels(weight, 0, out_change, fan_in=n_in * taps)
-        if in_change is not None:
-            weight = r.in_channels(weight, 1, in_change)
-    elif n_in == 1:  # depthwise: kernels are tied to input channels, groups follow the input
-        if out_change is not None:
-            weight = r.out_channels(weight, 0, out_change, fan_in=taps)
-        group = in_change.size if in_change is not None else group
-    else:
-        weight = _grouped(path, weight, group, in_change, out_change)
+    weight, group = conv_weight(r, _numpy(module.weight), module.groups, in_change, out_change,
+                                f"conv {path!r}")
     _set_param(module, "weight", weight)
     module.groups = group
     module.out_channels = int(weight.shape[0])
@@ -315,30 +303,6 @@ def _edit_conv(module: nn.Conv2d, path: str, r: Rewriter, in_change: Change | No
     if out_change is not None and module.bias is not None:
         _set_param(module, "bias", r.out_channels(_numpy(module.bias), 0, out_change, fan_in=1,
                                                   bias=True))
-
-
-def _kept_per_group(change: Change | None, size: int, group: int, path: str) -> list[np.ndarray]:
-    per = size // group
-    if change is None:
-        return [np.arange(per)] * group
-    if change.grows:
-        raise EditError(f"cannot widen through grouped conv {path!r} (groups={group})")
-    kept = [change.index[(change.index >= g * per) & (change.index < (g + 1) * per)] - g * per
-            for g in range(group)]
-    if len({len(k) for k in kept}) != 1 or len(kept[0]) == 0:
-        raise EditError(f"grouped conv {path!r} (groups={group}) would lose unequal numbers of "
-                        f"channels per group")
-    return kept
-
-
-def _grouped(path: str, weight: np.ndarray, group: int, in_change: Change | None,
-             out_change: Change | None) -> np.ndarray:
-    c_out, n_in = int(weight.shape[0]), int(weight.shape[1])
-    ins = _kept_per_group(in_change, n_in * group, group, path)
-    outs = _kept_per_group(out_change, c_out, group, path)
-    per_out = c_out // group
-    return np.concatenate([weight[g * per_out + outs[g]][:, ins[g]] for g in range(group)],
-                          axis=0)
 
 
 def _edit_per_channel(module: nn.Module, path: str, r: Rewriter, change: Change) -> None:

@@ -48,7 +48,8 @@ from .channels import (
     describe,
 )
 
-__all__ = ["HANDLERS", "LAYER_HANDLERS", "Handler", "handler_for", "layer_handler_for"]
+__all__ = ["HANDLERS", "LAYER_HANDLERS", "Handler", "conv_weight", "handler_for",
+           "layer_handler_for"]
 
 Flows = Sequence["Flow | None"]
 Changes = Sequence["Change | None"]
@@ -806,62 +807,67 @@ class Conv(Handler):
 
     def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
         in_change, out_change = ins[0], outs[0]
-        weight = r.require_const(node, 1, "weight")
         group = int(node.attrs.get("group", 1))
-        c_out, n_in = int(weight.shape[0]), int(weight.shape[1])
-        taps = int(np.prod(weight.shape[2:]))
-        if group == 1:
-            if out_change is not None:
-                weight = r.out_channels(weight, 0, out_change, fan_in=n_in * taps)
-            if in_change is not None:
-                weight = r.in_channels(weight, 1, in_change)
-        elif n_in == 1:
-            multiplier = c_out // group
-            if out_change is not None:
-                weight = r.out_channels(weight, 0, out_change, fan_in=taps)
-            new_group = in_change.size if in_change is not None else group
-            if weight.shape[0] != new_group * multiplier:
-                raise EditError(f"internal: depthwise conv {describe(node)} would get "
-                                f"{weight.shape[0]} kernels for {new_group} groups")
+        weight, new_group = conv_weight(r, r.require_const(node, 1, "weight"), group, in_change,
+                                        out_change, f"conv {describe(node)}")
+        if new_group != group:
             node.attrs["group"] = new_group
-        else:
-            weight = _grouped(node, weight, group, in_change, out_change)
         r.set_input(node, 1, weight)
         if out_change is not None and len(node.inputs) > 2 and node.inputs[2].name:
             bias = r.require_const(node, 2, "bias")
             r.set_input(node, 2, r.out_channels(bias, 0, out_change, fan_in=1, bias=True))
 
 
+def conv_weight(r: Rewriter, weight: np.ndarray, group: int, in_change: Change | None,
+                out_change: Change | None, where: str) -> tuple[np.ndarray, int]:
+    """A Conv weight (K, C/group, kh, kw) and its group count after the changes of its input
+    and output channels: plain, depthwise (kernels tied to input channels, the group count
+    follows the input) or grouped (equal changes per group). Shared by the ONNX surgery and
+    the torch adapter; ``where`` names the conv in errors."""
+    c_out, n_in = int(weight.shape[0]), int(weight.shape[1])
+    taps = int(np.prod(weight.shape[2:]))
+    if group == 1:
+        if out_change is not None:
+            weight = r.out_channels(weight, 0, out_change, fan_in=n_in * taps)
+        if in_change is not None:
+            weight = r.in_channels(weight, 1, in_change)
+        return weight, group
+    if n_in == 1:  # depthwise
+        multiplier = c_out // group
+        if out_change is not None:
+            weight = r.out_channels(weight, 0, out_change, fan_in=taps)
+        new_group = in_change.size if in_change is not None else group
+        if weight.shape[0] != new_group * multiplier:
+            raise EditError(f"internal: depthwise {where} would get {weight.shape[0]} kernels "
+                            f"for {new_group} groups")
+        return weight, new_group
+    ins = _per_group(in_change, n_in * group, group, "input", where)
+    outs = _per_group(out_change, c_out, group, "output", where)
+    per_out = c_out // group
+    blocks = [weight[g * per_out + outs[g]][:, ins[g]] for g in range(group)]
+    return np.concatenate(blocks, axis=0), group
+
+
 def _per_group(change: Change | None, size: int, group: int, what: str,
-               node: gs.Node) -> list[np.ndarray]:
+               where: str) -> list[np.ndarray]:
     """Kept positions (local to their group) for each group, refusing unequal groups."""
     per = size // group
     if change is None:
         return [np.arange(per)] * group
     if change.grows:
-        raise EditError(f"cannot widen through grouped conv {describe(node)} (group={group}): "
-                        f"its groups would become unequal; widen a layer it does not read")
+        raise EditError(f"cannot widen through grouped {where} (group={group}): its groups "
+                        f"would become unequal; widen a layer it does not read")
     kept = [change.index[(change.index >= g * per) & (change.index < (g + 1) * per)] - g * per
             for g in range(group)]
     counts = [len(k) for k in kept]
     if len(set(counts)) != 1 or counts[0] == 0:
         removed = [per - c for c in counts]
         raise EditError(
-            f"grouped conv {describe(node)} (group={group}) would lose {removed} {what} channels "
-            f"per group; ONNX groups must stay equal and non-empty: remove the same number of "
-            f"channels from every group of {per}"
+            f"grouped {where} (group={group}) would lose {removed} {what} channels per group; "
+            f"ONNX groups must stay equal and non-empty: remove the same number of channels "
+            f"from every group of {per}"
         )
     return kept
-
-
-def _grouped(node: gs.Node, weight: np.ndarray, group: int, in_change: Change | None,
-             out_change: Change | None) -> np.ndarray:
-    c_out, n_in = int(weight.shape[0]), int(weight.shape[1])
-    ins = _per_group(in_change, n_in * group, group, "input", node)
-    outs = _per_group(out_change, c_out, group, "output", node)
-    per_out = c_out // group
-    blocks = [weight[g * per_out + outs[g]][:, ins[g]] for g in range(group)]
-    return np.concatenate(blocks, axis=0)
 
 
 @register("Gemm", layer=True)
