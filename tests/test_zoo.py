@@ -262,8 +262,8 @@ def test_dynamo_export_of_mnist_net(adapter: ModuleType, tmp_path: Path,
     model = _export_and_compare(adapter, adapter.PaperMNISTNet(), path, "dynamo", (2, 1, 28, 28),
                                 external_data=True, dynamic_batch=dynamic_batch)
     assert (tmp_path / "m.onnx.data").stat().st_size > 1_000_000
-    assert path.stat().st_size < 10_000
-    assert model.opset_import[0].version == 17
+    assert path.stat().st_size < 50_000  # the graph and its node metadata; weights outside
+    assert model.opset_import[0].version == 18  # export_onnx's default for dynamo
     assert [n.op_type for n in model.graph.node] == [
         "Conv", "Relu", "Conv", "Relu", "MaxPool", "Reshape", "Gemm", "Relu", "Gemm"]
     assert model.graph.node[0].name == "node_conv2d"
