@@ -108,16 +108,17 @@ class Config:
 
     def key(self, stage1_only: bool = False) -> str:
         """Digest of the settings, to refuse resuming a run made with others; ``stage1_only``:
-        of those the conv1 runs depend on (not the pipeline strategy, which picks conv2's
-        starting model)."""
+        of those the conv1 runs depend on (not the pipeline strategy, the stages or the conv1
+        count conv2 starts from)."""
         return _digest(asdict(self), stage1_only)
 
 
 def _digest(config: dict[str, Any], stage1_only: bool = False) -> str:
     # not the strategies: runs are matched one by one (stage, seed, method, n and kept kernels),
     # so adding a strategy reuses every run already made
+    conv2_only = ("pipeline_strategy", "stages", "stage2_from")  # settings conv1 runs ignore
     d = {k: v for k, v in config.items()
-         if k not in ("threads", "strategies") and not (stage1_only and k == "pipeline_strategy")}
+         if k not in ("threads", "strategies") and not (stage1_only and k in conv2_only)}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
