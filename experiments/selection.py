@@ -31,7 +31,8 @@ def proposal_keep(stats: onnxaom.OccurrenceStats, findings: onnxaom.Findings, la
     """Kernels of ``layer`` (an ONNX layer name, e.g. "/conv1/Conv") that the proposal keeps
     with the target ``n``.
 
-    Strategy ``"usage"`` reads the next layers' weights from ``model`` and is given
+    Strategy ``"activity"`` reads the next layers' weights from ``model``; ``"usage"`` does too
+    and is given
     ``pool_stats`` (statistics collected with ``probe="pool"``: for conv2 the pooled 12 x 12
     maps that fc1 reads, so its read mass applies position by position; conv1 has no pool and
     its pool probe is its activation)."""
@@ -39,6 +40,10 @@ def proposal_keep(stats: onnxaom.OccurrenceStats, findings: onnxaom.Findings, la
         if model is None or pool_stats is None:
             raise ValueError(f"strategy {strategy!r} needs the model and pool-probe statistics")
         proposal = propose(pool_stats, keep={layer: n}, strategy=strategy, model=model)
+    elif strategy == "activity":
+        if model is None:
+            raise ValueError("strategy 'activity' needs the model")
+        proposal = propose(stats, findings, keep={layer: n}, strategy=strategy, model=model)
     else:
         proposal = propose(stats, findings, keep={layer: n}, strategy=strategy)
     kept = proposal.layer(layer).kept

@@ -36,6 +36,11 @@ selectivity ``s(k)`` (eq. 4), class selectivity ``s[k, c]`` (average CSM, eq. 3)
   collected with ``probe="pool"`` before a pool -> flatten -> dense head; per kernel
   otherwise). The most scoring kernels are kept. Needs ``model=`` (the model the statistics
   were collected on). Dead and always-on kernels score 0.
+* ``"activity"``: how much of each kernel reaches the next layers. Kernel k scores its mean
+  occurrence (eq. 1, over classes and positions) times its read mass (per kernel, as for
+  ``"usage"``): a kernel that rarely fires, or that the next layers hardly read, passes little
+  on. Class-blind by design (an always-on kernel passes its whole linear response on), for a
+  layer whose readers are retrained. Needs ``model=``.
 * ``"auto"`` (the default): per layer, ``"usage"`` where every layer that reads it is
   fully-connected (Gemm or MatMul: the last conv layer before the classifier), ``"clusters"``
   elsewhere (a layer read by another conv), and ``"clusters"`` everywhere when no ``model`` is
@@ -84,7 +89,10 @@ __all__ = [
 FORMAT = "onnxaom.Proposal"
 FORMAT_VERSION = 1
 #: The ranking strategies :func:`propose` knows.
-STRATEGIES = ("paper", "selectivity", "coverage", "clusters", "partitions", "usage", "auto")
+STRATEGIES = ("paper", "selectivity", "coverage", "clusters", "partitions", "usage", "activity",
+              "auto")
+#: The strategies that read the next layers' weights and so need ``model=``.
+MODEL_STRATEGIES = ("usage", "activity")
 #: The default: ``clusters`` or ``usage`` by what reads the layer, the best measured on each
 #: conv layer of the paper's MNIST architecture trained on Fashion-MNIST
 #: (experiments/RESULTS.md). The paper's own order is ``"paper"``.
@@ -483,13 +491,13 @@ def propose(
     if unknown_targets:
         raise StatsError(f"keep names layer {unknown_targets[0]!r}, which is not among the "
                          f"layers proposed for ({', '.join(chosen)}); add it to layers")
-    if strategy == "usage" or (strategy == "auto" and model is not None):
-        _check_model(stats, model)
+    if strategy in MODEL_STRATEGIES or (strategy == "auto" and model is not None):
+        _check_model(stats, model, strategy)
     if findings is None:
         findings = analyze(stats, layers=chosen) if chosen else Findings((), class_names=())
     masses: dict[str, ReadMass] = {}
     dense_layers: set[str] = set()
-    if strategy in ("usage", "auto") and model is not None:
+    if (strategy in MODEL_STRATEGIES or strategy == "auto") and model is not None:
         from .readers import read_masses
 
         masses = read_masses(model, chosen)
@@ -509,10 +517,10 @@ def propose(
                     stats.metadata.get("model_digest"))
 
 
-def _check_model(stats: OccurrenceStats, model: Model | None) -> None:
+def _check_model(stats: OccurrenceStats, model: Model | None, strategy: str) -> None:
     if model is None:
-        raise StatsError("strategy 'usage' reads the next layers' weights: pass model= (the "
-                         "model the statistics were collected on)")
+        raise StatsError(f"strategy {strategy!r} reads the next layers' weights: pass model= "
+                         f"(the model the statistics were collected on)")
     expected = stats.metadata.get("model_digest")
     if expected is not None and expected != model.digest:
         raise StatsError(f"the statistics were collected on model {str(expected)[:12]}..., not "
@@ -542,6 +550,17 @@ def _usage_scores(aom: np.ndarray, mass: ReadMass) -> tuple[np.ndarray, str]:
     if mass.per_position is not None and mass.per_position.shape[1] == specific.shape[1]:
         return (specific * mass.per_position).sum(axis=1), "read mass per position"
     return specific.sum(axis=1) * mass.per_kernel, "read mass per kernel"
+
+
+def _rank_activity(lf: LayerFindings, aom: np.ndarray, mass: ReadMass) -> _Ranking:
+    occurrence = np.nan_to_num(aom.reshape(aom.shape[0], -1).mean(axis=1), nan=0.0)
+    score = occurrence * mass.per_kernel
+    order = sorted(range(lf.num_kernels), key=lambda i: (-float(score[i]), i))
+    kept = {k: f"activity rank {r + 1}: mean occurrence {_fmt(occurrence[k])} x read mass "
+               f"{_fmt(mass.per_kernel[k])}" for r, k in enumerate(order)}
+    removed = {k: f"activity rank {r + 1} ({_fmt(score[k])}), below the kernels kept"
+               for r, k in enumerate(order)}
+    return _Ranking(order, kept, removed)
 
 
 def _rank_usage(lf: LayerFindings, usage: tuple[np.ndarray, str]) -> _Ranking:
@@ -578,6 +597,9 @@ def _propose_layer(stats: OccurrenceStats, lf: LayerFindings, name: str, strateg
         ranking = _rank_coverage(lf, s, distances, cs)
     elif strategy == "partitions":
         ranking = _rank_clusters(lf, s, mirrored_odm(aom), cs, n)
+    elif strategy == "activity":
+        assert mass is not None
+        ranking = _rank_activity(lf, aom, mass)
     elif strategy == "usage":
         assert mass is not None
         ranking = _rank_usage(lf, _usage_scores(aom, mass))

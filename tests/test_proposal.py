@@ -17,8 +17,8 @@ from onnxaom.proposal import STRATEGIES, Proposal, override, propose, stats_dige
 from onnxaom.stats import OccurrenceStats
 
 SIZE = 10  # samples per class
-#: The strategies that need nothing but the statistics ("usage" also reads the model).
-MODEL_FREE = tuple(s for s in STRATEGIES if s != "usage")
+#: The strategies that need nothing but the statistics ("usage" and "activity" read the model).
+MODEL_FREE = tuple(s for s in STRATEGIES if s not in ("usage", "activity"))
 
 
 def designed_stats() -> OccurrenceStats:
@@ -252,13 +252,24 @@ def test_usage_scores_class_specific_occurrence_by_read_mass(probe, how):
     assert all(how in reason for reason in p.reasons)
 
 
-def test_usage_needs_the_model_the_statistics_come_from():
+def test_activity_scores_mean_occurrence_by_read_mass():
+    from onnxaom.readers import read_mass
+
+    model, stats = _usage_case("activation")
+    score = stats.aom("conv1").reshape(4, -1).mean(axis=1) * read_mass(model, "conv1").per_kernel
+    expected = tuple(sorted(np.argsort(-score, kind="stable")[:2].tolist()))
+    p = propose(stats, keep={"conv1": 2}, strategy="activity", model=model).layer("conv1")
+    assert p.kept == expected and p.strategy == "activity"
+
+
+@pytest.mark.parametrize("strategy", ["usage", "activity"])
+def test_usage_needs_the_model_the_statistics_come_from(strategy):
     stats = designed_stats()
-    with pytest.raises(StatsError, match="pass model="):
-        propose(stats, strategy="usage")
+    with pytest.raises(StatsError, match=f"strategy '{strategy}' .*pass model="):
+        propose(stats, strategy=strategy)
     model, _ = _usage_case("pool")
     with pytest.raises(StatsError, match="collected on model"):
-        propose(stats, strategy="usage", model=model)  # stats say model "abc"
+        propose(stats, strategy=strategy, model=model)  # stats say model "abc"
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
