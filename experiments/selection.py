@@ -32,10 +32,9 @@ def proposal_keep(stats: onnxaom.OccurrenceStats, findings: onnxaom.Findings, la
     with the target ``n``.
 
     Strategy ``"activity"`` reads the next layers' weights from ``model``; ``"usage"`` does too
-    and is given
-    ``pool_stats`` (statistics collected with ``probe="pool"``: for conv2 the pooled 12 x 12
-    maps that fc1 reads, so its read mass applies position by position; conv1 has no pool and
-    its pool probe is its activation)."""
+    and is given ``pool_stats`` (statistics collected with ``probe="pool"``: for conv2 the
+    pooled 12 x 12 maps that fc1 reads, so its read mass applies position by position; conv1 has
+    no pool and its pool probe is its activation)."""
     if strategy in ("usage", "auto"):
         if model is None or pool_stats is None:
             raise ValueError(f"strategy {strategy!r} needs the model and pool-probe statistics")
