@@ -672,3 +672,38 @@ def test_insertion_keeps_the_names_of_unnamed_layers():
     edited = apply(model, InsertLayer("Conv_0"))
     assert [x.name for x in edited.layers()] == ["Conv_0", "Conv_0_deep", "Conv_1", "Gemm_0",
                                                  "Gemm_1"]
+
+
+def _flatten_head(kind: str) -> onnx.ModelProto:
+    """conv1 → relu → conv2 → relu → a flatten → fc, the flatten as other exporters write it:
+    ``slice_batch``: Reshape to Concat(Slice(Shape(x), 0, 1), [-1]); ``nhwc_flatten``:
+    Transpose to NHWC then Flatten (tf2onnx's Keras Flatten)."""
+    net = _Net(3)
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
+    x = net.op("Relu", "relu2", [net.conv("conv2", x, 4, 5)])
+    if kind == "slice_batch":
+        shape = net.op("Shape", "shape", [x])
+        batch = net.op("Slice", "batch", [shape, net.const("zero", np.array([0])),
+                                          net.const("one", np.array([1]))])
+        target = net.op("Concat", "target", [batch, net.const("rest", np.array([-1]))], axis=0)
+        x = net.op("Reshape", "flat", [x, target])
+    else:
+        x = net.op("Transpose", "nhwc", [x], perm=[0, 2, 3, 1])
+        x = net.op("Flatten", "flat", [x], axis=1)
+    net.gemm("fc", x, 5 * 8 * 8, 3)
+    net.nodes[-1].output[0] = "logits"
+    graph = helper.make_graph(
+        net.nodes, "test", [helper.make_tensor_value_info("input", 1, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", 1, ["N", 3])], net.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["slice_batch", "nhwc_flatten"])
+def test_flatten_heads_of_other_exporters_take_every_edit(kind):
+    proto = _flatten_head(kind)
+    for removed in ([0, 3], [1], [0, 1, 2, 4]):
+        assert_removal_exact(proto, {"conv2": removed})
+    assert_same_function(proto, apply(Model(proto), WidenLayer("conv2", add=3)).proto)
+    assert_removal_exact(proto, {"conv1": [2]})

@@ -85,3 +85,16 @@ def test_random_widen_and_insert_sequences_keep_the_function(data, builder, seed
         edits.append(edit)
     assert_same_function(proto, current.proto)
     assert_same_function(proto, apply(model, edits).proto)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["slice_batch", "nhwc_flatten"]),
+       kept=st.sets(st.integers(0, 4), min_size=1, max_size=4), add=st.integers(1, 3))
+def test_other_exporters_flatten_heads_take_random_edits(kind, kept, add):
+    """Computed-batch and channels-last flattens before a dense layer: removing any kernel
+    subset of the flattened conv equals zeroing it, and widening it keeps the function."""
+    from .test_surgery import _flatten_head
+
+    proto = _flatten_head(kind)
+    assert_removal_exact(proto, {"conv2": sorted(set(range(5)) - kept)})
+    assert_same_function(proto, apply(Model(proto), WidenLayer("conv2", add=add)).proto)

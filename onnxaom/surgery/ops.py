@@ -550,11 +550,11 @@ def _batch_of_shape(cg: ChannelGraph, tensor: gs.Tensor) -> bool:
             and shape is not None and shape.op == "Shape" and not shape.attrs.get("start")
     if node.op == "Slice":
         shape = _producer(node.inputs[0])
-        bounds = [cg.const(t) if i < len(node.inputs) and node.inputs[i].name else None
-                  for i, t in ((1, node.inputs[1] if len(node.inputs) > 1 else None),
-                               (2, node.inputs[2] if len(node.inputs) > 2 else None))]
-        starts, ends = (node.attrs.get("starts"), node.attrs.get("ends")) \
-            if "starts" in node.attrs else tuple(bounds)
+        if "starts" in node.attrs:  # before opset 10: bounds are attributes
+            starts, ends = node.attrs.get("starts"), node.attrs.get("ends")
+        else:
+            starts, ends = (cg.const(node.inputs[i]) if len(node.inputs) > i else None
+                            for i in (1, 2))
         return shape is not None and shape.op == "Shape" and starts is not None \
             and ends is not None and list(np.ravel(starts)) == [0] and list(np.ravel(ends)) == [1]
     return False
@@ -627,11 +627,12 @@ class Reshape(Handler):
             if dst is not None and (cg.shape(node.outputs[0]) is None
                                     or None in cg.shape(node.outputs[0])[1:]):  # type: ignore[index]
                 cg.shapes[node.outputs[0].name] = dst  # for the readers of the output
-        if (src is not None and dst is not None and len(src) > 2 and len(dst) == 2
-                and flow.axis == len(src) - 1 and None not in src[1:]
-                and (dst[0] == src[0] or target[0] == -1)
-                and dst[1] in (int(np.prod(src[1:])), -1, None)):  # type: ignore[arg-type]
-            # channels last (NHWC, as tf2onnx writes Keras' Flatten): features (position, channel)
+        if (src is not None and len(src) > 2 and flow.axis == len(src) - 1
+                and None not in src[1:] and len(target) == 2
+                and target[1] in (-1, int(np.prod(src[1:])))  # type: ignore[arg-type]
+                and (target[0] in (None, 0, -1) or target[0] == src[0])):
+            # channels last (NHWC, as tf2onnx writes Keras' Flatten): (N, H, W, C) -> (N, H*W*C),
+            # features in (position, channel) order
             return _same(flow.flattened_last(int(np.prod(src[1:-1]))),  # type: ignore[arg-type]
                          len(node.outputs))
         if src is None or dst is None or flow.axis != 1 or len(dst) < 2:
