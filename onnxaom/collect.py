@@ -623,13 +623,16 @@ def collect(
         check_nan=check_nan,
         blocked_reads=blocked_reads,
     )
-    bar = _progress(_length(images), progress)
+    bar: Any = None  # shown once the first batch is counted: a bad input fails with no bar
     try:
         for batch_images, batch_labels in iter_batches(images, labels, batch_size=batch_size):
             collector.update(batch_images, batch_labels)
+            if bar is None:
+                bar = _progress(_length(images), progress)
             bar.update(batch_images.shape[0])
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     return collector.result(
         allow_empty_classes=allow_empty_classes,
         source=dataset.source if dataset is not None else type(images).__name__,
