@@ -25,12 +25,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from .errors import ModelError
 from .graph import GraphIndex
 
-__all__ = ["PROBES", "Layer", "find_layers", "layer_nodes"]
+__all__ = ["PROBES", "Layer", "clip_floor", "find_layers", "layer_nodes"]
 
 PROBES = ("activation", "conv", "pool")
 #: Activations with f(x) > 0 exactly where x > 0 (Clip: when its lower bound is <= 0).
@@ -209,7 +210,7 @@ def _follow_channel_chain(
             others = [n for n in node.input[1:] if n]
             ok = node.input[0] == tensor and all(
                 _is_per_channel_constant(index, n, kernels, spatial) for n in others
-            ) and not (op == "Clip" and _clip_floor_positive(index, node))
+            ) and not (op == "Clip" and (clip_floor(index, node) or 0.0) > 0)  # None: computed
         elif op == "BatchNormalization":
             ok = node.input[0] == tensor and spatial
         elif op in CONSTANT_ARITHMETIC and len(node.input) == 2:
@@ -222,13 +223,13 @@ def _follow_channel_chain(
     return tensor, tuple(chain)
 
 
-def _clip_floor_positive(index: GraphIndex, node: onnx.NodeProto) -> bool:
-    """Whether a Clip's lower bound (attribute ``min`` before opset 11, input 1 after) is
-    above 0; an unknown bound counts as not."""
+def clip_floor(index: GraphIndex, node: onnx.NodeProto) -> float | None:
+    """A Clip's lower bound: its constant input 1 (opset 11 on) or its ``min`` attribute
+    (before); ``-inf`` when it has none, None when it is computed."""
     if len(node.input) > 1 and node.input[1]:
         value = index.constant(node.input[1])
-        return value is not None and bool((value > 0).any())
-    return float(index.attribute(node, "min", -1.0)) > 0  # type: ignore[arg-type]
+        return None if value is None else float(value.min())
+    return float(index.attribute(node, "min", -np.inf))  # type: ignore[arg-type]
 
 
 def _probe_shape(

@@ -17,7 +17,8 @@ import onnx_graphsurgeon as gs
 
 from ..edits import InsertLayer
 from ..errors import EditError, LayerNotFoundError
-from ..layers import find_layers
+from ..graph import GraphIndex
+from ..layers import clip_floor, find_layers
 from .gsio import NameRegistry, constant_value
 
 __all__ = ["insert_step"]
@@ -25,20 +26,14 @@ __all__ = ["insert_step"]
 
 def _nonnegative(proto: onnx.ModelProto, probe: str, chain: tuple[str, ...]) -> bool:
     """Whether a layer's activation ``probe`` is never negative: its chain ends in a Relu, or
-    in a Clip whose lower bound (attribute before opset 11, constant input after) is >= 0."""
-    if not chain:
+    in a Clip whose lower bound is >= 0."""
+    if not chain or chain[-1] not in ("Relu", "Clip"):
         return False
     if chain[-1] == "Relu":
         return True
-    if chain[-1] != "Clip":
-        return False
-    node = next(n for n in proto.graph.node if probe in n.output)
-    if len(node.input) > 1 and node.input[1]:
-        from ..graph import GraphIndex
-
-        low = GraphIndex(proto).constant(node.input[1])
-        return low is not None and bool((np.asarray(low) >= 0).all())
-    return any(a.name == "min" and a.f >= 0 for a in node.attribute)
+    index = GraphIndex(proto)
+    floor = clip_floor(index, proto.graph.node[index.producer[probe]])
+    return floor is not None and floor >= 0
 
 
 def insert_step(graph: gs.Graph, proto: onnx.ModelProto, edit: InsertLayer) -> dict[str, object]:
