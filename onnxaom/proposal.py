@@ -62,7 +62,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -552,25 +552,32 @@ def _usage_scores(aom: np.ndarray, mass: ReadMass) -> tuple[np.ndarray, str]:
     return specific.sum(axis=1) * mass.per_kernel, "read mass per kernel"
 
 
-def _rank_activity(lf: LayerFindings, aom: np.ndarray, mass: ReadMass) -> _Ranking:
+def _rank_by_score(score: np.ndarray, strategy: str, kept_why: Callable[[int], str],
+                   removed_why: Callable[[int], str]) -> _Ranking:
+    """Highest ``score`` first (ties: lower index); the reasons name the rank."""
+    order = sorted(range(len(score)), key=lambda i: (-float(score[i]), i))
+    kept = {k: f"{strategy} rank {r + 1}: {kept_why(k)}" for r, k in enumerate(order)}
+    removed = {k: f"{strategy} rank {r + 1} ({removed_why(k)}), below the kernels kept"
+               for r, k in enumerate(order)}
+    return _Ranking(order, kept, removed)
+
+
+def _rank_activity(aom: np.ndarray, mass: ReadMass) -> _Ranking:
     occurrence = np.nan_to_num(aom.reshape(aom.shape[0], -1).mean(axis=1), nan=0.0)
     score = occurrence * mass.per_kernel
-    order = sorted(range(lf.num_kernels), key=lambda i: (-float(score[i]), i))
-    kept = {k: f"activity rank {r + 1}: mean occurrence {_fmt(occurrence[k])} x read mass "
-               f"{_fmt(mass.per_kernel[k])}" for r, k in enumerate(order)}
-    removed = {k: f"activity rank {r + 1} ({_fmt(score[k])}), below the kernels kept"
-               for r, k in enumerate(order)}
-    return _Ranking(order, kept, removed)
+    return _rank_by_score(
+        score, "activity",
+        lambda k: f"mean occurrence {_fmt(occurrence[k])} x read mass "
+                  f"{_fmt(mass.per_kernel[k])}",
+        lambda k: _fmt(score[k]))
 
 
-def _rank_usage(lf: LayerFindings, usage: tuple[np.ndarray, str]) -> _Ranking:
+def _rank_usage(usage: tuple[np.ndarray, str]) -> _Ranking:
     score, how = usage
-    order = sorted(range(lf.num_kernels), key=lambda i: (-float(score[i]), i))
-    kept = {k: f"usage rank {r + 1}: class-specific occurrence read by the next layers "
-               f"{_fmt(score[k])} ({how})" for r, k in enumerate(order)}
-    removed = {k: f"usage rank {r + 1} ({_fmt(score[k])}, {how}), below the kernels kept"
-               for r, k in enumerate(order)}
-    return _Ranking(order, kept, removed)
+    return _rank_by_score(
+        score, "usage",
+        lambda k: f"class-specific occurrence read by the next layers {_fmt(score[k])} ({how})",
+        lambda k: f"{_fmt(score[k])}, {how}")
 
 
 def _propose_layer(stats: OccurrenceStats, lf: LayerFindings, name: str, strategy: str,
@@ -599,10 +606,10 @@ def _propose_layer(stats: OccurrenceStats, lf: LayerFindings, name: str, strateg
         ranking = _rank_clusters(lf, s, mirrored_odm(aom), cs, n)
     elif strategy == "activity":
         assert mass is not None
-        ranking = _rank_activity(lf, aom, mass)
+        ranking = _rank_activity(aom, mass)
     elif strategy == "usage":
         assert mass is not None
-        ranking = _rank_usage(lf, _usage_scores(aom, mass))
+        ranking = _rank_usage(_usage_scores(aom, mass))
     else:
         ranking = _rank_clusters(lf, s, distances, cs, n)
     kept = ranking.order[:n]
