@@ -200,11 +200,14 @@ def layer_summary(stats: onnxaom.OccurrenceStats, findings: onnxaom.Findings, la
 
 
 # ----------------------------------------------------------------------------- Fig. 8
-def selectivity_experiment(model: PaperMNISTNet, stats: onnxaom.OccurrenceStats, data: Data,
+def selectivity_experiment(model: torch.nn.Module, stats: onnxaom.OccurrenceStats, data: Data,
                            layer: str) -> list[dict[str, Any]]:
     """Per class: kernels selective (s^{k,c} > 0) and not, and the class's test accuracy with all
-    kernels, only the selective ones and only the non-selective ones."""
-    s = stats.class_selectivity(ONNX_LAYER[layer])  # (K, C), from the training set
+    kernels, only the selective ones and only the non-selective ones. ``layer`` is the torch
+    conv's name (``"conv2"``); its statistics are those of ONNX node ``/{layer}/Conv`` (the
+    legacy exporter's name); the other kernels are zeroed after its ReLU
+    (:func:`torchnet.kernel_mask`)."""
+    s = stats.class_selectivity(f"/{layer}/Conv")  # (K, C), from the training set
     records = []
     y = data.y_test.numpy()
     for c, name in enumerate(data.class_names):

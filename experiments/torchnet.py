@@ -204,11 +204,21 @@ def retrain_suffix(model: PaperMNISTNet, through: str, h: torch.Tensor, y: torch
 
 # ----------------------------------------------------------------------------- masking (Fig. 8)
 @contextmanager
-def kernel_mask(model: PaperMNISTNet, layer: str, keep: np.ndarray) -> Iterator[None]:
-    """Zero the activations of the kernels of ``layer`` not in the boolean mask ``keep`` (K,),
-    read after its ReLU (onnxaom's probe point), while the context is open."""
-    relu = {"conv1": model.relu1, "conv2": model.relu2}[layer]
-    mask = torch.as_tensor(np.asarray(keep, dtype=np.float32))[None, :, None, None]
+def kernel_mask(model: torch.nn.Module, layer: str, keep: np.ndarray) -> Iterator[None]:
+    """Zero the activations of the kernels of conv ``layer`` (``"conv{i}"``) not in the boolean
+    mask ``keep`` (K,), read after its ReLU ``relu{i}`` (onnxaom's probe point), while the
+    context is open. Works on :class:`~onnxaom_torch.PaperMNISTNet` and
+    :class:`~onnxaom_torch.PaperCIFARNet`, whose conv ``i`` is followed by module ``relu{i}``."""
+    relu = getattr(model, "relu" + layer.removeprefix("conv"), None) \
+        if layer.startswith("conv") else None
+    if not isinstance(relu, torch.nn.ReLU):
+        raise ValueError(f"layer must name a conv followed by its ReLU (conv1, conv2, ...), got "
+                         f"{layer!r}")
+    keep = np.asarray(keep, dtype=bool)
+    if keep.shape != (getattr(model, layer).out_channels,):
+        raise ValueError(f"keep must hold one bool per kernel of {layer} "
+                         f"({getattr(model, layer).out_channels}), got shape {keep.shape}")
+    mask = torch.as_tensor(keep.astype(np.float32))[None, :, None, None]
 
     def hook(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
         return output * mask

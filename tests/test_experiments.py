@@ -218,3 +218,76 @@ def test_charts_render(tmp_path):
     ] + [{"stage": "conv1", "seed": 0, "method": "unreduced", "n": 16, "accuracy": 0.9}]}
     path = render(tables.selection_chart(results), tmp_path / "selection.svg")
     assert path.read_text().startswith("<svg")
+
+
+def test_kernel_mask_on_the_cifar_architecture_equals_zeroed_filters():
+    """Masking conv6's kernels after the ReLU equals zeroing their filters and biases (the
+    brute-force reference: a zero filter with zero bias gives a zero map, and ReLU(0) = 0)."""
+    from onnxaom_torch import PaperCIFARNet
+
+    torch.manual_seed(0)
+    net = PaperCIFARNet(in_channels=1, image_size=16, width=6, hidden=8).eval()
+    x = torch.rand(5, 1, 16, 16)
+    keep = np.array([True, False, True, True, False, False])
+    zeroed = PaperCIFARNet(in_channels=1, image_size=16, width=6, hidden=8).eval()
+    zeroed.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        zeroed.conv6.weight[~torch.from_numpy(keep)] = 0.0
+        zeroed.conv6.bias[~torch.from_numpy(keep)] = 0.0
+        with torchnet.kernel_mask(net, "conv6", keep):
+            masked = net(x)
+        assert torch.allclose(masked, zeroed(x), atol=1e-6)
+        plain = net(x)
+        with torchnet.kernel_mask(net, "conv6", np.ones(6, dtype=bool)):
+            assert torch.equal(net(x), plain)
+        assert not torch.allclose(plain, masked)
+        with torchnet.kernel_mask(net, "conv6", keep):
+            pass
+        assert torch.equal(net(x), plain)  # the hook is gone once the context closes
+    with pytest.raises(ValueError, match="one bool per kernel of conv6"), \
+            torchnet.kernel_mask(net, "conv6", keep[:3]):
+        pass
+    with pytest.raises(ValueError, match="conv followed by its ReLU"), \
+            torchnet.kernel_mask(net, "fc1", np.ones(8, dtype=bool)):
+        pass
+
+
+def test_fig8_check_thresholds():
+    def rec(all_, sel, not_sel):
+        return {"accuracy_all": all_, "accuracy_selective": sel, "accuracy_not_selective": not_sel}
+
+    met = tables.fig8_check([rec(0.9, 0.91, 0.7), rec(0.8, 0.79, 0.75)])
+    assert met["met"] and met["change_selective"] == pytest.approx(0.0)
+    assert met["change_not_selective"] == pytest.approx(-0.125)
+    # only-selective costs more than 2 pp: not met, however much the other set drops
+    assert not tables.fig8_check([rec(0.9, 0.87, 0.1)])["met"]
+    # only-non-selective costs less than 10 pp: not met
+    assert not tables.fig8_check([rec(0.9, 0.9, 0.85)])["met"]
+
+
+@pytest.mark.slow
+def test_fig8_quick_run_end_to_end(tmp_path):
+    from experiments import fig8
+
+    out = tmp_path / "fig8"
+    assert fig8.main(["--quick", "--out", str(out), "--no-render"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    (rec,) = results["seeds"]
+    width = results["config"]["width"]
+    assert len(rec["fig8"]) == 10
+    for row in rec["fig8"]:
+        assert row["selective"] + row["not_selective"] == width
+        for key in ("accuracy_all", "accuracy_selective", "accuracy_not_selective"):
+            assert 0.0 <= row[key] <= 1.0
+    # the class accuracies with all kernels average to the per-class test accuracy
+    import onnxaom
+
+    stats = onnxaom.OccurrenceStats.load(out / "stats-seed0.npz")
+    s = stats.class_selectivity("/conv6/Conv")
+    assert [int((s[:, c] > 0).sum()) for c in range(10)] == [r["selective"] for r in rec["fig8"]]
+    md = (out / "tables.md").read_text()
+    assert "## Summary over base seeds" in md and "## Base seed 0" in md
+    # --resume reuses the trained model: same numbers, no training
+    assert fig8.main(["--quick", "--out", str(out), "--no-render", "--resume"]) == 0
+    again = json.loads((out / "results.json").read_text())["seeds"][0]
+    assert again["fig8"] == rec["fig8"] and again["train"] == rec["train"]
