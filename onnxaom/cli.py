@@ -57,10 +57,25 @@ def _analyze(model_path: Path, data_spec: str, args: argparse.Namespace) -> int:
         threshold=args.threshold,
         probe=args.probe,
         progress=not args.quiet,
+        resize=getattr(args, "resize", None),
     )
     for line in result.lines:
         print(line)
     return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``H,W`` (or one number for a square) for ``--resize``."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected H,W (two positive integers), got {text!r}")
+    return values[0], values[1]
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -136,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         "idx:IMAGES,LABELS | folder:PATH",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--resize", type=_size, metavar="H,W",
+                   help="resize the images of a folder: spec to H x W (bilinear)")
     _add_collect_options(p)
     p.set_defaults(func=_cmd_analyze)
 

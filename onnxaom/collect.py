@@ -33,11 +33,19 @@ from onnx import TensorProto, helper
 
 from ._version import __version__
 from .blocked import BlockedTap, blocked_counting_session
-from .data import Dataset, iter_batches
+from .data import (
+    MAX_CLASSES,
+    Dataset,
+    Preprocessing,
+    as_class_names,
+    default_scale,
+    iter_batches,
+)
 from .errors import DataError, LayerNotFoundError, ModelError
 from .graph import dim_values
 from .instrument import ONEHOT_INPUT, Instrumented, counting_graph, image_input, probe_graph
 from .layers import Layer
+from .memory import available_bytes
 from .model import Model, load
 from .runtime import make_session, resolve_providers
 from .stats import OccurrenceStats
@@ -403,7 +411,7 @@ class Collector:
         ):
             raise DataError(f"num_classes must be a positive integer, got {num_classes!r}")
         if class_names is not None:
-            class_names = tuple(str(n) for n in class_names)
+            class_names = as_class_names(class_names)
             if num_classes is None:
                 num_classes = len(class_names)
             elif len(class_names) != num_classes:
@@ -445,6 +453,9 @@ class Collector:
             )
         if labels.size and labels.min() < 0:
             raise DataError(f"labels must be non-negative; found label {int(labels.min())}")
+        if labels.size and labels.max() >= MAX_CLASSES:
+            raise DataError(f"labels must be class indices 0..C-1 with C <= {MAX_CLASSES:,}; "
+                            f"found label {int(labels.max())}")
         if self.num_classes is not None and labels.size and labels.max() >= self.num_classes:
             raise DataError(
                 f"labels must be in 0..{self.num_classes - 1} (num_classes={self.num_classes}); "
@@ -502,7 +513,10 @@ class Collector:
             raise DataError(f"{len(names)} class names given for {c} classes")
         empty = [names[i] for i in np.flatnonzero(acc.class_sizes == 0)]
         if empty:
-            message = f"classes with no samples: {', '.join(empty)} (their AOMs are undefined)"
+            listed = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10
+                                              else "")
+            message = (f"{len(empty)} of {c} classes have no samples: {listed} (their AOMs are "
+                       f"undefined)")
             if not allow_empty_classes:
                 raise DataError(message + "; pass allow_empty_classes=True to get NaN AOMs")
             warnings.warn(message, RuntimeWarning, stacklevel=2)
@@ -603,8 +617,10 @@ def collect(
     -------
     OccurrenceStats with counts of shape (K, C, H, W) per layer.
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not isinstance(batch_size, int | np.integer) or isinstance(batch_size, bool) \
+            or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = int(batch_size)
     dataset = images if isinstance(images, Dataset) else None
     if dataset is not None:
         class_names = class_names or dataset.class_names
@@ -636,8 +652,19 @@ def collect(
     return collector.result(
         allow_empty_classes=allow_empty_classes,
         source=dataset.source if dataset is not None else type(images).__name__,
-        preprocessing=dataset.preprocessing.to_dict() if dataset is not None else None,
+        preprocessing=_preprocessing_of(images, dataset),
     )
+
+
+def _preprocessing_of(images: Any, dataset: Dataset | None) -> dict[str, Any] | None:
+    """What was done to the pixels, for the metadata: a Dataset's own preprocessing; for an
+    array, the scale :func:`~onnxaom.data.iter_batches` applied; None for a stream."""
+    if dataset is not None:
+        return dataset.preprocessing.to_dict()
+    dtype = getattr(images, "dtype", None)
+    if isinstance(dtype, np.dtype):
+        return Preprocessing(scale=default_scale(dtype)).to_dict()
+    return None
 
 
 def _start_engine(
@@ -722,16 +749,13 @@ def _samples_independent(engine: _Engine, trial: np.ndarray, fixed: int,
 
 
 def _physical_memory() -> int | None:
-    """This machine's RAM in bytes (None where the OS does not say)."""
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, OSError, ValueError):
-        return None
+    """Memory the counts can use now (``memory.available_bytes``); a seam for the tests."""
+    return available_bytes()
 
 
 def _check_memory(layers: Sequence[Layer], classes: int) -> None:
-    """Refuse, before allocating, counts that cannot fit in this machine's memory: int64 counts
-    and one float64 AOM of (K, C, H, W) per layer, 16 bytes a cell."""
+    """Refuse, before allocating, counts that cannot fit in the memory available now: int64
+    counts and one float64 AOM of (K, C, H, W) per layer, 16 bytes a cell."""
     memory = _physical_memory()
     cells = [(layer.kernels * (layer.shape[1] or 1) * (layer.shape[2] or 1) * classes, layer)
              for layer in layers]
@@ -743,9 +767,9 @@ def _check_memory(layers: Sequence[Layer], classes: int) -> None:
         f"counting {len(layers)} layer(s) for {classes} classes needs about {need / 2**30:.1f} "
         f"GiB (counts and occurrence maps are (K, C, H, W) per layer; the largest is "
         f"{biggest.name!r}, {biggest.kernels}x{classes}x{biggest.shape[1]}x{biggest.shape[2]}), "
-        f"more than this machine's {memory / 2**30:.1f} GiB: collect a few layers at a time "
-        f"(layers=[...]; each layer's counts are independent of the others), read them after "
-        f"pooling (probe='pool') or use fewer classes")
+        f"more than the {memory / 2**30:.1f} GiB of memory available: collect a few layers at "
+        f"a time (layers=[...]; each layer's counts are independent of the others), read them "
+        f"after pooling (probe='pool') or use fewer classes")
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

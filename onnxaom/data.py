@@ -16,9 +16,11 @@ Sources:
 * scikit-learn's 8x8 digits: :func:`load_digits` (needs scikit-learn);
 * the CLI's ``--data SPEC`` strings: :func:`load_spec`.
 
-Default scaling: loaders whose pixel range is known scale pixels to [0, 1] (digits by 1/16,
-Fashion-MNIST and image folders by 1/255); the generic ones (arrays, npz, IDX) scale nothing
-unless told. Either way the preprocessing is explicit and recorded.
+Default scaling: 8-bit pixels become [0, 1] wherever images enter onnxaom, as in torchvision's
+``ToTensor``: uint8 arrays (:func:`from_arrays`, ``.npz``, IDX, arrays and uint8 batches given
+to :func:`iter_batches`) and image files are scaled by 1/255, 16-bit image files by 1/65535, and
+scikit-learn's digits (0..16) by 1/16. Other dtypes are taken as they are. An explicit
+:class:`Preprocessing` replaces the default; either way the preprocessing is recorded.
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .errors import DataError, ModelFileNotFoundError
+from .memory import available_bytes
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
+    "MAX_CLASSES",
     "Dataset",
     "Preprocessing",
     "from_arrays",
@@ -85,7 +89,13 @@ _IDX_DTYPES: dict[int, np.dtype[Any]] = {
     0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"),
     0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8"),
 }
+#: The most classes onnxaom counts: a label beyond it is taken for a mistake (an id, a pixel
+#: value), refused before the per-class arrays are allocated.
+MAX_CLASSES = 100_000
+#: Images larger than this side are refused by :func:`load_digits` (1,797 images x side^2).
+_MAX_DIGITS_SIDE = 1024
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 _FINITE_CHUNK = 8192  # images per chunk when checking a whole array for NaN/inf
 
 
@@ -167,8 +177,12 @@ class Preprocessing:
             array = array[:, None, :, :]
         elif self.layout == "NHWC":
             array = array.transpose(0, 3, 1, 2)
-        out = array.astype(np.float32, order="C")  # always a fresh copy
+        with np.errstate(over="ignore"):  # too large for float32 becomes inf: reported later
+            out = array.astype(np.float32, order="C")  # always a fresh copy
         if self.resize is not None and out.shape[2:] != self.resize:
+            _check_fits(out.shape[0] * out.shape[1] * self.resize[0] * self.resize[1] * 4 * 3,
+                        f"resizing {out.shape[0]} images of {out.shape[1]} channel(s) to "
+                        f"{self.resize[0]}x{self.resize[1]}")
             out = _resize_bilinear(out, self.resize)
         if self.scale != 1.0:
             out *= np.float32(self.scale)
@@ -279,13 +293,7 @@ class Dataset:
         images = np.ascontiguousarray(images, dtype=np.float32)
         _check_finite(images, "images")
         labels = _as_labels(self.labels, "labels", images.shape[0])
-        if isinstance(self.class_names, str) or not isinstance(self.class_names, Iterable):
-            raise DataError(
-                f"class_names must be a sequence of names, got {type(self.class_names).__name__}"
-            )
-        names = tuple(str(name) for name in self.class_names)
-        if len(set(names)) != len(names):
-            raise DataError(f"class_names has duplicates: {list(names)}")
+        names = as_class_names(self.class_names)
         top = int(labels.max())
         if top >= len(names):
             raise DataError(
@@ -396,20 +404,23 @@ def from_arrays(
     labels:
         Integer class indices of shape (N,), >= 0.
     preprocessing:
-        Applied to ``images``; default :class:`Preprocessing()` (NCHW, no scaling).
+        Applied to ``images``; default NCHW, scaled by 1/255 for uint8 images (pixels in
+        [0, 1]), else not scaled.
     class_names:
         One name per class; default "0".."max(labels)".
     source:
         A readable description of where the arrays came from.
     """
-    preprocessing = Preprocessing() if preprocessing is None else preprocessing
     raw = _to_numpy(images, "images")
     if raw.ndim == 0 or raw.shape[0] == 0:
         raise DataError(f"images: the data set is empty (shape {raw.shape})")
+    if preprocessing is None:
+        preprocessing = Preprocessing(scale=default_scale(raw.dtype))
     y = _as_labels(labels, "labels", raw.shape[0])
     x = preprocessing.apply(raw)
-    names = tuple(str(i) for i in range(int(y.max()) + 1)) if class_names is None else class_names
-    dataset = Dataset(x, y, tuple(names), source, preprocessing)
+    names = tuple(str(i) for i in range(int(y.max()) + 1)) if class_names is None \
+        else as_class_names(class_names)
+    dataset = Dataset(x, y, names, source, preprocessing)
     log.debug("loaded %r", dataset)
     return dataset
 
@@ -436,11 +447,22 @@ def load_npz(
         (images, x, x_train, image, data) and ``NPZ_LABEL_KEYS`` (labels, y, y_train, label,
         targets, target), compared case-insensitively.
     preprocessing:
-        Applied to the images; default :class:`Preprocessing()` (NCHW, no scaling).
+        Applied to the images. Default: the layout from the array's shape, (N, H, W) as
+        grayscale "NHW" (Keras' ``mnist.npz``), (N, H, W, C) with C in 1, 3, 4 and H not as
+        "NHWC" (Keras' CIFAR arrays), else "NCHW"; scaled by 1/255 for uint8 images.
     class_names:
-        Default: the archive's ``class_names`` array if it has one, else "0".."max(label)".
+        Default: the archive's ``class_names`` array if it has one (strings or UTF-8 bytes,
+        1-D), else "0".."max(label)".
     """
     file = _existing_file(path, "npz file")
+    try:
+        with file.open("rb") as handle:
+            magic = handle.read(6)
+    except OSError as exc:
+        raise DataError(f"{file}: cannot read ({exc.strerror or exc})") from exc
+    if not magic.startswith((b"PK", b"\x93NUMPY")):  # a zip archive, or a single .npy
+        raise DataError(f"{file}: not an .npz archive (an .npz is a zip file, starting with "
+                        f"'PK'; this one starts with {magic!r})")
     try:
         loaded = np.load(file, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
@@ -451,16 +473,32 @@ def load_npz(
             lk = _pick_key(file, keys, labels_key, NPZ_LABEL_KEYS, "labels", "labels_key")
             images, labels = archive[ik], archive[lk]
             if class_names is None and "class_names" in keys:
-                class_names = [str(name) for name in archive["class_names"].tolist()]
+                stored = archive["class_names"]
+                if stored.ndim != 1:
+                    raise DataError(f"{file}: its class_names array must be 1-D (one name per "
+                                    f"class), got shape {stored.shape}")
+                class_names = as_class_names(stored.tolist())
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{file}: cannot read as an .npz archive ({exc})") from exc
+    if preprocessing is None:
+        preprocessing = Preprocessing(scale=default_scale(images.dtype),
+                                      layout=_npz_layout(images.shape))
     return _with_file_context(
         file,
         lambda: from_arrays(images, labels, preprocessing=preprocessing, class_names=class_names,
                             source=f"npz {file} [{ik}, {lk}] ({len(labels)} images)"),
     )
+
+
+def _npz_layout(shape: tuple[int, ...]) -> str:
+    """The layout an array of ``shape`` most likely has (see :func:`load_npz`)."""
+    if len(shape) == 3:
+        return "NHW"
+    if len(shape) == 4 and shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4):
+        return "NHWC"
+    return "NCHW"
 
 
 def _pick_key(
@@ -544,7 +582,8 @@ def load_idx(
     labels_path:
         IDX integer array of shape (N,).
     preprocessing:
-        Default: layout "NHW" for a 3-D images file, "NCHW" for a 4-D one; no scaling.
+        Default: layout "NHW" for a 3-D images file, "NCHW" for a 4-D one; scaled by 1/255 for
+        uint8 images (MNIST's and Fashion-MNIST's), as :func:`load_fashion_mnist`.
     class_names:
         Default "0".."max(label)".
     """
@@ -566,8 +605,13 @@ def _idx_dataset(
     if len(labels) != len(images):
         raise DataError(f"{labels_file} has {len(labels)} labels but {images_file} has "
                         f"{len(images)} images")
+    try:
+        labels = _as_labels(labels, "labels", len(labels))
+    except DataError as exc:
+        raise DataError(f"{labels_file}: {exc}") from exc
     if preprocessing is None:
-        preprocessing = Preprocessing(layout="NHW" if images.ndim == 3 else "NCHW")
+        preprocessing = Preprocessing(scale=default_scale(images.dtype),
+                                      layout="NHW" if images.ndim == 3 else "NCHW")
     label = f"IDX {images_file} + {labels_file.name}" if label is None else label
     source = f"{label} ({len(images)} images)"
     return _with_file_context(
@@ -633,7 +677,8 @@ def load_image_folder(
     """A :class:`Dataset` from a folder with one subfolder of images per class (needs Pillow).
 
     Class names are the sorted subfolder names; images in a class are read in sorted order.
-    Pixels are read as 8-bit.
+    Pixels are read on the 8-bit scale 0..255 (16-bit grayscale images are divided by 257, so
+    the default scaling maps both to [0, 1]).
 
     Parameters
     ----------
@@ -670,14 +715,15 @@ def load_image_folder(
     target = target or preprocessing.resize
     Image = _import_pillow()
 
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = sorted(d.name for d in _folder_entries(folder)
+                     if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError(f"{folder}: no class subfolders; expected one subfolder of images per "
                         f"class, e.g. {folder / 'cat' / '0001.png'}")
     files: list[Path] = []
     labels: list[int] = []
     for index, name in enumerate(classes):
-        found = sorted(f for f in (folder / name).iterdir()
+        found = sorted(f for f in _folder_entries(folder / name)
                        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         if not found:
             raise DataError(f"{folder / name}: class folder with no images (looked for "
@@ -686,7 +732,11 @@ def load_image_folder(
         labels += [index] * len(found)
 
     if grayscale is None:
-        grayscale = all(_image_mode(Image, f) in _GRAY_MODES for f in files)
+        colour = next((f for f in files if _image_mode(Image, f) not in _GRAY_MODES), None)
+        grayscale = colour is None
+        if colour is not None:
+            log.info("%s: reading every image as RGB (%s is in colour); pass grayscale=True "
+                     "for one channel", folder, colour)
     mode = "L" if grayscale else "RGB"
     pixels: list[np.ndarray] = []
     for f in files:
@@ -696,7 +746,8 @@ def load_image_folder(
         elif pixels and array.shape != pixels[0].shape:
             raise DataError(
                 f"images differ in size: {files[0]} is {pixels[0].shape[1:]} (H, W) but {f} is "
-                f"{array.shape[1:]}; pass size=(H, W) to resize them all"
+                f"{array.shape[1:]}; resize them all with size=(H, W) (on the command line: "
+                f"--resize H,W)"
             )
         pixels.append(array)
     stacked = np.stack(pixels)
@@ -727,13 +778,24 @@ def _image_mode(image_module: Any, file: Path) -> str:
 
 
 def _read_image(image_module: Any, file: Path, mode: str) -> np.ndarray:
-    """Pixels of one image as uint8 (C, H, W)."""
+    """Pixels of one image, (C, H, W) on the 8-bit scale: uint8, or float32 for a 16-bit
+    grayscale image read as one channel (its values / 257, so 65535 becomes 255)."""
     try:
         with image_module.open(file) as image:
-            array = np.asarray(image.convert(mode), dtype=np.uint8)
+            if mode == "L" and image.mode in _SIXTEEN_BIT_MODES:
+                array = np.asarray(image, dtype=np.float32) / np.float32(257.0)
+            else:
+                array = np.asarray(image.convert(mode), dtype=np.uint8)
     except (OSError, ValueError) as exc:
         raise DataError(f"{file}: cannot read image ({exc})") from exc
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _folder_entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError as exc:  # permission denied, a folder removed while reading
+        raise DataError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from exc
 
 
 def load_digits(*, size: int = 8, preprocessing: Preprocessing | None = None) -> Dataset:
@@ -754,6 +816,9 @@ def load_digits(*, size: int = 8, preprocessing: Preprocessing | None = None) ->
     """
     if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
         raise DataError(f"size must be a positive integer, got {size!r}")
+    if size > _MAX_DIGITS_SIDE:
+        raise DataError(f"size={size} is larger than {_MAX_DIGITS_SIDE}: the 8x8 digits "
+                        f"upsampled that far only fill memory")
     resize = None if size == 8 else (int(size), int(size))
     if preprocessing is None:
         preprocessing = Preprocessing(scale=1 / 16, layout="NHW", resize=resize)
@@ -775,7 +840,13 @@ def load_digits(*, size: int = 8, preprocessing: Preprocessing | None = None) ->
     )
 
 
-def load_spec(spec: str, *, preprocessing: Preprocessing | None = None) -> Dataset:
+def load_spec(
+    spec: str,
+    *,
+    preprocessing: Preprocessing | None = None,
+    channels: int | None = None,
+    size: int | tuple[int, int] | None = None,
+) -> Dataset:
     """The data set a CLI ``--data SPEC`` names.
 
     Parameters
@@ -786,31 +857,51 @@ def load_spec(spec: str, *, preprocessing: Preprocessing | None = None) -> Datas
         ``folder:PATH``, or a bare path to an ``.npz`` file or a folder.
     preprocessing:
         Passed to the loader; default: the loader's own.
+    channels:
+        For an image folder: read every image with 1 (grayscale) or 3 (RGB) channels, e.g. the
+        model's input channels; default: grayscale if every image is. Ignored by the other
+        sources, whose arrays have the channels they have.
+    size:
+        For an image folder: resize every image to ``(H, W)`` (``--resize`` on the command
+        line). Refused for the other sources.
     """
+    if channels not in (None, 1, 3):
+        raise DataError(f"channels must be 1 or 3 (or None), got {channels!r}")
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"empty data spec {spec!r}; accepted forms: {', '.join(SPEC_FORMS)}")
     text = spec.strip()
     kind, colon, arg = text.partition(":")
     kind = kind.lower()
+    folder = arg if kind == "folder" and colon else text if Path(text).is_dir() \
+        and not text.lower().endswith(".npz") else None
+    if folder is not None:
+        if not folder:
+            raise DataError(f"data spec {spec!r} names no path; e.g. folder:data/train")
+        return load_image_folder(folder, preprocessing=preprocessing, size=size,
+                                 grayscale=None if channels is None else channels == 1)
+    if size is not None:
+        raise DataError(f"data spec {spec!r}: resizing (size=, --resize) applies to image "
+                        f"folders only; resize arrays with Preprocessing(resize=(H, W))")
     if kind == "digits":
-        size = 8
+        side = 8
         if colon:
             try:
-                size = int(arg)
+                side = int(arg)
             except ValueError:
                 raise DataError(f"data spec {spec!r}: SIZE in digits:SIZE must be an integer, "
                                 f"e.g. digits:28") from None
-        return load_digits(size=size, preprocessing=preprocessing)
+        try:
+            return load_digits(size=side, preprocessing=preprocessing)
+        except DataError as exc:
+            raise DataError(f"data spec {spec!r}: {exc}") from exc
     if kind in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
         return load_fashion_mnist(arg or "train", preprocessing=preprocessing)
-    if kind in ("npz", "idx", "folder") and colon:
+    if kind in ("npz", "idx") and colon:
         if not arg:
             raise DataError(f"data spec {spec!r} names no path; e.g. {kind}:data/train."
-                            f"{'npz' if kind == 'npz' else 'gz' if kind == 'idx' else ''}")
+                            f"{'npz' if kind == 'npz' else 'gz'}")
         if kind == "npz":
             return load_npz(arg, preprocessing=preprocessing)
-        if kind == "folder":
-            return load_image_folder(arg, preprocessing=preprocessing)
         parts = [part.strip() for part in arg.split(",")]
         if len(parts) != 2 or not all(parts):
             raise DataError(f"data spec {spec!r}: expected idx:IMAGES,LABELS (two paths "
@@ -819,8 +910,6 @@ def load_spec(spec: str, *, preprocessing: Preprocessing | None = None) -> Datas
     path = Path(text)
     if text.lower().endswith(".npz"):
         return load_npz(path, preprocessing=preprocessing)
-    if path.is_dir():
-        return load_image_folder(path, preprocessing=preprocessing)
     hint = "" if path.exists() else " (no such file or folder either)"
     raise DataError(f"unknown data spec {spec!r}{hint}; accepted forms: {', '.join(SPEC_FORMS)}")
 
@@ -851,6 +940,7 @@ def iter_batches(
     Yields
     ------
     (images, labels): C-contiguous float32 of shape (n, C, H, W) and int64 of shape (n,).
+    uint8 images are scaled by 1/255 (see the module docstring); others are only converted.
     Batches may be read-only views: do not modify them.
 
     Raises
@@ -868,6 +958,12 @@ def iter_batches(
         if labels is not None:
             raise DataError("labels: a Dataset carries its own labels; pass labels=None")
         return _slices(images.images, images.labels, batch_size)
+    if labels is not None and not _is_array_like(images) and isinstance(images, Iterable) \
+            and not isinstance(images, str | bytes | list | tuple):
+        raise DataError(
+            f"labels: a {type(images).__name__} of (images, labels) batches carries its own "
+            f"labels; pass labels=None (or give an images array with labels=)"
+        )
     if labels is not None or _is_array_like(images):
         if labels is None:
             raise DataError(
@@ -895,7 +991,14 @@ def _slices(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for start in range(0, x.shape[0], batch_size):
         stop = start + batch_size
-        yield np.ascontiguousarray(x[start:stop], dtype=np.float32), y[start:stop]
+        yield _float_pixels(x[start:stop]), y[start:stop]
+
+
+def _float_pixels(x: np.ndarray) -> np.ndarray:
+    """float32 C-contiguous; uint8 scaled to [0, 1] by :func:`default_scale`."""
+    out = np.ascontiguousarray(x, dtype=np.float32)
+    scale = default_scale(x.dtype)
+    return out * np.float32(scale) if scale != 1.0 else out
 
 
 def _stream(batches: Iterable[Any]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -920,7 +1023,8 @@ def _stream(batches: Iterable[Any]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
                             f"batches had {shape}")
         if x.shape[0] == 0:
             continue
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        with np.errstate(over="ignore"):  # too large for float32 becomes inf: reported below
+            x = _float_pixels(x)
         _check_finite(x, name)
         yielded += 1
         yield x, y
@@ -993,7 +1097,42 @@ def _as_labels(value: Any, name: str, n: int) -> np.ndarray:
         at = int(np.argmin(labels))
         raise DataError(f"{name}: negative label {int(labels[at])} at index {at}; labels are "
                         f"class indices 0..C-1")
+    if labels.size and labels.max() >= MAX_CLASSES:
+        at = int(np.argmax(labels))
+        raise DataError(f"{name}: label {int(labels[at])} at index {at} is beyond "
+                        f"{MAX_CLASSES - 1:,}; labels are class indices 0..C-1 (C <= "
+                        f"{MAX_CLASSES:,}): map ids to indices first, e.g. "
+                        f"np.unique(labels, return_inverse=True)")
     return labels.astype(np.int64)
+
+
+def default_scale(dtype: np.dtype[Any]) -> float:
+    """The default :attr:`Preprocessing.scale` for images of ``dtype``: 1/255 for uint8 (pixels
+    in [0, 1]), else 1."""
+    return 1 / 255 if np.dtype(dtype) == np.uint8 else 1.0
+
+
+def as_class_names(value: Any) -> tuple[str, ...]:
+    """Class names as a tuple of distinct strings; UTF-8 bytes are decoded, and a bare string is
+    refused (not split into letters)."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable) \
+            or (isinstance(value, np.ndarray) and value.ndim != 1):
+        raise DataError(f"class_names must be a sequence of names (one per class), got "
+                        f"{type(value).__name__} {value!r:.60}")
+    names = tuple(n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n)
+                  for n in value)
+    if len(set(names)) != len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise DataError(f"class_names has duplicates: {repeated}")
+    return names
+
+
+def _check_fits(need: int, what: str) -> None:
+    """Refuse an allocation of ``need`` bytes that the memory available now cannot hold."""
+    memory = available_bytes()
+    if memory is not None and need > memory:
+        raise DataError(f"{what} needs about {need / 2**30:.1f} GiB, more than the "
+                        f"{memory / 2**30:.1f} GiB of memory available")
 
 
 def _finite_float(value: Any, name: str) -> float:

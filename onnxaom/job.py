@@ -16,6 +16,8 @@ from .collect import collect
 from .data import load_spec
 from .errors import ModelFileNotFoundError
 from .findings import Findings, analyze
+from .graph import dim_values
+from .instrument import image_input
 from .model import Model, load
 from .stats import OccurrenceStats
 from .summary import summary
@@ -44,10 +46,14 @@ def run_analysis(
     threshold: float = 0.0,
     probe: str = "activation",
     progress: bool = True,
+    resize: tuple[int, int] | None = None,
 ) -> AnalysisResult:
-    """Analyse ``model_path`` on the data named by ``data_spec``; write the results to ``out``."""
+    """Analyse ``model_path`` on the data named by ``data_spec``; write the results to ``out``.
+
+    An image folder is read with the model's input channels (1: grayscale, 3: RGB) and resized
+    to ``resize`` (H, W) if given (:func:`~onnxaom.data.load_spec`)."""
     model = load(model_path)
-    dataset = load_spec(data_spec)
+    dataset = load_spec(data_spec, channels=_input_channels(model), size=resize)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ModelFileNotFoundError(f"--out {out} exists and is not a folder")
@@ -75,6 +81,13 @@ def run_analysis(
     ]
     lines.append(f"wrote {report_path}")
     return AnalysisResult(stats_path, findings_path, report_path, tuple(lines))
+
+
+def _input_channels(model: Model) -> int | None:
+    """C of an (N, C, H, W) image input when it is 1 or 3; None when the model does not say."""
+    dims = dim_values(image_input(model.proto).type)
+    channels = dims[1] if dims is not None and len(dims) == 4 else None
+    return channels if channels in (1, 3) else None
 
 
 def _write_report(model: Model, stats: OccurrenceStats, findings: Findings, out: Path) -> Path:

@@ -97,6 +97,30 @@ def test_user_mistakes_are_one_line_without_traceback(tmp_path: Path) -> None:
     assert not (tmp_path / "o" / "stats.npz").exists()  # nothing written half
 
 
+def test_analyze_a_folder_reads_the_models_channels_and_resizes(tmp_path: Path) -> None:
+    """zoo.chain takes (N, 3, 8, 8): grayscale PNGs of 6x6 are read as RGB and resized."""
+    image_module = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(2)
+    for cls in ("a", "b", "c"):
+        (tmp_path / "set" / cls).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 256, size=(6, 6), dtype=np.uint8)
+            image_module.fromarray(pixels, mode="L").save(tmp_path / "set" / cls / f"{i}.png")
+    model_path = zoo.save(zoo.chain(), tmp_path / "m.onnx")
+    folder = f"folder:{tmp_path / 'set'}"
+    args = ["analyze", str(model_path), "--data", folder, "--out", str(tmp_path / "o"), "-q"]
+    result = run_cli(*args)  # 6x6 images for an 8x8 model: one clear line
+    assert result.returncode == 1 and "expects (N, 3, 8, 8)" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = run_cli(*args, "--resize", "8,8")
+    assert result.returncode == 0, result.stderr
+    stats = onnxaom.OccurrenceStats.load(tmp_path / "o" / "stats.npz")
+    assert stats.num_samples == 9 and stats.class_names == ("a", "b", "c")
+    assert stats.metadata["preprocessing"]["resize"] == [8, 8]
+    result = run_cli(*args, "--resize", "8,x")
+    assert result.returncode == 2 and "expected H,W" in result.stderr
+
+
 def test_bad_usage_exits_2() -> None:
     assert run_cli().returncode == 2
     assert run_cli("analyze", "m.onnx").returncode == 2  # --data and --out missing

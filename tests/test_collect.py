@@ -238,6 +238,37 @@ def test_class_without_samples(chain_data) -> None:
         assert np.isnan(stats.aom(stats.layer_names[0])[:, 2]).all()
 
 
+def test_many_empty_classes_are_listed_briefly(chain_data) -> None:
+    model, images, labels = chain_data
+    gappy = np.where(labels == 1, 250, labels)  # classes 1..249 empty
+    with pytest.raises(DataError) as info:
+        collect(model, images, gappy, progress=False)
+    message = str(info.value)
+    assert message.startswith("249 of 251 classes have no samples: 1, 2, 3,")
+    assert "and 239 more" in message and len(message) < 300
+
+
+def test_class_names_and_batch_size_forms(chain_data) -> None:
+    model, images, labels = chain_data
+    with pytest.raises(DataError, match="class_names must be a sequence of names"):
+        collect(model, images, labels, class_names="ab", progress=False)
+    with pytest.raises(DataError, match="class_names has duplicates"):
+        collect(model, images, labels, class_names=["a", "a"], progress=False)
+    stats = collect(model, images, labels, batch_size=np.int64(7), progress=False)
+    assert stats.num_samples == len(labels)
+
+
+def test_uint8_arrays_are_counted_as_pixels_in_0_1(chain_data) -> None:
+    model, images, labels = chain_data
+    dims = images.shape[1:]
+    pixels = np.random.default_rng(3).integers(0, 256, size=(len(labels), *dims), dtype=np.uint8)
+    as_uint8 = collect(model, pixels, labels, threshold=0.5, progress=False)
+    as_float = collect(model, pixels / np.float32(255), labels, threshold=0.5, progress=False)
+    for name in as_uint8.layer_names:
+        np.testing.assert_array_equal(as_uint8.counts[name], as_float.counts[name])
+    assert as_uint8.metadata["preprocessing"]["scale"] == pytest.approx(1 / 255)
+
+
 def test_unknown_layer(chain_data) -> None:
     model, images, labels = chain_data
     with pytest.raises(LayerNotFoundError, match="nope"):

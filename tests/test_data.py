@@ -192,7 +192,9 @@ def test_dataset_metadata_is_json() -> None:
     images, labels = small_arrays()
     ds = from_arrays(images, labels, class_names=["a", "b", "c"], source="tiny")
     meta = json.loads(json.dumps(ds.metadata()))
-    assert meta == {"source": "tiny", "preprocessing": Preprocessing().to_dict(), "n": 12,
+    # uint8 pixels: scaled by 1/255 by default
+    assert meta == {"source": "tiny", "preprocessing": Preprocessing(scale=1 / 255).to_dict(),
+                    "n": 12,
                     "class_names": ["a", "b", "c"], "image_shape": [1, 5, 4]}
 
 
@@ -297,7 +299,8 @@ def test_load_npz_bad_files(tmp_path: Path) -> None:
         load_npz(missing)
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"this is not a zip archive at all")
-    with pytest.raises(DataError, match=r"garbage\.npz: cannot read as an \.npz archive"):
+    with pytest.raises(DataError, match=r"garbage\.npz: not an \.npz archive .*starts with "
+                       r"b'this i'"):
         load_npz(garbage)
     single = tmp_path / "single.npz"
     with single.open("wb") as handle:
@@ -331,8 +334,13 @@ def test_load_idx_raw_and_gz(tmp_path: Path) -> None:
                   write_idx(tmp_path / "lab.gz", labels, compress=True),
                   preprocessing=Preprocessing(scale=1 / 255, layout="NHW"))
     assert raw.images.shape == (9, 1, 6, 7) and raw.preprocessing.layout == "NHW"
-    np.testing.assert_array_equal(raw.images[:, 0], images)
-    np.testing.assert_allclose(gz.images, raw.images / 255, rtol=1e-6)
+    # uint8 IDX images are scaled to [0, 1] by default, as load_fashion_mnist does
+    assert raw.preprocessing == Preprocessing(scale=1 / 255, layout="NHW")
+    np.testing.assert_allclose(raw.images[:, 0], images / 255, rtol=1e-6)
+    np.testing.assert_array_equal(gz.images, raw.images)
+    unscaled = load_idx(write_idx(tmp_path / "img2", images), write_idx(tmp_path / "lab2", labels),
+                        preprocessing=Preprocessing(layout="NHW"))
+    np.testing.assert_array_equal(unscaled.images[:, 0], images)
     np.testing.assert_array_equal(gz.labels, labels)
     assert raw.class_names == ("a", "b", "c", "d") and gz.class_names == ("0", "1", "2", "3")
     assert "(9 images)" in raw.source
@@ -382,7 +390,8 @@ def test_load_idx_rejects_missing_and_mismatched_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"flat: labels must be a 1-D IDX array"):
         load_idx(images, flat)
     floats = write_idx(tmp_path / "floats", np.zeros(3, np.float32))
-    with pytest.raises(DataError, match=r"img: labels: class indices must be integers"):
+    # the labels file is named, not the images file
+    with pytest.raises(DataError, match=r"floats: labels: class indices must be integers"):
         load_idx(images, floats)
 
 
@@ -420,7 +429,8 @@ def test_load_image_folder_grayscale(tmp_path: Path) -> None:
 def test_load_image_folder_rgb_mixed_sizes_and_resize(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "set", {"a": [("RGB", (6, 4)), ("L", (3, 3))],
                                           "b": [("RGB", (8, 8))]})
-    with pytest.raises(DataError, match=r"images differ in size: .*pass size=\(H, W\)"):
+    with pytest.raises(DataError, match=r"images differ in size: .*with size=\(H, W\) \(on the "
+                       r"command line: --resize H,W\)"):
         load_image_folder(root)
     ds = load_image_folder(root, size=(5, 7))
     assert ds.images.shape == (3, 3, 5, 7)
@@ -592,8 +602,11 @@ def test_iter_batches_arrays_convert_float64_and_integers() -> None:
     x, y = gather(iter_batches(images, labels, batch_size=3))
     np.testing.assert_array_equal(x, images.astype(np.float32))
     np.testing.assert_array_equal(y, labels)
-    x, _ = gather(iter_batches(np.ones((2, 1, 2, 2), np.uint8), [0, 1], batch_size=5))
+    x, _ = gather(iter_batches(np.ones((2, 1, 2, 2), np.int16), [0, 1], batch_size=5))
     assert x.shape == (2, 1, 2, 2) and np.all(x == 1.0)
+    # uint8 pixels are scaled to [0, 1], as every loader does
+    x, _ = gather(iter_batches(np.full((2, 1, 2, 2), 255, np.uint8), [0, 1], batch_size=5))
+    assert x.dtype == np.float32 and np.all(x == 1.0)
     fortran = np.asfortranarray(images)
     x, _ = gather(iter_batches(fortran, labels, batch_size=2))
     np.testing.assert_array_equal(x, images.astype(np.float32))
@@ -610,7 +623,7 @@ def test_iter_batches_generator_keeps_its_batches() -> None:
     out = list(iter_batches(batches(), batch_size=4))
     assert [x.shape[0] for x, _ in out] == [5, 6]
     x, y = gather(iter(out))
-    np.testing.assert_array_equal(x, images.astype(np.float32))
+    np.testing.assert_allclose(x, images / 255, rtol=1e-6)  # uint8 batches: [0, 1]
     np.testing.assert_array_equal(y, labels)
 
 
@@ -742,3 +755,135 @@ def test_resize_stays_within_the_input_range(h: int, w: int, oh: int, ow: int, s
     out = Preprocessing(resize=(oh, ow)).apply(images)
     assert out.shape == (2, 1, oh, ow)
     assert out.min() >= images.min() - 1e-6 and out.max() <= images.max() + 1e-6
+
+
+# --------------------------------------------------------------------------- robustness sweep
+# Each case below came from an adversarial sweep of the input side (2026-11-24).
+
+
+def test_a_huge_label_is_refused_before_anything_is_allocated() -> None:
+    images = np.zeros((4, 1, 2, 2), np.float32)
+    labels = np.array([0, 1, 1_000_000_000, 2])
+    with pytest.raises(DataError, match=r"labels: label 1000000000 at index 2 is beyond 99,999"):
+        from_arrays(images, labels)
+    with pytest.raises(DataError, match=r"label 1000000000 at index 2"):
+        next(iter_batches(images, labels, batch_size=2))
+
+    def stream() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        yield images, labels
+
+    with pytest.raises(DataError, match=r"labels \(batch 0\): label 1000000000"):
+        list(iter_batches(stream(), batch_size=2))
+
+
+def test_sixteen_bit_images_keep_their_range(tmp_path: Path) -> None:
+    image_module = pytest.importorskip("PIL.Image")
+    ramp = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        image_module.fromarray(ramp).save(tmp_path / cls / "0.png")
+    assert image_module.open(tmp_path / "a" / "0.png").mode in ("I;16", "I")
+    ds = load_image_folder(tmp_path)
+    assert ds.image_shape == (1, 8, 8)
+    # not clipped at 255 (Pillow's 8-bit conversion): 0..65535 becomes 0..1
+    np.testing.assert_allclose(ds.images[0, 0], ramp / 65535, atol=1e-6)
+
+
+def test_npz_layout_follows_the_array_shape(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    keras_mnist = rng.integers(0, 256, size=(6, 5, 5), dtype=np.uint8)
+    np.savez(tmp_path / "mnist.npz", x_train=keras_mnist, y_train=np.arange(6) % 2)
+    ds = load_npz(tmp_path / "mnist.npz")
+    assert ds.image_shape == (1, 5, 5) and ds.preprocessing.layout == "NHW"
+    np.testing.assert_allclose(ds.images[:, 0], keras_mnist / 255, rtol=1e-6)
+    keras_cifar = rng.random((6, 7, 7, 3)).astype(np.float32)
+    np.savez(tmp_path / "cifar.npz", x=keras_cifar, y=np.arange(6) % 2)
+    ds = load_npz(tmp_path / "cifar.npz")
+    assert ds.image_shape == (3, 7, 7) and ds.preprocessing.layout == "NHWC"
+    np.testing.assert_array_equal(ds.images, keras_cifar.transpose(0, 3, 1, 2))
+    nchw = rng.random((6, 3, 7, 7)).astype(np.float32)
+    np.savez(tmp_path / "nchw.npz", x=nchw, y=np.arange(6) % 2)
+    assert load_npz(tmp_path / "nchw.npz").preprocessing == Preprocessing()
+
+
+def test_class_names_are_strings_never_split_nor_repeated(tmp_path: Path) -> None:
+    images, labels = small_arrays()
+    np.savez(tmp_path / "bytes.npz", x=images, y=labels,
+             class_names=np.array([b"cat", b"dog", b"eel"]))
+    assert load_npz(tmp_path / "bytes.npz").class_names == ("cat", "dog", "eel")
+    np.savez(tmp_path / "scalar.npz", x=images, y=labels, class_names=np.array("cat"))
+    with pytest.raises(DataError, match=r"scalar\.npz: its class_names array must be 1-D"):
+        load_npz(tmp_path / "scalar.npz")
+    with pytest.raises(DataError, match=r"class_names must be a sequence of names"):
+        from_arrays(images, labels, class_names="abc")  # type: ignore[arg-type]
+    with pytest.raises(DataError, match=r"class_names has duplicates: \['a'\]"):
+        from_arrays(images, labels, class_names=["a", "a", "b"])
+
+
+def test_an_unreadable_folder_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_folder(tmp_path / "set", {"a": [("L", (3, 3))], "b": [("L", (3, 3))]})
+    real = Path.iterdir
+
+    def iterdir(self: Path) -> Iterator[Path]:
+        if self.name == "b":  # root ignores chmod 000, so the OS refusal is simulated
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(DataError, match=r"set/b: cannot list the folder \(Permission denied\)"):
+        load_image_folder(root)
+
+
+def test_oversized_inputs_are_refused_with_the_spec_named() -> None:
+    with pytest.raises(DataError, match=r"data spec 'digits:3000': size=3000 is larger than 1024"):
+        load_spec("digits:3000")
+    with pytest.raises(DataError, match=r"resizing 2 images of 1 channel\(s\) to "
+                                        r"1000000x1000000 needs about"):
+        Preprocessing(resize=(1_000_000, 1_000_000)).apply(np.zeros((2, 1, 3, 3), np.float32))
+
+
+def test_idx_label_errors_name_the_labels_file(tmp_path: Path) -> None:
+    images = write_idx(tmp_path / "img", np.zeros((2, 3, 3), np.uint8))
+    negative = write_idx(tmp_path / "neg", np.array([-1, 0], np.int8))
+    with pytest.raises(DataError, match=r"neg: labels: negative label -1 at index 0"):
+        load_idx(images, negative)
+
+
+def test_folder_spec_takes_the_models_channels_and_a_resize(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "set", {"a": [("RGB", (4, 4)), ("L", (6, 6))],
+                                          "b": [("L", (4, 4))]})
+    ds = load_spec(f"folder:{root}", channels=1, size=(5, 5))
+    assert ds.image_shape == (1, 5, 5) and ds.preprocessing.resize == (5, 5)
+    assert load_spec(str(root), channels=3, size=5).image_shape == (3, 5, 5)
+    with pytest.raises(DataError, match=r"resizing \(size=, --resize\) applies to image folders"):
+        load_spec("digits", size=(5, 5))
+    with pytest.raises(DataError, match=r"channels must be 1 or 3"):
+        load_spec(str(root), channels=2)
+
+
+def test_values_too_large_for_float32_are_one_error_without_a_warning() -> None:
+    import warnings
+
+    images = np.full((2, 1, 2, 2), 1e300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow RuntimeWarning would fail here
+        with pytest.raises(DataError, match=r"image 0 contains NaN or infinity"):
+            from_arrays(images, [0, 1])
+
+        def stream() -> Iterator[tuple[np.ndarray, list[int]]]:
+            yield images, [0, 1]
+
+        with pytest.raises(DataError, match=r"images \(batch 0\): image 0 contains NaN"):
+            list(iter_batches(stream(), batch_size=2))
+
+
+def test_a_batch_iterable_with_labels_is_a_clear_mistake() -> None:
+    images, labels = small_arrays()
+
+    class Loader:
+        def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            yield images, labels
+
+    with pytest.raises(DataError, match=r"labels: a Loader of \(images, labels\) batches carries "
+                                        r"its own labels; pass labels=None"):
+        next(iter_batches(Loader(), labels, batch_size=4))
