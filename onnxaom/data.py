@@ -76,8 +76,8 @@ FASHION_MNIST_CLASSES = (
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".ppm", ".tif", ".tiff",
                   ".webp")
 #: Keys :func:`load_npz` tries, in order, when none is given (case-insensitive).
-NPZ_IMAGE_KEYS = ("images", "x", "x_train", "image", "data")
-NPZ_LABEL_KEYS = ("labels", "y", "y_train", "label", "targets", "target")
+NPZ_IMAGE_KEYS = ("images", "x", "x_train", "image", "data", "x_test")
+NPZ_LABEL_KEYS = ("labels", "y", "y_train", "label", "targets", "target", "y_test")
 #: The forms :func:`load_spec` accepts.
 SPEC_FORMS = (
     "digits", "digits:SIZE", "fashion-mnist:train|test", "npz:PATH", "idx:IMAGES,LABELS",
@@ -444,8 +444,8 @@ def load_npz(
         The archive.
     images_key, labels_key:
         Names of the arrays. By default the first present of ``NPZ_IMAGE_KEYS``
-        (images, x, x_train, image, data) and ``NPZ_LABEL_KEYS`` (labels, y, y_train, label,
-        targets, target), compared case-insensitively.
+        (images, x, x_train, image, data, x_test) and ``NPZ_LABEL_KEYS`` (labels, y, y_train,
+        label, targets, target, y_test), compared case-insensitively.
     preprocessing:
         Applied to the images. Default: the layout from the array's shape, (N, H, W) as
         grayscale "NHW" (Keras' ``mnist.npz``), (N, H, W, C) with C in 1, 3, 4 and H not as
@@ -516,7 +516,7 @@ def _pick_key(
             return lower[candidate]
     raise DataError(
         f"{file}: no {what} array found (looked for {', '.join(candidates)}); keys present: "
-        f"{keys}; pass {argument}= one of them"
+        f"{keys}; rename it to one of those, or pass {argument}= one of them to load_npz"
     )
 
 

@@ -284,7 +284,8 @@ def test_load_npz_errors_list_the_keys_present(tmp_path: Path) -> None:
     path = tmp_path / "data.npz"
     np.savez(path, pixels=np.zeros((2, 1, 2, 2)), target=np.array([0, 1]))
     with pytest.raises(DataError, match=r"no images array found .* keys present: "
-                                        r"\['pixels', 'target'\]; pass images_key="):
+                                        r"\['pixels', 'target'\]; rename it to one of those, "
+                                        r"or pass images_key="):
         load_npz(path)
     with pytest.raises(DataError, match=r"labels_key='y' is not in the archive; keys present"):
         load_npz(path, images_key="pixels", labels_key="y")
