@@ -137,6 +137,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
     if args.test_data is not None:
         data["test_spec"] = args.test_data
     train, test = load_session_data({"data": data})
+    data["preprocessing"] = train.preprocessing.to_dict()  # checked when the data is reloaded
     if train.image_shape != test.image_shape:
         raise DataError(f"the training images have shape {train.image_shape} but the test "
                         f"images ({args.test_data}) {test.image_shape}; use test data of the "

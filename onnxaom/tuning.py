@@ -301,13 +301,22 @@ def resume_loop(session: TuningSession, runner: Runner, data: Dataset, *,
 def load_session_data(config: Mapping[str, Any]) -> tuple[Dataset, Dataset]:
     """(train, test) from a session config's ``"data"``: ``spec`` (a CLI data spec, e.g.
     ``"digits"``), ``train_fraction`` (stratified split, default 0.8), ``seed`` (default 0).
-    With ``test_spec`` the test set is loaded from it instead of split off."""
+    With ``test_spec`` the test set is loaded from it instead of split off. With
+    ``preprocessing`` (what ``session start`` recorded), the spec must still load with it: a
+    :class:`SessionError` otherwise, rather than retraining on other pixel values."""
     data = config.get("data")
     if not isinstance(data, Mapping) or not isinstance(data.get("spec"), str):
         raise SessionError("this session's config has no data spec (it was started from Python "
                            "with in-memory data); resume it from Python, giving the runner its "
                            "data")
     full = load_spec(data["spec"])
+    recorded = data.get("preprocessing")
+    if recorded is not None and recorded != full.preprocessing.to_dict():
+        raise SessionError(
+            f"data spec {data['spec']!r} now loads with preprocessing "
+            f"{full.preprocessing.to_dict()}, but this session was made with {recorded}: its "
+            f"models were trained on other pixel values; load the data in Python with "
+            f"Preprocessing(**recorded) and resume from there")
     if isinstance(data.get("test_spec"), str):
         return full, load_spec(data["test_spec"])
     return full.split(float(data.get("train_fraction", 0.8)), seed=int(data.get("seed", 0)))

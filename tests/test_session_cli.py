@@ -136,7 +136,9 @@ def test_start_from_scratch_then_show_apply_and_resume(tmp_path, torch_runner, c
     out = capsys.readouterr().out
     assert "start" in out and "960" in out and f"started a tuning session in {folder}" in out
     session = TuningSession.resume(folder)
-    assert session.config["data"] == {"spec": "digits", "train_fraction": 0.4, "seed": 0}
+    assert session.config["data"] == {
+        "spec": "digits", "train_fraction": 0.4, "seed": 0,
+        "preprocessing": onnxaom.load_digits().preprocessing.to_dict()}
     assert session.config["loop"] == {"layers": ["/conv1/Conv"], "accept_drop": 100.0}
     runner = session.config["runner"]
     assert (runner["factory"], runner["factory_kwargs"]) == (FACTORY, KWARGS)
@@ -161,6 +163,20 @@ def test_start_from_scratch_then_show_apply_and_resume(tmp_path, torch_runner, c
     assert resumed.step(1).info["epochs"] == 0
 
 
+def test_reloaded_data_must_have_the_recorded_preprocessing():
+    """A session made when a spec loaded with other pixel values is refused, not retrained on
+    differently scaled data (the default scaling of uint8 arrays changed once)."""
+    from onnxaom.tuning import load_session_data
+
+    recorded = onnxaom.Preprocessing(layout="NHW").to_dict()  # digits, unscaled
+    with pytest.raises(onnxaom.SessionError, match=r"data spec 'digits' now loads with "
+                                                   r"preprocessing .*made with"):
+        load_session_data({"data": {"spec": "digits", "preprocessing": recorded}})
+    same = onnxaom.load_digits().preprocessing.to_dict()
+    train, test = load_session_data({"data": {"spec": "digits", "preprocessing": same}})
+    assert len(train) + len(test) == 1797
+
+
 def test_start_from_saved_weights(tmp_path, torch_runner, capsys):
     torch = pytest.importorskip("torch")
     from onnxaom_torch.architectures import PaperMNISTNet
@@ -173,8 +189,9 @@ def test_start_from_saved_weights(tmp_path, torch_runner, capsys):
                            "--loop-strategy", "coverage", "--freeze", "none")) == 0
     assert f"started a tuning session in {folder}" in capsys.readouterr().out
     session = TuningSession.resume(folder)
+    digits = onnxaom.load_digits().preprocessing.to_dict()
     assert session.config["data"] == {"spec": "digits", "train_fraction": 0.4, "seed": 0,
-                                      "test_spec": "digits"}
+                                      "test_spec": "digits", "preprocessing": digits}
     assert session.config["loop"] == {"strategy": "coverage"}
     assert session.config["runner"]["freeze"] == "none"
     train = onnxaom.load_digits()
