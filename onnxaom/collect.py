@@ -44,7 +44,7 @@ from .data import (
 from .errors import DataError, LayerNotFoundError, ModelError
 from .graph import dim_values
 from .instrument import ONEHOT_INPUT, Instrumented, counting_graph, image_input, probe_graph
-from .layers import Layer
+from .layers import Layer, channel_mixing_reader
 from .memory import available_bytes
 from .model import Model, load
 from .runtime import make_session, resolve_providers
@@ -85,6 +85,18 @@ def select_layers(model: Model, names: Sequence[str] | None, probe: str) -> list
         )
     wanted = set(names)
     return [layer for layer in layers if layer.name in wanted]
+
+
+def _note_channel_mixing(model: Model, layers: Sequence[Layer]) -> None:
+    """Say, once per collection, which layers are read at their raw output because a
+    normalisation across channels follows them (:func:`onnxaom.layers.channel_mixing_reader`)."""
+    for layer in layers:
+        node = channel_mixing_reader(model.proto, layer)
+        if node is not None:
+            log.warning("layer %r is counted at %r, before %s: that normalisation mixes "
+                        "channels, so it and the activation after it are not part of a "
+                        "kernel's own chain; the counts describe the kernel's output before them",
+                        layer.name, layer.probe, node)
 
 
 @dataclass
@@ -418,6 +430,8 @@ class Collector:
                 raise DataError(f"{len(class_names)} class names given for {num_classes} classes")
         self.model = model if isinstance(model, Model) else load(model)
         self.layers = select_layers(self.model, layers, probe)
+        if probe != "conv":
+            _note_channel_mixing(self.model, self.layers)
         if method == "auto":
             opset = _default_opset(self.model.proto)
             method = "graph" if opset >= GRAPH_MIN_OPSET else "plain"

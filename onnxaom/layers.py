@@ -6,14 +6,23 @@ which ONNX requires to be topological.
 
 Probe points (``probe=``):
 
-* ``"activation"`` (default): the layer output after the per-channel chain that follows it:
-  BatchNormalization, element-wise activations that are positive exactly where their input is
-  (Relu, LeakyRelu, PRelu, Clip with a lower bound <= 0, Elu, Selu, Celu, Gelu, HardSwish),
-  Add/Sub/Mul/Div with a per-channel or scalar constant, Identity and Dropout. The chain stops
-  before pooling, before any merge with another tensor (Add of two tensors, Concat), wherever a
-  tensor has several readers or is a graph output, and before an activation whose output is
-  positive everywhere (Softplus, Sigmoid, Exp, a Clip with a positive lower bound): after one,
-  every position would count as "on", so the pre-activation is read instead.
+* ``"activation"`` (default): the layer output after the per-channel chain that follows it, up
+  to and including its first activation: BatchNormalization, InstanceNormalization,
+  Add/Sub/Mul/Div with a per-channel or scalar constant, Identity and Dropout, then an
+  element-wise activation that is positive exactly where its input is (Relu, LeakyRelu and
+  PRelu with slopes >= 0, Clip with a lower bound <= 0 < its upper bound, Elu, Selu, Celu,
+  Gelu, HardSwish). Per-channel ops *after* the activation (a BatchNormalization after the
+  ReLU) are not read: they would shift a kernel that is off into "on". The chain stops before
+  pooling, before any merge with another tensor (Add of two tensors, Concat), wherever a
+  tensor has several readers or is a graph output, and before an activation whose sign is not
+  its input's: one positive everywhere (Softplus, Sigmoid, Exp, a Clip with a positive lower
+  bound), one that flips it (LeakyRelu/PRelu with a negative slope, Elu with a negative alpha)
+  or one never positive (a Clip with an upper bound <= 0). After those "> 0" says nothing about
+  whether the kernel found its feature, so the pre-activation is read instead.
+  A normalisation that mixes channels (GroupNormalization, LayerNormalization, or the
+  Reshape + InstanceNormalization form of a group norm) ends the chain too: the kernel is then
+  read before it, at its own output, and :func:`channel_mixing_reader` names the node so that
+  callers can say so.
 * ``"conv"``: the raw layer output.
 * ``"pool"``: the output of the MaxPool/AveragePool/LpPool that reads the activation, where
   there is one; layers without such a pool are read at their activation (``Layer.probe_kind``
@@ -31,7 +40,8 @@ import onnx
 from .errors import ModelError
 from .graph import GraphIndex
 
-__all__ = ["PROBES", "Layer", "clip_floor", "find_layers", "layer_nodes"]
+__all__ = ["PROBES", "Layer", "channel_mixing_reader", "clip_ceiling", "clip_floor",
+           "find_layers", "layer_nodes"]
 
 PROBES = ("activation", "conv", "pool")
 #: Activations with f(x) > 0 exactly where x > 0 (Clip: when its lower bound is <= 0).
@@ -39,6 +49,10 @@ ELEMENTWISE_ACTIVATIONS = frozenset(
     {"Relu", "LeakyRelu", "PRelu", "Clip", "Elu", "Selu", "Celu", "Gelu", "HardSwish"}
 )
 PASS_THROUGH = frozenset({"Identity", "Dropout"})
+#: Per-channel normalisations with per-channel parameters (like BatchNormalization).
+PER_CHANNEL_NORMS = frozenset({"BatchNormalization", "InstanceNormalization"})
+#: Normalisations whose output for a channel depends on other channels.
+CHANNEL_MIXING_NORMS = frozenset({"GroupNormalization", "LayerNormalization"})
 CONSTANT_ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div"})
 POOLS = frozenset({"MaxPool", "AveragePool", "LpPool"})
 
@@ -60,6 +74,9 @@ class Layer:
     probe_kind: ``"activation"``, ``"conv"`` or ``"pool"``: where the probe really is.
     chain: op types between the layer output and the probe, in order.
     shape: (K, H, W) of one sample's activation; H or W is None when only known at run time.
+    channel_end: the end of the whole per-channel chain after the layer (the probe, or later
+        when per-channel ops follow the activation): where a removed kernel's channel is
+        simply gone (the surgery's removal point).
     """
 
     name: str
@@ -72,6 +89,11 @@ class Layer:
     probe_kind: str
     chain: tuple[str, ...]
     shape: tuple[int, int | None, int | None]
+    channel_end: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.channel_end:
+            object.__setattr__(self, "channel_end", self.probe)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -122,10 +144,14 @@ def find_layers(model: onnx.ModelProto, probe: str = "activation") -> list[Layer
         output = node.output[0]
         spatial = node.op_type == "Conv"
         chain: tuple[str, ...]
+        nodes = _follow_channel_chain(index, output, kernels, spatial)
+        channel_end = nodes[-1].output[0] if nodes else output
         if probe == "conv":
             tensor, chain, kind = output, (), "conv"
         else:
-            tensor, chain = _follow_channel_chain(index, output, kernels, spatial)
+            cut = _activation_cut(index, nodes)
+            tensor = nodes[cut - 1].output[0] if cut else output
+            chain = tuple(n.op_type for n in nodes[:cut])
             kind = "activation"
             if probe == "pool":
                 reader = index.single_consumer(tensor)
@@ -144,6 +170,7 @@ def find_layers(model: onnx.ModelProto, probe: str = "activation") -> list[Layer
                 probe_kind=kind,
                 chain=chain,
                 shape=_probe_shape(index, tensor, kernels, spatial),
+                channel_end=channel_end,
             )
         )
     return layers
@@ -166,10 +193,38 @@ def _kernels(index: GraphIndex, node: onnx.NodeProto) -> int | None:
     if node.op_type == "MatMul":
         if index.constant_shape(node.input[1]) is None or weight is None or len(weight) != 2:
             return None
-        a = index.shapes.get(node.input[0])
-        if a is not None and len(a) != 2:
-            return None  # batched matmuls (attention etc.) are not neuron layers
+        rank = _rank(index, node.input[0])
+        if rank != 2:
+            return None  # batched matmuls (attention, per-token Linear) are not neuron layers
         return None if weight[1] is None else int(weight[1])
+    return None
+
+
+#: Ops whose output has their first input's rank.
+_RANK_KEEPING = frozenset({"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu",
+                           "HardSwish", "Clip", "Sigmoid", "Tanh", "Identity", "Dropout", "Cast",
+                           "Add", "Sub", "Mul", "Div", "BatchNormalization"})
+
+
+def _rank(index: GraphIndex, tensor: str) -> int | None:
+    """The rank of ``tensor``: inferred, or read from the op that makes it (Flatten, a Reshape
+    to a constant shape, Gemm; through element-wise ops); None when unknown."""
+    for _ in range(64):
+        shape = index.shapes.get(tensor)
+        if shape is not None:
+            return len(shape)
+        producer = index.producer.get(tensor)
+        if producer is None:
+            return None
+        node = index.graph.node[producer]
+        if node.op_type in ("Flatten", "Gemm"):
+            return 2
+        if node.op_type == "Reshape" and len(node.input) > 1:  # rank = the target's length
+            target = index.constant_shape(node.input[1]) or index.shapes.get(node.input[1])
+            return None if target is None or len(target) != 1 else target[0]
+        if node.op_type not in _RANK_KEEPING or not node.input:
+            return None
+        tensor = node.input[0]
     return None
 
 
@@ -195,8 +250,11 @@ def _is_per_channel_constant(index: GraphIndex, name: str, kernels: int, spatial
 
 def _follow_channel_chain(
     index: GraphIndex, tensor: str, kernels: int, spatial: bool
-) -> tuple[str, tuple[str, ...]]:
-    chain: list[str] = []
+) -> list[onnx.NodeProto]:
+    """The nodes of the per-channel chain after a layer's output, in order: per-channel
+    normalisations and constants, pass-through ops and element-wise activations (each with
+    per-channel or scalar parameters), while each tensor has a single reader."""
+    chain: list[onnx.NodeProto] = []
     while True:
         reader = index.single_consumer(tensor)
         if reader is None:
@@ -211,16 +269,62 @@ def _follow_channel_chain(
             ok = node.input[0] == tensor and all(
                 _is_per_channel_constant(index, n, kernels, spatial) for n in others
             ) and not (op == "Clip" and (clip_floor(index, node) or 0.0) > 0)  # None: computed
-        elif op == "BatchNormalization":
+        elif op in PER_CHANNEL_NORMS:
             ok = node.input[0] == tensor and spatial
         elif op in CONSTANT_ARITHMETIC and len(node.input) == 2:
             other = node.input[1] if node.input[0] == tensor else node.input[0]
             ok = other != tensor and _is_per_channel_constant(index, other, kernels, spatial)
         if not ok:
             break
-        chain.append(op)
+        chain.append(node)
         tensor = node.output[0]
-    return tensor, tuple(chain)
+    return chain
+
+
+def _activation_cut(index: GraphIndex, nodes: list[onnx.NodeProto]) -> int:
+    """How many nodes of a chain the probe reads through: up to and including the first
+    activation when it keeps its input's sign, up to just before it when it does not; the whole
+    chain when it has no activation."""
+    for i, node in enumerate(nodes):
+        if node.op_type in ELEMENTWISE_ACTIVATIONS:
+            return i + 1 if _keeps_sign(index, node) else i
+    return len(nodes)
+
+
+def _keeps_sign(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """Whether activation ``node`` is > 0 exactly where its input is > 0."""
+    op = node.op_type
+    if op == "LeakyRelu":
+        return float(index.attribute(node, "alpha", 0.01)) >= 0  # type: ignore[arg-type]
+    if op == "PRelu":
+        slope = index.constant(node.input[1])
+        return slope is not None and bool(np.all(slope >= 0))
+    if op == "Elu":
+        return float(index.attribute(node, "alpha", 1.0)) >= 0  # type: ignore[arg-type]
+    if op == "Selu":
+        return (float(index.attribute(node, "alpha", 1.67326)) >= 0  # type: ignore[arg-type]
+                and float(index.attribute(node, "gamma", 1.0507)) > 0)  # type: ignore[arg-type]
+    if op == "Clip":
+        ceiling = clip_ceiling(index, node)
+        return ceiling is None or ceiling > 0  # None: computed, taken as a ReLU6-like bound
+    return True  # Relu, Celu, Gelu, HardSwish
+
+
+def channel_mixing_reader(model: onnx.ModelProto, layer: Layer) -> str | None:
+    """The node after ``layer``'s probe that normalises across channels (GroupNormalization,
+    LayerNormalization, or a Reshape that splits the channels into groups for an
+    InstanceNormalization), described for a message; None when there is none."""
+    index = GraphIndex(model)
+    reader = index.single_consumer(layer.probe)
+    if reader is None:
+        return None
+    node = index.graph.node[reader]
+    if node.op_type in CHANNEL_MIXING_NORMS or (
+            node.op_type == "Reshape" and any(
+                index.graph.node[r].op_type == "InstanceNormalization"
+                for r in index.consumers.get(node.output[0], ()))):
+        return f"{node.name or node.output[0]!r} ({node.op_type})"
+    return None
 
 
 def clip_floor(index: GraphIndex, node: onnx.NodeProto) -> float | None:
@@ -230,6 +334,15 @@ def clip_floor(index: GraphIndex, node: onnx.NodeProto) -> float | None:
         value = index.constant(node.input[1])
         return None if value is None else float(value.min())
     return float(index.attribute(node, "min", -np.inf))  # type: ignore[arg-type]
+
+
+def clip_ceiling(index: GraphIndex, node: onnx.NodeProto) -> float | None:
+    """A Clip's upper bound: its constant input 2 (opset 11 on) or its ``max`` attribute
+    (before); ``inf`` when it has none, None when it is computed."""
+    if len(node.input) > 2 and node.input[2]:
+        value = index.constant(node.input[2])
+        return None if value is None else float(value.max())
+    return float(index.attribute(node, "max", np.inf))  # type: ignore[arg-type]
 
 
 def _probe_shape(

@@ -34,7 +34,8 @@ ATOL = 1e-5
 def zeroed_at_probes(proto: onnx.ModelProto,
                      removed: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
     """``proto`` with the ``removed`` kernels of each layer forced to zero at its probe point
-    (a Mul by a 0/1 mask right after the tensor's producer)."""
+    (a Mul by a 0/1 mask right after the tensor's producer). The probe here is the end of
+    the per-channel chain (``Layer.channel_end``), where a removed channel is gone."""
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     layers = {layer.name: layer for layer in find_layers(model)}
@@ -43,18 +44,19 @@ def zeroed_at_probes(proto: onnx.ModelProto,
         rank = 4 if layer.op == "Conv" else 2
         mask = np.ones(layer.kernels, np.float32)
         mask[list(kernels)] = 0
-        mask_name, masked = f"oracle_mask_{len(model.graph.initializer)}", f"{layer.probe}__zeroed"
+        end = layer.channel_end
+        mask_name, masked = f"oracle_mask_{len(model.graph.initializer)}", f"{end}__zeroed"
         model.graph.initializer.append(
             numpy_helper.from_array(mask.reshape((1, -1) + (1,) * (rank - 2)), mask_name))
         nodes = list(model.graph.node)
         for node in nodes:
             for i, tensor in enumerate(node.input):
-                if tensor == layer.probe:
+                if tensor == end:
                     node.input[i] = masked
         for output in model.graph.output:
-            assert output.name != layer.probe, "a probe that is a graph output cannot be masked"
-        producer = next(i for i, n in enumerate(nodes) if layer.probe in n.output)
-        nodes.insert(producer + 1, helper.make_node("Mul", [layer.probe, mask_name], [masked]))
+            assert output.name != end, "a probe that is a graph output cannot be masked"
+        producer = next(i for i, n in enumerate(nodes) if end in n.output)
+        nodes.insert(producer + 1, helper.make_node("Mul", [end, mask_name], [masked]))
         del model.graph.node[:]
         model.graph.node.extend(nodes)
     return model

@@ -341,10 +341,11 @@ def describe(node: gs.Node) -> str:
 
 
 def _chain_tensors(index: GraphIndex, layer: Layer) -> set[str]:
-    """Tensors from the layer's output up to (not including) its probe."""
+    """Tensors from the layer's output up to (not including) the end of its per-channel chain
+    (:attr:`Layer.channel_end`): where a removed channel is simply gone."""
     out: set[str] = set()
     tensor = layer.output
-    while tensor != layer.probe and tensor not in out:
+    while tensor != layer.channel_end and tensor not in out:
         out.add(tensor)
         reader = index.single_consumer(tensor)
         if reader is None:

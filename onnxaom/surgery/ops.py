@@ -233,7 +233,8 @@ class PRelu(Handler):
 
 @register("BatchNormalization")
 class BatchNorm(Handler):
-    PARAMS = ((1, "scale", 1.0), (2, "bias", 0.0), (3, "mean", 0.0), (4, "var", 1.0))
+    PARAMS: tuple[tuple[int, str, float], ...] = (
+        (1, "scale", 1.0), (2, "bias", 0.0), (3, "mean", 0.0), (4, "var", 1.0))
 
     def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
               layer: LayerSlots | None) -> list[Flow | None]:
@@ -266,6 +267,22 @@ class BatchNorm(Handler):
         shift = bias - mean * scale / np.sqrt(var + eps)
         if np.any(shift != 0):
             return "(a batch norm after the probe) shifts zeroed channels to non-zero values"
+        return None
+
+
+@register("InstanceNormalization")
+class InstanceNorm(BatchNorm):
+    """Per-sample, per-channel normalisation with a per-channel scale and bias: a channel is
+    sliced like a batch norm's; a zeroed channel comes out as its bias."""
+
+    PARAMS = ((1, "scale", 1.0), (2, "bias", 0.0))
+
+    def zero_reason(self, r: Rewriter, node: gs.Node, ins: Changes) -> str | None:
+        change = ins[0]
+        if change is None:
+            return None
+        if np.any(r.require_const(node, 2, "bias")[change.removed()] != 0):
+            return "(an instance norm after the probe) shifts zeroed channels to its bias"
         return None
 
 
@@ -773,6 +790,14 @@ def _layer_inputs(node: gs.Node, ins: Flows) -> Flow | None:
     return ins[0]
 
 
+def _check_features(flow: Flow | None, weight: np.ndarray | None, axis: int) -> None:
+    """A fully-connected layer's traced input must have as many features as its weight reads
+    on ``axis``; anything else means the trace lost the layout, so the edit is refused."""
+    if flow is not None and weight is not None and flow.size != int(weight.shape[axis]):
+        raise Unsupported(f"reads {flow.size} traced features but its weight takes "
+                          f"{int(weight.shape[axis])}")
+
+
 @register("Conv", layer=True)
 class Conv(Handler):
     """2-D Conv layers: out-channels are the layer's kernels; in-channels follow the input.
@@ -886,6 +911,8 @@ class Gemm(Handler):
         if flow is not None and (int(node.attrs.get("transA", 0)) or flow.rank != 2
                                  or flow.axis != 1):
             raise Unsupported("reads features that are not on axis 1 of its (N, F) input")
+        _check_features(flow, cg.const(node.inputs[1]),
+                        1 if int(node.attrs.get("transB", 0)) else 0)
         return _same(Flow(2, 1, (Segment(layer.slots),)), len(node.outputs))
 
     def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
@@ -925,6 +952,7 @@ class MatMul(Handler):
         rank = _out_rank(cg, node, 2)
         if flow is not None and (flow.rank != 2 or flow.axis != 1):
             raise Unsupported("reads features that are not on the last axis of its (N, F) input")
+        _check_features(flow, cg.const(node.inputs[1]), 0)
         return _same(Flow(rank, rank - 1, (Segment(layer.slots),)), len(node.outputs))
 
     def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
