@@ -112,3 +112,21 @@ def test_labels_and_image_sizes_that_do_not_fit_the_module_are_data_errors():
             run((x, np.arange(12) + 20))
         with pytest.raises(DataError, match=r"cannot run a batch of shape \(12, 1, 10, 10\)"):
             run((np.zeros((12, 1, 10, 10), np.float32), np.arange(12) % 10))
+
+
+def test_uint8_images_are_seen_in_0_1_as_by_collect(digits):
+    """The same pixels as uint8 (0..255) and as floats in [0, 1] give the same evaluation and
+    the same retraining, in pairs and in batches."""
+    net = architectures.PaperMNISTNet(image_size=8, conv_kernels=(4, 4), hidden=8)
+    as_float = np.round(np.array(digits.images) * 255) / 255
+    as_uint8 = np.round(np.array(digits.images) * 255).astype(np.uint8)
+    labels = np.array(digits.labels)
+    a = train.evaluate(net, (as_float.astype(np.float32), labels), device="cpu")
+    b = train.evaluate(net, (as_uint8, labels), device="cpu")
+    c = train.evaluate(net, [(as_uint8, labels)], device="cpu")
+    assert a.accuracy == b.accuracy == c.accuracy and a.per_class == b.per_class
+    ra = train.retrain(net, (as_float.astype(np.float32), labels), 1, seed=0, device="cpu",
+                       progress=False).module
+    rb = train.retrain(net, (as_uint8, labels), 1, seed=0, device="cpu", progress=False).module
+    for pa, pb in zip(ra.parameters(), rb.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb)

@@ -10,7 +10,7 @@ parameter is trained. Runs are seedable: the same seed, data and device give the
 Data, for both functions: an :class:`onnxaom.Dataset`, an ``(images, labels)`` pair of arrays
 (float (N, C, H, W), integer (N,)), or an iterable of ``(images, labels)`` batches such as a
 torch ``DataLoader`` (its own batching and shuffling are used; its random sampler draws from the
-seeded generator of the run).
+seeded generator of the run). uint8 images are scaled to [0, 1], as everywhere in onnxaom.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def _as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
             raise DataError(f"labels must be integers, got {y.dtype}")
         if x.shape[0] == 0:
             raise DataError("the data set is empty (0 images)")
-        return x.float(), y.long()
+        return _pixels(x), y.long()
     if isinstance(data, str | bytes) or not isinstance(data, Iterable):
         raise DataError(f"data must be an onnxaom Dataset, an (images, labels) pair or an "
                         f"iterable of (images, labels) batches, got {type(data).__name__}")
@@ -157,7 +157,13 @@ def _batches(data: Any, tensors: tuple[torch.Tensor, torch.Tensor] | None, batch
             raise DataError(f"batch {index} is a {type(item).__name__}; expected an "
                             f"(images, labels) pair")
         x, y = item
-        yield torch.as_tensor(x).float(), torch.as_tensor(y).long()
+        yield _pixels(torch.as_tensor(x)), torch.as_tensor(y).long()
+
+
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    """float32 images; uint8 pixels scaled to [0, 1], as onnxaom's loaders and ``collect`` do
+    (:func:`onnxaom.data.default_scale`)."""
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
 def _count(data: Any, tensors: tuple[torch.Tensor, torch.Tensor] | None,
