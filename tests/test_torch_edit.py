@@ -331,3 +331,33 @@ def test_legacy_node_names_of_nested_sequentials_give_module_paths():
     assert path("/layer1/layer1.0/downsample/downsample.0/Conv") == "layer1.0.downsample.0"
     assert path("/features/features.0/features.0.conv/Conv") == "features.0.conv"
     assert path("/Conv") is None and path("Conv_3") is None
+
+
+class PostActivationNorm(nn.Module):
+    """conv → ReLU → BN → conv → ReLU → gap → fc: the BN after the ReLU is not read by the probe
+    but goes with the channel when a kernel is removed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = self.bn1(self.relu1(self.conv1(x)))
+        return self.fc(self.relu2(self.conv2(x)).mean(dim=(2, 3)))
+
+
+def test_a_batch_norm_after_the_relu_goes_with_its_channel(tmp_path):
+    module = torch_zoo.reinit(PostActivationNorm(), 0)
+    model = export(tmp_path, module, (1, 3, 8, 8))
+    layer = model.layer("/conv1/Conv")
+    assert layer.chain == ("Relu",) and layer.channel_end != layer.probe
+    assert_parity(tmp_path, module, model, [RemoveKernels("/conv1/Conv", (0, 3))])
+    result = assert_parity(tmp_path, module, model, [InsertLayer("/conv1/Conv")])
+    x = zoo.random_input(model.proto, batch=3, seed=1)
+    np.testing.assert_allclose(zoo.run(result.model.proto, x)[0], zoo.run(model.proto, x)[0],
+                               rtol=1e-4, atol=ATOL)
