@@ -709,3 +709,31 @@ def test_flatten_heads_of_other_exporters_take_every_edit(kind):
         assert_removal_exact(proto, {"conv2": removed})
     assert_same_function(proto, apply(Model(proto), WidenLayer("conv2", add=3)).proto)
     assert_removal_exact(proto, {"conv1": [2]})
+
+
+def test_a_refused_coupling_names_the_merge_not_a_silu_multiply():
+    """SiLU exported as x * Sigmoid(x) multiplies a layer's channels by a function of
+    themselves: no coupling. Only the residual Add couples conv1 and conv2."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 2, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(4, 4, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.normal(size=(3, 4, 3, 3)).astype(np.float32), "w3")]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Sigmoid", ["c1"], ["g1"], name="sig1"),
+             helper.make_node("Mul", ["c1", "g1"], ["s1"], name="silu1"),
+             helper.make_node("Conv", ["s1", "w2"], ["c2"], name="conv2", pads=[1] * 4),
+             helper.make_node("Sigmoid", ["c2"], ["g2"], name="sig2"),
+             helper.make_node("Mul", ["c2", "g2"], ["s2"], name="silu2"),
+             helper.make_node("Add", ["s1", "s2"], ["sum"], name="residual"),
+             helper.make_node("Conv", ["sum", "w3"], ["c3"], name="conv3", pads=[1] * 4),
+             helper.make_node("ReduceMean", ["c3"], ["logits"], axes=[2, 3], keepdims=0)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2, 6, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 7
+    with pytest.raises(EditError) as info:
+        remove_kernels(Model(proto), {"conv1": [0]}, coupled="refuse")
+    assert "merged by node 'residual' (Add));" in str(info.value)
+    assert "silu" not in str(info.value)
+    assert_removal_exact(proto, {"conv1": [0]})  # propagated to conv2, exact

@@ -222,10 +222,10 @@ class Slots:
                     self._blocked.setdefault(rx, []).extend(self._blocked.pop(ry))
                 if ry in self._couplers:
                     self._couplers.setdefault(rx, []).extend(self._couplers.pop(ry))
-            if coupler is not None:
-                names = self._couplers.setdefault(rx, [])
-                if coupler not in names:
-                    names.append(coupler)
+                if coupler is not None:  # only a merge of two classes couples (not x * f(x))
+                    names = self._couplers.setdefault(rx, [])
+                    if coupler not in names:
+                        names.append(coupler)
             if tie:
                 tx, ty = self.find_tie(x), self.find_tie(y)
                 if tx != ty:
