@@ -33,11 +33,9 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -49,6 +47,7 @@ from onnxaom_torch import PaperCIFARNet, export_onnx
 from onnxaom_torch.train import evaluate
 
 import onnxaom
+from onnxaom.files import atomic_write_text
 
 from . import tables, torchnet
 from .fashion_mnist import Data, load_data, selectivity_experiment
@@ -138,13 +137,6 @@ def run_seed(config: Config, seed: int, data: Data, out: Path, resume: bool) -> 
             "check": tables.fig8_check(records)}
 
 
-def _save(results: dict[str, Any], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
-
-
 def run(config: Config, out: Path, *, resume: bool = False, render: bool = True
         ) -> dict[str, Any]:
     """Fig. 8 for every base seed; returns (and writes) the results dict."""
@@ -164,7 +156,7 @@ def run(config: Config, out: Path, *, resume: bool = False, render: bool = True
     for seed in config.base_seeds:
         results["seeds"].append(run_seed(config, seed, data, out, resume))
         results["seconds"] = time.perf_counter() - start
-        _save(results, out / "results.json")
+        atomic_write_text(out / "results.json", json.dumps(results, indent=1))
         write_outputs(results, out, render=render)
     return results
 
