@@ -17,11 +17,13 @@ VIEWS = ("aom", "odm", "csm", "selectivity", "layer")
 
 def _cmd_render(args: argparse.Namespace) -> int:
     from . import charts
-    from .errors import LayerNotFoundError
+    from .errors import LayerNotFoundError, ReportError
+    from .files import refuse_inputs
     from .findings import Findings, analyze
     from .report import render
     from .stats import OccurrenceStats
 
+    refuse_inputs(args.output, [args.stats, args.findings])
     stats = OccurrenceStats.load(args.stats)
     layer = args.layer if args.layer is not None else stats.layer_names[0]
     if layer not in stats.layer_names:
@@ -37,6 +39,11 @@ def _cmd_render(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = {}
     if args.view in ("aom", "csm", "selectivity"):
         kw = {"page": args.page, "page_size": args.page_size}
+        kernels = int(stats.counts[layer].shape[0])
+        pages = max(1, -(-kernels // max(args.page_size, 1)))
+        if args.page is not None and not 1 <= args.page <= pages:
+            raise ReportError(f"--page {args.page}: layer {layer!r} has {kernels} kernels, "
+                              f"{pages} page(s) of {args.page_size}; choose 1..{pages}")
     makers: dict[str, Callable[..., Any]] = {
         "aom": charts.aom_grid,
         "odm": charts.odm_heatmap,
@@ -49,6 +56,17 @@ def _cmd_render(args: argparse.Namespace) -> int:
     path = render(chart, Path(args.output), scale=args.scale)
     print(f"wrote {path}")
     return 0
+
+
+def _positive(text: str) -> float:
+    """A finite number > 0, for ``--scale``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -72,5 +90,6 @@ def add_parsers(subparsers: Any) -> None:
                    help="aom/csm/selectivity: draw only kernels page N (default: all kernels)")
     p.add_argument("--page-size", type=int, default=64, metavar="K",
                    help="kernels a page (default 64)")
-    p.add_argument("--scale", type=float, default=1.0, help="PNG/PDF scale factor (default 1)")
+    p.add_argument("--scale", type=_positive, default=1.0,
+                   help="PNG/PDF scale factor (default 1)")
     p.set_defaults(func=_cmd_render)

@@ -180,10 +180,13 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_propose(args: argparse.Namespace) -> int:
+    from .files import refuse_inputs
     from .findings import Findings
     from .proposal import override, propose
     from .stats import OccurrenceStats
 
+    if args.output:  # before any work; the model's own files are checked once it is loaded
+        refuse_inputs(args.output, [args.stats, args.findings, args.model])
     stats = OccurrenceStats.load(args.stats)
     findings = Findings.from_json(args.findings) if args.findings else None
     keep: dict[str, int] = dict(parse_keep(k) for k in args.keep or [])
@@ -202,6 +205,8 @@ def _cmd_propose(args: argparse.Namespace) -> int:
         proposal = override(proposal, keep=tables["keep"], remove=tables["remove"],
                             only=tables["only"])
     if args.output:
+        refuse_inputs(args.output, [args.stats, args.findings,
+                                    *(model.protected if model is not None else ())])
         proposal.to_json(args.output)
     if args.json:
         print(json.dumps(proposal.to_dict(), indent=2))

@@ -81,9 +81,10 @@ def _run(args: argparse.Namespace, edits: list[Edit]) -> int:
 
     out = _output_path(args.model, args.output)
     model = load(args.model)
+    external = {"auto": None, "yes": True, "no": False}[args.external_data]
+    model.check_output(out, external)  # its external data too, before the edit's work
     before = summary(model)
     new = apply(model, edits)
-    external = {"auto": None, "yes": True, "no": False}[args.external_data]
     new.save(out, external_data=external)
     after = summary(new)
     old_rows = {row.name: row for row in before.layers}

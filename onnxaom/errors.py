@@ -14,6 +14,8 @@ also inherits the builtin it matches, so ``except ValueError`` keeps working::
     ├── ReportError (ValueError)        a chart or report that cannot be made as asked
     ├── SessionError (ValueError)       a tuning-session folder that is corrupt, half-written or
     │                                   does not match (names the file or step)
+    ├── OutputError (OSError)           an output that cannot be written: read-only folder, a
+    │                                   folder in its place, one of the command's own inputs
     └── ProviderError (RuntimeError)    an execution provider asked for that cannot load
 
 Messages name the node, layer, file or argument at fault and, where possible, the fix.
@@ -28,6 +30,7 @@ __all__ = [
     "ModelError",
     "ModelFileNotFoundError",
     "OnnxaomError",
+    "OutputError",
     "ProviderError",
     "ReportError",
     "SessionError",
@@ -76,3 +79,8 @@ class ReportError(OnnxaomError, ValueError):
 
 class SessionError(OnnxaomError, ValueError):
     """A tuning session folder that cannot be used (names the file or step at fault)."""
+
+
+class OutputError(OnnxaomError, OSError):
+    """An output file that cannot be written: a read-only or missing folder, a folder where a
+    file should go, or one of the inputs of the same command (names the path)."""

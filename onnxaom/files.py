@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import ModelFileNotFoundError, StatsError
+from .errors import ModelFileNotFoundError, OnnxaomError, OutputError, StatsError
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_to", "read_json"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_to", "read_json", "refuse_inputs"]
 
 
 def _default_mode() -> int:
@@ -47,7 +47,12 @@ def atomic_write_to(path: str | os.PathLike[str], write: Callable[[Path], None])
     path = Path(path)
     if not path.parent.is_dir():
         raise ModelFileNotFoundError(f"output folder does not exist: {path.parent}")
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.is_dir():
+        raise OutputError(f"output {path} is a folder; give a file name")
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # a read-only folder
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     os.close(fd)
     tmp = Path(name)
     try:
@@ -56,6 +61,11 @@ def atomic_write_to(path: str | os.PathLike[str], write: Callable[[Path], None])
             os.fsync(handle.fileno())
         os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OnnxaomError):
+            raise
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -91,3 +101,23 @@ def read_json(path: str | os.PathLike[str], what: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise StatsError(f"cannot read {what} file {path}: {exc}") from exc
+
+
+def refuse_inputs(output: str | os.PathLike[str], inputs: Iterable[Any],
+                  option: str = "-o") -> None:
+    """Raise :class:`OutputError` when ``output`` is one of a command's ``inputs`` (paths; None
+    entries are skipped): the same resolved path or a hard link to it."""
+    out = Path(output)
+    for given in inputs:
+        if given is None:
+            continue
+        path = Path(given)
+        same = out.resolve() == path.resolve()
+        if not same and out.exists() and path.exists():
+            try:
+                same = os.path.samefile(out, path)
+            except OSError:
+                same = False
+        if same:
+            raise OutputError(f"{option} {output} is one of this command's inputs ({given}); "
+                              f"choose another file")

@@ -2,19 +2,21 @@
 
 model file + data spec -> statistics -> findings -> files in an output folder:
 ``stats.npz`` (exact counts + metadata), ``findings.json`` (tasks 1-3) and ``report.html``.
-Every file is written atomically; a failure leaves earlier files of the folder untouched.
+Every file is written atomically, and the three are moved into the folder together once all
+exist: a failure or an interrupt leaves the folder's earlier files untouched.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .collect import collect
 from .data import load_spec
-from .errors import ModelFileNotFoundError
+from .errors import ModelFileNotFoundError, OutputError
 from .findings import Findings, analyze
 from .graph import dim_values
 from .instrument import image_input
@@ -69,9 +71,19 @@ def run_analysis(
     )
     findings = analyze(stats)
     out.mkdir(parents=True, exist_ok=True)
-    stats_path = stats.save(out / "stats.npz")
-    findings_path = findings.to_json(out / "findings.json")
-    report_path = _write_report(model, stats, findings, out)
+    # all three files are made in a scratch folder first and moved in together at the end, so
+    # a failure or an interrupt leaves the folder's earlier results whole, not mixed
+    with tempfile.TemporaryDirectory(dir=out, prefix=".onnxaom-") as scratch:
+        made = [stats.save(Path(scratch) / "stats.npz"),
+                findings.to_json(Path(scratch) / "findings.json"),
+                _write_report(model, stats, findings, Path(scratch))]
+        for path in made:
+            target = out / path.name
+            if target.is_dir():
+                raise OutputError(f"{target} is a folder; remove it or choose another --out")
+        for path in made:
+            os.replace(path, out / path.name)
+    stats_path, findings_path, report_path = (out / p.name for p in made)
     lines = [
         f"{model.name}: {len(stats.layer_names)} layers, {stats.num_classes} classes, "
         f"{stats.num_samples} samples ({dataset.source}) on {stats.metadata['provider']}",

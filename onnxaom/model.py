@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 import onnx
 from onnx import external_data_helper
 
-from .errors import LayerNotFoundError, ModelError, ModelFileNotFoundError
+from .errors import LayerNotFoundError, ModelError, ModelFileNotFoundError, OutputError
 
 if TYPE_CHECKING:
     from .layers import Layer
@@ -41,14 +42,20 @@ class Model:
     external_data:
         Whether saving should write weights to an external ``<file>.data`` (defaults to whether
         the source file used external data).
+    protected:
+        Files :meth:`save` must never write: the source model file and its external data files,
+        also for models made from it by an edit. ``path`` is always among them.
     """
 
     def __init__(
-        self, proto: onnx.ModelProto, path: Path | None = None, external_data: bool = False
+        self, proto: onnx.ModelProto, path: Path | None = None, external_data: bool = False,
+        protected: Iterable[Path] = (),
     ) -> None:
         self._proto = proto
         self.path = path
         self.external_data = external_data
+        self.protected = frozenset({*(Path(p).resolve() for p in protected),
+                                    *(() if path is None else (Path(path).resolve(),))})
 
     @property
     def proto(self) -> onnx.ModelProto:
@@ -101,15 +108,22 @@ class Model:
     def save(self, path: str | os.PathLike[str], external_data: bool | None = None) -> Path:
         """Write the model to ``path`` atomically and return the path.
 
-        Refuses to overwrite the file this model was loaded from. With external data (default:
-        as the source), weights go to ``<path>.data`` beside the model file.
+        Refuses to overwrite the files this model, or the model it was edited from, was loaded
+        from (the model file and its external data). With external data (default: as the
+        source), weights go to ``<path>.data`` beside the model file.
         """
         return save(
             self._proto,
             path,
             external_data=self.external_data if external_data is None else external_data,
-            protect=self.path,
+            protect=self.protected,
         )
+
+    def check_output(self, path: str | os.PathLike[str], external_data: bool | None = None
+                     ) -> None:
+        """Raise, before any work, when :meth:`save` to ``path`` would be refused."""
+        _refuse_protected(Path(path), self.external_data if external_data is None
+                          else external_data, list(self.protected))
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, opset={self.opset}, nodes={len(self._proto.graph.node)})"
@@ -132,6 +146,7 @@ def load(path: str | os.PathLike[str]) -> Model:
         external_data_helper.uses_external_data(t)
         for t in external_data_helper._get_all_tensors(proto)
     )
+    protected = _external_files(proto, path.parent)  # read before loading clears them
     if uses_external:
         try:
             external_data_helper.load_external_data_for_model(proto, str(path.parent))
@@ -139,46 +154,77 @@ def load(path: str | os.PathLike[str]) -> Model:
             raise ModelFileNotFoundError(
                 f"{path} stores weights in an external data file that cannot be read: {exc}"
             ) from exc
-    return Model(proto, path=path.resolve(), external_data=uses_external)
+    return Model(proto, path=path.resolve(), external_data=uses_external, protected=protected)
+
+
+def _external_files(proto: onnx.ModelProto, folder: Path) -> set[Path]:
+    """The external data files ``proto``'s tensors point to, resolved against ``folder``."""
+    files = set()
+    for tensor in external_data_helper._get_all_tensors(proto):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                files.add((folder / entry.value).resolve())
+    return files
 
 
 def save(
     proto: onnx.ModelProto,
     path: str | os.PathLike[str],
     external_data: bool = False,
-    protect: Path | None = None,
+    protect: Path | Iterable[Path] | None = None,
 ) -> Path:
     """Write ``proto`` to ``path`` atomically (temp file + rename); ``proto`` is not changed.
 
-    With ``external_data`` the weights go to ``<name>.data`` in the same folder. ``protect`` is
-    a path that must not be overwritten (the model's source file).
+    With ``external_data`` the weights go to ``<name>.data`` in the same folder. ``protect``:
+    files that must not be written, the model's nor its external data's (a source model's).
     """
     path = Path(path)
-    if protect is not None and path.resolve() == Path(protect).resolve():
-        raise ModelError(
-            f"refusing to overwrite the input model {path}; choose another output path"
-        )
+    data_path = path.with_name(path.name + ".data")
+    _refuse_protected(path, external_data,
+                      [protect] if isinstance(protect, Path) else list(protect or ()))
+    if path.is_dir():
+        raise OutputError(f"output {path} is a folder; give a file name such as "
+                          f"{path / 'model.onnx'}")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ModelFileNotFoundError(f"output folder does not exist: {parent}")
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
-    data_name = path.name + ".data"
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".onnxaom-") as tmp:
-        tmp_model = Path(tmp) / path.name
-        if external_data:
-            onnx.save_model(
-                copy,
-                str(tmp_model),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=EXTERNAL_DATA_THRESHOLD,
-            )
-            tmp_data = Path(tmp) / data_name
-            if tmp_data.exists():
-                os.replace(tmp_data, parent / data_name)
-        else:
+    try:
+        with tempfile.TemporaryDirectory(dir=parent, prefix=".onnxaom-") as tmp:
+            tmp_model = Path(tmp) / path.name
+            if external_data:
+                # the weights are marked by hand: onnx's own conversion looks for an existing
+                # file of that name in the current directory, not beside the model
+                for tensor in external_data_helper._get_initializer_tensors(copy):
+                    if tensor.HasField("raw_data") and len(tensor.raw_data) >= \
+                            EXTERNAL_DATA_THRESHOLD:
+                        external_data_helper.set_external_data(tensor, data_path.name)
             onnx.save_model(copy, str(tmp_model))
-        os.replace(tmp_model, path)
+            tmp_data = Path(tmp) / data_path.name
+            if tmp_data.exists():
+                os.replace(tmp_data, data_path)
+            os.replace(tmp_model, path)
+    except OSError as exc:  # a read-only folder, a full disk
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path
+
+
+def _refuse_protected(path: Path, external_data: bool, guarded: list[Path]) -> None:
+    """Raise when the model file or its weights file would land on a ``guarded`` file."""
+    data_path = path.with_name(path.name + ".data")
+    for target in (path, data_path) if external_data else (path,):
+        if any(_same_file(target, p) for p in guarded):
+            what = "the model" if target == path else "its weights file"
+            raise ModelError(f"refusing to overwrite a file of the source model: {target} "
+                             f"({what} would replace it); choose another output path")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same resolved path, or a hard link to it."""
+    if a.resolve() == Path(b).resolve():
+        return True
+    try:
+        return a.exists() and Path(b).exists() and os.path.samefile(a, b)
+    except OSError:
+        return False

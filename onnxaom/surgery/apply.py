@@ -94,7 +94,7 @@ def apply(model: Model, edits: Edit | Iterable[Edit]) -> Model:
     restore_value_info(proto, _value_info_names(original, proto))
     _record(proto, edit_list)
     _postconditions(proto, edit_list)
-    return Model(proto, path=None, external_data=model.external_data)
+    return Model(proto, path=None, external_data=model.external_data, protected=model.protected)
 
 
 def remove_kernels(model: Model, removals: Mapping[str, Iterable[int]],
