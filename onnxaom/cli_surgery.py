@@ -34,6 +34,11 @@ from .errors import EditError, ModelError
 __all__ = ["add_parsers", "parse_indices", "parse_removal"]
 
 
+#: More kernel indices than any layer has: a range beyond it is a typo, refused before it is
+#: expanded into a list.
+MAX_INDICES = 1 << 20
+
+
 def parse_indices(text: str) -> list[int]:
     """``"0,3,5"`` or ``"0-3,7"`` -> ``[0, 3, 5]`` / ``[0, 1, 2, 3, 7]``."""
     out: list[int] = []
@@ -45,9 +50,14 @@ def parse_indices(text: str) -> list[int]:
                 first, last = int(low), int(high)
                 if last < first:
                     raise ValueError
+                if last - first >= MAX_INDICES:
+                    raise EditError(f"range {part!r} in {text!r} names {last - first + 1:,} "
+                                    f"kernels; no layer has more than {MAX_INDICES:,}")
                 out.extend(range(first, last + 1))
             else:
                 out.append(int(part))
+        except EditError:
+            raise
         except ValueError:
             raise EditError(f"bad kernel index {part!r} in {text!r}; write indices like "
                             f"0,3,5 or ranges like 0-7") from None

@@ -20,6 +20,7 @@ records which was used.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -418,6 +419,12 @@ class Collector:
     ) -> None:
         if method not in METHODS:
             raise ModelError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        try:
+            finite = math.isfinite(float(threshold))
+        except (TypeError, ValueError):
+            finite = False
+        if not finite or isinstance(threshold, bool):
+            raise DataError(f"threshold must be a finite number, got {threshold!r}")
         if num_classes is not None and (
             not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1
         ):

@@ -584,3 +584,10 @@ def test_counts_larger_than_the_machine_are_refused_before_allocating(monkeypatc
         collect(onnxaom.Model(proto), images, labels, progress=False)
     small = collect(onnxaom.Model(proto), images, labels, layers=["fc2"], progress=False)
     assert small.layer_names == ("fc2",)
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), "x", True])
+def test_a_threshold_that_is_not_a_finite_number_is_refused(chain_data, threshold) -> None:
+    model, images, labels = chain_data
+    with pytest.raises(DataError, match="threshold must be a finite number"):
+        collect(model, images, labels, threshold=threshold, progress=False)

@@ -121,6 +121,8 @@ def test_parsers():
     assert parse_removal("a:b:0") == ("a:b", [0])
     with pytest.raises(EditError):
         parse_indices("1,,2")
+    with pytest.raises(EditError, match=r"range '0-1000000000' .* names 1,000,000,001 kernels"):
+        parse_indices("0-1000000000")  # refused before a billion ints are made
     parser = argparse.ArgumentParser()
     add_parsers(parser.add_subparsers())
     args = parser.parse_args(["widen", "m.onnx", "--layer", "c", "--add", "2", "-o", "o.onnx"])

@@ -63,8 +63,10 @@ def plan(cg: ChannelGraph, edits: Sequence[RemoveKernels]) -> tuple[RemovePlan, 
         k = len(ref.slots)
         bad = [i for i in edit.kernels if i >= k]
         if bad:
+            shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more"
+                                                      if len(bad) > 10 else "")
             raise EditError(f"layer {edit.layer!r} has {k} kernels (indices 0..{k - 1}); "
-                            f"{bad} out of range")
+                            f"{shown} out of range")
         asked.update((edit.layer, i) for i in edit.kernels)
         classes = cg.classes(ref.slots[list(edit.kernels)])
         check_blocked(cg, edit.layer, classes)
