@@ -195,20 +195,39 @@ class OccurrenceStats:
         return aom_from_counts(counts, self.class_sizes)
 
     def odm(self, name: str) -> np.ndarray:
-        """Eq. 2, float64 (K, K)."""
-        return odm(self.aom(name))
+        """Eq. 2, float64 (K, K), over the classes with samples."""
+        aom, present = self._aom_present(name)
+        return odm(aom[:, present])
 
     def csm(self, name: str) -> np.ndarray:
-        """Eq. 3, float64 (K, C, H, W), divided by |C| - 1."""
-        return csm(self.aom(name))
+        """Eq. 3, float64 (K, C, H, W), divided by |C| - 1; over the classes with samples (a
+        class without any has NaN maps and is left out of the others' means)."""
+        aom, present = self._aom_present(name)
+        return self._per_class(csm(aom[:, present]), aom.shape, present)
 
     def class_selectivity(self, name: str) -> np.ndarray:
-        """Average CSM per (kernel, class), float64 (K, C)."""
-        return class_selectivity(self.aom(name))
+        """Average CSM per (kernel, class), float64 (K, C); NaN for a class without samples."""
+        aom, present = self._aom_present(name)
+        return self._per_class(class_selectivity(aom[:, present]), aom.shape[:2], present)
 
     def selectivity(self, name: str) -> np.ndarray:
-        """Eq. 4, float64 (K,), over ordered class pairs c0 != c1."""
-        return selectivity(self.aom(name))
+        """Eq. 4, float64 (K,), over ordered pairs c0 != c1 of classes with samples."""
+        aom, present = self._aom_present(name)
+        return selectivity(aom[:, present])
+
+    def _aom_present(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The AOM and the indices of the classes with samples (every class, normally)."""
+        return self.aom(name), np.flatnonzero(self.class_sizes > 0)
+
+    def _per_class(self, values: np.ndarray, shape: tuple[int, ...], present: np.ndarray
+                   ) -> np.ndarray:
+        """``values`` of the present classes (axis 1) placed in an array of ``shape``, NaN for
+        the classes without samples."""
+        if len(present) == shape[1]:
+            return values
+        out = np.full(shape, np.nan)
+        out[:, present] = values
+        return out
 
     # ----------------------------------------------------------------- merging
     def __add__(self, other: object) -> OccurrenceStats:

@@ -207,3 +207,26 @@ def test_mirrored_odm_puts_a_kernel_and_its_complement_together() -> None:
     aom = np.concatenate([garment[:1], background[:1]])
     assert odm(aom)[0, 1] == 1.0
     assert mirrored_odm(aom)[0, 1] == 0.0
+
+
+def test_a_class_without_samples_is_left_out_of_eqs_2_to_4() -> None:
+    """With allow_empty_classes the empty class's AOM is NaN; the ODM, the other classes' CSM
+    and the selectivity are those of the classes with samples, not NaN everywhere."""
+    import warnings
+
+    rng = np.random.default_rng(8)
+    counts = rng.integers(0, 6, size=(5, 4, 2, 3)).astype(np.int64)
+    sizes = np.array([6, 6, 0, 6])
+    counts[:, 2] = 0
+    with_empty = OccurrenceStats({"l": counts}, sizes, ("a", "b", "gone", "d"))
+    without = OccurrenceStats({"l": counts[:, [0, 1, 3]]}, sizes[[0, 1, 3]], ("a", "b", "d"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the NaN AOM is announced
+        np.testing.assert_allclose(with_empty.odm("l"), without.odm("l"))
+        np.testing.assert_allclose(with_empty.selectivity("l"), without.selectivity("l"))
+        csm_ = with_empty.csm("l")
+        assert np.isnan(csm_[:, 2]).all()
+        np.testing.assert_allclose(csm_[:, [0, 1, 3]], without.csm("l"))
+        cs = with_empty.class_selectivity("l")
+        assert np.isnan(cs[:, 2]).all()
+        np.testing.assert_allclose(cs[:, [0, 1, 3]], without.class_selectivity("l"))
