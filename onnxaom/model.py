@@ -203,6 +203,7 @@ def save(
             onnx.save_model(copy, str(tmp_model))
             tmp_data = Path(tmp) / data_path.name
             if tmp_data.exists():
+                os.chmod(tmp_data, os.stat(tmp_model).st_mode & 0o777)  # as the model file
                 os.replace(tmp_data, data_path)
             os.replace(tmp_model, path)
     except OSError as exc:  # a read-only folder, a full disk

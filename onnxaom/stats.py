@@ -300,18 +300,27 @@ class OccurrenceStats:
         path = Path(path)
         if not path.exists():
             raise ModelFileNotFoundError(f"statistics file not found: {path}")
+        if path.is_dir():
+            raise StatsError(f"{path} is a folder, not a statistics file")
+        with path.open("rb") as handle:
+            if handle.read(2) != b"PK":  # an .npz is a zip archive
+                raise StatsError(f"{path} is not an onnxaom statistics file (not an .npz "
+                                 f"archive); give the stats.npz that `onnxaom analyze` wrote")
         try:
             with np.load(path, allow_pickle=False) as data:
                 header = json.loads(str(data["header"]))
-                if header.get("format") != "onnxaom.OccurrenceStats":
+                if not isinstance(header, dict) or \
+                        header.get("format") != "onnxaom.OccurrenceStats":
                     raise StatsError(f"{path} is not an onnxaom statistics file")
                 counts = {name: data[f"counts_{i}"] for i, name in enumerate(header["layers"])}
                 sizes = data["class_sizes"]
-        except StatsError:
-            raise
-        except Exception as exc:
+            return cls(counts, sizes, tuple(header["class_names"]), header["metadata"])
+        except StatsError as exc:
+            if str(path) in str(exc):
+                raise
+            raise StatsError(f"{path}: {exc}") from exc
+        except Exception as exc:  # a damaged or hand-edited file: whatever numpy/json raise
             raise StatsError(f"cannot read statistics file {path}: {exc}") from exc
-        return cls(counts, sizes, tuple(header["class_names"]), header["metadata"])
 
     def __repr__(self) -> str:
         return (

@@ -152,3 +152,20 @@ def test_a_failed_analysis_leaves_the_earlier_results_whole(tmp_path: Path,
         job.run_analysis(model_path, f"npz:{tmp_path / 'd.npz'}", out, progress=False)
     assert _digest(*files) == before
     assert sorted(p.name for p in out.iterdir()) == ["findings.json", "report.html", "stats.npz"]
+
+
+def test_statistics_files_that_are_not_statistics_are_named(tmp_path: Path) -> None:
+    text = tmp_path / "notes.npz"
+    text.write_text("not statistics")
+    with pytest.raises(onnxaom.StatsError, match=r"notes\.npz is not an onnxaom statistics "
+                                                  r"file \(not an \.npz archive\)"):
+        onnxaom.OccurrenceStats.load(text)
+    with pytest.raises(onnxaom.StatsError, match="is a folder"):
+        onnxaom.OccurrenceStats.load(tmp_path)
+
+
+def test_the_weights_file_gets_the_model_files_permissions(tmp_path: Path) -> None:
+    model = onnxaom.Model(zoo.chain(seed=7, kernels=(8, 8)))
+    path = model.save(tmp_path / "m.onnx", external_data=True)
+    data = tmp_path / "m.onnx.data"
+    assert data.stat().st_mode & 0o777 == path.stat().st_mode & 0o777
