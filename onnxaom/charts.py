@@ -427,7 +427,9 @@ def _tile_grid(
     h, w = pooled.shape[-2:]
     upscale = max(1, math.ceil(cell / max(h, w)))
     index = quantize(pooled, domain, len(palette))
-    means = np.nanmean(maps.reshape(*maps.shape[:2], -1), axis=2) if maps.size else maps
+    with warnings.catch_warnings():  # a class without samples: all-NaN maps, a NaN mean
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(maps.reshape(*maps.shape[:2], -1), axis=2) if maps.size else maps
     records = []
     for k in layer.order.tolist():
         row, page_k, group = layer.rows[k], layer.page(k), layer.group_label(k)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def _analyze(model_path: Path, data_spec: str, args: argparse.Namespace) -> int:
         probe=args.probe,
         progress=not args.quiet,
         resize=getattr(args, "resize", None),
+        allow_empty_classes=args.allow_empty_classes,
     )
     for line in result.lines:
         print(line)
@@ -117,6 +119,9 @@ def _add_collect_options(p: argparse.ArgumentParser) -> None:
         default="activation",
         help="where a kernel's activation is read (default: after its BN/ReLU chain)",
     )
+    p.add_argument("--allow-empty-classes", action="store_true",
+                   help="accept classes without samples (their maps are NaN and are left out "
+                   "of the ODM, CSM and selectivity)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -178,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_warned: set[str] = set()
+
+
+def _one_line_warning(message: Warning | str, *_args: object, **_kwargs: object) -> None:
+    """A warning on the command line: one line, once, no source excerpt."""
+    text = str(message)
+    if text not in _warned:
+        _warned.add(text)
+        print(f"onnxaom: warning: {text}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -185,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    warnings.showwarning = _one_line_warning
     try:
         return int(args.func(args))
     except OnnxaomError as exc:

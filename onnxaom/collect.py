@@ -539,7 +539,8 @@ class Collector:
             message = (f"{len(empty)} of {c} classes have no samples: {listed} (their AOMs are "
                        f"undefined)")
             if not allow_empty_classes:
-                raise DataError(message + "; pass allow_empty_classes=True to get NaN AOMs")
+                raise DataError(message + "; pass allow_empty_classes=True (on the command "
+                                "line --allow-empty-classes) to get NaN AOMs for them")
             warnings.warn(message, RuntimeWarning, stacklevel=2)
         counts = {}
         for layer, flat in zip(self.layers, acc.counts, strict=True):

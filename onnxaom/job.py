@@ -49,6 +49,7 @@ def run_analysis(
     probe: str = "activation",
     progress: bool = True,
     resize: tuple[int, int] | None = None,
+    allow_empty_classes: bool = False,
 ) -> AnalysisResult:
     """Analyse ``model_path`` on the data named by ``data_spec``; write the results to ``out``.
 
@@ -68,6 +69,7 @@ def run_analysis(
         threshold=threshold,
         probe=probe,
         progress=progress,
+        allow_empty_classes=allow_empty_classes,
     )
     findings = analyze(stats)
     out.mkdir(parents=True, exist_ok=True)

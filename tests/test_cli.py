@@ -134,3 +134,19 @@ def test_help_mentions_every_command() -> None:
     assert result.returncode == 0
     for command in ("layers", "analyze", "demo"):
         assert command in result.stdout
+
+
+def test_allow_empty_classes_on_the_command_line(tmp_path: Path) -> None:
+    model_path = zoo.save(zoo.chain(), tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((20, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.where(np.arange(20) % 2 == 0, 0, 2))  # no class 1
+    args = ["analyze", str(model_path), "--data", f"npz:{tmp_path / 'd.npz'}", "--out",
+            str(tmp_path / "o"), "-q"]
+    result = run_cli(*args)
+    assert result.returncode == 1 and "--allow-empty-classes" in result.stderr
+    result = run_cli(*args, "--allow-empty-classes")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines and all(line.startswith("onnxaom: warning: ") for line in lines), lines
+    stats = onnxaom.OccurrenceStats.load(tmp_path / "o" / "stats.npz")
+    assert not np.isnan(stats.odm("conv1")).any()  # eq. 2 over the classes with samples
