@@ -737,3 +737,9 @@ def test_a_refused_coupling_names_the_merge_not_a_silu_multiply():
     assert "merged by node 'residual' (Add));" in str(info.value)
     assert "silu" not in str(info.value)
     assert_removal_exact(proto, {"conv1": [0]})  # propagated to conv2, exact
+
+
+def test_a_widening_that_cannot_fit_in_memory_is_refused_before_allocating():
+    proto = zoo.residual()
+    with pytest.raises(EditError, match=r"add=100000000\): .* could need up to .* GiB of weights"):
+        apply(Model(proto), [WidenLayer("conv1", 100_000_000)])

@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 
 from ..edits import WidenLayer
 from ..errors import EditError
+from ..memory import available_bytes
 from .channels import Rewriter, WidenPlan, build, rewrite
 from .remove import check_blocked, refuse_coupled
 
@@ -51,11 +52,24 @@ def widen_sources(edit: WidenLayer, k: int, rng: np.random.Generator) -> np.ndar
     return np.sort(rng.choice(k, size=edit.add, replace=edit.add > k)).astype(np.int64)
 
 
+def _check_memory(proto: onnx.ModelProto, edit: WidenLayer, k: int) -> None:
+    """Refuse, before allocating, a widening whose weights cannot fit in the memory available:
+    at most every weight grows by (K + add) / K on both of its channel axes."""
+    memory = available_bytes()
+    weights = sum(t.ByteSize() for t in proto.graph.initializer)
+    need = weights * ((k + edit.add) / k) ** 2
+    if memory is not None and need > memory:
+        raise EditError(f"WidenLayer({edit.layer!r}, add={edit.add}): {k} -> {k + edit.add} "
+                        f"kernels could need up to {need / 2**30:.1f} GiB of weights, more than "
+                        f"the {memory / 2**30:.1f} GiB of memory available")
+
+
 def widen_step(graph: gs.Graph, proto: onnx.ModelProto, edit: WidenLayer) -> dict[str, object]:
     """Widen ``edit.layer`` of ``graph`` in place; returns which layers grew and the sources."""
     cg = build(graph, proto)
     ref = cg.layer(edit.layer)
     k = len(ref.slots)
+    _check_memory(proto, edit, k)
     rng = np.random.default_rng(edit.seed)
     sources = widen_sources(edit, k, rng)
     block = cg.slots.roots(ref.slots)
