@@ -224,7 +224,9 @@ def _rank(index: GraphIndex, tensor: str) -> int | None:
             return None if target is None or len(target) != 1 else target[0]
         if node.op_type not in _RANK_KEEPING or not node.input:
             return None
-        tensor = node.input[0]
+        # follow the computed input (Add(bias, x) broadcasts x's rank, not the bias's)
+        tensor = next((name for name in node.input
+                       if name and index.constant_shape(name) is None), node.input[0])
     return None
 
 
