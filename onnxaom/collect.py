@@ -38,6 +38,7 @@ from .data import (
     MAX_CLASSES,
     Dataset,
     Preprocessing,
+    array_dtype,
     as_class_names,
     default_scale,
     iter_batches,
@@ -683,10 +684,8 @@ def _preprocessing_of(images: Any, dataset: Dataset | None) -> dict[str, Any] | 
     array, the scale :func:`~onnxaom.data.iter_batches` applied; None for a stream."""
     if dataset is not None:
         return dataset.preprocessing.to_dict()
-    dtype = getattr(images, "dtype", None)
-    if isinstance(dtype, np.dtype):
-        return Preprocessing(scale=default_scale(dtype)).to_dict()
-    return None
+    dtype = array_dtype(images)
+    return None if dtype is None else Preprocessing(scale=default_scale(dtype)).to_dict()
 
 
 def _start_engine(

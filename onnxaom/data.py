@@ -1112,6 +1112,17 @@ def default_scale(dtype: np.dtype[Any]) -> float:
     return 1 / 255 if np.dtype(dtype) == np.uint8 else 1.0
 
 
+def array_dtype(images: Any) -> np.dtype[Any] | None:
+    """The element type of an array-like of images (numpy, a CPU torch tensor, nested lists),
+    None for anything else (a Dataset, an iterable of batches)."""
+    if isinstance(images, Dataset) or not (_is_array_like(images) or isinstance(images, list)):
+        return None
+    try:
+        return _to_numpy(images, "images").dtype
+    except DataError:
+        return None
+
+
 def as_class_names(value: Any) -> tuple[str, ...]:
     """Class names as a tuple of distinct strings; UTF-8 bytes are decoded, and a bare string is
     refused (not split into letters)."""

@@ -591,3 +591,13 @@ def test_a_threshold_that_is_not_a_finite_number_is_refused(chain_data, threshol
     model, images, labels = chain_data
     with pytest.raises(DataError, match="threshold must be a finite number"):
         collect(model, images, labels, threshold=threshold, progress=False)
+
+
+def test_the_metadata_records_the_scale_of_a_uint8_torch_tensor(chain_data) -> None:
+    torch = pytest.importorskip("torch")
+    model, images, labels = chain_data
+    pixels = np.random.default_rng(4).integers(0, 256, size=images.shape, dtype=np.uint8)
+    stats = collect(model, torch.from_numpy(pixels), labels, progress=False)
+    assert stats.metadata["preprocessing"]["scale"] == pytest.approx(1 / 255)
+    stats = collect(model, images, labels, progress=False)
+    assert stats.metadata["preprocessing"]["scale"] == 1.0
