@@ -17,7 +17,8 @@ from typing import Any, BinaryIO
 
 from .errors import ModelFileNotFoundError, OnnxaomError, OutputError, StatsError
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_to", "read_json", "refuse_inputs"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_to", "read_json", "refuse_inputs",
+           "same_file"]
 
 
 def _default_mode() -> int:
@@ -103,21 +104,22 @@ def read_json(path: str | os.PathLike[str], what: str) -> Any:
         raise StatsError(f"cannot read {what} file {path}: {exc}") from exc
 
 
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same resolved path, or a hard link to it."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def refuse_inputs(output: str | os.PathLike[str], inputs: Iterable[Any],
                   option: str = "-o") -> None:
     """Raise :class:`OutputError` when ``output`` is one of a command's ``inputs`` (paths; None
     entries are skipped): the same resolved path or a hard link to it."""
-    out = Path(output)
     for given in inputs:
-        if given is None:
-            continue
-        path = Path(given)
-        same = out.resolve() == path.resolve()
-        if not same and out.exists() and path.exists():
-            try:
-                same = os.path.samefile(out, path)
-            except OSError:
-                same = False
-        if same:
+        if given is not None and same_file(output, given):
             raise OutputError(f"{option} {output} is one of this command's inputs ({given}); "
                               f"choose another file")

@@ -20,6 +20,7 @@ import onnx
 from onnx import external_data_helper
 
 from .errors import LayerNotFoundError, ModelError, ModelFileNotFoundError, OutputError
+from .files import same_file
 
 if TYPE_CHECKING:
     from .layers import Layer
@@ -215,17 +216,7 @@ def _refuse_protected(path: Path, external_data: bool, guarded: list[Path]) -> N
     """Raise when the model file or its weights file would land on a ``guarded`` file."""
     data_path = path.with_name(path.name + ".data")
     for target in (path, data_path) if external_data else (path,):
-        if any(_same_file(target, p) for p in guarded):
+        if any(same_file(target, p) for p in guarded):
             what = "the model" if target == path else "its weights file"
             raise ModelError(f"refusing to overwrite a file of the source model: {target} "
                              f"({what} would replace it); choose another output path")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether ``a`` and ``b`` name one file: the same resolved path, or a hard link to it."""
-    if a.resolve() == Path(b).resolve():
-        return True
-    try:
-        return a.exists() and Path(b).exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
