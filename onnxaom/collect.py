@@ -44,7 +44,7 @@ from .data import (
     iter_batches,
 )
 from .errors import DataError, LayerNotFoundError, ModelError
-from .graph import dim_values
+from .graph import GraphIndex, dim_values
 from .instrument import ONEHOT_INPUT, Instrumented, counting_graph, image_input, probe_graph
 from .layers import Layer, channel_mixing_reader
 from .memory import available_bytes
@@ -92,8 +92,9 @@ def select_layers(model: Model, names: Sequence[str] | None, probe: str) -> list
 def _note_channel_mixing(model: Model, layers: Sequence[Layer]) -> None:
     """Say, once per collection, which layers are read at their raw output because a
     normalisation across channels follows them (:func:`onnxaom.layers.channel_mixing_reader`)."""
+    index = GraphIndex(model.proto)
     for layer in layers:
-        node = channel_mixing_reader(model.proto, layer)
+        node = channel_mixing_reader(model.proto, layer, index)
         if node is not None:
             log.warning("layer %r is counted at %r, before %s: that normalisation mixes "
                         "channels, so it and the activation after it are not part of a "

@@ -312,11 +312,13 @@ def _keeps_sign(index: GraphIndex, node: onnx.NodeProto) -> bool:
     return True  # Relu, Celu, Gelu, HardSwish
 
 
-def channel_mixing_reader(model: onnx.ModelProto, layer: Layer) -> str | None:
+def channel_mixing_reader(model: onnx.ModelProto, layer: Layer,
+                          index: GraphIndex | None = None) -> str | None:
     """The node after ``layer``'s probe that normalises across channels (GroupNormalization,
     LayerNormalization, or a Reshape that splits the channels into groups for an
-    InstanceNormalization), described for a message; None when there is none."""
-    index = GraphIndex(model)
+    InstanceNormalization), described for a message; None when there is none. ``index``: the
+    model's :class:`GraphIndex`, when the caller asks for several layers."""
+    index = GraphIndex(model) if index is None else index
     reader = index.single_consumer(layer.probe)
     if reader is None:
         return None
