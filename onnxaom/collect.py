@@ -11,9 +11,10 @@ is "graph", or "plain" for a model whose opset is older than 10, which "graph" c
   class. It is slower and is the reference the fast path is tested against.
 
 Fixed batch sizes: a model whose image input has a fixed batch dimension is first rewritten
-with a symbolic batch. If that graph cannot run other batch sizes (a Reshape with the batch
-baked in, say), batches are fed in chunks of exactly the fixed size, the last one padded with
-zero images whose one-hot column is empty, so padding counts nothing. ``metadata["batching"]``
+with a symbolic batch, which is used only when a trial batch shows that it runs and counts each
+sample as the exported batch size does. Otherwise (a Reshape with the batch baked in, say),
+batches are fed in chunks of exactly the fixed size, the last one padded with zero images
+whose one-hot column is empty, so padding counts nothing. ``metadata["batching"]``
 records which was used.
 """
 
