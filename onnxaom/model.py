@@ -71,7 +71,8 @@ class Model:
 
     @cached_property
     def digest(self) -> str:
-        """SHA-256 of the serialized model (weights included), hex."""
+        """SHA-256 of the serialized model (weights included), hex. A model loaded from a file
+        has the same digest whether its weights were stored inline or in external data."""
         return hashlib.sha256(self._proto.SerializeToString(deterministic=True)).hexdigest()
 
     @property
@@ -155,7 +156,17 @@ def load(path: str | os.PathLike[str]) -> Model:
             raise ModelFileNotFoundError(
                 f"{path} stores weights in an external data file that cannot be read: {exc}"
             ) from exc
+    _clear_default_locations(proto)
     return Model(proto, path=path.resolve(), external_data=uses_external, protected=protected)
+
+
+def _clear_default_locations(proto: onnx.ModelProto) -> None:
+    """Unset ``data_location`` where it says DEFAULT (inline), as onnx leaves it after loading
+    external data, so that :attr:`Model.digest` is the same for the same model whether its
+    weights were stored inline or in an external file."""
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.DEFAULT:
+            tensor.ClearField("data_location")
 
 
 def _external_files(proto: onnx.ModelProto, folder: Path) -> set[Path]:

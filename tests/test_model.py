@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxaom
 from onnxaom import ModelError, ModelFileNotFoundError
+from onnxaom.cli import DEFAULT_MODEL as FIXTURE
 
 
 def tiny_conv(k: int = 8, big: bool = False) -> onnx.ModelProto:
@@ -55,6 +56,14 @@ def test_external_data_loads_and_saves_external(tmp_path: Path) -> None:
     x = np.random.default_rng(1).normal(size=(2, 64, 6, 6)).astype(np.float32)
     np.testing.assert_array_equal(run(again, x), run(model, x))
     assert again.digest == model.digest
+
+
+def test_digest_is_the_same_for_inline_and_external_weights(tmp_path: Path) -> None:
+    inline = onnxaom.load(onnxaom.load(FIXTURE).save(tmp_path / "inline.onnx",
+                                                     external_data=False))
+    external = onnxaom.load(inline.save(tmp_path / "external.onnx", external_data=True))
+    assert external.external_data and not inline.external_data
+    assert external.digest == inline.digest == onnxaom.load(FIXTURE).digest
 
 
 def test_save_keeps_metadata_and_refuses_to_overwrite_source(tmp_path: Path) -> None:
