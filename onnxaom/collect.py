@@ -79,6 +79,10 @@ def select_layers(model: Model, names: Sequence[str] | None, probe: str) -> list
         return layers
     if isinstance(names, str):
         names = [names]
+    if not names:
+        raise LayerNotFoundError(
+            f"layers is empty: name at least one layer of model {model.name!r} "
+            f"({', '.join(x.name for x in layers) or 'none'}), or pass None for every layer")
     by_name = {layer.name: layer for layer in layers}
     unknown = [n for n in names if n not in by_name]
     if unknown:
@@ -432,6 +436,7 @@ class Collector:
             not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1
         ):
             raise DataError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self._classes_from_names = num_classes is None and class_names is not None
         if class_names is not None:
             class_names = as_class_names(class_names)
             if num_classes is None:
@@ -481,9 +486,11 @@ class Collector:
             raise DataError(f"labels must be class indices 0..C-1 with C <= {MAX_CLASSES:,}; "
                             f"found label {int(labels.max())}")
         if self.num_classes is not None and labels.size and labels.max() >= self.num_classes:
+            given = (f"{self.num_classes} class_names" if self._classes_from_names
+                     else f"num_classes={self.num_classes}")
             raise DataError(
-                f"labels must be in 0..{self.num_classes - 1} (num_classes={self.num_classes}); "
-                f"found label {int(labels.max())}"
+                f"labels must be in 0..{self.num_classes - 1} ({given}); found label "
+                f"{int(labels.max())}"
             )
         if images.shape[0] == 0:
             return

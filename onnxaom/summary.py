@@ -18,9 +18,10 @@ import numpy as np
 import onnx
 from onnx import external_data_helper
 
+from .errors import ModelError
 from .graph import GraphIndex
 from .layers import find_layers
-from .model import Model
+from .model import Model, load
 
 __all__ = ["LayerSummary", "ModelSummary", "summary"]
 
@@ -104,8 +105,14 @@ def _human(n: int) -> str:
     return f"{n:,} B"
 
 
-def summary(model: Model) -> ModelSummary:
-    """The :class:`ModelSummary` of ``model`` (layers named as everywhere in onnxaom)."""
+def summary(model: Model | str | os.PathLike[str]) -> ModelSummary:
+    """The :class:`ModelSummary` of ``model``, a :class:`Model` or a path to load (layers named
+    as everywhere in onnxaom)."""
+    if isinstance(model, (str, os.PathLike)):
+        model = load(model)
+    elif not isinstance(model, Model):
+        raise ModelError(f"summary expects an onnxaom.Model or a path to an ONNX file, got "
+                         f"{type(model).__name__}")
     proto = model.proto
     index = GraphIndex(proto)
     rows: list[LayerSummary] = []

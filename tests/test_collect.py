@@ -256,6 +256,9 @@ def test_class_names_and_batch_size_forms(chain_data) -> None:
         collect(model, images, labels, class_names=["a", "a"], progress=False)
     stats = collect(model, images, labels, batch_size=np.int64(7), progress=False)
     assert stats.num_samples == len(labels)
+    few = [f"c{i}" for i in range(int(labels.max()))]  # one name short
+    with pytest.raises(DataError, match=f"{len(few)} class_names"):
+        collect(model, images, labels, class_names=few, progress=False)
 
 
 def test_uint8_arrays_are_counted_as_pixels_in_0_1(chain_data) -> None:
@@ -273,6 +276,8 @@ def test_unknown_layer(chain_data) -> None:
     model, images, labels = chain_data
     with pytest.raises(LayerNotFoundError, match="nope"):
         collect(model, images, labels, layers=["nope"], progress=False)
+    with pytest.raises(LayerNotFoundError, match="layers is empty"):
+        collect(model, images, labels, layers=[], progress=False)
 
 
 @pytest.mark.parametrize("method", ["graph", "plain"])

@@ -62,6 +62,9 @@ def test_file_size_counts_external_data(tmp_path):
     proto = zoo.chain(kernels=(16, 16), hidden=64)
     path = zoo.save(proto, tmp_path / "m.onnx", external_data=True)
     result = summary(onnxaom.load(path))
+    assert summary(path) == summary(str(path)) == result  # a path is loaded
+    with pytest.raises(onnxaom.ModelError, match="got int"):
+        summary(3)  # type: ignore[arg-type]
     data = (tmp_path / "m.onnx.data").stat().st_size
     assert result.external_size == data
     assert result.file_size == path.stat().st_size + data
