@@ -209,7 +209,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    first_paragraph = (__doc__ or "").split("\n\n")[0].replace("\n", " ")
+    parser = argparse.ArgumentParser(description=first_paragraph or None)
     parser.add_argument("--quick", action="store_true", help="digits, a narrow model: seconds")
     parser.add_argument("--out", type=Path, default=Path("experiments/results/fig8-cifar-arch"))
     parser.add_argument("--base-seeds", type=_ints, default=None, help="e.g. 0,1,2")

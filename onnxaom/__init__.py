@@ -6,8 +6,6 @@ at each position (AOM), kernel-pair differences (ODM), class selectivity (CSM) a
 selectivity, computed exactly by streaming a data set through ONNX Runtime.
 """
 
-from __future__ import annotations
-
 from ._version import __version__
 from .collect import Collector, collect
 from .data import (

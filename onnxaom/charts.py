@@ -264,7 +264,10 @@ def _prepare(
 ) -> _Layer:
     if page_size < 1:
         raise ReportError(f"page_size must be at least 1, got {page_size}")
-    aom = stats.aom(layer)
+    with warnings.catch_warnings():  # collect warned and analyze noted it; the view shows blanks
+        warnings.filterwarnings("ignore", message="classes with no samples",
+                                category=RuntimeWarning)
+        aom = stats.aom(layer)
     k = aom.shape[0]
     found = _layer_findings(findings, layer)
     if order is None and found is not None:

@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--resize", type=_size, metavar="H,W",
-                   help="resize the images of a folder: spec to H x W (bilinear)")
+                   help="resize every image to H x W (bilinear), e.g. digits to 28,28")
     _add_collect_options(p)
     p.set_defaults(func=_cmd_analyze)
 

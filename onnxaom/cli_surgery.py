@@ -160,7 +160,8 @@ def add_parsers(subparsers: Any) -> None:
     )
     _add_output(p)
     p.add_argument("--remove", action="append", required=True, metavar="LAYER:INDICES",
-                   help="e.g. conv1:0,3,5 or conv2:0-7 (repeatable)")
+                   help="LAYER:INDICES with LAYER as `onnxaom layers MODEL` names it, e.g. "
+                        "/conv1/Conv:0,3,5 or /conv2/Conv:0-7 (repeatable)")
     p.add_argument("--coupled", choices=COUPLED_MODES, default="propagate",
                    help="coupled residual layers: remove there too (default) or refuse")
     p.set_defaults(func=_cmd_prune)

@@ -130,7 +130,8 @@ class _Input:
                 raise DataError(
                     f"images have shape {images.shape} per batch but model input {self.name!r} "
                     f"expects {self.expected()} (axis {axis + 1} differs); check the layout "
-                    f"(NCHW) and resize in the preprocessing"
+                    f"(NCHW) and the image size (Preprocessing(resize=...), or --resize on "
+                    f"the command line)"
                 )
         return np.ascontiguousarray(images, dtype=self.dtype)
 
@@ -605,9 +606,10 @@ def collect(
     model:
         An :class:`onnxaom.Model` or a path to an ONNX file.
     images, labels:
-        A :class:`onnxaom.data.Dataset`; or a float array of shape (N, C, H, W) with integer
-        labels of shape (N,) in 0..C-1; or an iterable of ``(images, labels)`` batches (a torch
-        DataLoader works), with ``labels`` left as None.
+        A :class:`onnxaom.data.Dataset`; or an array of shape (N, channels, H, W) with integer
+        labels of shape (N,) in 0..C-1 (C classes); or an iterable of ``(images, labels)``
+        batches (a torch DataLoader works), with ``labels`` left as None. Float arrays are taken
+        as they are; uint8 arrays (8-bit pixels) are scaled to [0, 1], as every loader does.
     batch_size:
         Samples per ORT run when the data is an array or Dataset.
     layers:

@@ -340,6 +340,24 @@ class Dataset:
             "image_shape": list(self.image_shape),
         }
 
+    def resized(self, size: int | tuple[int, int]) -> Dataset:
+        """This data set with every image resized to ``size`` (H, W) by the bilinear resize of
+        :class:`Preprocessing`, which is recorded as ``preprocessing.resize``. The images are
+        already scaled and normalised; a bilinear resize (weights summing to 1) commutes with
+        those per-channel affine steps, so the result is what loading with
+        ``Preprocessing(resize=size)`` gives, up to float rounding."""
+        pair = _size_pair(size, "size")
+        if pair is None:
+            raise DataError("size must be (H, W), got None")
+        if self.images.shape[2:] == pair:
+            return self
+        n, c = self.images.shape[:2]
+        _check_fits(n * c * pair[0] * pair[1] * 4 * 3,
+                    f"resizing {n} images of {c} channel(s) to {pair[0]}x{pair[1]}")
+        return Dataset(_resize_bilinear(np.asarray(self.images), pair), self.labels,
+                       self.class_names, self.source,
+                       replace(self.preprocessing, resize=pair))
+
     def split(self, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
         """Stratified random split into two data sets.
 
@@ -862,8 +880,9 @@ def load_spec(
         model's input channels; default: grayscale if every image is. Ignored by the other
         sources, whose arrays have the channels they have.
     size:
-        For an image folder: resize every image to ``(H, W)`` (``--resize`` on the command
-        line). Refused for the other sources.
+        Resize every image to ``(H, W)`` (``--resize`` on the command line): an image folder's
+        files as they are read, the other sources' arrays after loading
+        (:meth:`Dataset.resized`).
     """
     if channels not in (None, 1, 3):
         raise DataError(f"channels must be 1 or 3 (or None), got {channels!r}")
@@ -879,9 +898,13 @@ def load_spec(
             raise DataError(f"data spec {spec!r} names no path; e.g. folder:data/train")
         return load_image_folder(folder, preprocessing=preprocessing, size=size,
                                  grayscale=None if channels is None else channels == 1)
-    if size is not None:
-        raise DataError(f"data spec {spec!r}: resizing (size=, --resize) applies to image "
-                        f"folders only; resize arrays with Preprocessing(resize=(H, W))")
+    data = _load_arrays_spec(spec, text, kind, colon, arg, preprocessing)
+    return data if size is None else data.resized(size)
+
+
+def _load_arrays_spec(spec: str, text: str, kind: str, colon: str, arg: str,
+                      preprocessing: Preprocessing | None) -> Dataset:
+    """:func:`load_spec` for the sources that are arrays (everything but an image folder)."""
     if kind == "digits":
         side = 8
         if colon:

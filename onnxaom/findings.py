@@ -616,6 +616,21 @@ def analyze(
     than one position, or the last layer when every map is 1x1. It is measured only when that
     layer is among those analysed. Classes with no samples are left out of every layer with a
     note (``OccurrenceStats.aom``'s warning about them is silenced here: the note replaces it).
+
+    Parameters
+    ----------
+    stats:
+        The counts of :func:`onnxaom.collect` (or :meth:`OccurrenceStats.load`).
+    layers:
+        Names of the layers to analyse (``stats.layer_names`` lists them); default every one.
+    thresholds:
+        The cut-offs of the paper's tasks (dead, always on, class-blind, redundancy, ...);
+        :class:`Thresholds` documents each and its default.
+
+    Returns
+    -------
+    Findings: one :class:`LayerFindings` a layer (ineffective kernels, redundant groups,
+    too-small and too-shallow signs, kernel order), with ``summary_lines()`` in words.
     """
     if not isinstance(stats, OccurrenceStats):
         raise StatsError(f"analyze() takes an OccurrenceStats, got {type(stats).__name__}")

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelFileNotFoundError, ReportError
+from .errors import ModelFileNotFoundError, OutputError, ReportError
 from .files import atomic_write
 from .stats import OccurrenceStats
 
@@ -349,7 +349,8 @@ def write_report(
     layers: Sequence[str] | None = None,
     page_size: int = 64,
 ) -> Path:
-    """Write ``out_dir/report.html`` atomically and return its path.
+    """Write ``out_dir/report.html`` atomically (the folder is made if needed) and return its
+    path.
 
     ``findings``: the :class:`onnxaom.findings.Findings` of ``stats`` (kernel order, redundant
     groups, ineffective kernels, findings in words), or None. ``model_summary``: any JSON-like
@@ -359,8 +360,8 @@ def write_report(
     all). The file needs no network: the Vega libraries are inlined.
     """
     out = Path(out_dir)
-    if not out.is_dir():
-        raise ModelFileNotFoundError(f"report folder does not exist: {out}; create it first")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"report folder {out} is a file; give a folder for report.html")
     text = build_report(
         stats,
         findings,
@@ -371,4 +372,8 @@ def write_report(
         layers=layers,
         page_size=page_size,
     )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create report folder {out}: {exc.strerror or exc}") from exc
     return atomic_write(out / REPORT_NAME, text.encode("utf-8"))

@@ -856,10 +856,19 @@ def test_folder_spec_takes_the_models_channels_and_a_resize(tmp_path: Path) -> N
     ds = load_spec(f"folder:{root}", channels=1, size=(5, 5))
     assert ds.image_shape == (1, 5, 5) and ds.preprocessing.resize == (5, 5)
     assert load_spec(str(root), channels=3, size=5).image_shape == (3, 5, 5)
-    with pytest.raises(DataError, match=r"resizing \(size=, --resize\) applies to image folders"):
-        load_spec("digits", size=(5, 5))
     with pytest.raises(DataError, match=r"channels must be 1 or 3"):
         load_spec(str(root), channels=2)
+
+
+def test_array_specs_are_resized_as_the_preprocessing_would() -> None:
+    resized = load_spec("digits", size=(28, 28))
+    direct = load_digits(size=28)  # resize in the Preprocessing, before the scale
+    assert resized.image_shape == (1, 28, 28) and resized.preprocessing == direct.preprocessing
+    np.testing.assert_allclose(resized.images, direct.images, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(resized.labels, direct.labels)
+    assert resized.resized(28) is resized  # already that size
+    with pytest.raises(DataError, match="size must be two positive integers"):
+        resized.resized((0, 3))
 
 
 def test_values_too_large_for_float32_are_one_error_without_a_warning() -> None:

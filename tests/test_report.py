@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from onnxaom.cli import main
-from onnxaom.errors import ModelFileNotFoundError, OnnxaomError
+from onnxaom.errors import ModelFileNotFoundError, OnnxaomError, OutputError
 from onnxaom.findings import analyze
 from onnxaom.report import build_report, render, write_report
 from onnxaom.stats import OccurrenceStats
@@ -149,11 +149,15 @@ def test_report_escapes_text_and_cannot_close_its_scripts(tmp_path: Path) -> Non
     assert json.dumps(spec).count("</script>") >= 1  # the class name, decoded again
 
 
-def test_write_report_needs_an_existing_folder(
+def test_write_report_makes_its_folder_and_refuses_a_file(
     tmp_path: Path, two_layer_stats: OccurrenceStats
 ) -> None:
-    with pytest.raises(ModelFileNotFoundError, match="does not exist"):
-        write_report(two_layer_stats, None, tmp_path / "missing")
+    made = write_report(two_layer_stats, None, tmp_path / "new" / "out", layers=["conv_b"])
+    assert made == tmp_path / "new" / "out" / "report.html" and made.is_file()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        write_report(two_layer_stats, None, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"
     path = write_report(two_layer_stats, None, tmp_path, layers=["conv_b"])  # no findings
     page = parse(path.read_text(encoding="utf-8"))
     assert set(specs(page)) == {"view-0"}
