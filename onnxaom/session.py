@@ -33,7 +33,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -59,6 +60,8 @@ FORMAT = "onnxaom.TuningSession"
 FORMAT_VERSION = 1
 SESSION_FILE = "session.json"
 MODELS = "models"
+#: Held (an exclusive ``flock``) while a session checks and writes its folder.
+LOCK_FILE = ".session.lock"
 
 Status = Literal["applied", "undone"]
 STATUSES: tuple[Status, ...] = ("applied", "undone")
@@ -237,6 +240,8 @@ class TuningSession:
         self._config: dict[str, Any] = dict(data.get("config") or {})
         self._progress: dict[str, Any] = dict(data.get("progress") or {})
         self._created: str = str(data.get("created", ""))
+        #: SHA-256 of session.json as this object last read or wrote it (None: not yet written)
+        self._seen: str | None = None
 
     # ------------------------------------------------------------------ creating and loading
     @classmethod
@@ -290,7 +295,8 @@ class TuningSession:
             raise ModelFileNotFoundError(f"{folder} is not a tuning session: {SESSION_FILE} not "
                                          f"found")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            raw = path.read_bytes()
+            data = json.loads(raw.decode("utf-8"))
         except OSError as exc:
             raise SessionError(f"{path} cannot be read ({type(exc).__name__}: {exc})") from exc
         except UnicodeDecodeError as exc:
@@ -299,6 +305,7 @@ class TuningSession:
             raise SessionError(f"{path} is corrupt (not valid JSON: {exc}); restore it from a "
                                f"backup or start a new session") from exc
         session = cls._validated(folder, path, data)
+        session._seen = hashlib.sha256(raw).hexdigest()
         if verify:
             session.verify()
         return session
@@ -492,17 +499,27 @@ class TuningSession:
         step = self.current
         if step.parent is None:
             raise SessionError("nothing to undo: the current step is the starting model")
-        self._steps[step.index] = replace(step, status="undone", undo_reason=reason)
-        self._current = step.parent
-        self._write()
+        with self._exclusive():
+            self._steps[step.index] = replace(step, status="undone", undo_reason=reason)
+            self._current = step.parent
+            try:
+                self._write()
+            except BaseException:
+                self._steps[step.index], self._current = step, step.index
+                raise
         logger.info("undid step %d (%s); current step is %d", step.index,
                     reason or "no reason given", self._current)
         return self.current
 
     def set_progress(self, progress: Mapping[str, Any]) -> None:
         """Replace :attr:`progress` and write ``session.json``."""
-        self._progress = dict(progress)
-        self._write()
+        with self._exclusive():
+            previous, self._progress = self._progress, dict(progress)
+            try:
+                self._write()
+            except BaseException:
+                self._progress = previous
+                raise
 
     # ------------------------------------------------------------------ internals
     def _add_step(self, edits: tuple[Edit, ...], model: Model, *, parent: int | None,
@@ -517,6 +534,17 @@ class TuningSession:
         acc = _accuracy(accuracy, "accuracy")
         classes = tuple(_accuracy(a, f"per_class[{i}]") for i, a in enumerate(per_class))
         facts = summary(model)
+        with self._exclusive():
+            return self._write_step(edits, model, facts, index, parent=parent, accuracy=acc,
+                                    per_class=classes, files=files,
+                                    stats_digest=stats_digest, label=label, info=info)
+
+    def _write_step(self, edits: tuple[Edit, ...], model: Model, facts: Any, index: int, *,
+                    parent: int | None, accuracy: float | None,
+                    per_class: tuple[float | None, ...], files: Mapping[str, Artifact] | None,
+                    stats_digest: str | None, label: str | None,
+                    info: Mapping[str, Any] | None) -> Step:
+        """:meth:`_add_step`'s writing part, under the folder's lock."""
         models = self._folder / MODELS
         models.mkdir(exist_ok=True)
         records: dict[str, FileRecord] = {}
@@ -533,8 +561,8 @@ class TuningSession:
             atomic_write_to(target, write)
             records[kind] = FileRecord(target.relative_to(self._folder).as_posix(),
                                        target.stat().st_size, _sha256(target))
-        step = Step(index=index, parent=parent, edits=edits, status="applied", accuracy=acc,
-                    per_class=classes, params=facts.total_params, macs=facts.total_macs,
+        step = Step(index=index, parent=parent, edits=edits, status="applied", accuracy=accuracy,
+                    per_class=per_class, params=facts.total_params, macs=facts.total_macs,
                     stats_digest=stats_digest, model_digest=model.digest, files=records,
                     label=label if label is not None else describe_edits(edits),
                     info=dict(info or {}), created=_now())
@@ -576,13 +604,56 @@ class TuningSession:
         text = json.dumps(data, indent=2, allow_nan=False) + "\n"
 
         def write(path: Path) -> None:
-            path.write_text(text, encoding="utf-8")
+            path.write_bytes(text.encode("utf-8"))
 
         atomic_write_to(self._folder / SESSION_FILE, write)
+        self._seen = hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the folder's lock and refuse to go on when ``session.json`` is no longer what
+        this object read or wrote: another process (a second ``session apply`` on the same
+        folder, say) recorded a step meanwhile, and writing now would drop it."""
+        path = self._folder / SESSION_FILE
+        with _folder_lock(self._folder / LOCK_FILE):
+            try:
+                now = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+            except OSError as exc:
+                raise SessionError(f"{path} cannot be read ({type(exc).__name__}: {exc})"
+                                   ) from exc
+            if now != self._seen:
+                raise SessionError(
+                    f"{path} was changed by another process since this session was loaded "
+                    f"(another `session apply`, `undo` or loop on the same folder?); nothing "
+                    f"was written. Resume the session again to continue from its new state")
+            yield
 
     def __repr__(self) -> str:
         return (f"TuningSession({str(self._folder)!r}, steps={len(self._steps)}, "
                 f"current={self._current})")
+
+
+@contextmanager
+def _folder_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created), held for the ``with`` block; waits
+    for another holder. Where ``fcntl`` does not exist (Windows) there is no lock, and the
+    change check of :meth:`TuningSession._exclusive` alone guards the history."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    try:
+        handle = path.open("a")
+    except OSError as exc:
+        raise SessionError(f"cannot open the session's lock file {path}: "
+                           f"{exc.strerror or exc}") from exc
+    with handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _save_model(model: Model, path: Path) -> None:

@@ -77,6 +77,29 @@ def test_a_new_session_records_the_starting_model(setup):
     assert session.model().digest == step.model_digest
 
 
+def test_two_writers_on_one_folder_cannot_drop_each_others_steps(setup):
+    """Two processes holding the same session (two `session apply` at once): the second to
+    write is refused and nothing of the first is lost or moved aside."""
+    session, _, _ = setup
+    other = TuningSession.resume(session.folder)
+    model = apply(session.model(), [RemoveKernels("conv1", (0,))])
+    first = session.record([RemoveKernels("conv1", (0,))], model, accuracy=0.5)
+    before = (session.folder / "session.json").read_bytes()
+    edits = [RemoveKernels("conv1", (1,))]
+    with pytest.raises(SessionError, match="changed by another process"):
+        other.record(edits, apply(other.model(), edits), accuracy=0.4)
+    with pytest.raises(SessionError, match="changed by another process"):
+        other.set_progress({"done": ["x"]})
+    assert (session.folder / "session.json").read_bytes() == before
+    assert not (session.folder / "models" / "orphaned").exists()
+    again = TuningSession.resume(session.folder)
+    assert again.current.index == first.index == 1 and len(again.steps) == 2
+    again.undo()  # the fresh copy may write; the first one is now stale in its turn
+    with pytest.raises(SessionError, match="changed by another process"):
+        session.undo()
+    assert TuningSession.resume(session.folder).current.index == 0
+
+
 def test_steps_undo_and_resume(setup):
     session, runner, _ = setup
     first = apply_step(session, runner, [RemoveKernels("conv1", (0, 1))])
