@@ -333,6 +333,46 @@ def test_legacy_node_names_of_nested_sequentials_give_module_paths():
     assert path("/Conv") is None and path("Conv_3") is None
 
 
+def test_dynamo_name_scopes_give_module_paths_in_either_form():
+    import onnx
+
+    def node(scopes: list[str]) -> onnx.NodeProto:
+        proto = onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="node_conv2d_1")
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = mapping_module.NAME_SCOPES, repr(scopes)
+        return proto
+
+    path = mapping_module._scope_path
+    assert path(node(["", "block", "block.1", "conv2d_1"])) == "block.1"  # full paths
+    assert path(node(["", "layer1", "layer1.0", "layer1.0.conv1", "conv2d"])) == "layer1.0.conv1"
+    assert path(node(["", "block", "1", "conv2d_1"])) == "block.1"  # one name a level
+    assert path(node(["", "conv1", "conv2d"])) == "conv1"
+    assert path(node(["", "relu"])) is None
+
+
+class NestedPreActivation(nn.Module):
+    """conv → ReLU → Sequential(BN, conv) → gap → fc: the BN is a module two levels down, which
+    the dynamo exporter names by cumulative scopes (``block``, ``block.0``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 5, 3, padding=1))
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(self.block(torch.relu(self.conv1(x))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_a_nested_batch_norm_is_found_with_either_exporter(tmp_path, exporter):
+    module = torch_zoo.reinit(NestedPreActivation(), 0).eval()
+    model = export(tmp_path, module, (1, 3, 8, 8), exporter)
+    bn = next(n for n in model.proto.graph.node if n.op_type == "BatchNormalization")
+    assert map_layers(module, model).nodes[bn.name] == "block.0"
+    assert_parity(tmp_path, module, model, [WidenLayer(layer=model.layers()[0].name, add=2)])
+
+
 class PostActivationNorm(nn.Module):
     """conv → ReLU → BN → conv → ReLU → gap → fc: the BN after the ReLU is not read by the probe
     but goes with the channel when a kernel is removed."""

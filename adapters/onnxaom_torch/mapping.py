@@ -135,7 +135,11 @@ def _legacy_path(node_name: str) -> str | None:
 
 
 def _scope_path(node: onnx.NodeProto) -> str | None:
-    """The module path the dynamo exporter recorded for ``node`` (last scope is the op)."""
+    """The module path the dynamo exporter recorded for ``node`` (last scope is the op).
+
+    The scopes run from the root module down. Each is the full path so far (``['', 'block',
+    'block.1', 'conv2d_1']``: module ``block.1``), or, in other exporter versions, one
+    attribute name a level (``['', 'block', '1', 'conv2d_1']``); both give ``block.1``."""
     for prop in node.metadata_props:
         if prop.key == NAME_SCOPES:
             try:
@@ -144,7 +148,12 @@ def _scope_path(node: onnx.NodeProto) -> str | None:
                 return None
             if isinstance(scopes, list | tuple) and len(scopes) >= 2:
                 names = [str(s) for s in scopes[:-1] if s]
-                return ".".join(names) if names else None
+                if not names:
+                    return None
+                path = names[0]
+                for name in names[1:]:
+                    path = name if name.startswith(path + ".") else f"{path}.{name}"
+                return path
     return None
 
 
