@@ -15,6 +15,10 @@ edit and whether to keep it.
   ``progress`` after every layer, and each step it makes names its layer (``info["loop_layer"]``),
   so a crashed or interrupted loop continues where it stopped (:func:`resume_loop`) without
   editing a layer twice; a step recorded just before a crash is judged (kept or undone) then.
+  The loop names layers as the starting model does; in a later step's model a layer is found
+  by the name of its weight tensor (the framework's parameter name, e.g. ``conv2.weight``),
+  because exporters that number node names (``node_conv2d_1``) shift them when a layer is
+  inserted; exporter-made weight names (``onnx::Conv_23``) fall back to the node name.
 
 A session made for the command line stores in its ``config``:
 ``"runner": {"module": "onnxaom_torch.runner", ...}`` (a module with a
@@ -191,6 +195,40 @@ def _layer_names(model: Model, wanted: Sequence[str] | None) -> list[str]:
     return list(wanted)
 
 
+def _weight_keys(model: Model, names: Sequence[str]) -> dict[str, str]:
+    """The name of each layer's weight tensor: the identity of a layer across re-exports.
+    Exporters number their node names (the dynamo exporter's ``node_conv2d_1``), so an
+    inserted layer shifts them; the weights keep the framework's parameter name
+    (``conv2.weight``)."""
+    nodes = {layer.name: model.proto.graph.node[layer.node_index] for layer in model.layers()}
+    return {name: nodes[name].input[1] for name in names
+            if name in nodes and len(nodes[name].input) > 1}
+
+
+def _generated(key: str) -> bool:
+    """Whether a weight name was made up by the exporter (``onnx::Conv_23``, ``val_4``, a
+    number), so that it says nothing about which layer it belongs to."""
+    return key.startswith("onnx::") or key.startswith("val_") or key.isdigit()
+
+
+def _current_name(model: Model, name: str, key: str | None) -> str | None:
+    """The name, in ``model``, of the loop layer called ``name`` in the starting model whose
+    weight was ``key``; None when it is gone."""
+    layers = model.layers()
+    if key is None or _generated(key):
+        return name if any(layer.name == name for layer in layers) else None
+    found = _weight_keys(model, [layer.name for layer in layers])
+    same = [n for n, k in found.items() if k == key]
+    if name in same:
+        return name
+    if len(same) == 1:
+        if same[0] != name:
+            logger.info("layer %s of the starting model (weight %s) is now %s", name, key,
+                        same[0])
+        return same[0]
+    return None
+
+
 def tune(
     session: TuningSession,
     runner: Runner,
@@ -230,11 +268,14 @@ def tune(
                         f"{type(data).__name__}")
     state = dict(session.progress)
     if layers is not None or not state.get("layers"):
-        order = _layer_names(session.model(0), layers)
+        start = session.model(0)
+        order = _layer_names(start, layers)
+        weights = _weight_keys(start, order)
     else:
         order = [str(n) for n in state["layers"]]
+        weights = {str(k): str(v) for k, v in dict(state.get("weights") or {}).items()}
     done = list(state.get("done", []))
-    state.update({"layers": order, "done": done, "strategy": strategy,
+    state.update({"layers": order, "weights": weights, "done": done, "strategy": strategy,
                   "keep": dict(keep or {}), "accept_drop": accept_drop,
                   "relative_to": relative_to})
     session.set_progress(state)
@@ -256,17 +297,18 @@ def tune(
         if max_steps is not None and made_now >= max_steps:
             break
         model = session.model()
-        if name not in {layer.name for layer in model.layers()}:
+        current = _current_name(model, name, weights.get(name))
+        if current is None:
             logger.warning("layer %s is gone from the current model; skipped", name)
             done.append(name)
             session.set_progress({**state, "done": done})
             continue
-        stats = collect(model, data, layers=[name], batch_size=batch_size, provider=provider,
-                        progress=progress)
-        target = {name: keep[name]} if keep and name in keep else None
-        proposal = propose(stats, layers=[name], strategy=strategy, keep=target, model=model)
+        stats = collect(model, data, layers=[current], batch_size=batch_size,
+                        provider=provider, progress=progress)
+        target = {current: keep[name]} if keep and name in keep else None
+        proposal = propose(stats, layers=[current], strategy=strategy, keep=target, model=model)
         if not len(proposal):
-            logger.info("layer %s: nothing to remove", name)
+            logger.info("layer %s: nothing to remove", current)
         else:
             report = apply_step(session, runner, proposal, stats=stats,
                                 accept_drop=accept_drop, relative_to=relative_to,

@@ -168,6 +168,37 @@ def test_the_loop_goes_layer_by_layer_and_continues_after_an_interruption(setup)
     assert tune(resumed, runner, data, progress=False) == []  # every layer done
 
 
+class RenumberingRunner(SurgeryRunner):
+    """Like a re-export by an exporter that numbers its nodes: after each edit the first conv
+    node is called ``conv_0`` and the second takes the first's old name, ``conv1``."""
+
+    def run(self, session: TuningSession, edits):
+        outcome = super().run(session, edits)
+        proto = outcome.model.copy_proto()
+        renames = {"conv1.weight": "conv_0", "conv2.weight": "conv1"}
+        for node in proto.graph.node:
+            if node.op_type == "Conv":
+                node.name = renames[node.input[1]]
+        return StepOutcome(onnxaom.Model(proto), outcome.accuracy, outcome.per_class,
+                           outcome.files, outcome.info)
+
+
+def test_the_loop_finds_its_layers_by_weight_name_when_node_names_shift(setup):
+    session, _, data = setup
+    runner = RenumberingRunner(data)
+    tune(session, runner, data, keep={"conv1": 5, "conv2": 6}, accept_drop=None, max_steps=1,
+         progress=False)
+    assert session.progress["weights"] == {"conv1": "conv1.weight", "conv2": "conv2.weight"}
+    more = tune(TuningSession.resume(session.folder), runner, data,
+                keep={"conv1": 5, "conv2": 6}, accept_drop=None, progress=False)
+    (step,) = [r.step for r in more]
+    assert step.info["loop_layer"] == "conv2"
+    assert step.edits[0].layer == "conv1"  # conv2's node, under the name it has now
+    kept = {layer.name: layer.kernels for layer in TuningSession.resume(
+        session.folder).model().layers()}
+    assert kept["conv_0"] == 5 and kept["conv1"] == 6  # conv1 once, then conv2
+
+
 def test_a_step_recorded_just_before_a_crash_is_judged_not_repeated(setup):
     session, runner, data = setup
     # the loop recorded conv1's step, then crashed before judging it and noting its progress
