@@ -401,5 +401,6 @@ def add_parsers(subparsers: Any) -> None:
     q = sub.add_parser("resume", help="continue a session's automatic tuning loop")
     q.add_argument("folder", metavar="DIR")
     training_options(q)
-    q.add_argument("--max-steps", type=int, metavar="N", help="stop after N steps")
+    q.add_argument("--max-steps", type=_int_at_least(1), metavar="N",
+                   help="stop after N steps (at least 1)")
     q.set_defaults(func=_cmd_resume)

@@ -274,3 +274,10 @@ def test_start_usage_errors_exit_2(tmp_path, capsys, args):
         main(start_args(tmp_path / "s", *args))
     assert exc.value.code == 2
     assert "usage:" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("steps", ["0", "-1"])
+def test_resume_max_steps_below_one_is_a_usage_error(tmp_path, capsys, steps):
+    with pytest.raises(SystemExit) as exc:
+        main(["session", "resume", str(tmp_path / "s"), "--max-steps", steps])
+    assert exc.value.code == 2 and "--max-steps" in capsys.readouterr().err

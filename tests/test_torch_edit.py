@@ -333,6 +333,29 @@ def test_legacy_node_names_of_nested_sequentials_give_module_paths():
     assert path("/Conv") is None and path("Conv_3") is None
 
 
+class FixedWidthHead(nn.Module):
+    """A forward with the flattened width written in: no edit of conv2 can be followed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = torch.max_pool2d(torch.relu(self.conv2(torch.relu(self.conv1(x)))), 2)
+        return self.fc(x.reshape(-1, 96))
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_a_forward_that_cannot_follow_the_edit_is_an_edit_error(tmp_path, check):
+    module = torch_zoo.reinit(FixedWidthHead(), 0).eval()
+    model = export(tmp_path, module, (1, 1, 8, 8))
+    conv2 = model.layers()[1].name
+    with pytest.raises(EditError, match=r"forward fails: RuntimeError: shape '\[-1, 96\]'"):
+        apply_edits(module, model, [RemoveKernels(conv2, (0,))], check=check)
+
+
 def test_dynamo_name_scopes_give_module_paths_in_either_form():
     import onnx
 

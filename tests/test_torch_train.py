@@ -101,6 +101,10 @@ def test_evaluate_counts_per_class():
     assert result.to_dict()["per_class"][3] is None
     with pytest.raises(DataError, match="labels must lie in 0..3"):
         train.evaluate(Fixed(), (x, labels + 2), device="cpu")
+    wide = train.evaluate(Fixed(), (x, labels), device="cpu", num_classes=6)
+    assert wide.confusion.shape == (6, 6) and math.isclose(wide.accuracy, 6 / 9)
+    with pytest.raises(DataError, match=r"num_classes=3 is below the model's output width \(4"):
+        train.evaluate(Fixed(), (x, labels), device="cpu", num_classes=3)  # class 3 predicted
 
 
 def test_labels_and_image_sizes_that_do_not_fit_the_module_are_data_errors():

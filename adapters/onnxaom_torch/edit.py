@@ -42,7 +42,7 @@ import copy
 import logging
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -55,6 +55,7 @@ import onnxaom
 from onnxaom.edits import Edit, InsertLayer, RemoveKernels, WidenLayer, as_edit_list, edit_steps
 from onnxaom.errors import EditError, ModelError
 from onnxaom.runtime import make_session
+from onnxaom.session import describe_edits
 from onnxaom.surgery import apply as surgery_apply
 from onnxaom.surgery.channels import (
     Change,
@@ -69,8 +70,8 @@ from onnxaom.surgery.ops import conv_weight
 from onnxaom.surgery.remove import plan as removal_plan
 from onnxaom.surgery.widen import widen_sources
 
-from .mapping import LayerMap, example_input, map_layers
-from .trace import PER_CHANNEL_TYPES, Trace, trace
+from .mapping import LayerMap, ModuleMismatchError, example_input, map_layers
+from .trace import PER_CHANNEL_TYPES, Trace, one_line, trace
 
 __all__ = ["TorchEdit", "apply_edits"]
 
@@ -161,8 +162,9 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
     changed: list[str] = []
     touched: list[str] = []
     notes: list[str] = []
-    for current, result, step in zip(models[:-1], models[1:], steps, strict=True):
-        run = trace(work, x)
+    for number, (current, result, step) in enumerate(
+            zip(models[:-1], models[1:], steps, strict=True)):
+        run = _traced(work, x, steps[:number])
         proto = current.proto
         cg = build(import_graph(proto), proto)
         head = step[0]
@@ -185,6 +187,7 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
             raise EditError(f"not an edit: {head!r}")
         changed.extend(n for n in step_changed if n not in changed)
     current = models[-1]
+    _traced(work, x, steps)  # the edited forward must run, checked or not
     difference = None
     noisy = any(isinstance(e, WidenLayer) and e.noise > 0 for e in edit_list)
     if check and not noisy:
@@ -411,6 +414,24 @@ def _insert(work: nn.Module, edit: InsertLayer, new_name: str, activation: str,
 
 
 # ------------------------------------------------------------------------------- the check
+def _traced(work: nn.Module, x: torch.Tensor, done: Sequence[Sequence[Edit]]) -> Trace:
+    """:func:`trace` of ``work`` after the edit steps ``done``, or an :class:`EditError` when
+    its forward no longer runs (a width written into the forward, such as
+    ``x.reshape(-1, 96)``, that the edits changed)."""
+    try:
+        return trace(work, x)
+    except Exception as exc:  # torch raises RuntimeError, IndexError, ... for shape mistakes
+        if not done:
+            raise ModuleMismatchError(f"the module's forward fails on an example input of "
+                                      f"shape {tuple(x.shape)}: {one_line(exc)}") from exc
+        what = "; ".join(describe_edits(list(step)) for step in done)
+        raise EditError(
+            f"after {what}, the torch module's forward fails: {one_line(exc)}. Its forward "
+            f"has a size written in (a reshape or view to a fixed width, say) that the edit "
+            f"changed; compute it from the input (x.flatten(1), x.view(x.size(0), -1))"
+        ) from exc
+
+
 def _check_against(work: nn.Module, oracle: onnxaom.Model, x: torch.Tensor,
                    atol: float) -> float:
     """Export ``work``, run it and ``oracle`` on ``x``; raise if they differ."""

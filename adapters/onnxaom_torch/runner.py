@@ -50,7 +50,7 @@ from onnxaom.tuning import StepOutcome, StepReport, apply_step, tune
 from .architectures import export_onnx
 from .edit import TorchEdit, apply_edits
 from .mapping import ModuleMismatchError, map_layers
-from .trace import PER_CHANNEL_TYPES, trace
+from .trace import PER_CHANNEL_TYPES, one_line, trace
 from .train import OPTIMIZERS, evaluate, retrain
 
 __all__ = ["FREEZE_POLICIES", "TorchRunner", "build_module", "runner_from_session"]
@@ -95,18 +95,13 @@ def _resolve_factory(factory: Callable[..., nn.Module] | str) -> Callable[..., n
     return target  # type: ignore[no-any-return]
 
 
-def _one_line(exc: BaseException) -> str:
-    """``"Type: message"`` on one line (torch's load and shape errors span several)."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-
-
 def _read_state_dict(path: Path, what: str) -> Mapping[str, Any]:
     """``torch.load`` of a state dict, or a :class:`~onnxaom.SessionError` naming ``what``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle and zip errors of several kinds
         raise SessionError(f"{path} ({what}) cannot be read as a torch state dict (save one with "
-                           f"torch.save(module.state_dict(), path)): {_one_line(exc)}") from exc
+                           f"torch.save(module.state_dict(), path)): {one_line(exc)}") from exc
     if not isinstance(state, Mapping):
         raise SessionError(f"{path} ({what}) holds a {type(state).__name__}, not a state dict "
                            f"(save one with torch.save(module.state_dict(), path))")
@@ -125,7 +120,7 @@ def _call_factory(factory: Any, kwargs: dict[str, Any], seed: int | None = None)
             module = build(**kwargs)
     except Exception as exc:  # the factory's own checks raise anything
         raise SessionError(f"the module factory {factory!r} failed with keyword arguments "
-                           f"{kwargs}: {_one_line(exc)}") from exc
+                           f"{kwargs}: {one_line(exc)}") from exc
     if not isinstance(module, nn.Module):
         raise SessionError(f"the module factory {factory!r} returned a "
                            f"{type(module).__name__}, not a torch.nn.Module")
@@ -167,7 +162,7 @@ def build_module(
         except RuntimeError as exc:
             raise ModuleMismatchError(
                 f"{path} does not fit the module built by {factory!r} with {kwargs}: "
-                f"{_one_line(exc)}") from exc
+                f"{one_line(exc)}") from exc
     if input_shape is not None:
         shape = tuple(int(d) for d in input_shape)
         try:
@@ -177,7 +172,7 @@ def build_module(
             raise ModuleMismatchError(
                 f"the module built by {factory!r} with {kwargs} does not take inputs of shape "
                 f"{shape} (the data's); give the factory the data's image size and channels: "
-                f"{_one_line(exc)}") from exc
+                f"{one_line(exc)}") from exc
         width = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.ndim == 2 else 0
         need = max(1, num_classes or 1)
         if width < need:
@@ -421,7 +416,7 @@ class TorchRunner:
             raise ModuleMismatchError(
                 f"the factory {_factory_spec(self.factory) or self.factory!r} with "
                 f"{self.factory_kwargs} does not build the module given to start(): "
-                f"{type(exc).__name__}: {exc}") from exc
+                f"{one_line(exc)}") from exc
 
     def _rebuild(self, session: TuningSession, index: int) -> nn.Module:
         factory = self.factory if self.factory is not None else \
@@ -452,7 +447,7 @@ class TorchRunner:
         except RuntimeError as exc:
             raise ModuleMismatchError(
                 f"{path} (torch weights of step {index}) does not fit the module rebuilt by "
-                f"the factory and the recorded edits: {exc}") from exc
+                f"the factory and the recorded edits: {one_line(exc)}") from exc
 
 
 def _none_for_nan(values: Sequence[float]) -> list[float | None]:
@@ -480,4 +475,4 @@ def runner_from_session(session: TuningSession, train: Any, test: Any,
                            factory_kwargs=config.get("factory_kwargs") or {}, **options)
     except (TypeError, ValueError) as exc:
         raise SessionError(f"the session's runner options {options} are not valid: "
-                           f"{_one_line(exc)}") from exc
+                           f"{one_line(exc)}") from exc

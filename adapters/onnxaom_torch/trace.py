@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["CHAIN_TYPES", "LAYER_TYPES", "PER_CHANNEL_TYPES", "Call", "Trace", "trace"]
+__all__ = ["CHAIN_TYPES", "LAYER_TYPES", "PER_CHANNEL_TYPES", "Call", "Trace", "one_line", "trace"]
 
 #: Modules that are onnxaom layers (ONNX Conv and Gemm/MatMul).
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
@@ -117,6 +117,13 @@ class Trace:
 def _leaves(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, sub) for name, sub in module.named_modules()
             if name and next(iter(sub.children()), None) is None]
+
+
+def one_line(exc: BaseException, limit: int = 600) -> str:
+    """``"Type: message"`` on one line (torch's load and shape errors span several), cut to
+    about ``limit`` characters."""
+    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return text if len(text) <= limit else text[:limit].rstrip() + " ..."
 
 
 def trace(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor]) -> Trace:

@@ -327,7 +327,8 @@ def evaluate(module: nn.Module, data: Any, *, batch_size: int = 256,
              progress: bool = False) -> Evaluation:
     """Overall and per-class accuracy of ``module`` (eval mode, no gradients) on ``data``.
 
-    ``num_classes`` defaults to the width of the model's output. ``module`` is not changed
+    ``num_classes`` defaults to the width of the model's output and may not be below it.
+    ``module`` is not changed
     (its train/eval modes are restored; it is moved to ``device`` and back).
     """
     target = resolve_device(device)
@@ -344,13 +345,19 @@ def evaluate(module: nn.Module, data: Any, *, batch_size: int = 256,
             for x, y in _progress(batches, _count(data, tensors, batch_size), "evaluate",
                                   progress):
                 logits = _forward(module, x.to(target), first=confusion is None)
-                c = num_classes if num_classes is not None else int(logits.shape[1])
+                width = int(logits.shape[1])
+                c = num_classes if num_classes is not None else width
+                if c < width:
+                    raise DataError(
+                        f"num_classes={c} is below the model's output width ({width} logits): "
+                        f"a prediction of class {c} or above would fit no row of the "
+                        f"confusion matrix; leave num_classes unset or give at least {width}")
                 if confusion is None:
                     confusion = np.zeros((c, c), dtype=np.int64)
                 pred = logits.argmax(dim=1).cpu().numpy()
                 _check_labels(y, c)
                 truth = y.cpu().numpy()
-                np.add.at(confusion, (truth, np.clip(pred, 0, c - 1)), 1)
+                np.add.at(confusion, (truth, pred), 1)
                 n += int(truth.size)
     finally:
         module.to(home)
