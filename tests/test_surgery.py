@@ -743,3 +743,23 @@ def test_a_widening_that_cannot_fit_in_memory_is_refused_before_allocating():
     proto = zoo.residual()
     with pytest.raises(EditError, match=r"add=100000000\): .* could need up to .* GiB of weights"):
         apply(Model(proto), [WidenLayer("conv1", 100_000_000)])
+
+
+def test_a_flatten_of_unknown_spatial_size_takes_it_from_the_dense_reader():
+    """Input H and W symbolic (as a legacy export with computed reflect-pad amounts leaves
+    them): the Flatten's positions per channel come from fc1's weight width."""
+    proto = zoo.chain(kernels=(4, 6))
+    for axis in (2, 3):
+        dim = proto.graph.input[0].type.tensor_type.shape.dim[axis]
+        dim.Clear()
+        dim.dim_param = "HW"[axis - 2]
+    x = np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    model = Model(proto)
+    plan = plan_removal(model, {"conv2": [0, 4]})
+    edited = remove_kernels(model, {"conv2": [0, 4]})
+    np.testing.assert_allclose(zoo.run(edited.proto, x)[0],
+                               zoo.run(zeroed_at_probes(proto, plan.removed), x)[0],
+                               rtol=ATOL, atol=ATOL)
+    fc1 = next(t for t in edited.proto.graph.initializer if t.name.startswith("fc1") and
+               len(t.dims) == 2)
+    assert 4 * 9 in tuple(fc1.dims)  # 6 - 2 channels of 3 x 3 positions

@@ -542,13 +542,43 @@ class Flatten(Handler):
             return _same(flow, len(node.outputs))
         shape = cg.shape(node.inputs[0])
         if shape is None or any(d is None for d in shape[1:]):
-            raise Unsupported("flattens a tensor whose spatial size is unknown")
+            positions = _positions_read(cg, node.outputs[0], flow)
+            if positions is None:
+                raise Unsupported("flattens a tensor whose spatial size is unknown (and is not "
+                                  "read by dense layers whose width would give it)")
+            if flow.axis == flow.rank - 1:
+                return _same(flow.flattened_last(positions), len(node.outputs))
+            return _same(flow.flattened(positions), len(node.outputs))
         if flow.axis == flow.rank - 1:  # channels last (NHWC): features (position, channel)
             return _same(flow.flattened_last(int(np.prod([int(d) for d in shape[1:-1]
                                                           if d is not None]))),
                          len(node.outputs))
         inner = int(np.prod([int(d) for d in shape[2:] if d is not None]))
         return _same(flow.flattened(inner), len(node.outputs))
+
+
+def _positions_read(cg: ChannelGraph, tensor: gs.Tensor, flow: Flow) -> int | None:
+    """Positions per channel of a flattened ``tensor`` whose spatial size shape inference
+    left unknown (a legacy export whose Pad amounts are computed, for reflect padding), from
+    the dense layers that read it: their constant weights' input width F is channels x
+    positions. None unless every reader is a Gemm or MatMul with a constant 2-D weight and
+    they agree on an F that ``flow``'s channels divide."""
+    widths = set()
+    for reader in tensor.outputs:
+        if not reader.inputs or reader.inputs[0] is not tensor or reader.op not in ("Gemm",
+                                                                                   "MatMul"):
+            return None
+        weight = cg.const(reader.inputs[1]) if len(reader.inputs) > 1 else None
+        if weight is None or np.ndim(weight) != 2:
+            return None
+        transposed = reader.op == "Gemm" and int(reader.attrs.get("transB", 0))
+        widths.add(int(np.shape(weight)[1] if transposed else np.shape(weight)[0]))
+    if len(widths) != 1:
+        return None
+    features, channels = widths.pop(), flow.size
+    if channels < 1 or features % channels or features < channels:
+        return None
+    return features // channels
 
 
 def _batch_of_shape(cg: ChannelGraph, tensor: gs.Tensor) -> bool:
