@@ -133,6 +133,8 @@ class RemoveKernels:
         _check_choice(self.coupled, "coupled", self.kind, COUPLED_MODES)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (``{"edit": "RemoveKernels", ...}``); :func:`onnxaom.edits.edit_from_dict`
+        reads it back."""
         return {
             "edit": self.kind,
             "layer": self.layer,
@@ -141,6 +143,7 @@ class RemoveKernels:
         }
 
     def to_json(self) -> str:
+        """:meth:`to_dict` as a JSON string."""
         return json.dumps(self.to_dict())
 
 
@@ -222,6 +225,8 @@ class WidenLayer:
         _check_choice(self.coupled, "coupled", self.kind, COUPLED_MODES)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (``{"edit": "WidenLayer", ...}``); :func:`onnxaom.edits.edit_from_dict`
+        reads it back."""
         return {
             "edit": self.kind,
             "layer": self.layer,
@@ -234,6 +239,7 @@ class WidenLayer:
         }
 
     def to_json(self) -> str:
+        """:meth:`to_dict` as a JSON string."""
         return json.dumps(self.to_dict())
 
 
@@ -288,6 +294,8 @@ class InsertLayer:
         object.__setattr__(self, "seed", _check_int(self.seed, "seed", self.kind, 0))
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (``{"edit": "InsertLayer", ...}``); :func:`onnxaom.edits.edit_from_dict`
+        reads it back."""
         return {
             "edit": self.kind,
             "after": self.after,
@@ -298,6 +306,7 @@ class InsertLayer:
         }
 
     def to_json(self) -> str:
+        """:meth:`to_dict` as a JSON string."""
         return json.dumps(self.to_dict())
 
 

@@ -187,10 +187,13 @@ class Thresholds:
             )
 
     def to_dict(self) -> dict[str, float]:
+        """The thresholds by name; inverse of :meth:`from_dict`."""
         return {f.name: float(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Thresholds:
+        """Inverse of :meth:`to_dict`; unknown names raise :class:`StatsError`, missing ones take
+        their defaults."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -406,6 +409,7 @@ class LayerFindings:
         return tuple(f.kernel for f in self.ineffective)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able form of this layer's findings; inverse of :meth:`from_dict`."""
         return {
             "name": self.name,
             "num_kernels": self.num_kernels,
@@ -420,6 +424,7 @@ class LayerFindings:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LayerFindings:
+        """Inverse of :meth:`to_dict`."""
         shallow = data.get("shallow")
         return cls(
             name=str(data["name"]),
@@ -451,6 +456,7 @@ class Findings:
 
     @property
     def layer_names(self) -> tuple[str, ...]:
+        """Names of the analysed layers, in model order."""
         return tuple(layer.name for layer in self.layers)
 
     def layer(self, name: str) -> LayerFindings:
@@ -463,6 +469,8 @@ class Findings:
 
     # ------------------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (format, version, class names, thresholds, layers); inverse of
+        :meth:`from_dict`."""
         return {
             "format": FORMAT,
             "version": FORMAT_VERSION,

@@ -96,6 +96,7 @@ class Layer:
             object.__setattr__(self, "channel_end", self.probe)
 
     def to_dict(self) -> dict[str, object]:
+        """JSON-able form: name, op, node, kernels, probe, probe kind, chain and shape."""
         return {
             "name": self.name,
             "op": self.op,

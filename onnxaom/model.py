@@ -77,10 +77,12 @@ class Model:
 
     @property
     def name(self) -> str:
+        """The file name the model was loaded from, else the graph's name (or ``"model"``)."""
         return self.path.name if self.path is not None else (self._proto.graph.name or "model")
 
     @property
     def opset(self) -> int:
+        """The default-domain (``ai.onnx``) opset version the model imports."""
         for imp in self._proto.opset_import:
             if imp.domain in ("", "ai.onnx"):
                 return int(imp.version)

@@ -199,6 +199,7 @@ class Proposal:
 
     @property
     def edits(self) -> tuple[RemoveKernels, ...]:
+        """One :class:`RemoveKernels` per layer that loses kernels, in layer order."""
         return tuple(p.edit for p in self.layers if p.edit is not None)
 
     def __iter__(self) -> Iterator[RemoveKernels]:
@@ -209,9 +210,12 @@ class Proposal:
 
     @property
     def layer_names(self) -> tuple[str, ...]:
+        """The layers the proposal covers, in order."""
         return tuple(p.layer for p in self.layers)
 
     def layer(self, name: str) -> LayerProposal:
+        """The :class:`LayerProposal` of layer ``name``; :class:`LayerNotFoundError` names the known
+        ones."""
         for p in self.layers:
             if p.layer == name:
                 return p
@@ -232,6 +236,8 @@ class Proposal:
         return lines
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (format, strategy, digests, layers, the derived edits, notes); inverse of
+        :meth:`from_dict`."""
         return {"format": FORMAT, "version": FORMAT_VERSION, "strategy": self.strategy,
                 "stats_digest": self.stats_digest, "model_digest": self.model_digest,
                 "layers": [p.to_dict() for p in self.layers],
@@ -261,6 +267,7 @@ class Proposal:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Proposal:
+        """Read a proposal written by :meth:`to_json` (or ``onnxaom session propose -o``)."""
         return cls.from_dict(read_json(path, "proposal"))
 
 

@@ -383,10 +383,12 @@ class TuningSession:
     # ------------------------------------------------------------------ reading
     @property
     def folder(self) -> Path:
+        """The session's folder."""
         return self._folder
 
     @property
     def steps(self) -> tuple[Step, ...]:
+        """Every step, undone ones included, by index."""
         return tuple(self._steps)
 
     @property
@@ -396,10 +398,12 @@ class TuningSession:
 
     @property
     def baseline(self) -> Step:
+        """Step 0: the starting model."""
         return self._steps[0]
 
     @property
     def config(self) -> Mapping[str, Any]:
+        """The free JSON given to :meth:`create` (runner, data, loop settings), read-only."""
         return MappingProxyType(self._config)
 
     @property
@@ -408,6 +412,7 @@ class TuningSession:
         return MappingProxyType(self._progress)
 
     def step(self, index: int) -> Step:
+        """Step ``index``; :class:`SessionError` for an index the session does not have."""
         if isinstance(index, bool) or not isinstance(index, int) \
                 or not 0 <= index < len(self._steps):
             last = len(self._steps) - 1

@@ -162,14 +162,17 @@ class OccurrenceStats:
     # ----------------------------------------------------------------- basic facts
     @property
     def layer_names(self) -> tuple[str, ...]:
+        """Names of the counted layers, in model order."""
         return tuple(self.counts)
 
     @property
     def num_classes(self) -> int:
+        """C, the number of classes (some may have no samples)."""
         return int(self.class_sizes.shape[0])
 
     @property
     def num_samples(self) -> int:
+        """N, the samples counted (the sum of the class sizes)."""
         return int(self.class_sizes.sum())
 
     def _counts(self, name: str) -> np.ndarray:

@@ -39,6 +39,7 @@ class LayerSummary:
     output_shape: tuple[int | None, ...] | None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able form of this row."""
         return {"name": self.name, "op": self.op, "kernels": self.kernels, "inputs": self.inputs,
                 "params": self.params, "macs": self.macs,
                 "output_shape": None if self.output_shape is None else list(self.output_shape)}
@@ -66,6 +67,7 @@ class ModelSummary:
     external_size: int | None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able form: the totals and one entry per layer."""
         return {"name": self.name, "opset": self.opset, "nodes": self.nodes,
                 "layers": [layer.to_dict() for layer in self.layers],
                 "total_params": self.total_params, "layer_params": self.layer_params,
