@@ -95,16 +95,15 @@ def select_layers(model: Model, names: Sequence[str] | None, probe: str) -> list
 
 
 def _note_channel_mixing(model: Model, layers: Sequence[Layer]) -> None:
-    """Say, once per collection, which layers are read at their raw output because a
-    normalisation across channels follows them (:func:`onnxaom.layers.channel_mixing_reader`)."""
+    """Say, once per collection, which layers are read through a normalisation across
+    channels (:func:`onnxaom.layers.channel_mixing_reader`)."""
     index = GraphIndex(model.proto)
     for layer in layers:
         node = channel_mixing_reader(model.proto, layer, index)
         if node is not None:
-            log.warning("layer %r is counted at %r, before %s: that normalisation mixes "
-                        "channels, so it and the activation after it are not part of a "
-                        "kernel's own chain; the counts describe the kernel's output before them",
-                        layer.name, layer.probe, node)
+            log.info("layer %r is counted at %r, after %s: a kernel's activation there also "
+                     "depends on the other kernels of its normalisation group", layer.name,
+                     layer.probe, node)
 
 
 @dataclass

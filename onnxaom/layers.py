@@ -19,10 +19,13 @@ Probe points (``probe=``):
   bound), one that flips it (LeakyRelu/PRelu with a negative slope, Elu with a negative alpha)
   or one never positive (a Clip with an upper bound <= 0). After those "> 0" says nothing about
   whether the kernel found its feature, so the pre-activation is read instead.
-  A normalisation that mixes channels (GroupNormalization, LayerNormalization, or the
-  Reshape + InstanceNormalization form of a group norm) ends the chain too: the kernel is then
-  read before it, at its own output, and :func:`channel_mixing_reader` names the node so that
-  callers can say so.
+  A normalisation across channels right after the layer (GroupNormalization,
+  LayerNormalization over the channel axis and after, or the Reshape + InstanceNormalization
+  + Reshape form legacy exporters write for a group norm) is read through, with the
+  per-channel chain after it up to its activation (Conv -> GroupNorm -> affine -> ReLU is read
+  at the ReLU): channel k there is still kernel k's, and it is what the next layer sees.
+  :func:`channel_mixing_reader` names that norm. It is not part of the per-channel chain the
+  surgery removes a channel with (:attr:`Layer.channel_end` stays before it).
 * ``"conv"``: the raw layer output.
 * ``"pool"``: the output of the MaxPool/AveragePool/LpPool that reads the activation, where
   there is one; layers without such a pool are read at their activation (``Layer.probe_kind``
@@ -75,8 +78,9 @@ class Layer:
     chain: op types between the layer output and the probe, in order.
     shape: (K, H, W) of one sample's activation; H or W is None when only known at run time.
     channel_end: the end of the whole per-channel chain after the layer (the probe, or later
-        when per-channel ops follow the activation): where a removed kernel's channel is
-        simply gone (the surgery's removal point).
+        when per-channel ops follow the activation, or earlier when the probe reads through a
+        normalisation across channels): where a removed kernel's channel is simply gone (the
+        surgery's removal point).
     """
 
     name: str
@@ -151,8 +155,12 @@ def find_layers(model: onnx.ModelProto, probe: str = "activation") -> list[Layer
             tensor, chain, kind = output, (), "conv"
         else:
             cut = _activation_cut(index, nodes)
-            tensor = nodes[cut - 1].output[0] if cut else output
-            chain = tuple(n.op_type for n in nodes[:cut])
+            read = nodes[:cut]
+            if cut == len(nodes) and not any(n.op_type in ELEMENTWISE_ACTIVATIONS
+                                              for n in nodes):
+                read += _through_channel_mixing_norm(index, channel_end, kernels, spatial)
+            tensor = read[-1].output[0] if read else output
+            chain = tuple(n.op_type for n in read)
             kind = "activation"
             if probe == "pool":
                 reader = index.single_consumer(tensor)
@@ -284,6 +292,77 @@ def _follow_channel_chain(
     return chain
 
 
+def _through_channel_mixing_norm(index: GraphIndex, tensor: str, kernels: int,
+                                 spatial: bool) -> list[onnx.NodeProto]:
+    """When ``tensor`` (the end of a layer's per-channel chain, no activation yet) is read by
+    a normalisation across channels (:func:`_mixing_norm`), that norm's nodes followed by the
+    per-channel chain after it up to its activation (a group norm's affine Mul/Add, then the
+    ReLU): the activation the next layer sees, channel k still being kernel k's. Empty
+    otherwise."""
+    norm = _mixing_norm(index, tensor)
+    if not norm:
+        return []
+    after = _follow_channel_chain(index, norm[-1].output[0], kernels, spatial)
+    return norm + after[:_activation_cut(index, after)]
+
+
+def _mixing_norm(index: GraphIndex, tensor: str) -> list[onnx.NodeProto]:
+    """The nodes of a normalisation across channels that reads ``tensor`` alone and gives a
+    tensor of its shape, channel k at channel k: a GroupNormalization; a LayerNormalization
+    over the channel axis and those after it; or a group norm as legacy exporters write it,
+    ``Reshape`` to (N, groups, -1) -> ``InstanceNormalization`` -> ``Reshape`` back to the
+    shape of ``tensor``. Empty when there is none."""
+    if tensor in index.graph_outputs:
+        return []
+    readers = index.consumers.get(tensor, [])
+    sizes = [r for r in readers if index.graph.node[r].op_type == "Shape"]  # for reshape_as
+    main = [r for r in readers if r not in sizes]
+    if len(main) != 1:
+        return []
+    node = index.graph.node[main[0]]
+    if node.domain not in ("", "ai.onnx") or not node.input or node.input[0] != tensor:
+        return []
+    if node.op_type in ("GroupNormalization", "LayerNormalization") and sizes:
+        return []
+    if node.op_type == "GroupNormalization":
+        return [node]
+    if node.op_type == "LayerNormalization":
+        rank = _rank(index, tensor)
+        axis = int(index.attribute(node, "axis", -1))  # type: ignore[call-overload]
+        if rank is not None and (axis + rank if axis < 0 else axis) >= 1:
+            return [node]
+        return []
+    if node.op_type != "Reshape":
+        return []
+    norm_at = index.single_consumer(node.output[0])
+    if norm_at is None or index.graph.node[norm_at].op_type != "InstanceNormalization":
+        return []
+    norm = index.graph.node[norm_at]
+    back_at = index.single_consumer(norm.output[0])
+    if back_at is None:
+        return []
+    back = index.graph.node[back_at]
+    if back.op_type != "Reshape" or back.input[0] != norm.output[0] \
+            or not _same_shape_as(index, back, tensor):
+        return []
+    if any(index.consumers.get(index.graph.node[r].output[0], []) != [back_at] for r in sizes):
+        return []  # a Shape of the tensor read by anything but the reshape back
+    return [node, norm, back]
+
+
+def _same_shape_as(index: GraphIndex, reshape: onnx.NodeProto, tensor: str) -> bool:
+    """Whether ``reshape`` restores the shape of ``tensor``: its target is ``Shape(tensor)``
+    (PyTorch's ``reshape_as``), or shape inference gives both the same fully known shape."""
+    producer = index.producer.get(reshape.input[1]) if len(reshape.input) > 1 else None
+    if producer is not None:
+        shape_node = index.graph.node[producer]
+        if shape_node.op_type == "Shape" and shape_node.input[0] == tensor and \
+                not any(a.name in ("start", "end") for a in shape_node.attribute):
+            return True
+    a, b = index.shapes.get(tensor), index.shapes.get(reshape.output[0])
+    return a is not None and a == b and None not in a[1:]
+
+
 def _activation_cut(index: GraphIndex, nodes: list[onnx.NodeProto]) -> int:
     """How many nodes of a chain the probe reads through: up to and including the first
     activation when it keeps its input's sign, up to just before it when it does not; the whole
@@ -315,21 +394,19 @@ def _keeps_sign(index: GraphIndex, node: onnx.NodeProto) -> bool:
 
 def channel_mixing_reader(model: onnx.ModelProto, layer: Layer,
                           index: GraphIndex | None = None) -> str | None:
-    """The node after ``layer``'s probe that normalises across channels (GroupNormalization,
-    LayerNormalization, or a Reshape that splits the channels into groups for an
-    InstanceNormalization), described for a message; None when there is none. ``index``: the
-    model's :class:`GraphIndex`, when the caller asks for several layers."""
-    index = GraphIndex(model) if index is None else index
-    reader = index.single_consumer(layer.probe)
-    if reader is None:
+    """The normalisation across channels (GroupNormalization, LayerNormalization, or a Reshape
+    that splits the channels into groups for an InstanceNormalization) that ``layer``'s probe
+    reads through, described for a message; None when there is none (or the probe is the raw
+    output). ``index``: the model's :class:`GraphIndex`, when the caller asks for several
+    layers."""
+    if layer.probe_kind == "conv":
         return None
-    node = index.graph.node[reader]
-    if node.op_type in CHANNEL_MIXING_NORMS or (
-            node.op_type == "Reshape" and any(
-                index.graph.node[r].op_type == "InstanceNormalization"
-                for r in index.consumers.get(node.output[0], ()))):
-        return f"{node.name or node.output[0]!r} ({node.op_type})"
-    return None
+    index = GraphIndex(model) if index is None else index
+    norm = _mixing_norm(index, layer.channel_end)
+    if not norm or layer.probe == layer.channel_end:
+        return None
+    node = norm[1] if norm[0].op_type == "Reshape" else norm[0]
+    return f"{node.name or node.output[0]!r} ({node.op_type})"
 
 
 def clip_floor(index: GraphIndex, node: onnx.NodeProto) -> float | None:

@@ -45,8 +45,12 @@ def _model(ops: list[tuple[str, dict, dict]], opset: int = 17) -> onnx.ModelProt
         out = f"t{i}"
         nodes.append(helper.make_node(op, [tensor, *names], [out], name=f"{op}{i}", **attrs))
         tensor = out
-    nodes += [helper.make_node("Conv", [tensor, "w2"], ["c2"], name="conv2", pads=[1] * 4),
-              helper.make_node("ReduceMean", ["c2"], ["logits"], axes=[2, 3], keepdims=0)]
+    nodes.append(helper.make_node("Conv", [tensor, "w2"], ["c2"], name="conv2", pads=[1] * 4))
+    if opset >= 18:  # ReduceMean's axes became an input
+        inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), "mean_axes"))
+        nodes.append(helper.make_node("ReduceMean", ["c2", "mean_axes"], ["logits"], keepdims=0))
+    else:
+        nodes.append(helper.make_node("ReduceMean", ["c2"], ["logits"], axes=[2, 3], keepdims=0))
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2, 6, 6])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
@@ -137,19 +141,92 @@ def test_removal_through_the_new_chains_is_exact(case: str) -> None:
         assert_removal_exact(proto, {"conv1": kernels})
 
 
-def test_a_normalisation_across_channels_is_named(caplog: pytest.LogCaptureFixture) -> None:
-    proto = _model([("GroupNormalization", {"scale": np.ones(2), "bias": np.zeros(2)},
-                     {"num_groups": 2}), ("Relu", {}, {})], opset=18)
+MIXING_CASES = {
+    # ops after conv1: (ops, opset, the tensor that must be read, the norm named)
+    "group norm, relu": ([("GroupNormalization", {"scale": np.ones(2), "bias": np.zeros(2)},
+                           {"num_groups": 2}), ("Relu", {}, {})], 18, "t1",
+                         "'GroupNormalization0' (GroupNormalization)"),
+    "group norm, affine, relu": ([("GroupNormalization", {"scale": np.ones(2),
+                                                          "bias": np.zeros(2)},
+                                   {"num_groups": 2}),
+                                  ("Mul", {"w": np.linspace(0.5, 2, K).reshape(K, 1, 1)}, {}),
+                                  ("Add", {"b": np.full((K, 1, 1), -0.3)}, {}),
+                                  ("Relu", {}, {})], 18, "t3",
+                                 "'GroupNormalization0' (GroupNormalization)"),
+    "layer norm over C, H, W, relu": ([("LayerNormalization",
+                                        {"scale": np.full((K, 6, 6), 1.5),
+                                         "bias": np.full((K, 6, 6), 0.2)}, {"axis": 1}),
+                                       ("Relu", {}, {})], 17, "t1",
+                                      "'LayerNormalization0' (LayerNormalization)"),
+    "bn, group norm, relu": ([_bn(), ("GroupNormalization", {"scale": np.ones(2),
+                                                             "bias": np.zeros(2)},
+                                      {"num_groups": 2}), ("Relu", {}, {})], 18, "t2",
+                             "'GroupNormalization1' (GroupNormalization)"),
+    "relu, group norm": ([("Relu", {}, {}), ("GroupNormalization", {"scale": np.ones(2),
+                                                                    "bias": np.zeros(2)},
+                                             {"num_groups": 2})], 18, "t0", None),
+}
+
+
+@pytest.mark.parametrize("case", list(MIXING_CASES))
+def test_a_normalisation_across_channels_is_read_through_to_its_activation(
+        case: str, caplog: pytest.LogCaptureFixture) -> None:
+    ops, opset, want, named = MIXING_CASES[case]
+    proto = _model(ops, opset=opset)
     model = onnxaom.Model(proto)
     layer = model.layer("conv1")
-    assert (layer.probe, layer.chain) == ("c1", ())
-    assert channel_mixing_reader(proto, layer) == "'GroupNormalization0' (GroupNormalization)"
+    assert layer.probe == want
+    assert channel_mixing_reader(proto, layer) == named
     x, y = _data()
-    with caplog.at_level(logging.WARNING, logger="onnxaom.collect"):
-        onnxaom.collect(model, x, y, layers=["conv1"], progress=False)
-    assert "counted at 'c1', before 'GroupNormalization0' (GroupNormalization)" in caplog.text
+    with caplog.at_level(logging.INFO, logger="onnxaom.collect"):
+        stats = onnxaom.collect(model, x, y, layers=["conv1"], progress=False)
+    np.testing.assert_array_equal(stats.counts["conv1"], _counts_of(proto, want, x, y))
+    assert (named is not None) == ("normalisation group" in caplog.text)
+    assert model.layer("conv1", probe="conv").probe == "c1"
     plain = _model([("Relu", {}, {})])
     assert channel_mixing_reader(plain, onnxaom.Model(plain).layer("conv1")) is None
+
+
+def test_removal_through_a_group_norm_is_refused_naming_it() -> None:
+    proto = _model(MIXING_CASES["group norm, relu"][0], opset=18)
+    with pytest.raises(onnxaom.EditError, match="GroupNormalization0"):
+        onnxaom.remove_kernels(onnxaom.Model(proto), {"conv1": [0]})
+
+
+@pytest.mark.parametrize("exporter", ["legacy", pytest.param("dynamo", marks=pytest.mark.slow)])
+def test_a_torch_group_norm_is_read_at_its_relu(tmp_path, exporter: str) -> None:
+    """nn.GroupNorm as the exporters write it (legacy: Reshape -> InstanceNormalization ->
+    Reshape -> Mul -> Add) is read through to the ReLU after it."""
+    torch = pytest.importorskip("torch")
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
+    from onnxaom_torch.architectures import export_onnx
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(2, K, 3, padding=1)
+            self.norm = torch.nn.GroupNorm(2, K)
+            self.conv2 = torch.nn.Conv2d(K, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv2(torch.relu(self.norm(self.conv1(x)))).mean(dim=(2, 3))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():
+        net.norm.weight.uniform_(0.5, 1.5)
+        net.norm.bias.uniform_(-0.5, 0.5)
+    path = export_onnx(net, tmp_path / "gn.onnx", exporter=exporter, input_shape=(1, 2, 6, 6),
+                       opset=17 if exporter == "legacy" else 18)
+    model = onnxaom.load(path)
+    conv1 = model.layers()[0]
+    relu = next(n for n in model.proto.graph.node if n.op_type == "Relu")
+    assert conv1.probe == relu.output[0] and conv1.chain[-1] == "Relu"
+    x, y = _data()
+    stats = onnxaom.collect(model, x, y, layers=[conv1.name], progress=False)
+    np.testing.assert_array_equal(stats.counts[conv1.name],
+                                  _counts_of(model.proto, relu.output[0], x, y))
 
 
 def _token_model(opset: int) -> onnx.ModelProto:
