@@ -1,7 +1,8 @@
 """Streaming a labelled data set through ONNX Runtime into exact occurrence counts.
 
 ``collect`` is the one verb. Two methods give identical counts (``method="auto"``, the default,
-is "graph", or "plain" for a model whose opset is older than 10, which "graph" cannot extend):
+is "graph", or "plain" for a model whose opset is older than 10, which "graph" cannot extend,
+and on the CPU for more than 64 classes, where "plain" is faster):
 
 * ``method="graph"``: counting happens inside the ONNX graph
   (:func:`onnxaom.instrument.counting_graph`); only (C, K*H*W) counts per layer leave the
@@ -24,7 +25,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -64,6 +65,11 @@ _QUIET_RUN.log_severity_level = 4
 METHODS = ("auto", "graph", "plain")
 #: The oldest default-domain opset the in-graph count works in (MatMulInteger).
 GRAPH_MIN_OPSET = 10
+#: Above this many classes ``method="auto"`` counts in numpy on the CPU: the in-graph count
+#: multiplies a (classes x batch) one-hot matrix, so its cost grows with the classes; the plain
+#: path catches up near 64 classes on the paper's CIFAR shape and near 100 on its MNIST shape
+#: (``benchmarks/classes.py``, benchmarks/RESULTS.md).
+GRAPH_MAX_CLASSES = 64
 
 
 def select_layers(model: Model, names: Sequence[str] | None, probe: str) -> list[Layer]:
@@ -204,6 +210,8 @@ class _Engine:
     ) -> None:
         self.layers, self.method, self.threshold = layers, settings.method, settings.threshold
         self.check_nan = settings.check_nan
+        self._source, self._threads = model, settings.threads
+        self._confirm: tuple[ort.InferenceSession, str] | None = None  # see _nan_confirmed
         self.fixed_batch = fixed_batch
         dynamic = fixed_batch is None
         providers, on_device = settings.providers, settings.on_device
@@ -275,7 +283,7 @@ class _Engine:
             return
         results = self.session.run(None, feeds, self._run_options)
         n_layers = len(self.graph.outputs)
-        self._check_nan(results[n_layers:])
+        self._check_nan(results[n_layers:], images)
         restore = self.blocked or (None,) * n_layers
         for total, batch, tap in zip(acc.counts, results[:n_layers], restore, strict=True):
             total += batch if tap is None else tap.restore(batch)
@@ -296,10 +304,30 @@ class _Engine:
             for c in np.unique(labels[labels >= 0]):
                 total[c] += positive[labels == c].sum(axis=0)
 
-    def _check_nan(self, checks: list[np.ndarray]) -> None:
-        for (position, _), value in zip(self.graph.checks, checks, strict=True):
-            if np.isnan(value):
+    def _check_nan(self, checks: list[np.ndarray], images: np.ndarray) -> None:
+        """Raise for a layer whose probe held a NaN in this batch. The in-graph check (a sum
+        of per-channel means) is NaN for a NaN, but also for infinities of both signs or for
+        finite values whose sum overflows; a flagged layer is therefore confirmed on the
+        probe tensor itself before anything is raised."""
+        flagged = [position for (position, _), value in zip(self.graph.checks, checks,
+                                                           strict=True) if np.isnan(value)]
+        for position in flagged:
+            if self._nan_confirmed(images, position):
                 raise ModelError(_nan_message(self.layers[position]))
+
+    def _nan_confirmed(self, images: np.ndarray, position: int) -> bool:
+        """Whether the probe of layer ``position`` really holds a NaN for ``images``: the
+        batch is run again through a session with the probes as outputs (made once, on the
+        CPU, only when the in-graph check has flagged a batch)."""
+        if self._confirm is None:
+            graph = probe_graph(self._source, self.layers,
+                                dynamic_batch=self.fixed_batch is None)
+            session = make_session(graph.model, ["CPUExecutionProvider"], threads=self._threads)
+            self._confirm = (session, graph.input_name)
+        session, name = self._confirm
+        probe = self.layers[position].probe
+        (values,) = session.run([probe], {name: images})
+        return bool(np.isnan(values).any())
 
     # -- device-resident accumulation (CUDA) ------------------------------------------------
     def _run_on_device(self, feeds: dict[str, np.ndarray], acc: _Accumulator) -> None:
@@ -314,7 +342,7 @@ class _Engine:
         self.session.run_with_iobinding(binding, self._run_options)
         outputs = binding.get_outputs()
         n_layers = len(self.graph.outputs)
-        self._check_nan([o.numpy() for o in outputs[n_layers:]])
+        self._check_nan([o.numpy() for o in outputs[n_layers:]], feeds[self.graph.input_name])
         if self._device_counts is not None and self._device_counts[0].shape()[0] != acc.num_classes:
             self.flush(acc)  # the class count grew: settle on the host, restart on the device
         if self._device_counts is None:
@@ -447,6 +475,7 @@ class Collector:
         self.layers = select_layers(self.model, layers, probe)
         if probe != "conv":
             _note_channel_mixing(self.model, self.layers)
+        self._auto = method == "auto"
         if method == "auto":
             opset = _default_opset(self.model.proto)
             method = "graph" if opset >= GRAPH_MIN_OPSET else "plain"
@@ -497,6 +526,13 @@ class Collector:
         if self._engine is None:
             proto, providers = self.model.proto, self.providers
             self.layers = _resolve_shapes(proto, self.layers, images[:1], providers)
+            classes = max(int(labels.max()) + 1, self.num_classes or 0)
+            if self._auto and self.method == "graph" and classes > GRAPH_MAX_CLASSES \
+                    and providers[0] == "CPUExecutionProvider":
+                log.info("%d classes: counting the probes in numpy (method='plain'), faster "
+                         "on the CPU than the in-graph count above %d classes", classes,
+                         GRAPH_MAX_CLASSES)
+                self.method = "plain"
             settings = _Settings(
                 self.method,
                 self.threshold,
@@ -627,8 +663,9 @@ def collect(
         "activation", "conv" or "pool" (see :mod:`onnxaom.layers`).
     method:
         "graph" (count inside the ONNX graph), "plain" (probe outputs counted in numpy), or
-        "auto" (default): "graph", or "plain" for a model older than opset 10. Recorded in
-        ``metadata["method"]``.
+        "auto" (default): "graph", or "plain" for a model older than opset 10 and, on the CPU,
+        for more than :data:`GRAPH_MAX_CLASSES` classes (seen in the first batch, or
+        ``num_classes``). Recorded in ``metadata["method"]``.
     progress:
         Show a progress bar (tqdm) on stderr.
     threads:
@@ -673,8 +710,13 @@ def collect(
         blocked_reads=blocked_reads,
     )
     bar: Any = None  # shown once the first batch is counted: a bad input fails with no bar
+    stream_dtypes: list[np.dtype[Any]] = []
+    source: Any = images
+    if dataset is None and labels is None and array_dtype(images) is None \
+            and isinstance(images, Iterable) and not isinstance(images, str | bytes):
+        source = _watch_dtype(images, stream_dtypes)
     try:
-        for batch_images, batch_labels in iter_batches(images, labels, batch_size=batch_size):
+        for batch_images, batch_labels in iter_batches(source, labels, batch_size=batch_size):
             collector.update(batch_images, batch_labels)
             if bar is None:
                 bar = _progress(_length(images), progress)
@@ -685,16 +727,32 @@ def collect(
     return collector.result(
         allow_empty_classes=allow_empty_classes,
         source=dataset.source if dataset is not None else type(images).__name__,
-        preprocessing=_preprocessing_of(images, dataset),
+        preprocessing=_preprocessing_of(images, dataset, stream_dtypes),
     )
 
 
-def _preprocessing_of(images: Any, dataset: Dataset | None) -> dict[str, Any] | None:
+def _watch_dtype(batches: Iterable[Any], seen: list[np.dtype[Any]]) -> Iterator[Any]:
+    """``batches`` unchanged, noting in ``seen`` the element type of the first batch's images
+    (every later batch has the same pixel type: :func:`~onnxaom.data.iter_batches` checks)."""
+    for item in batches:
+        if not seen and isinstance(item, Sequence) and not isinstance(item, str | bytes) \
+                and len(item) == 2:
+            dtype = array_dtype(item[0])
+            if dtype is not None:
+                seen.append(dtype)
+        yield item
+
+
+def _preprocessing_of(images: Any, dataset: Dataset | None,
+                      stream_dtypes: Sequence[np.dtype[Any]] = ()) -> dict[str, Any] | None:
     """What was done to the pixels, for the metadata: a Dataset's own preprocessing; for an
-    array, the scale :func:`~onnxaom.data.iter_batches` applied; None for a stream."""
+    array or a stream of batches, the scale :func:`~onnxaom.data.iter_batches` applied (1/255
+    for uint8, else 1); None when that is not known."""
     if dataset is not None:
         return dataset.preprocessing.to_dict()
     dtype = array_dtype(images)
+    if dtype is None and stream_dtypes:
+        dtype = stream_dtypes[0]
     return None if dtype is None else Preprocessing(scale=default_scale(dtype)).to_dict()
 
 
@@ -784,13 +842,20 @@ def _physical_memory() -> int | None:
     return available_bytes()
 
 
+#: Peak bytes a count cell needs while collecting (measured 21 with 5,000 classes): the int64
+#: running counts (8), the int32 counts of one batch and their reordered copy (4 + 4, on the
+#: blocked path), and the int64 (K, C, H, W) copy :meth:`Collector.result` hands out (8). A
+#: float64 AOM made afterwards fits in what the running counts free.
+BYTES_PER_CELL = 24
+
+
 def _check_memory(layers: Sequence[Layer], classes: int) -> None:
-    """Refuse, before allocating, counts that cannot fit in the memory available now: int64
-    counts and one float64 AOM of (K, C, H, W) per layer, 16 bytes a cell."""
+    """Refuse, before allocating, counts that cannot fit in the memory available now:
+    :data:`BYTES_PER_CELL` for each cell of every layer's (K, C, H, W) counts."""
     memory = _physical_memory()
     cells = [(layer.kernels * (layer.shape[1] or 1) * (layer.shape[2] or 1) * classes, layer)
              for layer in layers]
-    need = 16 * sum(n for n, _ in cells)
+    need = BYTES_PER_CELL * sum(n for n, _ in cells)
     if memory is None or need <= memory:
         return
     biggest = max(cells, key=lambda item: item[0])[1]

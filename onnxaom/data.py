@@ -1040,10 +1040,14 @@ def _stream(batches: Iterable[Any]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         _check_4d(x, name)
         y = _as_labels(item[1], f"labels (batch {index})", x.shape[0])
         if shape is None:
-            shape = x.shape[1:]
+            shape, first = x.shape[1:], x.dtype
         elif x.shape[1:] != shape:
             raise DataError(f"{name}: images of shape (C, H, W) = {x.shape[1:]}, but earlier "
                             f"batches had {shape}")
+        elif default_scale(x.dtype) != default_scale(first):
+            raise DataError(f"{name}: {x.dtype} pixels, but batch 0 had {first}; uint8 batches "
+                            f"are scaled to [0, 1] and float ones taken as they are, so a stream "
+                            f"must not mix them (convert every batch to one type)")
         if x.shape[0] == 0:
             continue
         with np.errstate(over="ignore"):  # too large for float32 becomes inf: reported below

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -237,17 +237,21 @@ class OccurrenceStats:
         """Exact merge of two runs over disjoint data (same model, layers, probe, classes)."""
         if not isinstance(other, OccurrenceStats):
             return NotImplemented
+        if self.layer_names != other.layer_names:
+            only_mine = [n for n in self.layer_names if n not in other.layer_names]
+            only_theirs = [n for n in other.layer_names if n not in self.layer_names]
+            what = "; ".join(part for part in (
+                f"only the first has {_names(only_mine)}" if only_mine else "",
+                f"only the second has {_names(only_theirs)}" if only_theirs else "",
+            ) if part) or "the same layers in another order"
+            raise StatsError(f"cannot merge statistics of different layers: {what}")
         for key in MERGE_KEYS:
             mine, theirs = self.metadata.get(key), other.metadata.get(key)
             if mine != theirs:
                 raise StatsError(
-                    f"cannot merge statistics with different {key!r}: {mine!r} vs {theirs!r}"
+                    f"cannot merge statistics with different {key!r}: "
+                    f"{_short(mine)} vs {_short(theirs)}"
                 )
-        if self.layer_names != other.layer_names:
-            raise StatsError(
-                f"cannot merge statistics of different layers: {self.layer_names} vs "
-                f"{other.layer_names}"
-            )
         c = max(self.num_classes, other.num_classes)
         names = self._merged_class_names(other, c)
         counts = {}
@@ -267,6 +271,12 @@ class OccurrenceStats:
         sources += list(other.metadata.get("sources", [other.metadata.get("source")]))
         metadata["sources"] = [s for s in sources if s is not None]
         return OccurrenceStats(counts, sizes, names, metadata)
+
+    def __radd__(self, other: object) -> OccurrenceStats:
+        """``0 + stats`` is ``stats``, so that ``sum(runs)`` merges a list of runs."""
+        if isinstance(other, int) and not isinstance(other, bool) and other == 0:
+            return self
+        return NotImplemented
 
     def _merged_class_names(self, other: OccurrenceStats, c: int) -> tuple[str, ...]:
         longer, shorter = (self, other) if self.num_classes >= other.num_classes else (other, self)
@@ -339,3 +349,15 @@ def _pad_classes(array: np.ndarray, c: int, axis: int = 1) -> np.ndarray:
     pad = [(0, 0)] * array.ndim
     pad[axis] = (0, missing)
     return np.pad(array, pad)
+
+
+def _names(names: Sequence[str], limit: int = 5) -> str:
+    """Up to ``limit`` quoted names, then how many more."""
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _short(value: object, limit: int = 200) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + " ..."

@@ -293,6 +293,54 @@ def test_nan_activations_name_the_layer(method: str) -> None:
         collect(model, images, labels, method=method, progress=False)
 
 
+def _infinite_model() -> onnx.ModelProto:
+    """x * 1e30 -> conv with weights +1e30 and -1e30: kernel 0 is +inf and kernel 1 -inf
+    everywhere (no NaN), so a sum of channel means is inf - inf = NaN."""
+    w = np.zeros((2, 1, 1, 1), np.float32)
+    w[0], w[1] = 1e30, -1e30
+    nodes = [helper.make_node("Mul", ["x", "s"], ["xs"]),
+             helper.make_node("Conv", ["xs", "w", "b"], ["c"], name="conv_inf"),
+             helper.make_node("Sigmoid", ["c"], ["sg"]),
+             helper.make_node("Flatten", ["sg"], ["f"]),
+             helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], name="fc", transB=1)]
+    inits = [numpy_helper.from_array(np.array(1e30, np.float32), "s"),
+             numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(2, np.float32), "b"),
+             numpy_helper.from_array(np.ones((3, 32), np.float32), "w3"),
+             numpy_helper.from_array(np.zeros(3, np.float32), "b3")]
+    graph = helper.make_graph(
+        nodes, "inf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("options", [{"method": "graph"}, {"method": "graph",
+                                                            "blocked_reads": False},
+                                     {"method": "plain"}])
+def test_infinities_of_both_signs_are_not_taken_for_nan(options) -> None:
+    model = onnxaom.Model(_infinite_model())
+    x, y = np.ones((6, 1, 4, 4), np.float32), np.arange(6) % 3
+    stats = collect(model, x, y, layers=["conv_inf"], progress=False, **options)
+    assert stats.counts["conv_inf"].sum(axis=(1, 2, 3)).tolist() == [96, 0]
+
+
+def test_many_classes_are_counted_in_numpy_by_default(caplog) -> None:
+    import logging
+
+    proto = zoo.chain()
+    model = onnxaom.Model(proto)
+    images, _ = data_for(proto, n=202, classes=2)
+    labels = np.arange(202) % 101  # 101 classes, two samples each
+    with caplog.at_level(logging.INFO, logger="onnxaom.collect"):
+        auto = collect(model, images, labels, progress=False)
+    graph = collect(model, images, labels, method="graph", progress=False)
+    assert auto.metadata["method"] == "plain" and "101 classes" in caplog.text
+    for name in auto.layer_names:
+        np.testing.assert_array_equal(auto.counts[name], graph.counts[name])
+    assert collect(model, images, labels % 64, progress=False).metadata["method"] == "graph"
+
+
 def test_model_without_conv() -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
@@ -606,3 +654,27 @@ def test_the_metadata_records_the_scale_of_a_uint8_torch_tensor(chain_data) -> N
     assert stats.metadata["preprocessing"]["scale"] == pytest.approx(1 / 255)
     stats = collect(model, images, labels, progress=False)
     assert stats.metadata["preprocessing"]["scale"] == 1.0
+
+
+def test_a_stream_records_the_pixel_scale_it_applied(chain_data) -> None:
+    """uint8 batches are scaled by 1/255 as arrays are, and say so: half of the data as a
+    stream and half as an array merge; float batches record scale 1."""
+    model, _, labels = chain_data
+    dims = model.proto.graph.input[0].type.tensor_type.shape.dim[1:]
+    pixels = np.random.default_rng(4).integers(0, 256, size=(len(labels),
+                                                             *[d.dim_value for d in dims]),
+                                               dtype=np.uint8)
+    half = len(labels) // 2
+    stream = collect(model, iter([(pixels[:half], labels[:half])]), progress=False)
+    array = collect(model, pixels[half:], labels[half:], progress=False)
+    assert stream.metadata["preprocessing"]["scale"] == pytest.approx(1 / 255)
+    whole = collect(model, pixels, labels, progress=False)
+    merged = stream + array
+    for name in whole.layer_names:
+        np.testing.assert_array_equal(merged.counts[name], whole.counts[name])
+    floats = collect(model, iter([(pixels / np.float32(255), labels)]), progress=False)
+    assert floats.metadata["preprocessing"]["scale"] == 1.0
+    with pytest.raises(DataError, match=r"batch 1\): float32 pixels, but batch 0 had uint8"):
+        collect(model, iter([(pixels[:half], labels[:half]),
+                             (pixels[half:].astype(np.float32), labels[half:])]),
+                progress=False)

@@ -120,6 +120,23 @@ def test_merge_pads_classes_seen_only_in_one_run() -> None:
     np.testing.assert_array_equal(merged.counts["a"][:, 2], y.counts["a"][:, 2])
 
 
+def test_sum_of_runs_merges_them() -> None:
+    runs = [random_stats(i, [2, 3]) for i in range(3)]
+    total = sum(runs)
+    assert isinstance(total, OccurrenceStats)
+    np.testing.assert_array_equal(total.counts["a"], sum(r.counts["a"] for r in runs))
+    with pytest.raises(TypeError):
+        1 + runs[0]  # only 0, sum()'s start, stands for "no statistics yet"
+
+
+def test_merge_of_other_layers_names_the_layers_that_differ() -> None:
+    x = random_stats(0, [1, 1])
+    y = OccurrenceStats({"a": x.counts["a"], "c": x.counts["b"]}, x.class_sizes,
+                        metadata={"model_digest": "d", "layers": ["a", "c"]})
+    with pytest.raises(StatsError, match="only the first has 'b'; only the second has 'c'"):
+        x + y
+
+
 def test_merge_refuses_other_model() -> None:
     with pytest.raises(StatsError, match="model_digest"):
         random_stats(0, [1, 1]) + random_stats(1, [1, 1], {"model_digest": "other"})
