@@ -283,7 +283,7 @@ class _Engine:
             return
         results = self.session.run(None, feeds, self._run_options)
         n_layers = len(self.graph.outputs)
-        self._check_nan(results[n_layers:], images)
+        self._check_nan(results[n_layers:], images, real)
         restore = self.blocked or (None,) * n_layers
         for total, batch, tap in zip(acc.counts, results[:n_layers], restore, strict=True):
             total += batch if tap is None else tap.restore(batch)
@@ -298,27 +298,29 @@ class _Engine:
         )
         for layer, total in zip(self.layers, acc.counts, strict=True):
             values = results[layer.probe]
-            if self.check_nan and np.isnan(values).any():
+            if self.check_nan and np.isnan(values[labels >= 0]).any():  # not the padding
                 raise ModelError(_nan_message(layer))
             positive = values.reshape(values.shape[0], -1) > self.threshold
             for c in np.unique(labels[labels >= 0]):
                 total[c] += positive[labels == c].sum(axis=0)
 
-    def _check_nan(self, checks: list[np.ndarray], images: np.ndarray) -> None:
-        """Raise for a layer whose probe held a NaN in this batch. The in-graph check (a sum
-        of per-channel means) is NaN for a NaN, but also for infinities of both signs or for
-        finite values whose sum overflows; a flagged layer is therefore confirmed on the
-        probe tensor itself before anything is raised."""
+    def _check_nan(self, checks: list[np.ndarray], images: np.ndarray,
+                   real: np.ndarray) -> None:
+        """Raise for a layer whose probe held a NaN for a sample of this batch (``real``: the
+        rows that are samples, not the padding of a fixed-size chunk). The in-graph check (a
+        sum of per-channel means over the whole batch) is NaN for a NaN, but also for
+        infinities of both signs, for finite values whose sum overflows, or for a NaN in the
+        padding; a flagged layer is therefore confirmed on the probe tensor itself."""
         flagged = [position for (position, _), value in zip(self.graph.checks, checks,
                                                            strict=True) if np.isnan(value)]
         for position in flagged:
-            if self._nan_confirmed(images, position):
+            if self._nan_confirmed(images, real, position):
                 raise ModelError(_nan_message(self.layers[position]))
 
-    def _nan_confirmed(self, images: np.ndarray, position: int) -> bool:
-        """Whether the probe of layer ``position`` really holds a NaN for ``images``: the
-        batch is run again through a session with the probes as outputs (made once, on the
-        CPU, only when the in-graph check has flagged a batch)."""
+    def _nan_confirmed(self, images: np.ndarray, real: np.ndarray, position: int) -> bool:
+        """Whether the probe of layer ``position`` really holds a NaN for a ``real`` row of
+        ``images``: the batch is run again through a session with the probes as outputs (made
+        once, on the CPU, only when the in-graph check has flagged a batch)."""
         if self._confirm is None:
             graph = probe_graph(self._source, self.layers,
                                 dynamic_batch=self.fixed_batch is None)
@@ -327,7 +329,7 @@ class _Engine:
         session, name = self._confirm
         probe = self.layers[position].probe
         (values,) = session.run([probe], {name: images})
-        return bool(np.isnan(values).any())
+        return bool(np.isnan(values[real]).any())
 
     # -- device-resident accumulation (CUDA) ------------------------------------------------
     def _run_on_device(self, feeds: dict[str, np.ndarray], acc: _Accumulator) -> None:
@@ -342,7 +344,9 @@ class _Engine:
         self.session.run_with_iobinding(binding, self._run_options)
         outputs = binding.get_outputs()
         n_layers = len(self.graph.outputs)
-        self._check_nan([o.numpy() for o in outputs[n_layers:]], feeds[self.graph.input_name])
+        labels_fed = np.asarray(feeds[ONEHOT_INPUT].any(axis=0))  # samples, not padding
+        self._check_nan([o.numpy() for o in outputs[n_layers:]], feeds[self.graph.input_name],
+                        labels_fed)
         if self._device_counts is not None and self._device_counts[0].shape()[0] != acc.num_classes:
             self.flush(acc)  # the class count grew: settle on the host, restart on the device
         if self._device_counts is None:

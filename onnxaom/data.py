@@ -342,7 +342,8 @@ class Dataset:
 
     def resized(self, size: int | tuple[int, int]) -> Dataset:
         """This data set with every image resized to ``size`` (H, W) by the bilinear resize of
-        :class:`Preprocessing`, which is recorded as ``preprocessing.resize``. The images are
+        :class:`Preprocessing`, which is recorded as ``preprocessing.resize`` (refused when the
+        loader resized them already: two resizes are not one). The images are
         already scaled and normalised; a bilinear resize (weights summing to 1) commutes with
         those per-channel affine steps, so the result is what loading with
         ``Preprocessing(resize=size)`` gives, up to float rounding."""
@@ -351,11 +352,18 @@ class Dataset:
             raise DataError("size must be (H, W), got None")
         if self.images.shape[2:] == pair:
             return self
+        if self.preprocessing.resize is not None:
+            raise DataError(
+                f"{self.source}: the images were already resized to "
+                f"{self.preprocessing.resize[0]}x{self.preprocessing.resize[1]} when loaded; "
+                f"resizing them again to {pair[0]}x{pair[1]} would give other pixels than one "
+                f"resize of the originals, under the same recorded preprocessing. Load them at "
+                f"the size wanted instead (e.g. digits:{pair[0]})")
         n, c = self.images.shape[:2]
         _check_fits(n * c * pair[0] * pair[1] * 4 * 3,
                     f"resizing {n} images of {c} channel(s) to {pair[0]}x{pair[1]}")
         return Dataset(_resize_bilinear(np.asarray(self.images), pair), self.labels,
-                       self.class_names, self.source,
+                       self.class_names, f"{self.source}, resized to {pair[0]}x{pair[1]}",
                        replace(self.preprocessing, resize=pair))
 
     def split(self, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:

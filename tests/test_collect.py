@@ -678,3 +678,35 @@ def test_a_stream_records_the_pixel_scale_it_applied(chain_data) -> None:
         collect(model, iter([(pixels[:half], labels[:half]),
                              (pixels[half:].astype(np.float32), labels[half:])]),
                 progress=False)
+
+
+def test_the_padding_of_a_fixed_batch_chunk_is_not_checked_for_nan() -> None:
+    """Batch 4 baked into a Reshape (fed in chunks, the last padded with zero images), and
+    each image divided by its own pixel sum: a zero image is NaN, no real one is."""
+    inits = [numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes"),
+             numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "w"),
+             numpy_helper.from_array(np.array([4, 1, 4, 4], np.int64), "bake"),
+             numpy_helper.from_array(np.array([4, 32], np.int64), "flat"),
+             numpy_helper.from_array(np.ones((3, 32), np.float32), "wf")]
+    nodes = [helper.make_node("Reshape", ["x", "bake"], ["xb"]),  # before the probe: kept
+             helper.make_node("ReduceSum", ["xb", "axes"], ["s"], keepdims=1),
+             helper.make_node("Div", ["xb", "s"], ["xn"]),
+             helper.make_node("Conv", ["xn", "w"], ["c"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Reshape", ["r", "flat"], ["f"]),
+             helper.make_node("Gemm", ["f", "wf"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(
+        nodes, "divsum", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    x = np.random.default_rng(2).random((6, 1, 4, 4), dtype=np.float32) + 0.1
+    y = np.arange(6) % 3
+    for method in ("graph", "plain"):
+        stats = collect(onnxaom.Model(proto), x, y, method=method, progress=False,
+                        layers=["conv1"])
+        assert stats.metadata["batching"] == "fixed:4" and stats.num_samples == 6
+    x[5] = 0.0  # a real zero image (0 / 0) in the padded chunk still raises
+    for method in ("graph", "plain"):
+        with pytest.raises(ModelError, match="'conv1' produced NaN"):
+            collect(onnxaom.Model(proto), x, y, method=method, progress=False, layers=["conv1"])

@@ -869,6 +869,9 @@ def test_array_specs_are_resized_as_the_preprocessing_would() -> None:
     assert resized.resized(28) is resized  # already that size
     with pytest.raises(DataError, match="size must be two positive integers"):
         resized.resized((0, 3))
+    assert resized.source.endswith("resized to 28x28")
+    with pytest.raises(DataError, match="already resized to 14x14 when loaded"):
+        load_spec("digits:14", size=(28, 28))  # two resizes are not one
 
 
 def test_values_too_large_for_float32_are_one_error_without_a_warning() -> None:

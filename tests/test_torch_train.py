@@ -105,6 +105,9 @@ def test_evaluate_counts_per_class():
     assert wide.confusion.shape == (6, 6) and math.isclose(wide.accuracy, 6 / 9)
     with pytest.raises(DataError, match=r"num_classes=3 is below the model's output width \(4"):
         train.evaluate(Fixed(), (x, labels), device="cpu", num_classes=3)  # class 3 predicted
+    for bad in (5.0, "7", True, 0):
+        with pytest.raises(DataError, match="num_classes must be a positive integer"):
+            train.evaluate(Fixed(), (x, labels), device="cpu", num_classes=bad)
 
 
 def test_labels_and_image_sizes_that_do_not_fit_the_module_are_data_errors():

@@ -331,6 +331,10 @@ def evaluate(module: nn.Module, data: Any, *, batch_size: int = 256,
     ``module`` is not changed
     (its train/eval modes are restored; it is moved to ``device`` and back).
     """
+    if num_classes is not None and (isinstance(num_classes, bool)
+                                    or not isinstance(num_classes, int | np.integer)
+                                    or num_classes < 1):
+        raise DataError(f"num_classes must be a positive integer, got {num_classes!r}")
     target = resolve_device(device)
     tensors = _as_tensors(data)
     modes = {sub: sub.training for sub in module.modules()}
@@ -346,7 +350,7 @@ def evaluate(module: nn.Module, data: Any, *, batch_size: int = 256,
                                   progress):
                 logits = _forward(module, x.to(target), first=confusion is None)
                 width = int(logits.shape[1])
-                c = num_classes if num_classes is not None else width
+                c = int(num_classes) if num_classes is not None else width
                 if c < width:
                     raise DataError(
                         f"num_classes={c} is below the model's output width ({width} logits): "
