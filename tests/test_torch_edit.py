@@ -424,3 +424,36 @@ def test_a_batch_norm_after_the_relu_goes_with_its_channel(tmp_path):
     x = zoo.random_input(model.proto, batch=3, seed=1)
     np.testing.assert_allclose(zoo.run(result.model.proto, x)[0], zoo.run(model.proto, x)[0],
                                rtol=1e-4, atol=ATOL)
+
+
+class NormThenRelu(nn.Module):
+    """conv -> norm -> ReLU -> conv -> gap -> fc, the norm an InstanceNorm2d (per channel) or a
+    GroupNorm (across channels, read through by the probe)."""
+
+    def __init__(self, norm: str) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = {"instance": nn.InstanceNorm2d(4),
+                     "instance_affine": nn.InstanceNorm2d(4, affine=True),
+                     "group": nn.GroupNorm(2, 4)}[norm]
+        self.relu = nn.ReLU()
+        self.c2 = nn.Conv2d(4, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(self.relu(self.norm(self.c1(x))))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("norm", ["instance", "instance_affine", "group"])
+def test_norms_after_a_conv_follow_its_edits_and_insertions(tmp_path, norm):
+    module = torch_zoo.reinit(NormThenRelu(norm), 0).eval()
+    model = export(tmp_path, module, (1, 3, 8, 8))
+    c1 = model.layers()[0].name
+    result = assert_parity(tmp_path, module, model, [InsertLayer(after=c1)])
+    assert result.modules == ("relu.deep",)  # after the ReLU that follows the norm
+    for edit in (RemoveKernels(c1, (1,)), WidenLayer(layer=c1, add=2)):
+        if norm == "group":  # the surgery refuses edits through a group norm
+            with pytest.raises(EditError, match="Reshape"):
+                apply_edits(module, model, [edit])
+        else:
+            assert_parity(tmp_path, module, model, [edit])

@@ -70,8 +70,14 @@ from onnxaom.surgery.ops import conv_weight
 from onnxaom.surgery.remove import plan as removal_plan
 from onnxaom.surgery.widen import widen_sources
 
-from .mapping import LayerMap, ModuleMismatchError, example_input, map_layers
-from .trace import PER_CHANNEL_TYPES, Trace, one_line, trace
+from .mapping import (
+    PER_CHANNEL_OPS,
+    LayerMap,
+    ModuleMismatchError,
+    example_input,
+    map_layers,
+)
+from .trace import MIXING_NORM_TYPES, PER_CHANNEL_TYPES, Trace, one_line, trace
 
 __all__ = ["TorchEdit", "apply_edits"]
 
@@ -247,7 +253,7 @@ def _apply_plan(work: nn.Module, cg: ChannelGraph, r: Rewriter, layers: dict[str
                         _edit_per_channel(sub, follower, r, out_change)
                         touched.append(follower)
                         done.add(follower)
-        elif in_change is not None and rec.node.op in ("BatchNormalization", "PRelu"):
+        elif in_change is not None and rec.node.op in PER_CHANNEL_OPS:
             path = nodes.get(rec.node.name)
             if path is None:
                 raise EditError(
@@ -309,10 +315,10 @@ def _edit_conv(module: nn.Conv2d, path: str, r: Rewriter, in_change: Change | No
 
 
 def _edit_per_channel(module: nn.Module, path: str, r: Rewriter, change: Change) -> None:
-    if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+    if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d | nn.InstanceNorm1d | nn.InstanceNorm2d):
         if module.num_features != change.old_size:
-            raise EditError(f"batch norm {path!r} has {module.num_features} features, but the "
-                            f"channels it reads number {change.old_size}")
+            raise EditError(f"{type(module).__name__} {path!r} has {module.num_features} "
+                            f"features, but the channels it reads number {change.old_size}")
         for name, neutral in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0),
                               ("running_var", 1.0)):
             if getattr(module, name, None) is not None:
@@ -324,7 +330,7 @@ def _edit_per_channel(module: nn.Module, path: str, r: Rewriter, change: Change)
             return
         _set_param(module, "weight", r.per_channel(_numpy(module.weight), 0, change, 0.25))
         module.num_parameters = change.size
-    else:  # pragma: no cover - PER_CHANNEL_TYPES lists only the two above
+    else:  # pragma: no cover - PER_CHANNEL_TYPES lists only the types above
         raise EditError(f"module {path!r} ({type(module).__name__}) cannot be edited")
 
 
@@ -381,7 +387,7 @@ def _insert(work: nn.Module, edit: InsertLayer, new_name: str, activation: str,
     modules = dict(work.named_modules())
     layer_module = modules[path]
     kernels = int(layer_module.weight.shape[0])  # type: ignore[union-attr,index]
-    chain = list(run.chain(path))
+    chain = list(run.chain(path, through=MIXING_NORM_TYPES))  # Conv -> GroupNorm -> ReLU too
     counts = run.call_counts()
     act_at = next((i for i, p in enumerate(chain) if _nonnegative_activation(modules[p])), None)
     new = _new_layer(layer_module, edit, kernels)

@@ -41,6 +41,9 @@ from onnxaom.layers import Layer
 
 from .trace import PER_CHANNEL_TYPES, Trace, trace
 
+#: ONNX ops with one parameter per channel that a torch module (PER_CHANNEL_TYPES) holds.
+PER_CHANNEL_OPS = ("BatchNormalization", "PRelu", "InstanceNormalization")
+
 __all__ = ["LayerMap", "ModuleMismatchError", "example_input", "map_layers", "node_module_paths"]
 
 #: Tolerances of the weight check (relative to the largest weight of the layer for ``atol``).
@@ -62,7 +65,7 @@ class LayerMap:
     modules: ONNX layer name -> module path, in the model's layer order.
     chains: ONNX layer name -> paths of the per-channel / element-wise modules that directly
         follow the layer in torch (``bn1``, ``relu1`` ...; see :meth:`Trace.chain`).
-    nodes: names of other ONNX nodes with per-channel parameters (BatchNormalization, PRelu not
+    nodes: names of other ONNX nodes with per-channel parameters (:data:`PER_CHANNEL_OPS` not
         folded into a layer) -> module path, where the module could be identified.
     how: ONNX layer name -> the evidence used: ``"weight"``, ``"node name"``, ``"name scopes"``,
         ``"structure"`` or ``"weights"`` (found by its weight values alone).
@@ -372,7 +375,7 @@ def _match(module: nn.Module, model: onnxaom.Model, run: Trace) -> LayerMap:
             f"edits each ONNX layer on its own, so modules used more than once are not supported")
     nodes: dict[str, str] = {}
     for node in proto.graph.node:
-        if node.op_type in ("BatchNormalization", "PRelu"):
+        if node.op_type in PER_CHANNEL_OPS:
             for path, _ in node_module_paths(node):
                 if isinstance(modules.get(path), PER_CHANNEL_TYPES):
                     nodes[node.name] = path

@@ -22,18 +22,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["CHAIN_TYPES", "LAYER_TYPES", "PER_CHANNEL_TYPES", "Call", "Trace", "one_line", "trace"]
+__all__ = ["CHAIN_TYPES", "LAYER_TYPES", "MIXING_NORM_TYPES", "PER_CHANNEL_TYPES", "Call",
+           "Trace", "one_line", "trace"]
 
 #: Modules that are onnxaom layers (ONNX Conv and Gemm/MatMul).
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 #: Modules with one parameter (or buffer) per channel, sliced with the channels they read.
-PER_CHANNEL_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.PReLU)
+PER_CHANNEL_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.PReLU,
+                                                   nn.InstanceNorm1d, nn.InstanceNorm2d)
 #: Modules that keep channels apart (per-channel or element-wise): they continue a layer's chain.
 CHAIN_TYPES: tuple[type[nn.Module], ...] = (
     *PER_CHANNEL_TYPES, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
     nn.Hardswish, nn.Softplus, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Dropout,
     nn.Dropout1d, nn.Dropout2d, nn.Identity,
 )
+#: Normalisations across channels that keep channel k at channel k (what onnxaom's probe reads
+#: through): they continue a chain only where the activation after them is looked for
+#: (:meth:`Trace.chain` with ``through=``), never for per-channel edits.
+MIXING_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.GroupNorm, nn.LayerNorm)
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,11 +79,12 @@ class Trace:
                 seen.append(call.name)
         return seen
 
-    def chain(self, name: str) -> tuple[str, ...]:
-        """Paths of the :data:`CHAIN_TYPES` modules that directly follow module ``name``: each
-        reads, as its first input, exactly the tensor the one before returned (in-place
-        activations included), and nothing else reads that tensor first. Empty when a functional
-        op or a non-chain module comes first, or when ``name`` did not run."""
+    def chain(self, name: str, through: tuple[type[nn.Module], ...] = ()) -> tuple[str, ...]:
+        """Paths of the :data:`CHAIN_TYPES` modules (and ``through`` ones) that directly follow
+        module ``name``: each reads, as its first input, exactly the tensor the one before
+        returned (in-place activations included), and nothing else reads that tensor first.
+        Empty when a functional op or a non-chain module comes first, or when ``name`` did not
+        run."""
         calls = self.calls
         start = next((i for i, c in enumerate(calls) if c.name == name), None)
         if start is None or calls[start].output is None:
@@ -91,7 +98,7 @@ class Trace:
             if reader is None:
                 break
             call = calls[reader]
-            if (not isinstance(call.module, CHAIN_TYPES) or not call.inputs
+            if (not isinstance(call.module, (*CHAIN_TYPES, *through)) or not call.inputs
                     or call.inputs[0] is not tensor or call.output is None
                     or call.output.shape != tensor.shape):
                 break
