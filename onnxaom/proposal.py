@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 
 from .edits import RemoveKernels
-from .errors import LayerNotFoundError, StatsError
+from .errors import EditError, LayerNotFoundError, OnnxaomError, StatsError
 from .files import atomic_write_text, read_json
 from .findings import Findings, IneffectiveKernel, LayerFindings, analyze
 from .model import Model
@@ -520,8 +520,92 @@ def propose(
         mass = masses.get(name)
         used = _auto_strategy(mass, dense_layers) if strategy == "auto" else strategy
         layer_props.append(_propose_layer(stats, lf, name, used, target, mass))
+    notes: list[str] = []
+    if model is not None:
+        layer_props = _reconcile_coupled(model, layer_props, targets, notes)
     return Proposal(tuple(layer_props), strategy, stats_digest(stats),
-                    stats.metadata.get("model_digest"))
+                    stats.metadata.get("model_digest"), tuple(notes))
+
+
+def _reconcile_coupled(model: Model, props: list[LayerProposal], targets: Mapping[str, int],
+                       notes: list[str]) -> list[LayerProposal]:
+    """One choice for layers whose channels are merged element-wise (a residual Add) or tied
+    (a depthwise conv): the surgery removes a channel from all of them at once, so separate
+    choices would remove their union. Each group of such layers keeps the kernels ranked best
+    by the sum of the members' positions in their own rankings (``order``), as many as the
+    group's target (or its first layer's count). Layers coupled through a different channel
+    order follow the first layer's choice, as the surgery maps it."""
+    from .surgery.channels import build
+    from .surgery.gsio import import_graph
+    from .surgery.remove import plan
+
+    by_name = {p.layer: p for p in props}
+    try:
+        cg = build(import_graph(model.proto), model.proto)
+    except OnnxaomError as exc:  # a graph the surgery cannot trace: it would refuse the edits
+        notes.append(f"coupled layers not checked: {exc}")
+        return props
+    parent = {p.layer: p.layer for p in props}
+
+    def root(name: str) -> str:
+        while parent[name] != name:
+            name = parent[name]
+        return name
+
+    follows: dict[tuple[str, str], tuple[int, ...]] = {}  # (a, b): b's kernels a's removal takes
+    for p in props:
+        try:
+            _, removal = plan(cg, [RemoveKernels(p.layer, p.removed or (0,))])
+        except EditError:  # a layer the surgery refuses to edit: nothing to reconcile
+            continue
+        for other, kernels in removal.removed.items():
+            if other != p.layer and other in by_name:
+                follows[(p.layer, other)] = tuple(kernels)
+                parent[root(other)] = root(p.layer)
+    groups: dict[str, list[str]] = {}
+    for p in props:
+        groups.setdefault(root(p.layer), []).append(p.layer)
+    out = dict(by_name)
+    for members in (m for m in groups.values() if len(m) > 1):
+        asked = {targets[m] for m in members if m in targets}
+        if len(asked) > 1:
+            raise StatsError(
+                f"layers {', '.join(map(repr, members))} are coupled (their channels are merged "
+                f"element-wise or tied), so they keep the same kernels; keep asks "
+                f"{', '.join(f'{m}={targets[m]}' for m in members if m in targets)}")
+        lead = by_name[members[0]]
+        k = lead.num_kernels
+        n = asked.pop() if asked else len(lead.kept)
+        aligned = all(by_name[m].num_kernels == k for m in members) and all(
+            follows.get((lead.layer, m), (0,)) == (lead.removed or (0,)) for m in members[1:])
+        if aligned:
+            position = {m: {kernel: r for r, kernel in enumerate(by_name[m].order)}
+                        for m in members}
+            order = sorted(range(k), key=lambda i: (sum(position[m][i] for m in members),
+                                                    position[lead.layer][i]))
+            kept, removed = order[:n], order[n:]
+            for m in members:
+                others = ", ".join(repr(o) for o in members if o != m)
+                reasons = tuple(
+                    f"{'kept' if i in kept else 'removed'}: coupled with {others}; rank "
+                    f"{order.index(i) + 1} of {k} over their {by_name[m].strategy} rankings "
+                    f"combined ({by_name[m].reasons[i]})" for i in range(k))
+                out[m] = replace(by_name[m], kept=tuple(kept), removed=tuple(removed),
+                                 order=tuple(order), reasons=reasons,
+                                 target=by_name[m].target if m in targets else None)
+            notes.append(f"layers {', '.join(map(repr, members))} are coupled: one choice for "
+                         f"all, {n} kernels ranked by their rankings combined")
+        else:
+            for m in members[1:]:
+                gone = set(follows.get((lead.layer, m), ())) if lead.removed else set()
+                kept_m = tuple(i for i in range(by_name[m].num_kernels) if i not in gone)
+                reasons = tuple(f"{'kept' if i in kept_m else 'removed'}: follows coupled "
+                                f"layer {lead.layer!r}" for i in range(by_name[m].num_kernels))
+                out[m] = replace(by_name[m], kept=kept_m, removed=tuple(sorted(gone)),
+                                 order=tuple(kept_m) + tuple(sorted(gone)), reasons=reasons)
+            notes.append(f"layers {', '.join(map(repr, members))} are coupled in another channel "
+                         f"order: they follow {lead.layer!r}'s choice")
+    return [out[p.layer] for p in props]
 
 
 def _check_model(stats: OccurrenceStats, model: Model | None, strategy: str) -> None:

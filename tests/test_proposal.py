@@ -10,11 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import onnxaom
 from onnxaom.edits import RemoveKernels
 from onnxaom.errors import LayerNotFoundError, StatsError
 from onnxaom.findings import analyze
 from onnxaom.proposal import STRATEGIES, Proposal, override, propose, stats_digest
 from onnxaom.stats import OccurrenceStats
+
+from . import zoo
 
 SIZE = 10  # samples per class
 #: The strategies that need nothing but the statistics ("usage" and "activity" read the model).
@@ -304,3 +307,29 @@ def test_partitions_keeps_one_of_a_kernel_and_its_complement():
     assert not analyze(stats).layer("conv").ineffective
     partitions = set(propose(stats, strategy="partitions", keep={"conv": 2}).layer("conv").kept)
     assert 2 in partitions and len(partitions & {0, 1}) == 1
+
+
+@pytest.mark.parametrize("strategy", ["selectivity", "clusters", "auto"])
+def test_coupled_layers_get_one_choice_so_each_keeps_its_target(strategy):
+    """conv1 and conv3 meet in a residual Add: the surgery removes a channel from both, so
+    separate choices would remove their union (fewer kernels than asked in each)."""
+    import warnings
+
+    model = onnxaom.Model(zoo.residual(kernels=6, seed=2))
+    x = zoo.random_input(model.proto, batch=60, seed=4)
+    labels = np.arange(60) % 3
+    stats = onnxaom.collect(model, x, labels, progress=False)
+    keep = {"conv1": 3, "conv3": 3}
+    proposal = propose(stats, keep=keep, model=model, strategy=strategy)
+    assert proposal.layer("conv1").kept == proposal.layer("conv3").kept
+    assert any("coupled" in note for note in proposal.notes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no union beyond what was named
+        edited = onnxaom.apply(model, proposal.edits)
+    assert {layer.name: layer.kernels for layer in edited.layers()}["conv3"] == 3
+    with pytest.raises(StatsError, match="coupled.*conv1=3, conv3=4"):
+        propose(stats, keep={"conv1": 3, "conv3": 4}, model=model, strategy=strategy)
+    separate = propose(stats, keep=keep, strategy="selectivity")  # no model: not reconciled
+    if separate.layer("conv1").removed != separate.layer("conv3").removed:
+        with pytest.warns(UserWarning, match="besides the 3 named for it"):
+            onnxaom.apply(model, separate.edits)

@@ -11,6 +11,7 @@ removal refuse rather than change the function silently.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -85,6 +86,14 @@ def plan(cg: ChannelGraph, edits: Sequence[RemoveKernels]) -> tuple[RemovePlan, 
                 why = ""
             raise EditError(f"removing these kernels would remove all {total} kernels of layer "
                             f"{name!r}{why}; keep at least one")
+    for name, kernels in requested.items():
+        extra = sorted(set(removed.get(name, ())) - set(kernels))
+        if extra:
+            warnings.warn(
+                f"layer {name!r} loses kernels {extra} besides the {len(kernels)} named for it: "
+                f"it is coupled (residual merge or depthwise tie) to other layers of this step, "
+                f"whose removals go with it; name the same kernels for coupled layers "
+                f"(onnxaom.propose(..., model=model) does)", UserWarning, stacklevel=3)
     coupled = tuple(name for name, kernels in removed.items()
                     if any((name, k) not in asked for k in kernels) and name not in requested)
     if coupled:
