@@ -22,6 +22,7 @@ from .errors import ModelError
 from .graph import GraphIndex
 from .layers import find_layers
 from .model import Model, load
+from .shapes import fill_unknown
 
 __all__ = ["LayerSummary", "ModelSummary", "summary"]
 
@@ -118,13 +119,17 @@ def summary(model: Model | str | os.PathLike[str]) -> ModelSummary:
     proto = model.proto
     index = GraphIndex(proto)
     rows: list[LayerSummary] = []
-    for layer in find_layers(proto):
+    layers = find_layers(proto)
+    shapes = index.shapes
+    if any(None in (shapes.get(layer.output) or (None,))[2:] for layer in layers):
+        shapes = fill_unknown(proto, shapes, index)  # sizes inference could not tell
+    for layer in layers:
         node = proto.graph.node[layer.node_index]
         params = sum(math.prod(d or 0 for d in shape) for shape in
                      (index.constant_shape(name) for name in node.input[1:] if name)
                      if shape is not None)
         weight = index.constant_shape(node.input[1]) or index.shapes.get(node.input[1])
-        out_shape = index.shapes.get(layer.output)
+        out_shape = shapes.get(layer.output)
         inputs, macs = _inputs_and_macs(index, node, weight, out_shape, layer.kernels)
         rows.append(LayerSummary(layer.name, layer.op, layer.kernels, inputs, params, macs,
                                  out_shape))

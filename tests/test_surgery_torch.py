@@ -194,3 +194,31 @@ def test_channels_last_flatten_takes_every_edit_exactly(tmp_path, dynamic):
     mass = read_mass(model, conv2)
     weight = module.fc.weight.detach().abs().numpy().reshape(3, 8 * 8, 6)  # (out, h*w, channel)
     np.testing.assert_allclose(mass.per_position, weight.sum(axis=0).T, rtol=1e-5)
+
+
+class ReflectPadNet(torch.nn.Module):
+    """Reflect padding (the legacy exporter computes its Pad amounts, so shape inference loses
+    H and W after it) and a ``view(x.size(0), -1)`` head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+        self.c2 = torch.nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = torch.max_pool2d(torch.relu(self.c2(torch.relu(self.c1(x)))), 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_sizes_shape_inference_cannot_tell_come_from_one_run(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = architectures.export_onnx(ReflectPadNet().eval(), tmp_path / "reflect.onnx",
+                                     input_shape=(1, 3, 8, 8))
+    model = onnxaom.load(path)
+    c2 = model.layers()[1]
+    assert c2.shape[1:] == (None, None)  # inference alone does not know
+    assert_removal_exact(model.proto, {c2.name: [0, 4]})
+    facts = onnxaom.summary(model)
+    assert facts.macs_complete
+    assert {row.name: row.macs for row in facts.layers}[c2.name] == 6 * 4 * 9 * 8 * 8

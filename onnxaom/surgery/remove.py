@@ -86,11 +86,11 @@ def plan(cg: ChannelGraph, edits: Sequence[RemoveKernels]) -> tuple[RemovePlan, 
                 why = ""
             raise EditError(f"removing these kernels would remove all {total} kernels of layer "
                             f"{name!r}{why}; keep at least one")
-    for name, kernels in requested.items():
-        extra = sorted(set(removed.get(name, ())) - set(kernels))
+    for name, named in requested.items():
+        extra = sorted(set(removed.get(name, ())) - set(named))
         if extra:
             warnings.warn(
-                f"layer {name!r} loses kernels {extra} besides the {len(kernels)} named for it: "
+                f"layer {name!r} loses kernels {extra} besides the {len(named)} named for it: "
                 f"it is coupled (residual merge or depthwise tie) to other layers of this step, "
                 f"whose removals go with it; name the same kernels for coupled layers "
                 f"(onnxaom.propose(..., model=model) does)", UserWarning, stacklevel=3)
