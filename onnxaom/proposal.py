@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -523,6 +524,7 @@ def propose(
     notes: list[str] = []
     if model is not None:
         layer_props = _reconcile_coupled(model, layer_props, targets, notes)
+        layer_props = _balance_groups(model, layer_props, notes)
     return Proposal(tuple(layer_props), strategy, stats_digest(stats),
                     stats.metadata.get("model_digest"), tuple(notes))
 
@@ -606,6 +608,81 @@ def _reconcile_coupled(model: Model, props: list[LayerProposal], targets: Mappin
             notes.append(f"layers {', '.join(map(repr, members))} are coupled in another channel "
                          f"order: they follow {lead.layer!r}'s choice")
     return [out[p.layer] for p in props]
+
+
+#: Ops a layer's channels pass through unchanged on their way to the convs that read them.
+_PASSING = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "Elu", "Selu", "Celu", "Gelu",
+                      "HardSwish", "Sigmoid", "HardSigmoid", "Softplus", "Tanh", "Identity",
+                      "Dropout", "BatchNormalization", "InstanceNormalization", "MaxPool",
+                      "AveragePool", "Pad", "Resize", "Upsample", "Mul", "Add", "Sub", "Div"})
+
+
+def _channel_blocks(model: Model, index: Any, layer: Any) -> int:
+    """Into how many equal blocks the surgery splits ``layer``'s kernels: a grouped (not
+    depthwise) conv removes the same number of channels from each of its groups, both from its
+    own outputs and from the inputs it reads. The lcm of the group counts of the layer and of
+    the grouped convs that read it (through ops that pass channels on); 1 when there is none."""
+    nodes = model.proto.graph.node
+
+    def grouped(node: Any) -> int:
+        group = int(index.attribute(node, "group", 1))
+        weight = index.constant_shape(node.input[1]) if len(node.input) > 1 else None
+        depthwise = weight is not None and len(weight) > 1 and weight[1] == 1
+        return group if group > 1 and not depthwise else 1
+
+    blocks = grouped(nodes[layer.node_index]) if layer.op == "Conv" else 1
+    seen, todo = set(), [layer.output]
+    while todo:
+        tensor = todo.pop()
+        if tensor in seen:
+            continue
+        seen.add(tensor)
+        for reader in index.consumers.get(tensor, ()):
+            node = nodes[reader]
+            if node.op_type == "Conv" and node.input[0] == tensor:
+                blocks = math.lcm(blocks, grouped(node))
+            elif node.op_type in _PASSING and node.input and node.input[0] == tensor:
+                todo.extend(o for o in node.output if o)
+    return blocks
+
+
+def _balance_groups(model: Model, props: list[LayerProposal],
+                    notes: list[str]) -> list[LayerProposal]:
+    """Keep the same number of kernels in each block :func:`_channel_blocks` finds (the
+    surgery refuses anything else): the best-ranked of each block by the layer's ``order``,
+    the target rounded up to a multiple of the block count."""
+    from .graph import GraphIndex
+    from .layers import find_layers
+
+    index = GraphIndex(model.proto)
+    layers = {layer.name: layer for layer in find_layers(model.proto)}
+    out = []
+    for p in props:
+        layer = layers.get(p.layer)
+        blocks = _channel_blocks(model, index, layer) if layer is not None else 1
+        k = p.num_kernels
+        if blocks <= 1 or k % blocks:
+            out.append(p)
+            continue
+        size = k // blocks
+        per_block = [sum(1 for i in p.kept if i // size == b) for b in range(blocks)]
+        if len(set(per_block)) == 1:
+            out.append(p)
+            continue
+        each = -(-len(p.kept) // blocks)
+        rank = {kernel: r for r, kernel in enumerate(p.order)}
+        kept = sorted(i for b in range(blocks)
+                      for i in sorted(range(b * size, (b + 1) * size), key=rank.__getitem__)[:each])
+        removed = [i for i in range(k) if i not in kept]
+        reasons = tuple(f"{'kept' if i in kept else 'removed'}: the best {each} of its group of "
+                        f"{size} (a grouped conv takes the same number from each of its "
+                        f"{blocks} groups) ({p.reasons[i]})" for i in range(k))
+        out.append(replace(p, kept=tuple(kept), removed=tuple(removed), reasons=reasons))
+        asked = "" if each * blocks == len(p.kept) else f", {len(p.kept)} asked"
+        notes.append(f"layer {p.layer!r}: kept {each} of each group of {size} kernels "
+                     f"({each * blocks} in all{asked}): a grouped conv removes the same number "
+                     f"of channels from each of its groups")
+    return out
 
 
 def _check_model(stats: OccurrenceStats, model: Model | None, strategy: str) -> None:

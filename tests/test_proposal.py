@@ -333,3 +333,20 @@ def test_coupled_layers_get_one_choice_so_each_keeps_its_target(strategy):
     if separate.layer("conv1").removed != separate.layer("conv3").removed:
         with pytest.warns(UserWarning, match="besides the 3 named for it"):
             onnxaom.apply(model, separate.edits)
+
+
+@pytest.mark.parametrize("strategy", ["selectivity", "coverage", "auto"])
+def test_layers_read_by_a_grouped_conv_keep_as_many_kernels_in_each_group(strategy):
+    """conv1 (8) feeds conv2 (8 -> 8, group 2), which is grouped itself: the surgery takes
+    the same number of channels from each group of 4, so a proposal must too."""
+    from .test_surgery import assert_removal_exact, grouped
+
+    proto = grouped()
+    model = onnxaom.Model(proto)
+    x = zoo.random_input(proto, batch=60, seed=4)
+    stats = onnxaom.collect(model, x, np.arange(60) % 3, progress=False)
+    for layer, n, kept in (("conv1", 4, 4), ("conv2", 4, 4), ("conv1", 3, 4)):
+        proposal = propose(stats, keep={layer: n}, model=model, strategy=strategy)
+        chosen = proposal.layer(layer).kept
+        assert len(chosen) == kept and sum(i < 4 for i in chosen) == kept // 2
+        assert_removal_exact(proto, {layer: list(proposal.layer(layer).removed)})
