@@ -763,3 +763,36 @@ def test_a_flatten_of_unknown_spatial_size_takes_it_from_the_dense_reader():
     fc1 = next(t for t in edited.proto.graph.initializer if t.name.startswith("fc1") and
                len(t.dims) == 2)
     assert 4 * 9 in tuple(fc1.dims)  # 6 - 2 channels of 3 x 3 positions
+
+
+def test_a_transposed_conv_reading_a_layer_loses_or_gains_its_input_rows():
+    """conv1 -> relu -> ConvTranspose (weight (C_in, C_out, kh, kw)) -> relu -> gap -> fc."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(6, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(6,)).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.normal(size=(6, 4, 2, 2)).astype(np.float32), "wt"),
+             numpy_helper.from_array(rng.normal(size=(4,)).astype(np.float32), "bt"),
+             numpy_helper.from_array(rng.normal(size=(3, 4)).astype(np.float32), "wf")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("ConvTranspose", ["r1", "wt", "bt"], ["u"], name="up",
+                              strides=[2, 2]),
+             helper.make_node("Relu", ["u"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wf"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(
+        nodes, "ct", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    assert_removal_exact(proto, {"conv1": [0, 3]})
+    wider = apply(Model(proto), [WidenLayer(layer="conv1", add=2)])
+    assert_same_function(proto, wider.proto)
+    grouped_up = onnx.ModelProto()
+    grouped_up.CopyFrom(proto)
+    grouped_up.graph.node[2].attribute.append(helper.make_attribute("group", 2))
+    grouped_up.graph.initializer[2].CopyFrom(
+        numpy_helper.from_array(rng.normal(size=(6, 2, 2, 2)).astype(np.float32), "wt"))
+    with pytest.raises(EditError, match="grouped transposed conv"):
+        remove_kernels(Model(grouped_up), {"conv1": [0, 3]})

@@ -457,3 +457,26 @@ def test_norms_after_a_conv_follow_its_edits_and_insertions(tmp_path, norm):
                 apply_edits(module, model, [edit])
         else:
             assert_parity(tmp_path, module, model, [edit])
+
+
+class UpsamplingHead(nn.Module):
+    """conv -> ReLU -> ConvTranspose2d (a decoder's upsampling) -> ReLU -> gap -> fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.up = nn.ConvTranspose2d(6, 4, 2, stride=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.up(torch.relu(self.c1(x)))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_a_transposed_conv_loses_and_gains_the_input_channels_of_its_layer(tmp_path, exporter):
+    module = torch_zoo.reinit(UpsamplingHead(), 0).eval()
+    model = export(tmp_path, module, (1, 3, 8, 8), exporter)
+    c1 = model.layers()[0].name
+    removed = assert_parity(tmp_path, module, model, [RemoveKernels(c1, (0, 4))])
+    assert removed.module.up.in_channels == 4
+    assert_parity(tmp_path, module, model, [WidenLayer(layer=c1, add=2)])

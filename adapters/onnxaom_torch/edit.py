@@ -253,6 +253,18 @@ def _apply_plan(work: nn.Module, cg: ChannelGraph, r: Rewriter, layers: dict[str
                         _edit_per_channel(sub, follower, r, out_change)
                         touched.append(follower)
                         done.add(follower)
+        elif in_change is not None and rec.node.op == "ConvTranspose":
+            path = nodes.get(rec.node.name)
+            module = modules.get(path) if path is not None else None
+            if path is None or not isinstance(module, nn.ConvTranspose2d):
+                raise EditError(f"ONNX node {rec.node.name!r} (ConvTranspose) reads channels that "
+                                f"change with this edit, but no torch ConvTranspose2d could be "
+                                f"identified for it (no module path in its name or metadata)")
+            if path not in done:
+                _set_param(module, "weight", r.in_channels(_numpy(module.weight), 0, in_change))
+                module.in_channels = in_change.size
+                touched.append(path)
+                done.add(path)
         elif in_change is not None and rec.node.op in PER_CHANNEL_OPS:
             path = nodes.get(rec.node.name)
             if path is None:

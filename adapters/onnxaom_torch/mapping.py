@@ -65,8 +65,9 @@ class LayerMap:
     modules: ONNX layer name -> module path, in the model's layer order.
     chains: ONNX layer name -> paths of the per-channel / element-wise modules that directly
         follow the layer in torch (``bn1``, ``relu1`` ...; see :meth:`Trace.chain`).
-    nodes: names of other ONNX nodes with per-channel parameters (:data:`PER_CHANNEL_OPS` not
-        folded into a layer) -> module path, where the module could be identified.
+    nodes: names of other ONNX nodes whose parameters follow channels (:data:`PER_CHANNEL_OPS`
+        not folded into a layer, and ConvTranspose, which reads them) -> module path, where the
+        module could be identified.
     how: ONNX layer name -> the evidence used: ``"weight"``, ``"node name"``, ``"name scopes"``,
         ``"structure"`` or ``"weights"`` (found by its weight values alone).
     """
@@ -375,9 +376,10 @@ def _match(module: nn.Module, model: onnxaom.Model, run: Trace) -> LayerMap:
             f"edits each ONNX layer on its own, so modules used more than once are not supported")
     nodes: dict[str, str] = {}
     for node in proto.graph.node:
-        if node.op_type in PER_CHANNEL_OPS:
+        if node.op_type in (*PER_CHANNEL_OPS, "ConvTranspose"):
+            kinds = PER_CHANNEL_TYPES if node.op_type in PER_CHANNEL_OPS else nn.ConvTranspose2d
             for path, _ in node_module_paths(node):
-                if isinstance(modules.get(path), PER_CHANNEL_TYPES):
+                if isinstance(modules.get(path), kinds):
                     nodes[node.name] = path
                     break
     return LayerMap(

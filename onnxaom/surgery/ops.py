@@ -874,6 +874,31 @@ class Conv(Handler):
             r.set_input(node, 2, r.out_channels(bias, 0, out_change, fan_in=1, bias=True))
 
 
+@register("ConvTranspose")
+class ConvTranspose(Handler):
+    """A transposed conv reading a layer's channels (a decoder's upsampling): its weight is
+    (C_in, C_out / group, kh, kw), so removed or added input channels are rows of axis 0. Its
+    outputs are not a layer's kernels and are not traced further. Grouped ones are refused."""
+
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        flow = _layer_inputs(node, ins)
+        weight = cg.const(node.inputs[1])
+        if weight is None or np.ndim(weight) != 4:
+            raise Unsupported("has weights that are not a constant 4-D tensor")
+        if int(node.attrs.get("group", 1)) != 1:
+            raise Unsupported("is a grouped transposed conv")
+        if flow is None or flow.rank != 4 or flow.axis != 1 or not flow.channel_level:
+            raise Unsupported("reads channels that are not on axis 1 of a 4-D tensor")
+        if flow.size != int(weight.shape[0]):
+            raise Unsupported(f"expects {int(weight.shape[0])} input channels, gets {flow.size}")
+        return [None] * len(node.outputs)
+
+    def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
+        if ins[0] is not None:
+            r.set_input(node, 1, r.in_channels(r.require_const(node, 1, "weight"), 0, ins[0]))
+
+
 def conv_weight(r: Rewriter, weight: np.ndarray, group: int, in_change: Change | None,
                 out_change: Change | None, where: str) -> tuple[np.ndarray, int]:
     """A Conv weight (K, C/group, kh, kw) and its group count after the changes of its input
