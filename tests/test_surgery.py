@@ -796,3 +796,45 @@ def test_a_transposed_conv_reading_a_layer_loses_or_gains_its_input_rows():
         numpy_helper.from_array(rng.normal(size=(6, 2, 2, 2)).astype(np.float32), "wt"))
     with pytest.raises(EditError, match="grouped transposed conv"):
         remove_kernels(Model(grouped_up), {"conv1": [0, 3]})
+
+
+def test_constants_that_an_export_left_unfolded_are_read_as_constants():
+    """What ``dynamo=True, optimize=False`` and ``do_constant_folding=False`` exports write: a
+    zero conv bias as ``Expand(CastLike(0, x), Shape(w))``, ReLU6 bounds as ``CastLike(6, x)``,
+    a PReLU slope as ``Unsqueeze(slope)`` and ReduceMean axes as ``Reshape(constant)``."""
+    rng = np.random.default_rng(1)
+    const = helper.make_tensor
+    inits = [numpy_helper.from_array(rng.normal(size=(6, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(5, 6, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.uniform(0.1, 0.3, 5).astype(np.float32), "slope"),
+             numpy_helper.from_array(rng.normal(size=(3, 5)).astype(np.float32), "wf")]
+    nodes = [
+        helper.make_node("Constant", [], ["zero"], value=const("z", TensorProto.FLOAT, [], [0])),
+        helper.make_node("CastLike", ["zero", "x"], ["zero_like"]),
+        helper.make_node("Shape", ["w1"], ["w1_k"], start=0, end=1),
+        helper.make_node("Expand", ["zero_like", "w1_k"], ["b1"]),
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
+        helper.make_node("Constant", [], ["lo"], value=const("lo", TensorProto.FLOAT, [], [0])),
+        helper.make_node("Constant", [], ["hi"], value=const("hi", TensorProto.FLOAT, [], [6])),
+        helper.make_node("CastLike", ["lo", "c1"], ["lo_like"]),
+        helper.make_node("CastLike", ["hi", "c1"], ["hi_like"]),
+        helper.make_node("Clip", ["c1", "lo_like", "hi_like"], ["r1"], name="relu6"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1] * 4),
+        helper.make_node("Constant", [], ["axes_1d"],
+                         value=const("a", TensorProto.INT64, [2], [1, 2])),
+        helper.make_node("Unsqueeze", ["slope", "axes_1d"], ["slope_chw"]),
+        helper.make_node("PRelu", ["c2", "slope_chw"], ["p2"], name="prelu"),
+        helper.make_node("Constant", [], ["axes_2d"],
+                         value=const("a2", TensorProto.INT64, [1, 2], [2, 3])),
+        helper.make_node("Constant", [], ["flat"], value=const("f", TensorProto.INT64, [1], [-1])),
+        helper.make_node("Reshape", ["axes_2d", "flat"], ["axes"]),
+        helper.make_node("ReduceMean", ["p2", "axes"], ["g"], keepdims=0),
+        helper.make_node("Gemm", ["g", "wf"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(
+        nodes, "unfolded", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto, full_check=True)
+    assert_removal_exact(proto, {"conv1": [0, 4]})
+    assert_removal_exact(proto, {"conv2": [1]})

@@ -134,22 +134,66 @@ def restore_value_info(model: onnx.ModelProto, names: Iterable[str]) -> None:
             )
 
 
-def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+def constant_value(tensor: gs.Tensor, depth: int = 8) -> np.ndarray | None:
     """The value of ``tensor`` if it is constant: an initializer, a ``Constant`` node's output,
-    or an ``Identity`` of either (exporters share equal weights that way); else None."""
-    for _ in range(8):  # Identity chains are short; the bound only guards against cycles
-        if isinstance(tensor, gs.Constant):
-            return np.asarray(tensor.values)
-        if len(tensor.inputs) != 1:
-            return None
-        producer = tensor.inputs[0]
-        if producer.domain not in (None, "", "ai.onnx"):
-            return None
-        if producer.op == "Constant":
-            return _constant_node_value(producer)
-        if producer.op != "Identity" or not producer.inputs:
-            return None
-        tensor = producer.inputs[0]
+    or a few shape and type ops of constants that exports leave unfolded (``Identity``, which
+    exporters share equal weights with; ``Cast``, ``CastLike``, whose second input only gives
+    the type; ``Shape`` of a constant, ``Expand``, ``Unsqueeze``, ``Squeeze``, ``Reshape``,
+    ``Concat``); else None. ``depth`` bounds the ops followed."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if depth <= 0 or len(tensor.inputs) != 1:
+        return None
+    producer = tensor.inputs[0]
+    if producer.domain not in (None, "", "ai.onnx") or len(producer.outputs) != 1:
+        return None
+    if producer.op == "Constant":
+        return _constant_node_value(producer)
+    args = [constant_value(t, depth - 1) if t.name else None for t in producer.inputs]
+    try:
+        return _fold(producer, args)
+    except (ValueError, TypeError, IndexError):  # malformed arguments: leave it computed
+        return None
+
+
+def _fold(node: gs.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
+    """``node`` evaluated on constant ``args`` (None: not constant), for the ops
+    :func:`constant_value` follows; None when it is not one of them or an input is computed."""
+    op, first = node.op, args[0] if args else None
+    if op == "CastLike":  # the second input only gives the type
+        ref = node.inputs[1] if len(node.inputs) > 1 else None
+        dtype = getattr(ref, "dtype", None)
+        return None if first is None else first.astype(dtype) if dtype is not None else first
+    if first is None or (op != "Concat" and any(a is None for a in args[1:2])):
+        return None
+    if op == "Identity":
+        return first
+    if op == "Shape":  # of a constant (an exporter's zero bias shaped like the weight)
+        start, end = node.attrs.get("start", 0), node.attrs.get("end")
+        return np.asarray(first.shape[start:end], dtype=np.int64)
+    if op == "Expand" and len(args) > 1:
+        shape = [int(d) for d in np.ravel(np.asarray(args[1]))]
+        return first * np.ones(shape, dtype=first.dtype)  # broadcasting both ways, as ONNX
+    if op == "Cast":
+        return first.astype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = args[1] if len(args) > 1 else node.attrs.get("axes")
+        if axes is None:
+            return np.squeeze(first) if op == "Squeeze" else None
+        axes = [int(a) for a in np.ravel(axes)]
+        if op == "Squeeze":
+            return np.squeeze(first, axis=tuple(a % first.ndim for a in axes))
+        rank = first.ndim + len(axes)
+        out = first
+        for axis in sorted(a % rank for a in axes):
+            out = np.expand_dims(out, axis)
+        return out
+    if op == "Reshape" and len(args) > 1:
+        shape = [int(d) for d in np.ravel(np.asarray(args[1]))]
+        shape = [first.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+        return first.reshape(shape)
+    if op == "Concat" and all(a is not None for a in args):
+        return np.concatenate([np.asarray(a) for a in args], axis=int(node.attrs.get("axis", 0)))
     return None
 
 

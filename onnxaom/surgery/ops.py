@@ -745,6 +745,21 @@ class ShapeOf(Handler):
         return [None] * len(node.outputs)
 
 
+@register("CastLike")
+class CastLike(Handler):
+    """``CastLike(a, b)``: ``a`` cast to ``b``'s element type. Layer channels in ``a`` pass
+    through as for ``Cast``; ``b`` only gives the type, so a constant cast like a layer's
+    channels (unfolded exports write Clip bounds that way) carries none."""
+
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        if ins[0] is not None:
+            return _same(ins[0], len(node.outputs))
+        if cg.const(node.inputs[0]) is not None:
+            return [None] * len(node.outputs)
+        raise Unsupported("casts a computed tensor to the type of a layer's channels")
+
+
 def _without_axes(flow: Flow, axes: set[int]) -> Flow:
     """``flow`` once the (other) axes ``axes`` are gone."""
     return flow.moved(flow.rank - len(axes), flow.axis - sum(a < flow.axis for a in axes))
