@@ -63,6 +63,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -523,20 +524,22 @@ def propose(
         layer_props.append(_propose_layer(stats, lf, name, used, target, mass))
     notes: list[str] = []
     if model is not None:
-        layer_props = _reconcile_coupled(model, layer_props, targets, notes)
-        layer_props = _balance_groups(model, layer_props, notes)
+        layer_props, coupled = _reconcile_coupled(model, layer_props, targets, notes)
+        layer_props = _balance_groups(model, layer_props, notes, coupled)
     return Proposal(tuple(layer_props), strategy, stats_digest(stats),
                     stats.metadata.get("model_digest"), tuple(notes))
 
 
 def _reconcile_coupled(model: Model, props: list[LayerProposal], targets: Mapping[str, int],
-                       notes: list[str]) -> list[LayerProposal]:
+                       notes: list[str]) -> tuple[list[LayerProposal], list[list[str]]]:
     """One choice for layers whose channels are merged element-wise (a residual Add) or tied
     (a depthwise conv): the surgery removes a channel from all of them at once, so separate
     choices would remove their union. Each group of such layers keeps the kernels ranked best
     by the sum of the members' positions in their own rankings (``order``), as many as the
     group's target (or its first layer's count). Layers coupled through a different channel
-    order follow the first layer's choice, as the surgery maps it."""
+    order (a depthwise conv with a channel multiplier, a concat) follow the first layer's
+    choice, as the surgery maps it; a target for one of them is refused. Returns the
+    proposals and the groups given one choice."""
     from .surgery.channels import build
     from .surgery.gsio import import_graph
     from .surgery.remove import plan
@@ -546,7 +549,7 @@ def _reconcile_coupled(model: Model, props: list[LayerProposal], targets: Mappin
         cg = build(import_graph(model.proto), model.proto)
     except OnnxaomError as exc:  # a graph the surgery cannot trace: it would refuse the edits
         notes.append(f"coupled layers not checked: {exc}")
-        return props
+        return props, []
     parent = {p.layer: p.layer for p in props}
 
     def root(name: str) -> str:
@@ -557,7 +560,9 @@ def _reconcile_coupled(model: Model, props: list[LayerProposal], targets: Mappin
     follows: dict[tuple[str, str], tuple[int, ...]] = {}  # (a, b): b's kernels a's removal takes
     for p in props:
         try:
-            _, removal = plan(cg, [RemoveKernels(p.layer, p.removed or (0,))])
+            with warnings.catch_warnings():  # a tie may take more of the layer: only probing
+                warnings.simplefilter("ignore", UserWarning)
+                _, removal = plan(cg, [RemoveKernels(p.layer, p.removed or (0,))])
         except EditError:  # a layer the surgery refuses to edit: nothing to reconcile
             continue
         for other, kernels in removal.removed.items():
@@ -568,6 +573,7 @@ def _reconcile_coupled(model: Model, props: list[LayerProposal], targets: Mappin
     for p in props:
         groups.setdefault(root(p.layer), []).append(p.layer)
     out = dict(by_name)
+    aligned_groups: list[list[str]] = []
     for members in (m for m in groups.values() if len(m) > 1):
         asked = {targets[m] for m in members if m in targets}
         if len(asked) > 1:
@@ -597,24 +603,35 @@ def _reconcile_coupled(model: Model, props: list[LayerProposal], targets: Mappin
                                  target=by_name[m].target if m in targets else None)
             notes.append(f"layers {', '.join(map(repr, members))} are coupled: one choice for "
                          f"all, {n} kernels ranked by their rankings combined")
+            aligned_groups.append(members)
         else:
             for m in members[1:]:
                 gone = set(follows.get((lead.layer, m), ())) if lead.removed else set()
                 kept_m = tuple(i for i in range(by_name[m].num_kernels) if i not in gone)
                 reasons = tuple(f"{'kept' if i in kept_m else 'removed'}: follows coupled "
                                 f"layer {lead.layer!r}" for i in range(by_name[m].num_kernels))
+                if m in targets and len(kept_m) != targets[m]:
+                    raise StatsError(
+                        f"layer {m!r} is coupled to {lead.layer!r} in another channel order (a "
+                        f"depthwise conv with a channel multiplier, or a concat), so its kernels "
+                        f"follow {lead.layer!r}'s choice, which leaves it {len(kept_m)}, not "
+                        f"{targets[m]}; give the target for {lead.layer!r} instead")
                 out[m] = replace(by_name[m], kept=kept_m, removed=tuple(sorted(gone)),
-                                 order=tuple(kept_m) + tuple(sorted(gone)), reasons=reasons)
+                                 order=tuple(kept_m) + tuple(sorted(gone)), reasons=reasons,
+                                 target=None)
             notes.append(f"layers {', '.join(map(repr, members))} are coupled in another channel "
                          f"order: they follow {lead.layer!r}'s choice")
-    return [out[p.layer] for p in props]
+    return [out[p.layer] for p in props], aligned_groups
 
 
 #: Ops a layer's channels pass through unchanged on their way to the convs that read them.
 _PASSING = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "Elu", "Selu", "Celu", "Gelu",
                       "HardSwish", "Sigmoid", "HardSigmoid", "Softplus", "Tanh", "Identity",
                       "Dropout", "BatchNormalization", "InstanceNormalization", "MaxPool",
-                      "AveragePool", "Pad", "Resize", "Upsample", "Mul", "Add", "Sub", "Div"})
+                      "AveragePool", "Pad", "Resize", "Upsample", "Mul", "Add", "Sub", "Div",
+                      "Sum", "Max", "Min"})
+#: Of those, the element-wise merges, whose other inputs carry channels too (a residual Add).
+_MERGING = frozenset({"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min"})
 
 
 def _channel_blocks(model: Model, index: Any, layer: Any) -> int:
@@ -641,25 +658,32 @@ def _channel_blocks(model: Model, index: Any, layer: Any) -> int:
             node = nodes[reader]
             if node.op_type == "Conv" and node.input[0] == tensor:
                 blocks = math.lcm(blocks, grouped(node))
-            elif node.op_type in _PASSING and node.input and node.input[0] == tensor:
+            elif node.op_type in _PASSING and node.input and (
+                    node.input[0] == tensor or node.op_type in _MERGING):
                 todo.extend(o for o in node.output if o)
     return blocks
 
 
-def _balance_groups(model: Model, props: list[LayerProposal],
-                    notes: list[str]) -> list[LayerProposal]:
+def _balance_groups(model: Model, props: list[LayerProposal], notes: list[str],
+                    coupled: Sequence[Sequence[str]] = ()) -> list[LayerProposal]:
     """Keep the same number of kernels in each block :func:`_channel_blocks` finds (the
     surgery refuses anything else): the best-ranked of each block by the layer's ``order``,
-    the target rounded up to a multiple of the block count."""
+    the target rounded up to a multiple of the block count. The members of a ``coupled``
+    group (one choice, one order) are balanced on the blocks of all of them, so they stay
+    one choice."""
     from .graph import GraphIndex
     from .layers import find_layers
 
     index = GraphIndex(model.proto)
     layers = {layer.name: layer for layer in find_layers(model.proto)}
+    blocks_of = {p.layer: _channel_blocks(model, index, layers[p.layer]) if p.layer in layers
+                 else 1 for p in props}
+    for members in coupled:
+        common = math.lcm(*(blocks_of.get(m, 1) for m in members))
+        blocks_of.update({m: common for m in members})
     out = []
     for p in props:
-        layer = layers.get(p.layer)
-        blocks = _channel_blocks(model, index, layer) if layer is not None else 1
+        blocks = blocks_of[p.layer]
         k = p.num_kernels
         if blocks <= 1 or k % blocks:
             out.append(p)

@@ -350,3 +350,39 @@ def test_layers_read_by_a_grouped_conv_keep_as_many_kernels_in_each_group(strate
         chosen = proposal.layer(layer).kept
         assert len(chosen) == kept and sum(i < 4 for i in chosen) == kept // 2
         assert_removal_exact(proto, {layer: list(proposal.layer(layer).removed)})
+
+
+def test_a_residual_sum_read_by_a_grouped_conv_is_one_balanced_choice():
+    """a and b meet in an Add that a grouped conv (group 2) reads: one choice for both, as
+    many kernels from each group."""
+    from .test_surgery import _Net, assert_removal_exact
+
+    net = _Net()
+    a = net.op("Relu", "relu_a", [net.conv("a", "input", 3, 8)])
+    x = net.op("Add", "add", [a, net.conv("b", "input", 3, 8)])
+    proto = net.head(net.op("Relu", "relu_g", [net.conv("g", x, 8, 8, group=2)]), 8)
+    model = onnxaom.Model(proto)
+    stats = onnxaom.collect(model, zoo.random_input(proto, batch=60, seed=4),
+                            np.arange(60) % 3, progress=False)
+    proposal = propose(stats, keep={"a": 3, "b": 3}, model=model, strategy="selectivity")
+    kept = proposal.layer("a").kept
+    assert kept == proposal.layer("b").kept and len(kept) == 4
+    assert sum(i < 4 for i in kept) == 2
+    assert_removal_exact(proto, {"a": list(proposal.layer("a").removed),
+                                 "b": list(proposal.layer("b").removed)})
+
+
+def test_a_target_for_a_layer_tied_in_another_channel_order_is_refused():
+    """conv1 (4) -> depthwise dw (8, multiplier 2): dw's kernels follow conv1's in pairs."""
+    from .test_surgery import depthwise_multiplier
+
+    proto = depthwise_multiplier()
+    model = onnxaom.Model(proto)
+    stats = onnxaom.collect(model, zoo.random_input(proto, batch=60, seed=4),
+                            np.arange(60) % 3, progress=False)
+    with pytest.raises(StatsError, match="give the target for 'conv1' instead"):
+        propose(stats, keep={"dw": 5}, layers=["conv1", "dw"], model=model,
+                strategy="selectivity")  # dw's kernels go in pairs: 5 cannot be
+    proposal = propose(stats, keep={"conv1": 3}, layers=["conv1", "dw"], model=model,
+                       strategy="selectivity")
+    assert len(proposal.layer("dw").kept) == 6  # two per kept conv1 channel

@@ -222,3 +222,47 @@ def test_sizes_shape_inference_cannot_tell_come_from_one_run(tmp_path: Path) -> 
     facts = onnxaom.summary(model)
     assert facts.macs_complete
     assert {row.name: row.macs for row in facts.layers}[c2.name] == 6 * 4 * 9 * 8 * 8
+
+
+class ReflectPaddedSecond(torch.nn.Module):
+    """conv1 -> ReLU -> conv2 with reflect padding (its Pad amounts are computed from constants
+    by ConstantOfShape, Concat, Slice, Transpose, ... in the legacy export) -> flatten head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")
+        self.fc = torch.nn.Linear(6 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.c2(torch.relu(self.c1(x)))), 1))
+
+
+@pytest.mark.parametrize("exporter, dynamic", [
+    ("legacy", True), pytest.param("dynamo", True, marks=pytest.mark.slow)])
+def test_a_conv_read_through_a_computed_pad_is_editable(tmp_path: Path, exporter, dynamic):
+    if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
+        pytest.skip("the dynamo exporter needs onnxscript")
+    torch.manual_seed(0)
+    path = architectures.export_onnx(ReflectPaddedSecond().eval(), tmp_path / "m.onnx",
+                                     exporter=exporter, input_shape=(1, 3, 8, 8))
+    model = onnxaom.load(path)
+    c1, c2 = (layer.name for layer in model.layers()[:2])
+    assert_removal_exact(model.proto, {c1: [0, 2]})
+    assert_removal_exact(model.proto, {c2: [1]})
+
+
+@pytest.mark.slow
+def test_an_unoptimised_dynamo_export_with_a_dynamic_batch_flattens_editably(tmp_path: Path):
+    """``dynamo=True, optimize=False``: the flatten's target is
+    ``Concat(Reshape(Squeeze(Shape(x, 0, 1)), [-1]), [-1])``."""
+    if importlib.util.find_spec("onnxscript") is None:
+        pytest.skip("the dynamo exporter needs onnxscript")
+    torch.manual_seed(0)
+    module = ReflectPaddedSecond().eval()
+    path = tmp_path / "noopt.onnx"
+    torch.onnx.export(module, (torch.zeros(2, 3, 8, 8),), str(path), dynamo=True,
+                      optimize=False, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    model = onnxaom.load(path)
+    for layer in model.layers()[:2]:
+        assert_removal_exact(model.proto, {layer.name: [0]})

@@ -134,12 +134,13 @@ def restore_value_info(model: onnx.ModelProto, names: Iterable[str]) -> None:
             )
 
 
-def constant_value(tensor: gs.Tensor, depth: int = 8) -> np.ndarray | None:
+def constant_value(tensor: gs.Tensor, depth: int = 16) -> np.ndarray | None:
     """The value of ``tensor`` if it is constant: an initializer, a ``Constant`` node's output,
     or a few shape and type ops of constants that exports leave unfolded (``Identity``, which
     exporters share equal weights with; ``Cast``, ``CastLike``, whose second input only gives
-    the type; ``Shape`` of a constant, ``Expand``, ``Unsqueeze``, ``Squeeze``, ``Reshape``,
-    ``Concat``); else None. ``depth`` bounds the ops followed."""
+    the type; ``Shape`` of a constant, ``ConstantOfShape``, ``Expand``, ``Unsqueeze``,
+    ``Squeeze``, ``Reshape``, ``Slice``, ``Transpose``, ``Concat``); else None. ``depth`` bounds
+    the ops followed."""
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values)
     if depth <= 0 or len(tensor.inputs) != 1:
@@ -162,8 +163,14 @@ def _fold(node: gs.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
     op, first = node.op, args[0] if args else None
     if op == "CastLike":  # the second input only gives the type
         ref = node.inputs[1] if len(node.inputs) > 1 else None
-        dtype = getattr(ref, "dtype", None)
-        return None if first is None else first.astype(dtype) if dtype is not None else first
+        dtype = getattr(ref, "dtype", None)  # None when the graph does not say: left computed
+        return None if first is None or dtype is None else first.astype(dtype)
+    if op == "ConstantOfShape":
+        value = node.attrs.get("value")
+        fill = np.asarray(value.values).ravel() if isinstance(value, gs.Constant) \
+            else np.zeros(1, np.float32)
+        return None if first is None else np.full([int(d) for d in np.ravel(first)], fill[0],
+                                                  dtype=fill.dtype)
     if first is None or (op != "Concat" and any(a is None for a in args[1:2])):
         return None
     if op == "Identity":
@@ -192,6 +199,11 @@ def _fold(node: gs.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
         shape = [int(d) for d in np.ravel(np.asarray(args[1]))]
         shape = [first.shape[i] if d == 0 else d for i, d in enumerate(shape)]
         return first.reshape(shape)
+    if op == "Transpose":
+        perm = node.attrs.get("perm")
+        return np.transpose(first, None if perm is None else [int(p) for p in perm])
+    if op == "Slice":
+        return _slice(node, first, args)
     if op == "Concat" and all(a is not None for a in args):
         return np.concatenate([np.asarray(a) for a in args], axis=int(node.attrs.get("axis", 0)))
     return None
@@ -206,6 +218,29 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
         if key in ("value_floats", "value_ints"):
             return np.asarray(list(value), dtype=np.float32 if key == "value_floats" else np.int64)
     return None
+
+
+def _slice(node: gs.Node, data: np.ndarray, args: list[np.ndarray | None]) -> np.ndarray | None:
+    """ONNX Slice of a constant: bounds as attributes (opset < 10) or constant inputs."""
+    if "starts" in node.attrs:
+        starts, ends = node.attrs["starts"], node.attrs["ends"]
+        axes, steps = node.attrs.get("axes"), None
+    else:
+        if len(args) < 3 or args[1] is None or args[2] is None:
+            return None
+        if any(len(args) > i and node.inputs[i].name and args[i] is None for i in (3, 4)):
+            return None
+        starts, ends = args[1], args[2]
+        axes = args[3] if len(args) > 3 and node.inputs[3].name else None
+        steps = args[4] if len(args) > 4 and node.inputs[4].name else None
+    starts = [int(v) for v in np.ravel(starts)]
+    ends = [int(v) for v in np.ravel(ends)]
+    axes_list = list(range(len(starts))) if axes is None else [int(a) for a in np.ravel(axes)]
+    steps_list = [1] * len(starts) if steps is None else [int(v) for v in np.ravel(steps)]
+    index: list[slice] = [slice(None)] * data.ndim
+    for start, end, axis, step in zip(starts, ends, axes_list, steps_list, strict=True):
+        index[axis % data.ndim] = slice(start, end, step)  # numpy clamps as ONNX does
+    return data[tuple(index)]
 
 
 class NameRegistry:

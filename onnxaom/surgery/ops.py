@@ -581,12 +581,22 @@ def _positions_read(cg: ChannelGraph, tensor: gs.Tensor, flow: Flow) -> int | No
     return features // channels
 
 
-def _batch_of_shape(cg: ChannelGraph, tensor: gs.Tensor) -> bool:
+def _batch_of_shape(cg: ChannelGraph, tensor: gs.Tensor, depth: int = 4) -> bool:
     """Whether ``tensor`` is the batch size as a 1-D tensor: ``Unsqueeze(Gather(Shape(x), 0))``
-    or ``Slice(Shape(x), 0, 1)`` (the legacy PyTorch export of ``x.size(0)``)."""
+    or ``Slice(Shape(x), 0, 1)`` (the legacy PyTorch export of ``x.size(0)``), ``Shape(x,
+    start=0, end=1)``, or one of those behind ``Squeeze``/``Reshape``/``Cast`` (the dynamo
+    exporter's ``Reshape(Squeeze(Shape(x, 0, 1)), [-1])`` when it does not optimise)."""
     node = _producer(tensor)
-    if node is None:
+    if node is None or depth <= 0:
         return False
+    if node.op == "Shape":
+        return int(node.attrs.get("start", 0)) == 0 and node.attrs.get("end") == 1
+    if node.op in ("Squeeze", "Reshape", "Cast", "Identity") and node.inputs:
+        if node.op == "Reshape":
+            target = cg.const(node.inputs[1]) if len(node.inputs) > 1 else None
+            if target is None or [int(d) for d in np.ravel(target)] not in ([-1], [1]):
+                return False
+        return _batch_of_shape(cg, node.inputs[0], depth - 1)
     if node.op == "Unsqueeze":
         gather = _producer(node.inputs[0])
         if gather is None or gather.op != "Gather" or int(gather.attrs.get("axis", 0)) != 0:
