@@ -9,6 +9,7 @@ are put back by :func:`restore_node_metadata`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -30,7 +31,12 @@ GRAPH_FIELDS_KEPT = ("name", "doc_string", "metadata_props")
 
 
 def import_graph(proto: onnx.ModelProto) -> gs.Graph:
-    """The graph of ``proto`` (not modified; weights are shared until a constant is replaced)."""
+    """The graph of ``proto`` (not modified; weights are shared until a constant is replaced),
+    with the element types shape inference gives its tensors (``CastLike`` folding needs its
+    reference's type; the exported graph drops intermediate ``value_info`` again)."""
+    if not proto.graph.value_info:
+        with contextlib.suppress(Exception):  # best effort; types then stay unknown
+            proto = onnx.shape_inference.infer_shapes(proto)
     return gs.import_onnx(proto)
 
 
