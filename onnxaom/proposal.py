@@ -70,11 +70,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from .edits import RemoveKernels
 from .errors import EditError, LayerNotFoundError, OnnxaomError, StatsError
 from .files import atomic_write_text, read_json
 from .findings import Findings, IneffectiveKernel, LayerFindings, analyze
+from .graph import GraphIndex
+from .layers import Layer
 from .model import Model
 from .readers import ReadMass
 from .stats import OccurrenceStats
@@ -634,15 +637,15 @@ _PASSING = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "Elu", "Selu", "Celu
 _MERGING = frozenset({"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min"})
 
 
-def _channel_blocks(model: Model, index: Any, layer: Any) -> int:
+def _channel_blocks(model: Model, index: GraphIndex, layer: Layer) -> int:
     """Into how many equal blocks the surgery splits ``layer``'s kernels: a grouped (not
     depthwise) conv removes the same number of channels from each of its groups, both from its
     own outputs and from the inputs it reads. The lcm of the group counts of the layer and of
     the grouped convs that read it (through ops that pass channels on); 1 when there is none."""
     nodes = model.proto.graph.node
 
-    def grouped(node: Any) -> int:
-        group = int(index.attribute(node, "group", 1))
+    def grouped(node: onnx.NodeProto) -> int:
+        group = int(index.attribute(node, "group", 1))  # type: ignore[call-overload]
         weight = index.constant_shape(node.input[1]) if len(node.input) > 1 else None
         depthwise = weight is not None and len(weight) > 1 and weight[1] == 1
         return group if group > 1 and not depthwise else 1
@@ -671,7 +674,6 @@ def _balance_groups(model: Model, props: list[LayerProposal], notes: list[str],
     the target rounded up to a multiple of the block count. The members of a ``coupled``
     group (one choice, one order) are balanced on the blocks of all of them, so they stay
     one choice."""
-    from .graph import GraphIndex
     from .layers import find_layers
 
     index = GraphIndex(model.proto)
