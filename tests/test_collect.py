@@ -307,12 +307,7 @@ def _infinite_model() -> onnx.ModelProto:
              numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(2, np.float32), "b"),
              numpy_helper.from_array(np.ones((3, 32), np.float32), "w3"),
              numpy_helper.from_array(np.zeros(3, np.float32), "b3")]
-    graph = helper.make_graph(
-        nodes, "inf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return zoo.hand_built(nodes, inits, ["N", 1, 4, 4], ["N", 3])
 
 
 @pytest.mark.parametrize("options", [{"method": "graph"}, {"method": "graph",
@@ -695,11 +690,7 @@ def test_the_padding_of_a_fixed_batch_chunk_is_not_checked_for_nan() -> None:
              helper.make_node("Relu", ["c"], ["r"]),
              helper.make_node("Reshape", ["r", "flat"], ["f"]),
              helper.make_node("Gemm", ["f", "wf"], ["y"], name="fc", transB=1)]
-    graph = helper.make_graph(
-        nodes, "divsum", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 1, 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
+    proto = zoo.hand_built(nodes, inits, [4, 1, 4, 4], [4, 3])
     x = np.random.default_rng(2).random((6, 1, 4, 4), dtype=np.float32) + 0.1
     y = np.arange(6) % 3
     for method in ("graph", "plain"):

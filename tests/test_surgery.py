@@ -781,11 +781,7 @@ def test_a_transposed_conv_reading_a_layer_loses_or_gains_its_input_rows():
              helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
              helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
              helper.make_node("Gemm", ["f", "wf"], ["y"], name="fc", transB=1)]
-    graph = helper.make_graph(
-        nodes, "ct", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
+    proto = zoo.hand_built(nodes, inits, ["N", 3, 8, 8], ["N", 3])
     assert_removal_exact(proto, {"conv1": [0, 3]})
     wider = apply(Model(proto), [WidenLayer(layer="conv1", add=2)])
     assert_same_function(proto, wider.proto)
@@ -830,11 +826,7 @@ def test_constants_that_an_export_left_unfolded_are_read_as_constants():
         helper.make_node("Reshape", ["axes_2d", "flat"], ["axes"]),
         helper.make_node("ReduceMean", ["p2", "axes"], ["g"], keepdims=0),
         helper.make_node("Gemm", ["g", "wf"], ["y"], name="fc", transB=1)]
-    graph = helper.make_graph(
-        nodes, "unfolded", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    proto.ir_version = 8
+    proto = zoo.hand_built(nodes, inits, ["N", 3, 6, 6], ["N", 3], opset=18)
     onnx.checker.check_model(proto, full_check=True)
     assert_removal_exact(proto, {"conv1": [0, 4]})
     assert_removal_exact(proto, {"conv2": [1]})

@@ -386,6 +386,19 @@ BUILDERS: dict[str, Callable[..., onnx.ModelProto]] = {
 }
 
 
+def hand_built(nodes: Sequence[onnx.NodeProto], inits: Sequence[onnx.TensorProto],
+               input_shape: Sequence[int | str], output_shape: Sequence[int | str], *,
+               opset: int = 17, name: str = "hand_built") -> onnx.ModelProto:
+    """A model of ``nodes`` from input ``x`` (float, ``input_shape``) to output ``y`` (float,
+    ``output_shape``), for tests that write a graph node by node."""
+    graph = helper.make_graph(
+        list(nodes), name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)], list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
 def random_input(model: onnx.ModelProto, *, batch: int = 2, seed: int = 0) -> np.ndarray:
     """Float32 N(0, 1) input for ``model``'s first input: a symbolic batch becomes ``batch``, a
     fixed one stays. Array of shape (batch, C, H, W).
