@@ -529,6 +529,7 @@ def propose(
     if model is not None:
         layer_props, coupled = _reconcile_coupled(model, layer_props, targets, notes)
         layer_props = _balance_groups(model, layer_props, notes, coupled)
+        notes.extend(_also_changed(model, layer_props))
     return Proposal(tuple(layer_props), strategy, stats_digest(stats),
                     stats.metadata.get("model_digest"), tuple(notes))
 
@@ -625,6 +626,26 @@ def _reconcile_coupled(model: Model, props: list[LayerProposal], targets: Mappin
             notes.append(f"layers {', '.join(map(repr, members))} are coupled in another channel "
                          f"order: they follow {lead.layer!r}'s choice")
     return [out[p.layer] for p in props], aligned_groups
+
+
+def _also_changed(model: Model, props: Sequence[LayerProposal]) -> list[str]:
+    """A note naming the layers outside the proposal that its edits change too (coupled by a
+    residual merge or tied by a depthwise conv), with how many kernels they lose."""
+    from .surgery import plan_removal
+
+    removals = {p.layer: p.removed for p in props if p.removed}
+    if not removals:
+        return []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            removal = plan_removal(model, removals)
+    except OnnxaomError:  # the surgery will say why when the edits are applied
+        return []
+    others = [f"{name} (loses {len(removal.removed[name])})" for name in removal.coupled]
+    if not others:
+        return []
+    return [f"these edits also change layers coupled to the proposed ones: {', '.join(others)}"]
 
 
 #: Ops a layer's channels pass through unchanged on their way to the convs that read them.

@@ -267,6 +267,7 @@ def tune(
         raise DataError(f"tune() collects statistics from an onnxaom Dataset, got "
                         f"{type(data).__name__}")
     state = dict(session.progress)
+    start_kernels = {layer.name: layer.kernels for layer in session.model(0).layers()}
     if layers is not None or not state.get("layers"):
         start = session.model(0)
         order = _layer_names(start, layers)
@@ -303,6 +304,16 @@ def tune(
             done.append(name)
             session.set_progress({**state, "done": done})
             continue
+        if keep and name in keep:
+            now = next(layer.kernels for layer in model.layers() if layer.name == current)
+            if now <= keep[name] < start_kernels.get(name, 0):
+                # an earlier step shrank it with a layer it is coupled to
+                logger.info("layer %s has %d kernels, at most its target %d (an earlier step "
+                            "removed kernels of a layer coupled to it); skipped", name, now,
+                            keep[name])
+                done.append(name)
+                session.set_progress({**state, "done": done})
+                continue
         stats = collect(model, data, layers=[current], batch_size=batch_size,
                         provider=provider, progress=progress)
         target = {current: keep[name]} if keep and name in keep else None

@@ -386,3 +386,11 @@ def test_a_target_for_a_layer_tied_in_another_channel_order_is_refused():
     proposal = propose(stats, keep={"conv1": 3}, layers=["conv1", "dw"], model=model,
                        strategy="selectivity")
     assert len(proposal.layer("dw").kept) == 6  # two per kept conv1 channel
+
+
+def test_a_proposal_names_the_coupled_layers_its_edits_also_change():
+    model = onnxaom.Model(zoo.residual(kernels=6, seed=2))
+    stats = onnxaom.collect(model, zoo.random_input(model.proto, batch=60, seed=4),
+                            np.arange(60) % 3, progress=False)
+    proposal = propose(stats, keep={"conv1": 3}, model=model, strategy="selectivity")
+    assert any("also change" in note and "conv3 (loses 3)" in note for note in proposal.notes)

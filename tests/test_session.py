@@ -322,3 +322,22 @@ def test_bad_values_are_refused(setup):
     with pytest.raises(SessionError, match="suffix"):
         Artifact("pt", lambda p: None)
     assert len(session.steps) == 1
+
+
+def test_the_loop_skips_a_layer_a_coupled_step_already_shrank_below_its_target(tmp_path):
+    """conv1 and conv3 meet in a residual Add: conv1's step takes conv3 down to 3 kernels too,
+    so conv3's target of 4 is already met; the loop goes on (it used to stop for good)."""
+    proto = zoo.residual(kernels=6, seed=3)
+    model = onnxaom.Model(proto)
+    x = np.random.default_rng(0).standard_normal((90, 3, 8, 8)).astype(np.float32)
+    data = from_arrays(x, np.arange(90) % 3, class_names=["a", "b", "c"])
+    session = TuningSession.create(tmp_path / "s", model, accuracy=1.0)
+    runner = SurgeryRunner(data)
+    reports = tune(session, runner, data, layers=["conv1", "conv3"],
+                   keep={"conv1": 3, "conv3": 4}, accept_drop=None, progress=False)
+    assert len(reports) == 1 and session.progress["done"] == ["conv1", "conv3"]
+    kernels = {layer.name: layer.kernels for layer in session.model().layers()}
+    assert kernels["conv1"] == kernels["conv3"] == 3
+    with pytest.raises(onnxaom.StatsError, match="kernel count in 1..6"):
+        tune(TuningSession.create(tmp_path / "t", model, accuracy=1.0), runner, data,
+             layers=["conv1"], keep={"conv1": 9}, accept_drop=None, progress=False)
