@@ -830,3 +830,40 @@ def test_constants_that_an_export_left_unfolded_are_read_as_constants():
     onnx.checker.check_model(proto, full_check=True)
     assert_removal_exact(proto, {"conv1": [0, 4]})
     assert_removal_exact(proto, {"conv2": [1]})
+
+
+@pytest.mark.parametrize("variant", ["shape_of_transposed", "gather_of_transposed",
+                                     "slice_of_shape_from_1"])
+def test_a_size_that_is_not_the_batch_is_not_taken_for_it(variant):
+    """``Reshape(y, Concat(b, [4], [-1]))`` where ``b`` is y's channel count read through a
+    Transpose or a Shape starting at axis 1, not the batch (both are 4 here): taking it for the
+    batch would regroup samples after an edit, so the target stays computed and is refused."""
+    def i64(name, values):
+        return numpy_helper.from_array(np.array(values, np.int64), name)
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(3, 4)).astype(np.float32), "wf"),
+             i64("zero", [0]), i64("one", [1]), i64("four", [4]), i64("flat", [-1]),
+             i64("axes", [0, 2]), numpy_helper.from_array(np.array(0, np.int64), "zero_scalar")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["act"], name="relu1")]
+    if variant == "shape_of_transposed":
+        nodes += [helper.make_node("Transpose", ["act"], ["t"], perm=[1, 0, 2, 3]),
+                  helper.make_node("Shape", ["t"], ["b"], start=0, end=1)]
+    elif variant == "gather_of_transposed":
+        nodes += [helper.make_node("Transpose", ["act"], ["t"], perm=[1, 0, 2, 3]),
+                  helper.make_node("Shape", ["t"], ["s"]),
+                  helper.make_node("Gather", ["s", "zero_scalar"], ["g"], axis=0),
+                  helper.make_node("Unsqueeze", ["g", "zero"], ["b"])]
+    else:
+        nodes += [helper.make_node("Shape", ["act"], ["s"], start=1),
+                  helper.make_node("Slice", ["s", "zero", "one"], ["b"])]
+    nodes += [helper.make_node("Concat", ["b", "four", "flat"], ["target"], axis=0),
+              helper.make_node("Reshape", ["act", "target"], ["r"], name="reshape"),
+              helper.make_node("ReduceMean", ["r", "axes"], ["m"], keepdims=1),
+              helper.make_node("Flatten", ["m"], ["f"], axis=1),
+              helper.make_node("Gemm", ["f", "wf"], ["y"], name="fc", transB=1)]
+    proto = zoo.hand_built(nodes, inits, [4, 3, 4, 4], [1, 3], opset=18)
+    with pytest.raises(EditError, match="computed target shape"):
+        remove_kernels(Model(proto), {"conv1": [1, 3]})

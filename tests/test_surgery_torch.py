@@ -266,3 +266,16 @@ def test_an_unoptimised_dynamo_export_with_a_dynamic_batch_flattens_editably(tmp
     model = onnxaom.load(path)
     for layer in model.layers()[:2]:
         assert_removal_exact(model.proto, {layer.name: [0]})
+
+
+def test_an_unfolded_legacy_export_of_reflect_padding_is_editable(tmp_path: Path) -> None:
+    """``do_constant_folding=False``: the Pad amounts are Gather/Mul/Sub/ConstantOfShape/...
+    of constants, read as constants."""
+    torch.manual_seed(0)
+    path = tmp_path / "nofold.onnx"
+    torch.onnx.export(ReflectPaddedSecond().eval(), (torch.zeros(1, 3, 8, 8),), str(path),
+                      dynamo=False, do_constant_folding=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    model = onnxaom.load(path)
+    for layer in model.layers()[:2]:
+        assert_removal_exact(model.proto, {layer.name: [1]})

@@ -145,8 +145,9 @@ def constant_value(tensor: gs.Tensor, depth: int = 16) -> np.ndarray | None:
     or a few shape and type ops of constants that exports leave unfolded (``Identity``, which
     exporters share equal weights with; ``Cast``, ``CastLike``, whose second input only gives
     the type; ``Shape`` of a constant, ``ConstantOfShape``, ``Expand``, ``Unsqueeze``,
-    ``Squeeze``, ``Reshape``, ``Slice``, ``Transpose``, ``Concat``); else None. ``depth`` bounds
-    the ops followed."""
+    ``Squeeze``, ``Reshape``, ``Slice``, ``Gather``, ``Transpose``, ``Concat``, and
+    ``Add``/``Sub``/``Mul``/``Div`` of two constants); else None. ``depth`` bounds the ops
+    followed."""
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values)
     if depth <= 0 or len(tensor.inputs) != 1:
@@ -205,6 +206,18 @@ def _fold(node: gs.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
         shape = [int(d) for d in np.ravel(np.asarray(args[1]))]
         shape = [first.shape[i] if d == 0 else d for i, d in enumerate(shape)]
         return first.reshape(shape)
+    if op == "Gather" and len(args) > 1:
+        indices = np.asarray(args[1]).astype(np.int64)
+        return np.take(first, indices, axis=int(node.attrs.get("axis", 0)))
+    if op in ("Add", "Sub", "Mul", "Div") and len(args) > 1:
+        other = np.asarray(args[1])
+        if op == "Div" and np.issubdtype(first.dtype, np.integer):
+            if np.any(other == 0):
+                return None
+            return np.trunc(first / other).astype(first.dtype)  # ONNX rounds toward zero
+        result = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply,
+                  "Div": np.divide}[op](first, other)
+        return np.asarray(result).astype(first.dtype)
     if op == "Transpose":
         perm = node.attrs.get("perm")
         return np.transpose(first, None if perm is None else [int(p) for p in perm])
@@ -245,7 +258,14 @@ def _slice(node: gs.Node, data: np.ndarray, args: list[np.ndarray | None]) -> np
     steps_list = [1] * len(starts) if steps is None else [int(v) for v in np.ravel(steps)]
     index: list[slice] = [slice(None)] * data.ndim
     for start, end, axis, step in zip(starts, ends, axes_list, steps_list, strict=True):
-        index[axis % data.ndim] = slice(start, end, step)  # numpy clamps as ONNX does
+        dim = data.shape[axis % data.ndim]
+        start, end = (v + dim if v < 0 else v for v in (start, end))
+        if step > 0:  # ONNX's clamping; numpy's differs for negative steps
+            start, end = min(max(start, 0), dim), min(max(end, 0), dim)
+            index[axis % data.ndim] = slice(start, end, step)
+        else:
+            start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+            index[axis % data.ndim] = slice(start, None if end < 0 else end, step)
     return data[tuple(index)]
 
 

@@ -585,12 +585,14 @@ def _batch_of_shape(cg: ChannelGraph, tensor: gs.Tensor, depth: int = 4) -> bool
     """Whether ``tensor`` is the batch size as a 1-D tensor: ``Unsqueeze(Gather(Shape(x), 0))``
     or ``Slice(Shape(x), 0, 1)`` (the legacy PyTorch export of ``x.size(0)``), ``Shape(x,
     start=0, end=1)``, or one of those behind ``Squeeze``/``Reshape``/``Cast`` (the dynamo
-    exporter's ``Reshape(Squeeze(Shape(x, 0, 1)), [-1])`` when it does not optimise)."""
+    exporter's ``Reshape(Squeeze(Shape(x, 0, 1)), [-1])`` when it does not optimise). ``x``
+    must be known to have the batch first (:func:`_batch_first`)."""
     node = _producer(tensor)
     if node is None or depth <= 0:
         return False
     if node.op == "Shape":
-        return int(node.attrs.get("start", 0)) == 0 and node.attrs.get("end") == 1
+        return int(node.attrs.get("start", 0)) == 0 and node.attrs.get("end") == 1 \
+            and _batch_first(cg, node.inputs[0])
     if node.op in ("Squeeze", "Reshape", "Cast", "Identity") and node.inputs:
         if node.op == "Reshape":
             target = cg.const(node.inputs[1]) if len(node.inputs) > 1 else None
@@ -604,7 +606,8 @@ def _batch_of_shape(cg: ChannelGraph, tensor: gs.Tensor, depth: int = 4) -> bool
         index = cg.const(gather.inputs[1])
         shape = _producer(gather.inputs[0])
         return index is not None and index.size == 1 and int(index.ravel()[0]) == 0 \
-            and shape is not None and shape.op == "Shape" and not shape.attrs.get("start")
+            and shape is not None and shape.op == "Shape" and not shape.attrs.get("start") \
+            and _batch_first(cg, shape.inputs[0])
     if node.op == "Slice":
         shape = _producer(node.inputs[0])
         if "starts" in node.attrs:  # before opset 10: bounds are attributes
@@ -612,9 +615,21 @@ def _batch_of_shape(cg: ChannelGraph, tensor: gs.Tensor, depth: int = 4) -> bool
         else:
             starts, ends = (cg.const(node.inputs[i]) if len(node.inputs) > i else None
                             for i in (1, 2))
-        return shape is not None and shape.op == "Shape" and starts is not None \
-            and ends is not None and list(np.ravel(starts)) == [0] and list(np.ravel(ends)) == [1]
+        return shape is not None and shape.op == "Shape" and not shape.attrs.get("start") \
+            and starts is not None and ends is not None and list(np.ravel(starts)) == [0] \
+            and list(np.ravel(ends)) == [1] and _batch_first(cg, shape.inputs[0])
     return False
+
+
+def _batch_first(cg: ChannelGraph, tensor: gs.Tensor) -> bool:
+    """Whether ``tensor``'s first axis is the batch: the image input, or a tensor carrying a
+    layer's channels on an axis after the first, reached from the input by ops that keep the
+    batch first (a Transpose that moved the channels to axis 0 leaves them there, so a traced
+    channel axis of 0, or an untraced tensor, is not taken for batch-first)."""
+    if any(tensor.name == t.name for t in cg.graph.inputs):
+        return True
+    flow = cg.flows.get(tensor.name)
+    return flow is not None and flow.axis >= 1
 
 
 def _producer(tensor: gs.Tensor | None) -> gs.Node | None:
