@@ -43,7 +43,7 @@ import math
 import struct
 import warnings
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,7 @@ import altair as alt
 import numpy as np
 
 from .errors import ReportError
-from .stats import OccurrenceStats, class_selectivity, csm, odm, selectivity
+from .stats import OccurrenceStats
 
 __all__ = [
     "AOM_COLORS",
@@ -252,6 +252,16 @@ def _as_groups(groups: Iterable[Any]) -> tuple[_Group, ...]:
     return tuple(out)
 
 
+def _over_present(measure: Callable[[str], np.ndarray], layer: str) -> np.ndarray:
+    """``measure(layer)`` (an :class:`OccurrenceStats` method: eqs. 2-4 over the classes with
+    samples), without its warning about classes without samples: collect warned already, and
+    the views draw those classes blank."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="classes with no samples",
+                                category=RuntimeWarning)
+        return measure(layer)
+
+
 def _prepare(
     stats: OccurrenceStats,
     layer: str,
@@ -272,6 +282,8 @@ def _prepare(
     found = _layer_findings(findings, layer)
     if order is None and found is not None:
         order = _attr(found, "kernel_order", "order")
+    if order is None and (stats.class_sizes > 0).sum() < 2:
+        order = np.arange(k)  # nothing to cluster on with one class: kernel index order
     if order is None:
         from .findings import kernel_order  # the one clustering of the project
 
@@ -617,7 +629,7 @@ def csm_grid(
     prepared = _prepare(stats, layer, findings, order=order, page_size=page_size)
     return _tile_grid(
         prepared,
-        csm(prepared.aom),
+        _over_present(stats.csm, layer),
         view="csm",
         palette=CSM_COLORS,
         domain=(-1.0, 1.0),
@@ -665,7 +677,7 @@ def odm_heatmap(
     """
     prepared = _prepare(stats, layer, findings, order=order)
     kernels = kernels if kernels is not None else kernel_selection()
-    d = odm(prepared.aom)
+    d = _over_present(stats.odm, layer)
     domain = _odm_domain(d)
     k = prepared.kernels
     step = max(1, min(16, size // max(k, 1)))
@@ -782,7 +794,8 @@ def selectivity_bars(
     kernels orange. Arguments as :func:`aom_grid`.
     """
     prepared = _prepare(stats, layer, findings, order=order, page_size=page_size)
-    s = selectivity(prepared.aom) if prepared.aom.shape[1] >= 2 else np.zeros(prepared.kernels)
+    s = _over_present(stats.selectivity, layer) if (stats.class_sizes > 0).sum() >= 2 \
+        else np.zeros(prepared.kernels)
     reps = {g.representative for g in prepared.groups if g.representative is not None}
     records = [
         {
@@ -825,7 +838,7 @@ def selectivity_counts(stats: OccurrenceStats, layer: str) -> list[dict[str, Any
     Returns one record a class: ``{"class": name, "selective": n, "not_selective": m}``,
     ready for :func:`selectivity_experiment` (add the accuracies measured with each set).
     """
-    a = class_selectivity(stats.aom(layer))  # (K, C)
+    a = _over_present(stats.class_selectivity, layer)  # (K, C); NaN for an empty class
     return [
         {
             "class": name,

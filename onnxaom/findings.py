@@ -512,6 +512,10 @@ class Findings:
         return cls.from_dict(read_json(path, "findings"))
 
     # ------------------------------------------------------------------------- in words
+    def layer_lines(self, name: str) -> list[str]:
+        """The :meth:`summary_lines` of layer ``name`` alone."""
+        return _layer_lines(self.layer(name), self.thresholds)
+
     def summary_lines(self) -> list[str]:
         """The findings in plain words, one line each, for a report or the command line."""
         lines: list[str] = []

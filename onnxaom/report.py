@@ -18,7 +18,9 @@ import functools
 import html
 import json
 import logging
+import math
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -81,16 +83,50 @@ def render(chart_or_spec: Any, path: str | os.PathLike[str], *, scale: float = 1
         )
     if not path.parent.is_dir():
         raise ModelFileNotFoundError(f"output folder does not exist: {path.parent}")
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        scale = math.nan
+    if not math.isfinite(scale) or scale <= 0:
+        raise ReportError(f"scale must be a positive number, got {scale!r}")
     spec = _spec(chart_or_spec)
     version = _vl_version()
     data: bytes
-    if suffix == ".png":
-        data = bytes(vlc.vegalite_to_png(spec, vl_version=version, scale=scale))
-    elif suffix == ".svg":
-        data = str(vlc.vegalite_to_svg(spec, vl_version=version)).encode("utf-8")
-    else:
-        data = bytes(vlc.vegalite_to_pdf(spec, vl_version=version, scale=scale))
+    try:
+        if suffix == ".svg":
+            data = str(vlc.vegalite_to_svg(spec, vl_version=version)).encode("utf-8")
+        else:
+            if scale > 1:
+                _check_pixels(str(vlc.vegalite_to_svg(spec, vl_version=version)), scale, path)
+            convert = vlc.vegalite_to_png if suffix == ".png" else vlc.vegalite_to_pdf
+            data = bytes(convert(spec, vl_version=version, scale=scale))
+    except ReportError:
+        raise
+    except Exception as exc:  # vl-convert raises ValueError with the Rust error inside
+        raise ReportError(f"cannot render {path.name}: {' '.join(str(exc).split())[:300]}"
+                          ) from exc
     return atomic_write(path, data)
+
+
+#: The most pixels a scaled PNG or PDF may have (about 1 GiB of RGBA while drawing).
+MAX_RENDER_PIXELS = 250_000_000
+
+
+def _check_pixels(svg: str, scale: float, path: Path) -> None:
+    """Refuse a ``scale`` that would make the chart (as drawn at scale 1 in ``svg``) larger
+    than :data:`MAX_RENDER_PIXELS`: vl-convert aborts the process when it cannot allocate."""
+    head = svg[:2000]
+    sizes = [re.search(rf'\b{name}="([0-9.]+)', head) for name in ("width", "height")]
+    if not all(sizes):
+        return
+    width, height = (float(m.group(1)) for m in sizes if m is not None)
+    pixels = width * height * scale * scale
+    if pixels > MAX_RENDER_PIXELS:
+        raise ReportError(
+            f"cannot render {path.name} at scale {scale:g}: the chart is {width:.0f}x"
+            f"{height:.0f} pixels, {pixels / 1e6:,.0f} million scaled, more than "
+            f"{MAX_RENDER_PIXELS / 1e6:,.0f} million; use a smaller --scale, or render one "
+            f"page of kernels (--page, --page-size) or .svg")
 
 
 
@@ -201,6 +237,16 @@ def _summary_lines(findings: Any) -> list[str]:
     return []
 
 
+def _lines_of(findings: Any, layer: str, lines: Sequence[str]) -> list[str]:
+    """The findings lines of ``layer``: :meth:`Findings.layer_lines`, or, for other findings
+    objects, the summary lines that start with the layer's name ("conv1: ...", "conv1 (last
+    conv layer): ...")."""
+    own = getattr(findings, "layer_lines", None)
+    if callable(own) and layer in getattr(findings, "layer_names", ()):
+        return [str(line) for line in own(layer)]
+    return [x for x in lines if x.startswith((f"{layer}:", f"{layer} ("))]
+
+
 _TASKS = (
     ("Task 1: kernels to remove (ineffective or redundant)", ("ineffective", "behave alike")),
     ("Task 2: layers that may be too small", ("too small",)),
@@ -229,9 +275,7 @@ def _layer_lines(
     """The layer's facts and findings in words, and the G1.. labels of its charts."""
     k, _, h, w = stats.counts[layer].shape
     lines = [f"{k} kernels, {h} x {w} activation maps, {stats.num_classes} classes."]
-    # Findings.summary_lines() starts each line with the layer name ("conv1: ...",
-    # "conv1 (last conv layer): ...").
-    lines += [x for x in summary if x.startswith((f"{layer}:", f"{layer} ("))]
+    lines += list(summary)
     if found is None:
         return lines
     from .charts import _as_groups
@@ -317,7 +361,8 @@ def build_report(
         spec = chart.to_dict(validate=False)
         view_id = f"view-{i}"
         parts.append(f"<section class='layer' id='layer-{i}'><h2>Layer {_e(name)}</h2><ul>")
-        parts.extend(f"<li>{_e(x)}</li>" for x in _layer_lines(stats, name, found, lines))
+        parts.extend(f"<li>{_e(x)}</li>"
+                     for x in _layer_lines(stats, name, found, _lines_of(findings, name, lines)))
         parts.append(f"</ul><p class='hint'>{_e(hint)}</p>")
         parts.append(f"<div class='view' id='{view_id}'></div>{_json_script(spec, view_id)}")
         parts.append("</section>")

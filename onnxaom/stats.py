@@ -154,6 +154,9 @@ class OccurrenceStats:
         names = tuple(self.class_names) if self.class_names else tuple(str(i) for i in range(c))
         if len(names) != c:
             raise StatsError(f"{len(names)} class names given for {c} classes")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise StatsError(f"class names must be distinct; repeated: {repeated}")
         object.__setattr__(self, "counts", MappingProxyType(counts))
         object.__setattr__(self, "class_sizes", _readonly(sizes.astype(np.int64)))
         object.__setattr__(self, "class_names", names)

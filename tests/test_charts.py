@@ -284,6 +284,33 @@ def test_empty_class_is_drawn_as_missing() -> None:
     assert all((decode_png(r["url"])[0] == 10).all() for r in empty)
 
 
+def test_an_empty_class_leaves_the_other_views_drawn() -> None:
+    """Eqs. 2-4 over the classes with samples, as OccurrenceStats computes them: the ODM
+    cells, the selectivity bars and the other classes' CSM tiles have values."""
+    rng = np.random.default_rng(1)
+    counts = rng.integers(0, 5, size=(3, 3, 2, 2))
+    counts[:, 2] = 0
+    s = OccurrenceStats({"conv": counts}, np.array([5, 5, 0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        odm_spec = spec_of(charts.odm_heatmap(s, "conv", order=[0, 1, 2]))
+        bars = spec_of(charts.selectivity_bars(s, "conv", order=[0, 1, 2]))
+        grid = spec_of(charts.csm_grid(s, "conv", order=[0, 1, 2], cell=4))
+    cells = data_of(odm_spec, unit(odm_spec, "odm_cells"))
+    assert cells and all(c["d"] is not None for c in cells)
+    assert all(b["selectivity"] is not None for b in data_of(bars, unit(bars, "selectivity_bars")))
+    tiles = data_of(grid, unit(grid, "csm_images"))
+    assert all((t["mean"] is None) == (t["class_name"] == "2") for t in tiles)
+
+
+def test_one_class_draws_the_aom_in_kernel_order() -> None:
+    counts = np.random.default_rng(2).integers(0, 5, size=(4, 1, 2, 2))
+    s = OccurrenceStats({"conv": counts}, np.array([5]))
+    spec = spec_of(charts.aom_grid(s, "conv", cell=4))
+    assert len(data_of(spec, unit(spec, "aom_images"))) == 4
+    charts.layer_view(s, "conv")  # the views that need 2 classes are left out
+
+
 def test_bad_arguments_raise(stats: OccurrenceStats) -> None:
     with pytest.raises(ReportError, match="each of its 12 kernels"):
         charts.aom_grid(stats, "conv", order=[0, 0, 1])

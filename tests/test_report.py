@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from html.parser import HTMLParser
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from onnxaom.cli import main
-from onnxaom.errors import ModelFileNotFoundError, OnnxaomError, OutputError
+from onnxaom.errors import ModelFileNotFoundError, OnnxaomError, OutputError, ReportError
 from onnxaom.findings import analyze
 from onnxaom.report import build_report, render, write_report
 from onnxaom.stats import OccurrenceStats
@@ -175,6 +176,34 @@ def test_render_by_suffix(tmp_path: Path, suffix: str, magic: bytes) -> None:
     assert path.read_bytes().startswith(magic)
     path = render(chart.to_dict(), tmp_path / f"spec{suffix.upper()}")
     assert path.read_bytes().startswith(magic)
+
+
+@pytest.mark.parametrize("scale, message", [(0, "positive"), (-1, "positive"),
+                                            (float("nan"), "positive"),
+                                            (1000, "million scaled")])
+def test_render_refuses_a_scale_it_cannot_draw(tmp_path: Path, scale: float,
+                                               message: str) -> None:
+    from onnxaom import charts
+
+    chart = charts.odm_heatmap(make_stats(k=5, c=3, h=3, w=3), "conv", order=range(5))
+    with pytest.raises(ReportError, match=message):
+        render(chart, tmp_path / "odm.png", scale=scale)  # 1000: it aborted the process
+    assert not (tmp_path / "odm.png").exists()
+
+
+def test_a_layer_section_has_only_its_own_findings(tmp_path: Path) -> None:
+    """Layers named ``conv``, ``conv (b)`` and ``conv: x``: the section of ``conv`` must not
+    take the others' lines for its own (they start with its name)."""
+    parts = [make_stats(k=4, c=3, h=3, w=3, seed=i) for i in range(3)]
+    stats = OccurrenceStats({name: p.counts["conv"] for name, p in
+                             zip(("conv", "conv (b)", "conv: x"), parts, strict=True)},
+                            parts[0].class_sizes, parts[0].class_names)
+    findings = analyze(stats)
+    page = build_report(stats, findings, layers=["conv"])
+    section = page[page.index("<h2>Layer conv</h2>"):]
+    section = section[:section.index("</ul>")]
+    for line in findings.layer_lines("conv (b)") + findings.layer_lines("conv: x"):
+        assert html.escape(line) not in section
 
 
 def test_render_rejects_unknown_suffix_and_missing_folder(tmp_path: Path) -> None:

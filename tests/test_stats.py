@@ -247,3 +247,10 @@ def test_a_class_without_samples_is_left_out_of_eqs_2_to_4() -> None:
         cs = with_empty.class_selectivity("l")
         assert np.isnan(cs[:, 2]).all()
         np.testing.assert_allclose(cs[:, [0, 1, 3]], without.class_selectivity("l"))
+
+
+def test_class_names_must_be_distinct() -> None:
+    """Repeated names drew two classes' tiles in one column of the grids."""
+    with pytest.raises(StatsError, match=r"repeated: \['same'\]"):
+        OccurrenceStats({"a": np.zeros((1, 3, 1, 1), np.int64)}, np.array([1, 1, 1]),
+                        ("same", "same", "other"))
