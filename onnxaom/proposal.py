@@ -67,7 +67,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -81,6 +81,9 @@ from .layers import Layer
 from .model import Model
 from .readers import ReadMass
 from .stats import OccurrenceStats
+
+if TYPE_CHECKING:
+    from .surgery.channels import ChannelGraph
 
 __all__ = [
     "STRATEGIES",
@@ -527,15 +530,33 @@ def propose(
         layer_props.append(_propose_layer(stats, lf, name, used, target, mass))
     notes: list[str] = []
     if model is not None:
-        layer_props, coupled = _reconcile_coupled(model, layer_props, targets, notes)
+        cg = _channel_graph(model, notes)
+        coupled: list[list[str]] = []
+        if cg is not None:
+            layer_props, coupled = _reconcile_coupled(cg, layer_props, targets, notes)
         layer_props = _balance_groups(model, layer_props, notes, coupled)
-        notes.extend(_also_changed(model, layer_props))
+        if cg is not None:
+            notes.extend(_also_changed(cg, layer_props))
     return Proposal(tuple(layer_props), strategy, stats_digest(stats),
                     stats.metadata.get("model_digest"), tuple(notes))
 
 
-def _reconcile_coupled(model: Model, props: list[LayerProposal], targets: Mapping[str, int],
-                       notes: list[str]) -> tuple[list[LayerProposal], list[list[str]]]:
+def _channel_graph(model: Model, notes: list[str]) -> ChannelGraph | None:
+    """The surgery's channel graph of ``model``, traced once for the checks below; None (with a
+    note) for a graph the surgery cannot trace, whose edits it would refuse anyway."""
+    from .surgery.channels import build
+    from .surgery.gsio import import_graph
+
+    try:
+        return build(import_graph(model.proto), model.proto)
+    except OnnxaomError as exc:
+        notes.append(f"coupled layers not checked: {exc}")
+        return None
+
+
+def _reconcile_coupled(cg: ChannelGraph, props: list[LayerProposal],
+                       targets: Mapping[str, int], notes: list[str]
+                       ) -> tuple[list[LayerProposal], list[list[str]]]:
     """One choice for layers whose channels are merged element-wise (a residual Add) or tied
     (a depthwise conv): the surgery removes a channel from all of them at once, so separate
     choices would remove their union. Each group of such layers keeps the kernels ranked best
@@ -544,16 +565,9 @@ def _reconcile_coupled(model: Model, props: list[LayerProposal], targets: Mappin
     order (a depthwise conv with a channel multiplier, a concat) follow the first layer's
     choice, as the surgery maps it; a target for one of them is refused. Returns the
     proposals and the groups given one choice."""
-    from .surgery.channels import build
-    from .surgery.gsio import import_graph
     from .surgery.remove import plan
 
     by_name = {p.layer: p for p in props}
-    try:
-        cg = build(import_graph(model.proto), model.proto)
-    except OnnxaomError as exc:  # a graph the surgery cannot trace: it would refuse the edits
-        notes.append(f"coupled layers not checked: {exc}")
-        return props, []
     parent = {p.layer: p.layer for p in props}
 
     def root(name: str) -> str:
@@ -628,18 +642,18 @@ def _reconcile_coupled(model: Model, props: list[LayerProposal], targets: Mappin
     return [out[p.layer] for p in props], aligned_groups
 
 
-def _also_changed(model: Model, props: Sequence[LayerProposal]) -> list[str]:
+def _also_changed(cg: ChannelGraph, props: Sequence[LayerProposal]) -> list[str]:
     """A note naming the layers outside the proposal that its edits change too (coupled by a
     residual merge or tied by a depthwise conv), with how many kernels they lose."""
-    from .surgery import plan_removal
+    from .surgery.remove import plan
 
-    removals = {p.layer: p.removed for p in props if p.removed}
-    if not removals:
+    edits = [RemoveKernels(p.layer, p.removed) for p in props if p.removed]
+    if not edits:
         return []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            removal = plan_removal(model, removals)
+            _, removal = plan(cg, edits)
     except OnnxaomError:  # the surgery will say why when the edits are applied
         return []
     others = [f"{name} (loses {len(removal.removed[name])})" for name in removal.coupled]
