@@ -77,7 +77,14 @@ from .errors import EditError, LayerNotFoundError, OnnxaomError, StatsError
 from .files import atomic_write_text, read_json
 from .findings import Findings, IneffectiveKernel, LayerFindings, analyze
 from .graph import GraphIndex
-from .layers import Layer
+from .layers import (
+    CONSTANT_ARITHMETIC,
+    ELEMENTWISE_ACTIVATIONS,
+    PASS_THROUGH,
+    PER_CHANNEL_NORMS,
+    POOLS,
+    Layer,
+)
 from .model import Model
 from .readers import ReadMass
 from .stats import OccurrenceStats
@@ -662,14 +669,11 @@ def _also_changed(cg: ChannelGraph, props: Sequence[LayerProposal]) -> list[str]
     return [f"these edits also change layers coupled to the proposed ones: {', '.join(others)}"]
 
 
+#: Element-wise merges: a layer's channels pass through them from any input (a residual Add).
+_MERGING = CONSTANT_ARITHMETIC | {"Sum", "Max", "Min"}
 #: Ops a layer's channels pass through unchanged on their way to the convs that read them.
-_PASSING = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "Elu", "Selu", "Celu", "Gelu",
-                      "HardSwish", "Sigmoid", "HardSigmoid", "Softplus", "Tanh", "Identity",
-                      "Dropout", "BatchNormalization", "InstanceNormalization", "MaxPool",
-                      "AveragePool", "Pad", "Resize", "Upsample", "Mul", "Add", "Sub", "Div",
-                      "Sum", "Max", "Min"})
-#: Of those, the element-wise merges, whose other inputs carry channels too (a residual Add).
-_MERGING = frozenset({"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min"})
+_PASSING = (ELEMENTWISE_ACTIVATIONS | PASS_THROUGH | PER_CHANNEL_NORMS | POOLS | _MERGING
+            | {"Sigmoid", "HardSigmoid", "Softplus", "Tanh", "Pad", "Resize", "Upsample"})
 
 
 def _channel_blocks(model: Model, index: GraphIndex, layer: Layer) -> int:
