@@ -267,9 +267,9 @@ def tune(
         raise DataError(f"tune() collects statistics from an onnxaom Dataset, got "
                         f"{type(data).__name__}")
     state = dict(session.progress)
-    start_kernels = {layer.name: layer.kernels for layer in session.model(0).layers()}
+    start = session.model(0)
+    start_kernels = {layer.name: layer.kernels for layer in start.layers()}
     if layers is not None or not state.get("layers"):
-        start = session.model(0)
         order = _layer_names(start, layers)
         weights = _weight_keys(start, order)
     else:
