@@ -253,9 +253,9 @@ def _as_groups(groups: Iterable[Any]) -> tuple[_Group, ...]:
 
 
 def _over_present(measure: Callable[[str], np.ndarray], layer: str) -> np.ndarray:
-    """``measure(layer)`` (an :class:`OccurrenceStats` method: eq. 1, or eqs. 2-4 over the
-    classes with samples), without its warning about classes without samples: collect warned
-    already, analyze notes it, and the views draw those classes blank."""
+    """``measure(layer)`` (an :class:`OccurrenceStats` method: eqs. 2-4 over the classes with
+    samples), without the AOM's warning about classes without samples: collect warned already,
+    and the views draw those classes blank."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="classes with no samples",
                                 category=RuntimeWarning)
@@ -274,7 +274,7 @@ def _prepare(
 ) -> _Layer:
     if page_size < 1:
         raise ReportError(f"page_size must be at least 1, got {page_size}")
-    aom = _over_present(stats.aom, layer)
+    aom = stats.aom(layer, warn=False)  # collect warned; the views draw those classes blank
     k = aom.shape[0]
     found = _layer_findings(findings, layer)
     if order is None and found is not None:

@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -660,11 +659,7 @@ def analyze(
     last = _last_conv(stats)
     results = []
     for n in chosen:
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message="classes with no samples", category=RuntimeWarning
-            )
-            aom = stats.aom(n)
+        aom = stats.aom(n, warn=False)  # the note of analyze_layer replaces the warning
         results.append(
             analyze_layer(
                 n, aom, class_names=stats.class_names, thresholds=thresholds, last_conv=n == last

@@ -815,12 +815,7 @@ def _rank_usage(usage: tuple[np.ndarray, str]) -> _Ranking:
 
 def _propose_layer(stats: OccurrenceStats, lf: LayerFindings, name: str, strategy: str,
                    target: int | None, mass: ReadMass | None = None) -> LayerProposal:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="classes with no samples",
-                                category=RuntimeWarning)
-        aom = stats.aom(name)
+    aom = stats.aom(name, warn=False)  # the classes without samples are left out below
     usable = ~np.isnan(aom).all(axis=(0, 2, 3))
     aom = aom[:, usable]
     from .stats import class_selectivity, mirrored_odm, odm, selectivity

@@ -188,11 +188,12 @@ class OccurrenceStats:
             ) from None
 
     # ----------------------------------------------------------------- the paper's matrices
-    def aom(self, name: str) -> np.ndarray:
-        """Eq. 1, float64 (K, C, H, W). A class with no samples gives NaN (with a warning)."""
+    def aom(self, name: str, *, warn: bool = True) -> np.ndarray:
+        """Eq. 1, float64 (K, C, H, W). A class with no samples gives NaN, with a warning
+        unless ``warn`` is False (for callers that report those classes themselves)."""
         counts = self._counts(name)
         empty = [self.class_names[i] for i in np.flatnonzero(self.class_sizes == 0)]
-        if empty:
+        if empty and warn:
             warnings.warn(
                 f"classes with no samples have undefined AOMs (NaN): {', '.join(empty)}",
                 RuntimeWarning,
