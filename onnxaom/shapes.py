@@ -16,24 +16,25 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .graph import GraphIndex, Shape, dim_values
+from .graph import Shape, dim_values
 
 __all__ = ["fill_unknown"]
 
 log = logging.getLogger(__name__)
 
 
-def fill_unknown(model: onnx.ModelProto, shapes: Mapping[str, Shape],
-                 index: GraphIndex | None = None) -> dict[str, Shape]:
+def fill_unknown(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> dict[str, Shape]:
     """``shapes`` (tensor -> inferred shape, None for unknown dims) with the unknown dims after
-    the first filled from one CPU run of ``model`` on zeros. The first dim (the batch) keeps
-    what inference said. Unchanged when nothing is unknown, when the image input has an unknown
-    size after its batch dimension, or when the run fails."""
+    the first filled from one CPU run of ``model`` on zeros, and the tensors whose rank
+    inference could not tell (after a reshape to a computed target at opsets where ONNX does
+    not propagate shape values) added: their first dim from ONNX Runtime's own inference (None
+    where it depends on the batch), the others from the run. The first dim (the batch) of a
+    known shape keeps what inference said. Unchanged when nothing is unknown, when the image
+    input has an unknown size after its batch dimension, or when the run fails."""
     out = dict(shapes)
-    index = GraphIndex(model) if index is None else index
-    produced = {o for node in model.graph.node for o in node.output if o}
-    unknown = [name for name, shape in shapes.items()
-               if name in produced and len(shape) >= 2 and None in shape[1:]]
+    produced = [o for node in model.graph.node for o in node.output if o]
+    unknown = [name for name in produced if name not in shapes
+               or (len(shapes[name]) >= 2 and None in shapes[name][1:])]
     if not unknown:
         return out
     initializers = {t.name for t in model.graph.initializer}
@@ -46,8 +47,8 @@ def fill_unknown(model: onnx.ModelProto, shapes: Mapping[str, Shape],
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]
-    probe.graph.output.extend(helper.make_tensor_value_info(name, index.elem_type(name), None)
-                              for name in unknown)
+    # outputs without a type: ONNX Runtime takes them and types them itself
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in unknown)
     elem = inputs[0].type.tensor_type.elem_type
     size = [dims[0] if dims[0] is not None else 1, *(int(d) for d in dims[1:] if d is not None)]
     feed = np.zeros(size, dtype=helper.tensor_dtype_to_np_dtype(elem))
@@ -55,15 +56,22 @@ def fill_unknown(model: onnx.ModelProto, shapes: Mapping[str, Shape],
         from .runtime import make_session
 
         session = make_session(probe, ["CPUExecutionProvider"], threads=1)
+        declared = {o.name: o.shape for o in session.get_outputs()}
         values = session.run(unknown, {inputs[0].name: feed})
     except Exception as exc:  # ORT raises its own types; the shapes stay as inferred
         log.debug("could not run the model for its tensor shapes: %s", exc)
         return out
     for name, value in zip(unknown, values, strict=True):
-        inferred = shapes[name]
-        if np.ndim(value) != len(inferred):
+        got = np.shape(value)
+        inferred = shapes.get(name)
+        if inferred is None:
+            first = (declared.get(name) or [None])[0] if got else None
+            inferred = (first if isinstance(first, int) else None,) + (None,) * (len(got) - 1)
+            if not got:
+                out[name] = ()
+                continue
+        if len(got) != len(inferred):
             continue
         out[name] = (inferred[0], *(d if d is not None else int(v)
-                                    for d, v in zip(inferred[1:], np.shape(value)[1:],
-                                                    strict=True)))
+                                    for d, v in zip(inferred[1:], got[1:], strict=True)))
     return out

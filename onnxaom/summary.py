@@ -122,7 +122,7 @@ def summary(model: Model | str | os.PathLike[str]) -> ModelSummary:
     layers = find_layers(proto)
     shapes = index.shapes
     if any(None in (shapes.get(layer.output) or (None,))[2:] for layer in layers):
-        shapes = fill_unknown(proto, shapes, index)  # sizes inference could not tell
+        shapes = fill_unknown(proto, shapes)  # sizes inference could not tell
     for layer in layers:
         node = proto.graph.node[layer.node_index]
         params = sum(math.prod(d or 0 for d in shape) for shape in

@@ -837,7 +837,8 @@ def test_constants_that_an_export_left_unfolded_are_read_as_constants():
 def test_a_size_that_is_not_the_batch_is_not_taken_for_it(variant):
     """``Reshape(y, Concat(b, [4], [-1]))`` where ``b`` is y's channel count read through a
     Transpose or a Shape starting at axis 1, not the batch (both are 4 here): taking it for the
-    batch would regroup samples after an edit, so the target stays computed and is refused."""
+    batch would regroup samples after an edit. It is read as the channel count it is, which
+    the target puts at the batch's position, so the edit is refused."""
     def i64(name, values):
         return numpy_helper.from_array(np.array(values, np.int64), name)
 
@@ -865,5 +866,6 @@ def test_a_size_that_is_not_the_batch_is_not_taken_for_it(variant):
               helper.make_node("Flatten", ["m"], ["f"], axis=1),
               helper.make_node("Gemm", ["f", "wf"], ["y"], name="fc", transB=1)]
     proto = zoo.hand_built(nodes, inits, [4, 3, 4, 4], [1, 3], opset=18)
-    with pytest.raises(EditError, match="computed target shape"):
+    with pytest.raises(EditError, match="puts the channel count of tensor '(t|act)' at "
+                                        "position 0 of its target shape"):
         remove_kernels(Model(proto), {"conv1": [1, 3]})

@@ -279,3 +279,79 @@ def test_an_unfolded_legacy_export_of_reflect_padding_is_editable(tmp_path: Path
     model = onnxaom.load(path)
     for layer in model.layers()[:2]:
         assert_removal_exact(model.proto, {layer.name: [1]})
+
+
+class LinearSqueezeExcite(torch.nn.Module):
+    """An SE block written with ``nn.Linear`` and views whose sizes come from ``x.size()``: the
+    legacy exporter computes both reshape targets as ``Concat(Unsqueeze(Gather(Shape(x), 0)),
+    Unsqueeze(Gather(Shape(x), 1)), ...)``. ``gate_width_from`` other than ``"x"`` takes the
+    gate's channel count from the image input instead (3 channels, as conv1 has)."""
+
+    def __init__(self, gate_width_from: str = "x") -> None:
+        super().__init__()
+        self.gate_width_from = gate_width_from
+        self.conv1 = torch.nn.Conv2d(3, 3 if gate_width_from != "x" else 6, 3, padding=1)
+        width = self.conv1.out_channels
+        self.fc1 = torch.nn.Linear(width, 2)
+        self.fc2 = torch.nn.Linear(2, width)
+        self.conv2 = torch.nn.Conv2d(width, 5, 3, padding=1)
+        self.fc = torch.nn.Linear(5 * 8 * 8, 3)
+
+    def forward(self, image):
+        x = torch.relu(self.conv1(image))
+        b, c, _, _ = x.size()
+        y = torch.nn.functional.adaptive_avg_pool2d(x, 1).view(b, c)
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(y))))
+        width = c if self.gate_width_from == "x" else image.size(1)
+        x = x * gate.view(b, width, 1, 1)
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def _export_se(tmp_path: Path, opset: int, dynamic: bool, gate_width_from: str = "x"
+               ) -> onnxaom.Model:
+    module = torch_zoo.reinit(LinearSqueezeExcite(gate_width_from), 0).eval()
+    path = tmp_path / f"se-{opset}-{dynamic}.onnx"
+    torch.onnx.export(module, torch.zeros(2, 3, 8, 8), str(path), dynamo=False,
+                      opset_version=opset, input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}} if dynamic else None)
+    return onnxaom.load(path)
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_an_se_block_viewed_with_sizes_of_its_input_is_editable(tmp_path, opset, dynamic):
+    model = _export_se(tmp_path, opset, dynamic)
+    if dynamic:
+        assert any(n.op_type == "Gather" for n in model.proto.graph.node)
+    conv1, fc1, fc2 = (layer.name for layer in model.layers()[:3])
+    # the gate's neurons are coupled to conv1's kernels by the Mul; its width follows them
+    plan = onnxaom.surgery.plan_removal(model, {conv1: [1, 3]})
+    assert plan.removed == {conv1: (1, 3), fc2: (1, 3)}
+    assert_removal_exact(model.proto, {conv1: [1, 3]}, batch=2)
+    assert_removal_exact(model.proto, {fc1: [0]}, batch=2)
+    assert_same_function(model.proto, apply(model, WidenLayer(conv1, add=2)).proto)
+
+
+def test_a_view_whose_channel_count_comes_from_another_tensor_is_refused(tmp_path):
+    model = _export_se(tmp_path, 13, True, gate_width_from="input")
+    conv1 = model.layers()[0].name
+    with pytest.raises(onnxaom.EditError, match=r"takes the size of its channel axis from "
+                                                r"tensor 'input' \(axis 1\)"):
+        remove_kernels(model, {conv1: [0]})
+
+
+def test_tensors_whose_rank_inference_loses_get_their_shapes_from_one_run(tmp_path):
+    """At opset 11 ONNX does not propagate shape values, so everything after the SE block's
+    computed ``view(b, c)`` has no shape at all; one run gives it, the batch left symbolic."""
+    from onnxaom.graph import GraphIndex
+    from onnxaom.shapes import fill_unknown
+
+    model = _export_se(tmp_path, 11, True)
+    inferred = GraphIndex(model.proto).shapes
+    gate = next(n.output[0] for n in model.proto.graph.node if n.name == "/fc2/Gemm")
+    shape_of = next(n.output[0] for n in model.proto.graph.node if n.op_type == "Shape")
+    assert gate not in inferred
+    filled = fill_unknown(model.proto, inferred)
+    assert filled[gate] == (None, 6)
+    assert filled[shape_of] == (4,)

@@ -480,3 +480,17 @@ def test_a_transposed_conv_loses_and_gains_the_input_channels_of_its_layer(tmp_p
     removed = assert_parity(tmp_path, module, model, [RemoveKernels(c1, (0, 4))])
     assert removed.module.up.in_channels == 4
     assert_parity(tmp_path, module, model, [WidenLayer(layer=c1, add=2)])
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_an_se_block_with_linear_layers_and_computed_views_follows_the_surgery(tmp_path, dynamic):
+    from .test_surgery_torch import LinearSqueezeExcite, _export_se
+
+    model = _export_se(tmp_path, 17, dynamic)
+    module = torch_zoo.reinit(LinearSqueezeExcite(), 0).eval()
+    conv1, fc1 = (layer.name for layer in model.layers()[:2])
+    for edit in (RemoveKernels(conv1, (1, 3)), RemoveKernels(fc1, (0,)),
+                 WidenLayer(conv1, add=2), InsertLayer(conv1)):
+        apply_edits(module, model, edit)  # checks the export against the surgery result
+    edited = apply_edits(module, model, RemoveKernels(conv1, (1, 3))).module
+    assert (edited.conv1.out_channels, edited.fc2.out_features) == (4, 4)

@@ -288,6 +288,9 @@ class ChannelGraph:
     slots: Slots
     shapes: dict[str, Shape]
     layer_order: list[str] = field(default_factory=list)
+    #: outputs of the nodes that blocked the layer channels they read -> why, so that a merge
+    #: further on can say where its other operand lost them
+    lost: dict[str, str] = field(default_factory=dict)
 
     def layer(self, name: str) -> LayerSlots:
         if name not in self.layers:
@@ -381,7 +384,7 @@ def build(graph: gs.Graph, proto: onnx.ModelProto) -> ChannelGraph:
 
     layers = find_layers(proto)
     index = GraphIndex(proto)
-    shapes = fill_unknown(proto, index.shapes, index)  # H, W that inference could not tell
+    shapes = fill_unknown(proto, index.shapes)  # H, W that inference could not tell
     if len(graph.nodes) != len(proto.graph.node):
         raise EditError("internal: the imported graph lost nodes; cannot map layers")
     cg = ChannelGraph(graph, {}, {}, [], Slots(), dict(shapes), [layer.name for layer in layers])
@@ -421,6 +424,7 @@ def build(graph: gs.Graph, proto: onnx.ModelProto) -> ChannelGraph:
                     cg.slots.block(flow.all_slots(), reason)
             if ref is not None:
                 cg.slots.block(ref.slots, reason)
+            cg.lost.update((t.name, reason) for t in node.outputs if t.name)
             logger.debug("blocked: %s", reason)
             continue
         outs = [None if f is None else replace(f, pre_probe=t.name in pre_probe)

@@ -19,8 +19,9 @@ on both sides; element-wise activations, Identity, Dropout, Cast, Clip, PRelu; B
 Add/Sub/Mul/Div/Max/Min/Pow/Sum/Mean with constants, with another layer's tensor (coupling), or
 with a tensor broadcast over channels; pools (Max/Average/Lp, global ones); Pad and Resize that
 leave the channel axis alone; Concat; Flatten and Reshape (channel-major flattening, trailing
-dims merged, (N, F) -> (N, F, 1, 1); the target a constant or ``Concat(batch size,
-constants)``, PyTorch's legacy export of ``x.view(x.size(0), -1)``); Shape and Size (computed
+dims merged, (N, F) -> (N, F, 1, 1); the target a constant or ``Concat`` of constants and
+sizes of tensors, PyTorch's legacy export of ``x.view(x.size(0), -1)`` or ``view(b, c, 1,
+1)``); Shape and Size (computed
 at run time, no channels in their output); Reduce* over other axes; Squeeze, Unsqueeze,
 Transpose; Slice and Split along other axes. Everything else blocks the channels it reads.
 A channels-last flatten (Transpose to NHWC, then Flatten or Reshape to (N, H*W*C), as Keras
@@ -31,6 +32,7 @@ segments then repeat once per position (:attr:`Flow.outer`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -322,8 +324,10 @@ class Elementwise(Handler):
                 raise Unsupported(f"merges tensor {t.name!r} of unknown shape")
             d = _channel_dim(shape, ref, rank)
             if value is None and d is not None:
+                lost = f" (layer channels were lost there: {cg.lost[t.name]})" \
+                    if t.name in cg.lost else ""
                 pinned = cg.pinned(ref.size, f"node {describe(node)} merges its channels with "
-                                             f"tensor {t.name!r}, which no layer produces")
+                                             f"tensor {t.name!r}, which no layer produces{lost}")
                 cg.slots.union(ref.expanded(), pinned)
         return _same(ref.moved(rank, a_out), len(node.outputs))
 
@@ -581,44 +585,96 @@ def _positions_read(cg: ChannelGraph, tensor: gs.Tensor, flow: Flow) -> int | No
     return features // channels
 
 
-def _batch_of_shape(cg: ChannelGraph, tensor: gs.Tensor, depth: int = 4) -> bool:
-    """Whether ``tensor`` is the batch size as a 1-D tensor: ``Unsqueeze(Gather(Shape(x), 0))``
-    or ``Slice(Shape(x), 0, 1)`` (the legacy PyTorch export of ``x.size(0)``), ``Shape(x,
-    start=0, end=1)``, or one of those behind ``Squeeze``/``Reshape``/``Cast`` (the dynamo
-    exporter's ``Reshape(Squeeze(Shape(x, 0, 1)), [-1])`` when it does not optimise). ``x``
-    must be known to have the batch first (:func:`_batch_first`)."""
+@dataclass(frozen=True)
+class _SizeOf:
+    """A reshape target entry computed as ``tensor``'s size along ``axis``."""
+
+    tensor: gs.Tensor
+    axis: int
+
+
+def _shape_entry(cg: ChannelGraph, tensor: gs.Tensor, depth: int = 4) -> _SizeOf | None:
+    """Which size ``tensor`` is, when it is one entry of a tensor's shape as a 1-D tensor of
+    one element: ``Unsqueeze(Gather(Shape(x), i))`` or ``Slice(Shape(x), i, i + 1)`` (the
+    legacy PyTorch export of ``x.size(i)``), ``Shape(x, start=i, end=i + 1)``, or one of those
+    behind ``Squeeze``/``Reshape``/``Cast`` (the dynamo exporter's ``Reshape(Squeeze(Shape(x,
+    0, 1)), [-1])`` when it does not optimise); ``None`` when it is computed otherwise."""
     node = _producer(tensor)
     if node is None or depth <= 0:
-        return False
-    if node.op == "Shape":
-        return int(node.attrs.get("start", 0)) == 0 and node.attrs.get("end") == 1 \
-            and _batch_first(cg, node.inputs[0])
+        return None
     if node.op in ("Squeeze", "Reshape", "Cast", "Identity") and node.inputs:
         if node.op == "Reshape":
             target = cg.const(node.inputs[1]) if len(node.inputs) > 1 else None
             if target is None or [int(d) for d in np.ravel(target)] not in ([-1], [1]):
-                return False
-        return _batch_of_shape(cg, node.inputs[0], depth - 1)
+                return None
+        return _shape_entry(cg, node.inputs[0], depth - 1)
+    if node.op == "Shape":
+        end = node.attrs.get("end")
+        return _size_of(cg, node.inputs[0], int(node.attrs.get("start", 0)),
+                        None if end is None else int(end))
     if node.op == "Unsqueeze":
         gather = _producer(node.inputs[0])
         if gather is None or gather.op != "Gather" or int(gather.attrs.get("axis", 0)) != 0:
-            return False
+            return None
         index = cg.const(gather.inputs[1])
-        shape = _producer(gather.inputs[0])
-        return index is not None and index.size == 1 and int(index.ravel()[0]) == 0 \
-            and shape is not None and shape.op == "Shape" and not shape.attrs.get("start") \
-            and _batch_first(cg, shape.inputs[0])
+        if index is None or index.size != 1:
+            return None
+        return _size_of_shape(cg, gather.inputs[0], int(index.ravel()[0]))
     if node.op == "Slice":
-        shape = _producer(node.inputs[0])
         if "starts" in node.attrs:  # before opset 10: bounds are attributes
-            starts, ends = node.attrs.get("starts"), node.attrs.get("ends")
+            bounds = [node.attrs.get("starts"), node.attrs.get("ends")]
         else:
-            starts, ends = (cg.const(node.inputs[i]) if len(node.inputs) > i else None
-                            for i in (1, 2))
-        return shape is not None and shape.op == "Shape" and not shape.attrs.get("start") \
-            and starts is not None and ends is not None and list(np.ravel(starts)) == [0] \
-            and list(np.ravel(ends)) == [1] and _batch_first(cg, shape.inputs[0])
-    return False
+            bounds = [cg.const(node.inputs[i]) if len(node.inputs) > i else None for i in (1, 2)]
+        steps = cg.const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name \
+            else None
+        if any(b is None or np.size(b) != 1 for b in bounds) or \
+                (steps is not None and int(np.ravel(steps)[0]) != 1):
+            return None
+        first, stop = (int(np.ravel(b)[0]) for b in bounds)  # type: ignore[arg-type]
+        return _size_of_shape(cg, node.inputs[0], first) if 0 <= first == stop - 1 else None
+    return None
+
+
+def _size_of_shape(cg: ChannelGraph, shape: gs.Tensor, index: int) -> _SizeOf | None:
+    """Entry ``index`` of ``shape``, when ``shape`` is computed as ``Shape(x)`` (or ``Shape(x,
+    start=s)``, whose entry ``index`` is ``x``'s axis ``s + index``)."""
+    node = _producer(shape)
+    if node is None or node.op != "Shape" or node.attrs.get("end") is not None:
+        return None
+    first = _axis_of(cg, node.inputs[0], int(node.attrs.get("start", 0)))
+    if first is None:
+        return None
+    axis = _axis_of(cg, node.inputs[0], first + index if index >= 0 else index)
+    return None if axis is None else _SizeOf(node.inputs[0], axis)
+
+
+def _size_of(cg: ChannelGraph, x: gs.Tensor, start: int, end: int | None) -> _SizeOf | None:
+    """``Shape(x, start, end)`` as one size: when it spans one axis."""
+    first = _axis_of(cg, x, start)
+    shape = cg.shape(x)
+    if end is None:
+        end = len(shape) if shape is not None else None
+    elif end < 0:
+        end = end + len(shape) if shape is not None else None
+    return _SizeOf(x, first) if first is not None and end == first + 1 else None
+
+
+def _axis_of(cg: ChannelGraph, x: gs.Tensor, axis: int) -> int | None:
+    """``axis`` of ``x`` counted from 0; ``None`` when it is negative and ``x``'s rank is
+    unknown, or out of range."""
+    shape = cg.shape(x)
+    if axis < 0:
+        if shape is None:
+            return None
+        axis += len(shape)
+    return axis if axis >= 0 and (shape is None or axis < len(shape)) else None
+
+
+def _batch_of_shape(cg: ChannelGraph, tensor: gs.Tensor) -> bool:
+    """Whether ``tensor`` is the batch size as a 1-D tensor (:func:`_shape_entry` of axis 0)
+    of a tensor known to have the batch first (:func:`_batch_first`)."""
+    entry = _shape_entry(cg, tensor)
+    return entry is not None and entry.axis == 0 and _batch_first(cg, entry.tensor)
 
 
 def _batch_first(cg: ChannelGraph, tensor: gs.Tensor) -> bool:
@@ -638,27 +694,62 @@ def _producer(tensor: gs.Tensor | None) -> gs.Node | None:
     return tensor.inputs[0]
 
 
-def _reshape_target(cg: ChannelGraph, node: gs.Node) -> list[int | None] | None:
+def _reshape_target(cg: ChannelGraph, node: gs.Node
+                    ) -> tuple[list[int | None], dict[int, _SizeOf]] | None:
     """The target shape of a Reshape, ``None`` standing for the batch size where the target is
-    computed as ``Concat(batch size, constants...)``; ``None`` (the whole) when it is computed
-    any other way."""
+    computed as ``Concat(...)`` of constants, the batch size and other sizes of tensors (the
+    legacy export of ``x.view(b, c, 1, 1)`` with ``b, c = x.size()[:2]``), with the sizes
+    computed from tensors other than the batch, by position; ``None`` (the whole) when it is
+    computed any other way or a size is not known."""
     value = cg.const(node.inputs[1])
     if value is not None:
-        return [int(v) for v in np.asarray(value).ravel()]
+        return [int(v) for v in np.asarray(value).ravel()], {}
     concat = _producer(node.inputs[1])
     if concat is None or concat.op != "Concat" or _norm_axis(int(concat.attrs.get("axis", 0)),
                                                               1) != 0:
         return None
     target: list[int | None] = []
+    computed: dict[int, _SizeOf] = {}
     for part in concat.inputs:
         value = cg.const(part)
         if value is not None:
             target += [int(v) for v in np.asarray(value).ravel()]
-        elif _batch_of_shape(cg, part):
-            target.append(None)
-        else:
+            continue
+        entry = _shape_entry(cg, part)
+        if entry is None:
             return None
-    return target
+        if entry.axis == 0 and _batch_first(cg, entry.tensor):
+            target.append(None)
+            continue
+        shape, flow = cg.shape(entry.tensor), cg.flows.get(entry.tensor.name)
+        size = shape[entry.axis] if shape is not None else None
+        if size is None and flow is not None and flow.axis == entry.axis:
+            size = flow.size
+        if size is None:
+            return None
+        computed[len(target)] = entry
+        target.append(int(size))
+    return target, computed
+
+
+def _follow_sizes(cg: ChannelGraph, node: gs.Node, computed: dict[int, _SizeOf],
+                  out: Flow) -> None:
+    """Check that the sizes a computed reshape target takes from other tensors stay right
+    after an edit: a size taken from a tensor's channel axis must be where the output's
+    channels are, and those channels are coupled to that tensor's; one that no edit changes
+    must not be there."""
+    for position, entry in computed.items():
+        flow = cg.flows.get(entry.tensor.name)
+        follows = flow is not None and flow.axis == entry.axis
+        if follows and position == out.axis:
+            cg.couple(out, flow, node)  # type: ignore[arg-type]
+        elif follows:
+            raise Unsupported(f"puts the channel count of tensor {entry.tensor.name!r} at "
+                              f"position {position} of its target shape")
+        elif position == out.axis:
+            raise Unsupported(f"takes the size of its channel axis from tensor "
+                              f"{entry.tensor.name!r} (axis {entry.axis}), which does not "
+                              f"change with the channels")
 
 
 def _target_dims(target: Sequence[int | None], src: Sequence[int | None]
@@ -682,20 +773,23 @@ def _target_dims(target: Sequence[int | None], src: Sequence[int | None]
 class Reshape(Handler):
     """Reshapes that keep channel positions meaningful: (N, C, ...) -> (N, C, ...) (trailing
     dims merged or split) and (N, C, H, W) -> (N, C*H*W) (channel-major flatten). The target
-    shape must be a constant, or computed as ``Concat(batch size, constants)`` (PyTorch's
-    legacy export of ``x.view(x.size(0), -1)``); a literal channel (or feature) count in it is
-    updated."""
+    shape must be a constant, or computed as ``Concat`` of constants, the batch size and sizes
+    of other tensors (PyTorch's legacy export of ``x.view(x.size(0), -1)``, or of an SE
+    block's ``view(b, c, 1, 1)`` with ``b, c = x.size()[:2]``); a literal channel (or feature)
+    count in it is updated, and a channel count taken from a tensor follows that tensor's
+    channels, which are coupled to the output's (:func:`_follow_sizes`)."""
 
     def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
               layer: LayerSlots | None) -> list[Flow | None]:
         flow = _only_first_input(node, ins)
-        target = _reshape_target(cg, node)
-        if target is None:
+        resolved = _reshape_target(cg, node)
+        if resolved is None:
             raise Unsupported("has a computed target shape")
+        target, computed = resolved
         src, dst = cg.shape(node.inputs[0]), cg.shape(node.outputs[0])
         if target[0] is None and src is not None:
-            computed = _target_dims(target, src)
-            dst = None if computed is None else tuple(computed)
+            dims = _target_dims(target, src)
+            dst = None if dims is None else tuple(dims)
             if dst is not None and (cg.shape(node.outputs[0]) is None
                                     or None in cg.shape(node.outputs[0])[1:]):  # type: ignore[index]
                 cg.shapes[node.outputs[0].name] = dst  # for the readers of the output
@@ -705,8 +799,8 @@ class Reshape(Handler):
                 and (target[0] in (None, 0, -1) or target[0] == src[0])):
             # channels last (NHWC, as tf2onnx writes Keras' Flatten): (N, H, W, C) -> (N, H*W*C),
             # features in (position, channel) order
-            return _same(flow.flattened_last(int(np.prod(src[1:-1]))),  # type: ignore[arg-type]
-                         len(node.outputs))
+            return self._out(cg, node, computed,
+                             flow.flattened_last(int(np.prod(src[1:-1]))))  # type: ignore[arg-type]
         if src is None or dst is None or flow.axis != 1 or len(dst) < 2:
             raise Unsupported("reshapes tensors of unknown or unsuitable shape")
         if src[0] != dst[0]:
@@ -716,16 +810,23 @@ class Reshape(Handler):
             if None in rest_src or None in rest_dst or \
                     int(np.prod(rest_src)) != int(np.prod(rest_dst)):  # type: ignore[arg-type]
                 raise Unsupported("reshapes the channel axis")
-            return _same(flow.moved(len(dst), 1), len(node.outputs))
+            return self._out(cg, node, computed, flow.moved(len(dst), 1))
         if len(dst) == 2 and None not in src[1:] and dst[1] == int(np.prod(src[1:])):  # type: ignore[arg-type]
-            return _same(flow.flattened(int(np.prod(src[2:]))), len(node.outputs))  # type: ignore[arg-type]
+            return self._out(cg, node, computed,
+                             flow.flattened(int(np.prod(src[2:]))))  # type: ignore[arg-type]
         raise Unsupported("reshapes the channel axis")
+
+    @staticmethod
+    def _out(cg: ChannelGraph, node: gs.Node, computed: dict[int, _SizeOf],
+             out: Flow) -> list[Flow | None]:
+        _follow_sizes(cg, node, computed, out)
+        return _same(out, len(node.outputs))
 
     def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
         change = outs[0]
         if change is None:
             return
-        if r.const(node.inputs[1]) is None:  # Concat(batch size, constants): edit the constant
+        if r.const(node.inputs[1]) is None:  # Concat(sizes, constants): edit the constants
             self._apply_computed(r, node, change)
             return
         target = r.require_const(node, 1, "target shape")
@@ -743,7 +844,8 @@ class Reshape(Handler):
     @staticmethod
     def _apply_computed(r: Rewriter, node: gs.Node, change: Change) -> None:
         concat = _producer(node.inputs[1])
-        assert concat is not None  # trace accepted only Concat(batch size, constants)
+        assert concat is not None  # trace accepted only Concat(sizes, constants); a size
+        # at position 1 is a channel count that follows its tensor by itself
         position = 0
         for i, part in enumerate(concat.inputs):
             value = r.const(part)
