@@ -121,7 +121,7 @@ def summary(model: Model | str | os.PathLike[str]) -> ModelSummary:
     rows: list[LayerSummary] = []
     layers = find_layers(proto)
     shapes = index.shapes
-    if any(None in (shapes.get(layer.output) or (None,))[2:] for layer in layers):
+    if any(layer.output not in shapes or None in shapes[layer.output][2:] for layer in layers):
         shapes = fill_unknown(proto, shapes)  # sizes inference could not tell
     for layer in layers:
         node = proto.graph.node[layer.node_index]

@@ -355,3 +355,9 @@ def test_tensors_whose_rank_inference_loses_get_their_shapes_from_one_run(tmp_pa
     filled = fill_unknown(model.proto, inferred)
     assert filled[gate] == (None, 6)
     assert filled[shape_of] == (4,)
+
+
+def test_summary_counts_the_macs_of_layers_after_a_lost_rank(tmp_path):
+    summary = onnxaom.summary(_export_se(tmp_path, 11, True))
+    assert summary.macs_complete
+    assert summary.layers[3].macs == 5 * 6 * 9 * 8 * 8  # conv2: K x C x 3 x 3 x H x W
