@@ -869,3 +869,34 @@ def test_a_size_that_is_not_the_batch_is_not_taken_for_it(variant):
     with pytest.raises(EditError, match="puts the channel count of tensor '(t|act)' at "
                                         "position 0 of its target shape"):
         remove_kernels(Model(proto), {"conv1": [1, 3]})
+
+
+def test_a_tf2onnx_flatten_with_a_dynamic_batch_is_editable():
+    """tf2onnx's Keras ``Flatten`` with a dynamic batch: ``Transpose`` to NHWC, then a
+    ``Reshape`` whose target is ``Cast(Concat(Slice(Cast(Gather(Shape(x), perm)), 0, 1),
+    [H*W*C]))``, the transposed shape's batch entry, in int32."""
+    def ints(name, values, dtype=np.int64):
+        return numpy_helper.from_array(np.array(values, dtype), name)
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(6 * 6 * 4, 3)).astype(np.float32), "wf"),
+             ints("perm", [0, 2, 3, 1]), ints("zero", [0]), ints("one", [1]),
+             ints("features", [6 * 6 * 4], np.int32)]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["act"], name="relu1"),
+             helper.make_node("Transpose", ["act"], ["nhwc"], perm=[0, 2, 3, 1]),
+             helper.make_node("Shape", ["act"], ["shape"]),
+             helper.make_node("Gather", ["shape", "perm"], ["nhwc_shape"], axis=0),
+             helper.make_node("Cast", ["nhwc_shape"], ["nhwc_shape32"], to=TensorProto.INT32),
+             helper.make_node("Slice", ["nhwc_shape32", "zero", "one", "zero"], ["batch"]),
+             helper.make_node("Concat", ["batch", "features"], ["target32"], axis=0),
+             helper.make_node("Cast", ["target32"], ["target"], to=TensorProto.INT64),
+             helper.make_node("Reshape", ["nhwc", "target"], ["flat"], name="flatten"),
+             helper.make_node("MatMul", ["flat", "wf"], ["y"], name="fc")]
+    proto = zoo.hand_built(nodes, inits, ["N", 3, 6, 6], ["N", 3], opset=13)
+    onnx.checker.check_model(proto, full_check=True)
+    edited = assert_removal_exact(proto, {"conv1": [0, 3]})
+    target = {t.name: numpy_helper.to_array(t) for t in edited.proto.graph.initializer}
+    assert target["features"].tolist() == [6 * 6 * 2]
+    assert_same_function(proto, apply(Model(proto), WidenLayer("conv1", add=2)).proto)

@@ -361,3 +361,36 @@ def test_summary_counts_the_macs_of_layers_after_a_lost_rank(tmp_path):
     summary = onnxaom.summary(_export_se(tmp_path, 11, True))
     assert summary.macs_complete
     assert summary.layers[3].macs == 5 * 6 * 9 * 8 * 8  # conv2: K x C x 3 x 3 x H x W
+
+
+class UpsampledSkip(torch.nn.Module):
+    """A decoder step as FPNs and U-Nets write it: ``F.interpolate(b, size=a.shape[-2:])``,
+    whose Resize sizes every exporter computes from ``Shape`` (the channel entry from the
+    resized tensor's own shape), then concatenated with the skip ``a``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.c3 = torch.nn.Conv2d(10, 5, 3, padding=1)
+        self.fc = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x))
+        b = torch.relu(self.c2(a))
+        up = torch.nn.functional.interpolate(b, size=a.shape[-2:], mode="nearest")
+        return self.fc(torch.relu(self.c3(torch.cat([a, up], 1))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_a_resize_to_sizes_computed_from_shapes_passes_channels(tmp_path, exporter):
+    path = tmp_path / "upsampled.onnx"
+    architectures.export_onnx(torch_zoo.reinit(UpsampledSkip(), 0).eval(), path,
+                              exporter=exporter, input_shape=(2, 3, 8, 8), opset=18)
+    model = onnxaom.load(path)
+    resize = next(n for n in model.proto.graph.node if n.op_type == "Resize")
+    assert resize.input[3] not in {t.name for t in model.proto.graph.initializer}
+    c1, c2 = (layer.name for layer in model.layers()[:2])
+    assert_removal_exact(model.proto, {c2: [0, 5]})
+    assert_removal_exact(model.proto, {c1: [1]})
+    assert_same_function(model.proto, apply(model, WidenLayer(c2, add=2)).proto)

@@ -456,9 +456,25 @@ class Resize(Handler):
         elif "scales" in node.attrs:
             if float(node.attrs["scales"][j]) != 1.0:
                 raise Unsupported("resizes the channel axis")
+        elif len(node.inputs) > 3 and node.inputs[3].name:
+            self._computed_sizes(cg, node, flow, axes)
         else:
-            raise Unsupported("has computed scales or sizes")
+            raise Unsupported("has computed scales")
         return _same(flow, len(node.outputs))
+
+    @staticmethod
+    def _computed_sizes(cg: ChannelGraph, node: gs.Node, flow: Flow, axes: list[int]) -> None:
+        """Sizes computed from shapes (``F.interpolate(x, size=y.shape[2:])``): the channel
+        entry must be a channel count that follows the resized channels by itself."""
+        entries = _shape_entries(cg, node.inputs[3])
+        if entries is None or len(entries) != len(axes):
+            raise Unsupported("has computed sizes")
+        entry = entries[axes.index(flow.axis)]
+        source = cg.flows.get(entry.tensor.name) if isinstance(entry, _SizeOf) else None
+        if source is None or source.axis != entry.axis:  # type: ignore[union-attr]
+            raise Unsupported("has computed sizes whose channel entry is not read from the "
+                              "channels of a tensor")
+        cg.couple(flow, source, node)
 
     def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
         change = ins[0]
@@ -587,87 +603,103 @@ def _positions_read(cg: ChannelGraph, tensor: gs.Tensor, flow: Flow) -> int | No
 
 @dataclass(frozen=True)
 class _SizeOf:
-    """A reshape target entry computed as ``tensor``'s size along ``axis``."""
+    """An entry of a computed shape: ``tensor``'s size along ``axis``."""
 
     tensor: gs.Tensor
     axis: int
 
 
-def _shape_entry(cg: ChannelGraph, tensor: gs.Tensor, depth: int = 4) -> _SizeOf | None:
-    """Which size ``tensor`` is, when it is one entry of a tensor's shape as a 1-D tensor of
-    one element: ``Unsqueeze(Gather(Shape(x), i))`` or ``Slice(Shape(x), i, i + 1)`` (the
-    legacy PyTorch export of ``x.size(i)``), ``Shape(x, start=i, end=i + 1)``, or one of those
-    behind ``Squeeze``/``Reshape``/``Cast`` (the dynamo exporter's ``Reshape(Squeeze(Shape(x,
-    0, 1)), [-1])`` when it does not optimise); ``None`` when it is computed otherwise."""
+_ENTRIES_DEPTH = 8  # ops between a computed shape and the Shape nodes it is made of
+
+
+def _shape_entries(cg: ChannelGraph, tensor: gs.Tensor, depth: int = _ENTRIES_DEPTH
+                   ) -> list[int | _SizeOf | None] | None:
+    """The entries of a 1-D (or scalar) integer ``tensor`` computed from shapes, as exporters
+    write reshape targets and resize sizes: constants, ``Shape(x[, start, end])``,
+    ``Gather``/``Slice`` of those along axis 0, ``Concat``, and ``Cast``, ``Identity``,
+    ``(Un)Squeeze`` and ``Reshape`` to one dimension around them (PyTorch's ``x.size(i)``,
+    tf2onnx's ``Slice(Cast(Gather(Shape(x), perm)))`` for a transposed shape). An entry computed
+    any other way is None; the whole is None when not even the number of entries is known."""
+    value = cg.const(tensor)
+    if value is not None:
+        return [int(v) for v in np.asarray(value).ravel()]
     node = _producer(tensor)
     if node is None or depth <= 0:
-        return None
-    if node.op in ("Squeeze", "Reshape", "Cast", "Identity") and node.inputs:
-        if node.op == "Reshape":
-            target = cg.const(node.inputs[1]) if len(node.inputs) > 1 else None
-            if target is None or [int(d) for d in np.ravel(target)] not in ([-1], [1]):
-                return None
-        return _shape_entry(cg, node.inputs[0], depth - 1)
+        return _unknown_entries(cg, tensor)
+    inner = node.inputs[0] if node.inputs else None
+    if node.op in ("Cast", "Identity", "Squeeze", "Unsqueeze", "Reshape") and inner is not None:
+        entries = _shape_entries(cg, inner, depth - 1)
+        if node.op in ("Squeeze", "Unsqueeze", "Reshape") and (entries is None or
+                                                              len(entries) != 1):
+            return _unknown_entries(cg, tensor)  # only a single entry keeps its meaning
+        return entries
     if node.op == "Shape":
-        end = node.attrs.get("end")
-        return _size_of(cg, node.inputs[0], int(node.attrs.get("start", 0)),
-                        None if end is None else int(end))
-    if node.op == "Unsqueeze":
-        gather = _producer(node.inputs[0])
-        if gather is None or gather.op != "Gather" or int(gather.attrs.get("axis", 0)) != 0:
-            return None
-        index = cg.const(gather.inputs[1])
-        if index is None or index.size != 1:
-            return None
-        return _size_of_shape(cg, gather.inputs[0], int(index.ravel()[0]))
-    if node.op == "Slice":
-        if "starts" in node.attrs:  # before opset 10: bounds are attributes
-            bounds = [node.attrs.get("starts"), node.attrs.get("ends")]
-        else:
-            bounds = [cg.const(node.inputs[i]) if len(node.inputs) > i else None for i in (1, 2)]
-        steps = cg.const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name \
-            else None
-        if any(b is None or np.size(b) != 1 for b in bounds) or \
-                (steps is not None and int(np.ravel(steps)[0]) != 1):
-            return None
-        first, stop = (int(np.ravel(b)[0]) for b in bounds)  # type: ignore[arg-type]
-        return _size_of_shape(cg, node.inputs[0], first) if 0 <= first == stop - 1 else None
-    return None
-
-
-def _size_of_shape(cg: ChannelGraph, shape: gs.Tensor, index: int) -> _SizeOf | None:
-    """Entry ``index`` of ``shape``, when ``shape`` is computed as ``Shape(x)`` (or ``Shape(x,
-    start=s)``, whose entry ``index`` is ``x``'s axis ``s + index``)."""
-    node = _producer(shape)
-    if node is None or node.op != "Shape" or node.attrs.get("end") is not None:
-        return None
-    first = _axis_of(cg, node.inputs[0], int(node.attrs.get("start", 0)))
-    if first is None:
-        return None
-    axis = _axis_of(cg, node.inputs[0], first + index if index >= 0 else index)
-    return None if axis is None else _SizeOf(node.inputs[0], axis)
-
-
-def _size_of(cg: ChannelGraph, x: gs.Tensor, start: int, end: int | None) -> _SizeOf | None:
-    """``Shape(x, start, end)`` as one size: when it spans one axis."""
-    first = _axis_of(cg, x, start)
-    shape = cg.shape(x)
-    if end is None:
-        end = len(shape) if shape is not None else None
-    elif end < 0:
-        end = end + len(shape) if shape is not None else None
-    return _SizeOf(x, first) if first is not None and end == first + 1 else None
-
-
-def _axis_of(cg: ChannelGraph, x: gs.Tensor, axis: int) -> int | None:
-    """``axis`` of ``x`` counted from 0; ``None`` when it is negative and ``x``'s rank is
-    unknown, or out of range."""
-    shape = cg.shape(x)
-    if axis < 0:
+        shape = cg.shape(inner)  # type: ignore[arg-type]
         if shape is None:
-            return None
-        axis += len(shape)
-    return axis if axis >= 0 and (shape is None or axis < len(shape)) else None
+            return _unknown_entries(cg, tensor)
+        rank = len(shape)
+        start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+        first, stop = (max(0, min(rank, v + rank if v < 0 else v))
+                       for v in (start, rank if end is None else int(end)))
+        return [_SizeOf(inner, a) for a in range(first, stop)]  # type: ignore[arg-type]
+    if node.op == "Concat" and int(node.attrs.get("axis", 0)) in (0, -1):
+        out: list[int | _SizeOf | None] = []
+        for part in node.inputs:
+            entries = _shape_entries(cg, part, depth - 1)
+            if entries is None:
+                return None
+            out += entries
+        return out
+    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0:
+        entries = _shape_entries(cg, inner, depth - 1)  # type: ignore[arg-type]
+        index = cg.const(node.inputs[1])
+        if entries is None or index is None:
+            return _unknown_entries(cg, tensor)
+        n = len(entries)
+        picks = [int(i) + n if int(i) < 0 else int(i) for i in np.ravel(index)]
+        return [entries[i] for i in picks] if all(0 <= i < n for i in picks) \
+            else _unknown_entries(cg, tensor)
+    if node.op == "Slice":
+        entries = _shape_entries(cg, inner, depth - 1)  # type: ignore[arg-type]
+        bounds = _slice_bounds(cg, node)
+        if entries is None or bounds is None:
+            return _unknown_entries(cg, tensor)
+        n = len(entries)
+        first, stop = (max(0, min(n, v + n if v < 0 else v)) for v in bounds)
+        return entries[first:stop]
+    return _unknown_entries(cg, tensor)
+
+
+def _slice_bounds(cg: ChannelGraph, node: gs.Node) -> tuple[int, int] | None:
+    """(start, end) of a Slice of a 1-D tensor along axis 0 with step 1; None otherwise."""
+    if "starts" in node.attrs:  # before opset 10: bounds are attributes
+        values = [node.attrs.get("starts"), node.attrs.get("ends"), node.attrs.get("axes"), None]
+    else:
+        values = [cg.const(node.inputs[i]) if len(node.inputs) > i and node.inputs[i].name
+                  else None for i in (1, 2, 3, 4)]
+    starts, ends, axes, steps = values
+    if starts is None or ends is None or np.size(starts) != 1 or np.size(ends) != 1:
+        return None
+    if axes is not None and [int(a) for a in np.ravel(axes)] not in ([0], [-1]):
+        return None
+    if steps is not None and [int(s) for s in np.ravel(steps)] != [1]:
+        return None
+    return int(np.ravel(starts)[0]), int(np.ravel(ends)[0])
+
+
+def _unknown_entries(cg: ChannelGraph, tensor: gs.Tensor) -> list[int | _SizeOf | None] | None:
+    shape = cg.shape(tensor)
+    if shape is None or len(shape) > 1 or (shape and shape[0] is None):
+        return None
+    return [None] * (int(shape[0]) if shape else 1)  # type: ignore[arg-type]
+
+
+def _shape_entry(cg: ChannelGraph, tensor: gs.Tensor) -> _SizeOf | None:
+    """The size ``tensor`` is, when it is a single entry of a tensor's shape
+    (:func:`_shape_entries`)."""
+    entries = _shape_entries(cg, tensor)
+    return entries[0] if entries is not None and len(entries) == 1 and \
+        isinstance(entries[0], _SizeOf) else None
 
 
 def _batch_of_shape(cg: ChannelGraph, tensor: gs.Tensor) -> bool:
@@ -697,27 +729,21 @@ def _producer(tensor: gs.Tensor | None) -> gs.Node | None:
 def _reshape_target(cg: ChannelGraph, node: gs.Node
                     ) -> tuple[list[int | None], dict[int, _SizeOf]] | None:
     """The target shape of a Reshape, ``None`` standing for the batch size where the target is
-    computed as ``Concat(...)`` of constants, the batch size and other sizes of tensors (the
-    legacy export of ``x.view(b, c, 1, 1)`` with ``b, c = x.size()[:2]``), with the sizes
-    computed from tensors other than the batch, by position; ``None`` (the whole) when it is
-    computed any other way or a size is not known."""
-    value = cg.const(node.inputs[1])
-    if value is not None:
-        return [int(v) for v in np.asarray(value).ravel()], {}
-    concat = _producer(node.inputs[1])
-    if concat is None or concat.op != "Concat" or _norm_axis(int(concat.attrs.get("axis", 0)),
-                                                              1) != 0:
+    computed (:func:`_shape_entries`: the legacy export of ``x.view(x.size(0), -1)`` or of
+    ``x.view(b, c, 1, 1)`` with ``b, c = x.size()[:2]``, tf2onnx's flatten), with the sizes
+    computed from tensors other than the batch, by position; ``None`` (the whole) when an
+    entry is computed any other way or a size is not known."""
+    entries = _shape_entries(cg, node.inputs[1])
+    if entries is None:
         return None
     target: list[int | None] = []
     computed: dict[int, _SizeOf] = {}
-    for part in concat.inputs:
-        value = cg.const(part)
-        if value is not None:
-            target += [int(v) for v in np.asarray(value).ravel()]
-            continue
-        entry = _shape_entry(cg, part)
+    for entry in entries:
         if entry is None:
             return None
+        if isinstance(entry, int):
+            target.append(entry)
+            continue
         if entry.axis == 0 and _batch_first(cg, entry.tensor):
             target.append(None)
             continue
@@ -843,23 +869,31 @@ class Reshape(Handler):
 
     @staticmethod
     def _apply_computed(r: Rewriter, node: gs.Node, change: Change) -> None:
+        """Update a literal channel count at position 1 of a computed target: in one of the
+        constants its ``Concat`` is made of (a size read from a tensor follows by itself)."""
         concat = _producer(node.inputs[1])
-        assert concat is not None  # trace accepted only Concat(sizes, constants); a size
-        # at position 1 is a channel count that follows its tensor by itself
+        while concat is not None and concat.op in ("Cast", "Identity"):
+            concat = _producer(concat.inputs[0])
+        entries = _shape_entries(r.cg, node.inputs[1])
+        assert entries is not None  # trace read every entry
+        if not isinstance(entries[1], int) or entries[1] in (-1, 0):
+            return
+        if entries[1] != change.old_size:
+            raise EditError(f"node {describe(node)}: its computed target shape does not "
+                            f"name the {change.old_size} channels at position 1")
         position = 0
-        for i, part in enumerate(concat.inputs):
+        for i, part in enumerate(concat.inputs if concat is not None and
+                                 concat.op == "Concat" else ()):
             value = r.const(part)
-            width = 1 if value is None else int(np.asarray(value).size)
+            width = len(_shape_entries(r.cg, part) or ())
             if value is not None and position <= 1 < position + width:
                 new = np.array(value, copy=True).ravel()
-                entry = int(new[1 - position])
-                if entry == change.old_size:
-                    new[1 - position] = change.size
-                    r.set_input(concat, i, new.reshape(np.asarray(value).shape))
-                elif entry not in (-1, 0):
-                    raise EditError(f"node {describe(node)}: its computed target shape does not "
-                                    f"name the {change.old_size} channels at position 1")
+                new[1 - position] = change.size
+                r.set_input(concat, i, new.reshape(np.asarray(value).shape))  # type: ignore[arg-type]
+                return
             position += width
+        raise EditError(f"node {describe(node)}: cannot update the channel count "
+                        f"{change.old_size} in its computed target shape")
 
 
 @register("Shape", "Size")
