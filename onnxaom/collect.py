@@ -281,7 +281,12 @@ class _Engine:
         if self.on_device:
             self._run_on_device(feeds, acc)
             return
-        results = self.session.run(None, feeds, self._run_options)
+        try:
+            results = self.session.run(None, feeds, self._run_options)
+        except Exception as exc:  # ORT raises its own exception types
+            if self._run_options is _QUIET_RUN:
+                raise  # a trial whose failure the caller handles
+            raise ModelError(self._failure(images, exc)) from exc
         n_layers = len(self.graph.outputs)
         self._check_nan(results[n_layers:], images, real)
         restore = self.blocked or (None,) * n_layers
@@ -298,6 +303,8 @@ class _Engine:
         )
         for layer, total in zip(self.layers, acc.counts, strict=True):
             values = results[layer.probe]
+            if values.shape[0] != images.shape[0]:
+                raise ModelError(_rows_message(layer, values.shape[0], images.shape[0]))
             if self.check_nan and np.isnan(values[labels >= 0]).any():  # not the padding
                 raise ModelError(_nan_message(layer))
             positive = values.reshape(values.shape[0], -1) > self.threshold
@@ -321,15 +328,36 @@ class _Engine:
         """Whether the probe of layer ``position`` really holds a NaN for a ``real`` row of
         ``images``: the batch is run again through a session with the probes as outputs (made
         once, on the CPU, only when the in-graph check has flagged a batch)."""
+        session, name = self._probe_session()
+        probe = self.layers[position].probe
+        (values,) = session.run([probe], {name: images})
+        return bool(np.isnan(values[real]).any())
+
+    def _probe_session(self) -> tuple[ort.InferenceSession, str]:
+        """A CPU session with the probes as outputs, and its input name (made once, when a
+        batch needs a second look)."""
         if self._confirm is None:
             graph = probe_graph(self._source, self.layers,
                                 dynamic_batch=self.fixed_batch is None)
             session = make_session(graph.model, ["CPUExecutionProvider"], threads=self._threads)
             self._confirm = (session, graph.input_name)
-        session, name = self._confirm
-        probe = self.layers[position].probe
-        (values,) = session.run([probe], {name: images})
-        return bool(np.isnan(values[real]).any())
+        return self._confirm
+
+    def _failure(self, images: np.ndarray, exc: Exception) -> str:
+        """Why the counting graph failed on ``images``: a layer whose probe does not have one
+        row per sample (a dense layer applied at every position), found by running the probes
+        alone; else ONNX Runtime's own first line."""
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        try:
+            session, name = self._probe_session()
+            values = session.run([layer.probe for layer in self.layers], {name: images})
+        except Exception as probe_exc:  # ORT raises its own exception types
+            first = (str(probe_exc).strip().splitlines() or [first])[0]
+            return f"ONNX Runtime could not run the model on this batch: {first}"
+        for layer, value in zip(self.layers, values, strict=True):
+            if np.shape(value)[0] != images.shape[0]:
+                return _rows_message(layer, np.shape(value)[0], images.shape[0])
+        return f"ONNX Runtime could not run the counting graph: {first}"
 
     # -- device-resident accumulation (CUDA) ------------------------------------------------
     def _run_on_device(self, feeds: dict[str, np.ndarray], acc: _Accumulator) -> None:
@@ -393,6 +421,12 @@ def _adder_graph() -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 7  # the IR of opset 13; newer onnx writes IR versions ORT may not read
     return model
+
+
+def _rows_message(layer: Layer, rows: int, batch: int) -> str:
+    return (f"layer {layer.name!r}: its probe tensor {layer.probe!r} has {rows} rows for a "
+            f"batch of {batch} samples, not one a sample (a dense layer applied at every "
+            f"position?); leave it out with layers=[...] (--layers on the command line)")
 
 
 def _nan_message(layer: Layer) -> str:

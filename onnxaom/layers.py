@@ -34,6 +34,7 @@ Probe points (``probe=``):
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -197,7 +198,10 @@ def _kernels(index: GraphIndex, node: onnx.NodeProto) -> int | None:
     if node.op_type == "Gemm":
         if weight is None or len(weight) != 2:
             return None
-        k = weight[0] if index.attribute(node, "transB", 0) else weight[1]
+        transposed = index.attribute(node, "transB", 0)
+        k, features = (weight[0], weight[1]) if transposed else (weight[1], weight[0])
+        if features is not None and not _rows_may_be_samples(index, node.input[0], features):
+            return None
         return None if k is None else int(k)
     if node.op_type == "MatMul":
         if index.constant_shape(node.input[1]) is None or weight is None or len(weight) != 2:
@@ -205,8 +209,45 @@ def _kernels(index: GraphIndex, node: onnx.NodeProto) -> int | None:
         rank = _rank(index, node.input[0])
         if rank != 2:
             return None  # batched matmuls (attention, per-token Linear) are not neuron layers
+        if weight[0] is not None and not _rows_may_be_samples(index, node.input[0], weight[0]):
+            return None
         return None if weight[1] is None else int(weight[1])
     return None
+
+
+def _rows_may_be_samples(index: GraphIndex, tensor: str, features: int) -> bool:
+    """False when the rows of the 2-D ``tensor`` are known not to be samples: it is a
+    reshape of a tensor whose per-sample size is known and is not ``features`` (tf2onnx's
+    ``Reshape(x, (-1, C))`` for a Dense applied at every position of an (N, H, W, C) map). True
+    otherwise, also when it cannot be told (collect then checks the rows when it runs). Read
+    through element-wise ops and earlier dense layers, which keep the rows."""
+    for _ in range(64):
+        producer = index.producer.get(tensor)
+        if producer is None:
+            return True
+        node = index.graph.node[producer]
+        if node.op_type in ("Reshape", "Flatten"):
+            source = index.shapes.get(node.input[0])
+            if source is None or len(source) < 2 or None in source[1:]:
+                return True
+            axis = int(index.attribute(node, "axis", 1))  # type: ignore[call-overload]
+            axis = axis if node.op_type == "Flatten" else 1
+            axis = axis + len(source) if axis < 0 else axis
+            return axis == 1 and math.prod(int(d) for d in source[1:] if d is not None) == \
+                int(features)
+        weight = index.constant_shape(node.input[1]) if len(node.input) > 1 else None
+        if node.op_type in ("MatMul", "Gemm") and weight is not None and len(weight) == 2:
+            rows = weight[1] if node.op_type == "Gemm" and index.attribute(node, "transB", 0) \
+                else weight[0]
+            if rows is None:
+                return True
+            tensor, features = node.input[0], int(rows)  # a dense layer keeps the rows
+            continue
+        if node.op_type not in _RANK_KEEPING or not node.input:
+            return True
+        tensor = next((name for name in node.input
+                       if name and index.constant_shape(name) is None), node.input[0])
+    return True
 
 
 #: Ops whose output has their first input's rank.
@@ -217,7 +258,8 @@ _RANK_KEEPING = frozenset({"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", 
 
 def _rank(index: GraphIndex, tensor: str) -> int | None:
     """The rank of ``tensor``: inferred, or read from the op that makes it (Flatten, a Reshape
-    to a constant shape, Gemm; through element-wise ops); None when unknown."""
+    to a constant shape, Gemm; through element-wise ops and MatMul with a 2-D weight); None
+    when unknown."""
     for _ in range(64):
         shape = index.shapes.get(tensor)
         if shape is not None:
@@ -228,6 +270,10 @@ def _rank(index: GraphIndex, tensor: str) -> int | None:
         node = index.graph.node[producer]
         if node.op_type in ("Flatten", "Gemm"):
             return 2
+        if node.op_type == "MatMul" and len(node.input) > 1 and \
+                len(index.constant_shape(node.input[1]) or ()) == 2:
+            tensor = node.input[0]  # times a 2-D weight: the rank of the input
+            continue
         if node.op_type == "Reshape" and len(node.input) > 1:  # rank = the target's length
             target = index.constant_shape(node.input[1]) or index.shapes.get(node.input[1])
             return None if target is None or len(target) != 1 else target[0]

@@ -132,3 +132,71 @@ def test_clip_is_in_the_chain_only_with_a_lower_bound_at_most_zero(opset: int) -
     assert (relu6.probe, relu6.chain) == ("logits", ("Clip",))
     floor = _conv_then("Clip", opset, min=0.5, max=6.0).layer("conv")
     assert (floor.probe, floor.chain) == ("c", ())
+
+
+def _keras_dense_head(per_position: bool, target_known: bool, size: int | str = 6
+                      ) -> onnxaom.Model:
+    """conv1 -> ReLU -> Transpose to NHWC -> Reshape -> MatMul (dense1) -> Relu -> MatMul
+    (dense2), as tf2onnx writes Keras: ``per_position`` reshapes to (-1, C) (a Dense applied at
+    every position, rows N*H*W), else to (-1, H*W*C) (Flatten); ``target_known`` False computes
+    the target from Shape, so that shape inference before opset 13 data propagation loses
+    the rank after it. ``size``: the input's height and width (a name: dynamic)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    features = 4 if per_position else 6 * 6 * 4
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(features, 5)).astype(np.float32), "wd1"),
+             numpy_helper.from_array(rng.normal(size=(5, 3)).astype(np.float32), "wd2"),
+             numpy_helper.from_array(np.array([-1, features], np.int64), "target"),
+             numpy_helper.from_array(np.array([features], np.int64), "features"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "one")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["act"]),
+             helper.make_node("Transpose", ["act"], ["nhwc"], perm=[0, 2, 3, 1])]
+    if target_known:
+        nodes.append(helper.make_node("Reshape", ["nhwc", "target"], ["flat"]))
+    else:
+        nodes += [helper.make_node("Shape", ["nhwc"], ["shape"]),
+                  helper.make_node("Slice", ["shape", "zero", "one"], ["batch"]),
+                  helper.make_node("Concat", ["batch", "features"], ["computed"], axis=0),
+                  helper.make_node("Reshape", ["nhwc", "computed"], ["flat"])]
+    nodes += [helper.make_node("MatMul", ["flat", "wd1"], ["d1"], name="dense1"),
+              helper.make_node("Relu", ["d1"], ["r1"]),
+              helper.make_node("MatMul", ["r1", "wd2"], ["y"], name="dense2")]
+    rows = "M" if per_position else "N"
+    proto = zoo.hand_built(nodes, inits, ["N", 3, size, size], [rows, 3], opset=11)
+    return onnxaom.Model(proto)
+
+
+def test_a_dense_layer_applied_at_every_position_is_not_a_layer_of_neurons():
+    names = [layer.name for layer in _keras_dense_head(True, True).layers()]
+    assert names == ["conv1"]  # rows are N*H*W, not samples: dense1 and dense2 are left out
+    assert [layer.name for layer in _keras_dense_head(False, True).layers()] == \
+        ["conv1", "dense1", "dense2"]
+
+
+def test_a_dense_head_after_a_flatten_of_unknown_rank_is_found():
+    """At opset 11 a computed flatten target leaves the rank unknown to shape inference; the
+    second MatMul's input rank is read through the first."""
+    assert [layer.name for layer in _keras_dense_head(False, False).layers()] == \
+        ["conv1", "dense1", "dense2"]
+
+
+def test_collect_names_a_layer_whose_rows_are_not_samples():
+    """A per-position dense layer that discovery cannot rule out (the input's height and width
+    are dynamic) is named by collect, for either counting method."""
+    import numpy as np
+
+    model = _keras_dense_head(True, True, size="S")
+    names = [layer.name for layer in model.layers()]
+    assert names == ["conv1", "dense1", "dense2"]
+    x = np.random.default_rng(0).normal(size=(4, 3, 6, 6)).astype(np.float32)
+    for method in ("graph", "plain"):
+        for name in names[1:]:
+            with pytest.raises(ModelError, match=f"layer '{name}': its probe tensor .* has 144 "
+                                                 f"rows for a batch of 4 samples"):
+                onnxaom.collect(model, x, np.arange(4) % 2, layers=[name], method=method,
+                                progress=False)
