@@ -124,6 +124,12 @@ def layer_nodes(model: onnx.ModelProto) -> list[tuple[int, str, int]]:
     per_op: Counter[str] = Counter()
     used: set[str] = set()
     for i, node in enumerate(model.graph.node):
+        if node.domain in RUNTIME_DOMAINS and node.op_type in RUNTIME_LAYER_OPS:
+            raise ModelError(
+                f"node {node.name or node.output[0]!r} is ONNX Runtime's own {node.domain} "
+                f"{node.op_type}: the model was saved after ONNX Runtime's extended or full "
+                f"graph optimisations, whose fused layers onnxaom cannot read or edit; give "
+                f"it the model as exported (or as saved at ORT_ENABLE_BASIC)")
         kernels = _kernels(index, node)
         if kernels is None:
             continue
@@ -249,6 +255,13 @@ def _rows_may_be_samples(index: GraphIndex, tensor: str, features: int) -> bool:
                        if name and index.constant_shape(name) is None), node.input[0])
     return True
 
+
+#: Operator domains of ONNX Runtime's own ops (written by its offline graph optimisation).
+RUNTIME_DOMAINS = frozenset({"com.microsoft", "com.microsoft.nchwc"})
+#: Those of their ops that hold a layer (a conv or dense layer fused with what follows, or in
+#: ORT's blocked layout): a model with them would seem to lack those layers.
+RUNTIME_LAYER_OPS = frozenset({"Conv", "FusedConv", "NhwcConv", "NhwcFusedConv", "FusedGemm",
+                               "FusedMatMul", "QLinearConv", "ConvTransposeWithDynamicPads"})
 
 #: Ops whose output has their first input's rank.
 _RANK_KEEPING = frozenset({"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu",

@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from .errors import ProviderError
+from .errors import ModelError, ProviderError
 
 __all__ = ["PROVIDERS", "cuda_available", "make_session", "resolve_providers"]
 
@@ -92,6 +92,8 @@ def make_session(
     ``threads`` sets intra-op threads (None: ORT's default); ``optimization`` is one of
     "disable", "basic", "extended", "all" (ORT's graph optimisation levels).
     ``optimized_path``: where ORT writes the graph as it optimised it (ONNX, inline weights).
+    Raises :class:`~onnxaom.errors.ModelError` with ORT's reason when ORT cannot load the model
+    (two nodes with one name, an op it does not know).
     """
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -112,7 +114,8 @@ def make_session(
     except Exception as exc:  # ORT raises its own exception types
         supported = _max_ir_version(str(exc))
         if supported is None or model.ir_version <= supported:
-            raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"ONNX Runtime cannot load the model: {first}") from exc
     # A newer onnx wrote an IR version this onnxruntime does not read yet. The IR version only
     # gates file-format features (the opset says what the ops mean), so we run a copy that
     # declares the newest IR onnxruntime reads; the user's model is not changed.

@@ -701,3 +701,16 @@ def test_the_padding_of_a_fixed_batch_chunk_is_not_checked_for_nan() -> None:
     for method in ("graph", "plain"):
         with pytest.raises(ModelError, match="'conv1' produced NaN"):
             collect(onnxaom.Model(proto), x, y, method=method, progress=False, layers=["conv1"])
+
+
+def test_a_model_onnx_runtime_cannot_load_is_a_model_error() -> None:
+    """Two nodes with one name (some renaming tools write them): ONNX Runtime refuses the
+    model; collect says so in one line instead of ORT's traceback."""
+    proto = zoo.chain()
+    for node in proto.graph.node:
+        node.name = "same"
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, 8, 2)
+    with pytest.raises(ModelError, match=r"ONNX Runtime cannot load the model: .*two nodes "
+                                         r"with same node name \(same\)"):
+        collect(model, images, labels, progress=False)

@@ -200,3 +200,19 @@ def test_collect_names_a_layer_whose_rows_are_not_samples():
                                                  f"rows for a batch of 4 samples"):
                 onnxaom.collect(model, x, np.arange(4) % 2, layers=[name], method=method,
                                 progress=False)
+
+
+def test_a_model_with_onnx_runtimes_fused_layers_is_refused_by_name():
+    """ORT_ENABLE_EXTENDED writes Conv + Relu as com.microsoft FusedConv: such a model would
+    seem to have no layer there."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    node = helper.make_node("FusedConv", ["x", "w"], ["y"], name="conv_relu",
+                            domain="com.microsoft", activation="Relu")
+    proto = zoo.hand_built([node], [w], ["N", 3, 6, 6], ["N", 4, 4, 4])
+    proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    with pytest.raises(ModelError, match="node 'conv_relu' is ONNX Runtime's own com.microsoft "
+                                         "FusedConv: .* give it the model as exported"):
+        onnxaom.Model(proto).layers()
