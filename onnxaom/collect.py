@@ -117,12 +117,16 @@ class _Input:
     name: str
     dims: tuple[int | None, ...] | None  # None: the model declares no shape; anything goes
     dtype: np.dtype[Any]
+    channels_last: bool = False  # set once a batch had to be transposed to fit
 
     @property
     def fixed_batch(self) -> int | None:
         return self.dims[0] if self.dims else None
 
     def check(self, images: np.ndarray) -> np.ndarray:
+        """``images`` (N, C, H, W) as the model input takes them: its dtype, and channels
+        last (N, H, W, C) for a model whose input is (Keras models converted by tf2onnx keep
+        theirs): when the batch does not fit the input as it is but does once transposed."""
         if self.dims is None:
             return np.ascontiguousarray(images, dtype=self.dtype)
         if images.ndim != len(self.dims):
@@ -130,15 +134,31 @@ class _Input:
                 f"images have shape {images.shape} per batch but model input {self.name!r} "
                 f"expects rank {len(self.dims)} {self.expected()}"
             )
-        for axis, (got, want) in enumerate(zip(images.shape[1:], self.dims[1:], strict=True)):
-            if want is not None and got != want:
-                raise DataError(
-                    f"images have shape {images.shape} per batch but model input {self.name!r} "
-                    f"expects {self.expected()} (axis {axis + 1} differs); check the layout "
-                    f"(NCHW) and the image size (Preprocessing(resize=...), or --resize on "
-                    f"the command line)"
-                )
+        differs = self._first_difference(images.shape)
+        if differs is not None and images.ndim == 4 and \
+                self._first_difference(images.transpose(0, 2, 3, 1).shape) is None:
+            if not self.channels_last:
+                log.info("model input %r is channels last %s: feeding the images as "
+                         "(N, H, W, C)", self.name, self.expected())
+                self.channels_last = True
+            images = images.transpose(0, 2, 3, 1)
+        elif differs is not None:
+            raise DataError(
+                f"images have shape {images.shape} per batch but model input {self.name!r} "
+                f"expects {self.expected()} (axis {differs} differs); check the image size "
+                f"(Preprocessing(resize=...), or --resize on the command line) and channels "
+                f"(images are fed as (N, C, H, W), or as (N, H, W, C) to a channels-last input)"
+            )
         return np.ascontiguousarray(images, dtype=self.dtype)
+
+    def _first_difference(self, shape: tuple[int, ...]) -> int | None:
+        """The first axis after the batch where ``shape`` differs from the input's known
+        dims; None when it fits."""
+        assert self.dims is not None
+        for axis, (got, want) in enumerate(zip(shape[1:], self.dims[1:], strict=True)):
+            if want is not None and got != want:
+                return axis + 1
+        return None
 
     def expected(self) -> str:
         if self.dims is None:

@@ -492,7 +492,8 @@ def test_other_opsets(structure: str, opset: int) -> None:
 
 
 def test_channels_last_model_as_tf2onnx_writes_it() -> None:
-    """A Keras/tf2onnx-style model: NHWC input, Transpose to NCHW before the first Conv."""
+    """A Keras/tf2onnx-style model: NHWC input, Transpose to NCHW before the first Conv. It
+    takes (N, H, W, C) images, and (N, C, H, W) ones, transposed for it."""
     proto = zoo.chain()
     image = proto.graph.input[0]
     dims = image.type.tensor_type.shape.dim
@@ -511,8 +512,12 @@ def test_channels_last_model_as_tf2onnx_writes_it() -> None:
                         batch_size=4, progress=False)
     for name in reference.layer_names:
         np.testing.assert_array_equal(stats.counts[name], reference.counts[name])
-    with pytest.raises(DataError, match="expects"):
-        collect(model, images.transpose(0, 3, 1, 2), labels, progress=False)
+    # (N, C, H, W) batches, as every loader yields them, are transposed for this input
+    fed = collect(model, images.transpose(0, 3, 1, 2), labels, batch_size=4, progress=False)
+    for name in reference.layer_names:
+        np.testing.assert_array_equal(fed.counts[name], reference.counts[name])
+    with pytest.raises(DataError, match=r"expects \(N, \d+, \d+, \d+\) \(axis 1 differs\)"):
+        collect(model, images[:, 1:], labels, progress=False)
 
 
 def _batch_mixing_gate(fixed: int) -> onnx.ModelProto:
@@ -714,3 +719,4 @@ def test_a_model_onnx_runtime_cannot_load_is_a_model_error() -> None:
     with pytest.raises(ModelError, match=r"ONNX Runtime cannot load the model: .*two nodes "
                                          r"with same node name \(same\)"):
         collect(model, images, labels, progress=False)
+
