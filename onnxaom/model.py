@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import tempfile
 from collections.abc import Iterable
 from functools import cached_property
@@ -189,21 +190,29 @@ def save(
 ) -> Path:
     """Write ``proto`` to ``path`` atomically (temp file + rename); ``proto`` is not changed.
 
-    With ``external_data`` the weights go to ``<name>.data`` in the same folder. ``protect``:
-    files that must not be written, the model's nor its external data's (a source model's).
+    With ``external_data`` the weights go to ``<name>.data`` in the same folder, or, when that
+    file exists (the weights of a model being replaced), to a fresh ``<name>.<8 hex>.data``:
+    the model file is replaced last, and the weights files the replaced model read are removed
+    after it, so a crash at any point leaves the old pair or the new one, never a model beside
+    the other's weights. ``protect``: files that must not be written, the
+    model's nor its external data's (a source model's).
     """
     path = Path(path)
     data_path = path.with_name(path.name + ".data")
-    _refuse_protected(path, external_data,
-                      [protect] if isinstance(protect, Path) else list(protect or ()))
+    guarded = [protect] if isinstance(protect, Path) else list(protect or ())
+    _refuse_protected(path, external_data, guarded)
     if path.is_dir():
         raise OutputError(f"output {path} is a folder; give a file name such as "
                           f"{path / 'model.onnx'}")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ModelFileNotFoundError(f"output folder does not exist: {parent}")
+    stale = _weights_of(path) if path.is_file() else []
+    if external_data and data_path.exists():
+        data_path = path.with_name(f"{path.name}.{secrets.token_hex(4)}.data")
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
+    placed: Path | None = None
     try:
         with tempfile.TemporaryDirectory(dir=parent, prefix=".onnxaom-") as tmp:
             tmp_model = Path(tmp) / path.name
@@ -216,13 +225,53 @@ def save(
                         external_data_helper.set_external_data(tensor, data_path.name)
             onnx.save_model(copy, str(tmp_model))
             tmp_data = Path(tmp) / data_path.name
+            written = [tmp_model]
             if tmp_data.exists():
                 os.chmod(tmp_data, os.stat(tmp_model).st_mode & 0o777)  # as the model file
+                written.append(tmp_data)
+            for file in written:
+                _sync(file)
+            if tmp_data.exists():
                 os.replace(tmp_data, data_path)
+                placed = data_path
             os.replace(tmp_model, path)
+        _sync(parent, folder=True)
     except OSError as exc:  # a read-only folder, a full disk
+        if placed is not None and placed not in stale:  # weights no model file reads
+            placed.unlink(missing_ok=True)
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    for old in stale:  # the replaced model's weights, no longer read by anything
+        if old != data_path and not any(same_file(old, p) for p in guarded):
+            old.unlink(missing_ok=True)
     return path
+
+
+def _weights_of(path: Path) -> list[Path]:
+    """The external-data files in ``path``'s folder that the model file at ``path`` reads
+    (none when it cannot be parsed)."""
+    try:
+        old = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf raises DecodeError and friends: nothing to clean up
+        return []
+    names = {entry.value for tensor in external_data_helper._get_all_tensors(old)
+             for entry in tensor.external_data if entry.key == "location"}
+    return [path.with_name(name) for name in sorted(names)
+            if Path(name).name == name and path.with_name(name).is_file()]
+
+
+def _sync(path: Path, folder: bool = False) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to disk; where the system cannot, as
+    some file systems refuse it for folders, it is left to the system."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _refuse_protected(path: Path, external_data: bool, guarded: list[Path]) -> None:

@@ -112,3 +112,37 @@ def test_save_to_missing_folder(tmp_path: Path) -> None:
     model = onnxaom.Model(tiny_conv())
     with pytest.raises(ModelFileNotFoundError, match="does not exist"):
         model.save(tmp_path / "no" / "m.onnx")
+
+
+def test_replacing_a_model_with_external_data_never_pairs_it_with_other_weights(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saving over a model with external data writes the new weights under a fresh name, the
+    model file last, then removes the old weights; a crash before the model file is replaced
+    leaves the old pair as it was."""
+    import os
+
+    src = tmp_path / "m.onnx"
+    onnx.save_model(tiny_conv(big=True), src, save_as_external_data=True, location="m.onnx.data")
+    model = onnxaom.load(src)
+    x = np.random.default_rng(1).normal(size=(2, 64, 6, 6)).astype(np.float32)
+    out = tmp_path / "out.onnx"
+    model.save(out)
+    assert sorted(p.name for p in tmp_path.glob("out.onnx*")) == ["out.onnx", "out.onnx.data"]
+    model.save(out)  # over itself: the weights go to a fresh file, the old one is removed
+    files = sorted(p.name for p in tmp_path.glob("out.onnx*"))
+    assert len(files) == 2 and files[0] == "out.onnx" and files[1] != "out.onnx.data"
+    np.testing.assert_array_equal(run(onnxaom.load(out), x), run(model, x))
+
+    real_replace = os.replace
+
+    def crash_on_the_model(a, b):
+        if Path(b) == out:
+            raise OSError(28, "No space left on device")
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", crash_on_the_model)
+    with pytest.raises(onnxaom.OnnxaomError, match="cannot write"):
+        onnxaom.Model(model.proto, external_data=True).save(out)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(run(onnxaom.load(out), x), run(model, x))  # old pair intact
+    assert sorted(p.name for p in tmp_path.glob("out.onnx*")) == files  # nothing left over
