@@ -540,6 +540,11 @@ class Collector:
             if method == "plain":
                 log.info("model opset %d is older than in-graph counting needs (%d): counting "
                          "the probes in numpy (method='plain')", opset, GRAPH_MIN_OPSET)
+            elif other_types := _not_float32_probes(self.model.proto, self.layers):
+                method = "plain"
+                log.info("probes of other types than float32 (%s): counting them in numpy "
+                         "(method='plain'), where they keep the model's own rounding",
+                         ", ".join(other_types))
         self.num_classes, self.class_names = num_classes, class_names
         self.threshold, self.probe, self.method, self.threads = (
             float(threshold),
@@ -924,6 +929,14 @@ def _check_memory(layers: Sequence[Layer], classes: int) -> None:
         f"more than the {memory / 2**30:.1f} GiB of memory available: collect a few layers at "
         f"a time (layers=[...]; each layer's counts are independent of the others), read them "
         f"after pooling (probe='pool') or use fewer classes")
+
+
+def _not_float32_probes(model: onnx.ModelProto, layers: Sequence[Layer]) -> list[str]:
+    """The probes of ``layers`` whose element type is not float32 (inferred; float16 models):
+    ONNX Runtime's CPU provider computes those ops in float32 and drops the cast back before
+    an in-graph comparison, so the count would see values the model never rounded."""
+    index = GraphIndex(model)
+    return [layer.probe for layer in layers if index.elem_type(layer.probe) != TensorProto.FLOAT]
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

@@ -720,3 +720,19 @@ def test_a_model_onnx_runtime_cannot_load_is_a_model_error() -> None:
                                          r"with same node name \(same\)"):
         collect(model, images, labels, progress=False)
 
+
+
+def test_float16_probes_are_counted_as_the_model_rounds_them() -> None:
+    """ORT's CPU provider runs a float16 Conv in float32 and drops the cast back before an
+    in-graph comparison: an activation of 1e-8, 0 once rounded to float16, counted as positive.
+    ``method="auto"`` counts float16 probes in numpy, on the tensor the model computes."""
+    w = numpy_helper.from_array(np.full((2, 1, 1, 1), 1e-6, np.float16), "w")
+    nodes = [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16),
+             helper.make_node("Conv", ["x16", "w"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Cast", ["r"], ["y"], to=TensorProto.FLOAT)]
+    model = onnxaom.Model(zoo.hand_built(nodes, [w], ["N", 1, 2, 2], ["N", 2, 2, 2]))
+    images, labels = np.full((4, 1, 2, 2), 0.01, np.float32), np.array([0, 0, 1, 1])
+    stats = collect(model, images, labels, progress=False)
+    assert stats.metadata["method"] == "plain"
+    assert int(stats.counts["conv"].sum()) == 0
