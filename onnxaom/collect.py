@@ -78,8 +78,8 @@ def select_layers(model: Model, names: Sequence[str] | None, probe: str) -> list
     if names is None:
         if not any(layer.op == "Conv" for layer in layers):
             raise ModelError(
-                f"model {model.name!r} has no 2-D Conv layer to analyse; pass layers=[...] to "
-                f"analyse its fully-connected layers "
+                f"model {model.name!r} has no 2-D Conv layer to analyse; pass layers=[...] "
+                f"(--layers on the command line) to analyse its fully-connected layers "
                 f"({', '.join(x.name for x in layers) or 'none'})"
             )
         return layers

@@ -127,7 +127,7 @@ def summary(model: Model | str | os.PathLike[str]) -> ModelSummary:
         node = proto.graph.node[layer.node_index]
         params = sum(math.prod(d or 0 for d in shape) for shape in
                      (index.constant_shape(name) for name in node.input[1:] if name)
-                     if shape is not None)
+                     if shape is not None) + _bias_after(index, node, layer.kernels)
         weight = index.constant_shape(node.input[1]) or index.shapes.get(node.input[1])
         out_shape = shapes.get(layer.output)
         inputs, macs = _inputs_and_macs(index, node, weight, out_shape, layer.kernels)
@@ -155,6 +155,20 @@ def summary(model: Model | str | os.PathLike[str]) -> ModelSummary:
         file_size=file_size,
         external_size=external_size,
     )
+
+
+def _bias_after(index: GraphIndex, node: onnx.NodeProto, kernels: int) -> int:
+    """The bias of a MatMul layer, which exporters write as the ``Add`` of a constant of K
+    values right after it (tf2onnx's Dense, PyTorch's Linear on more than 2 dims): K, else 0."""
+    if node.op_type != "MatMul":
+        return 0
+    reader = index.single_consumer(node.output[0])
+    add = index.graph.node[reader] if reader is not None else None
+    if add is None or add.op_type != "Add" or len(add.input) != 2:
+        return 0
+    other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+    shape = index.constant_shape(other)
+    return kernels if shape is not None and math.prod(d or 0 for d in shape) == kernels else 0
 
 
 _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,

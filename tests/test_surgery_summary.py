@@ -88,3 +88,17 @@ def test_summary_counts_constant_nodes():
     floats = sum(int(onnx.numpy_helper.to_array(t).size) for t in proto.graph.initializer
                  if t.data_type == onnx.TensorProto.FLOAT)
     assert summary(Model(proto)).total_params == floats  # the int64 shape is not a parameter
+
+
+def test_a_matmul_layers_bias_is_the_add_after_it():
+    """tf2onnx writes a Keras Dense as MatMul + Add(bias): the bias counts with the layer."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(6, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(size=(3,)).astype(np.float32), "b")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="dense"),
+             helper.make_node("Add", ["m", "b"], ["y"])]
+    summary = onnxaom.summary(onnxaom.Model(zoo.hand_built(nodes, inits, ["N", 6], ["N", 3])))
+    assert summary.layers[0].params == 6 * 3 + 3 == summary.layer_params == summary.total_params
