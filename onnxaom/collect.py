@@ -545,6 +545,13 @@ class Collector:
                 log.info("probes of other types than float32 (%s): counting them in numpy "
                          "(method='plain'), where they keep the model's own rounding",
                          ", ".join(other_types))
+        elif method == "graph" and (other_types := _not_float32_probes(self.model.proto,
+                                                                       self.layers)):
+            warnings.warn(f"method='graph' on probes of other types than float32 "
+                          f"({', '.join(other_types[:3])}): ONNX Runtime's CPU provider "
+                          f"computes their ops in float32, so the in-graph count can count "
+                          f"values the model rounds to 0; method='plain' (or 'auto') counts "
+                          f"the model's own values", UserWarning, stacklevel=2)
         self.num_classes, self.class_names = num_classes, class_names
         self.threshold, self.probe, self.method, self.threads = (
             float(threshold),

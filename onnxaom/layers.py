@@ -269,33 +269,69 @@ _RANK_KEEPING = frozenset({"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", 
                            "Add", "Sub", "Mul", "Div", "BatchNormalization"})
 
 
-def _rank(index: GraphIndex, tensor: str) -> int | None:
-    """The rank of ``tensor``: inferred, or read from the op that makes it (Flatten, a Reshape
-    to a constant shape, Gemm; through element-wise ops and MatMul with a 2-D weight); None
-    when unknown."""
-    for _ in range(64):
-        shape = index.shapes.get(tensor)
-        if shape is not None:
-            return len(shape)
-        producer = index.producer.get(tensor)
-        if producer is None:
+def _rank(index: GraphIndex, tensor: str, depth: int = 256) -> int | None:
+    """The rank of ``tensor``: inferred, or read from the ops that make it, where shape
+    inference lost it (after a computed reshape at opsets without shape-value propagation):
+    Flatten and Gemm give 2, a Reshape its target's length, a Conv its weight's rank,
+    Reduce*/Squeeze/Unsqueeze their input's rank less or more their axes, MatMul with a 2-D
+    weight, element-wise ops, pools, norms, Resize, Pad and Transpose their input's; None when
+    unknown."""
+    shape = index.shapes.get(tensor)
+    if shape is not None:
+        return len(shape)
+    producer = index.producer.get(tensor)
+    if producer is None or depth <= 0:
+        return None
+    node = index.graph.node[producer]
+    op = node.op_type
+    if op in ("Flatten", "Gemm"):
+        return 2
+    second = node.input[1] if len(node.input) > 1 and node.input[1] else None
+    if op == "Reshape" and second is not None:  # rank = the target's length
+        target = index.constant_shape(second) or index.shapes.get(second)
+        return None if target is None or len(target) != 1 else target[0]
+    if op in ("Conv", "ConvTranspose") and second is not None:
+        weight = index.constant_shape(second) or index.shapes.get(second)
+        return None if weight is None else len(weight)
+    if op == "MatMul" and len(index.constant_shape(second or "") or ()) != 2:
+        return None
+    if not node.input or not node.input[0]:
+        return None
+    if op in _AXES_CHANGING:
+        below = _rank(index, node.input[0], depth - 1)
+        axes = index.attribute(node, "axes", None)
+        if axes is None and second is not None:
+            value = index.constant(second)
+            axes = None if value is None else [int(a) for a in np.ravel(value)]
+        if below is None:
             return None
-        node = index.graph.node[producer]
-        if node.op_type in ("Flatten", "Gemm"):
-            return 2
-        if node.op_type == "MatMul" and len(node.input) > 1 and \
-                len(index.constant_shape(node.input[1]) or ()) == 2:
-            tensor = node.input[0]  # times a 2-D weight: the rank of the input
-            continue
-        if node.op_type == "Reshape" and len(node.input) > 1:  # rank = the target's length
-            target = index.constant_shape(node.input[1]) or index.shapes.get(node.input[1])
-            return None if target is None or len(target) != 1 else target[0]
-        if node.op_type not in _RANK_KEEPING or not node.input:
-            return None
-        # follow the computed input (Add(bias, x) broadcasts x's rank, not the bias's)
-        tensor = next((name for name in node.input
-                       if name and index.constant_shape(name) is None), node.input[0])
-    return None
+        if op.startswith("Reduce"):
+            if int(index.attribute(node, "keepdims", 1)):  # type: ignore[call-overload]
+                return below
+            if axes is None:  # all axes, unless told to do nothing
+                return below if index.attribute(node, "noop_with_empty_axes", 0) else 0
+        if axes is None:
+            return None  # a Squeeze of every axis of size 1
+        return below + len(axes) if op == "Unsqueeze" else below - len(axes)  # type: ignore[arg-type]
+    if op not in _RANK_KEEPING and op not in _RANK_KEEPING_LAYOUT:
+        return None
+    # follow the computed input (Add(bias, x) broadcasts x's rank, not the bias's)
+    computed = next((name for name in node.input
+                     if name and index.constant_shape(name) is None), node.input[0])
+    return _rank(index, computed, depth - 1)
+
+
+#: Ops whose output has their input's rank though not its layout (for :func:`_rank` only).
+_RANK_KEEPING_LAYOUT = frozenset({
+    "MatMul", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+    "GlobalLpPool", "Resize", "Upsample", "Pad", "Transpose", "InstanceNormalization",
+    "LayerNormalization", "GroupNormalization", "LRN", "Softmax", "LogSoftmax", "HardSigmoid",
+    "Softplus", "Softsign", "Abs", "Neg", "Exp", "Log", "Sqrt", "Pow", "Max", "Min", "Sum",
+    "Mean", "Tile", "Expand", "DepthToSpace", "SpaceToDepth"})
+#: Ops that remove or add axes: the Reduce family (with ``keepdims=0``), Squeeze, Unsqueeze.
+_AXES_CHANGING = frozenset({
+    "Squeeze", "Unsqueeze", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd",
+    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"})
 
 
 def _is_per_channel_constant(index: GraphIndex, name: str, kernels: int, spatial: bool) -> bool:

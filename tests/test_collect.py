@@ -736,3 +736,6 @@ def test_float16_probes_are_counted_as_the_model_rounds_them() -> None:
     stats = collect(model, images, labels, progress=False)
     assert stats.metadata["method"] == "plain"
     assert int(stats.counts["conv"].sum()) == 0
+    with pytest.warns(UserWarning, match="method='graph' on probes of other types than "
+                                         "float32 \\(r\\)"):
+        collect(model, images, labels, method="graph", progress=False)

@@ -6,6 +6,7 @@ import pytest
 
 import onnxaom
 from onnxaom import ModelError
+from onnxaom.graph import GraphIndex
 
 from . import zoo
 
@@ -216,3 +217,44 @@ def test_a_model_with_onnx_runtimes_fused_layers_is_refused_by_name():
     with pytest.raises(ModelError, match="node 'conv_relu' is ONNX Runtime's own com.microsoft "
                                          "FusedConv: .* give it the model as exported"):
         onnxaom.Model(proto).layers()
+
+
+@pytest.mark.parametrize("head", ["gap_squeeze", "reduce_mean"])
+def test_a_dense_head_is_found_where_inference_lost_the_rank_further_up(head):
+    """A reshape to a computed target (opset 11: no shape-value propagation) loses every rank
+    after it; the dense head's input rank is read back through Conv -> GlobalAveragePool ->
+    Squeeze (Keras' GlobalAveragePooling2D), or through ReduceMean(keepdims=0) of a rank-3
+    reshape (GlobalAveragePooling1D)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(5, 4, 1, 1)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.normal(size=(5, 2)).astype(np.float32), "wd"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array([4], np.int64), "four"),
+             numpy_helper.from_array(np.array([-1], np.int64), "rest")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["a1"]),
+             helper.make_node("Shape", ["a1"], ["shape"]),
+             helper.make_node("Slice", ["shape", "zero", "one"], ["batch"])]
+    if head == "gap_squeeze":
+        nodes += [helper.make_node("Concat", ["batch", "four", "rest"], ["t"], axis=0),
+                  helper.make_node("Reshape", ["a1", "t"], ["r"]),
+                  helper.make_node("Unsqueeze", ["r"], ["r4"], axes=[3]),
+                  helper.make_node("Conv", ["r4", "w2"], ["c2"], name="conv2"),
+                  helper.make_node("Relu", ["c2"], ["a2"]),
+                  helper.make_node("GlobalAveragePool", ["a2"], ["g"]),
+                  helper.make_node("Squeeze", ["g"], ["f"], axes=[2, 3])]
+        inits[2] = numpy_helper.from_array(rng.normal(size=(5, 2)).astype(np.float32), "wd")
+    else:
+        nodes += [helper.make_node("Concat", ["batch", "rest", "four"], ["t"], axis=0),
+                  helper.make_node("Reshape", ["a1", "t"], ["r"]),
+                  helper.make_node("ReduceMean", ["r"], ["f"], axes=[1], keepdims=0)]
+        inits[2] = numpy_helper.from_array(rng.normal(size=(4, 2)).astype(np.float32), "wd")
+    nodes.append(helper.make_node("MatMul", ["f", "wd"], ["y"], name="dense"))
+    model = onnxaom.Model(zoo.hand_built(nodes, inits, ["N", 3, 6, 6], ["N", 2], opset=11))
+    assert "f" not in GraphIndex(model.proto).shapes  # inference lost it
+    assert [layer.name for layer in model.layers()][-1] == "dense"
