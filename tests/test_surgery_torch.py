@@ -285,11 +285,12 @@ class LinearSqueezeExcite(torch.nn.Module):
     """An SE block written with ``nn.Linear`` and views whose sizes come from ``x.size()``: the
     legacy exporter computes both reshape targets as ``Concat(Unsqueeze(Gather(Shape(x), 0)),
     Unsqueeze(Gather(Shape(x), 1)), ...)``. ``gate_width_from`` other than ``"x"`` takes the
-    gate's channel count from the image input instead (3 channels, as conv1 has)."""
+    gate's channel count from the image input instead (3 channels, as conv1 has); ``squeeze``
+    ``"view"`` squeezes with ``x.view(b, c, h * w).mean(2)``."""
 
-    def __init__(self, gate_width_from: str = "x") -> None:
+    def __init__(self, gate_width_from: str = "x", squeeze: str = "pool") -> None:
         super().__init__()
-        self.gate_width_from = gate_width_from
+        self.gate_width_from, self.squeeze = gate_width_from, squeeze
         self.conv1 = torch.nn.Conv2d(3, 3 if gate_width_from != "x" else 6, 3, padding=1)
         width = self.conv1.out_channels
         self.fc1 = torch.nn.Linear(width, 2)
@@ -299,8 +300,11 @@ class LinearSqueezeExcite(torch.nn.Module):
 
     def forward(self, image):
         x = torch.relu(self.conv1(image))
-        b, c, _, _ = x.size()
-        y = torch.nn.functional.adaptive_avg_pool2d(x, 1).view(b, c)
+        b, c, h, w = x.size()
+        if self.squeeze == "view":  # the target's h * w is a product of sizes
+            y = x.view(b, c, h * w).mean(2)
+        else:
+            y = torch.nn.functional.adaptive_avg_pool2d(x, 1).view(b, c)
         gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(y))))
         width = c if self.gate_width_from == "x" else image.size(1)
         x = x * gate.view(b, width, 1, 1)
@@ -308,10 +312,10 @@ class LinearSqueezeExcite(torch.nn.Module):
         return self.fc(x.view(x.size(0), -1))
 
 
-def _export_se(tmp_path: Path, opset: int, dynamic: bool, gate_width_from: str = "x"
-               ) -> onnxaom.Model:
-    module = torch_zoo.reinit(LinearSqueezeExcite(gate_width_from), 0).eval()
-    path = tmp_path / f"se-{opset}-{dynamic}.onnx"
+def _export_se(tmp_path: Path, opset: int, dynamic: bool, gate_width_from: str = "x",
+               squeeze: str = "pool") -> onnxaom.Model:
+    module = torch_zoo.reinit(LinearSqueezeExcite(gate_width_from, squeeze), 0).eval()
+    path = tmp_path / f"se-{opset}-{dynamic}-{squeeze}.onnx"
     torch.onnx.export(module, torch.zeros(2, 3, 8, 8), str(path), dynamo=False,
                       opset_version=opset, input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}} if dynamic else None)
@@ -320,8 +324,10 @@ def _export_se(tmp_path: Path, opset: int, dynamic: bool, gate_width_from: str =
 
 @pytest.mark.parametrize("opset", [11, 13, 17])
 @pytest.mark.parametrize("dynamic", [True, False])
-def test_an_se_block_viewed_with_sizes_of_its_input_is_editable(tmp_path, opset, dynamic):
-    model = _export_se(tmp_path, opset, dynamic)
+@pytest.mark.parametrize("squeeze", ["pool", "view"])
+def test_an_se_block_viewed_with_sizes_of_its_input_is_editable(tmp_path, opset, dynamic,
+                                                                squeeze):
+    model = _export_se(tmp_path, opset, dynamic, squeeze=squeeze)
     if dynamic:
         assert any(n.op_type == "Gather" for n in model.proto.graph.node)
     conv1, fc1, fc2 = (layer.name for layer in model.layers()[:3])

@@ -616,7 +616,8 @@ def _shape_entries(cg: ChannelGraph, tensor: gs.Tensor, depth: int = _ENTRIES_DE
                    ) -> list[int | _SizeOf | None] | None:
     """The entries of a 1-D (or scalar) integer ``tensor`` computed from shapes, as exporters
     write reshape targets and resize sizes: constants, ``Shape(x[, start, end])``,
-    ``Gather``/``Slice`` of those along axis 0, ``Concat``, and ``Cast``, ``Identity``,
+    ``Gather``/``Slice`` of those along axis 0, ``Concat``, products of sizes no edit changes
+    (``x.size(2) * x.size(3)``, as a constant), and ``Cast``, ``Identity``,
     ``(Un)Squeeze`` and ``Reshape`` to one dimension around them (PyTorch's ``x.size(i)``,
     tf2onnx's ``Slice(Cast(Gather(Shape(x), perm)))`` for a transposed shape). An entry computed
     any other way is None; the whole is None when not even the number of entries is known."""
@@ -659,6 +660,14 @@ def _shape_entries(cg: ChannelGraph, tensor: gs.Tensor, depth: int = _ENTRIES_DE
         picks = [int(i) + n if int(i) < 0 else int(i) for i in np.ravel(index)]
         return [entries[i] for i in picks] if all(0 <= i < n for i in picks) \
             else _unknown_entries(cg, tensor)
+    if node.op == "Mul" and len(node.inputs) == 2:  # x.size(2) * x.size(3)
+        factors = [_shape_entries(cg, t, depth - 1) for t in node.inputs]
+        sizes = [_fixed_size(cg, f[0]) if f is not None and len(f) == 1 else None
+                 for f in factors]
+        left, right = sizes
+        if left is not None and right is not None:
+            return [left * right]
+        return _unknown_entries(cg, tensor)
     if node.op == "Slice":
         entries = _shape_entries(cg, inner, depth - 1)  # type: ignore[arg-type]
         bounds = _slice_bounds(cg, node)
@@ -668,6 +677,19 @@ def _shape_entries(cg: ChannelGraph, tensor: gs.Tensor, depth: int = _ENTRIES_DE
         first, stop = (max(0, min(n, v + n if v < 0 else v)) for v in bounds)
         return entries[first:stop]
     return _unknown_entries(cg, tensor)
+
+
+def _fixed_size(cg: ChannelGraph, entry: int | _SizeOf | None) -> int | None:
+    """``entry`` as a number no edit changes: a constant, or a tensor's known size along an
+    axis that does not carry layer channels (not the batch, whose size is not known)."""
+    if entry is None or isinstance(entry, int):
+        return entry
+    flow = cg.flows.get(entry.tensor.name)
+    shape = cg.shape(entry.tensor)
+    if (flow is not None and flow.axis == entry.axis) or shape is None:
+        return None
+    size = shape[entry.axis]
+    return None if size is None else int(size)
 
 
 def _slice_bounds(cg: ChannelGraph, node: gs.Node) -> tuple[int, int] | None:
