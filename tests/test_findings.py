@@ -486,3 +486,23 @@ def test_layer_findings_round_trip_through_json(aom: np.ndarray) -> None:
     )
     text = json.dumps(found.to_dict(), allow_nan=False)
     assert LayerFindings.from_dict(json.loads(text)) == found
+
+
+def test_large_layers_keep_the_clusterings_own_leaf_order(monkeypatch) -> None:
+    """Above OPTIMAL_ORDER_MAX_KERNELS the order is the linkage's leaf order (optimal ordering
+    costs about the cube of the kernel count): still a deterministic permutation, with the
+    same clusters and redundant groups."""
+    import onnxaom.findings as findings_module
+
+    rng = np.random.default_rng(0)
+    aom = rng.random((12, 3, 2, 2))
+    aom[5] = aom[2]  # one redundant pair
+    small = analyze_layer("fc", aom, class_names=NAMES3)
+    monkeypatch.setattr(findings_module, "OPTIMAL_ORDER_MAX_KERNELS", 4)
+    large = analyze_layer("fc", aom, class_names=NAMES3)
+    assert sorted(large.kernel_order) == list(range(12))
+    assert list(large.kernel_order) == list(analyze_layer("fc", aom, class_names=NAMES3)
+                                            .kernel_order)
+    assert sorted(g.members for g in large.redundant_groups) == \
+        sorted(g.members for g in small.redundant_groups)
+    assert any(set(g.members) >= {2, 5} for g in large.redundant_groups)
