@@ -543,7 +543,7 @@ def propose(
             layer_props, coupled = _reconcile_coupled(cg, layer_props, targets, notes)
         layer_props = _balance_groups(model, layer_props, notes, coupled)
         if cg is not None:
-            notes.extend(_also_changed(cg, layer_props))
+            notes.extend(_surgery_notes(cg, layer_props))
     return Proposal(tuple(layer_props), strategy, stats_digest(stats),
                     stats.metadata.get("model_digest"), tuple(notes))
 
@@ -649,9 +649,14 @@ def _reconcile_coupled(cg: ChannelGraph, props: list[LayerProposal],
     return [out[p.layer] for p in props], aligned_groups
 
 
-def _also_changed(cg: ChannelGraph, props: Sequence[LayerProposal]) -> list[str]:
-    """A note naming the layers outside the proposal that its edits change too (coupled by a
-    residual merge or tied by a depthwise conv), with how many kernels they lose."""
+def _surgery_notes(cg: ChannelGraph, props: Sequence[LayerProposal]) -> list[str]:
+    """Notes on what the surgery makes of the proposal's removals, found by running them on
+    the proposal's own traced copy of the graph (``cg`` is not used after this): the layers
+    outside the proposal that they change too (coupled by a residual merge or tied by a
+    depthwise conv), with how many kernels they lose, and, when the surgery would refuse
+    them (a channel shuffle, a batch norm after the probe that shifts a removed channel),
+    why."""
+    from .surgery.channels import Rewriter, rewrite
     from .surgery.remove import plan
 
     edits = [RemoveKernels(p.layer, p.removed) for p in props if p.removed]
@@ -660,13 +665,17 @@ def _also_changed(cg: ChannelGraph, props: Sequence[LayerProposal]) -> list[str]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            _, removal = plan(cg, edits)
-    except OnnxaomError:  # the surgery will say why when the edits are applied
-        return []
-    others = [f"{name} (loses {len(removal.removed[name])})" for name in removal.coupled]
-    if not others:
-        return []
-    return [f"these edits also change layers coupled to the proposed ones: {', '.join(others)}"]
+            remove_plan, removal = plan(cg, edits)
+        notes = []
+        others = [f"{name} (loses {len(removal.removed[name])})" for name in removal.coupled]
+        if others:
+            notes.append(f"these edits also change layers coupled to the proposed ones: "
+                         f"{', '.join(others)}")
+        rewrite(cg, Rewriter(cg, remove_plan, init="zeros", rng=np.random.default_rng(0)),
+                check_zero=True)
+    except OnnxaomError as exc:
+        return [f"the surgery refuses these edits: {exc}"]
+    return notes
 
 
 #: Element-wise merges: a layer's channels pass through them from any input (a residual Add).

@@ -394,3 +394,21 @@ def test_a_proposal_names_the_coupled_layers_its_edits_also_change():
                             np.arange(60) % 3, progress=False)
     proposal = propose(stats, keep={"conv1": 3}, model=model, strategy="selectivity")
     assert any("also change" in note and "conv3 (loses 3)" in note for note in proposal.notes)
+
+
+def test_a_proposal_the_surgery_would_refuse_says_why():
+    """conv1 -> ReLU -> pool -> BN (after the probe, shifting zeros) -> conv2, as DenseNet's
+    BN-ReLU-Conv after a concat: removing conv1's kernels is refused by the surgery, and the
+    proposal, dry-run on its traced graph, says so; conv2's proposal has no such note."""
+    from .test_surgery import post_probe_bn
+
+    proto = post_probe_bn(shift=True)
+    model = onnxaom.Model(proto)
+    stats = onnxaom.collect(model, zoo.random_input(proto, batch=60, seed=4),
+                            np.arange(60) % 3, progress=False)
+    refused = propose(stats, keep={"conv1": 2}, model=model)
+    assert any(n.startswith("the surgery refuses these edits: ") and "'bn'" in n
+               for n in refused.notes)
+    fine = propose(stats, keep={"conv2": 3}, model=model)
+    assert not any("refuses" in n for n in fine.notes)
+    onnxaom.apply(model, list(fine.edits))
