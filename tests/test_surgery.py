@@ -116,12 +116,14 @@ class _Net:
                                            **attrs))
         return f"{name}_out"
 
-    def conv(self, name: str, x: str, c_in: int, c_out: int, k: int = 3, group: int = 1) -> str:
+    def conv(self, name: str, x: str, c_in: int, c_out: int, k: int = 3, group: int = 1,
+             pads: int | None = None) -> str:
         w = self.rng.normal(0, (c_in // group * k * k) ** -0.5, (c_out, c_in // group, k, k))
         b = self.rng.uniform(-0.1, 0.1, c_out)
         return self.op("Conv", name, [x, self.const(f"{name}.weight", w.astype(np.float32)),
                                       self.const(f"{name}.bias", b.astype(np.float32))],
-                       kernel_shape=[k, k], pads=[k // 2] * 4, group=group)
+                       kernel_shape=[k, k], pads=[k // 2 if pads is None else pads] * 4,
+                       group=group)
 
     def gemm(self, name: str, x: str, n_in: int, n_out: int) -> str:
         w = self.rng.normal(0, n_in ** -0.5, (n_out, n_in)).astype(np.float32)

@@ -400,3 +400,77 @@ def test_a_resize_to_sizes_computed_from_shapes_passes_channels(tmp_path, export
     assert_removal_exact(model.proto, {c2: [0, 5]})
     assert_removal_exact(model.proto, {c1: [1]})
     assert_same_function(model.proto, apply(model, WidenLayer(c2, add=2)).proto)
+
+
+class _DenseLayer(torch.nn.Module):
+    """norm1 -> relu -> conv1 (1x1, no bias) -> norm2 -> relu -> conv2 (3x3): ``grow``
+    channels, concatenated to the input."""
+
+    def __init__(self, width: int, grow: int = 4) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = torch.nn.BatchNorm2d(width), torch.nn.Conv2d(width, 8, 1,
+                                                                              bias=False)
+        self.norm2 = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, grow, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.norm2(self.conv1(torch.relu(self.norm1(x))))))
+        return torch.cat([x, y], 1)
+
+
+class TinyDenseNet(torch.nn.Module):
+    """DenseNet's structure at toy size: conv0 -> norm0 -> relu0, two dense layers, a
+    transition (norm -> relu -> 1x1 conv -> avg pool), and norm5 -> relu -> global pool ->
+    Linear. A removed channel reaches the BN-ReLU of every later layer, which turns it into a
+    constant: the 1x1 convs and the Linear take it into their biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = torch.nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.norm0 = torch.nn.BatchNorm2d(6)
+        self.layer1, self.layer2 = _DenseLayer(6), _DenseLayer(10)
+        self.norm_t = torch.nn.BatchNorm2d(14)
+        self.conv_t = torch.nn.Conv2d(14, 5, 1, bias=False)
+        self.norm5, self.fc = torch.nn.BatchNorm2d(5), torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(torch.relu(self.norm0(self.conv0(x)))))
+        x = torch.nn.functional.avg_pool2d(self.conv_t(torch.relu(self.norm_t(x))), 2)
+        x = torch.relu(self.norm5(x))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_densenet_layers_whose_removed_channels_a_later_batch_norm_shifts_are_editable(
+        tmp_path, exporter):
+    path = tmp_path / "dense.onnx"
+    architectures.export_onnx(torch_zoo.reinit(TinyDenseNet(), 0).eval(), path,
+                              exporter=exporter, input_shape=(2, 3, 8, 8), opset=18)
+    model = onnxaom.load(path)
+    convs = [layer for layer in model.layers() if layer.op == "Conv"]
+    assert len(convs) == 6
+    for layer in convs:
+        edited = assert_removal_exact(model.proto, {layer.name: [0, layer.kernels - 1]})
+        assert onnxaom.summary(edited).total_params < onnxaom.summary(model).total_params
+
+
+def test_a_constant_channel_read_by_a_padded_conv_is_refused():
+    """conv1 -> ReLU -> pool -> BN (after the probe, shifts a removed channel to a constant)
+    -> conv2: without padding conv2 takes the constant into its bias; with padding the channel
+    is not constant at the borders, so the removal is refused."""
+    from .test_surgery import _Net
+
+    for pads, exact in ((0, True), (1, False)):
+        net = _Net()
+        x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
+        x = net.op("MaxPool", "pool", [x], kernel_shape=[2, 2], strides=[2, 2])
+        x = net.bn("bn", x, 4, shift=True)
+        x = net.op("Relu", "relu2", [net.conv("conv2", x, 4, 5, k=3, pads=pads)])
+        proto = net.head(x, 5)
+        if exact:
+            assert_removal_exact(proto, {"conv1": [1, 2]})
+        else:
+            with pytest.raises(onnxaom.EditError, match=r"'bn' \(BatchNormalization\) \(a batch "
+                                                        r"norm after the probe\) shifts .* "
+                                                        r"\(it pads its input"):
+                remove_kernels(onnxaom.Model(proto), {"conv1": [1]})

@@ -494,3 +494,22 @@ def test_an_se_block_with_linear_layers_and_computed_views_follows_the_surgery(t
         apply_edits(module, model, edit)  # checks the export against the surgery result
     edited = apply_edits(module, model, RemoveKernels(conv1, (1, 3))).module
     assert (edited.conv1.out_channels, edited.fc2.out_features) == (4, 4)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_densenet_removals_fold_the_same_constants_into_the_torch_biases(tmp_path, exporter):
+    """A removed channel that a later BN-ReLU turns into a constant: the surgery takes it into
+    the biases of the 1x1 convs and the Linear that read it, and the torch side adds the same
+    (made where a conv had no bias; divided by the scale of a batch norm the legacy export
+    folded into the conv)."""
+    from .test_surgery_torch import TinyDenseNet
+
+    module = torch_zoo.reinit(TinyDenseNet(), 0).eval()
+    path = tmp_path / "dense.onnx"
+    architectures.export_onnx(module, path, exporter=exporter, input_shape=(2, 3, 8, 8),
+                              opset=18)
+    model = onnxaom.load(path)
+    for layer in model.layers():
+        if layer.op == "Conv":
+            edit = apply_edits(module, model, RemoveKernels(layer.name, (0, 2)))
+            assert edit.difference is not None and edit.difference < ATOL

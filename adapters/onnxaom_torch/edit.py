@@ -48,6 +48,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -64,6 +65,7 @@ from onnxaom.surgery.channels import (
     Rewriter,
     WidenPlan,
     build,
+    rewrite,
 )
 from onnxaom.surgery.gsio import import_graph
 from onnxaom.surgery.ops import conv_weight
@@ -175,8 +177,10 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
         cg = build(import_graph(proto), proto)
         head = step[0]
         if isinstance(head, RemoveKernels):
-            plan, _ = removal_plan(cg, [e for e in step if isinstance(e, RemoveKernels)])
+            removals = [e for e in step if isinstance(e, RemoveKernels)]
+            plan, _ = removal_plan(cg, removals)
             rewriter = Rewriter(cg, plan, init="zeros", rng=np.random.default_rng(0))
+            rewriter.folds = _removal_folds(proto, removals)
             step_changed = _apply_plan(work, cg, rewriter, layers, nodes, run, touched)
         elif isinstance(head, WidenLayer):
             rewriter = _widen_rewriter(cg, head)
@@ -209,6 +213,18 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
 
 
 # ------------------------------------------------------------------------------- plans
+def _removal_folds(proto: onnx.ModelProto, removals: Sequence[RemoveKernels]
+                   ) -> dict[str, np.ndarray]:
+    """What the surgery adds to the biases of layers that read removed channels a batch norm
+    after the probe turned into constants (DenseNet's BN-ReLU-Conv after a concat): the
+    removal run on a traced copy of the graph, its folds kept."""
+    cg = build(import_graph(proto), proto)
+    plan, _ = removal_plan(cg, removals)
+    rewriter = Rewriter(cg, plan, init="zeros", rng=np.random.default_rng(0))
+    rewrite(cg, rewriter, check_zero=True)
+    return rewriter.folds
+
+
 def _widen_rewriter(cg: ChannelGraph, edit: WidenLayer) -> Rewriter:
     """The plan and random numbers of :func:`onnxaom.surgery.widen.widen_step`, drawn again
     from the same seed (the surgery has validated the edit already)."""
@@ -242,6 +258,10 @@ def _apply_plan(work: nn.Module, cg: ChannelGraph, r: Rewriter, layers: dict[str
             path = layers.get(name)
             if path is None:
                 raise EditError(f"no torch module is mapped to ONNX layer {name!r}")
+            fold = r.folds.get(rec.node.name or rec.node.outputs[0].name)
+            if fold is not None:
+                _add_to_bias(modules[path], _before_folded_norm(
+                    fold, rec.layer.layer.chain, [modules[f] for f in run.chain(path)]))
             _edit_layer(modules[path], path, r, in_change, out_change)
             touched.append(path)
             done.add(path)
@@ -291,6 +311,30 @@ def _set_param(module: nn.Module, name: str, values: np.ndarray) -> None:
         setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
     else:  # a buffer
         setattr(module, name, new)
+
+
+def _before_folded_norm(shift: np.ndarray, onnx_chain: Sequence[str],
+                        followers: Sequence[nn.Module]) -> np.ndarray:
+    """``shift``, added to an ONNX layer's outputs, in the units of the torch layer's own
+    outputs: where the export folded the batch norm that follows the torch layer into the conv
+    (its ONNX chain has none), divided by that norm's scale."""
+    first = followers[0] if followers else None
+    if not isinstance(first, nn.BatchNorm2d | nn.BatchNorm1d) or \
+            (onnx_chain and onnx_chain[0] == "BatchNormalization"):
+        return shift
+    scale = np.ones(len(shift)) if first.weight is None else _numpy(first.weight)
+    scale = scale / np.sqrt(_numpy(first.running_var).astype(np.float64) + first.eps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(scale != 0, shift / scale, 0.0)
+
+
+def _add_to_bias(module: nn.Module, shift: np.ndarray) -> None:
+    """``module.bias += shift`` (one value per output), a bias made where it has none."""
+    weight = module.weight
+    bias = module.bias if module.bias is not None else torch.zeros(
+        weight.shape[0], dtype=weight.dtype, device=weight.device)
+    module.bias = nn.Parameter(bias.detach() + torch.as_tensor(shift, dtype=weight.dtype,
+                                                                device=weight.device))
 
 
 def _edit_layer(module: nn.Module, path: str, r: Rewriter, in_change: Change | None,

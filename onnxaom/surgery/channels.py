@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Change",
     "ChannelGraph",
+    "Constant",
     "Flow",
     "LayerSlots",
     "NodeRecord",
@@ -597,6 +598,9 @@ class Rewriter:
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.noise = noise
         self.names = NameRegistry(cg.graph)
+        #: layer node name -> what a removal's constant channels add to each of its outputs
+        #: (its bias before its own channels change), for adapters that follow the surgery
+        self.folds: dict[str, np.ndarray] = {}
 
     def const(self, tensor: gs.Tensor) -> np.ndarray | None:
         return constant_value(tensor)
@@ -674,14 +678,16 @@ class Rewriter:
 def rewrite(cg: ChannelGraph, rewriter: Rewriter, check_zero: bool) -> int:
     """Apply ``rewriter.plan`` to every recorded node; returns how many nodes changed.
 
-    ``check_zero`` (removal): follows, after each layer's probe point, whether the removed
-    channels are still zero in the original model once zeroed at the probe (a Sigmoid, a batch
-    norm shift or an added constant make them non-zero; a Mul by a zeroed channel makes them
-    zero again). A layer that would read non-zero values from removed channels makes the edit
-    refuse: removing them there would not be the same as zeroing them.
+    ``check_zero`` (removal): follows, after each layer's probe point, what the removed
+    channels hold in the original model once zeroed at the probe: zero, a constant per channel
+    (a batch norm shift, a Sigmoid, an added constant; a Mul by a zeroed channel makes them
+    zero again), or something else. A layer that reads constants takes them into its bias
+    where that is exact (a conv without padding, a Gemm: DenseNet's BN-ReLU-Conv after a
+    concat); a layer that would read anything else makes the edit refuse: removing the
+    channels there would not be the same as zeroing them.
     """
     changed = 0
-    state: dict[str, str | None] = {}
+    state: dict[str, str | Constant | None] = {}
     for rec in cg.records:
         ins = [None if f is None else rewriter.plan.change(f) for f in rec.ins]
         outs = [None if f is None else rewriter.plan.change(f) for f in rec.outs]
@@ -698,25 +704,46 @@ def rewrite(cg: ChannelGraph, rewriter: Rewriter, check_zero: bool) -> int:
     return changed
 
 
+@dataclass(frozen=True)
+class Constant:
+    """Removed channels that are constant in the oracle (zeroed at the probe, then shifted by
+    a batch norm, a Sigmoid, an added constant...): ``values`` at the removed positions of the
+    tensor, in their order (float64, shape (n_removed,)); ``origin``: the node that made them
+    non-zero, as a message fragment."""
+
+    values: np.ndarray
+    origin: str
+
+
 def _follow_zeros(rewriter: Rewriter, rec: NodeRecord, ins: list[Change | None],
-                  state: dict[str, str | None]) -> None:
-    """Update ``state`` (tensor -> None if its removed channels are zero in the oracle, else
-    why not) for the outputs of ``rec``; raise where a layer reads non-zero removed channels."""
+                  state: dict[str, str | Constant | None]) -> None:
+    """Update ``state`` (tensor -> what its removed channels hold in the oracle: zero (None),
+    a :class:`Constant`, or why neither) for the outputs of ``rec``; a layer that reads
+    constant removed channels takes them into its bias where it can (a conv without padding,
+    a Gemm); raise where a layer reads anything else, or constants it cannot take."""
     post = {i: state.get(rec.node.inputs[i].name)
             for i, (f, c) in enumerate(zip(rec.ins, ins, strict=True))
             if f is not None and c is not None and not f.pre_probe and len(c.removed())}
-    out_state: str | None = None
+    out_state: str | Constant | None = None
     if rec.layer is not None:
-        bad = next((s for s in post.values() if s is not None), None)
-        if bad is not None:
-            raise EditError(
-                f"cannot remove these kernels exactly: {bad}, and layer {rec.layer.layer.name!r} "
-                f"reads those values; zeroing the channels at their probe point would not remove "
-                f"their contribution, so removing them would change the model's outputs. Remove "
-                f"other kernels, or fold that node into the layer before it"
-            )
+        for i, held in post.items():
+            if held is None:
+                continue
+            why = held if isinstance(held, str) else held.origin
+            cannot = None if isinstance(held, str) else \
+                rec.handler.fold_constant(rewriter, rec.node, ins[i], held.values)  # type: ignore[arg-type]
+            if isinstance(held, str) or cannot is not None:
+                extra = f" ({cannot})" if cannot else ""
+                raise EditError(
+                    f"cannot remove these kernels exactly: {why}, and layer "
+                    f"{rec.layer.layer.name!r} reads those values{extra}; zeroing the channels "
+                    f"at their probe point would not remove their contribution, so removing "
+                    f"them would change the model's outputs. Remove other kernels, or fold "
+                    f"that node into the layer before it")
     elif post:
         out_state = rec.handler.zero_state(rewriter, rec.node, ins, post)
     for tensor, flow in zip(rec.node.outputs, rec.outs, strict=True):
         if flow is not None:
             state[tensor.name] = out_state
+
+

@@ -9,10 +9,12 @@ Each :class:`Handler` answers three questions for the ops it is registered for:
 * ``apply``: given the :class:`~onnxaom.surgery.channels.Change` of each input and output,
   rewrite the node's constants and attributes (out-channel side for layers, in-channel side for
   consumers, per-channel parameters for everything in between);
-* ``zero_reason`` / ``zero_state``: for removal after a layer's probe point, whether the op
-  turns zeroed channels into something non-zero (a Sigmoid, a BN shift, an added constant);
-  if such values reach a layer, the surgery refuses, because removing the channels would not
-  equal zeroing them.
+* ``zero_reason`` / ``zero_state``: for removal after a layer's probe point, what the op
+  makes of zeroed channels: zero, a constant per channel (a Sigmoid, a BN shift, an added
+  constant; :class:`~onnxaom.surgery.channels.Constant`), or something else (why);
+* ``fold_constant``: for layers reading such constants, taking them into the bias (a conv
+  without padding, a Gemm); where a layer cannot, or reads anything else, the surgery refuses,
+  because removing the channels would not equal zeroing them.
 
 Supported: layers (Conv, including grouped and depthwise; Gemm; MatMul with a constant weight)
 on both sides; element-wise activations, Identity, Dropout, Cast, Clip, PRelu; BatchNormalization;
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -41,6 +44,7 @@ from ..errors import EditError
 from .channels import (
     Change,
     ChannelGraph,
+    Constant,
     Flow,
     LayerSlots,
     Rewriter,
@@ -55,6 +59,26 @@ __all__ = ["HANDLERS", "LAYER_HANDLERS", "Handler", "conv_weight", "handler_for"
 
 Flows = Sequence["Flow | None"]
 Changes = Sequence["Change | None"]
+State: TypeAlias = "str | Constant | None"
+
+
+def _held(states: dict[int, State], i: int, n: int) -> np.ndarray | str:
+    """The values input ``i``'s ``n`` removed positions hold (zeros where nothing is known to
+    be there), or the reason they hold no constant."""
+    held = states.get(i)
+    if isinstance(held, str):
+        return held
+    return np.zeros(n) if held is None else held.values
+
+
+def _origin(states: dict[int, State], node: gs.Node, reason: str) -> str:
+    """Where constant removed channels come from: an input's origin, else ``node``."""
+    held = next((s for s in states.values() if isinstance(s, Constant)), None)
+    return held.origin if held is not None else f"node {describe(node)} {reason}"
+
+
+def _constant_or_zero(values: np.ndarray, origin: str) -> State:
+    return None if not np.any(values) else Constant(np.asarray(values, np.float64), origin)
 
 
 class Handler:
@@ -73,15 +97,25 @@ class Handler:
         return None
 
     def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
-                   states: dict[int, str | None]) -> str | None:
-        """Whether the removed channels of the output are zero (None) or not (why), given the
-        same for each input carrying removed channels. Default: non-zero in, non-zero out;
-        otherwise :meth:`zero_reason`."""
-        bad = next((s for s in states.values() if s is not None), None)
+                   states: dict[int, State]) -> State:
+        """What the output's removed channels hold in the oracle: zero (None), a
+        :class:`~onnxaom.surgery.channels.Constant`, or why neither, given the same for each
+        input carrying removed channels. Default: anything but zero in gives the first
+        input's reason (a constant cannot go through this op), zero in gives
+        :meth:`zero_reason`."""
+        bad = next((s if isinstance(s, str) else s.origin
+                    for s in states.values() if s is not None), None)
         if bad is not None:
             return bad
         reason = self.zero_reason(r, node, ins)
         return None if reason is None else f"node {describe(node)} {reason}"
+
+    def fold_constant(self, r: Rewriter, node: gs.Node, change: Change,
+                      values: np.ndarray) -> str | None:
+        """For a layer: take the constant ``values`` that its input's removed positions hold
+        in the oracle into its bias, so that removing them is exact; None when done, else why
+        it cannot."""
+        return "it cannot take constant inputs into a bias"
 
 
 HANDLERS: dict[str, Handler] = {}
@@ -210,6 +244,51 @@ class Unary(Handler):
             return None if value == 0 else f"clips 0 to {value}"
         return "does not map 0 to 0"
 
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, State]) -> State:
+        """Constants go through the ops with a numpy form (:meth:`_numpy`)."""
+        held = _held(states, 0, len(ins[0].removed()) if ins[0] is not None else 0)
+        if isinstance(held, str):
+            return held
+        out = self._numpy(r, node, held)
+        if out is None:
+            return super().zero_state(r, node, ins, states)
+        return _constant_or_zero(out, _origin(states, node, self.zero_reason(r, node, ins)
+                                              or "maps zeroed channels to non-zero values"))
+
+    @staticmethod
+    def _numpy(r: Rewriter, node: gs.Node, x: np.ndarray) -> np.ndarray | None:
+        """The op on the values ``x`` (float64), or None for ops without a form here."""
+        op, attr = node.op, node.attrs.get
+        with np.errstate(all="ignore"):
+            if op in ("Identity", "Dropout"):
+                return x
+            if op == "Relu":
+                return np.maximum(x, 0.0)
+            if op == "LeakyRelu":
+                return np.where(x >= 0, x, float(attr("alpha", 0.01)) * x)
+            if op == "Elu":
+                return np.where(x > 0, x, float(attr("alpha", 1.0)) * np.expm1(x))
+            if op == "Sigmoid":
+                return 1.0 / (1.0 + np.exp(-x))
+            if op == "HardSigmoid":
+                return np.clip(float(attr("alpha", 0.2)) * x + float(attr("beta", 0.5)), 0, 1)
+            if op == "HardSwish":
+                return x * np.clip(x / 6.0 + 0.5, 0.0, 1.0)
+            if op in ("Tanh", "Abs", "Neg", "Exp"):
+                return {"Tanh": np.tanh, "Abs": np.abs, "Neg": np.negative,
+                        "Exp": np.exp}[op](x)
+            if op == "Softplus":
+                return np.logaddexp(0.0, x)
+            if op == "Clip":
+                bounds = [r.const(t) if t.name else None for t in node.inputs[1:3]]
+                low = attr("min", -np.inf) if not bounds or bounds[0] is None \
+                    else float(np.asarray(bounds[0]))
+                high = attr("max", np.inf) if len(bounds) < 2 or bounds[1] is None \
+                    else float(np.asarray(bounds[1]))
+                return np.clip(x, low, high)
+        return None
+
 
 @register("PRelu")
 class PRelu(Handler):
@@ -262,14 +341,29 @@ class BatchNorm(Handler):
         change = ins[0]
         if change is None:
             return None
-        gone = change.removed()
-        scale, bias, mean, var = (r.require_const(node, i, w)[gone].astype(np.float64)
-                                  for i, w, _ in self.PARAMS)
-        eps = float(node.attrs.get("epsilon", 1e-5))
-        shift = bias - mean * scale / np.sqrt(var + eps)
-        if np.any(shift != 0):
+        out = self._normalised(r, node, change, np.zeros(len(change.removed())))
+        if np.any(out != 0):
             return "(a batch norm after the probe) shifts zeroed channels to non-zero values"
         return None
+
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, State]) -> State:
+        change = ins[0]
+        assert change is not None  # states are given for inputs with removed channels
+        held = _held(states, 0, len(change.removed()))
+        if isinstance(held, str):
+            return held
+        reason = self.zero_reason(r, node, ins) or "shifts removed channels"
+        return _constant_or_zero(self._normalised(r, node, change, held),
+                                 _origin(states, node, reason))
+
+    def _normalised(self, r: Rewriter, node: gs.Node, change: Change,
+                    x: np.ndarray) -> np.ndarray:
+        """The norm's output at the removed channels for inputs constant at ``x``."""
+        scale, bias, mean, var = (r.require_const(node, i, w)[change.removed()]
+                                  .astype(np.float64) for i, w, _ in self.PARAMS)
+        eps = float(node.attrs.get("epsilon", 1e-5))
+        return scale * (x - mean) / np.sqrt(var + eps) + bias
 
 
 @register("InstanceNormalization")
@@ -286,6 +380,11 @@ class InstanceNorm(BatchNorm):
         if np.any(r.require_const(node, 2, "bias")[change.removed()] != 0):
             return "(an instance norm after the probe) shifts zeroed channels to its bias"
         return None
+
+    def _normalised(self, r: Rewriter, node: gs.Node, change: Change,
+                    x: np.ndarray) -> np.ndarray:
+        """A channel constant over its positions normalises to 0: the output is the bias."""
+        return r.require_const(node, 2, "bias")[change.removed()].astype(np.float64)
 
 
 BINARY_NEUTRAL = {"Add": 0.0, "Sub": 0.0, "Mul": 1.0, "Div": 1.0, "Pow": 1.0, "Max": 0.0,
@@ -349,33 +448,56 @@ class Elementwise(Handler):
                 r.set_input(node, i, r.per_channel(value, d, change, BINARY_NEUTRAL[node.op]))
 
     def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
-                   states: dict[int, str | None]) -> str | None:
+                   states: dict[int, State]) -> State:
         if node.op == "Mul" and any(s is None for s in states.values()):
             return None  # anything times a zero is zero
-        return super().zero_state(r, node, ins, states)
+        bad = next((s for s in states.values() if isinstance(s, str)), None)
+        if bad is not None:
+            return bad
+        result = self._at_removed(r, node, ins, states)
+        if isinstance(result, str):
+            held = next((s for s in states.values() if isinstance(s, Constant)), None)
+            return held.origin if held is not None else f"node {describe(node)} {result}"
+        return _constant_or_zero(result, _origin(states, node, _ADDED_AFTER_PROBE))
 
     def zero_reason(self, r: Rewriter, node: gs.Node, ins: Changes) -> str | None:
+        result = self._at_removed(r, node, ins, {})
+        if isinstance(result, str):
+            return result
+        return _ADDED_AFTER_PROBE if np.any(result) else None
+
+    def _at_removed(self, r: Rewriter, node: gs.Node, ins: Changes,
+                    states: dict[int, State]) -> np.ndarray | str:
+        """The output at the removed channels, one value each (float64, shape (n,)), with
+        traced inputs holding their states' values (zero by default) and constants their
+        values there; why not, where that is not one value a channel."""
         change = _first(ins)
         if change is None:
-            return None
+            return np.zeros(0)
         gone = change.removed()
+        n = len(gone)
         ref = next(r.cg.flows[t.name] for t, c in zip(node.inputs, ins, strict=True)
                    if c is not None)
         rank = _out_rank(r.cg, node, ref.rank)
+        constant_in = any(isinstance(held, Constant) for held in states.values())
         operands: list[np.ndarray] = []
-        for t in node.inputs:
+        for i, t in enumerate(node.inputs):
             if t.name in r.cg.flows:
-                operands.append(np.zeros(1))
+                held = states.get(i)
+                operands.append(held.values if isinstance(held, Constant) else np.zeros(1))
                 continue
             value = r.const(t)
             if value is None:
-                if node.op == "Mul":
+                if node.op == "Mul" and not constant_in:
                     operands.append(np.ones(1))
                     continue
                 return f"combines the zeroed channels with tensor {t.name!r}"
             d = _channel_dim(value.shape, ref, rank)
-            operands.append(np.take(value, gone, axis=d).astype(np.float64) if d is not None
-                            else np.asarray(value, dtype=np.float64))
+            if d is None:
+                operands.append(np.asarray(value, dtype=np.float64))
+                continue
+            picked = np.take(value, gone, axis=d).astype(np.float64)
+            operands.append(picked.reshape(-1) if picked.size == n else picked)
         with np.errstate(all="ignore"):
             if node.op in ("Sum", "Mean"):
                 result = np.zeros(1)
@@ -385,9 +507,48 @@ class Elementwise(Handler):
                     result = result / len(operands)
             else:
                 result = _NUMPY_OPS[node.op](operands[0], operands[1])
-        if np.any(np.asarray(result) != 0):
-            return "maps the zeroed channels to non-zero values (a constant added after the probe)"
+        result = np.asarray(result, dtype=np.float64)
+        if result.size == 1:
+            return np.full(n, float(result.ravel()[0]))
+        if result.shape == (n,):
+            return result
+        if np.any(result):
+            return "maps the zeroed channels to values that vary over positions"
+        return np.zeros(n)
+
+
+def _by_slot(r: Rewriter, node: gs.Node, ins: Changes, states: dict[int, State]) -> State:
+    """The state of an op that moves or copies positions but not values (Flatten, Reshape,
+    Transpose, (Un)Squeeze, Concat): each removed output position holds what the input
+    position carrying the same channel (slot) holds. Refused (the first origin) where one
+    channel holds different values at different input positions."""
+    bad = next((s for s in states.values() if isinstance(s, str)), None)
+    if bad is not None:
+        return bad
+    if not any(isinstance(s, Constant) for s in states.values()):
         return None
+    by_slot: dict[int, float] = {}
+    origin = _origin(states, node, "")
+    for i, (t, change) in enumerate(zip(node.inputs, ins, strict=True)):
+        if change is None or i not in states:
+            continue
+        held = _held(states, i, len(change.removed()))
+        slots = r.cg.flows[t.name].expanded()[change.removed()]
+        for slot, value in zip(slots.tolist(), np.asarray(held).tolist(), strict=True):
+            if by_slot.setdefault(slot, value) != value:
+                return origin
+    out_flow, out_change = r.cg.flows[node.outputs[0].name], r.plan.change(
+        r.cg.flows[node.outputs[0].name])
+    if out_change is None:
+        return origin
+    slots = out_flow.expanded()[out_change.removed()]
+    if any(slot not in by_slot for slot in slots.tolist()):
+        return origin
+    return _constant_or_zero(np.array([by_slot[slot] for slot in slots.tolist()]), origin)
+
+
+_ADDED_AFTER_PROBE = ("maps the zeroed channels to non-zero values (a constant added after "
+                      "the probe)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,6 +565,20 @@ class Pool(Handler):
             raise Unsupported("pools over the channel axis")
         _extra_outputs_unused(cg, node)
         return _same(flow, len(node.outputs))
+
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, State]) -> State:
+        """A channel constant over its positions pools to the same constant (max and average
+        pools; an average pool that counts its padding does not, at the borders)."""
+        held = states.get(0)
+        padded = any(int(p) for p in node.attrs.get("pads", [])) or \
+            node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+        keeps = node.op in ("MaxPool", "GlobalMaxPool", "GlobalAveragePool") or (
+            node.op == "AveragePool" and not (int(node.attrs.get("count_include_pad", 0))
+                                               and padded))
+        if isinstance(held, Constant) and keeps:
+            return held
+        return super().zero_state(r, node, ins, states)
 
 
 @register("Pad")
@@ -490,6 +665,10 @@ class Resize(Handler):
         new[axes.index(flow.axis)] = change.size
         r.set_input(node, 3, new)
 
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, State]) -> State:
+        return _by_slot(r, node, ins, states)
+
 
 @register("Slice")
 class Slice(Handler):
@@ -506,6 +685,10 @@ class Slice(Handler):
             raise Unsupported("slices the channel axis")
         return _same(flow, len(node.outputs))
 
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, State]) -> State:
+        return _by_slot(r, node, ins, states)
+
 
 @register("Split")
 class Split(Handler):
@@ -515,6 +698,10 @@ class Split(Handler):
         if _norm_axis(int(node.attrs.get("axis", 0)), flow.rank) == flow.axis:
             raise Unsupported("splits the channel axis")
         return [flow] * len(node.outputs)
+
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, State]) -> State:
+        return _by_slot(r, node, ins, states)
 
 
 # --------------------------------------------------------------------------------------------
@@ -549,6 +736,10 @@ class Concat(Handler):
             parts.append(Flow(rank, axis, (Segment(pinned),)))
         return _same(concat_flows(parts, rank, axis), len(node.outputs))
 
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, State]) -> State:
+        return _by_slot(r, node, ins, states)
+
 
 @register("Flatten")
 class Flatten(Handler):
@@ -575,6 +766,10 @@ class Flatten(Handler):
                          len(node.outputs))
         inner = int(np.prod([int(d) for d in shape[2:] if d is not None]))
         return _same(flow.flattened(inner), len(node.outputs))
+
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, State]) -> State:
+        return _by_slot(r, node, ins, states)
 
 
 def _positions_read(cg: ChannelGraph, tensor: gs.Tensor, flow: Flow) -> int | None:
@@ -917,6 +1112,10 @@ class Reshape(Handler):
         raise EditError(f"node {describe(node)}: cannot update the channel count "
                         f"{change.old_size} in its computed target shape")
 
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, State]) -> State:
+        return _by_slot(r, node, ins, states)
+
 
 @register("Shape", "Size")
 class ShapeOf(Handler):
@@ -984,6 +1183,10 @@ class Squeeze(Handler):
             raise Unsupported("squeezes the channel axis")
         return _same(_without_axes(flow, dropped), len(node.outputs))
 
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, State]) -> State:
+        return _by_slot(r, node, ins, states)
+
 
 @register("Unsqueeze")
 class Unsqueeze(Handler):
@@ -998,6 +1201,10 @@ class Unsqueeze(Handler):
         kept = [i for i in range(rank) if i not in inserted]
         return _same(flow.moved(rank, kept[flow.axis]), len(node.outputs))
 
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, State]) -> State:
+        return _by_slot(r, node, ins, states)
+
 
 @register("Transpose")
 class Transpose(Handler):
@@ -1006,6 +1213,10 @@ class Transpose(Handler):
         flow = _only_first_input(node, ins)
         perm = [int(p) for p in node.attrs.get("perm", list(range(flow.rank))[::-1])]
         return _same(flow.moved(flow.rank, perm.index(flow.axis)), len(node.outputs))
+
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, State]) -> State:
+        return _by_slot(r, node, ins, states)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1070,6 +1281,27 @@ class Conv(Handler):
         if out_change is not None and len(node.inputs) > 2 and node.inputs[2].name:
             bias = r.require_const(node, 2, "bias")
             r.set_input(node, 2, r.out_channels(bias, 0, out_change, fan_in=1, bias=True))
+
+    def fold_constant(self, r: Rewriter, node: gs.Node, change: Change,
+                      values: np.ndarray) -> str | None:
+        """Without padding every window sees a constant input channel whole: its weights'
+        sum times the constant joins the bias of the kernels of its group."""
+        pads = node.attrs.get("pads", [])
+        if any(int(p) for p in pads) or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET",
+                                                                                   "VALID"):
+            return "it pads its input, so a constant channel is not constant at the borders"
+        weight = r.require_const(node, 1, "weight").astype(np.float64)
+        group = int(node.attrs.get("group", 1))
+        per_group_in, per_group_out = weight.shape[1], weight.shape[0] // group
+        sums = weight.sum(axis=(2, 3))  # (K, C_in / group)
+        shift = np.zeros(weight.shape[0])
+        for position, value in zip(change.removed().tolist(), values.tolist(), strict=True):
+            g, local = divmod(int(position), per_group_in)
+            rows = slice(g * per_group_out, (g + 1) * per_group_out)
+            shift[rows] += sums[rows, local] * value
+        _add_bias(r, node, 2, shift)
+        _record_fold(r, node, shift)
+        return None
 
 
 @register("ConvTranspose")
@@ -1188,6 +1420,46 @@ class Gemm(Handler):
                                 f"one value per neuron")
             r.set_input(node, 2, r.out_channels(bias, bias.ndim - 1, out_change, fan_in=1,
                                                 bias=True))
+
+    def fold_constant(self, r: Rewriter, node: gs.Node, change: Change,
+                      values: np.ndarray) -> str | None:
+        """``alpha * values @ B[removed rows]`` joins ``beta * C``."""
+        weight = r.require_const(node, 1, "weight").astype(np.float64)
+        if int(node.attrs.get("transB", 0)):
+            weight = weight.T
+        alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+        shift = alpha * (values @ weight[change.removed()])
+        if beta == 0:
+            if len(node.inputs) > 2 and node.inputs[2].name:
+                return "its bias C is scaled by beta = 0"
+            node.attrs["beta"] = 1.0
+            beta = 1.0
+        _add_bias(r, node, 2, shift / beta)
+        _record_fold(r, node, shift)
+        return None
+
+
+def _record_fold(r: Rewriter, node: gs.Node, shift: np.ndarray) -> None:
+    name = node.name or node.outputs[0].name
+    r.folds[name] = r.folds.get(name, np.zeros_like(shift)) + shift
+
+
+def _add_bias(r: Rewriter, node: gs.Node, i: int, shift: np.ndarray) -> None:
+    """Add ``shift`` (one value per output channel) to ``node``'s bias input ``i``, made (or
+    widened from a broadcast scalar) where needed."""
+    if len(node.inputs) > i and node.inputs[i].name:
+        bias = r.require_const(node, i, "bias")
+        r.set_input(node, i, (np.broadcast_to(bias, shift.shape) + shift).astype(bias.dtype))
+        return
+    weight_dtype = r.require_const(node, 1, "weight").dtype
+    new = gs.Constant(r.names.fresh(f"{node.name or node.outputs[0].name}_bias"),
+                      np.ascontiguousarray(shift, dtype=weight_dtype))
+    while len(node.inputs) < i:
+        node.inputs.append(gs.Variable.empty())
+    if len(node.inputs) == i:
+        node.inputs.append(new)
+    else:
+        node.inputs[i] = new
 
 
 @register("MatMul", layer=True)

@@ -3,9 +3,12 @@
 Removal is exact in this sense: the edited model computes what the original computes with the
 removed channels forced to zero at their layers' probe points (for coupled layers, in every
 coupled layer). Nodes between a layer and its probe (its per-channel chain) lose the channel
-with it; after the probe, consumers drop the channel's weights; a node after the probe that
-would turn a zero into something else (a batch norm shift, an added constant) makes the
-removal refuse rather than change the function silently.
+with it; after the probe, consumers drop the channel's weights. A node after the probe that
+turns the zero into a constant (a batch norm shift, a Sigmoid, an added constant: DenseNet's
+BN-ReLU-Conv after a concat) is followed, and the layers that read the constant take it into
+their biases where that is exact (a conv without padding, a Gemm); anything else the zero
+becomes, or a constant read by a padded conv, makes the removal refuse rather than change the
+function silently.
 """
 
 from __future__ import annotations
