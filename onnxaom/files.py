@@ -17,8 +17,8 @@ from typing import Any, BinaryIO
 
 from .errors import ModelFileNotFoundError, OnnxaomError, OutputError, StatsError
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_to", "read_json", "refuse_inputs",
-           "same_file"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_to", "fsync_path", "read_json",
+           "refuse_inputs", "same_file"]
 
 
 def _default_mode() -> int:
@@ -70,14 +70,15 @@ def atomic_write_to(path: str | os.PathLike[str], write: Callable[[Path], None])
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_folder(path.parent)
+    fsync_path(path.parent)
     return path
 
 
-def _fsync_folder(folder: Path) -> None:
-    """Flush a folder's entries (a rename) to disk, where the platform allows it."""
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries (a rename), to disk, where the platform allows
+    it."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:

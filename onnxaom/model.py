@@ -21,7 +21,7 @@ import onnx
 from onnx import external_data_helper
 
 from .errors import LayerNotFoundError, ModelError, ModelFileNotFoundError, OutputError
-from .files import same_file
+from .files import fsync_path, same_file
 
 if TYPE_CHECKING:
     from .layers import Layer
@@ -230,12 +230,12 @@ def save(
                 os.chmod(tmp_data, os.stat(tmp_model).st_mode & 0o777)  # as the model file
                 written.append(tmp_data)
             for file in written:
-                _sync(file)
+                fsync_path(file)
             if tmp_data.exists():
                 os.replace(tmp_data, data_path)
                 placed = data_path
             os.replace(tmp_model, path)
-        _sync(parent, folder=True)
+        fsync_path(parent)
     except OSError as exc:  # a read-only folder, a full disk
         if placed is not None and placed not in stale:  # weights no model file reads
             placed.unlink(missing_ok=True)
@@ -257,21 +257,6 @@ def _weights_of(path: Path) -> list[Path]:
              for entry in tensor.external_data if entry.key == "location"}
     return [path.with_name(name) for name in sorted(names)
             if Path(name).name == name and path.with_name(name).is_file()]
-
-
-def _sync(path: Path, folder: bool = False) -> None:
-    """Flush ``path`` (a file, or a folder's entries) to disk; where the system cannot, as
-    some file systems refuse it for folders, it is left to the system."""
-    try:
-        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _refuse_protected(path: Path, external_data: bool, guarded: list[Path]) -> None:
