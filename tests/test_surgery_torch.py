@@ -11,6 +11,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 import onnxaom
@@ -474,3 +475,47 @@ def test_a_constant_channel_read_by_a_padded_conv_is_refused():
                                                         r"norm after the probe\) shifts .* "
                                                         r"\(it pads its input"):
                 remove_kernels(onnxaom.Model(proto), {"conv1": [1]})
+
+
+@pytest.mark.parametrize("head", ["reduce_mean_gemm_row_bias", "gap_gemm_beta0",
+                                  "varying_add"])
+def test_constant_channels_through_a_dense_head(head):
+    """conv1 -> ReLU -> pool -> BN (shifts a removed channel to a constant) -> ReLU, then a
+    head: ReduceMean over H, W (the dynamo exporter's global pool) into a Gemm whose C is
+    (1, N); a global pool into a Gemm with beta = 0; or an Add of a constant that varies over
+    positions, which makes the channel no longer constant (refused, naming the Add)."""
+    from onnx import helper
+
+    from .test_surgery import _Net
+
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
+    x = net.op("MaxPool", "pool", [x], kernel_shape=[2, 2], strides=[2, 2])
+    x = net.op("Relu", "relu2", [net.bn("bn", x, 4, shift=True)])
+    w = net.rng.normal(0, 0.5, (3, 4)).astype(np.float32)
+    if head == "varying_add":
+        x = net.op("Add", "a", [x, net.const("ramp", np.arange(4 * 16, dtype=np.float32)
+                                             .reshape(1, 4, 4, 4) / 64)])
+        x = net.op("Relu", "relu3", [net.conv("conv2", x, 4, 5, k=1)])
+        proto = net.head(x, 5)
+        with pytest.raises(onnxaom.EditError, match=r"node 'a' \(Add\) maps the zeroed channels "
+                                                    r"to values that vary over positions"):
+            remove_kernels(onnxaom.Model(proto), {"conv1": [1]})
+        return
+    if head == "reduce_mean_gemm_row_bias":
+        x = net.op("ReduceMean", "mean", [x], axes=[2, 3], keepdims=0)
+        bias, attrs = net.rng.normal(0, 0.1, (1, 3)).astype(np.float32), {}
+    else:
+        x = net.op("Flatten", "flat", [net.op("GlobalAveragePool", "gap", [x])], axis=1)
+        bias, attrs = net.rng.normal(0, 0.1, (3,)).astype(np.float32), {"beta": 0.0}
+    net.nodes.append(helper.make_node("Gemm", [x, net.const("fc.w", w), net.const("fc.b", bias)],
+                                      ["logits"], name="fc", transB=1, **attrs))
+    graph = helper.make_graph(
+        net.nodes, "head", [helper.make_tensor_value_info("input", 1, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", 1, ["N", 3])], net.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(proto, full_check=True)
+    edited = assert_removal_exact(proto, {"conv1": [0, 2]})
+    new_bias = next(onnx.numpy_helper.to_array(t) for t in edited.proto.graph.initializer
+                    if t.name == "fc.b")
+    assert not np.allclose(new_bias.ravel(), bias.ravel() * (1.0 if attrs == {} else 0.0))

@@ -103,10 +103,12 @@ class Handler:
         input carrying removed channels. Default: anything but zero in gives the first
         input's reason (a constant cannot go through this op), zero in gives
         :meth:`zero_reason`."""
-        bad = next((s if isinstance(s, str) else s.origin
-                    for s in states.values() if s is not None), None)
+        bad = next((s for s in states.values() if isinstance(s, str)), None)
         if bad is not None:
             return bad
+        held = next((s for s in states.values() if isinstance(s, Constant)), None)
+        if held is not None:
+            return f"{held.origin}, which node {describe(node)} does not keep constant"
         reason = self.zero_reason(r, node, ins)
         return None if reason is None else f"node {describe(node)} {reason}"
 
@@ -457,7 +459,8 @@ class Elementwise(Handler):
         result = self._at_removed(r, node, ins, states)
         if isinstance(result, str):
             held = next((s for s in states.values() if isinstance(s, Constant)), None)
-            return held.origin if held is not None else f"node {describe(node)} {result}"
+            where = f"node {describe(node)} {result}"
+            return where if held is None else f"{held.origin}, and {where}"
         return _constant_or_zero(result, _origin(states, node, _ADDED_AFTER_PROBE))
 
     def zero_reason(self, r: Rewriter, node: gs.Node, ins: Changes) -> str | None:
@@ -470,7 +473,8 @@ class Elementwise(Handler):
                     states: dict[int, State]) -> np.ndarray | str:
         """The output at the removed channels, one value each (float64, shape (n,)), with
         traced inputs holding their states' values (zero by default) and constants their
-        values there; why not, where that is not one value a channel."""
+        values there; why not, where that is not one value a channel (a constant that varies
+        over positions, a tensor no layer produces)."""
         change = _first(ins)
         if change is None:
             return np.zeros(0)
@@ -479,12 +483,16 @@ class Elementwise(Handler):
         ref = next(r.cg.flows[t.name] for t, c in zip(node.inputs, ins, strict=True)
                    if c is not None)
         rank = _out_rank(r.cg, node, ref.rank)
+        axis = ref.axis + (rank - ref.rank)
+        form = [1] * rank
+        form[axis] = n  # the removed channels on the output's channel axis
         constant_in = any(isinstance(held, Constant) for held in states.values())
         operands: list[np.ndarray] = []
         for i, t in enumerate(node.inputs):
             if t.name in r.cg.flows:
                 held = states.get(i)
-                operands.append(held.values if isinstance(held, Constant) else np.zeros(1))
+                operands.append(held.values.reshape(form) if isinstance(held, Constant)
+                                else np.zeros(1))
                 continue
             value = r.const(t)
             if value is None:
@@ -493,11 +501,8 @@ class Elementwise(Handler):
                     continue
                 return f"combines the zeroed channels with tensor {t.name!r}"
             d = _channel_dim(value.shape, ref, rank)
-            if d is None:
-                operands.append(np.asarray(value, dtype=np.float64))
-                continue
-            picked = np.take(value, gone, axis=d).astype(np.float64)
-            operands.append(picked.reshape(-1) if picked.size == n else picked)
+            operands.append(np.asarray(value, dtype=np.float64) if d is None
+                            else np.take(value, gone, axis=d).astype(np.float64))
         with np.errstate(all="ignore"):
             if node.op in ("Sum", "Mean"):
                 result = np.zeros(1)
@@ -510,11 +515,14 @@ class Elementwise(Handler):
         result = np.asarray(result, dtype=np.float64)
         if result.size == 1:
             return np.full(n, float(result.ravel()[0]))
-        if result.shape == (n,):
-            return result
-        if np.any(result):
+        if result.ndim > rank:
             return "maps the zeroed channels to values that vary over positions"
-        return np.zeros(n)
+        result = result.reshape((1,) * (rank - result.ndim) + result.shape)
+        result = np.broadcast_to(result, np.broadcast_shapes(result.shape, tuple(form)))
+        per = np.moveaxis(result, axis, 0).reshape(n, -1)
+        if not np.all(per == per[:, :1]):
+            return "maps the zeroed channels to values that vary over positions"
+        return per[:, 0].copy()
 
 
 def _by_slot(r: Rewriter, node: gs.Node, ins: Changes, states: dict[int, State]) -> State:
@@ -1166,6 +1174,14 @@ class Reduce(Handler):
             return _same(flow, len(node.outputs))
         return _same(_without_axes(flow, set(axes)), len(node.outputs))
 
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, State]) -> State:
+        """The mean, max or min of a channel constant over its positions is that constant
+        (a global average pool written as ReduceMean, as the dynamo exporter does)."""
+        if node.op in ("ReduceMean", "ReduceMax", "ReduceMin"):
+            return _by_slot(r, node, ins, states)
+        return super().zero_state(r, node, ins, states)
+
 
 @register("Squeeze")
 class Squeeze(Handler):
@@ -1429,11 +1445,11 @@ class Gemm(Handler):
             weight = weight.T
         alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
         shift = alpha * (values @ weight[change.removed()])
-        if beta == 0:
-            if len(node.inputs) > 2 and node.inputs[2].name:
-                return "its bias C is scaled by beta = 0"
+        if beta == 0:  # C is not read: it becomes the constants' contribution
             node.attrs["beta"] = 1.0
             beta = 1.0
+            if len(node.inputs) > 2 and node.inputs[2].name:
+                r.set_input(node, 2, np.zeros_like(shift))
         _add_bias(r, node, 2, shift / beta)
         _record_fold(r, node, shift)
         return None
@@ -1449,7 +1465,11 @@ def _add_bias(r: Rewriter, node: gs.Node, i: int, shift: np.ndarray) -> None:
     widened from a broadcast scalar) where needed."""
     if len(node.inputs) > i and node.inputs[i].name:
         bias = r.require_const(node, i, "bias")
-        r.set_input(node, i, (np.broadcast_to(bias, shift.shape) + shift).astype(bias.dtype))
+        if bias.size != 1 and bias.shape[-1] != shift.size:
+            raise EditError(f"node {describe(node)}: its bias of shape {bias.shape} is not one "
+                            f"value per output, so the removed channels' constants cannot "
+                            f"join it")
+        r.set_input(node, i, (bias + shift).astype(bias.dtype))  # (N,), (1, N) or a scalar
         return
     weight_dtype = r.require_const(node, 1, "weight").dtype
     new = gs.Constant(r.names.fresh(f"{node.name or node.outputs[0].name}_bias"),
