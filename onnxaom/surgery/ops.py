@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import EditError
@@ -263,8 +264,10 @@ class Unary(Handler):
         """The op on the values ``x`` (float64), or None for ops without a form here."""
         op, attr = node.op, node.attrs.get
         with np.errstate(all="ignore"):
-            if op in ("Identity", "Dropout"):
-                return x
+            if op in ("Identity", "Dropout") or (op == "Cast" and int(attr("to", 0)) in (
+                    onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                    onnx.TensorProto.BFLOAT16)):
+                return x  # float casts: the values the oracle holds, to within rounding
             if op == "Relu":
                 return np.maximum(x, 0.0)
             if op == "LeakyRelu":
