@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("layers", help="list a model's analysable layers and probe points")
     p.add_argument("model", help="ONNX model file")
-    p.add_argument("--probe", choices=PROBE_CHOICES, default="activation")
+    p.add_argument("--probe", choices=PROBE_CHOICES, default="activation",
+                   help="where a kernel's activation is read (default: after its BN/ReLU chain)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_layers)
 

@@ -184,7 +184,7 @@ def add_parsers(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_widen)
 
     p = subparsers.add_parser(
-        "deepen", help="insert an identity layer + ReLU after a ReLU layer (task 3)",
+        "deepen", help="insert an identity layer + ReLU after a ReLU/ReLU6 layer (task 3)",
         description="Insert a Conv (or Gemm) + ReLU after the ReLU of a layer; with the "
         "identity init the model computes the same function.",
     )
