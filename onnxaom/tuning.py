@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 from .data import Dataset, load_spec
 from .edits import Edit
-from .errors import DataError, LayerNotFoundError
+from .errors import DataError, EditError, LayerNotFoundError
 from .model import Model
 from .proposal import DEFAULT_STRATEGY, Proposal, propose, stats_digest
 from .session import Artifact, SessionError, Step, TuningSession, describe_edits
@@ -261,6 +261,10 @@ def tune(
         ``"baseline"`` (the starting model, default) or ``"parent"`` (the step before).
     max_steps:
         Stop after this many steps (kept or undone) in this call.
+
+    A layer whose proposed removal the surgery refuses (a constant read by a padded conv, a
+    channel shuffle) is skipped with a warning and counted as done; the session's progress
+    keeps why under ``"refused"``.
     """
     _check_drop(accept_drop, relative_to)
     if not isinstance(data, Dataset):
@@ -321,12 +325,19 @@ def tune(
         if not len(proposal):
             logger.info("layer %s: nothing to remove", current)
         else:
-            report = apply_step(session, runner, proposal, stats=stats,
-                                accept_drop=accept_drop, relative_to=relative_to,
-                                info={"loop_layer": name})
-            reports.append(report)
-            made_now += 1
-            logger.info("%s", report.line())
+            try:
+                report = apply_step(session, runner, proposal, stats=stats,
+                                    accept_drop=accept_drop, relative_to=relative_to,
+                                    info={"loop_layer": name})
+            except EditError as exc:  # raised before any step is recorded
+                logger.warning("layer %s skipped: the surgery refuses its proposed removal: %s",
+                               current, exc)
+                refused = {**dict(state.get("refused") or {}), name: str(exc)}
+                state["refused"] = refused
+            else:
+                reports.append(report)
+                made_now += 1
+                logger.info("%s", report.line())
         done.append(name)
         session.set_progress({**state, "done": done})
     return reports

@@ -341,3 +341,24 @@ def test_the_loop_skips_a_layer_a_coupled_step_already_shrank_below_its_target(t
     with pytest.raises(onnxaom.StatsError, match="kernel count in 1..6"):
         tune(TuningSession.create(tmp_path / "t", model, accuracy=1.0), runner, data,
              layers=["conv1"], keep={"conv1": 9}, accept_drop=None, progress=False)
+
+
+def test_the_loop_skips_a_layer_whose_removal_the_surgery_refuses(tmp_path, caplog):
+    """conv1 -> ReLU -> pool -> BN (shifts removed channels) -> padded conv2: removing conv1's
+    kernels is refused; the loop says so, skips conv1 for good and tunes conv2."""
+    from .test_surgery import post_probe_bn
+
+    model = onnxaom.Model(post_probe_bn(shift=True))
+    x = np.random.default_rng(0).standard_normal((90, 3, 8, 8)).astype(np.float32)
+    data = from_arrays(x, np.arange(90) % 3)
+    session = TuningSession.create(tmp_path / "s", model, accuracy=1.0)
+    runner = SurgeryRunner(data)
+    with caplog.at_level("WARNING", logger="onnxaom.tuning"):
+        reports = tune(session, runner, data, keep={"conv1": 2, "conv2": 3}, accept_drop=None,
+                       progress=False)
+    assert [r.step.edits[0].layer for r in reports] == ["conv2"]
+    assert "layer conv1 skipped: the surgery refuses" in caplog.text
+    resumed = TuningSession.resume(session.folder)
+    assert resumed.progress["done"] == ["conv1", "conv2"]
+    assert "'bn'" in resumed.progress["refused"]["conv1"]
+    assert tune(resumed, runner, data, progress=False) == []
