@@ -478,12 +478,13 @@ def test_a_constant_channel_read_by_a_padded_conv_is_refused():
 
 
 @pytest.mark.parametrize("head", ["reduce_mean_gemm_row_bias", "gap_gemm_beta0",
-                                  "varying_add"])
+                                  "matmul_add", "varying_add"])
 def test_constant_channels_through_a_dense_head(head):
     """conv1 -> ReLU -> pool -> BN (shifts a removed channel to a constant) -> ReLU, then a
     head: ReduceMean over H, W (the dynamo exporter's global pool) into a Gemm whose C is
-    (1, N); a global pool into a Gemm with beta = 0; or an Add of a constant that varies over
-    positions, which makes the channel no longer constant (refused, naming the Add)."""
+    (1, N); a global pool into a Gemm with beta = 0, or into a MatMul + Add(bias); or an Add of
+    a constant that varies over positions, which makes the channel no longer constant
+    (refused, naming the Add)."""
     from onnx import helper
 
     from .test_surgery import _Net
@@ -502,14 +503,23 @@ def test_constant_channels_through_a_dense_head(head):
                                                     r"to values that vary over positions"):
             remove_kernels(onnxaom.Model(proto), {"conv1": [1]})
         return
-    if head == "reduce_mean_gemm_row_bias":
+    if head == "matmul_add":  # tf2onnx's Dense: the bias is an Add after the MatMul
+        x = net.op("Flatten", "flat", [net.op("GlobalAveragePool", "gap", [x])], axis=1)
+        bias = net.rng.normal(0, 0.1, (3,)).astype(np.float32)
+        x = net.op("MatMul", "fc", [x, net.const("fc.w", w.T.copy())])
+        net.nodes.append(helper.make_node("Add", [x, net.const("fc.b", bias)], ["logits"],
+                                          name="fc_bias"))
+        attrs: dict[str, float] = {}
+    elif head == "reduce_mean_gemm_row_bias":
         x = net.op("ReduceMean", "mean", [x], axes=[2, 3], keepdims=0)
         bias, attrs = net.rng.normal(0, 0.1, (1, 3)).astype(np.float32), {}
     else:
         x = net.op("Flatten", "flat", [net.op("GlobalAveragePool", "gap", [x])], axis=1)
         bias, attrs = net.rng.normal(0, 0.1, (3,)).astype(np.float32), {"beta": 0.0}
-    net.nodes.append(helper.make_node("Gemm", [x, net.const("fc.w", w), net.const("fc.b", bias)],
-                                      ["logits"], name="fc", transB=1, **attrs))
+    if head != "matmul_add":
+        net.nodes.append(helper.make_node("Gemm", [x, net.const("fc.w", w),
+                                                   net.const("fc.b", bias)],
+                                          ["logits"], name="fc", transB=1, **attrs))
     graph = helper.make_graph(
         net.nodes, "head", [helper.make_tensor_value_info("input", 1, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("logits", 1, ["N", 3])], net.inits)

@@ -1511,3 +1511,21 @@ class MatMul(Handler):
         if in_change is not None:
             weight = r.in_channels(weight, 0, in_change)
         r.set_input(node, 1, weight)
+
+    def fold_constant(self, r: Rewriter, node: gs.Node, change: Change,
+                      values: np.ndarray) -> str | None:
+        """``values @ W[removed rows]`` joins the bias exporters add right after a MatMul
+        (tf2onnx's Dense: ``Add`` of a constant of K values, read by nothing else)."""
+        out = node.outputs[0]
+        add = out.outputs[0] if len(out.outputs) == 1 else None
+        weight = r.require_const(node, 1, "weight").astype(np.float64)
+        if add is None or add.op != "Add" or len(add.inputs) != 2:
+            return "it has no bias (no Add of a constant right after it) to take them into"
+        i = 1 if add.inputs[0] is out else 0
+        bias = r.const(add.inputs[i])
+        if bias is None or bias.size != weight.shape[1] or bias.shape[-1] != weight.shape[1]:
+            return "it has no bias (no Add of a constant right after it) to take them into"
+        shift = values @ weight[change.removed()]
+        r.set_input(add, i, (bias + shift).astype(bias.dtype))
+        _record_fold(r, node, shift)
+        return None
