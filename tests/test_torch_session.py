@@ -20,6 +20,7 @@ architectures = pytest.importorskip("onnxaom_torch.architectures")
 runner_module = pytest.importorskip("onnxaom_torch.runner")
 train_module = pytest.importorskip("onnxaom_torch.train")
 mapping_module = pytest.importorskip("onnxaom_torch.mapping")
+torch_zoo = pytest.importorskip("tests.torch_zoo")
 TorchRunner = runner_module.TorchRunner
 
 FACTORY = "onnxaom_torch.architectures:PaperMNISTNet"
@@ -180,3 +181,17 @@ def test_runner_options_are_checked_when_made_and_when_read_from_a_session(tmp_p
     path.write_text(json.dumps(state))
     with pytest.raises(SessionError, match="runner options .* not valid.*lion"):
         runner_from_session(TuningSession.resume(session.folder, verify=False), *data)
+
+
+def test_upto_freezes_the_norm_in_front_of_a_pre_activation_conv(tmp_path, data):
+    """"upto" keeps the frozen part computing what it did: the batch norm that runs before the
+    last frozen layer (a pre-activation block's BN, in no layer's chain) is frozen too."""
+    runner = TorchRunner(data[0], data[1], factory="tests.torch_zoo:PreActConcat", epochs=1,
+                         device="cpu", progress=False)
+    module = train_module.retrain(torch_zoo.PreActConcat(), data[0], 1, seed=0, progress=False,
+                                  device="cpu").module
+    session = runner.start(tmp_path / "s", module)
+    step = runner.apply(session, [RemoveKernels("/conv1/Conv", (0, 2))])
+    assert step.step.info["frozen"] == ["conv0", "conv1", "bn"]
+    before, after = module.bn.running_mean, runner.module(session).bn.running_mean
+    assert torch.equal(before, after)

@@ -149,3 +149,21 @@ TORCH_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "residual": residual,
     "depthwise": depthwise,
 }
+
+
+class PreActConcat(nn.Module):
+    """conv0 -> ReLU, concatenated with the image, then a pre-activation block: bn -> ReLU ->
+    conv1 (1x1) -> ReLU -> global mean -> fc. ``bn`` is in front of conv1, in no layer's
+    chain (a DenseNet layer's norm1)."""
+
+    def __init__(self, channels: int = 1, classes: int = 10) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(channels, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4 + channels)
+        self.conv1 = nn.Conv2d(4 + channels, 6, 1)
+        self.fc = nn.Linear(6, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([torch.relu(self.conv0(x)), x], 1)
+        y = torch.relu(self.conv1(torch.relu(self.bn(y))))
+        return self.fc(y.mean((2, 3)))

@@ -21,7 +21,9 @@ Freezing (``freeze=``), the layers kept as they are while the rest retrains:
 * ``"edited"``: only the layers that lost kernels (coupled ones included);
 * ``"none"``: everything retrains.
 
-Layers a step widens or inserts are never frozen. A frozen layer's batch norm is frozen with it.
+Layers a step widens or inserts are never frozen. A frozen layer's batch norm is frozen with it;
+with ``"upto"``, so is every batch norm that runs before the last frozen layer (the BN in front
+of a pre-activation block's conv feeds it).
 """
 
 from __future__ import annotations
@@ -373,6 +375,13 @@ class TorchRunner:
             path = edited.layers[name]
             paths.append(path)
             paths.extend(p for p in run.chain(path) if isinstance(modules[p], PER_CHANNEL_TYPES))
+        if self.freeze == "upto" and paths:
+            # the norms that run before the last frozen layer (a pre-activation block's BN
+            # in front of its conv) are part of what is frozen: they feed it
+            order = [call.name for call in run.calls]
+            last = max(order.index(p) for p in paths if p in order) if any(
+                p in order for p in paths) else -1
+            paths.extend(p for p in order[:last] if isinstance(modules.get(p), PER_CHANNEL_TYPES))
         return list(dict.fromkeys(paths))
 
     def _export(self, module: nn.Module) -> onnxaom.Model:
