@@ -529,3 +529,20 @@ def test_constant_channels_through_a_dense_head(head):
     new_bias = next(onnx.numpy_helper.to_array(t) for t in edited.proto.graph.initializer
                     if t.name == "fc.b")
     assert not np.allclose(new_bias.ravel(), bias.ravel() * (1.0 if attrs == {} else 0.0))
+
+
+def test_a_constant_channel_read_by_a_padded_depthwise_conv_goes_with_its_kernel():
+    """conv1 -> ReLU -> pool -> BN (shifts removed channels to constants) -> ReLU -> padded
+    depthwise conv: the depthwise kernel tied to a removed channel goes with it, so its
+    padding does not matter and the removal is exact."""
+    from .test_surgery import _Net
+
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
+    x = net.op("MaxPool", "pool", [x], kernel_shape=[2, 2], strides=[2, 2])
+    x = net.op("Relu", "relu2", [net.bn("bn", x, 4, shift=True)])
+    x = net.op("Relu", "relu3", [net.conv("dw", x, 4, 4, group=4)])
+    proto = net.head(net.op("Relu", "relu4", [net.conv("pw", x, 4, 5, k=1)]), 5)
+    plan = onnxaom.surgery.plan_removal(onnxaom.Model(proto), {"conv1": [1, 2]})
+    assert plan.removed == {"conv1": (1, 2), "dw": (1, 2)}
+    assert_removal_exact(proto, {"conv1": [1, 2]})

@@ -1304,15 +1304,23 @@ class Conv(Handler):
     def fold_constant(self, r: Rewriter, node: gs.Node, change: Change,
                       values: np.ndarray) -> str | None:
         """Without padding every window sees a constant input channel whole: its weights'
-        sum times the constant joins the bias of the kernels of its group."""
+        sum times the constant joins the bias of the kernels of its group. Nothing to do when
+        those kernels go too (a depthwise conv's channel tied to the removed one)."""
+        weight = r.require_const(node, 1, "weight")
+        group = int(node.attrs.get("group", 1))
+        per_group_in, per_group_out = weight.shape[1], weight.shape[0] // group
+        out_flow = r.cg.flows.get(node.outputs[0].name)
+        out_change = r.plan.change(out_flow) if out_flow is not None else None
+        gone = set(out_change.removed().tolist()) if out_change is not None else set()
+        groups = {int(p) // per_group_in for p in change.removed().tolist()}
+        if all(o in gone for g in groups
+               for o in range(g * per_group_out, (g + 1) * per_group_out)):
+            return None
         pads = node.attrs.get("pads", [])
         if any(int(p) for p in pads) or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET",
                                                                                    "VALID"):
             return "it pads its input, so a constant channel is not constant at the borders"
-        weight = r.require_const(node, 1, "weight").astype(np.float64)
-        group = int(node.attrs.get("group", 1))
-        per_group_in, per_group_out = weight.shape[1], weight.shape[0] // group
-        sums = weight.sum(axis=(2, 3))  # (K, C_in / group)
+        sums = weight.astype(np.float64).sum(axis=(2, 3))  # (K, C_in / group)
         shift = np.zeros(weight.shape[0])
         for position, value in zip(change.removed().tolist(), values.tolist(), strict=True):
             g, local = divmod(int(position), per_group_in)
