@@ -478,7 +478,7 @@ def test_a_constant_channel_read_by_a_padded_conv_is_refused():
 
 
 @pytest.mark.parametrize("head", ["reduce_mean_gemm_row_bias", "gap_gemm_beta0",
-                                  "matmul_add", "varying_add"])
+                                  "matmul_add", "matmul_no_bias", "varying_add"])
 def test_constant_channels_through_a_dense_head(head):
     """conv1 -> ReLU -> pool -> BN (shifts a removed channel to a constant) -> ReLU, then a
     head: ReduceMean over H, W (the dynamo exporter's global pool) into a Gemm whose C is
@@ -502,6 +502,18 @@ def test_constant_channels_through_a_dense_head(head):
         with pytest.raises(onnxaom.EditError, match=r"node 'a' \(Add\) maps the zeroed channels "
                                                     r"to values that vary over positions"):
             remove_kernels(onnxaom.Model(proto), {"conv1": [1]})
+        return
+    if head == "matmul_no_bias":  # tf2onnx drops a Dense's all-zero bias: one is made
+        x = net.op("Flatten", "flat", [net.op("GlobalAveragePool", "gap", [x])], axis=1)
+        net.nodes.append(helper.make_node("MatMul", [x, net.const("fc.w", w.T.copy())],
+                                          ["logits"], name="fc"))
+        graph = helper.make_graph(
+            net.nodes, "head", [helper.make_tensor_value_info("input", 1, ["N", 3, 8, 8])],
+            [helper.make_tensor_value_info("logits", 1, ["N", 3])], net.inits)
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                  ir_version=8)
+        edited = assert_removal_exact(proto, {"conv1": [0, 2]})
+        assert [n.op_type for n in edited.proto.graph.node][-2:] == ["MatMul", "Add"]
         return
     if head == "matmul_add":  # tf2onnx's Dense: the bias is an Add after the MatMul
         x = net.op("Flatten", "flat", [net.op("GlobalAveragePool", "gap", [x])], axis=1)

@@ -1523,17 +1523,32 @@ class MatMul(Handler):
     def fold_constant(self, r: Rewriter, node: gs.Node, change: Change,
                       values: np.ndarray) -> str | None:
         """``values @ W[removed rows]`` joins the bias exporters add right after a MatMul
-        (tf2onnx's Dense: ``Add`` of a constant of K values, read by nothing else)."""
+        (tf2onnx's Dense: ``Add`` of a constant of K values, read by nothing else), or a new
+        bias ``Add`` where there is none."""
         out = node.outputs[0]
         add = out.outputs[0] if len(out.outputs) == 1 else None
-        weight = r.require_const(node, 1, "weight").astype(np.float64)
-        if add is None or add.op != "Add" or len(add.inputs) != 2:
-            return "it has no bias (no Add of a constant right after it) to take them into"
-        i = 1 if add.inputs[0] is out else 0
-        bias = r.const(add.inputs[i])
-        if bias is None or bias.size != weight.shape[1] or bias.shape[-1] != weight.shape[1]:
-            return "it has no bias (no Add of a constant right after it) to take them into"
-        shift = values @ weight[change.removed()]
-        r.set_input(add, i, (bias + shift).astype(bias.dtype))
+        weight = r.require_const(node, 1, "weight")
+        shift = values @ weight.astype(np.float64)[change.removed()]
         _record_fold(r, node, shift)
+        i = 1 if add is not None and add.inputs and add.inputs[0] is out else 0
+        bias = r.const(add.inputs[i]) if add is not None and add.op == "Add" and \
+            len(add.inputs) == 2 else None
+        if bias is not None and bias.size == weight.shape[1] == bias.shape[-1]:
+            r.set_input(add, i, (bias + shift).astype(bias.dtype))  # type: ignore[arg-type]
+            return None
+        # no bias (tf2onnx drops a Dense's all-zero one): add one right after the MatMul,
+        # already cut to the neurons this step keeps (the new node is not among the records)
+        out_flow = r.cg.flows.get(out.name)
+        out_change = r.plan.change(out_flow) if out_flow is not None else None
+        if out_change is not None:
+            shift = r.out_channels(shift, 0, out_change, fan_in=1, bias=True)
+        name = node.name or out.name
+        before = gs.Variable(r.names.fresh(f"{name}_before_bias"), dtype=out.dtype)
+        node.outputs[0] = before
+        bias_add = gs.Node("Add", r.names.fresh(f"{name}_bias"), inputs=[
+            before, gs.Constant(r.names.fresh(f"{name}.bias"),
+                                np.ascontiguousarray(shift, dtype=weight.dtype))],
+            outputs=[out])
+        nodes = r.cg.graph.nodes
+        nodes.insert(next(j + 1 for j, n in enumerate(nodes) if n is node), bias_add)
         return None
