@@ -662,11 +662,11 @@ def _surgery_notes(cg: ChannelGraph, props: Sequence[LayerProposal]) -> list[str
     edits = [RemoveKernels(p.layer, p.removed) for p in props if p.removed]
     if not edits:
         return []
+    notes: list[str] = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             remove_plan, removal = plan(cg, edits)
-        notes = []
         others = [f"{name} (loses {len(removal.removed[name])})" for name in removal.coupled]
         if others:
             notes.append(f"these edits also change layers coupled to the proposed ones: "
@@ -674,7 +674,7 @@ def _surgery_notes(cg: ChannelGraph, props: Sequence[LayerProposal]) -> list[str
         rewrite(cg, Rewriter(cg, remove_plan, init="zeros", rng=np.random.default_rng(0)),
                 check_zero=True)
     except OnnxaomError as exc:
-        return [f"the surgery refuses these edits: {exc}"]
+        notes.append(f"the surgery refuses these edits: {exc}")
     return notes
 
 
