@@ -26,9 +26,10 @@ PROBE_CHOICES = ("activation", "conv", "pool")
 
 def _cmd_layers(args: argparse.Namespace) -> int:
     from .model import load
+    from .shapes import with_run_sizes
 
     model = load(args.model)
-    layers = model.layers(probe=args.probe)
+    layers = with_run_sizes(model.proto, model.layers(probe=args.probe))
     if args.json:
         print(json.dumps([layer.to_dict() for layer in layers], indent=2))
         return 0

@@ -10,7 +10,9 @@ summary use it to fill the gaps (:func:`fill_unknown`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -18,7 +20,10 @@ from onnx import helper
 
 from .graph import Shape, dim_values
 
-__all__ = ["fill_unknown"]
+if TYPE_CHECKING:
+    from .layers import Layer
+
+__all__ = ["fill_unknown", "with_run_sizes"]
 
 log = logging.getLogger(__name__)
 
@@ -74,4 +79,22 @@ def fill_unknown(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> dict[st
             continue
         out[name] = (inferred[0], *(d if d is not None else int(v)
                                     for d, v in zip(inferred[1:], got[1:], strict=True)))
+    return out
+
+
+def with_run_sizes(model: onnx.ModelProto, layers: Sequence[Layer]) -> list[Layer]:
+    """``layers`` with the H and W that shape inference left unknown filled from
+    :func:`fill_unknown` (one run; nothing to do, and no run, when every size is known)."""
+    if all(None not in layer.shape for layer in layers):
+        return list(layers)
+    from .graph import GraphIndex
+
+    shapes = fill_unknown(model, GraphIndex(model).shapes)
+    out = []
+    for layer in layers:
+        shape = shapes.get(layer.probe)
+        if None in layer.shape and shape is not None and len(shape) == 4 \
+                and None not in shape[2:]:
+            layer = replace(layer, shape=(layer.kernels, int(shape[2]), int(shape[3])))  # type: ignore[arg-type]
+        out.append(layer)
     return out

@@ -558,3 +558,16 @@ def test_a_constant_channel_read_by_a_padded_depthwise_conv_goes_with_its_kernel
     plan = onnxaom.surgery.plan_removal(onnxaom.Model(proto), {"conv1": [1, 2]})
     assert plan.removed == {"conv1": (1, 2), "dw": (1, 2)}
     assert_removal_exact(proto, {"conv1": [1, 2]})
+
+
+def test_the_layers_command_shows_sizes_inference_lost(tmp_path, capsys):
+    """``onnxaom layers`` fills H and W that shape inference lost (after the opset-11 SE
+    block's computed view) from one run."""
+    from onnxaom.cli import main
+
+    model = _export_se(tmp_path, 11, True)
+    assert model.layers()[3].shape == (5, None, None)
+    assert main(["layers", str(model.path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("/conv2/Conv"))
+    assert "5x8x8" in row
