@@ -571,3 +571,16 @@ def test_the_layers_command_shows_sizes_inference_lost(tmp_path, capsys):
     row = next(line for line in capsys.readouterr().out.splitlines()
                if line.startswith("/conv2/Conv"))
     assert "5x8x8" in row
+
+
+def test_a_target_with_a_product_of_run_time_sizes_is_refused_naming_the_entry(tmp_path):
+    """``x.view(b, c, h * w)`` with a dynamic image size: ``h * w`` is only known at run time,
+    so the reshape cannot be checked; the refusal says which entry."""
+    model = _export_se(tmp_path, 17, True, squeeze="view")
+    proto = model.copy_proto()
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    dynamic = onnxaom.Model(proto)
+    with pytest.raises(onnxaom.EditError, match=r"has a computed target shape \(entry 2 is "
+                                                r"computed in a way the surgery does not read"):
+        remove_kernels(dynamic, {model.layers()[0].name: [0]})

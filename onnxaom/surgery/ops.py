@@ -975,15 +975,37 @@ def _reshape_target(cg: ChannelGraph, node: gs.Node
         if entry.axis == 0 and _batch_first(cg, entry.tensor):
             target.append(None)
             continue
-        shape, flow = cg.shape(entry.tensor), cg.flows.get(entry.tensor.name)
-        size = shape[entry.axis] if shape is not None else None
-        if size is None and flow is not None and flow.axis == entry.axis:
-            size = flow.size
+        size = _size_known(cg, entry)
         if size is None:
             return None
         computed[len(target)] = entry
-        target.append(int(size))
+        target.append(size)
     return target, computed
+
+
+def _why_unread(cg: ChannelGraph, node: gs.Node) -> str:
+    """Which entry of a Reshape's computed target the surgery cannot read, for its message."""
+    entries = _shape_entries(cg, node.inputs[1])
+    if entries is None:
+        return " (not made of constants and tensor sizes)"
+    for i, entry in enumerate(entries):
+        if entry is None:
+            return (f" (entry {i} is computed in a way the surgery does not read, such as a "
+                    f"product of sizes only known at run time)")
+        if isinstance(entry, _SizeOf) and _size_known(cg, entry) is None and not (
+                entry.axis == 0 and _batch_first(cg, entry.tensor)):
+            return (f" (entry {i} is the size of tensor {entry.tensor.name!r} along axis "
+                    f"{entry.axis}, only known at run time)")
+    return ""
+
+
+def _size_known(cg: ChannelGraph, entry: _SizeOf) -> int | None:
+    """``entry``'s size as shape inference (or the tensor's traced channels) tells it."""
+    shape, flow = cg.shape(entry.tensor), cg.flows.get(entry.tensor.name)
+    size = shape[entry.axis] if shape is not None else None
+    if size is None and flow is not None and flow.axis == entry.axis:
+        size = flow.size
+    return None if size is None else int(size)
 
 
 def _follow_sizes(cg: ChannelGraph, node: gs.Node, computed: dict[int, _SizeOf],
@@ -1038,7 +1060,7 @@ class Reshape(Handler):
         flow = _only_first_input(node, ins)
         resolved = _reshape_target(cg, node)
         if resolved is None:
-            raise Unsupported("has a computed target shape")
+            raise Unsupported(f"has a computed target shape{_why_unread(cg, node)}")
         target, computed = resolved
         src, dst = cg.shape(node.inputs[0]), cg.shape(node.outputs[0])
         if target[0] is None and src is not None:
