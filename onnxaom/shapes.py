@@ -49,23 +49,17 @@ def fill_unknown(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> dict[st
     dims = dim_values(inputs[0].type)
     if dims is None or len(dims) < 2 or None in dims[1:]:
         return out
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    # outputs without a type: ONNX Runtime takes them and types them itself
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in unknown)
     elem = inputs[0].type.tensor_type.elem_type
     size = [dims[0] if dims[0] is not None else 1, *(int(d) for d in dims[1:] if d is not None)]
-    feed = np.zeros(size, dtype=helper.tensor_dtype_to_np_dtype(elem))
-    try:
-        from .runtime import make_session
-
-        session = make_session(probe, ["CPUExecutionProvider"], threads=1)
-        declared = {o.name: o.shape for o in session.get_outputs()}
-        values = session.run(unknown, {inputs[0].name: feed})
-    except Exception as exc:  # ORT raises its own types; the shapes stay as inferred
-        log.debug("could not run the model for its tensor shapes: %s", exc)
+    feed = {inputs[0].name: np.zeros(size, dtype=helper.tensor_dtype_to_np_dtype(elem))}
+    ran = _run_for_shapes(model, unknown, feed)
+    if ran is None and any(name not in shapes for name in unknown):
+        # an output of unknown rank may not be a tensor (a sequence): try without them
+        unknown = [name for name in unknown if name in shapes]
+        ran = _run_for_shapes(model, unknown, feed) if unknown else None
+    if ran is None:
         return out
+    declared, values = ran
     for name, value in zip(unknown, values, strict=True):
         got = np.shape(value)
         inferred = shapes.get(name)
@@ -80,6 +74,26 @@ def fill_unknown(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> dict[st
         out[name] = (inferred[0], *(d if d is not None else int(v)
                                     for d, v in zip(inferred[1:], got[1:], strict=True)))
     return out
+
+
+def _run_for_shapes(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray]
+                    ) -> tuple[dict[str, list[object]], list[np.ndarray]] | None:
+    """(ONNX Runtime's declared output shapes, the values) of tensors ``names`` of ``model``
+    run on ``feed`` on the CPU; None when the run fails."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    # outputs without a type: ONNX Runtime takes them and types them itself
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    try:
+        from .runtime import make_session
+
+        session = make_session(probe, ["CPUExecutionProvider"], threads=1)
+        declared = {o.name: list(o.shape or []) for o in session.get_outputs()}
+        return declared, session.run(names, feed)
+    except Exception as exc:  # ORT raises its own types; the shapes stay as inferred
+        log.debug("could not run the model for its tensor shapes: %s", exc)
+        return None
 
 
 def with_run_sizes(model: onnx.ModelProto, layers: Sequence[Layer]) -> list[Layer]:

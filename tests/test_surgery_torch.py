@@ -584,3 +584,30 @@ def test_a_target_with_a_product_of_run_time_sizes_is_refused_naming_the_entry(t
     with pytest.raises(onnxaom.EditError, match=r"has a computed target shape \(entry 2 is "
                                                 r"computed in a way the surgery does not read"):
         remove_kernels(dynamic, {model.layers()[0].name: [0]})
+
+
+def test_filling_shapes_retries_without_the_outputs_of_unknown_rank(tmp_path, monkeypatch):
+    """An output of unknown rank may not be a tensor (a sequence) and fail the run; the sizes
+    of the tensors whose rank is known are then filled from a second run without them."""
+    from onnxaom import shapes as shapes_module
+    from onnxaom.graph import GraphIndex
+
+    torch.manual_seed(0)
+    path = architectures.export_onnx(ReflectPadNet().eval(), tmp_path / "reflect.onnx",
+                                     input_shape=(1, 3, 8, 8))
+    model = onnxaom.load(path)
+    inferred = dict(GraphIndex(model.proto).shapes)
+    relu = model.layers()[0].probe
+    del inferred[relu]  # taken for a tensor of unknown rank, whose run fails
+    real = shapes_module._run_for_shapes
+    asked: list[bool] = []
+
+    def fails_with_it(proto, names, feed):
+        asked.append(relu in names)
+        return None if relu in names else real(proto, names, feed)
+
+    monkeypatch.setattr(shapes_module, "_run_for_shapes", fails_with_it)
+    filled = shapes_module.fill_unknown(model.proto, inferred)
+    assert asked == [True, False]
+    assert relu not in filled
+    assert filled[model.layers()[1].probe][2:] == (8, 8)
