@@ -100,10 +100,9 @@ def select_layers(model: Model, names: Sequence[str] | None, probe: str) -> list
     return [layer for layer in layers if layer.name in wanted]
 
 
-def _note_channel_mixing(model: Model, layers: Sequence[Layer]) -> None:
+def _note_channel_mixing(model: Model, layers: Sequence[Layer], index: GraphIndex) -> None:
     """Say, once per collection, which layers are read through a normalisation across
     channels (:func:`onnxaom.layers.channel_mixing_reader`)."""
-    index = GraphIndex(model.proto)
     for layer in layers:
         node = channel_mixing_reader(model.proto, layer, index)
         if node is not None:
@@ -531,8 +530,9 @@ class Collector:
                 raise DataError(f"{len(class_names)} class names given for {num_classes} classes")
         self.model = model if isinstance(model, Model) else load(model)
         self.layers = select_layers(self.model, layers, probe)
+        index = GraphIndex(self.model.proto)
         if probe != "conv":
-            _note_channel_mixing(self.model, self.layers)
+            _note_channel_mixing(self.model, self.layers, index)
         self._auto = method == "auto"
         if method == "auto":
             opset = _default_opset(self.model.proto)
@@ -540,13 +540,12 @@ class Collector:
             if method == "plain":
                 log.info("model opset %d is older than in-graph counting needs (%d): counting "
                          "the probes in numpy (method='plain')", opset, GRAPH_MIN_OPSET)
-            elif other_types := _not_float32_probes(self.model.proto, self.layers):
+            elif other_types := _not_float32_probes(index, self.layers):
                 method = "plain"
                 log.info("probes of other types than float32 (%s): counting them in numpy "
                          "(method='plain'), where they keep the model's own rounding",
                          ", ".join(other_types))
-        elif method == "graph" and (other_types := _not_float32_probes(self.model.proto,
-                                                                       self.layers)):
+        elif method == "graph" and (other_types := _not_float32_probes(index, self.layers)):
             warnings.warn(f"method='graph' on probes of other types than float32 "
                           f"({', '.join(other_types[:3])}): ONNX Runtime's CPU provider "
                           f"computes their ops in float32, so the in-graph count can count "
@@ -938,11 +937,10 @@ def _check_memory(layers: Sequence[Layer], classes: int) -> None:
         f"after pooling (probe='pool') or use fewer classes")
 
 
-def _not_float32_probes(model: onnx.ModelProto, layers: Sequence[Layer]) -> list[str]:
+def _not_float32_probes(index: GraphIndex, layers: Sequence[Layer]) -> list[str]:
     """The probes of ``layers`` whose element type is not float32 (inferred; float16 models):
     ONNX Runtime's CPU provider computes those ops in float32 and drops the cast back before
     an in-graph comparison, so the count would see values the model never rounded."""
-    index = GraphIndex(model)
     return [layer.probe for layer in layers if index.elem_type(layer.probe) != TensorProto.FLOAT]
 
 

@@ -114,12 +114,15 @@ class Layer:
         }
 
 
-def layer_nodes(model: onnx.ModelProto) -> list[tuple[int, str, int]]:
+def layer_nodes(model: onnx.ModelProto, index: GraphIndex | None = None
+                ) -> list[tuple[int, str, int]]:
     """(node index, unique layer name, kernels) for every analysable layer node, in order.
 
     This is the single naming rule of onnxaom: surgery, stats and reports all use it.
+    ``index``: the model's :class:`GraphIndex`, when the caller has one (its shape inference
+    is the costly part).
     """
-    index = GraphIndex(model)
+    index = GraphIndex(model) if index is None else index
     found: list[tuple[int, str, int]] = []
     per_op: Counter[str] = Counter()
     used: set[str] = set()
@@ -151,7 +154,7 @@ def find_layers(model: onnx.ModelProto, probe: str = "activation") -> list[Layer
         raise ModelError(f"unknown probe {probe!r}; choose one of {', '.join(PROBES)}")
     index = GraphIndex(model)
     layers = []
-    for i, name, kernels in layer_nodes(model):
+    for i, name, kernels in layer_nodes(model, index):
         node = model.graph.node[i]
         output = node.output[0]
         spatial = node.op_type == "Conv"

@@ -78,6 +78,18 @@ def _origin(states: dict[int, State], node: gs.Node, reason: str) -> str:
     return held.origin if held is not None else f"node {describe(node)} {reason}"
 
 
+def _out_change(r: Rewriter, node: gs.Node) -> Change | None:
+    """How the plan changes ``node``'s first output (None: not at all, or not traced)."""
+    flow = r.cg.flows.get(node.outputs[0].name)
+    return r.plan.change(flow) if flow is not None else None
+
+
+def _pads(node: gs.Node) -> bool:
+    """Whether a conv or pool pads its input (``pads`` or an ``auto_pad`` that may)."""
+    return any(int(p) for p in node.attrs.get("pads", [])) or \
+        node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+
+
 def _constant_or_zero(values: np.ndarray, origin: str) -> State:
     return None if not np.any(values) else Constant(np.asarray(values, np.float64), origin)
 
@@ -548,8 +560,8 @@ def _by_slot(r: Rewriter, node: gs.Node, ins: Changes, states: dict[int, State])
         for slot, value in zip(slots.tolist(), np.asarray(held).tolist(), strict=True):
             if by_slot.setdefault(slot, value) != value:
                 return origin
-    out_flow, out_change = r.cg.flows[node.outputs[0].name], r.plan.change(
-        r.cg.flows[node.outputs[0].name])
+    out_flow = r.cg.flows[node.outputs[0].name]
+    out_change = r.plan.change(out_flow)
     if out_change is None:
         return origin
     slots = out_flow.expanded()[out_change.removed()]
@@ -582,11 +594,9 @@ class Pool(Handler):
         """A channel constant over its positions pools to the same constant (max and average
         pools; an average pool that counts its padding does not, at the borders)."""
         held = states.get(0)
-        padded = any(int(p) for p in node.attrs.get("pads", [])) or \
-            node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
         keeps = node.op in ("MaxPool", "GlobalMaxPool", "GlobalAveragePool") or (
             node.op == "AveragePool" and not (int(node.attrs.get("count_include_pad", 0))
-                                               and padded))
+                                               and _pads(node)))
         if isinstance(held, Constant) and keeps:
             return held
         return super().zero_state(r, node, ins, states)
@@ -1331,16 +1341,13 @@ class Conv(Handler):
         weight = r.require_const(node, 1, "weight")
         group = int(node.attrs.get("group", 1))
         per_group_in, per_group_out = weight.shape[1], weight.shape[0] // group
-        out_flow = r.cg.flows.get(node.outputs[0].name)
-        out_change = r.plan.change(out_flow) if out_flow is not None else None
+        out_change = _out_change(r, node)
         gone = set(out_change.removed().tolist()) if out_change is not None else set()
         groups = {int(p) // per_group_in for p in change.removed().tolist()}
         if all(o in gone for g in groups
                for o in range(g * per_group_out, (g + 1) * per_group_out)):
             return None
-        pads = node.attrs.get("pads", [])
-        if any(int(p) for p in pads) or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET",
-                                                                                   "VALID"):
+        if _pads(node):
             return "it pads its input, so a constant channel is not constant at the borders"
         sums = weight.astype(np.float64).sum(axis=(2, 3))  # (K, C_in / group)
         shift = np.zeros(weight.shape[0])
@@ -1560,8 +1567,7 @@ class MatMul(Handler):
             return None
         # no bias (tf2onnx drops a Dense's all-zero one): add one right after the MatMul,
         # already cut to the neurons this step keeps (the new node is not among the records)
-        out_flow = r.cg.flows.get(out.name)
-        out_change = r.plan.change(out_flow) if out_flow is not None else None
+        out_change = _out_change(r, node)
         if out_change is not None:
             shift = r.out_channels(shift, 0, out_change, fan_in=1, bias=True)
         name = node.name or out.name
