@@ -21,6 +21,7 @@ __all__ = [
     "NameRegistry",
     "constant_value",
     "export_model",
+    "fold_node",
     "import_graph",
     "restore_node_metadata",
     "restore_value_info",
@@ -159,12 +160,12 @@ def constant_value(tensor: gs.Tensor, depth: int = 16) -> np.ndarray | None:
         return _constant_node_value(producer)
     args = [constant_value(t, depth - 1) if t.name else None for t in producer.inputs]
     try:
-        return _fold(producer, args)
+        return fold_node(producer, args)
     except (ValueError, TypeError, IndexError):  # malformed arguments: leave it computed
         return None
 
 
-def _fold(node: gs.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
+def fold_node(node: gs.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
     """``node`` evaluated on constant ``args`` (None: not constant), for the ops
     :func:`constant_value` follows; None when it is not one of them or an input is computed."""
     op, first = node.op, args[0] if args else None

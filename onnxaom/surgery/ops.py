@@ -54,6 +54,7 @@ from .channels import (
     concat_flows,
     describe,
 )
+from .gsio import fold_node
 
 __all__ = ["HANDLERS", "LAYER_HANDLERS", "Handler", "conv_weight", "handler_for",
            "layer_handler_for"]
@@ -867,15 +868,6 @@ def _shape_entries(cg: ChannelGraph, tensor: gs.Tensor, depth: int = _ENTRIES_DE
                 return None
             out += entries
         return out
-    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0:
-        entries = _shape_entries(cg, inner, depth - 1)  # type: ignore[arg-type]
-        index = cg.const(node.inputs[1])
-        if entries is None or index is None:
-            return _unknown_entries(cg, tensor)
-        n = len(entries)
-        picks = [int(i) + n if int(i) < 0 else int(i) for i in np.ravel(index)]
-        return [entries[i] for i in picks] if all(0 <= i < n for i in picks) \
-            else _unknown_entries(cg, tensor)
     if node.op == "Mul" and len(node.inputs) == 2:  # x.size(2) * x.size(3)
         factors = [_shape_entries(cg, t, depth - 1) for t in node.inputs]
         sizes = [_fixed_size(cg, f[0]) if f is not None and len(f) == 1 else None
@@ -884,14 +876,19 @@ def _shape_entries(cg: ChannelGraph, tensor: gs.Tensor, depth: int = _ENTRIES_DE
         if left is not None and right is not None:
             return [left * right]
         return _unknown_entries(cg, tensor)
-    if node.op == "Slice":
+    if node.op in ("Gather", "Slice"):  # picks entries: fold the op on their positions
         entries = _shape_entries(cg, inner, depth - 1)  # type: ignore[arg-type]
-        bounds = _slice_bounds(cg, node)
-        if entries is None or bounds is None:
+        if entries is None:
             return _unknown_entries(cg, tensor)
-        n = len(entries)
-        first, stop = (max(0, min(n, v + n if v < 0 else v)) for v in bounds)
-        return entries[first:stop]
+        args = [np.arange(len(entries)), *(cg.const(t) if t.name else None
+                                           for t in node.inputs[1:])]
+        try:
+            picked = fold_node(node, args)
+        except (ValueError, TypeError, IndexError):  # out of range, another axis
+            picked = None
+        if picked is None or np.ndim(picked) > 1:
+            return _unknown_entries(cg, tensor)
+        return [entries[int(i)] for i in np.ravel(picked)]
     return _unknown_entries(cg, tensor)
 
 
@@ -906,23 +903,6 @@ def _fixed_size(cg: ChannelGraph, entry: int | _SizeOf | None) -> int | None:
         return None
     size = shape[entry.axis]
     return None if size is None else int(size)
-
-
-def _slice_bounds(cg: ChannelGraph, node: gs.Node) -> tuple[int, int] | None:
-    """(start, end) of a Slice of a 1-D tensor along axis 0 with step 1; None otherwise."""
-    if "starts" in node.attrs:  # before opset 10: bounds are attributes
-        values = [node.attrs.get("starts"), node.attrs.get("ends"), node.attrs.get("axes"), None]
-    else:
-        values = [cg.const(node.inputs[i]) if len(node.inputs) > i and node.inputs[i].name
-                  else None for i in (1, 2, 3, 4)]
-    starts, ends, axes, steps = values
-    if starts is None or ends is None or np.size(starts) != 1 or np.size(ends) != 1:
-        return None
-    if axes is not None and [int(a) for a in np.ravel(axes)] not in ([0], [-1]):
-        return None
-    if steps is not None and [int(s) for s in np.ravel(steps)] != [1]:
-        return None
-    return int(np.ravel(starts)[0]), int(np.ravel(ends)[0])
 
 
 def _unknown_entries(cg: ChannelGraph, tensor: gs.Tensor) -> list[int | _SizeOf | None] | None:
