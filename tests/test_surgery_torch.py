@@ -15,7 +15,7 @@ import onnx
 import pytest
 
 import onnxaom
-from onnxaom.edits import InsertLayer, WidenLayer
+from onnxaom.edits import InsertLayer, RemoveKernels, WidenLayer
 from onnxaom.surgery import apply, remove_kernels
 
 from . import zoo
@@ -475,6 +475,30 @@ def test_a_constant_channel_read_by_a_padded_conv_is_refused():
                                                         r"norm after the probe\) shifts .* "
                                                         r"\(it pads its input"):
                 remove_kernels(onnxaom.Model(proto), {"conv1": [1]})
+
+
+def test_apply_steps_reports_each_steps_bias_folds():
+    """The removal's plan carries what it added to the biases of the layers that read a
+    removed channel as a constant (the torch adapter applies the same shifts), one value per
+    output channel of the reader before the step; a removal with no constant carries none."""
+    from onnxaom.surgery import RemovalPlan
+    from onnxaom.surgery.apply import apply_steps
+
+    from .test_surgery import _Net
+
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
+    x = net.op("MaxPool", "pool", [x], kernel_shape=[2, 2], strides=[2, 2])
+    x = net.bn("bn", x, 4, shift=True)
+    x = net.op("Relu", "relu2", [net.conv("conv2", x, 4, 5, k=1)])
+    model = onnxaom.Model(net.head(x, 5))
+    edited, (shifted, plain) = apply_steps(model, [RemoveKernels("conv1", (1,)),
+                                                   WidenLayer("conv1", 6)])
+    assert isinstance(shifted, RemovalPlan) and set(shifted.folds) == {"conv2"}
+    assert shifted.folds["conv2"].shape == (5,) and np.any(shifted.folds["conv2"] != 0)
+    assert isinstance(plain, dict) and edited.layer("conv1").kernels == 4 - 1 + 6
+    _, (unshifted,) = apply_steps(model, RemoveKernels("conv2", (0,)))
+    assert isinstance(unshifted, RemovalPlan) and not unshifted.folds
 
 
 @pytest.mark.parametrize("head", ["reduce_mean_gemm_row_bias", "gap_gemm_beta0",

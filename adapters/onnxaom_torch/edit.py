@@ -48,7 +48,6 @@ from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
@@ -57,7 +56,7 @@ from onnxaom.edits import Edit, InsertLayer, RemoveKernels, WidenLayer, as_edit_
 from onnxaom.errors import EditError, ModelError
 from onnxaom.runtime import make_session
 from onnxaom.session import describe_edits
-from onnxaom.surgery import apply as surgery_apply
+from onnxaom.surgery.apply import apply_steps
 from onnxaom.surgery.channels import (
     Change,
     ChannelGraph,
@@ -65,10 +64,10 @@ from onnxaom.surgery.channels import (
     Rewriter,
     WidenPlan,
     build,
-    rewrite,
 )
 from onnxaom.surgery.gsio import import_graph
 from onnxaom.surgery.ops import conv_weight
+from onnxaom.surgery.remove import RemovalPlan
 from onnxaom.surgery.remove import plan as removal_plan
 from onnxaom.surgery.widen import widen_sources
 
@@ -160,8 +159,11 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
                         "InsertLayer")
     steps = edit_steps(edit_list)
     models = [model]
+    done: list[object] = []  # per step, what the surgery did (a removal's bias folds, ...)
     for step in steps:  # validates every edit before any torch work; the oracles
-        models.append(surgery_apply(models[-1], step))
+        result, (step_done,) = apply_steps(models[-1], step)
+        models.append(result)
+        done.append(step_done)
     work = copy.deepcopy(module)
     x = example_input(model) if example is None else example
     lmap = mapping if mapping is not None else map_layers(work, model, x)
@@ -170,8 +172,7 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
     changed: list[str] = []
     touched: list[str] = []
     notes: list[str] = []
-    for number, (current, result, step) in enumerate(
-            zip(models[:-1], models[1:], steps, strict=True)):
+    for number, (current, step) in enumerate(zip(models[:-1], steps, strict=True)):
         run = _traced(work, x, steps[:number])
         proto = current.proto
         cg = build(import_graph(proto), proto)
@@ -180,19 +181,19 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
             removals = [e for e in step if isinstance(e, RemoveKernels)]
             plan, _ = removal_plan(cg, removals)
             rewriter = Rewriter(cg, plan, init="zeros", rng=np.random.default_rng(0))
-            rewriter.folds = _removal_folds(proto, removals)
+            removal = done[number]
+            assert isinstance(removal, RemovalPlan)
+            rewriter.folds = dict(removal.folds)
             step_changed = _apply_plan(work, cg, rewriter, layers, nodes, run, touched)
         elif isinstance(head, WidenLayer):
             rewriter = _widen_rewriter(cg, head)
             step_changed = _apply_plan(work, cg, rewriter, layers, nodes, run, touched)
         elif isinstance(head, InsertLayer):
-            new = [layer for layer in result.layers()
-                   if layer.name not in {old.name for old in current.layers()}]
-            if len(new) != 1:
-                raise EditError(f"internal: InsertLayer({head.after!r}) added {len(new)} layers")
-            step_changed = [new[0].name]
+            inserted = done[number]
+            assert isinstance(inserted, dict)
+            step_changed = [str(inserted["layer"])]
             activation = current.layer(head.after).chain[-1]  # "Relu" or "Clip" (surgery checked)
-            _insert(work, head, new[0].name, activation, layers, nodes, run, touched, notes)
+            _insert(work, head, step_changed[0], activation, layers, nodes, run, touched, notes)
         else:  # pragma: no cover - as_edit_list admits only the three edit types
             raise EditError(f"not an edit: {head!r}")
         changed.extend(n for n in step_changed if n not in changed)
@@ -213,18 +214,6 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
 
 
 # ------------------------------------------------------------------------------- plans
-def _removal_folds(proto: onnx.ModelProto, removals: Sequence[RemoveKernels]
-                   ) -> dict[str, np.ndarray]:
-    """What the surgery adds to the biases of layers that read removed channels a batch norm
-    after the probe turned into constants (DenseNet's BN-ReLU-Conv after a concat): the
-    removal run on a traced copy of the graph, its folds kept."""
-    cg = build(import_graph(proto), proto)
-    plan, _ = removal_plan(cg, removals)
-    rewriter = Rewriter(cg, plan, init="zeros", rng=np.random.default_rng(0))
-    rewrite(cg, rewriter, check_zero=True)
-    return rewriter.folds
-
-
 def _widen_rewriter(cg: ChannelGraph, edit: WidenLayer) -> Rewriter:
     """The plan and random numbers of :func:`onnxaom.surgery.widen.widen_step`, drawn again
     from the same seed (the surgery has validated the edit already)."""

@@ -31,7 +31,7 @@ from .gsio import export_model, import_graph, restore_node_metadata, restore_val
 from .remove import RemovalPlan, plan, remove_step
 from .widen import widen_step
 
-__all__ = ["METADATA_KEY", "apply", "plan_removal", "remove_kernels"]
+__all__ = ["METADATA_KEY", "apply", "apply_steps", "plan_removal", "remove_kernels"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,26 +75,38 @@ def apply(model: Model, edits: Edit | Iterable[Edit]) -> Model:
         coupled layers with ``coupled="refuse"``, an op on the channels' path that the surgery
         does not support, ...), or a result that fails the checker (a bug: please report).
     """
+    return apply_steps(model, edits)[0]
+
+
+def apply_steps(model: Model, edits: Edit | Iterable[Edit]) -> tuple[Model, list[object]]:
+    """:func:`apply`, with what each step did: a :class:`RemovalPlan` for a removal step (its
+    ``folds`` filled), the widening's or insertion's description (a dict) for the others."""
     _check_model(model)
     edit_list = as_edit_list(edits)
     original = model.proto
     proto = model.copy_proto()
+    done: list[object] = []
     for step in edit_steps(edit_list):
         graph = import_graph(proto)
         head = step[0]
         if isinstance(head, RemoveKernels):
-            result = remove_step(graph, proto, [e for e in step if isinstance(e, RemoveKernels)])
-            logger.info("removed kernels: %s", result.removed)
+            result: object = remove_step(graph, proto,
+                                         [e for e in step if isinstance(e, RemoveKernels)])
+            logger.info("removed kernels: %s", result.removed)  # type: ignore[attr-defined]
         elif isinstance(head, WidenLayer):
-            logger.info("widened: %s", widen_step(graph, proto, head))
+            result = widen_step(graph, proto, head)
+            logger.info("widened: %s", result)
         else:
-            logger.info("inserted: %s", insert_step(graph, proto, head))
+            result = insert_step(graph, proto, head)
+            logger.info("inserted: %s", result)
+        done.append(result)
         proto = export_model(graph, proto)
     restore_node_metadata(proto, original)
     restore_value_info(proto, _value_info_names(original, proto))
     _record(proto, edit_list)
     _postconditions(proto, edit_list)
-    return Model(proto, path=None, external_data=model.external_data, protected=model.protected)
+    return (Model(proto, path=None, external_data=model.external_data,
+                  protected=model.protected), done)
 
 
 def remove_kernels(model: Model, removals: Mapping[str, Iterable[int]],

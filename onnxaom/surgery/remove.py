@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
 import numpy as np
 import onnx
@@ -38,12 +39,15 @@ class RemovalPlan:
     requested: layer -> kernels asked for. removed: layer -> kernels that go, for every layer
     that changes (requested ones and the ones that follow: coupled by a residual merge or tied
     by a depthwise conv), in layer order. coupled: layers that lose kernels only because they
-    are coupled to requested ones, in layer order.
+    are coupled to requested ones, in layer order. folds: node name -> what was added to its
+    bias for removed channels that reach it as constants, one value per output channel of
+    the node before the step (filled by :func:`remove_step`; empty in a plan not applied).
     """
 
     requested: Mapping[str, tuple[int, ...]]
     removed: Mapping[str, tuple[int, ...]]
     coupled: tuple[str, ...]
+    folds: Mapping[str, np.ndarray] = field(default_factory=lambda: MappingProxyType({}))
 
     def to_dict(self) -> dict[str, object]:
         return {"requested": {k: list(v) for k, v in self.requested.items()},
@@ -151,6 +155,6 @@ def remove_step(graph: gs.Graph, proto: onnx.ModelProto,
     """Remove the kernels of ``edits`` (one step) from ``graph`` in place."""
     cg = build(graph, proto)
     remove_plan, result = plan(cg, edits)
-    rewrite(cg, Rewriter(cg, remove_plan, init="zeros", rng=np.random.default_rng(0)),
-            check_zero=True)
-    return result
+    rewriter = Rewriter(cg, remove_plan, init="zeros", rng=np.random.default_rng(0))
+    rewrite(cg, rewriter, check_zero=True)
+    return replace(result, folds=MappingProxyType(dict(rewriter.folds)))
