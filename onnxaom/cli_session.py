@@ -318,8 +318,6 @@ def add_parsers(subparsers: Any) -> None:
     source.add_argument("--train-epochs", type=_int_at_least(1), metavar="N",
                         help="train the module from scratch for N epochs (initialised and "
                         "trained with --seed, --lr, --batch-size)")
-    q.add_argument("--epochs", type=_int_at_least(0), default=1, metavar="N",
-                   help="retraining epochs after each step (default 1)")
     q.add_argument("--lr", type=_float_from(0.0, strict=True), default=1e-3, metavar="LR",
                    help="learning rate (default 1e-3)")
     q.add_argument("--batch-size", type=_int_at_least(1), default=64, metavar="N",
@@ -341,10 +339,8 @@ def add_parsers(subparsers: Any) -> None:
     q.add_argument("--loop-strategy", choices=STRATEGIES, metavar="S",
                    help=f"how `session resume` chooses kernels: {', '.join(STRATEGIES)} (default "
                    f"{DEFAULT_STRATEGY})")
-    q.add_argument("--accept-drop", type=_float_from(0.0, strict=False), metavar="PP",
-                   help="`session resume` undoes a step that loses more than PP percentage "
-                   "points of accuracy (default 1)")
-    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _training_options(q, epochs_default=1, drop_help="`session resume` undoes a step that "
+                      "loses more than PP percentage points of accuracy (default 1)")
     q.set_defaults(func=_cmd_start)
 
     q = sub.add_parser("show", help="print a session's history table")
@@ -379,16 +375,10 @@ def add_parsers(subparsers: Any) -> None:
     q.add_argument("--json", action="store_true", help="print the proposal as JSON")
     q.set_defaults(func=_cmd_propose)
 
-    def training_options(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--epochs", type=int, help="retraining epochs (default: the session's)")
-        q.add_argument("--accept-drop", type=float, metavar="PP",
-                       help="undo a step that loses more than PP percentage points of accuracy")
-        q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-
     q = sub.add_parser("apply", help="apply a reviewed proposal (or edits JSON) as one step")
     q.add_argument("folder", metavar="DIR")
     q.add_argument("edits", metavar="PROPOSAL.json", help="a proposal or a JSON list of edits")
-    training_options(q)
+    _training_options(q)
     q.add_argument("--relative-to", choices=("baseline", "parent"), default="baseline",
                    help="what --accept-drop compares with (default: the starting model)")
     q.set_defaults(func=_cmd_apply)
@@ -400,7 +390,20 @@ def add_parsers(subparsers: Any) -> None:
 
     q = sub.add_parser("resume", help="continue a session's automatic tuning loop")
     q.add_argument("folder", metavar="DIR")
-    training_options(q)
+    _training_options(q)
     q.add_argument("--max-steps", type=_int_at_least(1), metavar="N",
                    help="stop after N steps (at least 1)")
     q.set_defaults(func=_cmd_resume)
+
+
+def _training_options(q: argparse.ArgumentParser, epochs_default: int | None = None,
+                      drop_help: str = "undo a step that loses more than PP percentage points "
+                      "of accuracy (default: the session's)") -> None:
+    """--epochs, --accept-drop and --quiet, validated alike for start, apply and resume
+    (``None`` defaults: the session's values)."""
+    q.add_argument("--epochs", type=_int_at_least(0), default=epochs_default, metavar="N",
+                   help="retraining epochs after each step (default "
+                   + (f"{epochs_default})" if epochs_default is not None else ": the session's)"))
+    q.add_argument("--accept-drop", type=_float_from(0.0, strict=False), metavar="PP",
+                   help=drop_help)
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -281,3 +281,16 @@ def test_resume_max_steps_below_one_is_a_usage_error(tmp_path, capsys, steps):
     with pytest.raises(SystemExit) as exc:
         main(["session", "resume", str(tmp_path / "s"), "--max-steps", steps])
     assert exc.value.code == 2 and "--max-steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("action", ["apply", "resume"])
+@pytest.mark.parametrize("option, value", [("--epochs", "-1"), ("--epochs", "1.5"),
+                                           ("--accept-drop", "-0.5"), ("--accept-drop", "nan")])
+def test_apply_and_resume_validate_training_options_like_start(tmp_path, capsys, action,
+                                                                option, value):
+    args = ["session", action, str(tmp_path / "s")]
+    if action == "apply":
+        args.append(str(tmp_path / "p.json"))
+    with pytest.raises(SystemExit) as exc:
+        main([*args, option, value])
+    assert exc.value.code == 2 and option in capsys.readouterr().err
