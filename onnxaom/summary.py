@@ -125,8 +125,10 @@ def summary(model: Model | str | os.PathLike[str]) -> ModelSummary:
         shapes = fill_unknown(proto, shapes)  # sizes inference could not tell
     for layer in layers:
         node = proto.graph.node[layer.node_index]
+        # a weight or bias made by nodes (Identity, Cast, weight norm) counts by its shape
         params = sum(math.prod(d or 0 for d in shape) for shape in
-                     (index.constant_shape(name) for name in node.input[1:] if name)
+                     (index.constant_shape(name) or index.shapes.get(name)
+                      for name in node.input[1:] if name)
                      if shape is not None) + _bias_after(index, node, layer.kernels)
         weight = index.constant_shape(node.input[1]) or index.shapes.get(node.input[1])
         out_shape = shapes.get(layer.output)

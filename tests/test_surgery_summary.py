@@ -102,3 +102,32 @@ def test_a_matmul_layers_bias_is_the_add_after_it():
              helper.make_node("Add", ["m", "b"], ["y"])]
     summary = onnxaom.summary(onnxaom.Model(zoo.hand_built(nodes, inits, ["N", 6], ["N", 3])))
     assert summary.layers[0].params == 6 * 3 + 3 == summary.layer_params == summary.total_params
+
+
+@pytest.mark.parametrize("made_by", ["Identity", "Cast", "weight_norm"])
+def test_a_weight_made_by_nodes_counts_by_its_shape(made_by):
+    """A conv weight that nodes compute (an Identity or a Cast in front of it, weight norm
+    g * v / ||v||) counts all its values, as an initializer weight does (only the bias was
+    counted: 4 of 40)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(4, 1, 3, 3)).astype(np.float32)
+    inits = [numpy_helper.from_array(np.zeros(4, np.float32), "b")]
+    if made_by == "Identity":
+        inits.append(numpy_helper.from_array(v, "raw"))
+        nodes = [helper.make_node("Identity", ["raw"], ["w"])]
+    elif made_by == "Cast":
+        inits.append(numpy_helper.from_array(v.astype(np.float16), "raw"))
+        nodes = [helper.make_node("Cast", ["raw"], ["w"], to=onnx.TensorProto.FLOAT)]
+    else:
+        inits += [numpy_helper.from_array(v, "v"),
+                  numpy_helper.from_array(np.ones((4, 1, 1, 1), np.float32), "g")]
+        nodes = [helper.make_node("ReduceL2", ["v"], ["norm"], axes=[1, 2, 3], keepdims=1),
+                 helper.make_node("Div", ["v", "norm"], ["unit"]),
+                 helper.make_node("Mul", ["g", "unit"], ["w"])]
+    nodes += [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1] * 4),
+              helper.make_node("Relu", ["c"], ["y"])]
+    rows = summary(Model(zoo.hand_built(nodes, inits, ["N", 1, 6, 6], ["N", 4, 6, 6]))).layers
+    assert (rows[0].name, rows[0].params, rows[0].macs) == ("conv", 4 * 9 + 4, 4 * 9 * 36)
