@@ -902,3 +902,28 @@ def test_a_tf2onnx_flatten_with_a_dynamic_batch_is_editable():
     target = {t.name: numpy_helper.to_array(t) for t in edited.proto.graph.initializer}
     assert target["features"].tolist() == [6 * 6 * 2]
     assert_same_function(proto, apply(Model(proto), WidenLayer("conv1", add=2)).proto)
+
+
+@pytest.mark.parametrize("ir_version", [3, 8])
+def test_initializers_listed_as_inputs_stay_listed(ir_version):
+    """IR version 3 requires every initializer among the graph inputs; old exporters
+    (``keep_initializers_as_inputs=True``) list them at any IR version. Every edit keeps that
+    listing, at the edited shapes (onnx-graphsurgeon exports initializers only as
+    initializers, which failed the checker at IR 3)."""
+    proto = zoo.chain(opset=9)
+    proto.ir_version = ir_version
+    proto.graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in proto.graph.initializer)
+    onnx.checker.check_model(proto, full_check=True)
+    for layer in editable_layers(proto):
+        edited = assert_removal_exact(proto, {layer: [0]})
+        declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
+                    for i in edited.proto.graph.input}
+        assert declared == {"input": declared["input"], **{
+            t.name: list(t.dims) for t in edited.proto.graph.initializer}}
+        assert edited.proto.graph.input[0].name == "input"
+    for edit in (WidenLayer("conv1", 2), InsertLayer("conv1")):
+        edited = apply(Model(proto), [edit])
+        assert {t.name for t in edited.proto.graph.initializer} <= {
+            i.name for i in edited.proto.graph.input}

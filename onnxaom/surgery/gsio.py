@@ -75,6 +75,42 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     out.graph.doc_string = template.graph.doc_string
     del out.graph.metadata_props[:]
     out.graph.metadata_props.extend(template.graph.metadata_props)
+    _list_initializers_as_inputs(out.graph, template)
+    return out
+
+
+def _list_initializers_as_inputs(graph: onnx.GraphProto, template: onnx.ModelProto) -> None:
+    """List initializers among ``graph``'s inputs as ``template`` did, at their new shapes
+    and in the template's order: every one (new ones too) below IR version 4, which requires
+    it, or where the template listed every one (``keep_initializers_as_inputs`` exports);
+    otherwise those the template listed. onnx-graphsurgeon exports initializers as
+    initializers only."""
+    initializers = {t.name: t for t in graph.initializer}
+    before = {t.name for t in template.graph.initializer}
+    listed_before = {i.name for i in template.graph.input} & before
+    every = template.ir_version < 4 or (bool(before) and listed_before == before)
+    if not every and not listed_before:
+        return
+    inputs = {i.name: _copied(i) for i in graph.input}
+    order = [i.name for i in template.graph.input]
+    order += [name for name in inputs if name not in order]
+    if every:
+        order += [name for name in initializers if name not in order]
+    wanted = []
+    for name in order:
+        if name in initializers and (every or name in listed_before):
+            tensor = initializers[name]
+            wanted.append(onnx.helper.make_tensor_value_info(name, tensor.data_type,
+                                                             list(tensor.dims)))
+        elif name in inputs:
+            wanted.append(inputs[name])
+    del graph.input[:]
+    graph.input.extend(wanted)
+
+
+def _copied(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    out = onnx.ValueInfoProto()
+    out.CopyFrom(value)
     return out
 
 
