@@ -9,7 +9,9 @@ place and never overwrites the file a model was loaded from.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Iterable
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from .layers import Layer
 
 __all__ = ["Model", "load"]
+
+log = logging.getLogger(__name__)
 
 #: Initializers at least this large (bytes) go to the external-data file when saving externally.
 EXTERNAL_DATA_THRESHOLD = 1024
@@ -194,7 +198,9 @@ def save(
     file exists (the weights of a model being replaced), to a fresh ``<name>.<8 hex>.data``:
     the model file is replaced last, and the weights files the replaced model read are removed
     after it, so a crash at any point leaves the old pair or the new one, never a model beside
-    the other's weights. ``protect``: files that must not be written, the
+    the other's weights. Only weights files named for ``path`` (``<name>.data``,
+    ``<name>.<8 hex>.data``) are removed; one of another name (``shared.data``) may be read by
+    other models, and stays. ``protect``: files that must not be written, the
     model's nor its external data's (a source model's).
     """
     path = Path(path)
@@ -240,10 +246,22 @@ def save(
         if placed is not None and placed not in stale:  # weights no model file reads
             placed.unlink(missing_ok=True)
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    for old in stale:  # the replaced model's weights, no longer read by anything
-        if old != data_path and not any(same_file(old, p) for p in guarded):
+    for old in stale:  # the replaced model's weights, no longer read by this file
+        if old == placed or any(same_file(old, p) for p in guarded):
+            continue
+        if _named_for(path, old):
             old.unlink(missing_ok=True)
+        else:  # another model may read it (a weights file shared by several models)
+            log.info("kept %s, which the replaced %s read: its name is not one onnxaom "
+                     "gives that model's weights, so another model may read it", old, path)
     return path
+
+
+def _named_for(path: Path, weights: Path) -> bool:
+    """Whether ``weights`` has a name :func:`save` gives ``path``'s weights (``<name>.data``,
+    ``<name>.<8 hex>.data``; also what torch's exporter writes): only such files are removed
+    with the model that read them."""
+    return re.fullmatch(re.escape(path.name) + r"(\.[0-9a-f]{8})?\.data", weights.name) is not None
 
 
 def _weights_of(path: Path) -> list[Path]:

@@ -146,3 +146,22 @@ def test_replacing_a_model_with_external_data_never_pairs_it_with_other_weights(
     monkeypatch.undo()
     np.testing.assert_array_equal(run(onnxaom.load(out), x), run(model, x))  # old pair intact
     assert sorted(p.name for p in tmp_path.glob("out.onnx*")) == files  # nothing left over
+
+
+def test_replacing_a_model_keeps_a_weights_file_other_models_may_read(tmp_path: Path) -> None:
+    """Two model files reading one ``shared.data``: saving another model over one of them
+    leaves the shared weights (their name is not one onnxaom gives that model's weights), so
+    the other still loads; weights named for the replaced model go with it."""
+    onnx.save_model(tiny_conv(big=True), tmp_path / "a.onnx", save_as_external_data=True,
+                    location="shared.data")
+    (tmp_path / "b.onnx").write_bytes((tmp_path / "a.onnx").read_bytes())
+    x = np.random.default_rng(1).normal(size=(2, 64, 6, 6)).astype(np.float32)
+    want = run(onnxaom.load(tmp_path / "a.onnx"), x)
+    onnxaom.Model(tiny_conv()).save(tmp_path / "b.onnx")
+    assert (tmp_path / "shared.data").is_file()
+    np.testing.assert_array_equal(run(onnxaom.load(tmp_path / "a.onnx"), x), want)
+
+    onnx.save_model(tiny_conv(big=True), tmp_path / "c.onnx", save_as_external_data=True,
+                    location="c.onnx.data")
+    onnxaom.Model(tiny_conv()).save(tmp_path / "c.onnx")
+    assert not (tmp_path / "c.onnx.data").exists()
