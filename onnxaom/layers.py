@@ -125,6 +125,7 @@ def layer_nodes(model: onnx.ModelProto, index: GraphIndex | None = None
     index = GraphIndex(model) if index is None else index
     found: list[tuple[int, str, int]] = []
     per_op: Counter[str] = Counter()
+    real = _unique_node_names(model)
     used: set[str] = set()
     for i, node in enumerate(model.graph.node):
         if node.domain in RUNTIME_DOMAINS and node.op_type in RUNTIME_LAYER_OPS:
@@ -136,16 +137,37 @@ def layer_nodes(model: onnx.ModelProto, index: GraphIndex | None = None
         kernels = _kernels(index, node)
         if kernels is None:
             continue
-        name = node.name
-        if not name:  # counted among unnamed nodes only: a named insertion shifts no name
-            name = f"{node.op_type}_{per_op[node.op_type]}"
-            per_op[node.op_type] += 1
+        if node.name:
+            found.append((i, node.name, kernels))
+            continue
+        # counted among unnamed nodes only: a named insertion shifts no name; a real node's
+        # name is never given to another (an unnamed Conv is not "Conv_0" beside a node of
+        # that name)
+        name = f"{node.op_type}_{per_op[node.op_type]}"
+        per_op[node.op_type] += 1
         unique, n = name, 1
-        while unique in used:
+        while unique in used or unique in real:
             unique, n = f"{name}_{n}", n + 1
         used.add(unique)
         found.append((i, unique, kernels))
     return found
+
+
+def _unique_node_names(model: onnx.ModelProto) -> set[str]:
+    """The names of ``model``'s nodes; :class:`ModelError` naming a name two nodes share
+    (ONNX Runtime refuses such a model, and a layer name must pick one node)."""
+    seen: dict[str, int] = {}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            continue
+        if node.name in seen:
+            first = model.graph.node[seen[node.name]]
+            raise ModelError(
+                f"nodes {seen[node.name]} ({first.op_type}) and {i} ({node.op_type}) are both "
+                f"named {node.name!r}: node names must be unique (ONNX Runtime refuses the "
+                f"model, and a layer name must pick one node); rename one of them")
+        seen[node.name] = i
+    return set(seen)
 
 
 def find_layers(model: onnx.ModelProto, probe: str = "activation") -> list[Layer]:

@@ -709,17 +709,36 @@ def test_the_padding_of_a_fixed_batch_chunk_is_not_checked_for_nan() -> None:
 
 
 def test_a_model_onnx_runtime_cannot_load_is_a_model_error() -> None:
-    """Two nodes with one name (some renaming tools write them): ONNX Runtime refuses the
-    model; collect says so in one line instead of ORT's traceback."""
-    proto = zoo.chain()
-    for node in proto.graph.node:
-        node.name = "same"
-    model = onnxaom.Model(proto)
-    images, labels = data_for(proto, 8, 2)
-    with pytest.raises(ModelError, match=r"ONNX Runtime cannot load the model: .*two nodes "
-                                         r"with same node name \(same\)"):
+    """A float64 conv, which ONNX Runtime's CPU provider does not implement: collect says so
+    in one line instead of ORT's traceback."""
+    w = numpy_helper.from_array(np.ones((2, 1, 1, 1), np.float64), "w")
+    nodes = [helper.make_node("Cast", ["x"], ["x64"], to=TensorProto.DOUBLE),
+             helper.make_node("Conv", ["x64", "w"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Cast", ["r"], ["y"], to=TensorProto.FLOAT)]
+    model = onnxaom.Model(zoo.hand_built(nodes, [w], ["N", 1, 2, 2], ["N", 2, 2, 2]))
+    images, labels = np.full((4, 1, 2, 2), 0.01, np.float32), np.array([0, 0, 1, 1])
+    with pytest.raises(ModelError, match=r"ONNX Runtime cannot load the model: .*Conv"):
         collect(model, images, labels, progress=False)
 
+
+def test_two_nodes_of_one_name_are_refused_naming_them() -> None:
+    """Two nodes with one name (some renaming tools write them): ONNX Runtime refuses the
+    model and a layer name could not pick one node, so every entry point says so, naming the
+    nodes (the layers were renamed, and an edit kept both names)."""
+    proto = zoo.chain()
+    for node in proto.graph.node:
+        if node.op_type == "Relu":
+            node.name = "same"
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, 8, 2)
+    message = r"nodes 1 \(Relu\) and 3 \(Relu\) are both named 'same'"
+    with pytest.raises(ModelError, match=message):
+        collect(model, images, labels, progress=False)
+    for call in (model.layers, lambda: onnxaom.summary(model),
+                 lambda: onnxaom.remove_kernels(model, {"conv1": [0]})):
+        with pytest.raises(ModelError, match=message):
+            call()
 
 
 def test_float16_probes_are_counted_as_the_model_rounds_them() -> None:

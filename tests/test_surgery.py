@@ -678,6 +678,19 @@ def test_insertion_keeps_the_names_of_unnamed_layers():
                                                  "Gemm_1"]
 
 
+def test_a_real_node_name_is_never_given_to_an_unnamed_layer():
+    """An unnamed conv would be "Conv_0"; beside a node really named "Conv_0" it is
+    "Conv_0_1", and the name picks the node that has it (the edit went to the unnamed conv)."""
+    proto = zoo.chain()
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    convs[0].name, convs[1].name = "", "Conv_0"
+    model = Model(proto)
+    assert [x.name for x in model.layers()][:2] == ["Conv_0_1", "Conv_0"]
+    assert model.layer("Conv_0").node_index == list(proto.graph.node).index(convs[1])
+    edited = remove_kernels(model, {"Conv_0": [0]})
+    assert [x.kernels for x in edited.layers()][:2] == [4, 7]
+
+
 def _flatten_head(kind: str) -> onnx.ModelProto:
     """conv1 → relu → conv2 → relu → a flatten → fc, the flatten as other exporters write it:
     ``slice_batch``: Reshape to Concat(Slice(Shape(x), 0, 1), [-1]); ``nhwc_flatten``:
