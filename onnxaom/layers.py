@@ -34,18 +34,22 @@ Probe points (``probe=``):
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from .errors import ModelError
-from .graph import GraphIndex
+from .graph import GraphIndex, Shape
 
 __all__ = ["PROBES", "Layer", "channel_mixing_reader", "clip_ceiling", "clip_floor",
            "find_layers", "layer_nodes"]
+
+log = logging.getLogger(__name__)
 
 PROBES = ("activation", "conv", "pool")
 #: Activations with f(x) > 0 exactly where x > 0 (Clip: when its lower bound is <= 0).
@@ -127,14 +131,10 @@ def layer_nodes(model: onnx.ModelProto, index: GraphIndex | None = None
     per_op: Counter[str] = Counter()
     real = _unique_node_names(model)
     used: set[str] = set()
+    _refuse_foreign_layers(model)
+    shapes = _with_computed_weights(model, index)
     for i, node in enumerate(model.graph.node):
-        if node.domain in RUNTIME_DOMAINS and node.op_type in RUNTIME_LAYER_OPS:
-            raise ModelError(
-                f"node {node.name or node.output[0]!r} is ONNX Runtime's own {node.domain} "
-                f"{node.op_type}: the model was saved after ONNX Runtime's extended or full "
-                f"graph optimisations, whose fused layers onnxaom cannot read or edit; give "
-                f"it the model as exported (or as saved at ORT_ENABLE_BASIC)")
-        kernels = _kernels(index, node)
+        kernels = _kernels(index, node, shapes)
         if kernels is None:
             continue
         if node.name:
@@ -151,6 +151,56 @@ def layer_nodes(model: onnx.ModelProto, index: GraphIndex | None = None
         used.add(unique)
         found.append((i, unique, kernels))
     return found
+
+
+def _refuse_foreign_layers(model: onnx.ModelProto) -> None:
+    """:class:`ModelError` for a layer onnxaom cannot read as one: ONNX Runtime's fused ops
+    (a model saved after its extended or full optimisations) and quantized layer ops
+    (QLinearConv, ConvInteger, ... of a QOperator or dynamically quantized model). Skipped,
+    they would silently leave the model short of layers."""
+    for node in model.graph.node:
+        name = node.name or node.output[0]
+        if node.domain in RUNTIME_DOMAINS and node.op_type in RUNTIME_LAYER_OPS:
+            raise ModelError(
+                f"node {name!r} is ONNX Runtime's own {node.domain} {node.op_type}: the model "
+                f"was saved after ONNX Runtime's extended or full graph optimisations, whose "
+                f"fused layers onnxaom cannot read or edit; give it the model as exported (or "
+                f"as saved at ORT_ENABLE_BASIC)")
+        if node.op_type in QUANTIZED_LAYER_OPS and node.domain in ("", "ai.onnx",
+                                                                   *RUNTIME_DOMAINS):
+            raise ModelError(
+                f"node {name!r} ({node.op_type}) is a quantized layer, which onnxaom cannot "
+                f"read or edit as a layer; give it the float model, or a QDQ model (float "
+                f"Conv/Gemm/MatMul between QuantizeLinear and DequantizeLinear nodes, as "
+                f"onnxruntime.quantization writes with QuantFormat.QDQ)")
+
+
+def _with_computed_weights(model: onnx.ModelProto, index: GraphIndex) -> dict[str, Shape]:
+    """``index.shapes``, filled from one run (:func:`onnxaom.shapes.fill_unknown`) where a
+    Conv's weight is computed and shape inference cannot size it (a weight standardisation
+    reshaped to a target the legacy exporter writes as ``Identity`` of a constant): without
+    it such a conv would silently not be a layer. Unfilled (an input of unknown size): each
+    such conv is named in a warning."""
+    shapes = index.shapes
+
+    def unsized(node: onnx.NodeProto) -> bool:
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            return False
+        weight = index.constant_shape(node.input[1]) or shapes.get(node.input[1])
+        return (weight is None or len(weight) == 4) and _kernels(index, node, shapes) is None
+
+    if not any(unsized(node) for node in model.graph.node):
+        return shapes
+    from .shapes import fill_unknown
+
+    shapes = fill_unknown(model, shapes)
+    for node in model.graph.node:
+        if unsized(node):
+            log.warning("Conv node %r is not analysed: its weight is computed and its kernel "
+                        "count cannot be told (shape inference cannot, and the model could "
+                        "not be run on an input of its declared size)",
+                        node.name or node.output[0])
+    return shapes
 
 
 def _unique_node_names(model: onnx.ModelProto) -> set[str]:
@@ -217,15 +267,26 @@ def find_layers(model: onnx.ModelProto, probe: str = "activation") -> list[Layer
     return layers
 
 
-def _kernels(index: GraphIndex, node: onnx.NodeProto) -> int | None:
-    """K for a layer node, None if the node is not an analysable layer."""
+def _kernels(index: GraphIndex, node: onnx.NodeProto,
+             shapes: Mapping[str, Shape] | None = None) -> int | None:
+    """K for a layer node, None if the node is not an analysable layer. ``shapes``: tensor
+    shapes (default: shape inference's)."""
     if node.domain not in ("", "ai.onnx") or len(node.input) < 2:
         return None
-    weight = index.constant_shape(node.input[1]) or index.shapes.get(node.input[1])
+    shapes = index.shapes if shapes is None else shapes
+    weight = index.constant_shape(node.input[1]) or shapes.get(node.input[1])
     if node.op_type == "Conv":
-        if weight is None or len(weight) != 4 or weight[0] is None:
+        if weight is None or len(weight) != 4:
             return None  # only 2-D convolutions are analysed
-        return int(weight[0])
+        if weight[0] is not None:
+            return int(weight[0])
+        # a computed weight: K is the output's channel count, or the bias's size
+        out = shapes.get(node.output[0])
+        bias = index.constant_shape(node.input[2]) if len(node.input) > 2 and node.input[2] \
+            else None
+        k = out[1] if out is not None and len(out) == 4 else None
+        k = k if k is not None else (bias[0] if bias is not None and len(bias) == 1 else None)
+        return None if k is None else int(k)
     if node.op_type == "Gemm":
         if weight is None or len(weight) != 2:
             return None
@@ -287,6 +348,12 @@ RUNTIME_DOMAINS = frozenset({"com.microsoft", "com.microsoft.nchwc"})
 #: ORT's blocked layout): a model with them would seem to lack those layers.
 RUNTIME_LAYER_OPS = frozenset({"Conv", "FusedConv", "NhwcConv", "NhwcFusedConv", "FusedGemm",
                                "FusedMatMul", "QLinearConv", "ConvTransposeWithDynamicPads"})
+
+#: Quantized layer ops (ONNX's QOperator and integer forms, ONNX Runtime's quantized
+#: contrib ops): a model with them is refused rather than read short of those layers.
+QUANTIZED_LAYER_OPS = frozenset({"QLinearConv", "ConvInteger", "QLinearMatMul",
+                                 "MatMulInteger", "QGemm", "DynamicQuantizeMatMul",
+                                 "MatMulIntegerToFloat", "QLinearConvTranspose"})
 
 #: Ops whose output has their first input's rank.
 _RANK_KEEPING = frozenset({"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu",
@@ -405,11 +472,57 @@ def _follow_channel_chain(
         elif op in CONSTANT_ARITHMETIC and len(node.input) == 2:
             other = node.input[1] if node.input[0] == tensor else node.input[0]
             ok = other != tensor and _is_per_channel_constant(index, other, kernels, spatial)
+        elif op == "QuantizeLinear":
+            pair = _quantize_pair(index, node, tensor, kernels)
+            if pair is None:
+                break
+            chain.extend(pair)
+            tensor = pair[1].output[0]
+            continue
         if not ok:
             break
         chain.append(node)
         tensor = node.output[0]
     return chain
+
+
+def _quantize_pair(index: GraphIndex, quantize: onnx.NodeProto, tensor: str, kernels: int
+                   ) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
+    """``quantize`` and the DequantizeLinear that alone reads it, when the pair is a
+    per-channel op on ``tensor`` (a QDQ model's activation quantization: scale and zero point
+    per tensor, or per channel on axis 1, the same zero point in both): DQ(Q(x)) > 0 only
+    where x > 0, and it is the value the next layer reads (with a uint8 zero point of 0 it is
+    also the ReLU the quantizer folded away). None otherwise: a chain never ends between the
+    two, on integers."""
+    if quantize.input[0] != tensor:
+        return None
+    reader = index.single_consumer(quantize.output[0])
+    if reader is None:
+        return None
+    dequantize = index.graph.node[reader]
+    if dequantize.op_type != "DequantizeLinear" or dequantize.domain not in ("", "ai.onnx") \
+            or dequantize.input[0] != quantize.output[0]:
+        return None
+    for node in (quantize, dequantize):
+        params = [n for n in node.input[1:] if n]
+        axis = int(index.attribute(node, "axis", 1))  # type: ignore[call-overload]
+        for name in params:
+            shape = index.constant_shape(name)
+            if shape is None or not (math.prod(shape) == 1 or (
+                    len(shape) == 1 and shape[0] == kernels and axis in (1, -3))):
+                return None
+        if any(a.name == "block_size" and a.i for a in node.attribute):
+            return None
+
+    def zero_point(node: onnx.NodeProto) -> np.ndarray | None:
+        return index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+
+    zq, zd = zero_point(quantize), zero_point(dequantize)
+    same = (zq is None and zd is None) or (
+        zq is not None and zd is not None and np.array_equal(np.ravel(zq), np.ravel(zd))) or (
+        zq is None and zd is not None and not np.any(zd)) or (
+        zd is None and zq is not None and not np.any(zq))
+    return (quantize, dequantize) if same else None
 
 
 def _through_channel_mixing_norm(index: GraphIndex, tensor: str, kernels: int,

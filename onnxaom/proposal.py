@@ -806,6 +806,12 @@ def _rank_by_score(score: np.ndarray, strategy: str, kept_why: Callable[[int], s
 
 def _rank_activity(aom: np.ndarray, mass: ReadMass) -> _Ranking:
     occurrence = np.nan_to_num(aom.reshape(aom.shape[0], -1).mean(axis=1), nan=0.0)
+    if not mass.per_kernel.any():  # as for usage: ranked by index otherwise
+        return _rank_by_score(
+            occurrence, "activity",
+            lambda k: f"mean occurrence {_fmt(occurrence[k])} (no layer reads it that onnxaom "
+                      f"traces: occurrence alone)",
+            lambda k: f"{_fmt(occurrence[k])}, occurrence alone")
     score = occurrence * mass.per_kernel
     return _rank_by_score(
         score, "activity",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,28 +122,36 @@ def summary(model: Model | str | os.PathLike[str]) -> ModelSummary:
     rows: list[LayerSummary] = []
     layers = find_layers(proto)
     shapes = index.shapes
-    if any(layer.output not in shapes or None in shapes[layer.output][2:] for layer in layers):
+    weights = [proto.graph.node[layer.node_index].input[1] for layer in layers]
+    if any(layer.output not in shapes or None in shapes[layer.output][1:] for layer in layers) \
+            or any(index.constant_shape(w) is None and None in shapes.get(w, (None,))
+                   for w in weights):
         shapes = fill_unknown(proto, shapes)  # sizes inference could not tell
     for layer in layers:
         node = proto.graph.node[layer.node_index]
         # a weight or bias made by nodes (Identity, Cast, weight norm) counts by its shape
-        params = sum(math.prod(d or 0 for d in shape) for shape in
-                     (index.constant_shape(name) or index.shapes.get(name)
-                      for name in node.input[1:] if name)
+        kernels = layer.kernels if layer.op == "Conv" else None
+        weight = _weight_shape(index, shapes, node.input[1], kernels)
+        bias = [_weight_shape(index, shapes, name, kernels) for name in node.input[2:3] if name]
+        params = sum(math.prod(d or 0 for d in shape) for shape in (weight, *bias)
                      if shape is not None) + _bias_after(index, node, layer.kernels)
-        weight = index.constant_shape(node.input[1]) or index.shapes.get(node.input[1])
         out_shape = shapes.get(layer.output)
         inputs, macs = _inputs_and_macs(index, node, weight, out_shape, layer.kernels)
         rows.append(LayerSummary(layer.name, layer.op, layer.kernels, inputs, params, macs,
                                  out_shape))
+    # parameters: float constants, and integer ones a model turns into floats (quantized
+    # weights: DequantizeLinear's input, a Cast's); not shapes, indices or zero points
+    dequantized = {node.input[0] for node in proto.graph.node
+                   if node.op_type in ("DequantizeLinear", "Cast") and node.input}
     total_params = 0
     for tensor in proto.graph.initializer:
-        if tensor.data_type in _FLOAT_TYPES:
+        if tensor.data_type in _FLOAT_TYPES or tensor.name in dequantized:
             total_params += int(np.prod(tensor.dims))
     for node in proto.graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
-                if attr.name == "value" and attr.t.data_type in _FLOAT_TYPES:
+                if attr.name == "value" and (attr.t.data_type in _FLOAT_TYPES
+                                             or node.output[0] in dequantized):
                     total_params += int(np.prod(attr.t.dims))
     file_size, external_size = _file_sizes(model.path)
     return ModelSummary(
@@ -157,6 +166,17 @@ def summary(model: Model | str | os.PathLike[str]) -> ModelSummary:
         file_size=file_size,
         external_size=external_size,
     )
+
+
+def _weight_shape(index: GraphIndex, shapes: Mapping[str, tuple[int | None, ...]], name: str,
+                  kernels: int | None) -> tuple[int | None, ...] | None:
+    """The shape of a layer's weight or bias ``name``: a constant's, else what inference or
+    the run gave a computed one; a conv's first dimension (its ``kernels``, which
+    :func:`~onnxaom.shapes.fill_unknown` leaves unknown as it would a batch) filled in."""
+    shape = index.constant_shape(name) or shapes.get(name) or index.shapes.get(name)
+    if shape and shape[0] is None and kernels is not None:
+        shape = (kernels, *shape[1:])
+    return shape
 
 
 def _bias_after(index: GraphIndex, node: onnx.NodeProto, kernels: int) -> int:

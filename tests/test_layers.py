@@ -258,3 +258,51 @@ def test_a_dense_head_is_found_where_inference_lost_the_rank_further_up(head):
     model = onnxaom.Model(zoo.hand_built(nodes, inits, ["N", 3, 6, 6], ["N", 2], opset=11))
     assert "f" not in GraphIndex(model.proto).shapes  # inference lost it
     assert [layer.name for layer in model.layers()][-1] == "dense"
+
+
+@pytest.mark.parametrize("op", ["QLinearConv", "ConvInteger", "MatMulInteger", "QGemm"])
+def test_a_quantized_layer_is_refused_by_name(op):
+    """QOperator and dynamically quantized models hold their layers as quantized ops: read as
+    they were, they seemed to have no layer (or only the float ones left: a false "too
+    shallow" finding, MACs short of the real count)."""
+    from onnx import helper
+
+    domain = "com.microsoft" if op == "QGemm" else ""
+    node = helper.make_node(op, ["x", "w"], ["y"], name="qlayer", domain=domain)
+    proto = zoo.hand_built([node], [], ["N", 3, 6, 6], ["N", 4, 4, 4])
+    with pytest.raises(ModelError, match=rf"node 'qlayer' \({op}\) is a quantized layer.* QDQ"):
+        onnxaom.Model(proto).layers()
+
+
+def test_a_conv_whose_weight_is_computed_to_an_unknown_shape_is_a_layer():
+    """A weight standardised in the graph and reshaped to a target shape inference cannot read
+    (``Identity`` of a constant: PyTorch's legacy export of timm's ScaledStdConv2d): the conv's
+    kernel count comes from one run, so it is a layer, counted and summed up (it was left out
+    without a word: 9 of NF-ResNet-26's 29 convs)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(5, 2, 3, 3)).astype(np.float32)
+    inits = [numpy_helper.from_array(v.reshape(1, 5, -1), "v"),
+             numpy_helper.from_array(np.array([5, 2, 3, 3], np.int64), "target"),
+             numpy_helper.from_array(np.zeros(5, np.float32), "b")]
+    nodes = [helper.make_node("InstanceNormalization", ["v", "ones", "zeros"], ["vn"]),
+             helper.make_node("Identity", ["target"], ["target_id"]),
+             helper.make_node("Reshape", ["vn", "target_id"], ["w"]),
+             helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["y"])]
+    inits += [numpy_helper.from_array(np.ones(5, np.float32), "ones"),
+              numpy_helper.from_array(np.zeros(5, np.float32), "zeros")]
+    proto = zoo.hand_built(nodes, inits, ["N", 2, 6, 6], ["N", 5, 6, 6])
+    assert GraphIndex(proto).shapes.get("w", (None,))[0] is None  # what inference leaves
+    model = onnxaom.Model(proto)
+    assert [(x.name, x.kernels, x.shape) for x in model.layers()] == [("conv", 5, (5, 6, 6))]
+    row = onnxaom.summary(model).layers[0]
+    assert (row.params, row.macs) == (5 * 2 * 9 + 5, 5 * 2 * 9 * 36)
+    images = rng.normal(size=(6, 2, 6, 6)).astype(np.float32)
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    stats = onnxaom.collect(model, images, labels, progress=False)
+    out = zoo.run(proto, images)[0]
+    want = np.stack([(out[labels == c] > 0).sum(axis=0) for c in (0, 1)], axis=1)
+    np.testing.assert_array_equal(stats.counts["conv"], want)

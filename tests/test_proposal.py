@@ -265,6 +265,19 @@ def test_activity_scores_mean_occurrence_by_read_mass():
     assert p.kept == expected and p.strategy == "activity"
 
 
+def test_activity_without_a_traced_reader_ranks_by_occurrence_alone():
+    """The logits layer (or a QDQ model's layers, whose readers' weights are quantized) has no
+    reader onnxaom traces: every read mass is 0, and the ranking was the kernel order."""
+    from onnxaom.readers import read_mass
+
+    model, stats = _usage_case("activation")
+    assert not read_mass(model, "fc2").per_kernel.any()
+    occurrence = stats.aom("fc2").reshape(3, -1).mean(axis=1)
+    p = propose(stats, keep={"fc2": 1}, strategy="activity", model=model).layer("fc2")
+    assert p.kept == (int(np.argmax(occurrence)),)
+    assert all("occurrence alone" in reason for reason in p.reasons)
+
+
 @pytest.mark.parametrize("strategy", ["usage", "activity"])
 def test_usage_needs_the_model_the_statistics_come_from(strategy):
     stats = designed_stats()

@@ -20,6 +20,7 @@ from ..errors import EditError, LayerNotFoundError
 from ..graph import GraphIndex
 from ..layers import clip_floor, find_layers
 from .gsio import NameRegistry, constant_value
+from .ops import integer_storage
 
 __all__ = ["insert_step"]
 
@@ -52,9 +53,14 @@ def insert_step(graph: gs.Graph, proto: onnx.ModelProto, edit: InsertLayer) -> d
             f"{edit.after!r} has {chain}. Choose a layer followed by a ReLU"
         )
     node = graph.nodes[layer.node_index]
+    stored = integer_storage(node.inputs[1])
+    if stored is not None:
+        raise EditError(f"layer {edit.after!r} has quantized weights ({stored}): the surgery "
+                        f"edits float models (edit the float model, then quantize it again)")
     weight = constant_value(node.inputs[1])
     if weight is None:
-        raise EditError(f"layer {edit.after!r} has weights that are not constant")
+        raise EditError(f"layer {edit.after!r} has weights that are not constant (computed at "
+                        f"run time)")
     tensors = graph.tensors()
     probe = tensors[layer.probe]
     k = layer.kernels

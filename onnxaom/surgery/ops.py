@@ -57,7 +57,7 @@ from .channels import (
 from .gsio import fold_node
 
 __all__ = ["HANDLERS", "LAYER_HANDLERS", "Handler", "conv_weight", "handler_for",
-           "layer_handler_for"]
+           "integer_storage", "layer_handler_for", "layer_weight"]
 
 Flows = Sequence["Flow | None"]
 Changes = Sequence["Change | None"]
@@ -1254,6 +1254,43 @@ class Transpose(Handler):
 # layers
 
 
+def layer_weight(cg: ChannelGraph, node: gs.Node) -> np.ndarray:
+    """The constant weight (input 1) of layer ``node``; :class:`Unsupported` saying why where
+    there is none the surgery can edit: computed at run time, or stored as integers (a QDQ
+    model's DequantizeLinear, a Cast of integers times a scale), which an edit would silently
+    store as floats."""
+    stored = integer_storage(node.inputs[1])
+    if stored is not None:
+        raise Unsupported(f"has quantized weights ({stored}): the surgery edits float weights "
+                          f"(edit the float model, then quantize it again)")
+    weight = cg.const(node.inputs[1])
+    if weight is None:
+        raise Unsupported("has weights that are not constant (computed at run time)")
+    return weight
+
+
+def integer_storage(tensor: gs.Tensor, depth: int = 8) -> str | None:
+    """What turns integers into the values of ``tensor`` (a DequantizeLinear, a Cast from an
+    integer type) within ``depth`` ops before it; None when nothing does."""
+    todo, seen = [(tensor, 0)], set()
+    while todo:
+        t, level = todo.pop()
+        if id(t) in seen or isinstance(t, gs.Constant) or len(t.inputs) != 1 or level >= depth:
+            continue
+        seen.add(id(t))
+        producer = t.inputs[0]
+        if producer.op in ("DequantizeLinear", "DynamicQuantizeLinear"):
+            return f"node {describe(producer)}"
+        if producer.op == "Cast" and producer.inputs:
+            source = producer.inputs[0]
+            dtype = source.values.dtype if isinstance(source, gs.Constant) \
+                else getattr(source, "dtype", None)
+            if dtype is not None and np.issubdtype(np.dtype(dtype), np.integer):
+                return f"node {describe(producer)} casts integers"
+        todo.extend((i, level + 1) for i in producer.inputs if i.name)
+    return None
+
+
 def _layer_inputs(node: gs.Node, ins: Flows) -> Flow | None:
     if any(f is not None for f in ins[1:]):
         raise Unsupported("reads layer channels as weights or bias")
@@ -1282,9 +1319,7 @@ class Conv(Handler):
         if layer is None:
             raise Unsupported("is not an analysable layer (weights not a constant 4-D tensor)")
         flow = _layer_inputs(node, ins)
-        weight = cg.const(node.inputs[1])
-        if weight is None:
-            raise Unsupported("has weights that are not constant")
+        weight = layer_weight(cg, node)
         group = int(node.attrs.get("group", 1))
         n_in = int(weight.shape[1])
         if flow is not None:
@@ -1427,8 +1462,7 @@ class Gemm(Handler):
         if layer is None:
             raise Unsupported("is not an analysable layer (weights not a constant)")
         flow = _layer_inputs(node, ins)
-        if cg.const(node.inputs[1]) is None:
-            raise Unsupported("has weights that are not constant")
+        layer_weight(cg, node)
         if flow is not None and (int(node.attrs.get("transA", 0)) or flow.rank != 2
                                  or flow.axis != 1):
             raise Unsupported("reads features that are not on axis 1 of its (N, F) input")
@@ -1512,8 +1546,7 @@ class MatMul(Handler):
             raise Unsupported("is not an analysable layer (second input not a constant 2-D "
                               "weight)")
         flow = _layer_inputs(node, ins)
-        if cg.const(node.inputs[1]) is None:
-            raise Unsupported("has weights that are not constant")
+        layer_weight(cg, node)
         rank = _out_rank(cg, node, 2)
         if flow is not None and (flow.rank != 2 or flow.axis != 1):
             raise Unsupported("reads features that are not on the last axis of its (N, F) input")
