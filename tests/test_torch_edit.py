@@ -513,3 +513,46 @@ def test_densenet_removals_fold_the_same_constants_into_the_torch_biases(tmp_pat
         if layer.op == "Conv":
             edit = apply_edits(module, model, RemoveKernels(layer.name, (0, 2)))
             assert edit.difference is not None and edit.difference < ATOL
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d``: a BatchNorm2d that runs its own ``drop`` and ``act`` child
+    modules, so it is not a leaf module."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class NormActNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn1 = BatchNormAct(6)
+        self.conv2 = nn.Conv2d(6, 5, 3, padding=1, bias=False)
+        self.bn2 = BatchNormAct(5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(self.bn2(self.conv2(self.bn1(self.conv1(x)))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_a_batch_norm_with_its_own_activation_module_is_one_per_channel_module(tmp_path,
+                                                                              exporter):
+    """A BatchNorm2d subclass with child modules (timm's BatchNormAct2d, in GhostNet, RexNet,
+    CSPNet, VoVNet, RepVGG, ...) was invisible to the trace: the batch norm the legacy exporter
+    folds into the conv was not found, and the module was refused as "different weights"."""
+    module = torch_zoo.reinit(NormActNet(), 0).eval()
+    model = export(tmp_path, module, (1, 3, 8, 8), exporter)
+    assert dict(map_layers(module, model).modules) == {
+        layer.name: path for layer, path in zip(model.layers(), ["conv1", "conv2", "fc"],
+                                                strict=True)}
+    result = assert_parity(tmp_path, module, model,
+                           [RemoveKernels(model.layers()[0].name, (1, 4))])
+    assert result.module.bn1.num_features == 4 and result.module.bn1.running_mean.shape == (4,)
+    assert_parity(tmp_path, module, model, [WidenLayer(model.layers()[1].name, 2)])

@@ -122,8 +122,22 @@ class Trace:
 
 
 def _leaves(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, sub) for name, sub in module.named_modules()
-            if name and next(iter(sub.children()), None) is None]
+    """The modules whose calls are recorded: those without children, and layer and
+    per-channel modules with children (timm's ``BatchNormAct2d``, a ``BatchNorm2d`` that runs
+    its own ``act`` and ``drop``), whose children are then not recorded apart: the module is
+    one call, its input what the layer returned, its output what the next module reads."""
+    whole = (*LAYER_TYPES, *PER_CHANNEL_TYPES)
+    out: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []  # paths of recorded modules that have children
+    for name, sub in module.named_modules():
+        if not name or any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        if next(iter(sub.children()), None) is None:
+            out.append((name, sub))
+        elif isinstance(sub, whole):
+            out.append((name, sub))
+            inside.append(name)
+    return out
 
 
 def one_line(exc: BaseException, limit: int = 600) -> str:
