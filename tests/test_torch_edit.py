@@ -556,3 +556,23 @@ def test_a_batch_norm_with_its_own_activation_module_is_one_per_channel_module(t
                            [RemoveKernels(model.layers()[0].name, (1, 4))])
     assert result.module.bn1.num_features == 4 and result.module.bn1.running_mean.shape == (4,)
     assert_parity(tmp_path, module, model, [WidenLayer(model.layers()[1].name, 2)])
+
+
+def test_the_self_check_catches_a_wrong_module_and_forgives_the_models_own_rounding(tmp_path):
+    """``apply_edits``' check compares the edited module, exported, with the surgery result. A
+    module off by 1e-3 fails it; the same module passes where the unedited pair already
+    differs by that much (float32 rounding a deep dynamo export shows on 10x inputs: an exact
+    widening of timm's RegNetZ was refused)."""
+    module = mnist().eval()
+    model = export(tmp_path, module, (1, 1, 8, 8))
+    x = torch.from_numpy(zoo.random_input(model.proto, batch=3, seed=1))
+    with torch.no_grad():
+        module.fc2.bias += 1e-3
+    with pytest.raises(EditError, match="differs from the ONNX surgery result by up to 0.001"):
+        edit_module._check_against(module, model, x, atol=1e-5)
+    noise = edit_module._numeric_noise(module, model, x)  # this module against the model
+    assert noise.shape == (6, 10) and noise.max() == pytest.approx(1e-3, rel=1e-2)
+    assert edit_module._check_against(module, model, x, atol=1e-5, noise=noise / 4) \
+        == pytest.approx(1e-3, rel=1e-2)
+    with pytest.raises(EditError, match="already differs from its ONNX model by up to"):
+        edit_module._check_against(module, model, x, atol=1e-5, noise=noise / 100)
