@@ -635,3 +635,36 @@ def test_filling_shapes_retries_without_the_outputs_of_unknown_rank(tmp_path, mo
     assert asked == [True, False]
     assert relu not in filled
     assert filled[model.layers()[1].probe][2:] == (8, 8)
+
+
+class GhostSlice(torch.nn.Module):
+    """GhostNet's module: a primary conv, a cheap depthwise conv on it, both concatenated and
+    sliced to the output width, ``cat(...)[:, :out]``, here every channel (a Slice [0:8] on the
+    channel axis in the legacy export)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.primary = torch.nn.Conv2d(3, 4, 1)
+        self.cheap = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.head = torch.nn.Conv2d(8, 5, 3)
+        self.fc = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        a = torch.relu(self.primary(x))
+        y = torch.cat([a, torch.relu(self.cheap(a))], 1)[:, :8]
+        return self.fc(torch.relu(self.head(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_a_slice_that_keeps_every_channel_passes_them_on(tmp_path, exporter):
+    """A Slice of the channel axis from 0 past the last channel keeps every channel, before and
+    after a removal (ONNX clamps its bounds): it no longer refuses the removal (21 of 24
+    sampled convs of GhostNet's legacy export were refused)."""
+    path = tmp_path / "ghost.onnx"
+    architectures.export_onnx(torch_zoo.reinit(GhostSlice(), 0).eval(), path,
+                              exporter=exporter, input_shape=(2, 3, 8, 8), opset=18)
+    model = onnxaom.load(path)
+    if exporter == "legacy":
+        assert any(n.op_type == "Slice" for n in model.proto.graph.node)
+    for layer in [x for x in model.layers() if x.op == "Conv"]:
+        assert_removal_exact(model.proto, {layer.name: [1]})

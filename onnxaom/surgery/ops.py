@@ -703,9 +703,25 @@ class Slice(Handler):
         axes = _ints(cg, node, "axes", 3) if len(node.inputs) > 3 or "axes" in node.attrs \
             else None
         axes = [_norm_axis(a, flow.rank) for a in axes] if axes else list(range(len(starts)))
-        if flow.axis in axes:
+        if flow.axis in axes and not self._keeps_every_channel(cg, node, flow, axes):
             raise Unsupported("slices the channel axis")
         return _same(flow, len(node.outputs))
+
+    @staticmethod
+    def _keeps_every_channel(cg: ChannelGraph, node: gs.Node, flow: Flow,
+                             axes: list[int]) -> bool:
+        """Whether the slice takes every channel in order (GhostNet's ``cat(...)[:, :out]``
+        where ``out`` is all of them): start at or before 0, step 1, end at or past the count,
+        bounds that still take every channel once channels are removed (ONNX clamps them)."""
+        at = axes.index(flow.axis)
+        starts, ends = _ints(cg, node, "starts", 1), _ints(cg, node, "ends", 2)
+        steps = _ints(cg, node, "steps", 4) if len(node.inputs) > 4 else None
+        if starts is None or ends is None or len(starts) != len(axes) \
+                or len(ends) != len(axes) or (steps is not None and len(steps) != len(axes)):
+            return False
+        start, end = starts[at], ends[at]
+        step = steps[at] if steps is not None else 1
+        return step == 1 and (start == 0 or start <= -flow.size) and end >= flow.size
 
     def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
                    states: dict[int, State]) -> State:
