@@ -127,7 +127,7 @@ class _Input:
         last (N, H, W, C) for a model whose input is (Keras models converted by tf2onnx keep
         theirs): when the batch does not fit the input as it is but does once transposed."""
         if self.dims is None:
-            return np.ascontiguousarray(images, dtype=self.dtype)
+            return self._typed(images)
         if images.ndim != len(self.dims):
             raise DataError(
                 f"images have shape {images.shape} per batch but model input {self.name!r} "
@@ -148,7 +148,25 @@ class _Input:
                 f"(Preprocessing(resize=...), or --resize on the command line) and channels "
                 f"(images are fed as (N, C, H, W), or as (N, H, W, C) to a channels-last input)"
             )
-        return np.ascontiguousarray(images, dtype=self.dtype)
+        return self._typed(images)
+
+    def _typed(self, images: np.ndarray) -> np.ndarray:
+        """``images`` in the input's element type. A uint8 input (a deployment model that
+        takes raw pixels and scales them itself) gets 8-bit pixels back: onnxaom scales 8-bit
+        images to [0, 1] (k / 255), so 255 times the images must be whole numbers in
+        0..255; anything else (normalised or 16-bit images) is refused, not rounded."""
+        if self.dtype != np.uint8 or images.dtype == np.uint8:
+            return np.ascontiguousarray(images, dtype=self.dtype)
+        pixels = np.asarray(images, dtype=np.float64) * 255.0
+        whole = np.rint(pixels)
+        if pixels.size and (whole.min() < 0 or whole.max() > 255
+                            or np.abs(pixels - whole).max() > 1e-3):
+            raise DataError(
+                f"model input {self.name!r} takes 8-bit pixels (uint8); these images are not "
+                f"8-bit images scaled to [0, 1] (values from {float(images.min()):.4g} to "
+                f"{float(images.max()):.4g}, not all multiples of 1/255): give 8-bit images "
+                f"(uint8 arrays, image files, IDX) without normalisation")
+        return np.ascontiguousarray(whole, dtype=np.uint8)
 
     def _first_difference(self, shape: tuple[int, ...]) -> int | None:
         """The first axis after the batch where ``shape`` differs from the input's known
@@ -178,10 +196,11 @@ def _input_info(model: onnx.ModelProto) -> _Input:
             f"(N, C, H, W)"
         )
     elem = value.type.tensor_type.elem_type
-    if elem not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
+    if elem not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE,
+                    TensorProto.UINT8):
         raise ModelError(
             f"model input {value.name!r} has element type {TensorProto.DataType.Name(elem)}; "
-            f"onnxaom feeds float images"
+            f"onnxaom feeds float images, or 8-bit pixels to a uint8 input"
         )
     return _Input(value.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(elem)))
 

@@ -758,3 +758,30 @@ def test_float16_probes_are_counted_as_the_model_rounds_them() -> None:
     with pytest.warns(UserWarning, match="method='graph' on probes of other types than "
                                          "float32 \\(r\\)"):
         collect(model, images, labels, method="graph", progress=False)
+
+
+def test_a_uint8_input_takes_8_bit_pixels() -> None:
+    """A deployment model that takes raw pixels (uint8) and scales them itself: 8-bit images
+    (uint8 arrays, which onnxaom scales to k / 255, or floats that are k / 255) are fed back as
+    0..255; normalised images are refused, not rounded."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+             helper.make_node("Sub", ["xf", "mid"], ["xs"]),
+             helper.make_node("Conv", ["xs", "w"], ["c"], name="conv", pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["y"])]
+    inits = [numpy_helper.from_array(np.float32(128), "mid"),
+             numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "w")]
+    proto = zoo.hand_built(nodes, inits, ["N", 1, 6, 6], ["N", 4, 6, 6])
+    proto.graph.input[0].type.tensor_type.elem_type = TensorProto.UINT8
+    model = onnxaom.Model(proto)
+    pixels = rng.integers(0, 256, (10, 1, 6, 6)).astype(np.uint8)
+    labels = np.arange(10) % 2
+    session = ort.InferenceSession(proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x": pixels})[0]
+    want = np.stack([(out[labels == c] > 0).sum(axis=0) for c in (0, 1)], axis=1)
+    for images in (pixels, pixels.astype(np.float32) / 255):
+        stats = collect(model, images, labels, progress=False)
+        np.testing.assert_array_equal(stats.counts["conv"], want)
+    with pytest.raises(DataError, match="model input 'x' takes 8-bit pixels"):
+        collect(model, (pixels.astype(np.float32) - 128) / 64, labels, progress=False)
