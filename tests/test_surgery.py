@@ -940,3 +940,24 @@ def test_initializers_listed_as_inputs_stay_listed(ir_version):
         edited = apply(Model(proto), [edit])
         assert {t.name for t in edited.proto.graph.initializer} <= {
             i.name for i in edited.proto.graph.input}
+
+
+def test_a_depthwise_conv_with_a_multiplier_on_the_graph_input_is_a_grouped_conv():
+    """A depthwise conv reading the image (3 channels, 2 kernels each) ties its kernels to no
+    layer's channels: it loses the same number of kernels in every group, like any grouped
+    conv; without a multiplier a kernel cannot go (its input channel is the image's)."""
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("dw", "input", 3, 6, group=3)])
+    x = net.op("Relu", "relu2", [net.conv("conv2", x, 6, 4)])
+    proto = net.head(x, 4)
+    edited = assert_removal_exact(proto, {"dw": [0, 3, 5]})  # one of each group's two
+    assert [a.i for a in next(n for n in edited.proto.graph.node if n.name == "dw").attribute
+            if a.name == "group"] == [3]
+    with pytest.raises(EditError, match=r"would lose \[1, 0, 0\] output channels per group"):
+        remove_kernels(Model(proto), {"dw": [0]})
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("dw", "input", 3, 3, group=3)])
+    proto = net.head(net.op("Relu", "relu2", [net.conv("conv2", x, 3, 4)]), 4)
+    with pytest.raises(EditError, match="depthwise conv on tensor 'input', whose channels no "
+                                        "layer produces"):
+        remove_kernels(Model(proto), {"dw": [0]})

@@ -1344,11 +1344,14 @@ class Conv(Handler):
             if flow.size != n_in * group:
                 raise Unsupported(f"expects {n_in * group} input channels, gets {flow.size}")
         if group > 1 and n_in == 1:
-            if flow is None:
+            multiplier = len(layer.slots) // group
+            if flow is None and multiplier == 1:
                 raise Unsupported(f"is a depthwise conv on tensor {node.inputs[0].name!r}, "
                                   f"whose channels no layer produces")
-            multiplier = len(layer.slots) // group
-            cg.slots.union(np.repeat(flow.all_slots(), multiplier), layer.slots, tie=True)
+            if flow is not None:
+                cg.slots.union(np.repeat(flow.all_slots(), multiplier), layer.slots, tie=True)
+            # on a graph input with a channel multiplier: a grouped conv, which loses the same
+            # number of kernels in every group (checked when it is rewritten)
         out = Flow(4, 1, (Segment(layer.slots),))
         return _same(out, len(node.outputs))
 
@@ -1420,8 +1423,9 @@ def conv_weight(r: Rewriter, weight: np.ndarray, group: int, in_change: Change |
                 out_change: Change | None, where: str) -> tuple[np.ndarray, int]:
     """A Conv weight (K, C/group, kh, kw) and its group count after the changes of its input
     and output channels: plain, depthwise (kernels tied to input channels, the group count
-    follows the input) or grouped (equal changes per group). Shared by the ONNX surgery and
-    the torch adapter; ``where`` names the conv in errors."""
+    follows the input) or grouped (equal changes per group; so is a depthwise conv whose
+    kernels change without its input: a channel multiplier on the graph input). Shared by the
+    ONNX surgery and the torch adapter; ``where`` names the conv in errors."""
     c_out, n_in = int(weight.shape[0]), int(weight.shape[1])
     taps = int(np.prod(weight.shape[2:]))
     if group == 1:
@@ -1430,7 +1434,7 @@ def conv_weight(r: Rewriter, weight: np.ndarray, group: int, in_change: Change |
         if in_change is not None:
             weight = r.in_channels(weight, 1, in_change)
         return weight, group
-    if n_in == 1:  # depthwise
+    if n_in == 1 and (in_change is not None or out_change is None):  # depthwise
         multiplier = c_out // group
         if out_change is not None:
             weight = r.out_channels(weight, 0, out_change, fan_in=taps)
