@@ -533,12 +533,14 @@ class NormActNet(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
         self.bn1 = BatchNormAct(6)
+        self.aa = nn.Identity()  # timm's anti-aliasing slot, an Identity by default
         self.conv2 = nn.Conv2d(6, 5, 3, padding=1, bias=False)
         self.bn2 = BatchNormAct(5)
         self.fc = nn.Linear(5, 3)
 
     def forward(self, x):
-        return self.fc(self.bn2(self.conv2(self.bn1(self.conv1(x)))).mean(dim=(2, 3)))
+        x = self.aa(self.bn1(self.conv1(x)))
+        return self.fc(self.bn2(self.conv2(x)).mean(dim=(2, 3)))
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
@@ -556,6 +558,12 @@ def test_a_batch_norm_with_its_own_activation_module_is_one_per_channel_module(t
                            [RemoveKernels(model.layers()[0].name, (1, 4))])
     assert result.module.bn1.num_features == 4 and result.module.bn1.running_mean.shape == (4,)
     assert_parity(tmp_path, module, model, [WidenLayer(model.layers()[1].name, 2)])
+    # the new layer goes after the module that runs the ReLU, and gets its own ReLU (it had
+    # none: invisible with the identity start, wrong once its weights move)
+    result = assert_parity(tmp_path, module, model,
+                           [InsertLayer(model.layers()[0].name, init="random")])
+    assert isinstance(result.module.bn1, nn.Sequential)
+    assert isinstance(result.module.bn1.deep_relu, nn.ReLU)
 
 
 def test_the_self_check_catches_a_wrong_module_and_forgives_the_models_own_rounding(tmp_path):

@@ -420,13 +420,22 @@ def _nonnegative_activation(module: nn.Module) -> bool:
     return isinstance(module, nn.Hardtanh) and float(module.min_val) >= 0
 
 
+def _renamed(old: str, new: str, *tables: dict[str, str]) -> None:
+    """Point every entry of ``tables`` (ONNX name -> module path) at ``old`` to ``new``."""
+    for table in tables:
+        for key, value in table.items():
+            if value == old:
+                table[key] = new
+
+
 def _insert(work: nn.Module, edit: InsertLayer, new_name: str, activation: str,
             layers: dict[str, str], nodes: dict[str, str], run: Trace, touched: list[str],
             notes: list[str]) -> None:
     """Put the new layer after the activation module that ends ``edit.after``'s chain
     (``activation``: its ONNX op, "Relu" or "Clip"), as ``Sequential(act, deep, deep_relu)``;
-    where that activation is functional, wrap the module before it, which is exact only for a
-    functional ReLU (relu(deep(relu(x))) either way)."""
+    after a module that runs the activation itself (timm's ``BatchNormAct2d``), as
+    ``Sequential(body, deep, deep_relu)``; where that activation is functional, wrap the module
+    before it, which is exact only for a functional ReLU (relu(deep(relu(x))) either way)."""
     path = layers.get(edit.after)
     if path is None:
         raise EditError(f"no torch module is mapped to ONNX layer {edit.after!r}")
@@ -437,10 +446,20 @@ def _insert(work: nn.Module, edit: InsertLayer, new_name: str, activation: str,
     counts = run.call_counts()
     act_at = next((i for i, p in enumerate(chain) if _nonnegative_activation(modules[p])), None)
     new = _new_layer(layer_module, edit, kernels)
+    # a chain module that runs its activation itself (timm's BatchNormAct2d: bn.act)
+    inside = None if act_at is not None else next(
+        (p for p in chain if any(_nonnegative_activation(sub)
+                                 for sub in modules[p].modules())), None)
     if act_at is not None and counts.get(chain[act_at], 0) == 1:
         target = chain[act_at]
         _replace(work, target, nn.Sequential(OrderedDict(
             [("act", modules[target]), ("deep", new), ("deep_relu", nn.ReLU())])))
+        layers[new_name] = f"{target}.deep"
+    elif inside is not None and counts.get(inside, 0) == 1:
+        target = inside
+        _replace(work, target, nn.Sequential(OrderedDict(
+            [("body", modules[target]), ("deep", new), ("deep_relu", nn.ReLU())])))
+        _renamed(target, f"{target}.body", layers, nodes)
         layers[new_name] = f"{target}.deep"
     else:
         if activation != "Relu":
@@ -455,10 +474,7 @@ def _insert(work: nn.Module, edit: InsertLayer, new_name: str, activation: str,
                             f"the layer in several places")
         _replace(work, target, nn.Sequential(OrderedDict(
             [("body", modules[target]), ("act", nn.ReLU()), ("deep", new)])))
-        for table in (layers, nodes):
-            for key, value in table.items():
-                if value == target:
-                    table[key] = f"{target}.body"
+        _renamed(target, f"{target}.body", layers, nodes)
         layers[new_name] = f"{target}.deep"
         notes.append(f"the ReLU after {target!r} is functional or shared: wrapped {target!r} "
                      f"as {target}.body")
