@@ -659,7 +659,8 @@ class GhostSlice(torch.nn.Module):
 def test_a_slice_that_keeps_every_channel_passes_them_on(tmp_path, exporter):
     """A Slice of the channel axis from 0 past the last channel keeps every channel, before and
     after a removal (ONNX clamps its bounds): it no longer refuses the removal (21 of 24
-    sampled convs of GhostNet's legacy export were refused)."""
+    sampled convs of GhostNet's legacy export were refused). A widening raises its end to the
+    new count."""
     path = tmp_path / "ghost.onnx"
     architectures.export_onnx(torch_zoo.reinit(GhostSlice(), 0).eval(), path,
                               exporter=exporter, input_shape=(2, 3, 8, 8), opset=18)
@@ -668,3 +669,6 @@ def test_a_slice_that_keeps_every_channel_passes_them_on(tmp_path, exporter):
         assert any(n.op_type == "Slice" for n in model.proto.graph.node)
     for layer in [x for x in model.layers() if x.op == "Conv"]:
         assert_removal_exact(model.proto, {layer.name: [1]})
+    for layer in model.layers()[:2]:  # widened, the slice takes the new channels too
+        widened = apply(model, WidenLayer(layer.name, 2))
+        assert_same_function(model.proto, widened.proto)

@@ -697,15 +697,42 @@ class Slice(Handler):
     def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
               layer: LayerSlots | None) -> list[Flow | None]:
         flow = _only_first_input(node, ins)
+        axes = self._axes(cg, node, flow)
+        if flow.axis in axes and not self._keeps_every_channel(cg, node, flow, axes):
+            raise Unsupported("slices the channel axis")
+        return _same(flow, len(node.outputs))
+
+    def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
+        """A slice that keeps every channel keeps every channel of a widened tensor too: an
+        end below the new count (``[:, :out]``) is raised to it."""
+        change = ins[0]
+        if change is None:
+            return
+        flow = r.cg.flows[node.inputs[0].name]
+        axes = self._axes(r.cg, node, flow)
+        if flow.axis not in axes:
+            return
+        at = axes.index(flow.axis)
+        if "ends" in node.attrs:  # opset < 10
+            ends = [int(v) for v in node.attrs["ends"]]
+            if ends[at] < change.size:
+                ends[at] = change.size
+                node.attrs["ends"] = ends
+            return
+        ends_now = r.require_const(node, 2, "ends")
+        if int(np.ravel(ends_now)[at]) < change.size:
+            raised = np.array(ends_now, copy=True).reshape(-1)
+            raised[at] = change.size
+            r.set_input(node, 2, raised.reshape(np.shape(ends_now)))
+
+    @staticmethod
+    def _axes(cg: ChannelGraph, node: gs.Node, flow: Flow) -> list[int]:
         starts = _ints(cg, node, "starts", 1)
         if starts is None:
             raise Unsupported("has no starts")
         axes = _ints(cg, node, "axes", 3) if len(node.inputs) > 3 or "axes" in node.attrs \
             else None
-        axes = [_norm_axis(a, flow.rank) for a in axes] if axes else list(range(len(starts)))
-        if flow.axis in axes and not self._keeps_every_channel(cg, node, flow, axes):
-            raise Unsupported("slices the channel axis")
-        return _same(flow, len(node.outputs))
+        return [_norm_axis(a, flow.rank) for a in axes] if axes else list(range(len(starts)))
 
     @staticmethod
     def _keeps_every_channel(cg: ChannelGraph, node: gs.Node, flow: Flow,
