@@ -51,7 +51,10 @@ class LayerSummary:
 class ModelSummary:
     """A model's layers and totals.
 
-    total_params: elements of every float initializer and constant (not only layers').
+    total_params: elements of every float initializer and constant (not only layers': a QDQ
+    model's quantization scales too, a weight-normed layer's ``v`` and ``g``), and of every
+    integer one a DequantizeLinear or Cast makes float (quantized weights; not zero points).
+    A layer's ``params`` is its effective weight and bias.
     layer_params / total_macs: sums over the layers (MACs of layers with unknown size left out;
     ``macs_complete`` says whether any were). file_size / external_size: bytes on disk of the
     model file and its external data files, None for a model not loaded from a file.
