@@ -310,17 +310,19 @@ class _Engine:
     def _run(self, images: np.ndarray, labels: np.ndarray, acc: _Accumulator) -> None:
         real = labels >= 0
         acc.class_sizes += np.bincount(labels[real], minlength=acc.num_classes)
-        if self.method == "plain":
-            self._count_plain(images, labels, acc)
-            return
-        onehot = np.zeros((acc.num_classes, labels.shape[0]), np.uint8)
-        onehot[labels[real], np.flatnonzero(real)] = 1
-        feeds = {self.graph.input_name: images, ONEHOT_INPUT: onehot}
-        if self.on_device:
-            self._run_on_device(feeds, acc)
-            return
         try:
+            if self.method == "plain":
+                self._count_plain(images, labels, acc)
+                return
+            onehot = np.zeros((acc.num_classes, labels.shape[0]), np.uint8)
+            onehot[labels[real], np.flatnonzero(real)] = 1
+            feeds = {self.graph.input_name: images, ONEHOT_INPUT: onehot}
+            if self.on_device:
+                self._run_on_device(feeds, acc)
+                return
             results = self.session.run(None, feeds, self._run_options)
+        except ModelError:
+            raise
         except Exception as exc:  # ORT raises its own exception types
             if self._run_options is _QUIET_RUN:
                 raise  # a trial whose failure the caller handles
@@ -463,8 +465,10 @@ def _adder_graph() -> onnx.ModelProto:
 
 def _rows_message(layer: Layer, rows: int, batch: int) -> str:
     return (f"layer {layer.name!r}: its probe tensor {layer.probe!r} has {rows} rows for a "
-            f"batch of {batch} samples, not one a sample (a dense layer applied at every "
-            f"position?); leave it out with layers=[...] (--layers on the command line)")
+            f"batch of {batch} samples, not one a sample: a dense layer applied at every "
+            f"position (leave it out with layers=[...], --layers on the command line), or a "
+            f"batch size written into the graph before it (a Reshape or Resize to a fixed "
+            f"batch; declare that batch on the model's input, and onnxaom feeds it in chunks)")
 
 
 def _nan_message(layer: Layer) -> str:
@@ -869,9 +873,9 @@ def _start_engine(
         trial = _distinct_images(first_images, fixed + 1)
         try:  # does the symbolic-batch graph really run another batch size?
             independent = _samples_independent(engine, trial, fixed, sizes)
-        except ModelError:
-            raise
-        except Exception as exc:  # ORT raises its own exception types
+        except Exception as exc:  # ORT raises its own exception types; a probe whose rows
+            # are not the batch's (a size baked in) is a ModelError; a real fault in the data
+            # (NaN) is raised again by the fixed-batch engine
             reason = f"it does not run a batch of {fixed + 1}: {exc}"
         else:
             reason = "" if independent else "its samples' counts depend on the batch size"

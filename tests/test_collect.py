@@ -785,3 +785,64 @@ def test_a_uint8_input_takes_8_bit_pixels() -> None:
         np.testing.assert_array_equal(stats.counts["conv"], want)
     with pytest.raises(DataError, match="model input 'x' takes 8-bit pixels"):
         collect(model, (pixels.astype(np.float32) - 128) / 64, labels, progress=False)
+
+
+def _resized_to_batch_1(batch: int | str) -> onnx.ModelProto:
+    """conv1 -> relu1 -> Resize to ``sizes`` (1, 4, 16, 16), the batch written in -> conv2
+    -> relu2 -> gap -> fc."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)
+             for n, s in (("w", (4, 3, 3, 3)), ("w2", (4, 4, 3, 3)), ("wf", (3, 4)))]
+    inits += [numpy_helper.from_array(np.zeros(0, np.float32), "roi"),
+              numpy_helper.from_array(np.zeros(0, np.float32), "scales"),
+              numpy_helper.from_array(np.array([1, 4, 16, 16], np.int64), "sizes")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Resize", ["r", "roi", "scales", "sizes"], ["u"], mode="nearest"),
+             helper.make_node("Conv", ["u", "w2"], ["c2"], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "wf"], ["y"], name="fc", transB=1)]
+    return zoo.hand_built(nodes, inits, [batch, 3, 8, 8], [batch, 3], opset=11)
+
+
+@pytest.mark.parametrize("method", ["graph", "plain"])
+def test_a_fixed_batch_written_into_a_resize_is_fed_in_chunks(method) -> None:
+    """A fixed batch of 1 that a Resize's sizes also hold: made symbolic, the Resize squeezes a
+    batch of 2 into 1 row. Both counting paths feed chunks of 1 (the plain one raised its row
+    check's error, "a dense layer applied at every position?", from the trial)."""
+    proto = _resized_to_batch_1(1)
+    images, labels = data_for(proto, 6, 3)
+    stats = collect(onnxaom.Model(proto), images, labels, batch_size=4, method=method,
+                    progress=False)
+    assert stats.metadata["batching"] == "fixed:1"
+    want = collect(onnxaom.Model(proto), images, labels, batch_size=1, method=method,
+                   progress=False)
+    for name in stats.counts:
+        np.testing.assert_array_equal(stats.counts[name], want.counts[name])
+
+
+@pytest.mark.parametrize("method", ["graph", "plain"])
+def test_a_run_that_fails_is_a_model_error_on_both_paths(method) -> None:
+    """The same Resize with a symbolic batch squeezes a batch of 3 into one row, which both
+    paths name; a head reshaped to a batch of 1 fails inside ONNX Runtime, whose exception the
+    plain path let out."""
+    proto = _resized_to_batch_1("N")
+    images, labels = data_for(proto, 6, 3)
+    with pytest.raises(ModelError, match="'r2' has 1 rows for a batch of 3 samples.* a batch "
+                                         "size written into the graph"):
+        collect(onnxaom.Model(proto), images, labels, batch_size=3, method=method,
+                progress=False)
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1, 256], np.int64), "shape"),
+             numpy_helper.from_array(rng.normal(size=(3, 256)).astype(np.float32), "wf")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wf"], ["y"], name="fc", transB=1)]
+    proto = zoo.hand_built(nodes, inits, ["N", 3, 8, 8], ["N", 3], opset=11)
+    with pytest.raises(ModelError, match="ONNX Runtime could not run the model on this batch"):
+        collect(onnxaom.Model(proto), images, labels, batch_size=3, method=method,
+                progress=False)
