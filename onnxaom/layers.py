@@ -296,8 +296,8 @@ def _kernels(index: GraphIndex, node: onnx.NodeProto,
             return None
         return None if k is None else int(k)
     if node.op_type == "MatMul":
-        if index.constant_shape(node.input[1]) is None or weight is None or len(weight) != 2:
-            return None
+        if weight is None or len(weight) != 2 or not _from_constants(index, node.input[1]):
+            return None  # a product of two activations (attention) is not a layer
         rank = _rank(index, node.input[0])
         if rank != 2:
             return None  # batched matmuls (attention, per-token Linear) are not neuron layers
@@ -305,6 +305,20 @@ def _kernels(index: GraphIndex, node: onnx.NodeProto,
             return None
         return None if weight[1] is None else int(weight[1])
     return None
+
+
+def _from_constants(index: GraphIndex, tensor: str, depth: int = 16) -> bool:
+    """Whether ``tensor`` is computed from constants only (an initializer, a Constant node's
+    output, or ops on those: MNIST-8's MatMul weight is a ``Reshape`` of an initializer),
+    within ``depth`` ops."""
+    if index.constant_shape(tensor) is not None:
+        return True
+    at = index.producer.get(tensor)
+    if at is None or depth <= 0:
+        return False
+    node = index.graph.node[at]
+    return node.domain in ("", "ai.onnx") and all(
+        _from_constants(index, name, depth - 1) for name in node.input if name)
 
 
 def _rows_may_be_samples(index: GraphIndex, tensor: str, features: int) -> bool:

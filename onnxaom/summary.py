@@ -183,9 +183,12 @@ def _weight_shape(index: GraphIndex, shapes: Mapping[str, tuple[int | None, ...]
 
 
 def _bias_after(index: GraphIndex, node: onnx.NodeProto, kernels: int) -> int:
-    """The bias of a MatMul layer, which exporters write as the ``Add`` of a constant of K
-    values right after it (tf2onnx's Dense, PyTorch's Linear on more than 2 dims): K, else 0."""
-    if node.op_type != "MatMul":
+    """The bias of a layer written as the ``Add`` of a constant of K values right after it:
+    a MatMul's (tf2onnx's Dense, PyTorch's Linear on more than 2 dims), or a Conv's without a
+    bias input (CNTK's files: MNIST-8's ``Plus`` of a (K, 1, 1) constant): K, else 0."""
+    if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
+        return 0  # the conv has its own bias
+    if node.op_type not in ("MatMul", "Conv"):
         return 0
     reader = index.single_consumer(node.output[0])
     add = index.graph.node[reader] if reader is not None else None
@@ -193,7 +196,11 @@ def _bias_after(index: GraphIndex, node: onnx.NodeProto, kernels: int) -> int:
         return 0
     other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
     shape = index.constant_shape(other)
-    return kernels if shape is not None and math.prod(d or 0 for d in shape) == kernels else 0
+    if shape is None or math.prod(d or 0 for d in shape) != kernels:
+        return 0
+    if node.op_type == "Conv" and (len(shape) < 3 or shape[-3] != kernels):
+        return 0  # not one value per channel (a scalar, or values over positions)
+    return kernels
 
 
 _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,

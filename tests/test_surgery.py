@@ -961,3 +961,26 @@ def test_a_depthwise_conv_with_a_multiplier_on_the_graph_input_is_a_grouped_conv
     with pytest.raises(EditError, match="depthwise conv on tensor 'input', whose channels no "
                                         "layer produces"):
         remove_kernels(Model(proto), {"dw": [0]})
+
+
+def test_a_matmul_whose_weight_is_a_reshaped_constant_is_a_layer():
+    """MNIST-8 (CNTK) writes its dense layer as MatMul(flatten, Reshape(W)): a layer, counted
+    and summed up (it was left out), and a removal before it slices the reshaped weight."""
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4, k=3, pads=1)])
+    x = net.op("MaxPool", "pool", [x], kernel_shape=[2, 2], strides=[2, 2])
+    flat = net.op("Reshape", "flat", [x, net.const("target", np.array([-1, 64]))])
+    w = net.op("Reshape", "w_shape", [net.const("w_flat", net.rng.normal(size=64 * 3)
+                                                .astype(np.float32)),
+                                      net.const("w_target", np.array([64, 3]))])
+    net.op("MatMul", "dense", [flat, w])
+    net.nodes[-1].output[0] = "logits"
+    graph = helper.make_graph(
+        net.nodes, "test", [helper.make_tensor_value_info("input", 1, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", 1, [1, 3])], net.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = Model(proto)
+    assert [(x.name, x.op, x.kernels) for x in model.layers()] == [("conv1", "Conv", 4),
+                                                                   ("dense", "MatMul", 3)]
+    assert onnxaom.summary(model).layers[1].params == 64 * 3
+    assert_removal_exact(proto, {"conv1": [1]}, batch=1)

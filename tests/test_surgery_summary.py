@@ -131,3 +131,24 @@ def test_a_weight_made_by_nodes_counts_by_its_shape(made_by):
               helper.make_node("Relu", ["c"], ["y"])]
     rows = summary(Model(zoo.hand_built(nodes, inits, ["N", 1, 6, 6], ["N", 4, 6, 6]))).layers
     assert (rows[0].name, rows[0].params, rows[0].macs) == ("conv", 4 * 9 + 4, 4 * 9 * 36)
+
+
+def test_a_conv_bias_written_as_an_add_counts_with_the_layer():
+    """CNTK's files (MNIST-8) add a conv's bias as a (K, 1, 1) constant after it, as tf2onnx
+    does a Dense's: both count with their layer (only the MatMul's did)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.zeros((4, 1, 1), np.float32), "b"),
+             numpy_helper.from_array(np.float32(0.5), "half")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4),
+             helper.make_node("Add", ["c", "b"], ["cb"]),
+             helper.make_node("Relu", ["cb"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["c2"], name="conv2"),
+             helper.make_node("Add", ["c2", "half"], ["y"])]
+    inits.append(numpy_helper.from_array(rng.normal(size=(2, 4, 1, 1)).astype(np.float32),
+                                         "w2"))
+    rows = summary(Model(zoo.hand_built(nodes, inits, ["N", 1, 6, 6], ["N", 2, 6, 6]))).layers
+    assert [r.params for r in rows] == [4 * 9 + 4, 2 * 4]  # a scalar shift is no bias
