@@ -984,3 +984,26 @@ def test_a_matmul_whose_weight_is_a_reshaped_constant_is_a_layer():
                                                                    ("dense", "MatMul", 3)]
     assert onnxaom.summary(model).layers[1].params == 64 * 3
     assert_removal_exact(proto, {"conv1": [1]}, batch=1)
+
+
+def test_an_input_model_the_checker_rejects_is_checked_by_onnx_runtime():
+    """ONNX Runtime runs models the checker rejects (an int64 Constant at opset 8, in
+    emotion_ferplus-style files): an edit is checked by loading the result in ONNX Runtime,
+    with a warning, instead of being refused as "a bug in onnxaom's surgery"."""
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
+    x = net.op("Relu", "relu2", [net.conv("conv2", x, 4, 4)])
+    net.nodes.append(helper.make_node("Constant", [], ["target"], name="target_c",
+                                      value=numpy_helper.from_array(np.array([1, 256]))))
+    flat = net.op("Reshape", "flat", [x, "target"])
+    net.gemm("fc", flat, 256, 3)
+    net.nodes[-1].output[0] = "logits"
+    graph = helper.make_graph(
+        net.nodes, "test", [helper.make_tensor_value_info("input", 1, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", 1, [1, 3])], net.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)], ir_version=3)
+    with pytest.raises(Exception, match="int64"):
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    with pytest.warns(UserWarning, match="fails the ONNX checker or shape inference itself"):
+        edited = assert_removal_exact(proto, {"conv1": [1]}, batch=1)
+    assert edited.layer("conv1").kernels == 3

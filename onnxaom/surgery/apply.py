@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -104,7 +105,7 @@ def apply_steps(model: Model, edits: Edit | Iterable[Edit]) -> tuple[Model, list
     restore_node_metadata(proto, original)
     restore_value_info(proto, _value_info_names(original, proto))
     _record(proto, edit_list)
-    _postconditions(proto, edit_list)
+    _postconditions(proto, edit_list, original)
     return (Model(proto, path=None, external_data=model.external_data,
                   protected=model.protected), done)
 
@@ -161,17 +162,46 @@ def _record(proto: onnx.ModelProto, edits: list[Edit]) -> None:
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(history))
 
 
-def _postconditions(proto: onnx.ModelProto, edits: list[Edit]) -> None:
+def _postconditions(proto: onnx.ModelProto, edits: list[Edit],
+                    original: onnx.ModelProto) -> None:
+    """The checker (full) and strict shape inference pass on the edited model. Where the
+    input model fails them itself (ONNX Runtime runs models the checker rejects, such as an
+    int64 Constant at opset 8), the edited model must load in ONNX Runtime instead, with a
+    warning."""
     if proto.ByteSize() > _MAX_PROTO_BYTES:
         logger.warning("edited model exceeds 2 GB; checker and shape inference skipped")
         return
     applied = json.dumps([e.to_dict() for e in edits])
+    failure = _check_failure(proto)
+    if failure is None:
+        return
+    own = _check_failure(original)
+    if own is not None and _runs(proto):
+        warnings.warn(f"the input model fails the ONNX checker or shape inference itself "
+                      f"({own}), so the edited model was checked by loading it in ONNX Runtime "
+                      f"only", UserWarning, stacklevel=4)
+        return
+    raise EditError(
+        f"the edited model fails the ONNX checker or shape inference ({failure}); this is a "
+        f"bug in onnxaom's surgery, please report it with the model and these edits: {applied}")
+
+
+def _check_failure(proto: onnx.ModelProto) -> str | None:
+    """Why ``proto`` fails the full checker or strict shape inference; None if it passes."""
     try:
         onnx.checker.check_model(proto, full_check=True)
         onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
     except Exception as exc:  # checker and inference raise several unrelated types
-        raise EditError(
-            f"the edited model fails the ONNX checker or shape inference "
-            f"({type(exc).__name__}: {exc}); this is a bug in onnxaom's surgery, please report "
-            f"it with the model and these edits: {applied}"
-        ) from exc
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    return None
+
+
+def _runs(proto: onnx.ModelProto) -> bool:
+    """Whether ONNX Runtime loads ``proto`` on the CPU."""
+    from ..runtime import make_session
+
+    try:
+        make_session(proto, ["CPUExecutionProvider"], threads=1)
+    except Exception:  # ModelError, and anything ORT raises
+        return False
+    return True
