@@ -16,6 +16,7 @@ probe, typically), and can make a fixed batch dimension symbolic.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,10 +148,42 @@ def _outer_reads(attr: onnx.AttributeProto) -> set[str]:
 def _start(model: onnx.ModelProto, dynamic_batch: bool) -> tuple[onnx.ModelProto, str]:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    _batch_norms_in_inference_mode(copy)
     input_name = image_input(copy).name
     if dynamic_batch:
         _with_dynamic_batch(copy, input_name)
     return copy, input_name
+
+
+def _batch_norms_in_inference_mode(model: onnx.ModelProto) -> None:
+    """Make every BatchNormalization of ``model`` (a copy) use its running statistics (in
+    place). One written with its training outputs (mean, var, saved_mean, saved_var: old
+    Caffe2 and CNTK files) or ``training_mode=1`` normalises each batch by its own statistics in
+    ONNX Runtime, so a sample's counts would depend on the batch it came in. Refused
+    (:class:`ModelError`) where another node reads those outputs."""
+    read = {name for node in model.graph.node for name in node.input if name}
+    read |= {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        extra = [o for o in node.output[1:] if o]
+        training = any(a.name == "training_mode" and a.i for a in node.attribute)
+        if not extra and not training:
+            continue
+        used = [o for o in extra if o in read]
+        if used:
+            raise ModelError(
+                f"node {node.name or node.output[0]!r} (BatchNormalization) runs in training "
+                f"mode, and its batch statistics {used} are read: its output depends on the "
+                f"batch, so occurrences cannot be counted; export the model in eval mode")
+        warnings.warn(f"node {node.name or node.output[0]!r} (BatchNormalization) is written "
+                      f"in training mode (batch statistics); onnxaom counts it with its running "
+                      f"statistics, as the model computes at inference", UserWarning,
+                      stacklevel=2)
+        del node.output[1:]
+        kept = [a for a in node.attribute if a.name != "training_mode"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
 
 
 def probe_graph(

@@ -846,3 +846,38 @@ def test_a_run_that_fails_is_a_model_error_on_both_paths(method) -> None:
     with pytest.raises(ModelError, match="ONNX Runtime could not run the model on this batch"):
         collect(onnxaom.Model(proto), images, labels, batch_size=3, method=method,
                 progress=False)
+
+
+def test_a_batch_norm_written_in_training_mode_is_counted_with_its_running_statistics():
+    """Old Caffe2 and CNTK files write BatchNormalization with its training outputs; ONNX
+    Runtime then normalises each batch by its own statistics, and a sample's counts depended
+    on its batch. Counted with the running statistics (a warning says so), as at inference;
+    refused where another node reads the batch statistics."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")]
+    inits += [numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), n)
+              for n in ("g", "v")]
+    inits += [numpy_helper.from_array(rng.normal(0, 0.3, 4).astype(np.float32), n)
+              for n in ("b", "m")]
+
+    def model(outputs, read_mean=False):
+        nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4),
+                 helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], outputs,
+                                  name="bn"),
+                 helper.make_node("Relu", ["n"], ["y" if not read_mean else "r"])]
+        if read_mean:
+            nodes.append(helper.make_node("Add", ["r", "mean_out"], ["y"]))
+        return zoo.hand_built(nodes, inits, ["N", 3, 6, 6], ["N", 4, 6, 6], opset=9)
+
+    training = ["n", "mean_out", "var_out", "saved_mean", "saved_var"]
+    images, labels = data_for(model(["n"]), 12, 3)
+    want = collect(onnxaom.Model(model(["n"])), images, labels, progress=False).counts["conv"]
+    for batch_size in (1, 5, 12):
+        with pytest.warns(UserWarning, match="'bn' .* written in training mode"):
+            got = collect(onnxaom.Model(model(training)), images, labels,
+                          batch_size=batch_size, progress=False).counts["conv"]
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ModelError, match=r"'bn' \(BatchNormalization\) runs in training mode, "
+                                         r"and its batch statistics \['mean_out'\] are read"):
+        collect(onnxaom.Model(model(training, read_mean=True)), images, labels,
+                progress=False)
