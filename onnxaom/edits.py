@@ -321,6 +321,10 @@ def edit_from_dict(data: Mapping[str, Any]) -> Edit:
     if not isinstance(data, Mapping):
         raise EditError(f"an edit must be a JSON object, got {type(data).__name__}")
     kind = data.get("edit")
+    if "edit" not in data:
+        keys = ", ".join(map(repr, data)) or "none"
+        raise EditError(f"an edit needs the key 'edit' naming its type ({', '.join(EDIT_TYPES)}"
+                        f"), as edit.to_dict() writes it; this one has keys {keys}")
     cls = EDIT_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise EditError(f"unknown edit type {kind!r}; expected one of {', '.join(EDIT_TYPES)}")

@@ -116,7 +116,8 @@ def test_defaults_match_the_issue_examples():
 
 @pytest.mark.parametrize("data, message", [
     ({"edit": "Prune", "layer": "c"}, "unknown edit type 'Prune'"),
-    ({"layer": "c"}, "unknown edit type None"),
+    ({"layer": "c"}, "this one has keys 'layer'"),
+    ({"type": "RemoveKernels", "layer": "c"}, "an edit needs the key 'edit' naming its type"),
     ({"edit": "RemoveKernels", "layer": "c", "kernels": [0], "extra": 1}, "no field(s) extra"),
     ({"edit": "RemoveKernels", "layer": "c"}, "kernels"),
     ([1, 2], "must be a JSON object"),

@@ -495,8 +495,10 @@ def _traced(work: nn.Module, x: torch.Tensor, done: Sequence[Sequence[Edit]]) ->
         what = "; ".join(describe_edits(list(step)) for step in done)
         raise EditError(
             f"after {what}, the torch module's forward fails: {one_line(exc)}. Its forward "
-            f"has a size written in (a reshape or view to a fixed width, say) that the edit "
-            f"changed; compute it from the input (x.flatten(1), x.view(x.size(0), -1))"
+            f"has a size written in that the edit changed: a reshape or view to a fixed width "
+            f"(compute it from the input: x.flatten(1), x.view(x.size(0), -1)), or a width a "
+            f"module keeps as an attribute and slices with (timm's GhostModule.out_chs in "
+            f"x[:, :self.out_chs]); the ONNX surgery result does not depend on it"
         ) from exc
 
 
