@@ -708,15 +708,20 @@ def test_the_padding_of_a_fixed_batch_chunk_is_not_checked_for_nan() -> None:
             collect(onnxaom.Model(proto), x, y, method=method, progress=False, layers=["conv1"])
 
 
+def _conv_in(elem: int, weight: np.ndarray) -> onnxaom.Model:
+    """x (N, 1, 2, 2) -> Cast to ``elem`` -> conv (``weight``) -> relu -> Cast to float."""
+    nodes = [helper.make_node("Cast", ["x"], ["xc"], to=elem),
+             helper.make_node("Conv", ["xc", "w"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Cast", ["r"], ["y"], to=TensorProto.FLOAT)]
+    return onnxaom.Model(zoo.hand_built(nodes, [numpy_helper.from_array(weight, "w")],
+                                        ["N", 1, 2, 2], ["N", 2, 2, 2]))
+
+
 def test_a_model_onnx_runtime_cannot_load_is_a_model_error() -> None:
     """A float64 conv, which ONNX Runtime's CPU provider does not implement: collect says so
     in one line instead of ORT's traceback."""
-    w = numpy_helper.from_array(np.ones((2, 1, 1, 1), np.float64), "w")
-    nodes = [helper.make_node("Cast", ["x"], ["x64"], to=TensorProto.DOUBLE),
-             helper.make_node("Conv", ["x64", "w"], ["c"], name="conv"),
-             helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("Cast", ["r"], ["y"], to=TensorProto.FLOAT)]
-    model = onnxaom.Model(zoo.hand_built(nodes, [w], ["N", 1, 2, 2], ["N", 2, 2, 2]))
+    model = _conv_in(TensorProto.DOUBLE, np.ones((2, 1, 1, 1), np.float64))
     images, labels = np.full((4, 1, 2, 2), 0.01, np.float32), np.array([0, 0, 1, 1])
     with pytest.raises(ModelError, match=r"ONNX Runtime cannot load the model: .*Conv"):
         collect(model, images, labels, progress=False)
@@ -745,12 +750,7 @@ def test_float16_probes_are_counted_as_the_model_rounds_them() -> None:
     """ORT's CPU provider runs a float16 Conv in float32 and drops the cast back before an
     in-graph comparison: an activation of 1e-8, 0 once rounded to float16, counted as positive.
     ``method="auto"`` counts float16 probes in numpy, on the tensor the model computes."""
-    w = numpy_helper.from_array(np.full((2, 1, 1, 1), 1e-6, np.float16), "w")
-    nodes = [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16),
-             helper.make_node("Conv", ["x16", "w"], ["c"], name="conv"),
-             helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("Cast", ["r"], ["y"], to=TensorProto.FLOAT)]
-    model = onnxaom.Model(zoo.hand_built(nodes, [w], ["N", 1, 2, 2], ["N", 2, 2, 2]))
+    model = _conv_in(TensorProto.FLOAT16, np.full((2, 1, 1, 1), 1e-6, np.float16))
     images, labels = np.full((4, 1, 2, 2), 0.01, np.float32), np.array([0, 0, 1, 1])
     stats = collect(model, images, labels, progress=False)
     assert stats.metadata["method"] == "plain"
