@@ -393,7 +393,12 @@ class _Engine:
             values = session.run([layer.probe for layer in self.layers], {name: images})
         except Exception as probe_exc:  # ORT raises its own exception types
             first = (str(probe_exc).strip().splitlines() or [first])[0]
-            return f"ONNX Runtime could not run the model on this batch: {first}"
+            hint = ("" if self.fixed_batch is not None else
+                    f"; if the model only runs batches of one size (a size written into a "
+                    f"Reshape), declare that batch on its input, and onnxaom feeds it in "
+                    f"chunks of that size")
+            return f"ONNX Runtime could not run the model on this batch of {images.shape[0]}: " \
+                f"{first}{hint}"
         for layer, value in zip(self.layers, values, strict=True):
             if np.shape(value)[0] != images.shape[0]:
                 return _rows_message(layer, np.shape(value)[0], images.shape[0])

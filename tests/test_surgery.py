@@ -1007,3 +1007,14 @@ def test_an_input_model_the_checker_rejects_is_checked_by_onnx_runtime():
     with pytest.warns(UserWarning, match="fails the ONNX checker or shape inference itself"):
         edited = assert_removal_exact(proto, {"conv1": [1]}, batch=1)
     assert edited.layer("conv1").kernels == 3
+
+
+def test_a_model_before_opset_7_is_refused_by_the_surgery():
+    """Opset 6 and before broadcast Add and Mul by attributes (a (K,) bias added on axis 1)
+    that the surgery does not read: a widening wrote a bias of the old width. Refused, with
+    the conversion to use."""
+    proto = zoo.chain()
+    proto.opset_import[0].version = 6
+    with pytest.raises(EditError, match=r"at opset 6: the surgery reads opset 7 and later.*"
+                                        r"convert_version\(proto, 7\)"):
+        apply(Model(proto), WidenLayer("conv1", 2))

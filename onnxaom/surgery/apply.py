@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 #: Model metadata key holding the JSON list of applied edits (appended to on every apply).
 METADATA_KEY = "onnxaom.edits"
+#: The oldest default-domain opset the surgery edits (opset 6 and before broadcast by
+#: ``broadcast``/``axis`` attributes, which ONNX Runtime does not run either).
+MIN_OPSET = 7
 #: Protobuf's limit: larger models cannot be checked in memory.
 _MAX_PROTO_BYTES = 2**31 - 1
 
@@ -84,6 +87,11 @@ def apply_steps(model: Model, edits: Edit | Iterable[Edit]) -> tuple[Model, list
     ``folds`` filled), the widening's or insertion's description (a dict) for the others."""
     _check_model(model)
     edit_list = as_edit_list(edits)
+    if model.opset < MIN_OPSET:
+        raise EditError(f"model {model.name!r} is at opset {model.opset}: the surgery reads "
+                        f"opset {MIN_OPSET} and later (before it, Add and Mul broadcast by "
+                        f"attributes it does not follow); convert it first with "
+                        f"onnx.version_converter.convert_version(proto, {MIN_OPSET})")
     original = model.proto
     proto = model.copy_proto()
     done: list[object] = []
