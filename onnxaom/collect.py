@@ -394,9 +394,9 @@ class _Engine:
         except Exception as probe_exc:  # ORT raises its own exception types
             first = (str(probe_exc).strip().splitlines() or [first])[0]
             hint = ("" if self.fixed_batch is not None else
-                    f"; if the model only runs batches of one size (a size written into a "
-                    f"Reshape), declare that batch on its input, and onnxaom feeds it in "
-                    f"chunks of that size")
+                    "; if the model only runs batches of one size (a size written into a "
+                    "Reshape), declare that batch on its input, and onnxaom feeds it in "
+                    "chunks of that size")
             return f"ONNX Runtime could not run the model on this batch of {images.shape[0]}: " \
                 f"{first}{hint}"
         for layer, value in zip(self.layers, values, strict=True):

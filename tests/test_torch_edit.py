@@ -584,3 +584,52 @@ def test_the_self_check_catches_a_wrong_module_and_forgives_the_models_own_round
         == pytest.approx(1e-3, rel=1e-2)
     with pytest.raises(EditError, match="already differs from its ONNX model by up to"):
         edit_module._check_against(module, model, x, atol=1e-5, noise=noise / 100)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision's FrozenBatchNorm2d (its detection and segmentation backbones' norm): an
+    eval-mode batch norm whose parameters are buffers, with no ``num_features``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.eps = 1e-5
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0),
+                            ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((channels,), value))
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+class FrozenNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn1 = FrozenBatchNorm2d(6)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv2(self.relu(self.bn1(self.conv1(x))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_a_frozen_batch_norm_follows_the_edits_of_its_conv(tmp_path, exporter):
+    """A module named FrozenBatchNorm2d is a batch norm to the adapter: its buffers lose the
+    removed channels, and an insertion goes after the ReLU that follows it (it was passed over:
+    the removal was refused as 'a size written in', the new layer put before the norm)."""
+    module = FrozenNormNet().eval()
+    with torch.no_grad():
+        module.bn1.weight.uniform_(0.5, 1.5)
+        module.bn1.bias.normal_()
+        module.bn1.running_mean.normal_(0, 0.3)
+        module.bn1.running_var.uniform_(0.5, 1.5)
+    model = export(tmp_path, module, (1, 3, 8, 8), exporter)
+    first = model.layers()[0].name
+    result = assert_parity(tmp_path, module, model, [RemoveKernels(first, (0, 4))])
+    assert result.module.bn1.running_var.shape == (4,)
+    result = assert_parity(tmp_path, module, model, [InsertLayer(first, init="random")])
+    assert isinstance(result.module.relu, nn.Sequential)

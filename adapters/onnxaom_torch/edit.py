@@ -78,7 +78,14 @@ from .mapping import (
     example_input,
     map_layers,
 )
-from .trace import MIXING_NORM_TYPES, PER_CHANNEL_TYPES, Trace, one_line, trace
+from .trace import (
+    BATCH_NORM_TYPES,
+    MIXING_NORM_TYPES,
+    PER_CHANNEL_TYPES,
+    Trace,
+    one_line,
+    trace,
+)
 
 __all__ = ["TorchEdit", "apply_edits"]
 
@@ -309,7 +316,7 @@ def _before_folded_norm(shift: np.ndarray, onnx_chain: Sequence[str],
     outputs: where the export folded the batch norm that follows the torch layer into the conv
     (its ONNX chain has none), divided by that norm's scale."""
     first = followers[0] if followers else None
-    if not isinstance(first, nn.BatchNorm2d | nn.BatchNorm1d) or \
+    if not isinstance(first, BATCH_NORM_TYPES) or \
             (onnx_chain and onnx_chain[0] == "BatchNormalization"):
         return shift
     scale = np.ones(len(shift)) if first.weight is None else _numpy(first.weight)
@@ -361,16 +368,19 @@ def _edit_conv(module: nn.Conv2d, path: str, r: Rewriter, in_change: Change | No
 
 
 def _edit_per_channel(module: nn.Module, path: str, r: Rewriter, change: Change) -> None:
-    if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d | nn.InstanceNorm1d | nn.InstanceNorm2d):
-        if module.num_features != change.old_size:
-            raise EditError(f"{type(module).__name__} {path!r} has {module.num_features} "
+    if isinstance(module, (*BATCH_NORM_TYPES, nn.InstanceNorm1d, nn.InstanceNorm2d)):
+        # a FrozenBatchNorm2d keeps no num_features: its buffers' length is the count
+        features = getattr(module, "num_features", None) or int(module.running_mean.numel())
+        if features != change.old_size:
+            raise EditError(f"{type(module).__name__} {path!r} has {features} "
                             f"features, but the channels it reads number {change.old_size}")
         for name, neutral in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0),
                               ("running_var", 1.0)):
             if getattr(module, name, None) is not None:
                 _set_param(module, name, r.per_channel(_numpy(getattr(module, name)), 0, change,
                                                        neutral))
-        module.num_features = change.size
+        if hasattr(module, "num_features"):
+            module.num_features = change.size
     elif isinstance(module, nn.PReLU):
         if module.num_parameters == 1:
             return

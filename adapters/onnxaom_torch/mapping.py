@@ -39,7 +39,7 @@ from onnxaom.errors import LayerNotFoundError, ModelError
 from onnxaom.graph import GraphIndex
 from onnxaom.layers import Layer
 
-from .trace import PER_CHANNEL_TYPES, Trace, trace
+from .trace import BATCH_NORM_TYPES, PER_CHANNEL_TYPES, Trace, trace
 
 #: ONNX ops with one parameter per channel that a torch module (PER_CHANNEL_TYPES) holds.
 PER_CHANNEL_OPS = ("BatchNormalization", "PRelu", "InstanceNormalization")
@@ -193,9 +193,9 @@ def _torch_weights(module: nn.Module, chain: list[nn.Module]) -> list[np.ndarray
     weight = module.weight.detach().cpu().double().numpy()  # type: ignore[union-attr,operator]
     out = [weight]
     bn = chain[0] if chain else None
-    if isinstance(bn, nn.BatchNorm1d | nn.BatchNorm2d) and bn.running_var is not None:
+    if isinstance(bn, BATCH_NORM_TYPES) and bn.running_var is not None:
         scale = (bn.weight.detach().cpu().double().numpy() if bn.weight is not None
-                 else np.ones(bn.num_features))
+                 else np.ones(bn.running_var.numel()))
         scale = scale / np.sqrt(bn.running_var.detach().cpu().double().numpy() + bn.eps)
         if scale.shape[0] == weight.shape[0]:
             out.append(weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1)))

@@ -16,20 +16,36 @@ where one sits between two modules.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["CHAIN_TYPES", "LAYER_TYPES", "MIXING_NORM_TYPES", "PER_CHANNEL_TYPES", "Call",
-           "Trace", "one_line", "trace"]
+__all__ = ["BATCH_NORM_TYPES", "CHAIN_TYPES", "LAYER_TYPES", "MIXING_NORM_TYPES",
+           "PER_CHANNEL_TYPES", "Call", "FrozenBatchNorm", "Trace", "one_line", "trace"]
+
+class FrozenBatchNorm(abc.ABC):  # noqa: B024 - an isinstance target, nothing to implement
+    """An eval-mode batch norm whose ``weight``, ``bias``, ``running_mean`` and
+    ``running_var`` are buffers, named ``FrozenBatchNorm2d`` (torchvision's, in its detection
+    and segmentation backbones, and detectron2's): torchvision is not a dependency, so a module
+    class of that name counts as one (``isinstance(m, FrozenBatchNorm)``)."""
+
+    @classmethod
+    def __subclasshook__(cls, other: type) -> bool:
+        if other.__name__ == "FrozenBatchNorm2d" and issubclass(other, nn.Module):
+            return True
+        return NotImplemented
+
 
 #: Modules that are onnxaom layers (ONNX Conv and Gemm/MatMul).
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+#: Batch norms in eval mode: x * weight / sqrt(running_var + eps) + shift, per channel.
+BATCH_NORM_TYPES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, FrozenBatchNorm)
 #: Modules with one parameter (or buffer) per channel, sliced with the channels they read.
-PER_CHANNEL_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.PReLU,
-                                                   nn.InstanceNorm1d, nn.InstanceNorm2d)
+PER_CHANNEL_TYPES: tuple[type, ...] = (*BATCH_NORM_TYPES, nn.PReLU, nn.InstanceNorm1d,
+                                       nn.InstanceNorm2d)
 #: Modules that keep channels apart (per-channel or element-wise): they continue a layer's chain.
 CHAIN_TYPES: tuple[type[nn.Module], ...] = (
     *PER_CHANNEL_TYPES, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
