@@ -579,11 +579,45 @@ def test_the_self_check_catches_a_wrong_module_and_forgives_the_models_own_round
     with pytest.raises(EditError, match="differs from the ONNX surgery result by up to 0.001"):
         edit_module._check_against(module, model, x, atol=1e-5)
     noise = edit_module._numeric_noise(module, model, x)  # this module against the model
-    assert noise.shape == (6, 10) and noise.max() == pytest.approx(1e-3, rel=1e-2)
-    assert edit_module._check_against(module, model, x, atol=1e-5, noise=noise / 4) \
+    assert noise is not None and len(noise) == 2 and all(len(feed) == 1 for feed in noise)
+    assert max(max(feed) for feed in noise) == pytest.approx(1e-3, rel=1e-2)
+    assert edit_module._check_against(module, model, x, atol=1e-5,
+                                      noise=[[n / 4 for n in feed] for feed in noise]) \
         == pytest.approx(1e-3, rel=1e-2)
     with pytest.raises(EditError, match="already differs from its ONNX model by up to"):
-        edit_module._check_against(module, model, x, atol=1e-5, noise=noise / 100)
+        edit_module._check_against(module, model, x, atol=1e-5,
+                                   noise=[[n / 100 for n in feed] for feed in noise])
+
+
+class TwoHeads(nn.Module):
+    """A segmentation-style module with an auxiliary head: two outputs, as a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.out = nn.Conv2d(6, 2, 1)
+        self.aux = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        return {"out": self.out(x), "aux": self.aux(x)}
+
+
+def test_the_self_check_reads_every_output_of_a_multi_output_model(tmp_path):
+    """The check compared the first graph output only: a module wrong in its auxiliary head
+    passed with difference 0. Every output is compared now, and the unedited pair's rounding
+    is measured per output on dict and tuple outputs too (it was not measured at all)."""
+    module = torch_zoo.reinit(TwoHeads(), 0).eval()
+    model = export(tmp_path, module, (1, 3, 8, 8))
+    assert len(model.proto.graph.output) == 2
+    x = torch.from_numpy(zoo.random_input(model.proto, batch=2, seed=1))
+    noise = edit_module._numeric_noise(module, model, x)
+    assert noise is not None and [len(feed) for feed in noise] == [2, 2]
+    with torch.no_grad():
+        module.aux.bias += 0.5
+    name = model.proto.graph.output[1].name
+    with pytest.raises(EditError, match=f"by up to 0.5 on output '{name}'"):
+        edit_module._check_against(module, model, x, atol=1e-5, noise=noise)
 
 
 class FrozenBatchNorm2d(nn.Module):

@@ -519,66 +519,94 @@ _CHECK_SCALES = (1.0, 10.0)
 _NOISE_FACTOR = 8.0
 
 
-def _numeric_noise(module: nn.Module, model: onnxaom.Model, x: torch.Tensor) -> np.ndarray:
-    """Per output value, how far the *unedited* ``module`` (run in torch) and ``model`` (run
-    in ONNX Runtime) already differ on the check's feeds: float32 rounding that a deep network
+def _numeric_noise(module: nn.Module, model: onnxaom.Model, x: torch.Tensor
+                   ) -> list[list[float]] | None:
+    """Per check feed and graph output, how far the *unedited* ``module`` (run in torch) and
+    ``model`` (run in ONNX Runtime) already differ at most: float32 rounding that a deep network
     amplifies (a dynamo export against torch's own kernels on 10x inputs), which the edited
-    pair shows too and is no sign of a wrong edit."""
+    pair shows too and is no sign of a wrong edit. None when the module's outputs (a tensor, or
+    a tuple, list or dict of them) do not pair up with the model's."""
     feed = x.detach().cpu().numpy().astype(np.float32)
     modes = {sub: sub.training for sub in module.modules()}
     try:
         module.eval()
         with torch.no_grad():
-            mine = [module(torch.as_tensor(k * feed, device=x.device)) for k in _CHECK_SCALES]
+            mine = [_flat_outputs(module(torch.as_tensor(k * feed, device=x.device)))
+                    for k in _CHECK_SCALES]
     finally:
         for sub, training in modes.items():
             sub.training = training
-    if not all(isinstance(t, torch.Tensor) for t in mine):
-        return np.zeros(0, np.float32)
-    got = np.concatenate([t.detach().cpu().numpy() for t in mine])
-    want = np.concatenate([_run(model, k * feed) for k in _CHECK_SCALES])
-    return np.abs(got - want) if got.shape == want.shape else np.zeros(0, np.float32)
+    noise: list[list[float]] = []
+    for k, got in zip(_CHECK_SCALES, mine, strict=True):
+        want = [value for _, value in _run(model, k * feed)]
+        if got is None or len(got) != len(want) or any(
+                g.shape != w.shape for g, w in zip(got, want, strict=True)):
+            return None
+        noise.append([float(np.abs(g - w).max(initial=0.0))
+                      for g, w in zip(got, want, strict=True)])
+    return noise
+
+
+def _flat_outputs(out: object) -> list[np.ndarray] | None:
+    """A forward's outputs in the order the exporter makes them graph outputs: a tensor, or
+    the tensors of a (nested) tuple, list or dict (a segmentation model's ``out`` and
+    ``aux``); None for anything else."""
+    if isinstance(out, torch.Tensor):
+        return [out.detach().cpu().numpy()]
+    items = list(out.values()) if isinstance(out, dict) else \
+        list(out) if isinstance(out, tuple | list) else None
+    if items is None:
+        return None
+    flat: list[np.ndarray] = []
+    for item in items:
+        inner = _flat_outputs(item)
+        if inner is None:
+            return None
+        flat.extend(inner)
+    return flat
 
 
 def _check_against(work: nn.Module, oracle: onnxaom.Model, x: torch.Tensor,
-                   atol: float, noise: np.ndarray | None = None) -> float:
-    """Export ``work``, run it and ``oracle`` on ``x`` (and 10 ``x``); raise if they differ by
-    more than ``atol`` per unit of the largest output plus 1e-4 relative, or, where larger,
-    :data:`_NOISE_FACTOR` times the unedited pair's ``noise`` (:func:`_numeric_noise`)."""
+                   atol: float, noise: list[list[float]] | None = None) -> float:
+    """Export ``work``, run it and ``oracle`` on ``x`` (and 10 ``x``); raise if any graph
+    output differs by more than ``atol`` per unit of its largest value plus 1e-4 relative, or,
+    where larger, :data:`_NOISE_FACTOR` times the unedited pair's ``noise`` on that output and
+    feed (:func:`_numeric_noise`). Returns the largest difference."""
     from .architectures import export_onnx
 
     with tempfile.TemporaryDirectory(prefix="onnxaom-check-") as tmp:
         path = export_onnx(work, Path(tmp) / "edited.onnx", input_shape=tuple(x.shape))
         exported = onnxaom.load(path)
     feed = x.detach().cpu().numpy().astype(np.float32)
-    got = np.concatenate([_run(exported, k * feed) for k in _CHECK_SCALES])
-    want = np.concatenate([_run(oracle, k * feed) for k in _CHECK_SCALES])
-    if got.shape != want.shape:
-        raise EditError(f"the edited torch module gives outputs of shape {got.shape}, the ONNX "
-                        f"surgery result {want.shape}")
-    difference = float(np.abs(got - want).max(initial=0.0))
-    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-    allowed = atol * scale + 1e-4 * np.abs(want)
-    forgiven = 0.0
-    if noise is not None and noise.shape == got.shape:
-        # per feed: the 10x feed's rounding is forgiven on the 10x outputs only
-        blocks = np.split(noise, len(_CHECK_SCALES))
-        floor = np.concatenate([np.full(b.shape, _NOISE_FACTOR * float(b.max(initial=0.0)))
-                                for b in blocks])
-        forgiven = float(floor.max(initial=0.0))
-        allowed = np.maximum(allowed, floor)
-    if np.any(np.abs(got - want) > allowed):
+    difference, failed = 0.0, None
+    for k, scale_by in enumerate(_CHECK_SCALES):
+        got, want = _run(exported, scale_by * feed), _run(oracle, scale_by * feed)
+        if [v.shape for _, v in got] != [v.shape for _, v in want]:
+            raise EditError(f"the edited torch module gives outputs of shapes "
+                            f"{[v.shape for _, v in got]}, the ONNX surgery result "
+                            f"{[v.shape for _, v in want]}")
+        for j, ((_, g), (name, w)) in enumerate(zip(got, want, strict=True)):
+            off = np.abs(g - w)
+            difference = max(difference, float(off.max(initial=0.0)))
+            allowed = atol * max(1.0, float(np.abs(w).max(initial=0.0))) + 1e-4 * np.abs(w)
+            forgiven = _NOISE_FACTOR * noise[k][j] if noise is not None else 0.0
+            if failed is None and np.any(off > np.maximum(allowed, forgiven)):
+                failed = (name, float(off.max()), forgiven)
+    if failed is not None:
+        name, worst, forgiven = failed
         noise_note = (f"; the unedited module already differs from its ONNX model by up to "
-                      f"{forgiven / _NOISE_FACTOR:.3g}") if forgiven else ""
+                      f"{forgiven / _NOISE_FACTOR:.3g} there") if forgiven else ""
         raise EditError(
             f"the edited torch module differs from the ONNX surgery result by up to "
-            f"{difference:.3g} (tolerance {atol:g} per unit of the largest output{noise_note}); "
-            f"a module with per-channel parameters or a functional op the adapter cannot "
-            f"follow is on the edited channels' path")
+            f"{worst:.3g} on output {name!r} (tolerance {atol:g} per unit of its largest value"
+            f"{noise_note}); a module with per-channel parameters or a functional op the "
+            f"adapter cannot follow is on the edited channels' path")
     return difference
 
 
-def _run(model: onnxaom.Model, x: np.ndarray) -> np.ndarray:
+def _run(model: onnxaom.Model, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """Every graph output of ``model`` on ``x`` (ONNX Runtime, CPU), with its name."""
     session = make_session(model.proto, ["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return np.asarray(session.run(None, {name: x})[0])
+    names = [o.name for o in session.get_outputs()]
+    return list(zip(names, (np.asarray(v) for v in session.run(None, {name: x})), strict=True))
