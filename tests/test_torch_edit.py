@@ -667,3 +667,14 @@ def test_a_frozen_batch_norm_follows_the_edits_of_its_conv(tmp_path, exporter):
     assert result.module.bn1.running_var.shape == (4,)
     result = assert_parity(tmp_path, module, model, [InsertLayer(first, init="random")])
     assert isinstance(result.module.relu, nn.Sequential)
+
+
+def test_the_example_input_of_a_dynamic_image_size_is_not_one_pixel(tmp_path):
+    """A model exported with dynamic height and width: the adapter's default example (for the
+    mapping trace and the check) was a 1x1 image, degenerate for a CNN."""
+    module = mnist().eval()
+    path = tmp_path / "dynamic.onnx"
+    torch.onnx.export(module, (torch.zeros(1, 1, 8, 8),), str(path), dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}})
+    x = mapping_module.example_input(onnxaom.load(path))
+    assert tuple(x.shape) == (2, 1, mapping_module.EXAMPLE_SIZE, mapping_module.EXAMPLE_SIZE)

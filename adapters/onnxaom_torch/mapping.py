@@ -105,9 +105,15 @@ class LayerMap:
                 "nodes": dict(self.nodes), "how": dict(self.how)}
 
 
+#: The size a symbolic image dimension gets in :func:`example_input`: enough for five
+#: stride-2 reductions to leave 2x2 (a 1x1 image made the checks degenerate, or failed a pool).
+EXAMPLE_SIZE = 64
+
+
 def example_input(model: onnxaom.Model, batch: int = 2, seed: int = 0) -> torch.Tensor:
     """A random float32 input of the ONNX model's first input shape (symbolic dims -> ``batch``
-    for the first axis, 1 elsewhere), drawn from a seeded generator."""
+    for the first axis, :data:`EXAMPLE_SIZE` elsewhere: a model exported with a dynamic image
+    size), drawn from a seeded generator."""
     graph = model.proto.graph
     inits = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in inits]
@@ -115,7 +121,7 @@ def example_input(model: onnxaom.Model, batch: int = 2, seed: int = 0) -> torch.
         raise ModelError(f"model {model.name!r} has no graph input")
     dims = inputs[0].type.tensor_type.shape.dim
     shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (batch if i == 0
-             else 1) for i, d in enumerate(dims)]
+             else EXAMPLE_SIZE) for i, d in enumerate(dims)]
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
