@@ -144,11 +144,12 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
     example:
         An input for tracing and checking (default: random, of the model's input shape).
     check:
-        Export the edited module and compare it with the surgery result (skipped for Net2Net
-        ``noise > 0``).
+        Export the edited module and compare every output with the surgery result's, on the
+        example and on 10 times it (skipped for Net2Net ``noise > 0``).
     atol:
-        Largest output difference the check accepts, per unit of the largest output (plus
-        1e-4 relative).
+        Largest output difference the check accepts, per unit of the output's largest value
+        (plus 1e-4 relative), or, where larger, eight times what the unedited module already
+        differs from ``model`` on that output and feed (float32 rounding of deep exports).
 
     Raises
     ------
