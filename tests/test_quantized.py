@@ -118,3 +118,20 @@ def test_weights_cast_from_integers_are_not_edited_into_floats():
     assert onnxaom.summary(model).total_params == 4 * 2 * 9 + 1 + 3 * 4
     with pytest.raises(EditError, match=r"node 'cast' \(Cast\) casts integers"):
         onnxaom.remove_kernels(model, {"conv": [0]})
+
+
+def test_a_cast_between_integer_types_on_a_weights_path_is_no_quantization():
+    """A weight reshaped to a target cast from int32 to int64 (tf2onnx writes such casts on
+    shapes) is a float weight: only a Cast to a float type dequantizes."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=4 * 2 * 9).astype(np.float32), "flat_w"),
+             numpy_helper.from_array(np.array([4, 2, 3, 3], np.int32), "shape32"),
+             numpy_helper.from_array(rng.normal(size=(3, 4, 1, 1)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Cast", ["shape32"], ["shape"], to=TensorProto.INT64),
+             helper.make_node("Reshape", ["flat_w", "shape"], ["w"]),
+             helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    model = onnxaom.Model(zoo.hand_built(nodes, inits, ["N", 2, 5, 5], ["N", 3, 3, 3]))
+    edited = onnxaom.remove_kernels(model, {"conv": [0]})
+    assert edited.layer("conv").kernels == 3

@@ -1324,7 +1324,7 @@ def integer_storage(tensor: gs.Tensor, depth: int = 8) -> str | None:
         producer = t.inputs[0]
         if producer.op in ("DequantizeLinear", "DynamicQuantizeLinear"):
             return f"node {describe(producer)}"
-        if producer.op == "Cast" and producer.inputs:
+        if producer.op == "Cast" and producer.inputs and _to_float(producer):
             source = producer.inputs[0]
             dtype = source.values.dtype if isinstance(source, gs.Constant) \
                 else getattr(source, "dtype", None)
@@ -1332,6 +1332,16 @@ def integer_storage(tensor: gs.Tensor, depth: int = 8) -> str | None:
                 return f"node {describe(producer)} casts integers"
         todo.extend((i, level + 1) for i in producer.inputs if i.name)
     return None
+
+
+def _to_float(cast: gs.Node) -> bool:
+    """Whether Cast node ``cast`` makes floats (a Cast of a shape between integer types is
+    no dequantization)."""
+    to = cast.attrs.get("to")
+    try:
+        return np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(int(to)), np.floating)
+    except (TypeError, ValueError, KeyError):  # an odd attribute: not a dequantization we know
+        return False
 
 
 def _layer_inputs(node: gs.Node, ins: Flows) -> Flow | None:
