@@ -144,8 +144,8 @@ def summary(model: Model | str | os.PathLike[str]) -> ModelSummary:
                                  out_shape))
     # parameters: float constants, and integer ones a model turns into floats (quantized
     # weights: DequantizeLinear's input, a Cast's); not shapes, indices or zero points
-    dequantized = {node.input[0] for node in proto.graph.node
-                   if node.op_type in ("DequantizeLinear", "Cast") and node.input}
+    dequantized = {node.input[0] for node in proto.graph.node if node.input and (
+        node.op_type == "DequantizeLinear" or (node.op_type == "Cast" and _to_float(node)))}
     total_params = 0
     for tensor in proto.graph.initializer:
         if tensor.data_type in _FLOAT_TYPES or tensor.name in dequantized:
@@ -180,6 +180,12 @@ def _weight_shape(index: GraphIndex, shapes: Mapping[str, tuple[int | None, ...]
     if shape and shape[0] is None and kernels is not None:
         shape = (kernels, *shape[1:])
     return shape
+
+
+def _to_float(cast: onnx.NodeProto) -> bool:
+    """Whether Cast node ``cast`` makes floats (not a shape cast between integer types)."""
+    to = next((a.i for a in cast.attribute if a.name == "to"), None)
+    return to in _FLOAT_TYPES
 
 
 def _bias_after(index: GraphIndex, node: onnx.NodeProto, kernels: int) -> int:

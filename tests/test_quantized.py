@@ -135,3 +135,4 @@ def test_a_cast_between_integer_types_on_a_weights_path_is_no_quantization():
     model = onnxaom.Model(zoo.hand_built(nodes, inits, ["N", 2, 5, 5], ["N", 3, 3, 3]))
     edited = onnxaom.remove_kernels(model, {"conv": [0]})
     assert edited.layer("conv").kernels == 3
+    assert onnxaom.summary(model).total_params == 4 * 2 * 9 + 3 * 4  # not the int32 shape
