@@ -571,6 +571,16 @@ def _by_slot(r: Rewriter, node: gs.Node, ins: Changes, states: dict[int, State])
     return _constant_or_zero(np.array([by_slot[slot] for slot in slots.tolist()]), origin)
 
 
+class Positional(Handler):
+    """Ops that move or copy positions but not values (layout ops, Concat, Slice, Split,
+    Resize): removed channels hold at each output position what they hold at the input
+    position they come from (:func:`_by_slot`)."""
+
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, State]) -> State:
+        return _by_slot(r, node, ins, states)
+
+
 _ADDED_AFTER_PROBE = ("maps the zeroed channels to non-zero values (a constant added after "
                       "the probe)")
 
@@ -630,7 +640,7 @@ class Pad(Handler):
 
 
 @register("Resize", "Upsample")
-class Resize(Handler):
+class Resize(Positional):
     def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
               layer: LayerSlots | None) -> list[Flow | None]:
         flow = _only_first_input(node, ins)
@@ -687,13 +697,9 @@ class Resize(Handler):
         new[axes.index(flow.axis)] = change.size
         r.set_input(node, 3, new)
 
-    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
-                   states: dict[int, State]) -> State:
-        return _by_slot(r, node, ins, states)
-
 
 @register("Slice")
-class Slice(Handler):
+class Slice(Positional):
     def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
               layer: LayerSlots | None) -> list[Flow | None]:
         flow = _only_first_input(node, ins)
@@ -750,13 +756,9 @@ class Slice(Handler):
         step = steps[at] if steps is not None else 1
         return step == 1 and (start == 0 or start <= -flow.size) and end >= flow.size
 
-    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
-                   states: dict[int, State]) -> State:
-        return _by_slot(r, node, ins, states)
-
 
 @register("Split")
-class Split(Handler):
+class Split(Positional):
     def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
               layer: LayerSlots | None) -> list[Flow | None]:
         flow = _only_first_input(node, ins)
@@ -764,17 +766,13 @@ class Split(Handler):
             raise Unsupported("splits the channel axis")
         return [flow] * len(node.outputs)
 
-    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
-                   states: dict[int, State]) -> State:
-        return _by_slot(r, node, ins, states)
-
 
 # --------------------------------------------------------------------------------------------
 # layout
 
 
 @register("Concat")
-class Concat(Handler):
+class Concat(Positional):
     def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
               layer: LayerSlots | None) -> list[Flow | None]:
         traced = [f for f in ins if f is not None]
@@ -801,13 +799,9 @@ class Concat(Handler):
             parts.append(Flow(rank, axis, (Segment(pinned),)))
         return _same(concat_flows(parts, rank, axis), len(node.outputs))
 
-    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
-                   states: dict[int, State]) -> State:
-        return _by_slot(r, node, ins, states)
-
 
 @register("Flatten")
-class Flatten(Handler):
+class Flatten(Positional):
     def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
               layer: LayerSlots | None) -> list[Flow | None]:
         flow = _only_first_input(node, ins)
@@ -831,10 +825,6 @@ class Flatten(Handler):
                          len(node.outputs))
         inner = int(np.prod([int(d) for d in shape[2:] if d is not None]))
         return _same(flow.flattened(inner), len(node.outputs))
-
-    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
-                   states: dict[int, State]) -> State:
-        return _by_slot(r, node, ins, states)
 
 
 def _positions_read(cg: ChannelGraph, tensor: gs.Tensor, flow: Flow) -> int | None:
@@ -1079,7 +1069,7 @@ def _target_dims(target: Sequence[int | None], src: Sequence[int | None]
 
 
 @register("Reshape")
-class Reshape(Handler):
+class Reshape(Positional):
     """Reshapes that keep channel positions meaningful: (N, C, ...) -> (N, C, ...) (trailing
     dims merged or split) and (N, C, H, W) -> (N, C*H*W) (channel-major flatten). The target
     shape must be a constant, or computed as ``Concat`` of constants, the batch size and sizes
@@ -1178,10 +1168,6 @@ class Reshape(Handler):
         raise EditError(f"node {describe(node)}: cannot update the channel count "
                         f"{change.old_size} in its computed target shape")
 
-    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
-                   states: dict[int, State]) -> State:
-        return _by_slot(r, node, ins, states)
-
 
 @register("Shape", "Size")
 class ShapeOf(Handler):
@@ -1242,7 +1228,7 @@ class Reduce(Handler):
 
 
 @register("Squeeze")
-class Squeeze(Handler):
+class Squeeze(Positional):
     def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
               layer: LayerSlots | None) -> list[Flow | None]:
         flow = _only_first_input(node, ins)
@@ -1257,13 +1243,9 @@ class Squeeze(Handler):
             raise Unsupported("squeezes the channel axis")
         return _same(_without_axes(flow, dropped), len(node.outputs))
 
-    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
-                   states: dict[int, State]) -> State:
-        return _by_slot(r, node, ins, states)
-
 
 @register("Unsqueeze")
-class Unsqueeze(Handler):
+class Unsqueeze(Positional):
     def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
               layer: LayerSlots | None) -> list[Flow | None]:
         flow = _only_first_input(node, ins)
@@ -1275,22 +1257,14 @@ class Unsqueeze(Handler):
         kept = [i for i in range(rank) if i not in inserted]
         return _same(flow.moved(rank, kept[flow.axis]), len(node.outputs))
 
-    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
-                   states: dict[int, State]) -> State:
-        return _by_slot(r, node, ins, states)
-
 
 @register("Transpose")
-class Transpose(Handler):
+class Transpose(Positional):
     def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
               layer: LayerSlots | None) -> list[Flow | None]:
         flow = _only_first_input(node, ins)
         perm = [int(p) for p in node.attrs.get("perm", list(range(flow.rank))[::-1])]
         return _same(flow.moved(flow.rank, perm.index(flow.axis)), len(node.outputs))
-
-    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
-                   states: dict[int, State]) -> State:
-        return _by_slot(r, node, ins, states)
 
 
 # --------------------------------------------------------------------------------------------
