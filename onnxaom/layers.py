@@ -220,11 +220,14 @@ def _unique_node_names(model: onnx.ModelProto) -> set[str]:
     return set(seen)
 
 
-def find_layers(model: onnx.ModelProto, probe: str = "activation") -> list[Layer]:
-    """Every analysable layer of ``model`` with its probe point, in topological order."""
+def find_layers(model: onnx.ModelProto, probe: str = "activation",
+                index: GraphIndex | None = None) -> list[Layer]:
+    """Every analysable layer of ``model`` with its probe point, in topological order.
+    ``index``: the model's :class:`GraphIndex`, when the caller has one (its shape inference
+    is the costly part)."""
     if probe not in PROBES:
         raise ModelError(f"unknown probe {probe!r}; choose one of {', '.join(PROBES)}")
-    index = GraphIndex(model)
+    index = GraphIndex(model) if index is None else index
     layers = []
     for i, name, kernels in layer_nodes(model, index):
         node = model.graph.node[i]

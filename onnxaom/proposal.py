@@ -725,7 +725,7 @@ def _balance_groups(model: Model, props: list[LayerProposal], notes: list[str],
     from .layers import find_layers
 
     index = GraphIndex(model.proto)
-    layers = {layer.name: layer for layer in find_layers(model.proto)}
+    layers = {layer.name: layer for layer in find_layers(model.proto, index=index)}
     blocks_of = {p.layer: _channel_blocks(model, index, layers[p.layer]) if p.layer in layers
                  else 1 for p in props}
     for members in coupled:

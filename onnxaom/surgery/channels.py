@@ -383,8 +383,8 @@ def build(graph: gs.Graph, proto: onnx.ModelProto) -> ChannelGraph:
     """
     from .ops import handler_for, layer_handler_for
 
-    layers = find_layers(proto)
     index = GraphIndex(proto)
+    layers = find_layers(proto, index=index)
     shapes = fill_unknown(proto, index.shapes)  # H, W that inference could not tell
     if len(graph.nodes) != len(proto.graph.node):
         raise EditError("internal: the imported graph lost nodes; cannot map layers")
