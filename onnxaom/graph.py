@@ -14,9 +14,21 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["GraphIndex", "Shape", "dim_values"]
+__all__ = ["FLOAT_TYPES", "GraphIndex", "Shape", "casts_to_float", "dim_values"]
 
 Shape = tuple[int | None, ...]
+#: ONNX element types of floating-point tensors.
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                         onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16})
+
+
+def casts_to_float(to: object) -> bool:
+    """Whether a Cast with attribute ``to`` makes floats (a shape cast between integer types
+    does not; neither does an attribute that is not an element type)."""
+    try:
+        return int(to) in FLOAT_TYPES  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return False
 
 
 def dim_values(type_proto: onnx.TypeProto) -> Shape | None:

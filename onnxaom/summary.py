@@ -20,7 +20,7 @@ import onnx
 from onnx import external_data_helper
 
 from .errors import ModelError
-from .graph import GraphIndex
+from .graph import FLOAT_TYPES, GraphIndex, casts_to_float
 from .layers import find_layers
 from .model import Model, load
 from .shapes import fill_unknown
@@ -123,7 +123,7 @@ def summary(model: Model | str | os.PathLike[str]) -> ModelSummary:
     proto = model.proto
     index = GraphIndex(proto)
     rows: list[LayerSummary] = []
-    layers = find_layers(proto)
+    layers = find_layers(proto, index=index)
     shapes = index.shapes
     weights = [proto.graph.node[layer.node_index].input[1] for layer in layers]
     if any(layer.output not in shapes or None in shapes[layer.output][1:] for layer in layers) \
@@ -145,15 +145,16 @@ def summary(model: Model | str | os.PathLike[str]) -> ModelSummary:
     # parameters: float constants, and integer ones a model turns into floats (quantized
     # weights: DequantizeLinear's input, a Cast's); not shapes, indices or zero points
     dequantized = {node.input[0] for node in proto.graph.node if node.input and (
-        node.op_type == "DequantizeLinear" or (node.op_type == "Cast" and _to_float(node)))}
+        node.op_type == "DequantizeLinear" or (node.op_type == "Cast" and casts_to_float(
+            next((a.i for a in node.attribute if a.name == "to"), None))))}
     total_params = 0
     for tensor in proto.graph.initializer:
-        if tensor.data_type in _FLOAT_TYPES or tensor.name in dequantized:
+        if tensor.data_type in FLOAT_TYPES or tensor.name in dequantized:
             total_params += int(np.prod(tensor.dims))
     for node in proto.graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
-                if attr.name == "value" and (attr.t.data_type in _FLOAT_TYPES
+                if attr.name == "value" and (attr.t.data_type in FLOAT_TYPES
                                              or node.output[0] in dequantized):
                     total_params += int(np.prod(attr.t.dims))
     file_size, external_size = _file_sizes(model.path)
@@ -182,12 +183,6 @@ def _weight_shape(index: GraphIndex, shapes: Mapping[str, tuple[int | None, ...]
     return shape
 
 
-def _to_float(cast: onnx.NodeProto) -> bool:
-    """Whether Cast node ``cast`` makes floats (not a shape cast between integer types)."""
-    to = next((a.i for a in cast.attribute if a.name == "to"), None)
-    return to in _FLOAT_TYPES
-
-
 def _bias_after(index: GraphIndex, node: onnx.NodeProto, kernels: int) -> int:
     """The bias of a layer written as the ``Add`` of a constant of K values right after it:
     a MatMul's (tf2onnx's Dense, PyTorch's Linear on more than 2 dims), or a Conv's without a
@@ -209,8 +204,6 @@ def _bias_after(index: GraphIndex, node: onnx.NodeProto, kernels: int) -> int:
     return kernels
 
 
-_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                          onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16})
 
 
 def _inputs_and_macs(index: GraphIndex, node: onnx.NodeProto,

@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import EditError
+from ..graph import casts_to_float
 from .channels import (
     Change,
     ChannelGraph,
@@ -277,9 +277,7 @@ class Unary(Handler):
         """The op on the values ``x`` (float64), or None for ops without a form here."""
         op, attr = node.op, node.attrs.get
         with np.errstate(all="ignore"):
-            if op in ("Identity", "Dropout") or (op == "Cast" and int(attr("to", 0)) in (
-                    onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                    onnx.TensorProto.BFLOAT16)):
+            if op in ("Identity", "Dropout") or (op == "Cast" and casts_to_float(attr("to"))):
                 return x  # float casts: the values the oracle holds, to within rounding
             if op == "Relu":
                 return np.maximum(x, 0.0)
@@ -1298,7 +1296,8 @@ def integer_storage(tensor: gs.Tensor, depth: int = 8) -> str | None:
         producer = t.inputs[0]
         if producer.op in ("DequantizeLinear", "DynamicQuantizeLinear"):
             return f"node {describe(producer)}"
-        if producer.op == "Cast" and producer.inputs and _to_float(producer):
+        if producer.op == "Cast" and producer.inputs and casts_to_float(
+                producer.attrs.get("to")):
             source = producer.inputs[0]
             dtype = source.values.dtype if isinstance(source, gs.Constant) \
                 else getattr(source, "dtype", None)
@@ -1306,16 +1305,6 @@ def integer_storage(tensor: gs.Tensor, depth: int = 8) -> str | None:
                 return f"node {describe(producer)} casts integers"
         todo.extend((i, level + 1) for i in producer.inputs if i.name)
     return None
-
-
-def _to_float(cast: gs.Node) -> bool:
-    """Whether Cast node ``cast`` makes floats (a Cast of a shape between integer types is
-    no dequantization)."""
-    to = cast.attrs.get("to")
-    try:
-        return np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(int(to)), np.floating)
-    except (TypeError, ValueError, KeyError):  # an odd attribute: not a dequantization we know
-        return False
 
 
 def _layer_inputs(node: gs.Node, ins: Flows) -> Flow | None:
