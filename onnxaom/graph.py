@@ -130,6 +130,15 @@ class GraphIndex:
             out[name] = self.constant_shape(name) or ()
         return out
 
+    @cached_property
+    def run_shapes(self) -> dict[str, Shape]:
+        """:attr:`shapes` with what inference left unknown filled from one ONNX Runtime run
+        (:func:`onnxaom.shapes.fill_unknown`; no run where nothing is unknown), once per
+        index."""
+        from .shapes import fill_unknown
+
+        return fill_unknown(self.model, self.shapes)
+
     def elem_type(self, tensor: str) -> int:
         """ONNX element type of ``tensor`` (FLOAT when inference could not tell)."""
         if tensor in self.initializers:

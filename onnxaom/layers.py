@@ -191,9 +191,8 @@ def _with_computed_weights(model: onnx.ModelProto, index: GraphIndex) -> dict[st
 
     if not any(unsized(node) for node in model.graph.node):
         return shapes
-    from .shapes import fill_unknown
 
-    shapes = fill_unknown(model, shapes)
+    shapes = index.run_shapes
     for node in model.graph.node:
         if unsized(node):
             log.warning("Conv node %r is not analysed: its weight is computed and its kernel "

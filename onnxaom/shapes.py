@@ -103,7 +103,7 @@ def with_run_sizes(model: onnx.ModelProto, layers: Sequence[Layer]) -> list[Laye
         return list(layers)
     from .graph import GraphIndex
 
-    shapes = fill_unknown(model, GraphIndex(model).shapes)
+    shapes = GraphIndex(model).run_shapes
     out = []
     for layer in layers:
         shape = shapes.get(layer.probe)

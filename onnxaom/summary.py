@@ -23,7 +23,6 @@ from .errors import ModelError
 from .graph import FLOAT_TYPES, GraphIndex, casts_to_float
 from .layers import find_layers
 from .model import Model, load
-from .shapes import fill_unknown
 
 __all__ = ["LayerSummary", "ModelSummary", "summary"]
 
@@ -129,7 +128,7 @@ def summary(model: Model | str | os.PathLike[str]) -> ModelSummary:
     if any(layer.output not in shapes or None in shapes[layer.output][1:] for layer in layers) \
             or any(index.constant_shape(w) is None and None in shapes.get(w, (None,))
                    for w in weights):
-        shapes = fill_unknown(proto, shapes)  # sizes inference could not tell
+        shapes = index.run_shapes  # sizes inference could not tell
     for layer in layers:
         node = proto.graph.node[layer.node_index]
         # a weight or bias made by nodes (Identity, Cast, weight norm) counts by its shape

@@ -36,7 +36,6 @@ import onnx_graphsurgeon as gs
 from ..errors import EditError, LayerNotFoundError
 from ..graph import GraphIndex, Shape
 from ..layers import Layer, find_layers
-from ..shapes import fill_unknown
 from .gsio import NameRegistry, constant_value
 
 if TYPE_CHECKING:
@@ -385,7 +384,7 @@ def build(graph: gs.Graph, proto: onnx.ModelProto) -> ChannelGraph:
 
     index = GraphIndex(proto)
     layers = find_layers(proto, index=index)
-    shapes = fill_unknown(proto, index.shapes)  # H, W that inference could not tell
+    shapes = index.run_shapes  # H, W that inference could not tell
     if len(graph.nodes) != len(proto.graph.node):
         raise EditError("internal: the imported graph lost nodes; cannot map layers")
     cg = ChannelGraph(graph, {}, {}, [], Slots(), dict(shapes), [layer.name for layer in layers])
