@@ -524,7 +524,7 @@ def _quantize_pair(index: GraphIndex, quantize: onnx.NodeProto, tensor: str, ker
         axis = int(index.attribute(node, "axis", 1))  # type: ignore[call-overload]
         for name in params:
             shape = index.constant_shape(name)
-            if shape is None or not (math.prod(shape) == 1 or (
+            if shape is None or not (math.prod(d or 0 for d in shape) == 1 or (
                     len(shape) == 1 and shape[0] == kernels and axis in (1, -3))):
                 return None
         if any(a.name == "block_size" and a.i for a in node.attribute):
