@@ -72,15 +72,30 @@ GRAPH_MIN_OPSET = 10
 GRAPH_MAX_CLASSES = 64
 
 
+def _other_convs(model: Model) -> str:
+    """`` (its convs are 1-D or 3-D: a, b)`` naming Conv nodes of another rank, else ``""``."""
+    index = GraphIndex(model.proto)
+    names = []
+    for position, node in enumerate(model.proto.graph.node):
+        shape = index.constant_shape(node.input[1]) if node.op_type in (
+            "Conv", "ConvTranspose") and len(node.input) > 1 else None
+        if shape is not None and len(shape) != 4:
+            names.append(node.name or f"{node.op_type} #{position}")
+    if not names:
+        return ""
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f" (its convs are 1-D or 3-D, which are not analysed: {shown})"
+
+
 def select_layers(model: Model, names: Sequence[str] | None, probe: str) -> list[Layer]:
     """The layers to analyse: ``names`` in the model's order, or every layer (needs a Conv)."""
     layers = model.layers(probe=probe)
     if names is None:
         if not any(layer.op == "Conv" for layer in layers):
             raise ModelError(
-                f"model {model.name!r} has no 2-D Conv layer to analyse; pass layers=[...] "
-                f"(--layers on the command line) to analyse its fully-connected layers "
-                f"({', '.join(x.name for x in layers) or 'none'})"
+                f"model {model.name!r} has no 2-D Conv layer to analyse{_other_convs(model)}; "
+                f"pass layers=[...] (--layers on the command line) to analyse its "
+                f"fully-connected layers ({', '.join(x.name for x in layers) or 'none'})"
             )
         return layers
     if isinstance(names, str):

@@ -346,6 +346,20 @@ def test_model_without_conv() -> None:
         collect(model, np.zeros((2, 4), np.float32), np.array([0, 1]), progress=False)
 
 
+def test_model_with_1d_convs_names_them() -> None:
+    """1-D (and 3-D) convs are not layers; the refusal says so and names them."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 1, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(size=(16 * 4, 2)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv1d", pads=[1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc"], ["y"], name="dense")]
+    model = onnxaom.Model(zoo.hand_built(nodes, inits, ["N", 1, 16], ["N", 2]))
+    with pytest.raises(ModelError, match=r"no 2-D Conv layer.*1-D or 3-D.*conv1d\).*dense"):
+        collect(model, np.zeros((2, 1, 16), np.float32), np.array([0, 1]), progress=False)
+
+
 def test_collector_streams_and_continues_after_result() -> None:
     proto = zoo.depthwise()
     model = onnxaom.Model(proto)
