@@ -44,10 +44,8 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -62,6 +60,7 @@ from onnxaom_torch.train import evaluate
 
 import onnxaom
 from onnxaom.edits import RemoveKernels
+from onnxaom.files import atomic_write_text
 
 from . import selection, tables, torchnet
 from .torchnet import TrainConfig
@@ -247,10 +246,7 @@ class Recorder:
             log.info("resuming: %d runs already done", len(self.previous))
 
     def save(self) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.results, f, indent=1)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.results, indent=1))
 
 
 def _parameters(k1: int, k2: int) -> int:

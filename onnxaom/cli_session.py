@@ -402,8 +402,8 @@ def _training_options(q: argparse.ArgumentParser, epochs_default: int | None = N
     """--epochs, --accept-drop and --quiet, validated alike for start, apply and resume
     (``None`` defaults: the session's values)."""
     q.add_argument("--epochs", type=_int_at_least(0), default=epochs_default, metavar="N",
-                   help="retraining epochs after each step (default "
-                   + (f"{epochs_default})" if epochs_default is not None else ": the session's)"))
+                   help="retraining epochs after each step (default: "
+                   + (f"{epochs_default})" if epochs_default is not None else "the session's)"))
     q.add_argument("--accept-drop", type=_float_from(0.0, strict=False), metavar="PP",
                    help=drop_help)
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

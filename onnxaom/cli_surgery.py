@@ -7,7 +7,7 @@ result atomically through :meth:`onnxaom.Model.save`.
 
 ::
 
-    onnxaom prune MODEL --remove conv1:0,3,5 [--remove conv2:0-7 ...] -o OUT [--coupled refuse]
+    onnxaom prune MODEL --remove /conv1/Conv:0,3,5 [--remove ...] -o OUT [--coupled refuse]
     onnxaom widen MODEL --layer conv1 --add 4 [--init net2net|random|zeros] -o OUT
     onnxaom deepen MODEL --after conv2 [--kernel-size 3] [--init identity|random] -o OUT
     onnxaom summary MODEL [--json]
@@ -68,7 +68,8 @@ def parse_removal(text: str) -> tuple[str, list[int]]:
     """``"conv1:0,3,5"`` -> ``("conv1", [0, 3, 5])`` (the last ``:`` separates)."""
     layer, sep, indices = text.rpartition(":")
     if not sep or not layer or not indices:
-        raise EditError(f"--remove expects LAYER:INDICES such as conv1:0,3,5, got {text!r}")
+        raise EditError(f"--remove expects LAYER:INDICES such as /conv1/Conv:0,3,5 (a layer name "
+                        f"as `onnxaom layers MODEL` lists it), got {text!r}")
     return layer, parse_indices(indices)
 
 

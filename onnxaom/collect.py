@@ -87,9 +87,11 @@ def _other_convs(model: Model) -> str:
     return f" (its convs are 1-D or 3-D, which are not analysed: {shown})"
 
 
-def select_layers(model: Model, names: Sequence[str] | None, probe: str) -> list[Layer]:
-    """The layers to analyse: ``names`` in the model's order, or every layer (needs a Conv)."""
-    layers = model.layers(probe=probe)
+def select_layers(model: Model, names: Sequence[str] | None, probe: str,
+                  layers: Sequence[Layer] | None = None) -> list[Layer]:
+    """The layers to analyse: ``names`` in the model's order, or every layer (needs a Conv).
+    ``layers``: the model's layers at ``probe``, where the caller has them already."""
+    layers = list(model.layers(probe=probe) if layers is None else layers)
     if names is None:
         if not any(layer.op == "Conv" for layer in layers):
             raise ModelError(
@@ -572,7 +574,10 @@ class Collector:
             elif len(class_names) != num_classes:
                 raise DataError(f"{len(class_names)} class names given for {num_classes} classes")
         self.model = model if isinstance(model, Model) else load(model)
-        self.layers = select_layers(self.model, layers, probe)
+        available = self.model.layers(probe=probe)
+        self.layers = select_layers(self.model, layers, probe, available)
+        #: the model's last Conv, collected or not: analyze measures the too-shallow sign there
+        self.last_conv = next((x.name for x in reversed(available) if x.op == "Conv"), None)
         index = GraphIndex(self.model.proto)
         if probe != "conv":
             _note_channel_mixing(self.model, self.layers, index)
@@ -710,6 +715,7 @@ class Collector:
             "threshold": self.threshold,
             "probe": self.probe,
             "layers": [layer.to_dict() for layer in self.layers],
+            "last_conv": self.last_conv,
             "preprocessing": preprocessing,
             "source": source,
             "num_samples": self.num_samples,

@@ -625,8 +625,11 @@ def analyze(
     The too-shallow measure (Task 3) goes to the *last conv layer*: the last layer of ``stats``
     (all of its layers, in model order, not only those asked for) whose activation map has more
     than one position, or the last layer when every map is 1x1. It is measured only when that
-    layer is among those analysed. Classes with no samples are left out of every layer with a
-    note (``OccurrenceStats.aom``'s warning about them is silenced here: the note replaces it).
+    layer is among those analysed, and only when the model's last Conv was collected
+    (``stats.metadata["last_conv"]``, recorded by :func:`onnxaom.collect`): statistics of the
+    first layers alone say nothing about the model's depth. Classes with no samples are left
+    out of every layer with a note (``OccurrenceStats.aom``'s warning about them is silenced
+    here: the note replaces it).
 
     Parameters
     ----------
@@ -898,8 +901,8 @@ def _shallow(m: np.ndarray, t: Thresholds) -> ShallowSign:
 
 def _last_conv(stats: OccurrenceStats) -> str | None:
     names = stats.layer_names
-    if not names:
-        return None
+    if not names or stats.metadata.get("last_conv", names[-1]) not in names:
+        return None  # the model's last conv (recorded by collect) was not collected
     spatial = [n for n in names if int(np.prod(stats.counts[n].shape[2:])) > 1]
     return spatial[-1] if spatial else names[-1]
 

@@ -8,6 +8,7 @@ exist: a failure or an interrupt leaves the folder's earlier files untouched.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Sequence
@@ -60,31 +61,37 @@ def run_analysis(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ModelFileNotFoundError(f"--out {out} exists and is not a folder")
-    stats = collect(
-        model,
-        dataset,
-        batch_size=batch_size,
-        layers=layers,
-        provider=provider,
-        threshold=threshold,
-        probe=probe,
-        progress=progress,
-        allow_empty_classes=allow_empty_classes,
-    )
-    findings = analyze(stats)
-    out.mkdir(parents=True, exist_ok=True)
-    # all three files are made in a scratch folder first and moved in together at the end, so
-    # a failure or an interrupt leaves the folder's earlier results whole, not mixed
-    with tempfile.TemporaryDirectory(dir=out, prefix=".onnxaom-") as scratch:
-        made = [stats.save(Path(scratch) / "stats.npz"),
-                findings.to_json(Path(scratch) / "findings.json"),
-                _write_report(model, stats, findings, Path(scratch))]
-        for path in made:
-            target = out / path.name
-            if target.is_dir():
-                raise OutputError(f"{target} is a folder; remove it or choose another --out")
-        for path in made:
-            os.replace(path, out / path.name)
+    created = _make_folder(out)  # before the long collection: a bad --out fails now
+    try:
+        stats = collect(
+            model,
+            dataset,
+            batch_size=batch_size,
+            layers=layers,
+            provider=provider,
+            threshold=threshold,
+            probe=probe,
+            progress=progress,
+            allow_empty_classes=allow_empty_classes,
+        )
+        findings = analyze(stats)
+        # all three files are made in a scratch folder first and moved in together at the end,
+        # so a failure or an interrupt leaves the folder's earlier results whole, not mixed
+        with tempfile.TemporaryDirectory(dir=out, prefix=".onnxaom-") as scratch:
+            made = [stats.save(Path(scratch) / "stats.npz"),
+                    findings.to_json(Path(scratch) / "findings.json"),
+                    _write_report(model, stats, findings, Path(scratch))]
+            for path in made:
+                target = out / path.name
+                if target.is_dir():
+                    raise OutputError(f"{target} is a folder; remove it or choose another --out")
+            for path in made:
+                os.replace(path, out / path.name)
+    except BaseException:
+        for folder in reversed(created):  # a failed run leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     stats_path, findings_path, report_path = (out / p.name for p in made)
     lines = [
         f"{model.name}: {len(stats.layer_names)} layers, {stats.num_classes} classes, "
@@ -95,6 +102,17 @@ def run_analysis(
     ]
     lines.append(f"wrote {report_path}")
     return AnalysisResult(stats_path, findings_path, report_path, tuple(lines))
+
+
+def _make_folder(out: Path) -> list[Path]:
+    """Make ``out`` and its missing parents; returns the folders made, outermost first."""
+    missing = [p for p in (out, *out.parents) if not p.exists()][::-1]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"--out {out}: the folder cannot be made ({exc.strerror or exc})"
+                          ) from exc
+    return missing
 
 
 def _input_channels(model: Model) -> int | None:

@@ -74,7 +74,8 @@ def resolve_providers(provider: str = "auto") -> list[str]:
     if provider == "cuda":
         raise ProviderError(
             "provider='cuda' was requested but the CUDA execution provider does not load on "
-            "this machine (no GPU, driver or CUDA libraries); use provider='auto' or 'cpu'"
+            "this machine (no GPU, driver or CUDA libraries); use provider='auto' or 'cpu' "
+            "(on the command line --provider auto or cpu)"
         )
     return ["CPUExecutionProvider"]
 

@@ -88,13 +88,15 @@ def test_user_mistakes_are_one_line_without_traceback(tmp_path: Path) -> None:
             "nope",
             "-q",
         ],
+        ["analyze", str(DEFAULT_MODEL), "--data", "digits:28", "--out",
+         str(bad / "sub"), "-q"],  # under a file: refused before the data is read
     ):
         result = run_cli(*args)
         assert result.returncode == 1, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("onnxaom: error:"), result.stderr
         assert "Traceback" not in result.stderr
-    assert not (tmp_path / "o" / "stats.npz").exists()  # nothing written half
+    assert not (tmp_path / "o").exists()  # nothing written, not even an empty folder
 
 
 def test_analyze_a_folder_reads_the_models_channels_and_resizes(tmp_path: Path) -> None:

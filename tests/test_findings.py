@@ -388,6 +388,26 @@ def test_analyze_real_stats() -> None:
     assert len(findings.summary_lines()) >= 3
 
 
+def test_no_shallow_sign_when_the_models_last_conv_was_not_collected() -> None:
+    """Statistics of conv1 alone (collect(layers=[conv1])) do not make conv1 the last conv:
+    collect records the model's last Conv, and the sign is measured only there."""
+    import onnxaom
+
+    from . import zoo
+
+    model = onnxaom.Model(zoo.chain())
+    convs = [layer.name for layer in model.layers() if layer.op == "Conv"]
+    images = zoo.random_input(model.proto, batch=12, seed=0)
+    labels = np.arange(12) % 3
+    first = onnxaom.collect(model, images, labels, layers=convs[:1], progress=False)
+    assert first.metadata["last_conv"] == convs[-1]
+    assert analyze(first).layer(convs[0]).shallow is None
+    everything = onnxaom.collect(model, images, labels, progress=False)
+    assert analyze(everything).layer(convs[-1]).shallow is not None
+    hand_made = OccurrenceStats(first.counts, first.class_sizes)  # no metadata: as before
+    assert analyze(hand_made).layer(convs[0]).shallow is not None
+
+
 def test_analyze_layer_selection_and_last_layer_rules() -> None:
     stats = random_stats({"conv1": (4, 5, 5), "conv2": (6, 3, 3), "fc": (5, 1, 1)}, (20, 30, 25))
     only = analyze(stats, layers=["fc", "conv1"])

@@ -61,7 +61,8 @@ def function_model(*, seed: int = 0, function_opset: int = 17) -> onnx.ModelProt
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
     ]
     graph = helper.make_graph(
-        nodes, "blocks", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        nodes, "blocks",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
     model = helper.make_model(
         graph, functions=_block_functions(function_opset),
