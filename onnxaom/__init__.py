@@ -8,6 +8,7 @@ selectivity, computed exactly by streaming a data set through ONNX Runtime.
 
 from ._version import __version__
 from .collect import Collector, collect
+from .compare import Comparison, compare
 from .data import (
     Dataset,
     Preprocessing,
@@ -44,6 +45,7 @@ from .surgery import apply, plan_removal, remove_kernels
 
 __all__ = [
     "Collector",
+    "Comparison",
     "DataError",
     "Dataset",
     "EditError",
@@ -74,6 +76,7 @@ __all__ = [
     "analyze",
     "apply",
     "collect",
+    "compare",
     "edits_from_json",
     "edits_to_json",
     "from_arrays",

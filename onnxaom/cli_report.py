@@ -1,6 +1,8 @@
-"""``onnxaom render``: one view of one layer to PNG, SVG or PDF (registered by :mod:`onnxaom.cli`).
+"""``onnxaom render`` and ``onnxaom compare``, reading statistics files (registered by
+:mod:`onnxaom.cli`).
 
     onnxaom render STATS.npz --layer NAME --view aom|odm|csm|selectivity|layer -o OUT.png
+    onnxaom compare A.npz B.npz [--match index|best] [--layers A=B ...] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -58,6 +60,30 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+    from .errors import StatsError
+    from .files import refuse_inputs
+    from .stats import OccurrenceStats
+
+    pairs = []
+    for text in args.layers or ():
+        name_a, sep, name_b = text.rpartition("=")
+        if not sep or not name_a or not name_b:
+            raise StatsError(f"--layers expects A=B (a layer of the first run = a layer of the "
+                             f"second), got {text!r}")
+        pairs.append((name_a, name_b))
+    if args.json is not None:
+        refuse_inputs(args.json, [args.stats_a, args.stats_b])
+    result = compare(OccurrenceStats.load(args.stats_a), OccurrenceStats.load(args.stats_b),
+                     layers=pairs or None, match=args.match)
+    for line in result.summary_lines():
+        print(line)
+    if args.json is not None:
+        print(f"wrote {result.to_json(args.json)}")
+    return 0
+
+
 def _positive(text: str) -> float:
     """A finite number > 0, for ``--scale``."""
     try:
@@ -70,7 +96,7 @@ def _positive(text: str) -> float:
 
 
 def add_parsers(subparsers: Any) -> None:
-    """Register ``render`` on the ``onnxaom`` command's subparsers."""
+    """Register ``render`` and ``compare`` on the ``onnxaom`` command's subparsers."""
     p = subparsers.add_parser(
         "render",
         help="export one chart of a layer (AOM, ODM, CSM, selectivity) to PNG, SVG or PDF",
@@ -93,3 +119,20 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--scale", type=_positive, default=1.0,
                    help="PNG/PDF scale factor (default 1)")
     p.set_defaults(func=_cmd_render)
+
+    p = subparsers.add_parser(
+        "compare",
+        help="compare two runs' occurrence maps (two exports, frameworks or trainings)",
+        description="Pair the layers of two statistics files (in model order, or by --layers) "
+        "and their kernels (by index, or the closest one-to-one pairing), and print the "
+        "distance of each pair: the paper's ODM across the two models.",
+    )
+    p.add_argument("stats_a", metavar="A.npz", help="statistics of the first model")
+    p.add_argument("stats_b", metavar="B.npz", help="statistics of the second model")
+    p.add_argument("--match", choices=("index", "best"), default="index",
+                   help="index: kernel k with kernel k (one network, two exports; default); "
+                   "best: the pairing with the least total distance (two trainings)")
+    p.add_argument("--layers", nargs="+", metavar="A=B",
+                   help="pairs of layers to compare (default: all, paired by position)")
+    p.add_argument("--json", metavar="OUT", help="also write the comparison as JSON")
+    p.set_defaults(func=_cmd_compare)
