@@ -24,7 +24,7 @@ from onnx import external_data_helper
 
 from .errors import LayerNotFoundError, ModelError, ModelFileNotFoundError, OutputError
 from .files import fsync_path, same_file
-from .inline import inline_functions
+from .normalize import normalize
 
 if TYPE_CHECKING:
     from .layers import Layer
@@ -44,8 +44,9 @@ class Model:
     ----------
     proto:
         The model. Its tensors must hold their data (no unresolved external references).
-        Calls to model-local functions are inlined (:mod:`onnxaom.inline`), so that the
-        layers inside them can be analysed and edited; a model saved from it has no functions.
+        It is put in normal form first (:mod:`onnxaom.normalize`: local functions inlined,
+        sparse initializers dense, nodes sorted, stale stored shapes replaced), a new proto
+        where anything changes; a model saved from it is saved in that form.
     path:
         The file it was loaded from, if any.
     external_data:
@@ -60,8 +61,8 @@ class Model:
         self, proto: onnx.ModelProto, path: Path | None = None, external_data: bool = False,
         protected: Iterable[Path] = (),
     ) -> None:
-        self._proto = inline_functions(proto, name=path.name if path is not None
-                                       else (proto.graph.name or "model"))
+        self._proto = normalize(proto, name=path.name if path is not None
+                                else (proto.graph.name or "model"))
         self.path = path
         self.external_data = external_data
         self.protected = frozenset({*(Path(p).resolve() for p in protected),
