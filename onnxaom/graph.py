@@ -162,6 +162,17 @@ class GraphIndex:
         return default
 
 
+def fed_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph inputs a run must feed: those that are not initializers, less those no node
+    reads where there are several (an input left unused by an edit of another tool)."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) > 1:
+        read = GraphIndex(model).consumers
+        inputs = [i for i in inputs if i.name in read] or inputs
+    return inputs
+
+
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     """Names read from the outer scope by If/Loop/Scan bodies."""
     names: set[str] = set()

@@ -24,7 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ModelError
-from .graph import GraphIndex
+from .graph import GraphIndex, fed_inputs
 from .layers import Layer
 
 __all__ = [
@@ -59,9 +59,9 @@ class Instrumented:
 
 
 def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
-    """The graph input that takes the images (the one input that is not an initializer)."""
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
+    """The graph input that takes the images: the one input that is not an initializer (an
+    input no node reads is left out; the instrumented graphs drop it)."""
+    inputs = fed_inputs(model)
     if len(inputs) != 1:
         names = ", ".join(i.name for i in inputs) or "(none)"
         raise ModelError(f"model must have exactly one image input; it has {len(inputs)}: {names}")

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .graph import Shape, dim_values
+from .graph import Shape, dim_values, fed_inputs
 
 if TYPE_CHECKING:
     from .layers import Layer
@@ -42,8 +42,7 @@ def fill_unknown(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> dict[st
                or (len(shapes[name]) >= 2 and None in shapes[name][1:])]
     if not unknown:
         return out
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
+    inputs = fed_inputs(model)
     if len(inputs) != 1:
         return out
     dims = dim_values(inputs[0].type)
@@ -83,6 +82,10 @@ def _run_for_shapes(model: onnx.ModelProto, names: list[str], feed: dict[str, np
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]
+    initializers = {t.name for t in probe.graph.initializer}
+    kept = [i for i in probe.graph.input if i.name in feed or i.name in initializers]
+    del probe.graph.input[:]  # an input no node reads is not fed
+    probe.graph.input.extend(kept)
     # outputs without a type: ONNX Runtime takes them and types them itself
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
     try:

@@ -346,6 +346,28 @@ def test_model_without_conv() -> None:
         collect(model, np.zeros((2, 4), np.float32), np.array([0, 1]), progress=False)
 
 
+def test_an_input_no_node_reads_is_not_the_image_input() -> None:
+    """A graph input left unused (by another tool's edit) is neither the image input nor fed;
+    counts equal the plain model's, and an edit keeps the input."""
+    proto = zoo.chain()
+    extra = onnx.ModelProto()
+    extra.CopyFrom(proto)
+    extra.graph.input.append(helper.make_tensor_value_info("unused", TensorProto.FLOAT, [1]))
+    images, labels = data_for(proto, n=14, classes=3)
+    got = collect(onnxaom.Model(extra), images, labels, progress=False)
+    want = collect(onnxaom.Model(proto), images, labels, progress=False)
+    for name in want.layer_names:
+        np.testing.assert_array_equal(got.counts[name], want.counts[name], err_msg=name)
+    edited = onnxaom.remove_kernels(onnxaom.Model(extra), {"conv1": [0]})
+    assert [i.name for i in edited.proto.graph.input] == ["input", "unused"]
+    two = onnx.ModelProto()
+    two.CopyFrom(extra)
+    two.graph.node[0].input[0] = "unused"  # now both inputs are read: which is the image?
+    two.graph.node.append(helper.make_node("Identity", ["input"], ["also_read"]))
+    with pytest.raises(ModelError, match="exactly one image input; it has 2: input, unused"):
+        collect(onnxaom.Model(two), images, labels, progress=False)
+
+
 def test_model_with_1d_convs_names_them() -> None:
     """1-D (and 3-D) convs are not layers; the refusal says so and names them."""
     rng = np.random.default_rng(0)
