@@ -26,7 +26,10 @@ Probe points (``probe=``):
   at the ReLU): channel k there is still kernel k's, and it is what the next layer sees.
   :func:`channel_mixing_reader` names that norm. It is not part of the per-channel chain the
   surgery removes a channel with (:attr:`Layer.channel_end` stays before it).
-* ``"conv"``: the raw layer output.
+* ``"conv"``: the raw layer output, after its bias: where a layer's bias is a separate
+  ``Add`` of one constant per kernel (:func:`bias_add`: MatMul + Add, a Conv without bias
+  input + Add), the probe is that Add's output, so the same network reads the same in
+  either form.
 * ``"pool"``: the output of the MaxPool/AveragePool/LpPool that reads the activation, where
   there is one; layers without such a pool are read at their activation (``Layer.probe_kind``
   says which).
@@ -236,7 +239,9 @@ def find_layers(model: onnx.ModelProto, probe: str = "activation",
         nodes = _follow_channel_chain(index, output, kernels, spatial)
         channel_end = nodes[-1].output[0] if nodes else output
         if probe == "conv":
-            tensor, chain, kind = output, (), "conv"
+            bias = bias_add(index, node, kernels)  # the layer's own bias, written apart
+            tensor, chain = (bias.output[0], ("Add",)) if bias is not None else (output, ())
+            kind = "conv"
         else:
             cut = _activation_cut(index, nodes)
             read = nodes[:cut]
@@ -639,6 +644,30 @@ def _keeps_sign(index: GraphIndex, node: onnx.NodeProto) -> bool:
         ceiling = clip_ceiling(index, node)
         return ceiling is None or ceiling > 0  # None: computed, taken as a ReLU6-like bound
     return True  # Relu, Celu, Gelu, HardSwish
+
+
+def bias_add(index: GraphIndex, node: onnx.NodeProto, kernels: int) -> onnx.NodeProto | None:
+    """The ``Add`` of one constant per kernel right after a layer without a bias of its own:
+    its bias written as a separate node (tf2onnx's Dense as MatMul + Add, PyTorch's Linear on
+    more than 2 dims, a Conv without bias input + ``Add`` in CNTK files and hand-edited graphs);
+    None when there is none."""
+    if node.op_type not in ("Conv", "MatMul", "Gemm"):
+        return None
+    if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
+        return None  # it has its own bias
+    reader = index.single_consumer(node.output[0])
+    add = index.graph.node[reader] if reader is not None else None
+    if add is None or add.op_type != "Add" or len(add.input) != 2:
+        return None
+    other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+    shape = index.constant_shape(other)
+    if shape is None or math.prod(d or 0 for d in shape) != kernels:
+        return None
+    if node.op_type == "Conv" and (len(shape) < 3 or shape[-3] != kernels):
+        return None  # not one value per channel (a scalar, or values over positions)
+    if node.op_type != "Conv" and (not shape or shape[-1] != kernels):
+        return None
+    return add
 
 
 def channel_mixing_reader(model: onnx.ModelProto, layer: Layer,

@@ -21,7 +21,7 @@ from onnx import external_data_helper
 
 from .errors import ModelError
 from .graph import FLOAT_TYPES, GraphIndex, casts_to_float
-from .layers import find_layers
+from .layers import bias_add, find_layers
 from .model import Model, load
 
 __all__ = ["LayerSummary", "ModelSummary", "summary"]
@@ -183,26 +183,8 @@ def _weight_shape(index: GraphIndex, shapes: Mapping[str, tuple[int | None, ...]
 
 
 def _bias_after(index: GraphIndex, node: onnx.NodeProto, kernels: int) -> int:
-    """The bias of a layer written as the ``Add`` of a constant of K values right after it:
-    a MatMul's (tf2onnx's Dense, PyTorch's Linear on more than 2 dims), or a Conv's without a
-    bias input (CNTK's files: MNIST-8's ``Plus`` of a (K, 1, 1) constant): K, else 0."""
-    if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
-        return 0  # the conv has its own bias
-    if node.op_type not in ("MatMul", "Conv"):
-        return 0
-    reader = index.single_consumer(node.output[0])
-    add = index.graph.node[reader] if reader is not None else None
-    if add is None or add.op_type != "Add" or len(add.input) != 2:
-        return 0
-    other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-    shape = index.constant_shape(other)
-    if shape is None or math.prod(d or 0 for d in shape) != kernels:
-        return 0
-    if node.op_type == "Conv" and (len(shape) < 3 or shape[-3] != kernels):
-        return 0  # not one value per channel (a scalar, or values over positions)
-    return kernels
-
-
+    """K when the layer's bias is a separate ``Add`` (:func:`onnxaom.layers.bias_add`), else 0."""
+    return kernels if bias_add(index, node, kernels) is not None else 0
 
 
 def _inputs_and_macs(index: GraphIndex, node: onnx.NodeProto,

@@ -368,6 +368,58 @@ def test_an_input_no_node_reads_is_not_the_image_input() -> None:
         collect(onnxaom.Model(two), images, labels, progress=False)
 
 
+def _bias_apart(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` (zoo.chain) with conv2's bias and fc1's written as separate Adds (a CNTK-style
+    Conv + Add of a (1, K, 1, 1) constant, a tf2onnx-style MatMul + Add)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        if node.name in ("conv2", "fc1"):
+            bias = numpy_helper.to_array(inits[node.input[2]])
+            shape = (1, -1, 1, 1) if node.name == "conv2" else (-1,)
+            model.graph.initializer.append(
+                numpy_helper.from_array(bias.reshape(shape), f"{node.name}.bias_apart"))
+            out = node.output[0]
+            if node.name == "fc1":  # Gemm(transB=1) -> MatMul of the transposed weight
+                weight = numpy_helper.to_array(inits[node.input[1]]).T.copy()
+                model.graph.initializer.append(
+                    numpy_helper.from_array(weight, "fc1.weight_t"))
+                node = helper.make_node("MatMul", [node.input[0], "fc1.weight_t"],
+                                        [f"{out}_raw"], name="fc1")
+            else:
+                del node.input[2]
+                node.output[0] = f"{out}_raw"
+            nodes += [node, helper.make_node("Add", [f"{out}_raw", f"{node.name}.bias_apart"],
+                                             [out], name=f"{node.name}_bias")]
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def test_conv_probe_reads_after_a_bias_written_apart() -> None:
+    """probe="conv" is the layer's output with its bias, so the same network counts the same
+    whether the bias is an input of the layer or an Add after it."""
+    proto = zoo.chain()
+    apart = _bias_apart(proto)
+    images, labels = data_for(proto, n=30, classes=3)
+    x = images[:4]
+    for got, want in zip(zoo.run(apart, x), zoo.run(proto, x), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    model = onnxaom.Model(apart)
+    assert [x.chain for x in model.layers(probe="conv")] == [(), ("Add",), ("Add",), ()]
+    names = [x.name for x in model.layers()]
+    a = collect(onnxaom.Model(proto), images, labels, probe="conv", progress=False, layers=names)
+    b = collect(model, images, labels, probe="conv", progress=False, layers=names)
+    for name in names:
+        np.testing.assert_array_equal(a.counts[name], b.counts[name], err_msg=name)
+    plain = onnxaom.summary(onnxaom.Model(proto))
+    assert onnxaom.summary(model).layer_params == plain.layer_params
+
+
 def test_model_with_1d_convs_names_them() -> None:
     """1-D (and 3-D) convs are not layers; the refusal says so and names them."""
     rng = np.random.default_rng(0)
