@@ -1018,3 +1018,47 @@ def test_a_model_before_opset_7_is_refused_by_the_surgery():
     with pytest.raises(EditError, match=r"at opset 6: the surgery reads opset 7 and later.*"
                                         r"convert_version\(proto, 7\)"):
         apply(Model(proto), WidenLayer("conv1", 2))
+
+
+def _weight_fused_at_run_time(proto: onnx.ModelProto, layer: str) -> onnx.ModelProto:
+    """``proto`` with ``layer``'s weight written as onnxoptimizer's ``fuse_bn_into_conv``
+    leaves it: ``W * Unsqueeze(gamma / Sqrt(var + eps))``, computed from initializers."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    inits = {t.name: t for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.name == layer)
+    weight = numpy_helper.to_array(inits[node.input[1]])
+    k = weight.shape[0]
+    rng = np.random.default_rng(5)
+    gamma = rng.uniform(0.5, 1.5, k).astype(np.float32)
+    var = rng.uniform(0.5, 2.0, k).astype(np.float32)
+    scale = gamma / np.sqrt(var + np.float32(1e-5))
+    for name, value in (("raw_w", weight / scale[:, None, None, None]), ("gamma", gamma),
+                        ("var", var), ("eps", np.float32(1e-5)),
+                        ("axes", np.array([1, 2, 3], np.int64))):
+        model.graph.initializer.append(numpy_helper.from_array(
+            np.asarray(value, np.float32 if name != "axes" else np.int64), name))
+    fused = [helper.make_node("Add", ["var", "eps"], ["var_eps"]),
+             helper.make_node("Sqrt", ["var_eps"], ["std"]),
+             helper.make_node("Div", ["gamma", "std"], ["scale"]),
+             helper.make_node("Unsqueeze", ["scale", "axes"], ["scale4"]),
+             helper.make_node("Mul", ["raw_w", "scale4"], ["fused_w"])]
+    node.input[1] = "fused_w"
+    nodes = fused + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def test_a_weight_computed_from_constants_is_folded_and_edited_exactly() -> None:
+    """onnxoptimizer's BN fusion writes conv weights as Sqrt/Div/Mul of initializers: they are
+    folded (float32, as ONNX Runtime computes them) and every edit stays exact."""
+    proto = _weight_fused_at_run_time(zoo.chain(), "conv1")
+    assert_removal_exact(proto, {"conv1": [1, 2]})
+    assert_removal_exact(proto, {"conv2": [0, 5]})
+    model = Model(proto)
+    wider = onnxaom.apply(model, [WidenLayer(layer="conv1", add=2, init="zeros")])
+    x = zoo.random_input(proto, batch=3, seed=2)
+    for g, w in zip(zoo.run(wider.proto, x), zoo.run(proto, x), strict=True):
+        np.testing.assert_allclose(g, w, rtol=ATOL, atol=ATOL)
+    assert wider.layers()[0].kernels == 6

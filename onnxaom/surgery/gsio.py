@@ -201,6 +201,9 @@ def constant_value(tensor: gs.Tensor, depth: int = 16) -> np.ndarray | None:
         return None
 
 
+_UNARY = {"Sqrt": np.sqrt, "Neg": np.negative, "Reciprocal": np.reciprocal, "Abs": np.abs}
+
+
 def fold_node(node: gs.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
     """``node`` evaluated on constant ``args`` (None: not constant), for the ops
     :func:`constant_value` follows; None when it is not one of them or an input is computed."""
@@ -227,6 +230,10 @@ def fold_node(node: gs.Node, args: list[np.ndarray | None]) -> np.ndarray | None
         return first * np.ones(shape, dtype=first.dtype)  # broadcasting both ways, as ONNX
     if op == "Cast":
         return first.astype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
+    if op in _UNARY and np.issubdtype(first.dtype, np.floating):
+        # IEEE-exact in float32 as in ORT (onnxoptimizer's BN fusion: W * scale / Sqrt(var+eps))
+        with np.errstate(all="ignore"):
+            return np.asarray(_UNARY[op](first)).astype(first.dtype)
     if op in ("Unsqueeze", "Squeeze"):
         axes = args[1] if len(args) > 1 else node.attrs.get("axes")
         if axes is None:
