@@ -72,19 +72,36 @@ GRAPH_MIN_OPSET = 10
 GRAPH_MAX_CLASSES = 64
 
 
+#: Op domains ONNX Runtime implements; a node of another domain is a custom op or a call to a
+#: function the model does not define.
+_RUNTIME_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training",
+                              "com.microsoft", "com.microsoft.nchwc", "com.ms.internal.nhwc"})
+
+
 def _other_convs(model: Model) -> str:
-    """`` (its convs are 1-D or 3-D: a, b)`` naming Conv nodes of another rank, else ``""``."""
+    """Why a model has no 2-D Conv layer, where it shows: `` (its convs are 1-D or 3-D: a,
+    b)`` naming Conv nodes of another rank, or the ops of unknown domains it calls (a function
+    a converter dropped: onnx's version converter keeps the calls, not the functions);
+    ``""`` otherwise."""
     index = GraphIndex(model.proto)
-    names = []
+    names, unknown = [], []
     for position, node in enumerate(model.proto.graph.node):
         shape = index.constant_shape(node.input[1]) if node.op_type in (
             "Conv", "ConvTranspose") and len(node.input) > 1 else None
         if shape is not None and len(shape) != 4:
             names.append(node.name or f"{node.op_type} #{position}")
-    if not names:
-        return ""
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    return f" (its convs are 1-D or 3-D, which are not analysed: {shown})"
+        if node.domain not in _RUNTIME_DOMAINS:
+            unknown.append(f"{node.domain}.{node.op_type}")
+    if names:
+        return f" (its convs are 1-D or 3-D, which are not analysed: {_few(names)})"
+    if unknown:
+        return (f" (it calls ops no library here defines, which may hide convs: "
+                f"{_few(sorted(set(unknown)))}; a function the model lost?)")
+    return ""
+
+
+def _few(names: Sequence[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def select_layers(model: Model, names: Sequence[str] | None, probe: str,

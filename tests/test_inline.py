@@ -210,3 +210,15 @@ def test_torch_modules_exported_as_functions_count_as_the_plain_export(tmp_path)
                               strict=True):
         np.testing.assert_array_equal(stats["plain"].counts[plain],
                                       stats["functions"].counts[inlined], err_msg=inlined)
+
+
+def test_calls_to_functions_the_model_lost_are_named_when_no_conv_is_left() -> None:
+    """onnx's version converter keeps function calls but drops the functions: the convs are
+    gone, and the refusal names the calls."""
+    proto = function_model()
+    del proto.functions[:]
+    model = onnxaom.Model(proto)
+    assert [layer.name for layer in model.layers()] == ["fc"]
+    images = np.zeros((3, 1, 8, 8), np.float32)
+    with pytest.raises(ModelError, match=r"no 2-D Conv layer.*blocks\.Block; a function"):
+        onnxaom.collect(model, images, np.arange(3), progress=False)
