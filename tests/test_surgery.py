@@ -373,12 +373,10 @@ def test_pad_with_a_non_zero_value_after_the_probe_is_refused():
 
 @pytest.mark.parametrize("op, attrs, node", [
     ("Softmax", {"axis": 1}, "'middle' (Softmax)"),
-    ("Split", {"axis": 1, "num_outputs": 1}, "'middle' (Split)"),
+    ("Hardmax", {"axis": 1}, "'middle' (Hardmax)"),
     ("LRN", {"size": 3}, "'middle' (LRN)"),
 ])
 def test_unsupported_ops_on_the_path_are_named(op, attrs, node):
-    if op == "Split":
-        attrs = {"axis": 1}
     proto = after_activation(op, **attrs)
     with pytest.raises(EditError) as info:
         remove_kernels(Model(proto), {"conv1": [0]})
@@ -1062,3 +1060,79 @@ def test_a_weight_computed_from_constants_is_folded_and_edited_exactly() -> None
     for g, w in zip(zoo.run(wider.proto, x), zoo.run(proto, x), strict=True):
         np.testing.assert_allclose(g, w, rtol=ATOL, atol=ATOL)
     assert wider.layers()[0].kernels == 6
+
+
+def csp_split(opset: int = 17, form: str = "input", sizes: tuple[int, int] = (3, 5)
+              ) -> onnx.ModelProto:
+    """conv1 (8) -> relu -> Split on channels into ``sizes`` -> part 1 through conv2 (-> 6)
+    -> relu; Concat(part 0, conv2's) -> conv3 (9 -> 4) -> relu -> head: a CSP/C2f block.
+    ``form``: the sizes as an ``input`` (opset 13+), an ``attribute`` (before 13), or not
+    given (``equal`` parts; opset 18 says ``num_outputs``)."""
+    net = zoo._Net(0)
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 8)])
+    inputs, attrs = [x], {"axis": 1}
+    if form == "input":
+        inputs.append(net.const("split_sizes", np.array(sizes, np.int64)))
+    elif form == "attribute":
+        attrs["split"] = list(sizes)
+    elif opset >= 18:
+        attrs["num_outputs"] = 2
+    net.nodes.append(helper.make_node("Split", inputs, ["part0", "part1"], name="split",
+                                      **attrs))
+    b = net.op("Relu", "relu2", [net.conv("conv2", "part1", sizes[1], 6)])
+    c = net.op("Concat", "concat", ["part0", b], axis=1)
+    x = net.op("Relu", "relu3", [net.conv("conv3", c, sizes[0] + 6, 4)])
+    net.gap_head(x, 4, 3)
+    return net.model("csp", opset=opset, fixed_batch=None, empty_names=False, channels=3,
+                     size=8, classes=3)
+
+
+@pytest.mark.parametrize("opset, form, sizes", [
+    (17, "input", (3, 5)), (11, "attribute", (3, 5)), (13, "equal", (4, 4)),
+    (18, "equal", (4, 4)), (18, "input", (2, 6)),
+])
+def test_a_channel_split_loses_the_removed_channels_of_each_part(opset, form, sizes):
+    proto = csp_split(opset, form, sizes)
+    assert_removal_exact(proto, {"conv1": [0, 4, 6]})
+    assert_removal_exact(proto, {"conv1": [sizes[0]]})  # only the second part shrinks
+    assert_removal_exact(proto, {"conv2": [1, 5]})
+
+
+def test_a_channel_split_refuses_to_empty_a_part_or_widen_through_it():
+    model = Model(csp_split())
+    with pytest.raises(EditError, match=r"'split' \(Split\) would split off no channel into "
+                                        r"part0: keep at least one kernel of each part"):
+        remove_kernels(model, {"conv1": [0, 1, 2]})
+    with pytest.raises(EditError, match="carries some of its channels without the others"):
+        onnxaom.apply(model, [WidenLayer(layer="conv1", add=2)])
+    wider = onnxaom.apply(model, [WidenLayer(layer="conv2", add=2, init="zeros")])
+    x = zoo.random_input(model.proto, batch=2, seed=1)
+    for g, w in zip(zoo.run(wider.proto, x), zoo.run(model.proto, x), strict=True):
+        np.testing.assert_allclose(g, w, rtol=ATOL, atol=ATOL)
+
+
+@pytest.mark.slow
+def test_torch_chunk_through_the_dynamo_exporter_is_a_split_the_surgery_edits(tmp_path):
+    """``x.chunk(2, 1)`` in a C2f-style block: the dynamo exporter writes a Split (the legacy
+    one computed Slices, refused by name), whose parts lose their own removed channels."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    class C2f(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.m, self.cv2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(12, 6, 1)
+
+        def forward(self, x):
+            a, b = torch.relu(self.bn1(self.cv1(x))).chunk(2, 1)
+            return torch.relu(self.cv2(torch.cat([a, b, torch.relu(self.m(b))], 1)))
+
+    torch.manual_seed(0)
+    path = tmp_path / "c2f.onnx"
+    torch.onnx.export(C2f().eval(), (torch.randn(1, 3, 8, 8),), str(path), dynamo=True,
+                      input_names=["x"], dynamic_shapes={"x": {0: torch.export.Dim("n")}})
+    model = onnxaom.load(path)
+    assert any(node.op_type == "Split" for node in model.proto.graph.node)
+    first = model.layers()[0].name
+    assert_removal_exact(model.proto, {first: [0, 1, 5]})  # parts of 2 and 3 channels

@@ -34,7 +34,7 @@ segments then repeat once per position (:attr:`Flow.outer`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeAlias
 
 import numpy as np
@@ -757,12 +757,69 @@ class Slice(Positional):
 
 @register("Split")
 class Split(Positional):
+    """A split of the channel axis (``torch.chunk``/``split`` on dim 1: CSP and C2f blocks)
+    gives each output its run of channels; a removal rewrites the split sizes to the kept
+    channels of each run. Widening a layer whose channels are split is refused (its new
+    channels would have no run: :class:`~onnxaom.surgery.channels.WidenPlan` says so)."""
+
     def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
               layer: LayerSlots | None) -> list[Flow | None]:
         flow = _only_first_input(node, ins)
-        if _norm_axis(int(node.attrs.get("axis", 0)), flow.rank) == flow.axis:
-            raise Unsupported("splits the channel axis")
-        return [flow] * len(node.outputs)
+        if _norm_axis(int(node.attrs.get("axis", 0)), flow.rank) != flow.axis:
+            return [flow] * len(node.outputs)
+        if not flow.channel_level:
+            raise Unsupported("splits the channel axis of a flattened tensor")
+        slots, start = flow.all_slots(), 0
+        flows: list[Flow | None] = []
+        for size in self._sizes(cg, node, flow):
+            flows.append(replace(flow, segments=(Segment(slots[start:start + size]),)))
+            start += size
+        return flows
+
+    @staticmethod
+    def _sizes(cg: ChannelGraph, node: gs.Node, flow: Flow) -> list[int]:
+        n = len(node.outputs)
+        sizes = _ints(cg, node, "split", 1)
+        if sizes is None:  # equal parts; opset 18 lets the last be smaller
+            chunk = -(-flow.size // n)
+            sizes = [min(chunk, max(flow.size - i * chunk, 0)) for i in range(n)]
+        if len(sizes) != n or sum(sizes) != flow.size or min(sizes) < 0:
+            raise Unsupported(f"splits {flow.size} channels into parts {sizes} that do not "
+                              f"add up")
+        return sizes
+
+    def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
+        flow = r.cg.flows[node.inputs[0].name]
+        if ins[0] is None or _norm_axis(int(node.attrs.get("axis", 0)), flow.rank) != flow.axis:
+            return
+        sizes = [change.size if change is not None else r.cg.flows[t.name].size
+                 for t, change in zip(node.outputs, outs, strict=True)]
+        empty = [t.name for t, size in zip(node.outputs, sizes, strict=True) if size == 0]
+        if empty:
+            raise EditError(f"node {describe(node)} would split off no channel into "
+                            f"{', '.join(empty)}: keep at least one kernel of each part")
+        if "split" in node.attrs or r.cg.graph.opset < 13:  # an attribute before opset 13
+            node.attrs["split"] = sizes
+            return
+        node.attrs.pop("num_outputs", None)  # opset 18: either it or the sizes input
+        values = np.asarray(sizes, dtype=np.int64)
+        if len(node.inputs) > 1 and node.inputs[1].name:
+            r.set_input(node, 1, values)
+        else:
+            given = gs.Constant(r.names.fresh(f"{node.name or 'split'}.sizes"), values)
+            if len(node.inputs) > 1:  # an empty name: the optional input left out
+                node.inputs[1] = given
+            else:
+                node.inputs.append(given)
+
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, State]) -> State:
+        """Zero stays zero in every part; constants are followed only through the first
+        output by :func:`_by_slot`, so they are refused here."""
+        held = states.get(0)
+        if isinstance(held, Constant):
+            return f"{held.origin}, which node {describe(node)} splits into parts"
+        return held
 
 
 # --------------------------------------------------------------------------------------------
