@@ -509,7 +509,8 @@ def _traced(work: nn.Module, x: torch.Tensor, done: Sequence[Sequence[Edit]]) ->
             f"has a size written in that the edit changed: a reshape or view to a fixed width "
             f"(compute it from the input: x.flatten(1), x.view(x.size(0), -1)), or a width a "
             f"module keeps as an attribute and slices with (timm's GhostModule.out_chs in "
-            f"x[:, :self.out_chs]); the ONNX surgery result does not depend on it"
+            f"x[:, :self.out_chs]), or a channel chunk/split into parts the removal made "
+            f"unequal (x.chunk(2, 1)); the ONNX surgery result does not depend on it"
         ) from exc
 
 
