@@ -64,8 +64,9 @@ class BlockedTap:
         if columns % padded or (expected is not None and columns != expected):
             raise ModelError(
                 f"blocked-layout counts have {columns} columns, not the {padded} padded "
-                f"channels of a {self.channels}-channel tap times its positions; count with "
-                f"blocked_reads=False"
+                f"channels of a {self.channels}-channel tap times its positions; a shape "
+                f"stored in the model (value_info) may be wrong for the tap (drop them: del "
+                f"model.graph.value_info[:] in onnx), else count with blocked_reads=False"
             )
         positions = columns // padded
         blocked = counts.reshape(classes, padded // self.block, positions, self.block)

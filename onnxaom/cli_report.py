@@ -62,26 +62,34 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
-    from .errors import StatsError
     from .files import refuse_inputs
     from .stats import OccurrenceStats
 
-    pairs = []
-    for text in args.layers or ():
-        name_a, sep, name_b = text.rpartition("=")
-        if not sep or not name_a or not name_b:
-            raise StatsError(f"--layers expects A=B (a layer of the first run = a layer of the "
-                             f"second), got {text!r}")
-        pairs.append((name_a, name_b))
     if args.json is not None:
-        refuse_inputs(args.json, [args.stats_a, args.stats_b])
-    result = compare(OccurrenceStats.load(args.stats_a), OccurrenceStats.load(args.stats_b),
-                     layers=pairs or None, match=args.match)
+        refuse_inputs(args.json, [args.stats_a, args.stats_b], option="--json")
+    a, b = OccurrenceStats.load(args.stats_a), OccurrenceStats.load(args.stats_b)
+    pairs = [_layer_pair(text, a, b) for text in args.layers or ()]
+    result = compare(a, b, layers=pairs or None, match=args.match)
     for line in result.summary_lines():
         print(line)
     if args.json is not None:
         print(f"wrote {result.to_json(args.json)}")
     return 0
+
+
+def _layer_pair(text: str, a: Any, b: Any) -> tuple[str, str]:
+    """``A=B`` split at the ``=`` where A is a layer of run a and B one of run b (layer names
+    may hold ``=`` themselves); the first ``=`` when no split names two layers."""
+    from .errors import StatsError
+
+    cuts = [i for i, char in enumerate(text) if char == "="]
+    if not cuts or any(not part for part in (text[:cuts[0]], text[cuts[-1] + 1:])):
+        raise StatsError(f"--layers expects A=B (a layer of the first run = a layer of the "
+                         f"second), got {text!r}")
+    for i in cuts:
+        if text[:i] in a.counts and text[i + 1:] in b.counts:
+            return text[:i], text[i + 1:]
+    return text[:cuts[0]], text[cuts[0] + 1:]  # compare() names the unknown layer
 
 
 def _positive(text: str) -> float:

@@ -364,8 +364,12 @@ class _Engine:
         n_layers = len(self.graph.outputs)
         self._check_nan(results[n_layers:], images, real)
         restore = self.blocked or (None,) * n_layers
-        for total, batch, tap in zip(acc.counts, results[:n_layers], restore, strict=True):
-            total += batch if tap is None else tap.restore(batch)
+        for layer, total, batch, tap in zip(self.layers, acc.counts, results[:n_layers],
+                                            restore, strict=True):
+            counted = batch if tap is None else tap.restore(batch)
+            if counted.shape != total.shape:
+                raise ModelError(_size_message(layer, counted.shape[-1] // layer.kernels))
+            total += counted
 
     def _count_plain(self, images: np.ndarray, labels: np.ndarray, acc: _Accumulator) -> None:
         results = dict(
@@ -382,6 +386,8 @@ class _Engine:
             if self.check_nan and np.isnan(values[labels >= 0]).any():  # not the padding
                 raise ModelError(_nan_message(layer))
             positive = values.reshape(values.shape[0], -1) > self.threshold
+            if positive.shape[1] != total.shape[1]:
+                raise ModelError(_size_message(layer, positive.shape[1] // layer.kernels))
             for c in np.unique(labels[labels >= 0]):
                 total[c] += positive[labels == c].sum(axis=0)
 
@@ -508,6 +514,14 @@ def _rows_message(layer: Layer, rows: int, batch: int) -> str:
             f"position (leave it out with layers=[...], --layers on the command line), or a "
             f"batch size written into the graph before it (a Reshape or Resize to a fixed "
             f"batch; declare that batch on the model's input, and onnxaom feeds it in chunks)")
+
+
+def _size_message(layer: Layer, positions: int) -> str:
+    _, h, w = layer.shape
+    return (f"layer {layer.name!r}: its probe tensor {layer.probe!r} has {positions} positions "
+            f"a kernel where the model's shapes say {h}x{w}: a shape stored in the model "
+            f"(value_info) is wrong for it; drop them (del model.graph.value_info[:] in onnx) "
+            f"and load the model again")
 
 
 def _nan_message(layer: Layer) -> str:

@@ -66,7 +66,7 @@ class GraphIndex:
         """Tensor name -> indices of the nodes that read it (subgraph reads included)."""
         out: dict[str, list[int]] = defaultdict(list)
         for i, node in enumerate(self.graph.node):
-            for name in set(node.input) | _subgraph_inputs(node):
+            for name in set(node.input) | subgraph_inputs(node):
                 if name:
                     out[name].append(i)
         return out
@@ -173,7 +173,7 @@ def fed_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return inputs
 
 
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     """Names read from the outer scope by If/Loop/Scan bodies."""
     names: set[str] = set()
     for attr in node.attribute:
@@ -184,5 +184,5 @@ def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
                 local.update(sub.output)
             for sub in g.node:
                 names.update(n for n in sub.input if n and n not in local)
-                names.update(_subgraph_inputs(sub))
+                names.update(n for n in subgraph_inputs(sub) if n not in local)
     return names

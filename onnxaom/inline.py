@@ -15,7 +15,7 @@ block it came from. Where those names would not be unique, onnx's own names are 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import onnx
 import onnx.inliner
@@ -63,14 +63,13 @@ def inline_functions(proto: onnx.ModelProto, name: str = "model") -> onnx.ModelP
     functions = {_function_key(f): f for f in proto.functions}
     if not functions or not _calls(proto.graph, set(functions)):
         return proto
+    proto = _with_default_attributes(proto)
+    functions = {_function_key(f): f for f in proto.functions}
     inlined = _inline(proto, name)
     left = _called(inlined.graph, functions)
     if left:  # onnx leaves a call whose function imports another opset than the model
-        try:
-            converted = onnx.inliner.inline_local_functions(proto, convert_version=True)
-        except Exception:  # noqa: S110 - the conversion needs types onnx may not know
-            pass
-        else:
+        converted = _converted(proto)
+        if converted is not None:
             inlined, left = converted, _called(converted.graph, functions)
     with_layers = sorted(left & {key for key in functions
                                  if _holds_layers(functions[key], functions)})
@@ -89,6 +88,28 @@ def inline_functions(proto: onnx.ModelProto, name: str = "model") -> onnx.ModelP
     return inlined
 
 
+def _converted(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """``proto`` inlined with its functions version-converted to the model's opsets, or None
+    when onnx cannot. The conversion needs the type of every input of a call: shape inference
+    gives those of computed tensors, value_info written for the initializers theirs; both are
+    dropped again afterwards, so the model keeps its own choice of value_info."""
+    typed = onnx.ModelProto()
+    typed.CopyFrom(proto)
+    kept = {v.name for v in proto.graph.value_info}
+    typed.graph.value_info.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in proto.graph.initializer if t.name not in kept)
+    try:
+        typed = onnx.shape_inference.infer_shapes(typed)
+        converted = onnx.inliner.inline_local_functions(typed, convert_version=True)
+    except Exception:  # onnx raises plain RuntimeError/ValueError from C++
+        return None
+    own = [v for v in converted.graph.value_info if v.name in kept]
+    del converted.graph.value_info[:]
+    converted.graph.value_info.extend(own)
+    return converted
+
+
 def _called(graph: onnx.GraphProto, functions: dict[_Key, onnx.FunctionProto]) -> set[_Key]:
     """The keys of ``functions`` that ``graph`` still calls."""
     return {key for key in functions if _calls(graph, {key})}
@@ -102,6 +123,34 @@ def _opset_difference(function: onnx.FunctionProto, model: onnx.ModelProto) -> s
         if domain in versions and versions[domain] != imp.version:
             return f" (imports {domain} {imp.version}; the model imports {versions[domain]})"
     return ""
+
+
+def _with_default_attributes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` whose function calls spell out every attribute the function gives a
+    default (``FunctionProto.attribute_proto``) and the call leaves out: ONNX Runtime applies
+    those defaults, ``onnx.inliner`` drops them (the inlined op then falls back to its own
+    default: LeakyRelu's alpha 0.01 for the function's 0.5)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    defaults = {_function_key(f): list(f.attribute_proto) for f in out.functions}
+    if not any(defaults.values()):
+        return proto
+
+    def fill(nodes: Iterable[onnx.NodeProto]) -> None:
+        for node in nodes:
+            given = {a.name for a in node.attribute}
+            for attribute in defaults.get(_key(node), ()):
+                if attribute.name not in given:
+                    node.attribute.append(attribute)
+            for attribute in node.attribute:
+                for graph in [*attribute.graphs, *([attribute.g] if attribute.HasField("g")
+                                                   else [])]:
+                    fill(graph.node)
+
+    fill(out.graph.node)
+    for function in out.functions:
+        fill(function.node)
+    return out
 
 
 def _inline(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:

@@ -6,7 +6,8 @@ surgery, do not expect. Four forms are normalised:
 
 * **model-local functions** are inlined (:mod:`onnxaom.inline`);
 * **sparse initializers** (``graph.sparse_initializer``) become dense initializers of the same
-  name, so that a conv with a sparse weight is a layer and can be edited;
+  name, and ``Constant`` nodes with a ``sparse_value`` dense ones, so that a conv with a sparse
+  weight is a layer and can be edited;
 * **nodes out of topological order** are sorted (stable: nodes already in order keep it);
   a graph that cannot be sorted (a tensor nothing provides, a cycle) is refused, naming the
   node; a ``UserWarning`` says it was sorted;
@@ -22,13 +23,13 @@ from __future__ import annotations
 import heapq
 import logging
 import warnings
-from collections.abc import Iterator
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from .errors import ModelError
+from .graph import subgraph_inputs
 from .inline import inline_functions
 
 __all__ = ["normalize"]
@@ -66,9 +67,17 @@ def dense_array(sparse: onnx.SparseTensorProto) -> np.ndarray:
 
 
 def _densified(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    if not proto.graph.sparse_initializer:
+    sparse_constants = [i for i, node in enumerate(proto.graph.node) if node.op_type == "Constant"
+                        and any(a.name == "sparse_value" for a in node.attribute)]
+    if not proto.graph.sparse_initializer and not sparse_constants:
         return proto
     out = _copy(proto)
+    for i in sparse_constants:
+        node = out.graph.node[i]
+        sparse = next(a.sparse_tensor for a in node.attribute if a.name == "sparse_value")
+        del node.attribute[:]
+        node.attribute.append(onnx.helper.make_attribute(
+            "value", numpy_helper.from_array(dense_array(sparse))))
     for sparse in out.graph.sparse_initializer:
         try:
             array = dense_array(sparse)
@@ -83,23 +92,13 @@ def _densified(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
 
 
 # ------------------------------------------------------------------------ topological order
-def _subgraph_names(node: onnx.NodeProto) -> Iterator[str]:
-    """Every tensor name the subgraphs of ``node`` read (their nodes' inputs, recursively)."""
-    for attribute in node.attribute:
-        graphs = [*attribute.graphs, *([attribute.g] if attribute.HasField("g") else [])]
-        for graph in graphs:
-            for inner in graph.node:
-                yield from inner.input
-                yield from _subgraph_names(inner)
-
-
 def _sorted(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
     graph = proto.graph
     nodes = list(graph.node)
     producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
     needs = []
     for node in nodes:
-        inputs = {t for t in node.input if t} | {t for t in _subgraph_names(node) if t in producer}
+        inputs = {t for t in node.input if t} | subgraph_inputs(node)
         needs.append({producer[t] for t in inputs if t in producer})
     if all(all(j < i for j in need) for i, need in enumerate(needs)):
         return proto

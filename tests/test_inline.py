@@ -120,12 +120,47 @@ def test_removal_inside_a_function_equals_the_zeroing_oracle(tmp_path) -> None:
     onnx.checker.check_model(saved.proto)
 
 
-def test_a_function_of_another_opset_is_refused_where_onnx_cannot_convert_it() -> None:
+def test_a_function_of_another_opset_is_converted_as_it_is_inlined() -> None:
     """onnx inlines a function importing another opset only by converting it, which needs the
-    type of each input of the call; here (an intermediate tensor) it has none."""
+    type of each input of the call (given from the initializers and shape inference)."""
+    proto = function_model(function_opset=13)
+    model = onnxaom.Model(proto)
+    assert [layer.name for layer in model.layers()] == ["block1/conv", "block2/conv", "fc"]
+    assert not model.proto.graph.value_info  # the types given for the conversion are dropped
+    x = zoo.random_input(proto, batch=2, seed=0)
+    for g, w in zip(zoo.run(model.proto, x), zoo.run(proto, x), strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_a_function_with_layers_onnx_cannot_convert_is_refused_with_its_opset(monkeypatch):
+    real = onnx.inliner.inline_local_functions
+
+    def no_conversion(model, convert_version=False):
+        if convert_version:
+            raise RuntimeError("Type unknown for w1")
+        return real(model, convert_version)
+
+    monkeypatch.setattr(onnx.inliner, "inline_local_functions", no_conversion)
     with pytest.raises(ModelError, match=r"blocks\.Block \(imports ai\.onnx 13; the model "
                                          r"imports 17\)"):
         onnxaom.Model(function_model(function_opset=13))
+
+
+def test_a_default_attribute_of_a_function_is_kept() -> None:
+    """ONNX Runtime applies a function's attribute default where the call leaves it out;
+    onnx.inliner drops it, so it is spelled out on the call first."""
+    proto = function_model()
+    act = next(f for f in proto.functions if f.name == "Act")
+    act.attribute_proto.append(helper.make_attribute("slope", 0.5))
+    block = next(f for f in proto.functions if f.name == "Block")
+    call = next(n for n in block.node if n.op_type == "Act")
+    del call.attribute[:]  # slope from the default
+    model = onnxaom.Model(proto)
+    leaky = [n for n in model.proto.graph.node if n.op_type == "LeakyRelu"]
+    assert [helper.get_attribute_value(n.attribute[0]) for n in leaky] == [0.5, 0.5]
+    x = zoo.random_input(proto, batch=2, seed=0)
+    for g, w in zip(zoo.run(model.proto, x), zoo.run(proto, x), strict=True):
+        np.testing.assert_array_equal(g, w)
 
 
 def test_a_model_that_calls_no_function_is_left_as_it_is() -> None:

@@ -136,3 +136,52 @@ def test_a_model_in_normal_form_is_returned_as_it_is() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert normalize(proto) is proto
+
+
+def test_a_subgraph_name_that_an_outer_node_also_produces_is_not_a_cycle() -> None:
+    """A branch of an If computes a local tensor named like one an outer node writes later:
+    the branch does not read the outer one, so the graph is in order as it is."""
+    proto = zoo.chain()
+    model = _copy(proto)
+    nodes = list(model.graph.node)
+    at = next(i for i, n in enumerate(nodes) if n.name == "relu1")
+
+    def branch(name: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("Identity", ["relu1_out"], ["shadow"], name=f"{name}_local"),
+             helper.make_node("Identity", ["shadow"], [f"{name}_out"], name=f"{name}_id")],
+            name, [], [helper.make_tensor_value_info(f"{name}_out", onnx.TensorProto.FLOAT,
+                                                     None)])
+
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    gate = helper.make_node("If", ["cond"], ["gated"], name="gate",
+                            then_branch=branch("then"), else_branch=branch("else"))
+    conv2 = next(n for n in nodes if n.name == "conv2")
+    conv2.input[0] = "gated"
+    later = helper.make_node("Identity", ["logits_raw"], ["shadow"], name="outer_shadow")
+    last = nodes[-1]
+    last.output[0] = "logits_raw"
+    nodes = [*nodes[:at + 1], gate, *nodes[at + 1:], later,
+             helper.make_node("Identity", ["shadow"], ["logits"], name="out")]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    x = zoo.random_input(proto, batch=2, seed=0)
+    np.testing.assert_allclose(zoo.run(model, x)[0], zoo.run(proto, x)[0], rtol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert normalize(model) is model
+
+
+def test_a_constant_node_with_a_sparse_value_is_read_dense() -> None:
+    proto = zoo.chain()
+    sparse = _with_sparse(proto, ["conv1.weight"], coordinates=False)
+    tensor = sparse.graph.sparse_initializer[0]
+    del sparse.graph.sparse_initializer[:]
+    const = helper.make_node("Constant", [], ["conv1.weight"], name="w_const")
+    const.attribute.append(helper.make_attribute("sparse_value", tensor))
+    nodes = [const, *sparse.graph.node]
+    del sparse.graph.node[:]
+    sparse.graph.node.extend(nodes)
+    model = onnxaom.Model(sparse)
+    assert [x.name for x in model.layers()][0] == "conv1"
+    assert_removal_exact(model.proto, {"conv1": [1]})

@@ -230,8 +230,9 @@ def fold_node(node: gs.Node, args: list[np.ndarray | None]) -> np.ndarray | None
         return first * np.ones(shape, dtype=first.dtype)  # broadcasting both ways, as ONNX
     if op == "Cast":
         return first.astype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
-    if op in _UNARY and np.issubdtype(first.dtype, np.floating):
-        # IEEE-exact in float32 as in ORT (onnxoptimizer's BN fusion: W * scale / Sqrt(var+eps))
+    if op in _UNARY and first.dtype in (np.float32, np.float64):
+        # IEEE-exact as in ORT (onnxoptimizer's BN fusion: W * gamma / Sqrt(var + eps)); not
+        # float16, which ORT's CPU provider computes in float32 without rounding back
         with np.errstate(all="ignore"):
             return np.asarray(_UNARY[op](first)).astype(first.dtype)
     if op in ("Unsqueeze", "Squeeze"):
