@@ -183,5 +183,5 @@ def test_a_constant_node_with_a_sparse_value_is_read_dense() -> None:
     del sparse.graph.node[:]
     sparse.graph.node.extend(nodes)
     model = onnxaom.Model(sparse)
-    assert [x.name for x in model.layers()][0] == "conv1"
+    assert model.layers()[0].name == "conv1"
     assert_removal_exact(model.proto, {"conv1": [1]})

@@ -1136,3 +1136,74 @@ def test_torch_chunk_through_the_dynamo_exporter_is_a_split_the_surgery_edits(tm
     assert any(node.op_type == "Split" for node in model.proto.graph.node)
     first = model.layers()[0].name
     assert_removal_exact(model.proto, {first: [0, 1, 5]})  # parts of 2 and 3 channels
+
+
+def range_slices(opset: int = 17, bounds: tuple[int, int, int] = (0, 3, 8)) -> onnx.ModelProto:
+    """conv1 (8) -> relu -> x[:, a:b] and x[:, b:c] as two Slices -> the second part through
+    conv2 (-> 6) -> Concat(part 0, conv2's) -> conv3 -> head. Bounds are constant inputs
+    (opset 10 on) or attributes (before)."""
+    a, b, c = bounds
+    net = zoo._Net(0)
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 8)])
+    parts = []
+    for i, (start, end) in enumerate(((a, b), (b, c))):
+        if opset >= 10:
+            inputs = [x, net.const(f"s{i}.starts", np.array([start], np.int64)),
+                      net.const(f"s{i}.ends", np.array([end], np.int64)),
+                      net.const(f"s{i}.axes", np.array([1], np.int64))]
+            parts.append(net.op("Slice", f"slice{i}", inputs))
+        else:
+            parts.append(net.op("Slice", f"slice{i}", [x], starts=[start], ends=[end], axes=[1]))
+    widths = (len(range(8)[a:b]), len(range(8)[b:c]))
+    second = net.op("Relu", "relu2", [net.conv("conv2", parts[1], widths[1], 6)])
+    merged = net.op("Concat", "concat", [parts[0], second], axis=1)
+    y = net.op("Relu", "relu3", [net.conv("conv3", merged, widths[0] + 6, 4)])
+    net.gap_head(y, 4, 3)
+    return net.model("ranges", opset=opset, fixed_batch=None, empty_names=False, channels=3,
+                     size=8, classes=3)
+
+
+@pytest.mark.parametrize("opset, bounds", [(17, (0, 3, 8)), (9, (0, 3, 8)),
+                                           (13, (1, 4, 2 ** 62)), (17, (-8, -5, 8))])
+def test_a_channel_range_slice_keeps_the_bounds_of_its_kept_channels(opset, bounds):
+    proto = range_slices(opset, bounds)
+    assert_removal_exact(proto, {"conv1": [0, 4, 6]})
+    assert_removal_exact(proto, {"conv1": [7]})
+    assert_removal_exact(proto, {"conv2": [2]})
+
+
+def test_a_channel_range_slice_refuses_to_empty_its_range_or_widen_through_it():
+    model = Model(range_slices())
+    with pytest.raises(EditError, match=r"'slice0' \(Slice\) would slice out no channel"):
+        remove_kernels(model, {"conv1": [0, 1, 2]})
+    with pytest.raises(EditError, match="carries some of its channels without the others"):
+        onnxaom.apply(model, [WidenLayer(layer="conv1", add=2)])
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_the_legacy_exporters_chunk_computes_bounds_the_surgery_folds(tmp_path, opset):
+    """``x.chunk(2, 1)`` through the legacy exporter: Slices whose bounds come from
+    ``Shape(x)`` (Gather, Add, Div, Mul), folded with the known channel count (and found not
+    to depend on the batch), then written as constants for the kept channels."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    class C2f(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.m, self.cv2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(12, 6, 1)
+
+        def forward(self, x):
+            a, b = torch.relu(self.cv1(x)).chunk(2, 1)
+            return torch.relu(self.cv2(torch.cat([a, b, torch.relu(self.m(b))], 1)))
+
+    torch.manual_seed(0)
+    path = tmp_path / "c2f.onnx"
+    torch.onnx.export(C2f().eval(), (torch.randn(1, 3, 8, 8),), str(path), dynamo=False,
+                      opset_version=opset, input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    model = onnxaom.load(path)
+    assert any(node.op_type == "Shape" for node in model.proto.graph.node)
+    first = model.layers()[0].name
+    edited = assert_removal_exact(model.proto, {first: [0, 1, 5]})
+    assert not any(node.op_type == "Shape" for node in edited.proto.graph.node)

@@ -10,7 +10,7 @@ are put back by :func:`restore_node_metadata`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -177,14 +177,22 @@ def restore_value_info(model: onnx.ModelProto, names: Iterable[str]) -> None:
             )
 
 
-def constant_value(tensor: gs.Tensor, depth: int = 16) -> np.ndarray | None:
+#: The size of a tensor's dims, None where unknown (the batch), for :func:`constant_value`.
+Sizes = Callable[[gs.Tensor], "Sequence[int | None] | None"]
+
+
+def constant_value(tensor: gs.Tensor, depth: int = 16, sizes: Sizes | None = None,
+                   unknown: int = 1) -> np.ndarray | None:
     """The value of ``tensor`` if it is constant: an initializer, a ``Constant`` node's output,
     or a few shape and type ops of constants that exports leave unfolded (``Identity``, which
     exporters share equal weights with; ``Cast``, ``CastLike``, whose second input only gives
     the type; ``Shape`` of a constant, ``ConstantOfShape``, ``Expand``, ``Unsqueeze``,
     ``Squeeze``, ``Reshape``, ``Slice``, ``Gather``, ``Transpose``, ``Concat``, and
     ``Add``/``Sub``/``Mul``/``Div`` of two constants); else None. ``depth`` bounds the ops
-    followed."""
+    followed. With ``sizes``, the ``Shape`` of a computed tensor is taken from it too, its
+    unknown dims as ``unknown``: callers fold twice with two values to see that the result
+    does not depend on them (the legacy exporter's ``x.chunk(2, 1)`` computes its slice bounds
+    from ``Shape(x)``)."""
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values)
     if depth <= 0 or len(tensor.inputs) != 1:
@@ -194,7 +202,15 @@ def constant_value(tensor: gs.Tensor, depth: int = 16) -> np.ndarray | None:
         return None
     if producer.op == "Constant":
         return _constant_node_value(producer)
-    args = [constant_value(t, depth - 1) if t.name else None for t in producer.inputs]
+    if producer.op == "Shape" and sizes is not None and producer.inputs \
+            and not isinstance(producer.inputs[0], gs.Constant):
+        dims = sizes(producer.inputs[0])
+        if dims is None:
+            return None
+        full = np.asarray([unknown if d is None else int(d) for d in dims], dtype=np.int64)
+        return full[int(producer.attrs.get("start", 0)):producer.attrs.get("end")]
+    args = [constant_value(t, depth - 1, sizes, unknown) if t.name else None
+            for t in producer.inputs]
     try:
         return fold_node(producer, args)
     except (ValueError, TypeError, IndexError):  # malformed arguments: leave it computed

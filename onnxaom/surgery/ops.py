@@ -54,7 +54,7 @@ from .channels import (
     concat_flows,
     describe,
 )
-from .gsio import fold_node
+from .gsio import constant_value, fold_node
 
 __all__ = ["HANDLERS", "LAYER_HANDLERS", "Handler", "conv_weight", "handler_for",
            "integer_storage", "layer_handler_for", "layer_weight"]
@@ -698,17 +698,29 @@ class Resize(Positional):
 
 @register("Slice")
 class Slice(Positional):
+    """A slice of the channel axis. One that keeps every channel (GhostNet's
+    ``cat(...)[:, :out]``) passes a removal or a widening through; one that takes a range
+    (``x[:, 4:8]``; the legacy exporter's ``x.chunk(2, 1)``, whose bounds it computes from
+    ``Shape(x)``) gives its output that range's channels, and a removal writes the bounds of
+    the kept ones as constants. Widening a layer whose channels a range cuts is refused."""
+
     def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
               layer: LayerSlots | None) -> list[Flow | None]:
         flow = _only_first_input(node, ins)
         axes = self._axes(cg, node, flow)
-        if flow.axis in axes and not self._keeps_every_channel(cg, node, flow, axes):
-            raise Unsupported("slices the channel axis")
-        return _same(flow, len(node.outputs))
+        if flow.axis not in axes or self._keeps_every_channel(cg, node, flow, axes):
+            return _same(flow, len(node.outputs))
+        if not flow.channel_level:
+            raise Unsupported("slices the channel axis of a flattened tensor")
+        taken = self._channels(cg, node, flow, axes)
+        if not len(taken):
+            raise Unsupported("slices no channel")
+        kept = replace(flow, segments=(Segment(flow.all_slots()[taken]),))
+        return _same(kept, len(node.outputs))
 
     def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
-        """A slice that keeps every channel keeps every channel of a widened tensor too: an
-        end below the new count (``[:, :out]``) is raised to it."""
+        """Keeping every channel: an end below the new count (``[:, :out]``) is raised to it.
+        A range: its bounds become those of the channels it keeps."""
         change = ins[0]
         if change is None:
             return
@@ -717,36 +729,79 @@ class Slice(Positional):
         if flow.axis not in axes:
             return
         at = axes.index(flow.axis)
-        if "ends" in node.attrs:  # opset < 10
-            ends = [int(v) for v in node.attrs["ends"]]
-            if ends[at] < change.size:
-                ends[at] = change.size
-                node.attrs["ends"] = ends
+        starts, ends = self._bounds(r.cg, node, "starts", 1), self._bounds(r.cg, node, "ends", 2)
+        if starts is None or ends is None:
             return
-        ends_now = r.require_const(node, 2, "ends")
-        if int(np.ravel(ends_now)[at]) < change.size:
-            raised = np.array(ends_now, copy=True).reshape(-1)
-            raised[at] = change.size
-            r.set_input(node, 2, raised.reshape(np.shape(ends_now)))
+        if self._keeps_every_channel(r.cg, node, flow, axes):
+            if ends[at] >= change.size:
+                return
+            ends[at] = change.size
+        else:
+            if change.grows:
+                raise EditError(f"node {describe(node)} takes a range of the channels a "
+                                f"widening adds to; widen a layer it does not cut")
+            taken = self._channels(r.cg, node, flow, axes)
+            inside = np.isin(change.index, taken)
+            if not inside.any():
+                raise EditError(f"node {describe(node)} would slice out no channel: keep at "
+                                f"least one kernel of its range")
+            starts[at] = int(np.flatnonzero(inside)[0])
+            ends[at] = starts[at] + int(inside.sum())
+        self._write(r, node, "starts", 1, starts)
+        self._write(r, node, "ends", 2, ends)
 
     @staticmethod
-    def _axes(cg: ChannelGraph, node: gs.Node, flow: Flow) -> list[int]:
-        starts = _ints(cg, node, "starts", 1)
+    def _bounds(cg: ChannelGraph, node: gs.Node, attr: str, index: int) -> list[int] | None:
+        """``starts``/``ends``/``axes``/``steps`` as ints: an attribute (before opset 10), a
+        constant input, or an input computed from shapes alone (folded with two values for
+        the unknown batch, and taken only when both agree); None when not given."""
+        if attr in node.attrs:
+            return [int(v) for v in node.attrs[attr]]
+        if index >= len(node.inputs) or not node.inputs[index].name:
+            return None
+        values = [constant_value(node.inputs[index], sizes=cg.shape, unknown=u) for u in (1, 7)]
+        if values[0] is None or values[1] is None or not np.array_equal(values[0], values[1]):
+            raise Unsupported(f"has a computed {attr!r} input")
+        return [int(v) for v in np.ravel(values[0])]
+
+    @staticmethod
+    def _write(r: Rewriter, node: gs.Node, attr: str, index: int, values: list[int]) -> None:
+        if attr in node.attrs:
+            node.attrs[attr] = values
+        else:
+            r.set_input(node, index, np.asarray(values, dtype=np.int64))
+
+    @classmethod
+    def _axes(cls, cg: ChannelGraph, node: gs.Node, flow: Flow) -> list[int]:
+        starts = cls._bounds(cg, node, "starts", 1)
         if starts is None:
             raise Unsupported("has no starts")
-        axes = _ints(cg, node, "axes", 3) if len(node.inputs) > 3 or "axes" in node.attrs \
-            else None
+        axes = cls._bounds(cg, node, "axes", 3)
         return [_norm_axis(a, flow.rank) for a in axes] if axes else list(range(len(starts)))
 
-    @staticmethod
-    def _keeps_every_channel(cg: ChannelGraph, node: gs.Node, flow: Flow,
-                             axes: list[int]) -> bool:
-        """Whether the slice takes every channel in order (GhostNet's ``cat(...)[:, :out]``
-        where ``out`` is all of them): start at or before 0, step 1, end at or past the count,
-        bounds that still take every channel once channels are removed (ONNX clamps them)."""
+    @classmethod
+    def _channels(cls, cg: ChannelGraph, node: gs.Node, flow: Flow,
+                  axes: list[int]) -> np.ndarray:
+        """The input channels the slice takes, in order; refused for a step other than 1."""
         at = axes.index(flow.axis)
-        starts, ends = _ints(cg, node, "starts", 1), _ints(cg, node, "ends", 2)
-        steps = _ints(cg, node, "steps", 4) if len(node.inputs) > 4 else None
+        starts, ends = cls._bounds(cg, node, "starts", 1), cls._bounds(cg, node, "ends", 2)
+        steps = cls._bounds(cg, node, "steps", 4)
+        if starts is None or ends is None or len(starts) != len(axes) \
+                or len(ends) != len(axes) or (steps is not None and len(steps) != len(axes)):
+            raise Unsupported("has starts and ends that do not match its axes")
+        if steps is not None and steps[at] != 1:
+            raise Unsupported("slices the channel axis with a step")
+        return np.arange(flow.size)[slice(starts[at], ends[at])]
+
+    @classmethod
+    def _keeps_every_channel(cls, cg: ChannelGraph, node: gs.Node, flow: Flow,
+                             axes: list[int]) -> bool:
+        """Whether the slice takes every channel in order: start at or before 0, step 1, end
+        at or past the count, bounds that still take every channel once channels are removed
+        (ONNX clamps them)."""
+        at = axes.index(flow.axis)
+        starts, ends = cls._bounds(cg, node, "starts", 1), cls._bounds(cg, node, "ends", 2)
+        steps = cls._bounds(cg, node, "steps", 4)
         if starts is None or ends is None or len(starts) != len(axes) \
                 or len(ends) != len(axes) or (steps is not None and len(steps) != len(axes)):
             return False
