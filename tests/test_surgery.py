@@ -1207,3 +1207,25 @@ def test_the_legacy_exporters_chunk_computes_bounds_the_surgery_folds(tmp_path, 
     first = model.layers()[0].name
     edited = assert_removal_exact(model.proto, {first: [0, 1, 5]})
     assert not any(node.op_type == "Shape" for node in edited.proto.graph.node)
+
+
+def test_a_slice_bound_that_depends_on_the_batch_is_not_frozen():
+    """``x[:, 2:6, :N // 8 + 4]``: the bound is the same for batches 1 and 7 but not 1031, so
+    it is left computed, and the removal refused, never frozen to a constant."""
+    net = zoo._Net(0)
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 8)])
+    shape = net.op("Shape", "shape", [x])
+    batch = net.op("Gather", "batch", [shape, net.const("zero", np.array(0, np.int64))], axis=0)
+    eighth = net.op("Div", "eighth", [batch, net.const("eight", np.array(8, np.int64))])
+    end = net.op("Add", "end", [eighth, net.const("four", np.array(4, np.int64))])
+    ends = net.op("Concat", "ends", [net.const("six", np.array([6], np.int64)),
+                                     net.op("Unsqueeze", "end1", [end, net.const(
+                                         "ax0", np.array([0], np.int64))])], axis=0)
+    part = net.op("Slice", "crop", [x, net.const("starts", np.array([2, 0], np.int64)), ends,
+                                    net.const("axes", np.array([1, 2], np.int64))])
+    y = net.op("Relu", "relu2", [net.conv("conv2", part, 4, 4)])
+    net.gap_head(y, 4, 3)
+    proto = net.model("crop", opset=17, fixed_batch=None, empty_names=False, channels=3,
+                      size=8, classes=3)
+    with pytest.raises(EditError, match=r"'crop' \(Slice\) has a computed 'ends' input"):
+        remove_kernels(Model(proto), {"conv1": [0]})

@@ -696,6 +696,12 @@ class Resize(Positional):
         r.set_input(node, 3, new)
 
 
+#: Values tried for the unknown dims (batch, dynamic H and W) of a shape a slice bound is
+#: computed from: a bound is frozen only when it is the same for all of them. Spread out so
+#: that floor divisions (``N // 8``, ``H // 32``), clamps and sums all move.
+_UNKNOWN_PROBES = (1, 7, 1031, 2**31 - 1)
+
+
 @register("Slice")
 class Slice(Positional):
     """A slice of the channel axis. One that keeps every channel (GhostNet's
@@ -753,14 +759,17 @@ class Slice(Positional):
     @staticmethod
     def _bounds(cg: ChannelGraph, node: gs.Node, attr: str, index: int) -> list[int] | None:
         """``starts``/``ends``/``axes``/``steps`` as ints: an attribute (before opset 10), a
-        constant input, or an input computed from shapes alone (folded with two values for
-        the unknown batch, and taken only when both agree); None when not given."""
+        constant input, or an input computed from shapes alone (folded with each of
+        :data:`_UNKNOWN_PROBES` for the unknown dims, and taken only when all agree); None
+        when not given."""
         if attr in node.attrs:
             return [int(v) for v in node.attrs[attr]]
         if index >= len(node.inputs) or not node.inputs[index].name:
             return None
-        values = [constant_value(node.inputs[index], sizes=cg.shape, unknown=u) for u in (1, 7)]
-        if values[0] is None or values[1] is None or not np.array_equal(values[0], values[1]):
+        values = [constant_value(node.inputs[index], sizes=cg.shape, unknown=u)
+                  for u in _UNKNOWN_PROBES]
+        if any(v is None for v in values) or any(not np.array_equal(values[0], v)
+                                                  for v in values[1:]):
             raise Unsupported(f"has a computed {attr!r} input")
         return [int(v) for v in np.ravel(values[0])]
 
