@@ -1229,3 +1229,26 @@ def test_a_slice_bound_that_depends_on_the_batch_is_not_frozen():
                       size=8, classes=3)
     with pytest.raises(EditError, match=r"'crop' \(Slice\) has a computed 'ends' input"):
         remove_kernels(Model(proto), {"conv1": [0]})
+
+
+def test_a_channel_count_used_on_another_tensor_is_refused():
+    """``z[:, C - 4:C]`` with ``C`` read from conv1's output by ``Shape``: removing conv1's
+    kernels changes C, which moves the slice of z (whose channels the edit leaves alone), so
+    the removal is refused, naming both nodes."""
+    net = zoo._Net(0)
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 8)])
+    z = net.op("Relu", "relu2", [net.conv("conv2", "input", 3, 10)])
+    count = net.op("Gather", "count", [net.op("Shape", "shape", [x]),
+                                       net.const("one", np.array(1, np.int64))], axis=0)
+    end = net.op("Unsqueeze", "end", [count, net.const("ax0", np.array([0], np.int64))])
+    start = net.op("Sub", "start", [end, net.const("four", np.array([4], np.int64))])
+    part = net.op("Slice", "zs", [z, start, end, net.const("axes", np.array([1], np.int64))])
+    merged = net.op("Concat", "cat", [x, part], axis=1)
+    y = net.op("Relu", "relu3", [net.conv("conv3", merged, 12, 4)])
+    net.gap_head(y, 4, 3)
+    proto = net.model("count", opset=17, fixed_batch=None, empty_names=False, channels=3,
+                      size=8, classes=3)
+    with pytest.raises(EditError, match=r"'shape' \(Shape\) reads the channel count of tensor "
+                                        r"'relu1_out'.*'zs' \(Slice\) computes with it"):
+        remove_kernels(Model(proto), {"conv1": [0]})
+    assert_removal_exact(proto, {"conv3": [1]})  # a layer after it: nothing to refuse

@@ -766,11 +766,12 @@ class Slice(Positional):
             return [int(v) for v in node.attrs[attr]]
         if index >= len(node.inputs) or not node.inputs[index].name:
             return None
-        values = [constant_value(node.inputs[index], sizes=cg.shape, unknown=u)
-                  for u in _UNKNOWN_PROBES]
-        if any(v is None for v in values) or any(not np.array_equal(values[0], v)
-                                                  for v in values[1:]):
-            raise Unsupported(f"has a computed {attr!r} input")
+        values: list[np.ndarray] = []
+        for unknown in _UNKNOWN_PROBES:
+            value = constant_value(node.inputs[index], sizes=cg.shape, unknown=unknown)
+            if value is None or (values and not np.array_equal(values[0], value)):
+                raise Unsupported(f"has a computed {attr!r} input")
+            values.append(value)
         return [int(v) for v in np.ravel(values[0])]
 
     @staticmethod
@@ -1291,11 +1292,90 @@ class Reshape(Positional):
 @register("Shape", "Size")
 class ShapeOf(Handler):
     """The shape (or size) of a tensor, computed when the graph runs: it follows any change
-    of the channel count by itself, and its output carries no channels."""
+    of the channel count by itself, and its output carries no channels. Where the edit
+    changes the channel count it reads, every op the count reaches must be one whose own
+    channels change too (a Reshape of the same channels, the slices of the legacy exporter's
+    ``chunk``: their handlers rewrite or refuse them); anything else (a slice of another
+    tensor, a ``ConstantOfShape``) would silently compute something else, and is refused."""
 
     def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
               layer: LayerSlots | None) -> list[Flow | None]:
         return [None] * len(node.outputs)
+
+    def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
+        change = ins[0]
+        if change is None or change.size == change.old_size:
+            return
+        flow = r.cg.flows[node.inputs[0].name]
+        position: int | None = None
+        if node.op == "Shape":
+            start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+            first, stop = (max(0, min(flow.rank, v + flow.rank if v < 0 else v))
+                           for v in (start, flow.rank if end is None else int(end)))
+            if not first <= flow.axis < stop:
+                return
+            position = flow.axis - first
+        for sink in _count_readers(node.outputs[0], position):
+            data = sink.inputs[0] if sink.inputs else None
+            moved = data is not None and data.name in r.cg.flows and \
+                r.plan.change(r.cg.flows[data.name]) is not None
+            if not moved:
+                raise EditError(
+                    f"node {describe(node)} reads the channel count of tensor "
+                    f"{node.inputs[0].name!r}, which this edit changes, and node "
+                    f"{describe(sink)} computes with it on channels the edit leaves alone: "
+                    f"the edited model would compute something else there")
+
+
+#: Ops through which a computed size stays a size (the count may reach what reads them).
+_SIZE_OPS = frozenset({"Cast", "Identity", "Unsqueeze", "Squeeze", "Concat", "Add", "Sub",
+                       "Mul", "Div", "Mod", "Floor", "Ceil", "Max", "Min", "Neg", "Abs",
+                       "Gather", "Slice", "ReduceProd", "ReduceSum"})
+
+
+def _count_readers(tensor: gs.Tensor, position: int | None) -> list[gs.Node]:
+    """The nodes a channel count in ``tensor`` (entry ``position`` of a Shape output; None: may
+    be anywhere) reaches past the size arithmetic: a Gather or Slice of constant indices on
+    the Shape output itself lets it through only where it picks that entry."""
+    sinks: list[gs.Node] = []
+    todo: list[tuple[gs.Tensor, int | None]] = [(tensor, position)]
+    seen: set[int] = set()
+    while todo:
+        current, at = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for reader in current.outputs:
+            if reader.op not in _SIZE_OPS:
+                sinks.append(reader)
+                continue
+            if at is not None and reader.op in ("Gather", "Slice") and reader.inputs \
+                    and reader.inputs[0] is current and not _picks(reader, at):
+                continue
+            if reader.op in ("Gather", "Slice") and reader.inputs and \
+                    reader.inputs[0] is not current:
+                sinks.append(reader)  # the count as indices or bounds: what they pick moves
+                continue
+            todo.extend((out, None) for out in reader.outputs)
+    return sinks
+
+
+def _picks(node: gs.Node, position: int) -> bool:
+    """Whether a Gather or Slice of a shape vector picks entry ``position`` (True when its
+    indices or bounds are computed)."""
+    if node.op == "Gather":
+        indices = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        return indices is None or position in {int(i) for i in np.ravel(indices)} or \
+            any(int(i) < 0 for i in np.ravel(indices))
+    bounds = [constant_value(t) if t.name else None for t in node.inputs[1:]] \
+        if len(node.inputs) > 2 else [np.array(node.attrs.get(k, [])) for k in ("starts", "ends")]
+    if len(bounds) < 2 or bounds[0] is None or bounds[1] is None:
+        return True
+    step = int(np.ravel(bounds[3])[0]) if len(bounds) > 3 and bounds[3] is not None else 1
+    start, end = int(np.ravel(bounds[0])[0]), int(np.ravel(bounds[1])[0])
+    if start < 0 or end < 0:
+        return True  # relative to the length, which this walk does not track
+    return position in range(start, end, step)
 
 
 @register("CastLike")
