@@ -688,8 +688,11 @@ def rewrite(cg: ChannelGraph, rewriter: Rewriter, check_zero: bool) -> int:
     changed = 0
     state: dict[str, str | Constant | None] = {}
     for rec in cg.records:
-        ins = [None if f is None else rewriter.plan.change(f) for f in rec.ins]
-        outs = [None if f is None else rewriter.plan.change(f) for f in rec.outs]
+        try:
+            ins = [None if f is None else rewriter.plan.change(f) for f in rec.ins]
+            outs = [None if f is None else rewriter.plan.change(f) for f in rec.outs]
+        except EditError as exc:  # a plan that cannot place its channels: say where
+            raise EditError(f"{exc} (node {describe(rec.node)})") from exc
         if all(c is None for c in ins) and all(c is None for c in outs):
             continue
         if check_zero:

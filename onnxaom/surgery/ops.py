@@ -824,8 +824,9 @@ class Slice(Positional):
 class Split(Positional):
     """A split of the channel axis (``torch.chunk``/``split`` on dim 1: CSP and C2f blocks)
     gives each output its run of channels; a removal rewrites the split sizes to the kept
-    channels of each run. Widening a layer whose channels are split is refused (its new
-    channels would have no run: :class:`~onnxaom.surgery.channels.WidenPlan` says so)."""
+    channels of each run. Widening a layer whose kernels a part boundary cuts is refused (its
+    new channels would have no place: :class:`~onnxaom.surgery.channels.WidenPlan` says so);
+    new channels after a run inside one part (a layer coupled to that part) grow the part."""
 
     def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
               layer: LayerSlots | None) -> list[Flow | None]:
