@@ -662,12 +662,9 @@ def bias_add(index: GraphIndex, node: onnx.NodeProto, kernels: int) -> onnx.Node
     other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
     shape = index.constant_shape(other)
     if shape is None or math.prod(d or 0 for d in shape) != kernels:
-        return None
-    if node.op_type == "Conv" and (len(shape) < 3 or shape[-3] != kernels):
-        return None  # not one value per channel (a scalar, or values over positions)
-    if node.op_type != "Conv" and (not shape or shape[-1] != kernels):
-        return None
-    return add
+        return None  # a scalar, or values over positions, is not a bias
+    return add if _is_per_channel_constant(index, other, kernels, node.op_type == "Conv") \
+        else None
 
 
 def channel_mixing_reader(model: onnx.ModelProto, layer: Layer,
