@@ -48,7 +48,7 @@ from .data import (
 from .errors import DataError, LayerNotFoundError, ModelError
 from .graph import GraphIndex, dim_values
 from .instrument import ONEHOT_INPUT, Instrumented, counting_graph, image_input, probe_graph
-from .layers import Layer, channel_mixing_reader
+from .layers import Layer, channel_mixing_reader, find_layers
 from .memory import available_bytes
 from .model import Model, load
 from .runtime import make_session, resolve_providers
@@ -74,7 +74,7 @@ GRAPH_MAX_CLASSES = 64
 
 #: Op domains ONNX Runtime implements; a node of another domain is a custom op or a call to a
 #: function the model does not define.
-_RUNTIME_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training",
+_KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training",
                               "com.microsoft", "com.microsoft.nchwc", "com.ms.internal.nhwc"})
 
 
@@ -90,7 +90,7 @@ def _other_convs(model: Model) -> str:
             "Conv", "ConvTranspose") and len(node.input) > 1 else None
         if shape is not None and len(shape) != 4:
             names.append(node.name or f"{node.op_type} #{position}")
-        if node.domain not in _RUNTIME_DOMAINS:
+        if node.domain not in _KNOWN_DOMAINS:
             unknown.append(f"{node.domain}.{node.op_type}")
     if names:
         return f" (its convs are 1-D or 3-D, which are not analysed: {_few(names)})"
@@ -605,11 +605,11 @@ class Collector:
             elif len(class_names) != num_classes:
                 raise DataError(f"{len(class_names)} class names given for {num_classes} classes")
         self.model = model if isinstance(model, Model) else load(model)
-        available = self.model.layers(probe=probe)
+        index = GraphIndex(self.model.proto)  # one shape inference for the start-up checks
+        available = find_layers(self.model.proto, probe=probe, index=index)
         self.layers = select_layers(self.model, layers, probe, available)
         #: the model's last Conv, collected or not: analyze measures the too-shallow sign there
         self.last_conv = next((x.name for x in reversed(available) if x.op == "Conv"), None)
-        index = GraphIndex(self.model.proto)
         if probe != "conv":
             _note_channel_mixing(self.model, self.layers, index)
         self._auto = method == "auto"
