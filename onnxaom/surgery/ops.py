@@ -1009,10 +1009,7 @@ def _shape_entries(cg: ChannelGraph, tensor: gs.Tensor, depth: int = _ENTRIES_DE
         shape = cg.shape(inner)  # type: ignore[arg-type]
         if shape is None:
             return _unknown_entries(cg, tensor)
-        rank = len(shape)
-        start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
-        first, stop = (max(0, min(rank, v + rank if v < 0 else v))
-                       for v in (start, rank if end is None else int(end)))
+        first, stop = _shape_range(node, len(shape))
         return [_SizeOf(inner, a) for a in range(first, stop)]  # type: ignore[arg-type]
     if node.op == "Concat" and int(node.attrs.get("axis", 0)) in (0, -1):
         out: list[int | _SizeOf | None] = []
@@ -1044,6 +1041,15 @@ def _shape_entries(cg: ChannelGraph, tensor: gs.Tensor, depth: int = _ENTRIES_DE
             return _unknown_entries(cg, tensor)
         return [entries[int(i)] for i in np.ravel(picked)]
     return _unknown_entries(cg, tensor)
+
+
+def _shape_range(node: gs.Node, rank: int) -> tuple[int, int]:
+    """The axes ``[first, stop)`` a ``Shape`` node of a rank-``rank`` tensor gives (its
+    ``start`` and ``end``, opset 15 on, clamped as ONNX does)."""
+    start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+    first, stop = (max(0, min(rank, v + rank if v < 0 else v))
+                   for v in (start, rank if end is None else int(end)))
+    return first, stop
 
 
 def _fixed_size(cg: ChannelGraph, entry: int | _SizeOf | None) -> int | None:
@@ -1309,14 +1315,13 @@ class ShapeOf(Handler):
             return
         flow = r.cg.flows[node.inputs[0].name]
         position: int | None = None
+        length = 1
         if node.op == "Shape":
-            start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
-            first, stop = (max(0, min(flow.rank, v + flow.rank if v < 0 else v))
-                           for v in (start, flow.rank if end is None else int(end)))
+            first, stop = _shape_range(node, flow.rank)
             if not first <= flow.axis < stop:
                 return
-            position = flow.axis - first
-        for sink in _count_readers(node.outputs[0], position):
+            position, length = flow.axis - first, stop - first
+        for sink in _count_readers(node.outputs[0], position, length):
             data = sink.inputs[0] if sink.inputs else None
             moved = data is not None and data.name in r.cg.flows and \
                 r.plan.change(r.cg.flows[data.name]) is not None
@@ -1334,10 +1339,11 @@ _SIZE_OPS = frozenset({"Cast", "Identity", "Unsqueeze", "Squeeze", "Concat", "Ad
                        "Gather", "Slice", "ReduceProd", "ReduceSum"})
 
 
-def _count_readers(tensor: gs.Tensor, position: int | None) -> list[gs.Node]:
-    """The nodes a channel count in ``tensor`` (entry ``position`` of a Shape output; None: may
-    be anywhere) reaches past the size arithmetic: a Gather or Slice of constant indices on
-    the Shape output itself lets it through only where it picks that entry."""
+def _count_readers(tensor: gs.Tensor, position: int | None, length: int) -> list[gs.Node]:
+    """The nodes a channel count in ``tensor`` (entry ``position`` of a Shape output of
+    ``length`` entries; None: may be anywhere) reaches past the size arithmetic: a Gather or
+    Slice of constant indices on the Shape output itself lets it through only where it picks
+    that entry."""
     sinks: list[gs.Node] = []
     todo: list[tuple[gs.Tensor, int | None]] = [(tensor, position)]
     seen: set[int] = set()
@@ -1350,33 +1356,26 @@ def _count_readers(tensor: gs.Tensor, position: int | None) -> list[gs.Node]:
             if reader.op not in _SIZE_OPS:
                 sinks.append(reader)
                 continue
-            if at is not None and reader.op in ("Gather", "Slice") and reader.inputs \
-                    and reader.inputs[0] is current and not _picks(reader, at):
-                continue
-            if reader.op in ("Gather", "Slice") and reader.inputs and \
-                    reader.inputs[0] is not current:
-                sinks.append(reader)  # the count as indices or bounds: what they pick moves
-                continue
+            if reader.op in ("Gather", "Slice") and reader.inputs:
+                if reader.inputs[0] is not current:
+                    sinks.append(reader)  # the count as indices or bounds: what they pick moves
+                    continue
+                if at is not None and not _picks(reader, at, length):
+                    continue
             todo.extend((out, None) for out in reader.outputs)
     return sinks
 
 
-def _picks(node: gs.Node, position: int) -> bool:
-    """Whether a Gather or Slice of a shape vector picks entry ``position`` (True when its
-    indices or bounds are computed)."""
-    if node.op == "Gather":
-        indices = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-        return indices is None or position in {int(i) for i in np.ravel(indices)} or \
-            any(int(i) < 0 for i in np.ravel(indices))
-    bounds = [constant_value(t) if t.name else None for t in node.inputs[1:]] \
-        if len(node.inputs) > 2 else [np.array(node.attrs.get(k, [])) for k in ("starts", "ends")]
-    if len(bounds) < 2 or bounds[0] is None or bounds[1] is None:
-        return True
-    step = int(np.ravel(bounds[3])[0]) if len(bounds) > 3 and bounds[3] is not None else 1
-    start, end = int(np.ravel(bounds[0])[0]), int(np.ravel(bounds[1])[0])
-    if start < 0 or end < 0:
-        return True  # relative to the length, which this walk does not track
-    return position in range(start, end, step)
+def _picks(node: gs.Node, position: int, length: int) -> bool:
+    """Whether a Gather or Slice of a shape vector of ``length`` entries picks entry
+    ``position``: the op folded on the entries' positions, as :func:`_shape_entries` does
+    (True when its indices or bounds are computed)."""
+    args = [np.arange(length), *(constant_value(t) if t.name else None for t in node.inputs[1:])]
+    try:
+        picked = fold_node(node, args)
+    except (ValueError, TypeError, IndexError):  # out of range, another axis
+        picked = None
+    return picked is None or position in {int(i) for i in np.ravel(picked)}
 
 
 @register("CastLike")
