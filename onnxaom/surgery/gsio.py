@@ -187,12 +187,12 @@ def constant_value(tensor: gs.Tensor, depth: int = 16, sizes: Sizes | None = Non
     or a few shape and type ops of constants that exports leave unfolded (``Identity``, which
     exporters share equal weights with; ``Cast``, ``CastLike``, whose second input only gives
     the type; ``Shape`` of a constant, ``ConstantOfShape``, ``Expand``, ``Unsqueeze``,
-    ``Squeeze``, ``Reshape``, ``Slice``, ``Gather``, ``Transpose``, ``Concat``, and
-    ``Add``/``Sub``/``Mul``/``Div`` of two constants); else None. ``depth`` bounds the ops
-    followed. With ``sizes``, the ``Shape`` of a computed tensor is taken from it too, its
-    unknown dims as ``unknown``: callers fold twice with two values to see that the result
-    does not depend on them (the legacy exporter's ``x.chunk(2, 1)`` computes its slice bounds
-    from ``Shape(x)``)."""
+    ``Squeeze``, ``Reshape``, ``Slice``, ``Gather``, ``Transpose``, ``Concat``,
+    ``Add``/``Sub``/``Mul``/``Div`` of two constants, and float32/64 ``Sqrt``/``Neg``/
+    ``Reciprocal``/``Abs``); else None. ``depth`` bounds the ops followed. With ``sizes``, the
+    ``Shape`` of a computed tensor is taken from it too, its unknown dims as ``unknown``:
+    callers fold with several values to see that the result does not depend on them (the
+    legacy exporter's ``x.chunk(2, 1)`` computes its slice bounds from ``Shape(x)``)."""
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values)
     if depth <= 0 or len(tensor.inputs) != 1:
