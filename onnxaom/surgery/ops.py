@@ -713,12 +713,12 @@ class Slice(Positional):
     def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
               layer: LayerSlots | None) -> list[Flow | None]:
         flow = _only_first_input(node, ins)
-        axes = self._axes(cg, node, flow)
-        if flow.axis not in axes or self._keeps_every_channel(cg, node, flow, axes):
+        parsed = self._parse(cg, node, flow)
+        if parsed is None or self._keeps_every_channel(flow, *parsed[1:]):
             return _same(flow, len(node.outputs))
         if not flow.channel_level:
             raise Unsupported("slices the channel axis of a flattened tensor")
-        taken = self._channels(cg, node, flow, axes)
+        taken = self._taken(flow, *parsed[1:])
         if not len(taken):
             raise Unsupported("slices no channel")
         kept = replace(flow, segments=(Segment(flow.all_slots()[taken]),))
@@ -728,26 +728,22 @@ class Slice(Positional):
         """Keeping every channel: an end below the new count (``[:, :out]``) is raised to it.
         A range: its bounds become those of the channels it keeps."""
         change = ins[0]
-        if change is None:
-            return
         flow = r.cg.flows[node.inputs[0].name]
-        axes = self._axes(r.cg, node, flow)
-        if flow.axis not in axes:
+        parsed = None if change is None else self._parse(r.cg, node, flow)
+        if change is None or parsed is None:
             return
-        at = axes.index(flow.axis)
-        starts, ends = self._bounds(r.cg, node, "starts", 1), self._bounds(r.cg, node, "ends", 2)
-        if starts is None or ends is None:
-            return
-        if self._keeps_every_channel(r.cg, node, flow, axes):
-            if ends[at] >= change.size:
+        at, start, end, step = parsed
+        starts = self._bounds(r.cg, node, "starts", 1) or []
+        ends = self._bounds(r.cg, node, "ends", 2) or []
+        if self._keeps_every_channel(flow, start, end, step):
+            if end >= change.size:
                 return
             ends[at] = change.size
         else:
             if change.grows:
                 raise EditError(f"node {describe(node)} takes a range of the channels a "
                                 f"widening adds to; widen a layer it does not cut")
-            taken = self._channels(r.cg, node, flow, axes)
-            inside = np.isin(change.index, taken)
+            inside = np.isin(change.index, self._taken(flow, start, end, step))
             if not inside.any():
                 raise EditError(f"node {describe(node)} would slice out no channel: keep at "
                                 f"least one kernel of its range")
@@ -755,6 +751,39 @@ class Slice(Positional):
             ends[at] = starts[at] + int(inside.sum())
         self._write(r, node, "starts", 1, starts)
         self._write(r, node, "ends", 2, ends)
+
+    @classmethod
+    def _parse(cls, cg: ChannelGraph, node: gs.Node, flow: Flow
+               ) -> tuple[int, int, int, int] | None:
+        """(position of the channel axis among the slice's axes, its start, end, step), or
+        None when the slice leaves the channel axis alone."""
+        starts, ends = cls._bounds(cg, node, "starts", 1), cls._bounds(cg, node, "ends", 2)
+        if starts is None:
+            raise Unsupported("has no starts")
+        axes = cls._bounds(cg, node, "axes", 3)
+        axes = [_norm_axis(a, flow.rank) for a in axes] if axes else list(range(len(starts)))
+        if flow.axis not in axes:
+            return None
+        steps = cls._bounds(cg, node, "steps", 4)
+        if ends is None or len(starts) != len(axes) or len(ends) != len(axes) \
+                or (steps is not None and len(steps) != len(axes)):
+            raise Unsupported("has starts and ends that do not match its axes")
+        at = axes.index(flow.axis)
+        return at, starts[at], ends[at], 1 if steps is None else steps[at]
+
+    @staticmethod
+    def _keeps_every_channel(flow: Flow, start: int, end: int, step: int) -> bool:
+        """Whether the slice takes every channel in order: start at or before 0, step 1, end
+        at or past the count, bounds that still take every channel once channels are removed
+        (ONNX clamps them)."""
+        return step == 1 and (start == 0 or start <= -flow.size) and end >= flow.size
+
+    @staticmethod
+    def _taken(flow: Flow, start: int, end: int, step: int) -> np.ndarray:
+        """The input channels a range takes, in order; refused for a step other than 1."""
+        if step != 1:
+            raise Unsupported("slices the channel axis with a step")
+        return np.arange(flow.size)[slice(start, end)]
 
     @staticmethod
     def _bounds(cg: ChannelGraph, node: gs.Node, attr: str, index: int) -> list[int] | None:
@@ -780,44 +809,6 @@ class Slice(Positional):
             node.attrs[attr] = values
         else:
             r.set_input(node, index, np.asarray(values, dtype=np.int64))
-
-    @classmethod
-    def _axes(cls, cg: ChannelGraph, node: gs.Node, flow: Flow) -> list[int]:
-        starts = cls._bounds(cg, node, "starts", 1)
-        if starts is None:
-            raise Unsupported("has no starts")
-        axes = cls._bounds(cg, node, "axes", 3)
-        return [_norm_axis(a, flow.rank) for a in axes] if axes else list(range(len(starts)))
-
-    @classmethod
-    def _channels(cls, cg: ChannelGraph, node: gs.Node, flow: Flow,
-                  axes: list[int]) -> np.ndarray:
-        """The input channels the slice takes, in order; refused for a step other than 1."""
-        at = axes.index(flow.axis)
-        starts, ends = cls._bounds(cg, node, "starts", 1), cls._bounds(cg, node, "ends", 2)
-        steps = cls._bounds(cg, node, "steps", 4)
-        if starts is None or ends is None or len(starts) != len(axes) \
-                or len(ends) != len(axes) or (steps is not None and len(steps) != len(axes)):
-            raise Unsupported("has starts and ends that do not match its axes")
-        if steps is not None and steps[at] != 1:
-            raise Unsupported("slices the channel axis with a step")
-        return np.arange(flow.size)[slice(starts[at], ends[at])]
-
-    @classmethod
-    def _keeps_every_channel(cls, cg: ChannelGraph, node: gs.Node, flow: Flow,
-                             axes: list[int]) -> bool:
-        """Whether the slice takes every channel in order: start at or before 0, step 1, end
-        at or past the count, bounds that still take every channel once channels are removed
-        (ONNX clamps them)."""
-        at = axes.index(flow.axis)
-        starts, ends = cls._bounds(cg, node, "starts", 1), cls._bounds(cg, node, "ends", 2)
-        steps = cls._bounds(cg, node, "steps", 4)
-        if starts is None or ends is None or len(starts) != len(axes) \
-                or len(ends) != len(axes) or (steps is not None and len(steps) != len(axes)):
-            return False
-        start, end = starts[at], ends[at]
-        step = steps[at] if steps is not None else 1
-        return step == 1 and (start == 0 or start <= -flow.size) and end >= flow.size
 
 
 @register("Split")
