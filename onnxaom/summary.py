@@ -55,7 +55,9 @@ class ModelSummary:
     integer one a DequantizeLinear or Cast makes float (quantized weights; not zero points).
     A layer's ``params`` is its effective weight and bias.
     layer_params / total_macs: sums over the layers (MACs of layers with unknown size left out;
-    ``macs_complete`` says whether any were). file_size / external_size: bytes on disk of the
+    ``macs_complete`` says whether any were). ``layer_params`` can exceed ``total_params``: a
+    weight two layers share counts in both, and a weight computed from a smaller constant
+    (an ``Expand``) counts at its effective size. file_size / external_size: bytes on disk of the
     model file and its external data files, None for a model not loaded from a file.
     """
 
