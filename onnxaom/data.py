@@ -806,11 +806,14 @@ def _image_mode(image_module: Any, file: Path) -> str:
 
 def _read_image(image_module: Any, file: Path, mode: str) -> np.ndarray:
     """Pixels of one image, (C, H, W) on the 8-bit scale: uint8, or float32 for a 16-bit
-    grayscale image read as one channel (its values / 257, so 65535 becomes 255)."""
+    grayscale image (its values / 257, so 65535 becomes 255; read as RGB, the one channel
+    three times: Pillow's own conversion would clip every value above 255 to white)."""
     try:
         with image_module.open(file) as image:
-            if mode == "L" and image.mode in _SIXTEEN_BIT_MODES:
+            if image.mode in _SIXTEEN_BIT_MODES:
                 array = np.asarray(image, dtype=np.float32) / np.float32(257.0)
+                if mode == "RGB":
+                    array = np.repeat(array[:, :, None], 3, axis=2)
             else:
                 array = np.asarray(image.convert(mode), dtype=np.uint8)
     except (OSError, ValueError) as exc:

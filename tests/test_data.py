@@ -788,6 +788,13 @@ def test_sixteen_bit_images_keep_their_range(tmp_path: Path) -> None:
     assert ds.image_shape == (1, 8, 8)
     # not clipped at 255 (Pillow's 8-bit conversion): 0..65535 becomes 0..1
     np.testing.assert_allclose(ds.images[0, 0], ramp / 65535, atol=1e-6)
+    # read as RGB (a colour image beside it, or a 3-channel model): the same values, three times
+    image_module.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(tmp_path / "b" / "1.png")
+    rgb = load_image_folder(tmp_path)
+    assert rgb.image_shape == (3, 8, 8)
+    for channel in range(3):
+        np.testing.assert_allclose(rgb.images[0, channel], ramp / 65535, atol=1e-6)
+    np.testing.assert_allclose(rgb.images[-1], 128 / 255, atol=1e-6)
 
 
 def test_npz_layout_follows_the_array_shape(tmp_path: Path) -> None:
