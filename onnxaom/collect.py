@@ -256,6 +256,13 @@ class _Accumulator:
             self.counts = [np.pad(c, ((0, extra), (0, 0))) for c in self.counts]
             self.class_sizes = np.pad(self.class_sizes, (0, extra))
 
+    def shrink(self, num_classes: int) -> None:
+        """Undo :meth:`grow` back to ``num_classes`` (the rows dropped count nothing)."""
+        if num_classes < self.num_classes:
+            assert not self.class_sizes[num_classes:].any()
+            self.counts = [np.ascontiguousarray(c[:num_classes]) for c in self.counts]
+            self.class_sizes = self.class_sizes[:num_classes].copy()
+
 
 @dataclass(frozen=True)
 class _Settings:
@@ -326,34 +333,60 @@ class _Engine:
     # -- feeding ---------------------------------------------------------------------------
     def run(self, images: np.ndarray, labels: np.ndarray, acc: _Accumulator,
             quiet: bool = False) -> None:
-        """Count a batch into ``acc``; ``quiet``: ORT logs nothing for this run (a trial whose
-        failure is handled)."""
+        """Count a batch into ``acc``, all of it or nothing: a batch that fails (a NaN, a size
+        the layer does not have, an ORT error), in any of its fixed-size chunks, leaves ``acc``
+        and the device-resident counts as they were. ``quiet``: ORT logs nothing for this run
+        (a trial whose failure is handled)."""
         self._run_options = _QUIET_RUN if quiet else None
+        saved_device = self._device_counts  # the adder makes new values; these stay intact
+        batch: list[np.ndarray] | None = None
+        try:
+            for chunk, chunk_labels in self._chunks(images, labels):
+                counted = self._count(chunk, chunk_labels, acc.num_classes)
+                if counted is None:  # added on the device
+                    continue
+                if batch is None:
+                    batch = counted
+                else:  # a later chunk: at most one batch's samples a cell, so int32 holds it
+                    for total, part in zip(batch, counted, strict=True):
+                        total += part
+        except BaseException:
+            self._device_counts = saved_device
+            raise
+        for total, part in zip(acc.counts, batch or (), strict=False):
+            total += part
+        acc.class_sizes += np.bincount(labels[labels >= 0], minlength=acc.num_classes)
+
+    def _chunks(self, images: np.ndarray,
+                labels: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The batch as it is run: whole, or in chunks of the model's fixed batch, the last
+        padded with zero images labelled -1 (which count nothing)."""
         if self.fixed_batch is None:
-            self._run(images, labels, acc)
+            yield images, labels
             return
         b = self.fixed_batch
         for start in range(0, images.shape[0], b):
             chunk, chunk_labels = images[start : start + b], labels[start : start + b]
             n = chunk.shape[0]
-            if n < b:  # pad: zero images with label -1 count nothing
+            if n < b:
                 chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
                 chunk_labels = np.concatenate([chunk_labels, np.full(b - n, -1, np.int64)])
-            self._run(chunk, chunk_labels, acc)
+            yield chunk, chunk_labels
 
-    def _run(self, images: np.ndarray, labels: np.ndarray, acc: _Accumulator) -> None:
+    def _count(self, images: np.ndarray, labels: np.ndarray,
+               num_classes: int) -> list[np.ndarray] | None:
+        """One run's per-layer counts, (C, K*H*W) each, checked (NaN, sizes) before anything
+        is added; None when they were added to the device-resident counts."""
         real = labels >= 0
-        acc.class_sizes += np.bincount(labels[real], minlength=acc.num_classes)
         try:
             if self.method == "plain":
-                self._count_plain(images, labels, acc)
-                return
-            onehot = np.zeros((acc.num_classes, labels.shape[0]), np.uint8)
+                return self._count_plain(images, labels, num_classes)
+            onehot = np.zeros((num_classes, labels.shape[0]), np.uint8)
             onehot[labels[real], np.flatnonzero(real)] = 1
             feeds = {self.graph.input_name: images, ONEHOT_INPUT: onehot}
             if self.on_device:
-                self._run_on_device(feeds, acc)
-                return
+                self._run_on_device(feeds, num_classes)
+                return None
             results = self.session.run(None, feeds, self._run_options)
         except ModelError:
             raise
@@ -364,14 +397,16 @@ class _Engine:
         n_layers = len(self.graph.outputs)
         self._check_nan(results[n_layers:], images, real)
         restore = self.blocked or (None,) * n_layers
-        for layer, total, batch, tap in zip(self.layers, acc.counts, results[:n_layers],
-                                            restore, strict=True):
+        counts = []
+        for layer, batch, tap in zip(self.layers, results[:n_layers], restore, strict=True):
             counted = batch if tap is None else tap.restore(batch)
-            if counted.shape != total.shape:
+            if counted.shape != (num_classes, _columns(layer)):
                 raise ModelError(_size_message(layer, counted.shape[-1] // layer.kernels))
-            total += counted
+            counts.append(counted)
+        return counts
 
-    def _count_plain(self, images: np.ndarray, labels: np.ndarray, acc: _Accumulator) -> None:
+    def _count_plain(self, images: np.ndarray, labels: np.ndarray,
+                     num_classes: int) -> list[np.ndarray]:
         results = dict(
             zip(
                 [o.name for o in self.session.get_outputs()],
@@ -379,17 +414,21 @@ class _Engine:
                 strict=True,
             )
         )
-        for layer, total in zip(self.layers, acc.counts, strict=True):
+        counts = []
+        for layer in self.layers:
             values = results[layer.probe]
             if values.shape[0] != images.shape[0]:
                 raise ModelError(_rows_message(layer, values.shape[0], images.shape[0]))
             if self.check_nan and np.isnan(values[labels >= 0]).any():  # not the padding
                 raise ModelError(_nan_message(layer))
             positive = values.reshape(values.shape[0], -1) > self.threshold
-            if positive.shape[1] != total.shape[1]:
+            if positive.shape[1] != _columns(layer):
                 raise ModelError(_size_message(layer, positive.shape[1] // layer.kernels))
+            counted = np.zeros((num_classes, positive.shape[1]), np.int64)
             for c in np.unique(labels[labels >= 0]):
-                total[c] += positive[labels == c].sum(axis=0)
+                counted[c] = positive[labels == c].sum(axis=0)
+            counts.append(counted)
+        return counts
 
     def _check_nan(self, checks: list[np.ndarray], images: np.ndarray,
                    real: np.ndarray) -> None:
@@ -445,7 +484,7 @@ class _Engine:
         return f"ONNX Runtime could not run the counting graph: {first}"
 
     # -- device-resident accumulation (CUDA) ------------------------------------------------
-    def _run_on_device(self, feeds: dict[str, np.ndarray], acc: _Accumulator) -> None:
+    def _run_on_device(self, feeds: dict[str, np.ndarray], num_classes: int) -> None:
         assert self._adder is not None
         binding = self.session.io_binding()
         for name, value in feeds.items():
@@ -460,12 +499,13 @@ class _Engine:
         labels_fed = np.asarray(feeds[ONEHOT_INPUT].any(axis=0))  # samples, not padding
         self._check_nan([o.numpy() for o in outputs[n_layers:]], feeds[self.graph.input_name],
                         labels_fed)
-        if self._device_counts is not None and self._device_counts[0].shape()[0] != acc.num_classes:
-            self.flush(acc)  # the class count grew: settle on the host, restart on the device
+        # a growing class count flushes the device counts first (Collector.update)
+        assert self._device_counts is None or self._device_counts[0].shape()[0] == num_classes
         if self._device_counts is None:
             self._device_counts = [
-                ort.OrtValue.ortvalue_from_numpy(np.zeros(c.shape, np.int64), self.device)
-                for c in acc.counts
+                ort.OrtValue.ortvalue_from_numpy(
+                    np.zeros((num_classes, _columns(layer)), np.int64), self.device)
+                for layer in self.layers
             ]
         summed = []
         for total, batch in zip(self._device_counts, outputs[:n_layers], strict=True):
@@ -485,6 +525,13 @@ class _Engine:
             host = device.numpy()
             total[: host.shape[0]] += host
         self._device_counts = None
+
+
+def _columns(layer: Layer) -> int:
+    """K*H*W: the columns of a layer's counts (its shape resolved)."""
+    k, h, w = layer.shape
+    assert h is not None and w is not None
+    return k * h * w
 
 
 def _positions(layer: Layer) -> int | None:
@@ -696,12 +743,16 @@ class Collector:
             )
         engine, acc = self._engine, self._acc
         assert acc is not None
-        needed = int(labels.max()) + 1
-        if needed > acc.num_classes:
+        needed, before = int(labels.max()) + 1, acc.num_classes
+        if needed > before:
             _check_memory(self.layers, max(needed, self.num_classes or 0))
             engine.flush(acc)
             acc.grow(needed)
-        engine.run(images, labels.astype(np.int64, copy=False), acc)
+        try:
+            engine.run(images, labels.astype(np.int64, copy=False), acc)
+        except BaseException:
+            acc.shrink(before)  # a failed batch adds no class either
+            raise
 
     @property
     def num_samples(self) -> int:

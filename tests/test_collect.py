@@ -970,3 +970,29 @@ def test_a_batch_norm_written_in_training_mode_is_counted_with_its_running_stati
                                          r"and its batch statistics \['mean_out'\] are read"):
         collect(onnxaom.Model(model(training, read_mean=True)), images, labels,
                 progress=False)
+
+
+@pytest.mark.parametrize("fixed", [None, 2])
+@pytest.mark.parametrize(("method", "on_device"), [("graph", False), ("graph", True),
+                                                   ("plain", False)])
+def test_a_failed_batch_counts_nothing(fixed: int | None, method: str, on_device: bool) -> None:
+    """A batch refused part-way (a NaN in its last fixed-size chunk, a label no other batch
+    has) leaves the collector as it was: a caller that skips it gets the run without it."""
+    proto = zoo.chain() if fixed is None else _batch_mixing_gate(fixed)
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, n=12, classes=3)
+    bad_images, bad_labels = images[:6].copy(), labels[:6].copy()
+    bad_images[5] = np.nan
+    bad_labels[0] = 3  # a class only this batch has
+    collector = onnxaom.Collector(model, method=method, accumulate_on_device=on_device)
+    collector.update(images[:6], labels[:6])
+    with pytest.raises(ModelError, match="NaN"):
+        collector.update(bad_images, bad_labels)
+    collector.update(images[6:], labels[6:])
+    stats = collector.result()
+    expected = collect(model, images, labels, method=method, progress=False)
+    assert stats.num_classes == 3 and stats.num_samples == 12
+    assert stats.metadata["batching"] == ("dynamic" if fixed is None else f"fixed:{fixed}")
+    np.testing.assert_array_equal(stats.class_sizes, expected.class_sizes)
+    for name in expected.layer_names:
+        np.testing.assert_array_equal(stats.counts[name], expected.counts[name], err_msg=name)
