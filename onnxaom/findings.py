@@ -900,9 +900,16 @@ def _shallow(m: np.ndarray, t: Thresholds) -> ShallowSign:
 
 
 def _last_conv(stats: OccurrenceStats) -> str | None:
+    """The layer the too-shallow sign is measured on: the model's last Conv as ``collect``
+    records it (whatever its map size: a 1x1 pooled map too), None when that layer was not
+    collected; for statistics without the record, the last layer with more than one
+    position."""
     names = stats.layer_names
-    if not names or stats.metadata.get("last_conv", names[-1]) not in names:
-        return None  # the model's last conv (recorded by collect) was not collected
+    if "last_conv" in stats.metadata:
+        recorded = stats.metadata["last_conv"]
+        return recorded if recorded in names else None
+    if not names:
+        return None
     spatial = [n for n in names if int(np.prod(stats.counts[n].shape[2:])) > 1]
     return spatial[-1] if spatial else names[-1]
 

@@ -408,6 +408,21 @@ def test_no_shallow_sign_when_the_models_last_conv_was_not_collected() -> None:
     assert analyze(hand_made).layer(convs[0]).shallow is not None
 
 
+def test_shallow_sign_on_the_last_conv_even_when_its_map_is_one_position() -> None:
+    """probe="pool" leaves the last conv a 1x1 map here: the sign is still measured there (the
+    layer collect recorded), not on the earlier conv that has more positions."""
+    import onnxaom
+
+    from . import zoo
+
+    model = onnxaom.Model(zoo.chain(size=4))
+    images = zoo.random_input(model.proto, batch=30, seed=0)
+    stats = onnxaom.collect(model, images, np.arange(30) % 3, probe="pool", progress=False)
+    last = stats.metadata["last_conv"]
+    assert stats.counts[last].shape[2:] == (1, 1)
+    assert [lf.name for lf in analyze(stats).layers if lf.shallow is not None] == [last]
+
+
 def test_analyze_layer_selection_and_last_layer_rules() -> None:
     stats = random_stats({"conv1": (4, 5, 5), "conv2": (6, 3, 3), "fc": (5, 1, 1)}, (20, 30, 25))
     only = analyze(stats, layers=["fc", "conv1"])
