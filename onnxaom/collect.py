@@ -579,20 +579,26 @@ def _nan_message(layer: Layer) -> str:
 
 
 def _resolve_shapes(
-    model: onnx.ModelProto, layers: list[Layer], sample: np.ndarray, providers: list[str]
+    model: onnx.ModelProto, layers: list[Layer], images: np.ndarray, providers: list[str],
+    fixed_batch: int | None,
 ) -> list[Layer]:
-    """Fill unknown H, W of layer shapes by running one sample through the plain graph."""
+    """Fill unknown H, W of layer shapes by running the plain graph on the first image of
+    ``images``, or on a batch of the model's ``fixed_batch`` (which may be written into the
+    graph, so that no other batch size runs)."""
     if all(None not in layer.shape for layer in layers):
         return layers
-    graph = probe_graph(model, layers)
+    graph = probe_graph(model, layers, dynamic_batch=fixed_batch is None)
+    sample = images[:1] if fixed_batch is None else _distinct_images(images, fixed_batch)
     session = make_session(graph.model, providers)
-    values = dict(
-        zip(
-            [o.name for o in session.get_outputs()],
-            session.run(None, {graph.input_name: sample}),
-            strict=True,
-        )
-    )
+    try:
+        outputs = session.run(None, {graph.input_name: sample}, _QUIET_RUN)
+    except Exception as exc:  # ORT raises its own exception types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"ONNX Runtime could not run the model on a batch of "
+                         f"{sample.shape[0]} to find the layers' sizes "
+                         f"({', '.join(layer.name for layer in layers if None in layer.shape)}"
+                         f"): {first}") from exc
+    values = dict(zip([o.name for o in session.get_outputs()], outputs, strict=True))
     resolved = []
     for layer in layers:
         shape = values[layer.probe].shape
@@ -720,7 +726,8 @@ class Collector:
             return
         if self._engine is None:
             proto, providers = self.model.proto, self.providers
-            self.layers = _resolve_shapes(proto, self.layers, images[:1], providers)
+            self.layers = _resolve_shapes(proto, self.layers, images, providers,
+                                          self._input.fixed_batch)
             classes = max(int(labels.max()) + 1, self.num_classes or 0)
             if self._auto and self.method == "graph" and classes > GRAPH_MAX_CLASSES \
                     and providers[0] == "CPUExecutionProvider":

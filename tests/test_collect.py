@@ -996,3 +996,53 @@ def test_a_failed_batch_counts_nothing(fixed: int | None, method: str, on_device
     np.testing.assert_array_equal(stats.class_sizes, expected.class_sizes)
     for name in expected.layer_names:
         np.testing.assert_array_equal(stats.counts[name], expected.counts[name], err_msg=name)
+
+
+def _fixed_batch_unknown_size(fixed: int) -> onnx.ModelProto:
+    """conv -> relu -> global pool -> Reshape to [fixed, -1] -> Gemm, on images of any size:
+    the layers' sizes are known only by running it, and only batches of ``fixed`` run."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(3, 4)).astype(np.float32), "wf"),
+             numpy_helper.from_array(np.array([fixed, -1], np.int64), "shape")]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("GlobalAveragePool", ["r1"], ["g"], name="gap"),
+             helper.make_node("Reshape", ["g", "shape"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wf"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(
+        nodes, "fixed_unknown", [helper.make_tensor_value_info(
+            "input", TensorProto.FLOAT, [fixed, 1, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [fixed, 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_fixed_batch_with_sizes_known_only_at_run_time(capfd) -> None:
+    """The layers' sizes are found on a batch of the fixed size, not on one image (which this
+    graph refuses): counted in chunks, exactly, and ORT prints nothing."""
+    from dataclasses import replace
+
+    proto = _fixed_batch_unknown_size(2)
+    model = onnxaom.Model(proto)
+    assert model.layers()[0].shape == (4, None, None)
+    images = np.random.default_rng(0).normal(size=(7, 1, 8, 8)).astype(np.float32)
+    labels = np.arange(7) % 3
+    stats = collect(model, images, labels, batch_size=4, progress=False)
+    assert stats.metadata["batching"] == "fixed:2"
+    layers = [replace(layer, shape=tuple(stats.counts[layer.name].shape[i] for i in (0, 2, 3)))
+              for layer in model.layers()]
+    expected = brute_force_chunked(proto, layers, images, labels, chunk=2)
+    for name in stats.layer_names:
+        np.testing.assert_array_equal(stats.counts[name], expected[name], err_msg=name)
+    assert capfd.readouterr().err == ""
+
+
+def test_a_model_that_cannot_run_to_find_its_sizes_names_the_layers(capfd) -> None:
+    """A batch written into a Reshape but not on the input: the run that finds the sizes
+    fails, with an onnxaom error naming the layers it was for (not ORT's exception)."""
+    proto = _fixed_batch_unknown_size(3)
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    images = np.zeros((4, 1, 8, 8), np.float32)
+    with pytest.raises(ModelError, match=r"batch of 1 to find the layers' sizes \(conv1\)"):
+        collect(onnxaom.Model(proto), images, np.arange(4) % 2, progress=False)
+    assert capfd.readouterr().err == ""
