@@ -24,7 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ModelError
-from .graph import GraphIndex, fed_inputs
+from .graph import GraphIndex, fed_inputs, subgraph_inputs
 from .layers import Layer
 
 __all__ = [
@@ -121,9 +121,7 @@ def _prune(model: onnx.ModelProto, needed_outputs: list[str], image_input: str) 
         if any(o in needed for o in node.output):
             keep[i] = True
             needed.update(n for n in node.input if n)
-            for attr in node.attribute:  # outer-scope reads of subgraphs
-                if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                    needed.update(_outer_reads(attr))
+            needed.update(subgraph_inputs(node))  # outer-scope reads, at any depth
     nodes = [n for n, k in zip(model.graph.node, keep, strict=True) if k]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -134,15 +132,6 @@ def _prune(model: onnx.ModelProto, needed_outputs: list[str], image_input: str) 
     inputs = [i for i in model.graph.input if i.name in keep_inputs]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
-
-
-def _outer_reads(attr: onnx.AttributeProto) -> set[str]:
-    graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-    names: set[str] = set()
-    for g in graphs:
-        for node in g.node:
-            names.update(n for n in node.input if n)
-    return names
 
 
 def _start(model: onnx.ModelProto, dynamic_batch: bool) -> tuple[onnx.ModelProto, str]:

@@ -1046,3 +1046,43 @@ def test_a_model_that_cannot_run_to_find_its_sizes_names_the_layers(capfd) -> No
     with pytest.raises(ModelError, match=r"batch of 1 to find the layers' sizes \(conv1\)"):
         collect(onnxaom.Model(proto), images, np.arange(4) % 2, progress=False)
     assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("method", ["graph", "plain"])
+def test_a_tensor_read_only_in_a_nested_subgraph_keeps_its_producer(method: str) -> None:
+    """conv1 -> relu -> scale, read only two If levels down, then conv2: the instrumented
+    graphs keep the scale node, and conv2 counts as the brute force does."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(5, 4, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+             numpy_helper.from_array(np.array(True), "yes")]
+
+    def branch(name: str, source: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("Identity", [source], [name + "_out"])],
+                                 name, [], [helper.make_tensor_value_info(name + "_out",
+                                                                          TensorProto.FLOAT, None)])
+
+    outer_then = helper.make_graph(
+        [helper.make_node("If", ["yes"], ["o_out"], then_branch=branch("inner_then", "scaled"),
+                          else_branch=branch("inner_else", "r1"))],
+        "outer_then", [], [helper.make_tensor_value_info("o_out", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Mul", ["r1", "two"], ["scaled"], name="scale"),
+             helper.make_node("If", ["yes"], ["chosen"], name="choose", then_branch=outer_then,
+                              else_branch=branch("outer_else", "r1")),
+             helper.make_node("Conv", ["chosen", "w2"], ["c2"], name="conv2", pads=[1] * 4),
+             helper.make_node("Relu", ["c2"], ["out"], name="relu2")]
+    graph = helper.make_graph(
+        nodes, "nested", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                        ["N", 1, 6, 6])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 5, 6, 6])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = onnxaom.Model(proto)
+    images = rng.normal(size=(6, 1, 6, 6)).astype(np.float32)
+    labels = np.arange(6) % 2
+    stats = collect(model, images, labels, method=method, progress=False)
+    expected = brute_force(proto, model.layers(), images, labels)
+    for name in stats.layer_names:
+        np.testing.assert_array_equal(stats.counts[name], expected[name], err_msg=name)
