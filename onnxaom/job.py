@@ -116,10 +116,12 @@ def _make_folder(out: Path) -> list[Path]:
 
 
 def _input_channels(model: Model) -> int | None:
-    """C of an (N, C, H, W) image input when it is 1 or 3; None when the model does not say."""
+    """C of an (N, C, H, W) image input, or of an (N, H, W, C) one (a Keras model converted
+    by tf2onnx), when it is 1 or 3; None when the model does not say."""
     dims = dim_values(image_input(model.proto).type)
-    channels = dims[1] if dims is not None and len(dims) == 4 else None
-    return channels if channels in (1, 3) else None
+    if dims is None or len(dims) != 4:
+        return None
+    return next((c for c in (dims[1], dims[3]) if c in (1, 3)), None)
 
 
 def _write_report(model: Model, stats: OccurrenceStats, findings: Findings, out: Path) -> Path:

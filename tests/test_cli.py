@@ -18,7 +18,7 @@ from . import zoo
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "onnxaom.cli", *args], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "onnxaom", *args], capture_output=True, text=True, check=False
     )
 
 
@@ -153,3 +153,33 @@ def test_allow_empty_classes_on_the_command_line(tmp_path: Path) -> None:
     assert not any("undefined AOMs" in line for line in lines), lines  # said once, by collect
     stats = onnxaom.OccurrenceStats.load(tmp_path / "o" / "stats.npz")
     assert not np.isnan(stats.odm("conv1")).any()  # eq. 2 over the classes with samples
+
+
+def test_a_folder_is_read_with_a_channels_last_models_channels(tmp_path: Path) -> None:
+    """A Keras-style (N, H, W, C) input of 3 channels: grayscale PNGs are read as RGB for it,
+    as for the (N, C, H, W) form, and counted (fed transposed)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxaom.data import load_spec
+    from onnxaom.job import _input_channels
+
+    image_module = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            image_module.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8),
+                                   mode="L").save(tmp_path / cls / f"{i}.png")
+    weight = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["nchw"], perm=[0, 3, 1, 2], name="to_nchw"),
+         helper.make_node("Conv", ["nchw", "w"], ["c"], name="conv1", pads=[1] * 4),
+         helper.make_node("Relu", ["c"], ["y"], name="relu1")],
+        "nhwc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], [weight])
+    model = onnxaom.Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert _input_channels(model) == 3
+    assert _input_channels(onnxaom.Model(zoo.chain())) == 3  # (N, 3, 8, 8)
+    dataset = load_spec(f"folder:{tmp_path}", channels=_input_channels(model))
+    stats = onnxaom.collect(model, dataset, progress=False)
+    assert stats.counts["conv1"].shape == (4, 2, 8, 8) and stats.num_samples == 4

@@ -1,0 +1,7 @@
+"""``python -m onnxaom``: the same command line as the ``onnxaom`` script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
