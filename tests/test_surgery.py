@@ -504,6 +504,8 @@ def test_widening_refuses_consumers_it_cannot_split():
         apply(Model(zoo.chain()), WidenLayer("fc2", add=1))
     with pytest.raises(EditError, match="channel multiplier"):
         apply(Model(depthwise_multiplier()), WidenLayer("conv1", add=1))
+    with pytest.raises(EditError, match="'dw'.*channel multiplier"):
+        apply(Model(depthwise_multiplier()), WidenLayer("dw", add=1))
     with pytest.raises(EditError, match=r"sources \[9\] out of range"):
         apply(Model(zoo.chain()), WidenLayer("conv1", add=1, sources=(9,)))
 
@@ -1252,3 +1254,94 @@ def test_a_channel_count_used_on_another_tensor_is_refused():
                                         r"'relu1_out'.*'zs' \(Slice\) computes with it"):
         remove_kernels(Model(proto), {"conv1": [0]})
     assert_removal_exact(proto, {"conv3": [1]})  # a layer after it: nothing to refuse
+
+
+# --------------------------------------------------------------------------------------------
+# consumers found in review: ConvTranspose, Squeeze without axes, x[:, -C:]
+
+
+def constant_into_conv_transpose(activation: str) -> onnx.ModelProto:
+    """conv1 (4) → relu1 → pool → ``activation`` (Sigmoid, or a BN after the probe) →
+    ConvTranspose (4 → 3) → relu2 → head: the removed channels reach the ConvTranspose as a
+    non-zero constant."""
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
+    x = net.op("MaxPool", "pool", [x], kernel_shape=[2, 2], strides=[2, 2])
+    x = net.op("Sigmoid", "sig", [x]) if activation == "Sigmoid" else net.bn("bn", x, 4)
+    weight = net.const("up.weight", net.rng.normal(0, 0.3, (4, 3, 2, 2)).astype(np.float32))
+    x = net.op("ConvTranspose", "up", [x, weight], kernel_shape=[2, 2], strides=[2, 2])
+    return net.head(net.op("Relu", "relu2", [x]), 3)
+
+
+@pytest.mark.parametrize("activation", ["Sigmoid", "BatchNormalization"])
+def test_a_conv_transpose_reading_constant_removed_channels_is_refused(activation):
+    """No bias can take a constant channel through a transposed conv (its stride pattern
+    spreads it unevenly): refused, naming it, where it used to be accepted and off by 0.6."""
+    with pytest.raises(EditError, match=r"'up' \(ConvTranspose\) reads those values"):
+        remove_kernels(Model(constant_into_conv_transpose(activation)), {"conv1": [0, 2]})
+
+
+def squeeze_head(opset: int) -> onnx.ModelProto:
+    """conv1 (3) → relu1 → global pool → Squeeze without axes (torch's ``x.squeeze()``) →
+    Gemm: every axis of size 1 goes at run time, the channel axis too once one kernel is
+    left."""
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 3)])
+    x = net.op("Squeeze", "squeeze", [net.op("GlobalAveragePool", "gap", [x])])
+    net.gemm("fc", x, 3, 2)
+    net.nodes[-1].output[0] = "logits"
+    graph = helper.make_graph(
+        net.nodes, "squeeze", [helper.make_tensor_value_info("input", 1, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", 1, ["N", 2])], net.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+@pytest.mark.parametrize("removed", [[0], [0, 2]])
+def test_squeeze_without_axes_keeps_a_single_channel(opset, removed):
+    """Leaving one kernel used to return a model ORT could not run (the Squeeze dropped the
+    channel axis too); the axes it squeezed are now written in."""
+    edited = assert_removal_exact(squeeze_head(opset), {"conv1": removed})
+    squeeze = next(n for n in edited.proto.graph.node if n.op_type == "Squeeze")
+    written = len(squeeze.input) > 1 or any(a.name == "axes" for a in squeeze.attribute)
+    assert written == (len(removed) == 2)
+
+
+def negative_slice(start: int) -> onnx.ModelProto:
+    """conv1 (4) → relu1 → Slice [:, start:] of the channels → conv2 → relu2 → head."""
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
+    x = net.op("Slice", "take", [x, net.const("starts", np.array([start], np.int64)),
+                                 net.const("ends", np.array([2**62], np.int64)),
+                                 net.const("axes", np.array([1], np.int64))])
+    return net.head(net.op("Relu", "relu2", [net.conv("conv2", x, 4, 5)]), 5)
+
+
+@pytest.mark.parametrize("start", [-4, -7, 0])
+def test_a_slice_from_the_end_that_takes_every_channel_follows_a_widening(start):
+    """``x[:, -C:]`` takes every channel; widened, it would take only the last C (a model ORT
+    cannot run): its start is rewritten to the first channel."""
+    proto = negative_slice(start)
+    assert_same_function(proto, apply(Model(proto), WidenLayer("conv1", add=2)).proto)
+    assert_removal_exact(proto, {"conv1": [1, 3]})
+
+
+def test_the_run_check_catches_what_the_checker_cannot_see():
+    """The safety net behind every edit: a model that passes the checker and shape inference
+    with a symbolic batch but cannot run (192 values a sample reshaped into rows of 5) is
+    caught by running it once on zeros; a sound model, or one with unknown sizes, passes."""
+    from onnxaom.surgery.apply import _check_failure, _run_failure
+
+    net = _Net()
+    net.op("Reshape", "rows", ["input", net.const("shape", np.array([-1, 5], np.int64))])
+    net.nodes[-1].output[0] = "rows"
+    graph = helper.make_graph(
+        net.nodes, "broken", [helper.make_tensor_value_info("input", 1, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("rows", 1, ["R", 5])], net.inits)
+    broken = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                               ir_version=8)
+    assert _check_failure(broken) is None
+    assert "Reshape" in (_run_failure(broken) or "")
+    assert _run_failure(zoo.chain()) is None
+    broken.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    assert _run_failure(broken) is None  # sizes unknown: nothing to feed

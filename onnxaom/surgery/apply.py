@@ -22,10 +22,13 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 
 from ..edits import Edit, RemoveKernels, WidenLayer, as_edit_list, edit_steps
 from ..errors import EditError
+from ..graph import dim_values, fed_inputs
 from ..model import Model
 from .deepen import insert_step
 from .gsio import export_model, import_graph, restore_node_metadata, restore_value_info
@@ -170,19 +173,30 @@ def _record(proto: onnx.ModelProto, edits: list[Edit]) -> None:
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(history))
 
 
+_QUIET_RUN = ort.RunOptions()
+_QUIET_RUN.log_severity_level = 4  # a failing run is reported in the EditError, not on stderr
+
+
 def _postconditions(proto: onnx.ModelProto, edits: list[Edit],
                     original: onnx.ModelProto) -> None:
-    """The checker (full) and strict shape inference pass on the edited model. Where the
-    input model fails them itself (ONNX Runtime runs models the checker rejects, such as an
-    int64 Constant at opset 8), the edited model must load in ONNX Runtime instead, with a
-    warning."""
+    """The checker (full) and strict shape inference pass on the edited model, and ONNX
+    Runtime runs it on a batch of zeros where the input model runs and its sizes are known
+    (a channel count that no longer matches stays hidden from the checker behind a symbolic
+    batch). Where the input model fails the checker itself (ONNX Runtime runs models the
+    checker rejects, such as an int64 Constant at opset 8), the edited model must load in
+    ONNX Runtime instead, with a warning."""
     if proto.ByteSize() > _MAX_PROTO_BYTES:
         logger.warning("edited model exceeds 2 GB; checker and shape inference skipped")
         return
     applied = json.dumps([e.to_dict() for e in edits])
     failure = _check_failure(proto)
     if failure is None:
-        return
+        failure = _run_failure(proto)  # what the checker cannot see with a symbolic batch
+        if failure is None or _run_failure(original) is not None:
+            return
+        raise EditError(
+            f"the edited model does not run in ONNX Runtime ({failure}); this is a bug in "
+            f"onnxaom's surgery, please report it with the model and these edits: {applied}")
     own = _check_failure(original)
     if own is not None and _runs(proto):
         warnings.warn(f"the input model fails the ONNX checker or shape inference itself "
@@ -201,6 +215,28 @@ def _check_failure(proto: onnx.ModelProto) -> str | None:
         onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
     except Exception as exc:  # checker and inference raise several unrelated types
         return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    return None
+
+
+def _run_failure(proto: onnx.ModelProto) -> str | None:
+    """Why ONNX Runtime cannot run ``proto`` on one batch of zeros (one sample where the batch
+    is symbolic); None when it runs, or when an input has other sizes not known (nothing to
+    feed)."""
+    from ..runtime import make_session
+
+    feeds = {}
+    for value in fed_inputs(proto):
+        dims = dim_values(value.type)
+        if not value.type.HasField("tensor_type") or not dims or None in dims[1:]:
+            return None
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        feeds[value.name] = np.zeros([dims[0] or 1, *dims[1:]], dtype)
+    try:
+        session = make_session(proto, ["CPUExecutionProvider"], threads=1,
+                               optimization="disable")
+        session.run(None, feeds, _QUIET_RUN)
+    except Exception as exc:  # ModelError, and anything ORT raises
+        return " ".join(str(exc).split())[:300] or type(exc).__name__
     return None
 
 

@@ -717,6 +717,10 @@ class Constant:
     origin: str
 
 
+#: Ops that read only a tensor's size, never its values.
+_SIZE_READERS = frozenset({"Shape", "Size"})
+
+
 def _follow_zeros(rewriter: Rewriter, rec: NodeRecord, ins: list[Change | None],
                   state: dict[str, str | Constant | None]) -> None:
     """Update ``state`` (tensor -> what its removed channels hold in the oracle: zero (None),
@@ -744,6 +748,17 @@ def _follow_zeros(rewriter: Rewriter, rec: NodeRecord, ins: list[Change | None],
                     f"that node into the layer before it")
     elif post:
         out_state = rec.handler.zero_state(rewriter, rec.node, ins, post)
+        if out_state is not None and all(flow is None for flow in rec.outs) \
+                and rec.node.op not in _SIZE_READERS:
+            # a consumer whose outputs are not the channels (a ConvTranspose losing input
+            # rows): nothing follows the values it reads, so nothing can take them
+            why = next(h if isinstance(h, str) else h.origin for h in post.values()
+                       if h is not None)
+            raise EditError(
+                f"cannot remove these kernels exactly: {why}, and node {rec.node.name!r} "
+                f"({rec.node.op}) reads those values; no bias can take them there, so removing "
+                f"them would change the model's outputs. Remove other kernels, or fold that "
+                f"node into the layer before it")
     for tensor, flow in zip(rec.node.outputs, rec.outs, strict=True):
         if flow is not None:
             state[tensor.name] = out_state

@@ -725,8 +725,9 @@ class Slice(Positional):
         return _same(kept, len(node.outputs))
 
     def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
-        """Keeping every channel: an end below the new count (``[:, :out]``) is raised to it.
-        A range: its bounds become those of the channels it keeps."""
+        """Keeping every channel: an end below the new count (``[:, :out]``) is raised to it,
+        and a start counted from the end (``[:, -out:]``) above minus the new count becomes
+        0. A range: its bounds become those of the channels it keeps."""
         change = ins[0]
         flow = r.cg.flows[node.inputs[0].name]
         parsed = None if change is None else self._parse(r.cg, node, flow)
@@ -736,9 +737,10 @@ class Slice(Positional):
         starts = self._bounds(r.cg, node, "starts", 1) or []
         ends = self._bounds(r.cg, node, "ends", 2) or []
         if self._keeps_every_channel(flow, start, end, step):
-            if end >= change.size:
+            if end >= change.size and not -change.size < start < 0:
                 return
-            ends[at] = change.size
+            starts[at] = 0 if start < 0 else start
+            ends[at] = max(end, change.size)
         else:
             if change.grows:
                 raise EditError(f"node {describe(node)} takes a range of the channels a "
@@ -1432,6 +1434,26 @@ class Squeeze(Positional):
         if flow.axis in dropped:
             raise Unsupported("squeezes the channel axis")
         return _same(_without_axes(flow, dropped), len(node.outputs))
+
+    def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
+        """A Squeeze without axes (torch's ``x.squeeze()``) drops every axis of size 1 at run
+        time: where an edit leaves one channel, the axes it dropped before are written in, so
+        that the channel axis stays."""
+        change = ins[0]
+        if change is None or change.size != 1 or _ints(r.cg, node, "axes", 1) is not None:
+            return
+        shape = r.cg.shape(node.inputs[0])
+        assert shape is not None  # trace refuses a Squeeze without axes of unknown shape
+        axes = [i for i, d in enumerate(shape) if d == 1]
+        if r.cg.graph.opset < 13:  # an attribute before opset 13
+            node.attrs["axes"] = axes
+            return
+        given = gs.Constant(r.names.fresh(f"{node.name or 'squeeze'}.axes"),
+                            np.asarray(axes, dtype=np.int64))
+        if len(node.inputs) > 1:  # an empty name: the optional input left out
+            node.inputs[1] = given
+        else:
+            node.inputs.append(given)
 
 
 @register("Unsqueeze")

@@ -75,7 +75,9 @@ def widen_step(graph: gs.Graph, proto: onnx.ModelProto, edit: WidenLayer) -> dic
     block = cg.slots.roots(ref.slots)
     if len(set(block.tolist())) != k:
         raise EditError(f"cannot widen layer {edit.layer!r}: some of its own kernels are "
-                        f"coupled to each other (e.g. a tensor added to a permutation of itself)")
+                        f"tied or coupled to each other (a depthwise conv with a channel "
+                        f"multiplier, whose kernels for one input channel go together; a "
+                        f"tensor added to a permutation of itself)")
     classes = set(block.tolist())
     check_blocked(cg, edit.layer, classes)
     if edit.coupled == "refuse":
