@@ -669,6 +669,44 @@ def test_a_frozen_batch_norm_follows_the_edits_of_its_conv(tmp_path, exporter):
     assert isinstance(result.module.relu, nn.Sequential)
 
 
+class DenseFrozenNet(nn.Module):
+    """A DenseNet-style norm after a concat (in no layer's chain) whose BN-ReLU turns removed
+    channels into constants, read by a 1x1 conv followed by a FrozenBatchNorm2d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(7)
+        self.conv1 = nn.Conv2d(7, 5, 1)
+        self.fbn1 = FrozenBatchNorm2d(5)
+        self.relu1 = nn.ReLU()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.norm(torch.cat([torch.relu(self.conv0(x)), x], 1)))
+        return self.fc(self.relu1(self.fbn1(self.conv1(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_a_bias_fold_before_a_frozen_batch_norm_the_export_kept(tmp_path, exporter):
+    """The export keeps a FrozenBatchNorm2d as Mul/Add (not folded into conv1): the fold the
+    surgery makes into conv1's bias goes into the torch conv's bias as it is. It used to be
+    divided by the norm's scale, as for a folded norm (0.10 off, or a false refusal)."""
+    torch.manual_seed(0)
+    module = DenseFrozenNet().eval()
+    with torch.no_grad():
+        module.norm.weight.uniform_(0.5, 1.5)
+        module.norm.bias.normal_(0, 1)
+        module.norm.running_mean.normal_(0, 0.5)
+        module.fbn1.weight.uniform_(0.2, 0.4)
+        module.fbn1.bias.normal_()
+        module.fbn1.running_var.uniform_(2, 3)
+    model = export(tmp_path, module, (1, 3, 8, 8), exporter)
+    first = model.layers()[0].name
+    assert_parity(tmp_path, module, model, [RemoveKernels(first, (1, 3))])
+    apply_edits(module, model, [RemoveKernels(first, (1, 3))])  # the self-check passes
+
+
 def test_the_example_input_of_a_dynamic_image_size_is_not_one_pixel(tmp_path):
     """A model exported with dynamic height and width: the adapter's default example (for the
     mapping trace and the check) was a 1x1 image, degenerate for a CNN."""

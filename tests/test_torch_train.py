@@ -119,6 +119,17 @@ def test_labels_and_image_sizes_that_do_not_fit_the_module_are_data_errors():
             run((x, np.arange(12) + 20))
         with pytest.raises(DataError, match=r"cannot run a batch of shape \(12, 1, 10, 10\)"):
             run((np.zeros((12, 1, 10, 10), np.float32), np.arange(12) % 10))
+        # batches as a DataLoader of a TensorDataset yields them: (B, 1) labels used to
+        # broadcast in the confusion matrix (an accuracy of 242%), float ones to be truncated
+        images = torch.from_numpy(x)
+        for labels, message in ((torch.arange(12)[:, None] % 10, r"batch 0: labels must "
+                                 r"have shape \(6,\), got \(6, 1\)"),
+                                (torch.full((12,), 0.7), r"batch 0: labels must be integers"),
+                                (torch.arange(12) % 10, r"batch 0: images must have shape")):
+            batch_images = images if "images" not in message else images[:, 0]
+            batches = [(batch_images[:6], labels[:6]), (batch_images[6:], labels[6:])]
+            with pytest.raises(DataError, match=message):
+                run(batches)
 
 
 def test_uint8_images_are_seen_in_0_1_as_by_collect(digits):

@@ -311,14 +311,20 @@ def _set_param(module: nn.Module, name: str, values: np.ndarray) -> None:
         setattr(module, name, new)
 
 
+#: The first op of a layer's ONNX chain where the batch norm after it was exported unfolded.
+_UNFOLDED_NORM_OPS = frozenset({"BatchNormalization", "Mul", "Div"})
+
+
 def _before_folded_norm(shift: np.ndarray, onnx_chain: Sequence[str],
                         followers: Sequence[nn.Module]) -> np.ndarray:
     """``shift``, added to an ONNX layer's outputs, in the units of the torch layer's own
     outputs: where the export folded the batch norm that follows the torch layer into the conv
-    (its ONNX chain has none), divided by that norm's scale."""
+    (its ONNX chain starts with no norm: neither a BatchNormalization nor the Mul of a norm
+    exported as arithmetic, as torchvision's FrozenBatchNorm2d is), divided by that norm's
+    scale."""
     first = followers[0] if followers else None
     if not isinstance(first, BATCH_NORM_TYPES) or \
-            (onnx_chain and onnx_chain[0] == "BatchNormalization"):
+            (onnx_chain and onnx_chain[0] in _UNFOLDED_NORM_OPS):
         return shift
     scale = np.ones(len(shift)) if first.weight is None else _numpy(first.weight)
     scale = scale / np.sqrt(_numpy(first.running_var).astype(np.float64) + first.eps)

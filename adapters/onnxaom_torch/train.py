@@ -126,15 +126,9 @@ def _as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         images, labels = data
         x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
         y = labels if isinstance(labels, torch.Tensor) else torch.from_numpy(np.array(labels))
-        if x.ndim != 4:
-            raise DataError(f"images must have shape (N, C, H, W), got {tuple(x.shape)}")
-        if y.ndim != 1 or y.shape[0] != x.shape[0]:
-            raise DataError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-        if y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise DataError(f"labels must be integers, got {y.dtype}")
-        if x.shape[0] == 0:
+        if x.shape[0:1] == (0,):
             raise DataError("the data set is empty (0 images)")
-        return _pixels(x), y.long()
+        return _checked(x, y, "")
     if isinstance(data, str | bytes) or not isinstance(data, Iterable):
         raise DataError(f"data must be an onnxaom Dataset, an (images, labels) pair or an "
                         f"iterable of (images, labels) batches, got {type(data).__name__}")
@@ -157,7 +151,20 @@ def _batches(data: Any, tensors: tuple[torch.Tensor, torch.Tensor] | None, batch
             raise DataError(f"batch {index} is a {type(item).__name__}; expected an "
                             f"(images, labels) pair")
         x, y = item
-        yield _pixels(torch.as_tensor(x)), torch.as_tensor(y).long()
+        yield _checked(torch.as_tensor(x), torch.as_tensor(y), f"batch {index}: ")
+
+
+def _checked(x: torch.Tensor, y: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 images (N, C, H, W) and int64 labels (N,); :class:`DataError` for other shapes
+    or float labels (a DataLoader's (B, 1) labels would otherwise broadcast in the confusion
+    matrix, and 0.7 would become class 0)."""
+    if x.ndim != 4:
+        raise DataError(f"{where}images must have shape (N, C, H, W), got {tuple(x.shape)}")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise DataError(f"{where}labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise DataError(f"{where}labels must be integers, got {y.dtype}")
+    return _pixels(x), y.long()
 
 
 def _pixels(x: torch.Tensor) -> torch.Tensor:
