@@ -230,7 +230,7 @@ def _run_failure(proto: onnx.ModelProto) -> str | None:
         if not value.type.HasField("tensor_type") or not dims or None in dims[1:]:
             return None
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        feeds[value.name] = np.zeros([dims[0] or 1, *dims[1:]], dtype)
+        feeds[value.name] = np.zeros([dims[0] or 1, *(int(d or 0) for d in dims[1:])], dtype)
     try:
         session = make_session(proto, ["CPUExecutionProvider"], threads=1,
                                optimization="disable")
