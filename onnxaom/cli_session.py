@@ -247,8 +247,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         data.get("format") == "onnxaom.Proposal" else edits_from_json(text)
     session = TuningSession.resume(args.folder)
     runner, _ = _runner(session, args)
-    report = apply_step(session, runner, edits, accept_drop=args.accept_drop,
-                        relative_to=args.relative_to)
+    drop = args.accept_drop if args.accept_drop is not None else \
+        (session.config.get("loop") or {}).get("accept_drop")  # the session's, if it set one
+    report = apply_step(session, runner, edits, accept_drop=drop, relative_to=args.relative_to)
     print(report.line())
     return 0
 
@@ -378,7 +379,9 @@ def add_parsers(subparsers: Any) -> None:
     q = sub.add_parser("apply", help="apply a reviewed proposal (or edits JSON) as one step")
     q.add_argument("folder", metavar="DIR")
     q.add_argument("edits", metavar="PROPOSAL.json", help="a proposal or a JSON list of edits")
-    _training_options(q)
+    _training_options(q, drop_help="undo the step if it loses more than PP percentage points "
+                      "of accuracy (default: the session's --accept-drop, if it was started "
+                      "with one; else the step is kept)")
     q.add_argument("--relative-to", choices=("baseline", "parent"), default="baseline",
                    help="what --accept-drop compares with (default: the starting model)")
     q.set_defaults(func=_cmd_apply)
@@ -390,7 +393,8 @@ def add_parsers(subparsers: Any) -> None:
 
     q = sub.add_parser("resume", help="continue a session's automatic tuning loop")
     q.add_argument("folder", metavar="DIR")
-    _training_options(q)
+    _training_options(q, drop_help="undo a step that loses more than PP percentage points of "
+                      "accuracy (default: the session's --accept-drop, else 1)")
     q.add_argument("--max-steps", type=_int_at_least(1), metavar="N",
                    help="stop after N steps (at least 1)")
     q.set_defaults(func=_cmd_resume)

@@ -163,6 +163,25 @@ def test_start_from_scratch_then_show_apply_and_resume(tmp_path, torch_runner, c
     assert resumed.step(1).info["epochs"] == 0
 
 
+def test_apply_judges_a_step_by_the_sessions_accept_drop(tmp_path, torch_runner, capsys):
+    """A session started with --accept-drop 0: a step applied by hand that costs accuracy is
+    undone, as `session apply --help` says (it used to be kept: apply ignored the session's
+    value); --accept-drop on apply still overrides it."""
+    folder = tmp_path / "s"
+    assert main(start_args(folder, "--train-epochs", "8", "--epochs", "0",
+                           "--accept-drop", "0")) == 0
+    edits = tmp_path / "edits.json"
+    edits.write_text(json.dumps([onnxaom.edits.RemoveKernels("/conv2/Conv",
+                                                             (0, 1, 2, 3, 4)).to_dict()]))
+    capsys.readouterr()
+    assert main(["session", "apply", str(folder), str(edits), "-q"]) == 0
+    assert "undone" in capsys.readouterr().out
+    session = TuningSession.resume(folder)
+    assert session.current.index == 0 and session.step(1).status == "undone"
+    assert main(["session", "apply", str(folder), str(edits), "-q", "--accept-drop", "100"]) == 0
+    assert TuningSession.resume(folder).current.index == 2
+
+
 def test_reloaded_data_must_have_the_recorded_preprocessing():
     """A session made when a spec loaded with other pixel values is refused, not retrained on
     differently scaled data (the default scaling of uint8 arrays changed once)."""
