@@ -142,6 +142,13 @@ def _cmd_start(args: argparse.Namespace) -> int:
         raise DataError(f"the training images have shape {train.image_shape} but the test "
                         f"images ({args.test_data}) {test.image_shape}; use test data of the "
                         f"same size and channels")
+    try:  # before training: the runner checks its options (a device torch cannot use)
+        runner = TorchRunner(train, test, factory=args.factory, factory_kwargs=kwargs,
+                             epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                             seed=args.seed, device=args.device, freeze=args.freeze,
+                             exporter=args.exporter, opset=args.opset, progress=not args.quiet)
+    except ValueError as exc:
+        raise SessionError(str(exc)) from exc
     module = build_module(args.factory, kwargs, weights=args.weights,
                           input_shape=(1, *train.image_shape), num_classes=train.num_classes,
                           seed=args.seed)
@@ -149,10 +156,6 @@ def _cmd_start(args: argparse.Namespace) -> int:
         module = retrain(module, train, args.train_epochs, lr=args.lr,
                          batch_size=args.batch_size, seed=args.seed, device=args.device,
                          progress=not args.quiet).module
-    runner = TorchRunner(train, test, factory=args.factory, factory_kwargs=kwargs,
-                         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                         seed=args.seed, device=args.device, freeze=args.freeze,
-                         exporter=args.exporter, opset=args.opset, progress=not args.quiet)
     loop: dict[str, Any] = {}  # tune()'s keyword arguments, as resume_loop reads them
     if args.loop_layers:
         loop["layers"] = list(args.loop_layers)
@@ -310,7 +313,7 @@ def add_parsers(subparsers: Any) -> None:
                    help="test data (default: split off --data)")
     q.add_argument("--train-fraction", type=float, default=0.8, metavar="F",
                    help="share of --data used for training, the rest tests (default 0.8)")
-    q.add_argument("--split-seed", type=int, default=0, metavar="N",
+    q.add_argument("--split-seed", type=_int_at_least(0), default=0, metavar="N",
                    help="seed of the stratified split (default 0)")
     source = q.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", metavar="STATE.pt",
@@ -323,7 +326,7 @@ def add_parsers(subparsers: Any) -> None:
                    help="learning rate (default 1e-3)")
     q.add_argument("--batch-size", type=_int_at_least(1), default=64, metavar="N",
                    help="training batch size (default 64)")
-    q.add_argument("--seed", type=int, default=0, metavar="N",
+    q.add_argument("--seed", type=_int_at_least(0), default=0, metavar="N",
                    help="training seed; step i retrains with seed + i (default 0)")
     q.add_argument("--freeze", choices=FREEZE_CHOICES, default="upto",
                    help="layers kept as they are while a step retrains (default upto: every "
@@ -332,7 +335,7 @@ def add_parsers(subparsers: Any) -> None:
                    help="torch device (default auto: CUDA when available)")
     q.add_argument("--exporter", choices=EXPORTERS, default="legacy",
                    help="torch's ONNX exporter (default legacy)")
-    q.add_argument("--opset", type=_int_at_least(1), default=None, metavar="N",
+    q.add_argument("--opset", type=_int_at_least(7), default=None, metavar="N",
                    help="ONNX opset of the exported models (default 17 with the legacy "
                         "exporter, 18 with dynamo)")
     q.add_argument("--loop-layers", nargs="+", metavar="NAME",

@@ -287,12 +287,29 @@ def test_start_without_torch_names_the_extra(tmp_path, monkeypatch, capsys):
     ["--train-epochs", "1", "--lr", "0"],
     ["--train-epochs", "1", "--accept-drop", "-1"],
     ["--train-epochs", "1", "--freeze", "all"],
+    ["--train-epochs", "1", "--seed", "-1"],
+    ["--train-epochs", "1", "--split-seed", "-1"],
+    ["--train-epochs", "1", "--opset", "3"],
 ])
 def test_start_usage_errors_exit_2(tmp_path, capsys, args):
     with pytest.raises(SystemExit) as exc:
         main(start_args(tmp_path / "s", *args))
     assert exc.value.code == 2
     assert "usage:" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "foo"], "unknown device 'foo'"),
+    (["--loop-layers", "/nope/Conv"], "loop layers '/nope/Conv' are not layers"),
+])
+def test_start_refuses_a_bad_device_or_loop_layer_in_one_line(tmp_path, torch_runner, capsys,
+                                                             args, message):
+    """Refused before a session is written (a bad device before training), in one line; they
+    used to end in a traceback, or to fail only at `session resume`."""
+    assert main(start_args(tmp_path / "s", "--train-epochs", "1", *args)) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("steps", ["0", "-1"])

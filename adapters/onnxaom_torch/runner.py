@@ -45,15 +45,16 @@ from torch import nn
 import onnxaom
 from onnxaom.data import Dataset, from_arrays
 from onnxaom.edits import Edit
-from onnxaom.errors import ModelFileNotFoundError
+from onnxaom.errors import LayerNotFoundError, ModelFileNotFoundError
 from onnxaom.session import Artifact, SessionError, TuningSession
+from onnxaom.surgery.apply import MIN_OPSET
 from onnxaom.tuning import StepOutcome, StepReport, apply_step, tune
 
 from .architectures import export_onnx
 from .edit import TorchEdit, apply_edits
 from .mapping import ModuleMismatchError, map_layers
 from .trace import PER_CHANNEL_TYPES, one_line, trace
-from .train import OPTIMIZERS, evaluate, retrain
+from .train import OPTIMIZERS, evaluate, resolve_device, retrain
 
 __all__ = ["FREEZE_POLICIES", "TorchRunner", "build_module", "runner_from_session"]
 
@@ -247,8 +248,10 @@ class TorchRunner:
         if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
             raise ValueError(f"lr must be a positive number, got {lr!r}")
         if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)
-                                  or opset < 1):
-            raise ValueError(f"opset must be a positive integer or None, got {opset!r}")
+                                  or opset < MIN_OPSET):
+            raise ValueError(f"opset must be an integer >= {MIN_OPSET} (the surgery's least) or "
+                             f"None, got {opset!r}")
+        resolve_device(device)  # a device torch cannot use fails now, not after training
         self.train, self.test = train, test
         self.factory = factory
         self.factory_kwargs = dict(factory_kwargs or {})
@@ -279,6 +282,12 @@ class TorchRunner:
         self._check_factory(base)
         model = self._export(base)
         map_layers(base, model)  # the export must map back onto the module
+        names = [layer.name for layer in model.layers()]
+        missing = [name for name in (loop or {}).get("layers") or () if name not in names]
+        if missing:  # refused now, not when `session resume` reaches them
+            raise LayerNotFoundError(f"loop layers {', '.join(map(repr, missing))} are not "
+                                     f"layers of the exported model; its layers: "
+                                     f"{', '.join(names)}")
         result = evaluate(base, self.test, device=self.device)
         config = {"runner": self.config(), "data": dict(data or {}), "loop": dict(loop or {})}
         session = TuningSession.create(
