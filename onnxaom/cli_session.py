@@ -232,22 +232,14 @@ def _runner(session: Any, args: argparse.Namespace) -> Any:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     from .edits import edits_from_json
+    from .files import read_json
     from .proposal import Proposal
     from .session import TuningSession
     from .tuning import apply_step
 
-    path = Path(args.edits)
-    text = path.read_text(encoding="utf-8") if path.exists() else None
-    if text is None:
-        from .errors import ModelFileNotFoundError
-
-        raise ModelFileNotFoundError(f"edits file not found: {path}")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise StatsError(f"{path} is not JSON: {exc}") from exc
+    data = read_json(args.edits, "edits")  # a folder, bytes that are not UTF-8: one line
     edits: Any = Proposal.from_dict(data) if isinstance(data, dict) and \
-        data.get("format") == "onnxaom.Proposal" else edits_from_json(text)
+        data.get("format") == "onnxaom.Proposal" else edits_from_json(json.dumps(data))
     session = TuningSession.resume(args.folder)
     runner, _ = _runner(session, args)
     drop = args.accept_drop if args.accept_drop is not None else \

@@ -330,3 +330,16 @@ def test_apply_and_resume_validate_training_options_like_start(tmp_path, capsys,
     with pytest.raises(SystemExit) as exc:
         main([*args, option, value])
     assert exc.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_apply_with_an_edits_path_it_cannot_read_says_so_in_one_line(tmp_path, capsys):
+    """A folder, bytes that are not UTF-8, a missing file: one line each (the first two used
+    to end in a traceback)."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe[]")
+    for name, message in (("folder", "cannot read edits file"),
+                          ("binary.json", "cannot read edits file"),
+                          ("missing.json", "edits file not found")):
+        assert main(["session", "apply", str(tmp_path / "s"), str(tmp_path / name)]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
