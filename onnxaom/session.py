@@ -168,11 +168,19 @@ class Step:
             accuracy=_accuracy(data.get("accuracy"), "accuracy"),
             per_class=tuple(_accuracy(a, "per-class accuracy") for a in data.get("per_class", ())),
             params=int(data["params"]), macs=int(data["macs"]),
-            stats_digest=data.get("stats_digest"), model_digest=str(data["model_digest"]),
+            stats_digest=_text(data, "stats_digest"), model_digest=str(data["model_digest"]),
             files={str(k): FileRecord.from_dict(v) for k, v in data["files"].items()},
-            label=str(data.get("label", "")), info=dict(data.get("info") or {}),
-            created=str(data.get("created", "")), undo_reason=data.get("undo_reason"),
+            label=_text(data, "label") or "", info=dict(data.get("info") or {}),
+            created=_text(data, "created") or "", undo_reason=_text(data, "undo_reason"),
         )
+
+
+def _text(data: Mapping[str, Any], key: str) -> str | None:
+    """``data[key]``: a string, or None where absent or null; ValueError for anything else."""
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {type(value).__name__}")
+    return value
 
 
 def describe_edits(edits: Sequence[Edit]) -> str:

@@ -243,6 +243,11 @@ def test_resume_refuses_damaged_folders_naming_the_file(setup, tmp_path):
     with pytest.raises(SessionError, match=r"step 1 is malformed.*\[0, 1\]"):
         TuningSession.resume(folder)
     data = json.loads(good)
+    data["steps"][1]["stats_digest"] = ["ab", "cd"]  # `session show` used to crash on it
+    json_file.write_text(json.dumps(data))
+    with pytest.raises(SessionError, match="step 1 is malformed.*stats_digest must be a string"):
+        TuningSession.resume(folder)
+    data = json.loads(good)
     data["progress"] = {"layers": 5}
     json_file.write_text(json.dumps(data))
     with pytest.raises(SessionError, match="progress 'layers' must be a list"):
