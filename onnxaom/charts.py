@@ -982,7 +982,7 @@ def layer_view(
     grids: list[Any] = [
         aom_grid(stats, layer, found, kernels=kernels, classes=classes, page=page, cell=cell, **kw)
     ]
-    if stats.num_classes >= 2:
+    if int((stats.class_sizes > 0).sum()) >= 2:  # the CSM compares classes with samples
         grids.append(
             csm_grid(stats, layer, found, kernels=kernels, classes=classes, page=page, cell=cell,
                      **kw)

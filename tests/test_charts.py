@@ -488,3 +488,16 @@ def test_charts_render_in_jupyter_like_altair(stats: OccurrenceStats, findings: 
     bundle = bundle[0] if isinstance(bundle, tuple) else bundle
     assert bundle is not None
     assert any(key.startswith("application/vnd.vegalite") for key in bundle)
+
+
+def test_layer_view_with_one_class_that_has_samples_leaves_out_the_class_comparisons() -> None:
+    """Two classes, one of them empty: the view is the AOM grid and the ODM, as for one class
+    (it used to fail, saying the statistics had 1 class)."""
+    s = make_stats(k=4, c=2, h=3, w=3)
+    empty = OccurrenceStats({"conv": s.counts["conv"] * np.array([1, 0])[None, :, None, None]},
+                            np.array([s.class_sizes[0], 0]), s.class_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the empty class's AOM is NaN
+        spec = spec_of(charts.layer_view(empty, "conv"))
+    names = json.dumps(spec)
+    assert "aom_images" in names and "csm_images" not in names

@@ -31,6 +31,13 @@ def test_freeze_turns_off_gradients_of_the_named_modules():
     assert not module.conv1.weight.requires_grad and module.conv2.weight.requires_grad
     with pytest.raises(LayerNotFoundError, match="no module 'conv9'.*conv1"):
         train.freeze(module, ["conv9"])
+    with pytest.raises(LayerNotFoundError, match="no module 'conv1.weight'"):
+        train.freeze(module, ["conv1.weight"])  # a parameter, not a module
+    every = [name for name, _ in module.named_parameters()]
+    assert train.freeze(module, [""]) == tuple(every)  # the module itself: it used to be none
+    fresh = architectures.PaperMNISTNet(image_size=8, conv_kernels=(4, 4), hidden=8)
+    fresh.features = fresh.conv2  # one module under a second name: either name freezes it
+    assert train.freeze(fresh, ["features"]) == ("conv2.weight", "conv2.bias")
 
 
 def test_frozen_layers_and_their_batch_norm_do_not_change_the_rest_does(digits):

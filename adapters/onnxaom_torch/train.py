@@ -56,23 +56,23 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def freeze(module: nn.Module, names: Iterable[str]) -> tuple[str, ...]:
     """Turn off ``requires_grad`` for every parameter of the modules ``names`` (module paths,
-    e.g. ``"conv1"``, ``"bn1"``; their submodules included). Returns the frozen parameter names,
-    in ``module.named_parameters()`` order. Unknown names raise
+    e.g. ``"conv1"``, ``"bn1"``; their submodules included; a module registered under two
+    names by either; ``""`` is ``module`` itself). Returns the frozen parameter names, in
+    ``module.named_parameters()`` order. Unknown names raise
     :class:`~onnxaom.LayerNotFoundError` listing the module's paths."""
-    wanted = list(dict.fromkeys(str(n) for n in names))
-    modules = dict(module.named_modules())
-    missing = [n for n in wanted if n not in modules]
-    if missing:
-        known = ", ".join(n for n in modules if n) or "(none)"
-        raise LayerNotFoundError(f"{type(module).__name__} has no module {missing[0]!r}; its "
-                                 f"modules: {known}")
-    prefixes = tuple(f"{n}." for n in wanted)
-    frozen: list[str] = []
-    for pname, param in module.named_parameters():
-        if pname.startswith(prefixes):
+    frozen_ids: set[int] = set()
+    for name in dict.fromkeys(str(n) for n in names):
+        try:
+            sub = module.get_submodule(name)
+        except AttributeError:
+            known = ", ".join(n for n, _ in module.named_modules() if n) or "(none)"
+            raise LayerNotFoundError(f"{type(module).__name__} has no module {name!r}; its "
+                                     f"modules: {known}") from None
+        for param in sub.parameters():
             param.requires_grad_(False)
-            frozen.append(pname)
-    return tuple(frozen)
+            frozen_ids.add(id(param))
+    return tuple(pname for pname, param in module.named_parameters()
+                 if id(param) in frozen_ids)
 
 
 @dataclass(frozen=True, eq=False)
