@@ -211,6 +211,14 @@ def _generated(key: str) -> bool:
     return key.startswith("onnx::") or key.startswith("val_") or key.isdigit()
 
 
+def _unwrapped(key: str) -> str:
+    """A weight name without the ``.body`` scopes an insertion adds where it wraps a layer
+    whose ReLU is functional (the torch adapter's ``Sequential(body=layer, act, deep)``):
+    ``conv1.body.weight`` is ``conv1.weight``."""
+    *path, param = key.split(".")
+    return ".".join([part for part in path if part != "body"] + [param])
+
+
 def _current_name(model: Model, name: str, key: str | None) -> str | None:
     """The name, in ``model``, of the loop layer called ``name`` in the starting model whose
     weight was ``key``; None when it is gone."""
@@ -219,6 +227,8 @@ def _current_name(model: Model, name: str, key: str | None) -> str | None:
         return name if any(layer.name == name for layer in layers) else None
     found = _weight_keys(model, [layer.name for layer in layers])
     same = [n for n, k in found.items() if k == key]
+    if not same:  # an insertion may have wrapped the layer's module as <path>.body
+        same = [n for n, k in found.items() if _unwrapped(k) == _unwrapped(key)]
     if name in same:
         return name
     if len(same) == 1:

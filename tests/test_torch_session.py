@@ -170,7 +170,7 @@ def test_runner_options_are_checked_when_made_and_when_read_from_a_session(tmp_p
     from onnxaom_torch.runner import runner_from_session
 
     for bad in ({"optimizer": "lion"}, {"epochs": "many"}, {"lr": 0}, {"batch_size": 0},
-                {"opset": 0}):
+                {"opset": 0}, {"opset": 6}, {"device": "foo"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TorchRunner(*data, **bad)
     runner = make_runner(data)
@@ -195,3 +195,34 @@ def test_upto_freezes_the_norm_in_front_of_a_pre_activation_conv(tmp_path, data)
     assert step.step.info["frozen"] == ["conv0", "conv1", "bn"]
     before, after = module.bn.running_mean, runner.module(session).bn.running_mean
     assert torch.equal(before, after)
+
+
+class FunctionalReluNet(torch.nn.Module):
+    """Two convs whose ReLUs are functional: an insertion after conv1 wraps it as conv1.body."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 6, 3)
+        self.conv2 = torch.nn.Conv2d(6, 6, 3)
+        self.fc = torch.nn.Linear(6 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(x.flatten(1))
+
+
+def test_tune_finds_a_layer_an_insertion_wrapped(tmp_path, data):
+    """After InsertLayer wrapped conv1 (its weight is now conv1.body.weight, its node
+    /conv1/body/Conv), tune still reduces it; it used to skip it as gone."""
+    train, test = data
+    module = train_module.retrain(FunctionalReluNet(), train, 1, seed=0, progress=False,
+                                  device="cpu").module
+    runner = TorchRunner(train, test, factory=FunctionalReluNet, epochs=0, device="cpu",
+                         progress=False)
+    session = runner.start(tmp_path / "s", module)
+    runner.apply(session, [onnxaom.edits.InsertLayer(after="/conv1/Conv")])
+    assert "/conv1/body/Conv" in [layer.name for layer in session.model().layers()]
+    reports = runner.tune(session, train, keep={"/conv1/Conv": 3, "/conv2/Conv": 3},
+                          accept_drop=None)
+    assert [report.step.label for report in reports] == [
+        "/conv1/body/Conv: remove 3 kernels", "/conv2/Conv: remove 3 kernels"]
