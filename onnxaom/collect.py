@@ -647,9 +647,11 @@ class Collector:
         if not finite or isinstance(threshold, bool):
             raise DataError(f"threshold must be a finite number, got {threshold!r}")
         if num_classes is not None and (
-            not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1
+            not isinstance(num_classes, int | np.integer) or isinstance(num_classes, bool)
+            or num_classes < 1
         ):
             raise DataError(f"num_classes must be a positive integer, got {num_classes!r}")
+        num_classes = None if num_classes is None else int(num_classes)  # y.max() + 1 too
         self._classes_from_names = num_classes is None and class_names is not None
         if class_names is not None:
             class_names = as_class_names(class_names)
@@ -900,8 +902,8 @@ def collect(
     batch_size = int(batch_size)
     dataset = images if isinstance(images, Dataset) else None
     if dataset is not None:
-        class_names = class_names or dataset.class_names
-        num_classes = num_classes or dataset.num_classes
+        class_names = dataset.class_names if class_names is None else class_names
+        num_classes = dataset.num_classes if num_classes is None else num_classes
     collector = Collector(
         model,
         layers=layers,

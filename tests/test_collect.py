@@ -259,6 +259,13 @@ def test_class_names_and_batch_size_forms(chain_data) -> None:
     few = [f"c{i}" for i in range(int(labels.max()))]  # one name short
     with pytest.raises(DataError, match=f"{len(few)} class_names"):
         collect(model, images, labels, class_names=few, progress=False)
+    # numpy forms: num_classes=labels.max() + 1, names in an array, with a Dataset too
+    names = np.array([f"c{i}" for i in range(int(labels.max()) + 1)])
+    stats = collect(model, images, labels, num_classes=labels.max() + 1, progress=False)
+    assert stats.num_classes == int(labels.max()) + 1
+    dataset = onnxaom.data.from_arrays(images, labels)
+    stats = collect(model, dataset, class_names=names, progress=False)
+    assert stats.class_names == tuple(names)
 
 
 def test_uint8_arrays_are_counted_as_pixels_in_0_1(chain_data) -> None:
