@@ -10,6 +10,7 @@ Runtime as a graph output, compared with > 0 element by element.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import onnx
@@ -19,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxaom
 from onnxaom.layers import channel_mixing_reader
+from onnxaom.surgery.apply import apply_steps
 
 from .test_surgery import assert_removal_exact
 
@@ -29,8 +31,10 @@ B1 = RNG.normal(size=K).astype(np.float32)
 W2 = RNG.normal(size=(3, K, 3, 3)).astype(np.float32)
 
 
-def _model(ops: list[tuple[str, dict, dict]], opset: int = 17) -> onnx.ModelProto:
-    """input (N, 2, 6, 6) -> conv1 (K kernels) -> ``ops`` -> conv2 -> ReduceMean -> logits.
+def _model(ops: list[tuple[str, dict, dict]], opset: int = 17,
+           pads2: int = 1) -> onnx.ModelProto:
+    """input (N, 2, 6, 6) -> conv1 (K kernels) -> ``ops`` -> conv2 (padding ``pads2``) ->
+    ReduceMean -> logits.
 
     ``ops``: (op type, constant inputs after the first {name: array}, attributes)."""
     inits = [numpy_helper.from_array(W1, "w1"), numpy_helper.from_array(B1, "b1"),
@@ -45,7 +49,8 @@ def _model(ops: list[tuple[str, dict, dict]], opset: int = 17) -> onnx.ModelProt
         out = f"t{i}"
         nodes.append(helper.make_node(op, [tensor, *names], [out], name=f"{op}{i}", **attrs))
         tensor = out
-    nodes.append(helper.make_node("Conv", [tensor, "w2"], ["c2"], name="conv2", pads=[1] * 4))
+    nodes.append(helper.make_node("Conv", [tensor, "w2"], ["c2"], name="conv2",
+                                  pads=[pads2] * 4))
     if opset >= 18:  # ReduceMean's axes became an input
         inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), "mean_axes"))
         nodes.append(helper.make_node("ReduceMean", ["c2", "mean_axes"], ["logits"], keepdims=0))
@@ -116,7 +121,10 @@ def test_the_probe_is_where_greater_than_zero_means_found(case: str) -> None:
 
 def test_per_channel_ops_after_the_activation_are_not_read_but_are_removed_with_it() -> None:
     """Conv -> ReLU -> BN: counted at the ReLU (the BN's shift would turn every off position
-    on); a removed kernel's channel is gone after the BN, as it was before this was split."""
+    on). A removed kernel is zero at the ReLU, and the BN's shift of its channel goes into
+    conv2's bias where that is exact (conv2 without padding), so that removing a dead kernel
+    changes nothing; before a padded conv2 the channel is removed after the BN instead (the
+    shift dropped), with a warning."""
     proto = _model([("Relu", {}, {}), _bn(shift=0.7)])
     layer = onnxaom.Model(proto).layer("conv1")
     assert (layer.probe, layer.chain, layer.channel_end) == ("t0", ("Relu",), "t1")
@@ -124,7 +132,15 @@ def test_per_channel_ops_after_the_activation_are_not_read_but_are_removed_with_
     relu_on = _counts_of(proto, "t0", x, y)
     assert (relu_on < _counts_of(proto, "t1", x, y)).any()  # the BN output would count more
     for kernels in ([0], [1, 3], [K - 1]):
-        assert_removal_exact(proto, {"conv1": kernels})
+        with pytest.warns(UserWarning, match="removed at the end of their per-channel chains"):
+            assert_removal_exact(proto, {"conv1": kernels}, point="chain end")
+    unpadded = _model([("Relu", {}, {}), _bn(shift=0.7)], pads2=0)
+    for kernels in ([0], [1, 3], [K - 1]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # exact: no fallback
+            assert_removal_exact(unpadded, {"conv1": kernels})
+    plan = apply_steps(onnxaom.Model(unpadded), [onnxaom.RemoveKernels("conv1", (1,))])[1][0]
+    assert plan.removed_at == "probe" and set(plan.folds) == {"conv2"}
     # an identity layer + ReLU after the ReLU leaves the function unchanged
     model = onnxaom.Model(proto)
     deeper = onnxaom.apply(model, [onnxaom.InsertLayer(after="conv1", kernel_size=3)])

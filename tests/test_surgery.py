@@ -31,11 +31,12 @@ ATOL = 1e-5
 # the oracle
 
 
-def zeroed_at_probes(proto: onnx.ModelProto,
-                     removed: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+def zeroed_at_probes(proto: onnx.ModelProto, removed: Mapping[str, Sequence[int]],
+                     point: str = "probe") -> onnx.ModelProto:
     """``proto`` with the ``removed`` kernels of each layer forced to zero at its probe point
-    (a Mul by a 0/1 mask right after the tensor's producer). The probe here is the end of
-    the per-channel chain (``Layer.channel_end``), where a removed channel is gone."""
+    (a Mul by a 0/1 mask right after the tensor's producer), or, with ``point="chain end"``,
+    at the end of its per-channel chain (``Layer.channel_end``: after a batch norm that
+    follows the ReLU; the removal's fallback)."""
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     layers = {layer.name: layer for layer in find_layers(model)}
@@ -44,7 +45,7 @@ def zeroed_at_probes(proto: onnx.ModelProto,
         rank = 4 if layer.op == "Conv" else 2
         mask = np.ones(layer.kernels, np.float32)
         mask[list(kernels)] = 0
-        end = layer.channel_end
+        end = layer.probe if point == "probe" else layer.channel_end
         mask_name, masked = f"oracle_mask_{len(model.graph.initializer)}", f"{end}__zeroed"
         model.graph.initializer.append(
             numpy_helper.from_array(mask.reshape((1, -1) + (1,) * (rank - 2)), mask_name))
@@ -63,8 +64,10 @@ def zeroed_at_probes(proto: onnx.ModelProto,
 
 
 def assert_removal_exact(proto: onnx.ModelProto, removals: Mapping[str, Sequence[int]],
-                         coupled: str = "propagate", batch: int = 3) -> Model:
-    """Remove ``removals`` and compare with the oracle; returns the edited model."""
+                         coupled: str = "propagate", batch: int = 3,
+                         point: str = "probe") -> Model:
+    """Remove ``removals`` and compare with the oracle zeroed at ``point``; returns the
+    edited model."""
     model = Model(proto)
     digest = model.digest
     plan = plan_removal(model, removals, coupled=coupled)
@@ -74,7 +77,7 @@ def assert_removal_exact(proto: onnx.ModelProto, removals: Mapping[str, Sequence
     assert model.digest == digest, "the input model changed"
     x = zoo.random_input(proto, batch=batch, seed=1)
     got = zoo.run(edited.proto, x)
-    want = zoo.run(zeroed_at_probes(proto, plan.removed), x)
+    want = zoo.run(zeroed_at_probes(proto, plan.removed, point), x)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=ATOL, atol=ATOL)
     kernels = {layer.name: layer.kernels for layer in model.layers()}

@@ -6,6 +6,7 @@ mapping and its errors."""
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -707,7 +708,42 @@ def test_a_bias_fold_before_a_frozen_batch_norm_the_export_kept(tmp_path, export
     apply_edits(module, model, [RemoveKernels(first, (1, 3))])  # the self-check passes
 
 
-def test_the_example_input_of_a_dynamic_image_size_is_not_one_pixel(tmp_path):
+class ReluThenNormNet(nn.Module):
+    """Conv -> ReLU -> BN (a Keras habit): the norm after the probe shifts a zeroed channel."""
+
+    def __init__(self, padding: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=padding)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.bn1(self.relu1(self.conv1(x)))
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("padding", [0, 1])
+def test_a_batch_norm_after_the_relu_follows_a_removal(tmp_path, exporter, padding):
+    """The surgery takes the BN's shift of a removed channel into conv2's bias (unpadded), or
+    removes the channel after the BN with a warning (padded conv2); the torch edit does the
+    same."""
+    torch.manual_seed(1)
+    module = ReluThenNormNet(padding).eval()
+    with torch.no_grad():
+        module.bn1.bias.normal_(0, 1)
+        module.bn1.running_mean.normal_(0, 0.3)
+    model = export(tmp_path, module, (1, 3, 8, 8), exporter)
+    first = model.layers()[0].name
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_parity(tmp_path, module, model, [RemoveKernels(first, (0, 4))])
+        apply_edits(module, model, [RemoveKernels(first, (0, 4))])  # the self-check passes
+    fallback = [w for w in caught if "per-channel chains" in str(w.message)]
+    assert bool(fallback) == (padding == 1)
+
     """A model exported with dynamic height and width: the adapter's default example (for the
     mapping trace and the check) was a 1x1 image, degenerate for a CNN."""
     module = mnist().eval()

@@ -24,11 +24,13 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from ..edits import Edit, RemoveKernels, WidenLayer, as_edit_list, edit_steps
 from ..errors import EditError
 from ..graph import dim_values, fed_inputs
+from ..layers import find_layers
 from ..model import Model
 from .deepen import insert_step
 from .gsio import export_model, import_graph, restore_node_metadata, restore_value_info
@@ -99,16 +101,17 @@ def apply_steps(model: Model, edits: Edit | Iterable[Edit]) -> tuple[Model, list
     proto = model.copy_proto()
     done: list[object] = []
     for step in edit_steps(edit_list):
-        graph = import_graph(proto)
         head = step[0]
         if isinstance(head, RemoveKernels):
-            result: object = remove_step(graph, proto,
-                                         [e for e in step if isinstance(e, RemoveKernels)])
-            logger.info("removed kernels: %s", result.removed)  # type: ignore[attr-defined]
+            graph, removal = _remove(proto, [e for e in step if isinstance(e, RemoveKernels)])
+            logger.info("removed kernels: %s", removal.removed)
+            result: object = removal
         elif isinstance(head, WidenLayer):
+            graph = import_graph(proto)
             result = widen_step(graph, proto, head)
             logger.info("widened: %s", result)
         else:
+            graph = import_graph(proto)
             result = insert_step(graph, proto, head)
             logger.info("inserted: %s", result)
         done.append(result)
@@ -119,6 +122,31 @@ def apply_steps(model: Model, edits: Edit | Iterable[Edit]) -> tuple[Model, list
     _postconditions(proto, edit_list, original)
     return (Model(proto, path=None, external_data=model.external_data,
                   protected=model.protected), done)
+
+
+def _remove(proto: onnx.ModelProto,
+            removals: list[RemoveKernels]) -> tuple[gs.Graph, RemovalPlan]:
+    """One removal step on a graph imported from ``proto``: zeroed at the probe points, or,
+    where only per-channel ops after an activation stand in the way, at the end of the chains
+    (the fallback in :mod:`onnxaom.surgery.remove`), with a warning."""
+    graph = import_graph(proto)
+    try:
+        return graph, remove_step(graph, proto, removals)
+    except EditError as at_probe:
+        chains = [layer for layer in find_layers(proto) if layer.probe != layer.channel_end]
+        if not chains:
+            raise
+        graph = import_graph(proto)  # the failed attempt left the first one half edited
+        result = remove_step(graph, proto, removals, removal_point="chain end")
+        reason = str(at_probe).removeprefix("cannot remove these kernels exactly: ")
+        warnings.warn(
+            f"removing kernels of {', '.join(map(repr, result.removed))} as if zeroed at "
+            f"their probe points is not exact ({reason.split('; ')[0]}); they were removed "
+            f"at the end of their per-channel chains instead, after the ops that follow the "
+            f"activation, so the constant those ops add to a zeroed channel is dropped and the "
+            f"outputs change, even for a dead kernel (retrain afterwards)",
+            UserWarning, stacklevel=4)
+        return graph, result
 
 
 def remove_kernels(model: Model, removals: Mapping[str, Iterable[int]],

@@ -344,12 +344,13 @@ def describe(node: gs.Node) -> str:
     return f"{name!r} ({node.op})"
 
 
-def _chain_tensors(index: GraphIndex, layer: Layer) -> set[str]:
-    """Tensors from the layer's output up to (not including) the end of its per-channel chain
-    (:attr:`Layer.channel_end`): where a removed channel is simply gone."""
+def _chain_tensors(index: GraphIndex, layer: Layer, end: str) -> set[str]:
+    """Tensors from the layer's output up to (not including) ``end``, its probe point or the
+    end of its per-channel chain (:attr:`Layer.channel_end`): where a removed channel is
+    simply gone."""
     out: set[str] = set()
     tensor = layer.output
-    while tensor != layer.channel_end and tensor not in out:
+    while tensor != end and tensor not in out:
         out.add(tensor)
         reader = index.single_consumer(tensor)
         if reader is None:
@@ -375,11 +376,21 @@ def _subgraph_reads(proto: onnx.ModelProto, index: GraphIndex) -> dict[str, int]
     return out
 
 
-def build(graph: gs.Graph, proto: onnx.ModelProto) -> ChannelGraph:
+#: Where a removal zeroes a kernel's channel (see :func:`build`).
+REMOVAL_POINTS = ("probe", "chain end")
+
+
+def build(graph: gs.Graph, proto: onnx.ModelProto, removal_point: str = "probe") -> ChannelGraph:
     """Trace ``graph`` (imported from ``proto``, same node order) into a :class:`ChannelGraph`.
 
     ``proto`` names the layers (:func:`onnxaom.layers.find_layers`) and gives the shapes.
+    ``removal_point``: where a removed kernel's channel is zero in the removal's oracle, its
+    layer's ``"probe"``, or the ``"chain end"`` (:attr:`Layer.channel_end`: after per-channel
+    ops that follow the activation, such as Conv -> ReLU -> BN's batch norm); the nodes
+    between a layer and that point lose the channel with it.
     """
+    if removal_point not in REMOVAL_POINTS:
+        raise ValueError(f"removal_point must be one of {REMOVAL_POINTS}, got {removal_point!r}")
     from .ops import handler_for, layer_handler_for
 
     index = GraphIndex(proto)
@@ -391,7 +402,8 @@ def build(graph: gs.Graph, proto: onnx.ModelProto) -> ChannelGraph:
     by_index: dict[int, Layer] = {layer.node_index: layer for layer in layers}
     pre_probe: set[str] = set()
     for layer in layers:
-        pre_probe |= _chain_tensors(index, layer)
+        end = layer.probe if removal_point == "probe" else layer.channel_end
+        pre_probe |= _chain_tensors(index, layer, end)
     subgraph_reads = _subgraph_reads(proto, index)
 
     for i, node in enumerate(graph.nodes):

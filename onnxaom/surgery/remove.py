@@ -2,13 +2,19 @@
 
 Removal is exact in this sense: the edited model computes what the original computes with the
 removed channels forced to zero at their layers' probe points (for coupled layers, in every
-coupled layer). Nodes between a layer and its probe (its per-channel chain) lose the channel
-with it; after the probe, consumers drop the channel's weights. A node after the probe that
-turns the zero into a constant (a batch norm shift, a Sigmoid, an added constant: DenseNet's
-BN-ReLU-Conv after a concat) is followed, and the layers that read the constant take it into
-their biases where that is exact (a conv without padding, a Gemm); anything else the zero
-becomes, or a constant read by a padded conv, makes the removal refuse rather than change the
-function silently.
+coupled layer). Nodes between a layer and its probe lose the channel with it; after the probe,
+consumers drop the channel's weights. A node after the probe that turns the zero into a
+constant (a batch norm after the ReLU, Conv -> ReLU -> BN; a Sigmoid; an added constant;
+DenseNet's BN-ReLU-Conv after a concat) is followed, and the layers that read the constant
+take it into their biases where that is exact (a conv without padding, a Gemm, a MatMul), so
+that removing a dead kernel changes nothing; anything else the zero becomes, or a constant
+read by a padded conv, makes the removal refuse rather than change the function silently.
+
+One fallback: where only the per-channel ops after a layer's activation (its chain, up to
+:attr:`~onnxaom.layers.Layer.channel_end`) stand in the way (Conv -> ReLU -> BN -> a padded
+conv), the channels are removed at the end of that chain instead, as structured-pruning tools
+remove them, with a ``UserWarning`` that the constant the chain adds is dropped;
+:attr:`RemovalPlan.removed_at` says ``"chain end"``.
 """
 
 from __future__ import annotations
@@ -42,17 +48,20 @@ class RemovalPlan:
     are coupled to requested ones, in layer order. folds: node name -> what was added to its
     bias for removed channels that reach it as constants, one value per output channel of
     the node before the step (filled by :func:`remove_step`; empty in a plan not applied).
+    removed_at: where the removed channels are zero in the edit's oracle, ``"probe"`` or
+    ``"chain end"`` (the fallback in the module's doc).
     """
 
     requested: Mapping[str, tuple[int, ...]]
     removed: Mapping[str, tuple[int, ...]]
     coupled: tuple[str, ...]
     folds: Mapping[str, np.ndarray] = field(default_factory=lambda: MappingProxyType({}))
+    removed_at: str = "probe"
 
     def to_dict(self) -> dict[str, object]:
         return {"requested": {k: list(v) for k, v in self.requested.items()},
                 "removed": {k: list(v) for k, v in self.removed.items()},
-                "coupled": list(self.coupled)}
+                "coupled": list(self.coupled), "removed_at": self.removed_at}
 
 
 def plan(cg: ChannelGraph, edits: Sequence[RemoveKernels]) -> tuple[RemovePlan, RemovalPlan]:
@@ -150,11 +159,13 @@ def refuse_coupled(cg: ChannelGraph, layer: str, classes: set[int],
     )
 
 
-def remove_step(graph: gs.Graph, proto: onnx.ModelProto,
-                edits: Sequence[RemoveKernels]) -> RemovalPlan:
-    """Remove the kernels of ``edits`` (one step) from ``graph`` in place."""
-    cg = build(graph, proto)
+def remove_step(graph: gs.Graph, proto: onnx.ModelProto, edits: Sequence[RemoveKernels],
+                removal_point: str = "probe") -> RemovalPlan:
+    """Remove the kernels of ``edits`` (one step) from ``graph`` in place, zeroed at
+    ``removal_point`` (:func:`~onnxaom.surgery.channels.build`)."""
+    cg = build(graph, proto, removal_point)
     remove_plan, result = plan(cg, edits)
     rewriter = Rewriter(cg, remove_plan, init="zeros", rng=np.random.default_rng(0))
     rewrite(cg, rewriter, check_zero=True)
-    return replace(result, folds=MappingProxyType(dict(rewriter.folds)))
+    return replace(result, folds=MappingProxyType(dict(rewriter.folds)),
+                   removed_at=removal_point)
