@@ -1348,3 +1348,24 @@ def test_the_run_check_catches_what_the_checker_cannot_see():
     assert _run_failure(zoo.chain()) is None
     broken.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
     assert _run_failure(broken) is None  # sizes unknown: nothing to feed
+
+
+def concat_along_height(after: str) -> onnx.ModelProto:
+    """conv1 → relu1 → ``after`` (a BN or a Sigmoid: a constant for a zeroed channel) and
+    convb → relub, joined along H (coupling the two layers' channels), → unpadded conv2."""
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
+    x = net.bn("bn1", x, 4) if after == "bn" else net.op("Sigmoid", "sig1", [x])
+    y = net.op("Relu", "relub", [net.conv("convb", "input", 3, 4)])
+    x = net.op("Concat", "cat_h", [x, y], axis=2)
+    return net.head(net.op("Relu", "relu2", [net.conv("conv2", x, 4, 5, pads=0)]), 5)
+
+
+def test_a_constant_joined_to_zeros_along_another_axis_is_not_folded():
+    """Along H, a removed channel holds the BN's shift in one half and zero in the other: no
+    constant, so no bias fold (it used to fold it, off by up to 0.5). The BN after the probe
+    falls back to the chain end; a Sigmoid is refused."""
+    with pytest.warns(UserWarning, match="per-channel chains"):
+        assert_removal_exact(concat_along_height("bn"), {"conv1": [1]}, point="chain end")
+    with pytest.raises(EditError, match=r"'cat_h' \(Concat\) joins those channels"):
+        remove_kernels(Model(concat_along_height("sigmoid")), {"conv1": [1]})

@@ -913,6 +913,30 @@ class Concat(Positional):
             parts.append(Flow(rank, axis, (Segment(pinned),)))
         return _same(concat_flows(parts, rank, axis), len(node.outputs))
 
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, State]) -> State:
+        """Along the channel axis each output channel comes from one input (:func:`_by_slot`).
+        Along another axis the inputs are coupled (the same channels in each): a removed
+        channel holds each input's values at that input's positions, a constant only where
+        every input holds the same one (a batch norm's shift beside a zero is neither)."""
+        traced = [r.cg.flows.get(t.name) for t, change in zip(node.inputs, ins, strict=True)
+                  if change is not None]
+        first = traced[0] if traced else None
+        if first is None or first.axis == _norm_axis(int(node.attrs.get("axis", 0)),
+                                                       first.rank):
+            return _by_slot(r, node, ins, states)
+        held = [_held(states, i, len(change.removed()))
+                for i, change in enumerate(ins) if change is not None]
+        bad = next((h for h in held if isinstance(h, str)), None)
+        if bad is not None:
+            return bad
+        values = [np.asarray(h, np.float64) for h in held]
+        origin = _origin(states, node, "")
+        if all(v.shape == values[0].shape and np.array_equal(v, values[0]) for v in values):
+            return _constant_or_zero(values[0], origin)
+        return (f"{origin}, and node {describe(node)} joins those channels to other values "
+                f"along axis {node.attrs.get('axis', 0)}")
+
 
 @register("Flatten")
 class Flatten(Positional):
