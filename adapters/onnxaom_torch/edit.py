@@ -516,7 +516,10 @@ def _traced(work: nn.Module, x: torch.Tensor, done: Sequence[Sequence[Edit]]) ->
             f"(compute it from the input: x.flatten(1), x.view(x.size(0), -1)), or a width a "
             f"module keeps as an attribute and slices with (timm's GhostModule.out_chs in "
             f"x[:, :self.out_chs]), or a channel chunk/split into parts the removal made "
-            f"unequal (x.chunk(2, 1)); the ONNX surgery result does not depend on it"
+            f"unequal (x.chunk(2, 1)), or a per-channel tensor kept on a module and used in "
+            f"forward (x + self.shift: only the tensors of BatchNorm, FrozenBatchNorm2d, "
+            f"InstanceNorm and PReLU modules follow an edit); the ONNX surgery result does "
+            f"not depend on it"
         ) from exc
 
 
