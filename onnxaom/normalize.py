@@ -31,6 +31,7 @@ from onnx import numpy_helper
 from .errors import ModelError
 from .graph import subgraph_inputs
 from .inline import inline_functions
+from .warn import user_stacklevel
 
 __all__ = ["normalize"]
 
@@ -127,7 +128,7 @@ def _sorted(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
     del out.graph.node[:]
     out.graph.node.extend(nodes[i] for i in order)
     warnings.warn(f"model {name!r}: its nodes were not in topological order (ONNX requires "
-                  "it); they were sorted", UserWarning, stacklevel=4)
+                  "it); they were sorted", UserWarning, stacklevel=user_stacklevel())
     return out
 
 
@@ -172,5 +173,5 @@ def _without_stale_shapes(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     warnings.warn(f"model {name!r}: {len(names)} stored intermediate shape(s) contradict shape "
                   f"inference and were replaced by the inferred ones: {shown}", UserWarning,
-                  stacklevel=4)
+                  stacklevel=user_stacklevel())
     return out

@@ -1367,5 +1367,11 @@ def test_a_constant_joined_to_zeros_along_another_axis_is_not_folded():
     falls back to the chain end; a Sigmoid is refused."""
     with pytest.warns(UserWarning, match="per-channel chains"):
         assert_removal_exact(concat_along_height("bn"), {"conv1": [1]}, point="chain end")
+    model = Model(concat_along_height("bn"))
+    for edit in (lambda: apply(model, [RemoveKernels("conv1", (1,))]),
+                 lambda: remove_kernels(model, {"conv1": [1]})):
+        with pytest.warns(UserWarning, match="per-channel chains") as caught:
+            edit()
+        assert caught[0].filename == __file__  # the caller's line, by either entry point
     with pytest.raises(EditError, match=r"'cat_h' \(Concat\) joins those channels"):
         remove_kernels(Model(concat_along_height("sigmoid")), {"conv1": [1]})

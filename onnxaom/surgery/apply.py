@@ -32,6 +32,7 @@ from ..errors import EditError
 from ..graph import dim_values, fed_inputs
 from ..layers import find_layers
 from ..model import Model
+from ..warn import user_stacklevel
 from .deepen import insert_step
 from .gsio import export_model, import_graph, restore_node_metadata, restore_value_info
 from .remove import RemovalPlan, plan, remove_step
@@ -145,7 +146,7 @@ def _remove(proto: onnx.ModelProto,
             f"at the end of their per-channel chains instead, after the ops that follow the "
             f"activation, so the constant those ops add to a zeroed channel is dropped and the "
             f"outputs change, even for a dead kernel (retrain afterwards)",
-            UserWarning, stacklevel=4)
+            UserWarning, stacklevel=user_stacklevel())
         return graph, result
 
 
@@ -229,7 +230,7 @@ def _postconditions(proto: onnx.ModelProto, edits: list[Edit],
     if own is not None and _runs(proto):
         warnings.warn(f"the input model fails the ONNX checker or shape inference itself "
                       f"({own}), so the edited model was checked by loading it in ONNX Runtime "
-                      f"only", UserWarning, stacklevel=4)
+                      f"only", UserWarning, stacklevel=user_stacklevel())
         return
     raise EditError(
         f"the edited model fails the ONNX checker or shape inference ({failure}); this is a "

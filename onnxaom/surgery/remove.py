@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 
 from ..edits import RemoveKernels
 from ..errors import EditError
+from ..warn import user_stacklevel
 from .channels import ChannelGraph, RemovePlan, Rewriter, build, rewrite
 
 __all__ = ["RemovalPlan", "check_blocked", "plan", "refuse_coupled", "remove_step"]
@@ -109,7 +110,8 @@ def plan(cg: ChannelGraph, edits: Sequence[RemoveKernels]) -> tuple[RemovePlan, 
                 f"layer {name!r} loses kernels {extra} besides the {len(named)} named for it: "
                 f"it is coupled (residual merge or depthwise tie) to other layers of this step, "
                 f"whose removals go with it; name the same kernels for coupled layers "
-                f"(onnxaom.propose(..., model=model) does)", UserWarning, stacklevel=3)
+                f"(onnxaom.propose(..., model=model) does)", UserWarning,
+                stacklevel=user_stacklevel())
     coupled = tuple(name for name, kernels in removed.items()
                     if any((name, k) not in asked for k in kernels) and name not in requested)
     if coupled:
