@@ -543,7 +543,7 @@ def propose(
             layer_props, coupled = _reconcile_coupled(cg, layer_props, targets, notes)
         layer_props = _balance_groups(model, layer_props, notes, coupled)
         if cg is not None:
-            notes.extend(_surgery_notes(cg, layer_props))
+            notes.extend(_surgery_notes(model, cg, layer_props))
     return Proposal(tuple(layer_props), strategy, stats_digest(stats),
                     stats.metadata.get("model_digest"), tuple(notes))
 
@@ -649,14 +649,17 @@ def _reconcile_coupled(cg: ChannelGraph, props: list[LayerProposal],
     return [out[p.layer] for p in props], aligned_groups
 
 
-def _surgery_notes(cg: ChannelGraph, props: Sequence[LayerProposal]) -> list[str]:
+def _surgery_notes(model: Model, cg: ChannelGraph,
+                   props: Sequence[LayerProposal]) -> list[str]:
     """Notes on what the surgery makes of the proposal's removals, found by running them on
     the proposal's own traced copy of the graph (``cg`` is not used after this): the layers
     outside the proposal that they change too (coupled by a residual merge or tied by a
-    depthwise conv), with how many kernels they lose, and, when the surgery would refuse
-    them (a channel shuffle, a batch norm after the probe that shifts a removed channel),
-    why."""
-    from .surgery.channels import Rewriter, rewrite
+    depthwise conv), with how many kernels they lose; when only the removal's fallback
+    applies them (:mod:`onnxaom.surgery.remove`: Conv -> ReLU -> BN before a padded conv),
+    that; and when the surgery would refuse them (a channel shuffle, a Sigmoid before a
+    padded conv), why."""
+    from .surgery.channels import build
+    from .surgery.gsio import import_graph
     from .surgery.remove import plan
 
     edits = [RemoveKernels(p.layer, p.removed) for p in props if p.removed]
@@ -671,11 +674,29 @@ def _surgery_notes(cg: ChannelGraph, props: Sequence[LayerProposal]) -> list[str
         if others:
             notes.append(f"these edits also change layers coupled to the proposed ones: "
                          f"{', '.join(others)}")
-        rewrite(cg, Rewriter(cg, remove_plan, init="zeros", rng=np.random.default_rng(0)),
-                check_zero=True)
-    except OnnxaomError as exc:
-        notes.append(f"the surgery refuses these edits: {exc}")
+        _rewrite(cg, remove_plan)
+    except OnnxaomError as at_probe:
+        if all(layer.probe == layer.channel_end for layer in model.layers()):
+            return [*notes, f"the surgery refuses these edits: {at_probe}"]
+        try:  # the fallback remove_kernels takes (onnxaom.surgery.apply)
+            chain_end = build(import_graph(model.proto), model.proto, "chain end")
+            _rewrite(chain_end, plan(chain_end, edits)[0])
+        except OnnxaomError as exc:
+            return [*notes, f"the surgery refuses these edits: {exc}"]
+        notes.append(f"these edits are not exact as zeroed at the probe points ({at_probe}); "
+                     f"the surgery removes the channels at the end of their per-channel "
+                     f"chains instead, dropping the constant the ops after the activation add "
+                     f"(with a warning)")
     return notes
+
+
+def _rewrite(cg: ChannelGraph, remove_plan: Any) -> None:
+    """Rewrite ``cg`` (a traced copy used for nothing else) as the removal would; raises
+    what the surgery would."""
+    from .surgery.channels import Rewriter, rewrite
+
+    rewrite(cg, Rewriter(cg, remove_plan, init="zeros", rng=np.random.default_rng(0)),
+            check_zero=True)
 
 
 #: Element-wise merges: a layer's channels pass through them from any input (a residual Add).

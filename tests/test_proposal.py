@@ -425,3 +425,21 @@ def test_a_proposal_the_surgery_would_refuse_says_why():
     fine = propose(stats, keep={"conv2": 3}, model=model)
     assert not any("refuses" in n for n in fine.notes)
     onnxaom.apply(model, list(fine.edits))
+
+
+def test_a_proposal_says_when_the_removal_falls_back_to_the_chain_end():
+    """conv1 -> ReLU -> BN -> padded conv2: not exact at the probe, so the surgery removes
+    after the BN, with a warning; the proposal says that, not that the surgery refuses (as it
+    wrongly did when the fallback came in)."""
+    from .test_probe_chain import _bn, _model
+
+    proto = _model([("Relu", {}, {}), _bn(shift=0.7)])
+    model = onnxaom.Model(proto)
+    stats = onnxaom.collect(model, zoo.random_input(proto, batch=60, seed=4),
+                            np.arange(60) % 3, layers=["conv1"], progress=False)
+    proposal = propose(stats, keep={"conv1": 2}, model=model)
+    assert not any("refuses" in n for n in proposal.notes)
+    assert any("per-channel chains instead" in n for n in proposal.notes)
+    with pytest.warns(UserWarning, match="per-channel chains"):
+        onnxaom.apply(model, list(proposal.edits))
+    assert onnxaom.surgery.plan_removal(model, {"conv1": [0]}).removed_at is None  # not run

@@ -50,14 +50,15 @@ class RemovalPlan:
     bias for removed channels that reach it as constants, one value per output channel of
     the node before the step (filled by :func:`remove_step`; empty in a plan not applied).
     removed_at: where the removed channels are zero in the edit's oracle, ``"probe"`` or
-    ``"chain end"`` (the fallback in the module's doc).
+    ``"chain end"`` (the fallback in the module's doc); None in a plan not applied (only the
+    rewrite finds whether the fallback is needed).
     """
 
     requested: Mapping[str, tuple[int, ...]]
     removed: Mapping[str, tuple[int, ...]]
     coupled: tuple[str, ...]
     folds: Mapping[str, np.ndarray] = field(default_factory=lambda: MappingProxyType({}))
-    removed_at: str = "probe"
+    removed_at: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {"requested": {k: list(v) for k, v in self.requested.items()},
