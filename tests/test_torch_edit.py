@@ -744,6 +744,43 @@ def test_a_batch_norm_after_the_relu_follows_a_removal(tmp_path, exporter, paddi
     fallback = [w for w in caught if "per-channel chains" in str(w.message)]
     assert bool(fallback) == (padding == 1)
 
+
+class FoldedNormThenScaleNet(nn.Module):
+    """conv1 -> ReLU -> BN (its shift reaches conv2 as a constant) -> conv2 -> BN (folded
+    into conv2 by the export) -> x * 0.5: conv2's ONNX chain starts with that Mul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 5, 3)
+        self.bn2 = nn.BatchNorm2d(5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = self.bn2(self.conv2(self.bn1(torch.relu(self.conv1(x)))))
+        return self.fc(torch.relu(x * 0.5).mean((2, 3)))
+
+
+def test_a_bias_fold_before_a_folded_batch_norm_followed_by_a_scale(tmp_path):
+    """A Mul first in the ONNX chain is a folded BN's next op here, not an unfolded norm: the
+    fold is divided by the BN's scale (taking a Mul for a FrozenBatchNorm2d refused this)."""
+    torch.manual_seed(0)
+    module = FoldedNormThenScaleNet().eval()
+    with torch.no_grad():
+        for bn in (module.bn1, module.bn2):
+            bn.weight.uniform_(0.3, 2.0)
+            bn.bias.normal_(0, 0.5)
+            bn.running_mean.normal_(0, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    model = export(tmp_path, module, (1, 3, 10, 10))
+    assert model.layers()[1].chain[0] == "Mul"
+    edit = [RemoveKernels(model.layers()[0].name, (1,))]
+    assert_parity(tmp_path, module, model, edit)
+    apply_edits(module, model, edit)  # the self-check passes
+
+
+def test_the_example_input_of_a_dynamic_image_size_is_not_one_pixel(tmp_path):
     """A model exported with dynamic height and width: the adapter's default example (for the
     mapping trace and the check) was a 1x1 image, degenerate for a CNN."""
     module = mnist().eval()

@@ -311,8 +311,11 @@ def _set_param(module: nn.Module, name: str, values: np.ndarray) -> None:
         setattr(module, name, new)
 
 
-#: The first op of a layer's ONNX chain where the batch norm after it was exported unfolded.
-_UNFOLDED_NORM_OPS = frozenset({"BatchNormalization", "Mul", "Div"})
+#: The first op of a layer's ONNX chain where the norm after it was exported unfolded: a
+#: torch batch norm as a BatchNormalization; a FrozenBatchNorm2d (a module computing
+#: ``x * scale + shift``, which no exporter folds into the conv) as that arithmetic.
+_UNFOLDED_NORM_OPS = frozenset({"BatchNormalization"})
+_UNFOLDED_FROZEN_NORM_OPS = frozenset({"BatchNormalization", "Mul", "Div"})
 
 
 def _before_folded_norm(shift: np.ndarray, onnx_chain: Sequence[str],
@@ -323,8 +326,11 @@ def _before_folded_norm(shift: np.ndarray, onnx_chain: Sequence[str],
     exported as arithmetic, as torchvision's FrozenBatchNorm2d is), divided by that norm's
     scale."""
     first = followers[0] if followers else None
-    if not isinstance(first, BATCH_NORM_TYPES) or \
-            (onnx_chain and onnx_chain[0] in _UNFOLDED_NORM_OPS):
+    if not isinstance(first, BATCH_NORM_TYPES):
+        return shift
+    unfolded = _UNFOLDED_NORM_OPS if isinstance(first, nn.modules.batchnorm._BatchNorm) \
+        else _UNFOLDED_FROZEN_NORM_OPS  # a BN followed by x * c: folded, chain starts with Mul
+    if onnx_chain and onnx_chain[0] in unfolded:
         return shift
     scale = np.ones(len(shift)) if first.weight is None else _numpy(first.weight)
     scale = scale / np.sqrt(_numpy(first.running_var).astype(np.float64) + first.eps)
