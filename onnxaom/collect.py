@@ -265,6 +265,21 @@ class _Accumulator:
 
 
 @dataclass(frozen=True)
+class _Rows:
+    """One run's counts of a layer: ``rows`` (n, K*H*W) for the classes ``classes`` (sorted,
+    distinct), or for every class in order where ``classes`` is None."""
+
+    classes: np.ndarray | None
+    rows: np.ndarray
+
+    def add_to(self, total: np.ndarray) -> None:
+        if self.classes is None:
+            total += self.rows
+        else:
+            total[self.classes] += self.rows
+
+
+@dataclass(frozen=True)
 class _Settings:
     """How a Collector counts: fixed at construction, shared by every engine it builds."""
 
@@ -339,22 +354,27 @@ class _Engine:
         (a trial whose failure is handled)."""
         self._run_options = _QUIET_RUN if quiet else None
         saved_device = self._device_counts  # the adder makes new values; these stay intact
-        batch: list[np.ndarray] | None = None
+        pieces: list[list[_Rows]] = []  # per layer, what the batch adds
         try:
             for chunk, chunk_labels in self._chunks(images, labels):
                 counted = self._count(chunk, chunk_labels, acc.num_classes)
                 if counted is None:  # added on the device
                     continue
-                if batch is None:
-                    batch = counted
-                else:  # a later chunk: at most one batch's samples a cell, so int32 holds it
-                    for total, part in zip(batch, counted, strict=True):
-                        total += part
+                if not pieces:
+                    pieces = [[part] for part in counted]
+                    continue
+                for held, part in zip(pieces, counted, strict=True):
+                    if held[0].classes is None and part.classes is None:
+                        # at most a batch's samples a cell: int32 holds it
+                        np.add(held[0].rows, part.rows, out=held[0].rows)
+                    else:
+                        held.append(part)
         except BaseException:
             self._device_counts = saved_device
             raise
-        for total, part in zip(acc.counts, batch or (), strict=False):
-            total += part
+        for total, held in zip(acc.counts, pieces, strict=False):
+            for part in held:
+                part.add_to(total)
         acc.class_sizes += np.bincount(labels[labels >= 0], minlength=acc.num_classes)
 
     def _chunks(self, images: np.ndarray,
@@ -374,9 +394,11 @@ class _Engine:
             yield chunk, chunk_labels
 
     def _count(self, images: np.ndarray, labels: np.ndarray,
-               num_classes: int) -> list[np.ndarray] | None:
-        """One run's per-layer counts, (C, K*H*W) each, checked (NaN, sizes) before anything
-        is added; None when they were added to the device-resident counts."""
+               num_classes: int) -> list[_Rows] | None:
+        """One run's per-layer counts, checked (NaN, sizes) before anything is added: every
+        class's row (the in-graph count), or the rows of the classes in the run (the plain
+        count: a (C, K*H*W) array a run would cost much with many classes); None when they
+        were added to the device-resident counts."""
         real = labels >= 0
         try:
             if self.method == "plain":
@@ -402,11 +424,11 @@ class _Engine:
             counted = batch if tap is None else tap.restore(batch)
             if counted.shape != (num_classes, _columns(layer)):
                 raise ModelError(_size_message(layer, counted.shape[-1] // layer.kernels))
-            counts.append(counted)
+            counts.append(_Rows(None, counted))
         return counts
 
     def _count_plain(self, images: np.ndarray, labels: np.ndarray,
-                     num_classes: int) -> list[np.ndarray]:
+                     num_classes: int) -> list[_Rows]:
         results = dict(
             zip(
                 [o.name for o in self.session.get_outputs()],
@@ -414,6 +436,7 @@ class _Engine:
                 strict=True,
             )
         )
+        present = np.unique(labels[labels >= 0])
         counts = []
         for layer in self.layers:
             values = results[layer.probe]
@@ -424,10 +447,9 @@ class _Engine:
             positive = values.reshape(values.shape[0], -1) > self.threshold
             if positive.shape[1] != _columns(layer):
                 raise ModelError(_size_message(layer, positive.shape[1] // layer.kernels))
-            counted = np.zeros((num_classes, positive.shape[1]), np.int64)
-            for c in np.unique(labels[labels >= 0]):
-                counted[c] = positive[labels == c].sum(axis=0)
-            counts.append(counted)
+            rows = np.stack([positive[labels == c].sum(axis=0) for c in present]) \
+                if present.size else np.zeros((0, positive.shape[1]), np.int64)
+            counts.append(_Rows(present, rows))
         return counts
 
     def _check_nan(self, checks: list[np.ndarray], images: np.ndarray,
