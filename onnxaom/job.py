@@ -121,7 +121,10 @@ def _input_channels(model: Model) -> int | None:
     dims = dim_values(image_input(model.proto).type)
     if dims is None or len(dims) != 4:
         return None
-    return next((c for c in (dims[1], dims[3]) if c in (1, 3)), None)
+    if dims[1] in (1, 3):
+        return dims[1]
+    # channels last only where axis 1 looks like a height (an (N, 4, H, 3) input is NCHW)
+    return dims[3] if dims[3] in (1, 3) and (dims[1] is None or dims[1] > 4) else None
 
 
 def _write_report(model: Model, stats: OccurrenceStats, findings: Findings, out: Path) -> Path:

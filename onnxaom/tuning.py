@@ -212,11 +212,14 @@ def _generated(key: str) -> bool:
 
 
 def _unwrapped(key: str) -> str:
-    """A weight name without the ``.body`` scopes an insertion adds where it wraps a layer
-    whose ReLU is functional (the torch adapter's ``Sequential(body=layer, act, deep)``):
-    ``conv1.body.weight`` is ``conv1.weight``."""
+    """A weight name without the ``.body`` scopes an insertion adds right before the
+    parameter where it wraps a layer whose ReLU is functional (the torch adapter's
+    ``Sequential(body=layer, act, deep)``): ``conv1.body.weight`` is ``conv1.weight``, and a
+    module really named ``body`` elsewhere (``body.conv1.weight``) stays as it is."""
     *path, param = key.split(".")
-    return ".".join([part for part in path if part != "body"] + [param])
+    while path and path[-1] == "body" and len(path) > 1:
+        path.pop()
+    return ".".join([*path, param])
 
 
 def _current_name(model: Model, name: str, key: str | None) -> str | None:

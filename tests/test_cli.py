@@ -180,6 +180,11 @@ def test_a_folder_is_read_with_a_channels_last_models_channels(tmp_path: Path) -
     model = onnxaom.Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert _input_channels(model) == 3
     assert _input_channels(onnxaom.Model(zoo.chain())) == 3  # (N, 3, 8, 8)
+    rgba = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "rgba",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 3])]))
+    assert _input_channels(onnxaom.Model(rgba)) is None  # 4 channels, 3 wide: not NHWC
     dataset = load_spec(f"folder:{tmp_path}", channels=_input_channels(model))
     stats = onnxaom.collect(model, dataset, progress=False)
     assert stats.counts["conv1"].shape == (4, 2, 8, 8) and stats.num_samples == 4

@@ -226,3 +226,7 @@ def test_tune_finds_a_layer_an_insertion_wrapped(tmp_path, data):
                           accept_drop=None)
     assert [report.step.label for report in reports] == [
         "/conv1/body/Conv: remove 3 kernels", "/conv2/Conv: remove 3 kernels"]
+    from onnxaom.tuning import _unwrapped
+
+    assert _unwrapped("conv1.body.weight") == _unwrapped("conv1.weight") == "conv1.weight"
+    assert _unwrapped("body.conv1.weight") == "body.conv1.weight"  # a module named body

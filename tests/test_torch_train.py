@@ -33,6 +33,9 @@ def test_freeze_turns_off_gradients_of_the_named_modules():
         train.freeze(module, ["conv9"])
     with pytest.raises(LayerNotFoundError, match="no module 'conv1.weight'"):
         train.freeze(module, ["conv1.weight"])  # a parameter, not a module
+    with pytest.raises(LayerNotFoundError, match="no module 'conv9'"):
+        train.freeze(module, ["conv2", "conv9"])
+    assert module.conv2.weight.requires_grad  # all names found, or nothing frozen
     every = [name for name, _ in module.named_parameters()]
     assert train.freeze(module, [""]) == tuple(every)  # the module itself: it used to be none
     fresh = architectures.PaperMNISTNet(image_size=8, conv_kernels=(4, 4), hidden=8)

@@ -60,14 +60,16 @@ def freeze(module: nn.Module, names: Iterable[str]) -> tuple[str, ...]:
     names by either; ``""`` is ``module`` itself). Returns the frozen parameter names, in
     ``module.named_parameters()`` order. Unknown names raise
     :class:`~onnxaom.LayerNotFoundError` listing the module's paths."""
-    frozen_ids: set[int] = set()
-    for name in dict.fromkeys(str(n) for n in names):
+    subs = []
+    for name in dict.fromkeys(str(n) for n in names):  # every name found before any freezes
         try:
-            sub = module.get_submodule(name)
+            subs.append(module.get_submodule(name))
         except AttributeError:
             known = ", ".join(n for n, _ in module.named_modules() if n) or "(none)"
             raise LayerNotFoundError(f"{type(module).__name__} has no module {name!r}; its "
                                      f"modules: {known}") from None
+    frozen_ids: set[int] = set()
+    for sub in subs:
         for param in sub.parameters():
             param.requires_grad_(False)
             frozen_ids.add(id(param))
