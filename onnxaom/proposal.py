@@ -651,16 +651,13 @@ def _reconcile_coupled(cg: ChannelGraph, props: list[LayerProposal],
 
 def _surgery_notes(model: Model, cg: ChannelGraph,
                    props: Sequence[LayerProposal]) -> list[str]:
-    """Notes on what the surgery makes of the proposal's removals, found by running them on
-    the proposal's own traced copy of the graph (``cg`` is not used after this): the layers
-    outside the proposal that they change too (coupled by a residual merge or tied by a
-    depthwise conv), with how many kernels they lose; when only the removal's fallback
-    applies them (:mod:`onnxaom.surgery.remove`: Conv -> ReLU -> BN before a padded conv),
-    that; and when the surgery would refuse them (a channel shuffle, a Sigmoid before a
-    padded conv), why."""
-    from .surgery.channels import build
-    from .surgery.gsio import import_graph
-    from .surgery.remove import plan
+    """Notes on what the surgery makes of the proposal's removals: the layers outside the
+    proposal that they change too (coupled by a residual merge or tied by a depthwise conv),
+    with how many kernels they lose, from the plan on ``cg``; then, from a rehearsal of the
+    step as :func:`onnxaom.apply` makes it, why the surgery would refuse them (a channel
+    shuffle, a Sigmoid before a padded conv), or its warning where only its fallback applies
+    them (:mod:`onnxaom.surgery.remove`: Conv -> ReLU -> BN before a padded conv)."""
+    from .surgery.remove import plan, remove_with_fallback
 
     edits = [RemoveKernels(p.layer, p.removed) for p in props if p.removed]
     if not edits:
@@ -669,34 +666,19 @@ def _surgery_notes(model: Model, cg: ChannelGraph,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            remove_plan, removal = plan(cg, edits)
+            removal = plan(cg, edits)[1]
         others = [f"{name} (loses {len(removal.removed[name])})" for name in removal.coupled]
         if others:
             notes.append(f"these edits also change layers coupled to the proposed ones: "
                          f"{', '.join(others)}")
-        _rewrite(cg, remove_plan)
-    except OnnxaomError as at_probe:
-        if all(layer.probe == layer.channel_end for layer in model.layers()):
-            return [*notes, f"the surgery refuses these edits: {at_probe}"]
-        try:  # the fallback remove_kernels takes (onnxaom.surgery.apply)
-            chain_end = build(import_graph(model.proto), model.proto, "chain end")
-            _rewrite(chain_end, plan(chain_end, edits)[0])
-        except OnnxaomError as exc:
-            return [*notes, f"the surgery refuses these edits: {exc}"]
-        notes.append(f"these edits are not exact as zeroed at the probe points ({at_probe}); "
-                     f"the surgery removes the channels at the end of their per-channel "
-                     f"chains instead, dropping the constant the ops after the activation add "
-                     f"(with a warning)")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            if remove_with_fallback(model.proto, edits)[1].removed_at != "probe":
+                notes.extend(str(w.message) for w in caught
+                             if "per-channel chains" in str(w.message))
+    except OnnxaomError as exc:
+        notes.append(f"the surgery refuses these edits: {exc}")
     return notes
-
-
-def _rewrite(cg: ChannelGraph, remove_plan: Any) -> None:
-    """Rewrite ``cg`` (a traced copy used for nothing else) as the removal would; raises
-    what the surgery would."""
-    from .surgery.channels import Rewriter, rewrite
-
-    rewrite(cg, Rewriter(cg, remove_plan, init="zeros", rng=np.random.default_rng(0)),
-            check_zero=True)
 
 
 #: Element-wise merges: a layer's channels pass through them from any input (a residual Add).

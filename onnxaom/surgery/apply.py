@@ -24,18 +24,16 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from ..edits import Edit, RemoveKernels, WidenLayer, as_edit_list, edit_steps
 from ..errors import EditError
 from ..graph import dim_values, fed_inputs
-from ..layers import find_layers
 from ..model import Model
 from ..warn import user_stacklevel
 from .deepen import insert_step
 from .gsio import export_model, import_graph, restore_node_metadata, restore_value_info
-from .remove import RemovalPlan, plan, remove_step
+from .remove import RemovalPlan, plan, remove_with_fallback
 from .widen import widen_step
 
 __all__ = ["METADATA_KEY", "apply", "apply_steps", "plan_removal", "remove_kernels"]
@@ -104,7 +102,8 @@ def apply_steps(model: Model, edits: Edit | Iterable[Edit]) -> tuple[Model, list
     for step in edit_steps(edit_list):
         head = step[0]
         if isinstance(head, RemoveKernels):
-            graph, removal = _remove(proto, [e for e in step if isinstance(e, RemoveKernels)])
+            graph, removal = remove_with_fallback(
+                proto, [e for e in step if isinstance(e, RemoveKernels)])
             logger.info("removed kernels: %s", removal.removed)
             result: object = removal
         elif isinstance(head, WidenLayer):
@@ -123,31 +122,6 @@ def apply_steps(model: Model, edits: Edit | Iterable[Edit]) -> tuple[Model, list
     _postconditions(proto, edit_list, original)
     return (Model(proto, path=None, external_data=model.external_data,
                   protected=model.protected), done)
-
-
-def _remove(proto: onnx.ModelProto,
-            removals: list[RemoveKernels]) -> tuple[gs.Graph, RemovalPlan]:
-    """One removal step on a graph imported from ``proto``: zeroed at the probe points, or,
-    where only per-channel ops after an activation stand in the way, at the end of the chains
-    (the fallback in :mod:`onnxaom.surgery.remove`), with a warning."""
-    graph = import_graph(proto)
-    try:
-        return graph, remove_step(graph, proto, removals)
-    except EditError as at_probe:
-        chains = [layer for layer in find_layers(proto) if layer.probe != layer.channel_end]
-        if not chains:
-            raise
-        graph = import_graph(proto)  # the failed attempt left the first one half edited
-        result = remove_step(graph, proto, removals, removal_point="chain end")
-        reason = str(at_probe).removeprefix("cannot remove these kernels exactly: ")
-        warnings.warn(
-            f"removing kernels of {', '.join(map(repr, result.removed))} as if zeroed at "
-            f"their probe points is not exact ({reason.split('; ')[0]}); they were removed "
-            f"at the end of their per-channel chains instead, after the ops that follow the "
-            f"activation, so the constant those ops add to a zeroed channel is dropped and the "
-            f"outputs change, even for a dead kernel (retrain afterwards)",
-            UserWarning, stacklevel=user_stacklevel())
-        return graph, result
 
 
 def remove_kernels(model: Model, removals: Mapping[str, Iterable[int]],

@@ -31,10 +31,12 @@ import onnx_graphsurgeon as gs
 
 from ..edits import RemoveKernels
 from ..errors import EditError
+from ..layers import find_layers
 from ..warn import user_stacklevel
 from .channels import ChannelGraph, RemovePlan, Rewriter, build, rewrite
 
-__all__ = ["RemovalPlan", "check_blocked", "plan", "refuse_coupled", "remove_step"]
+__all__ = ["RemovalPlan", "check_blocked", "plan", "refuse_coupled", "remove_step",
+           "remove_with_fallback"]
 
 logger = logging.getLogger(__name__)
 
@@ -172,3 +174,30 @@ def remove_step(graph: gs.Graph, proto: onnx.ModelProto, edits: Sequence[RemoveK
     rewrite(cg, rewriter, check_zero=True)
     return replace(result, folds=MappingProxyType(dict(rewriter.folds)),
                    removed_at=removal_point)
+
+
+def remove_with_fallback(proto: onnx.ModelProto,
+                         removals: Sequence[RemoveKernels]) -> tuple[gs.Graph, RemovalPlan]:
+    """One removal step on a graph imported from ``proto``: zeroed at the probe points, or,
+    where only per-channel ops after an activation stand in the way, at the end of the chains
+    (the fallback in the module's doc), with a ``UserWarning``. Returns the edited graph and
+    what the step did."""
+    from .gsio import import_graph
+
+    graph = import_graph(proto)
+    try:
+        return graph, remove_step(graph, proto, removals)
+    except EditError as at_probe:
+        if all(layer.probe == layer.channel_end for layer in find_layers(proto)):
+            raise
+        graph = import_graph(proto)  # the failed attempt left the first one half edited
+        result = remove_step(graph, proto, removals, removal_point="chain end")
+        reason = str(at_probe).removeprefix("cannot remove these kernels exactly: ")
+        warnings.warn(
+            f"removing kernels of {', '.join(map(repr, result.removed))} as if zeroed at "
+            f"their probe points is not exact ({reason.split('; ')[0]}); they were removed "
+            f"at the end of their per-channel chains instead, after the ops that follow the "
+            f"activation, so the constant those ops add to a zeroed channel is dropped and the "
+            f"outputs change, even for a dead kernel (retrain afterwards)",
+            UserWarning, stacklevel=user_stacklevel())
+        return graph, result
