@@ -231,7 +231,7 @@ def _runner(session: Any, args: argparse.Namespace) -> Any:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from .edits import edits_from_json
+    from .edits import edits_from_data
     from .files import read_json
     from .proposal import Proposal
     from .session import TuningSession
@@ -239,7 +239,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
     data = read_json(args.edits, "edits")  # a folder, bytes that are not UTF-8: one line
     edits: Any = Proposal.from_dict(data) if isinstance(data, dict) and \
-        data.get("format") == "onnxaom.Proposal" else edits_from_json(json.dumps(data))
+        data.get("format") == "onnxaom.Proposal" else edits_from_data(data)
     session = TuningSession.resume(args.folder)
     runner, _ = _runner(session, args)
     drop = args.accept_drop if args.accept_drop is not None else \

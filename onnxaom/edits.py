@@ -40,6 +40,7 @@ __all__ = [
     "as_edit_list",
     "edit_from_dict",
     "edit_steps",
+    "edits_from_data",
     "edits_from_json",
     "edits_to_json",
 ]
@@ -352,6 +353,11 @@ def edits_from_json(text: str) -> list[Edit]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise EditError(f"edits are not valid JSON: {exc}") from exc
+    return edits_from_data(data)
+
+
+def edits_from_data(data: Any) -> list[Edit]:
+    """The edits of parsed edits JSON: a list of edit dicts, or a single one."""
     if isinstance(data, Mapping):
         data = [data]
     if not isinstance(data, list):
