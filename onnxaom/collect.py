@@ -1002,7 +1002,7 @@ def _start_engine(
     does (:func:`_samples_independent`): a shape constant that bakes the batch in (a
     ``Reshape`` to ``[1, C, -1]``, say) can make the graph run yet mix samples. Otherwise the
     model is fed in chunks of ``fixed``, as exported."""
-    sizes = [k * h * w for k, h, w in (layer.shape for layer in layers)]  # type: ignore[operator]
+    sizes = [_columns(layer) for layer in layers]
 
     def build(fixed_batch: int | None) -> _Engine:
         return _Engine(proto, layers, settings, fixed_batch)
