@@ -9,6 +9,7 @@ outputs on random inputs, to 1e-5.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -21,7 +22,7 @@ from onnxaom.edits import InsertLayer, RemoveKernels, WidenLayer, edits_from_jso
 from onnxaom.errors import EditError, LayerNotFoundError
 from onnxaom.layers import find_layers
 from onnxaom.model import Model
-from onnxaom.surgery import METADATA_KEY, apply, plan_removal, remove_kernels
+from onnxaom.surgery import METADATA_KEY, STEPS_KEY, apply, plan_removal, remove_kernels
 
 from . import zoo
 
@@ -647,7 +648,8 @@ def test_empty_edit_list_returns_an_equal_model():
     proto = zoo.chain()
     edited = apply(Model(proto), [])
     assert_same_function(proto, edited.proto)
-    assert {p.key: p.value for p in edited.proto.metadata_props} == {METADATA_KEY: "[]"}
+    assert {p.key: p.value for p in edited.proto.metadata_props} == {METADATA_KEY: "[]",
+                                                                      STEPS_KEY: "[]"}
 
 
 def test_apply_accepts_edit_dicts():
@@ -1375,3 +1377,24 @@ def test_a_constant_joined_to_zeros_along_another_axis_is_not_folded():
         assert caught[0].filename == __file__  # the caller's line, by either entry point
     with pytest.raises(EditError, match=r"'cat_h' \(Concat\) joins those channels"):
         remove_kernels(Model(concat_along_height("sigmoid")), {"conv1": [1]})
+
+
+def test_the_metadata_records_what_each_step_did():
+    """Key ``onnxaom.steps``: per step its edits and result, the removal point included (the
+    fallback to the chain end is recorded, not only warned); a later apply appends."""
+    model = Model(concat_along_height("bn"))
+    with pytest.warns(UserWarning, match="per-channel chains"):
+        edited = apply(model, [RemoveKernels("conv1", (1,)), WidenLayer("conv2", add=1)])
+    steps = json.loads(dict((p.key, p.value) for p in edited.proto.metadata_props)[STEPS_KEY])
+    assert [s["edits"] for s in steps] == [[RemoveKernels("conv1", (1,)).to_dict()],
+                                           [WidenLayer("conv2", add=1).to_dict()]]
+    removal, widening = steps[0]["result"], steps[1]["result"]
+    assert removal["removed_at"] == "chain end" and removal["requested"] == {"conv1": [1]}
+    assert removal["removed"] == {"conv1": [1], "convb": [1]} and removal["coupled"] == ["convb"]
+    assert widening["layers"] == ["conv2"] and len(widening["sources"]) == 1
+    again = apply(edited, [InsertLayer("conv2")])
+    steps = json.loads(dict((p.key, p.value) for p in again.proto.metadata_props)[STEPS_KEY])
+    assert len(steps) == 3 and steps[2]["result"]["after"] == "conv2"
+    plain = apply(Model(zoo.chain()), [RemoveKernels("conv1", (0,))])
+    steps = json.loads(dict((p.key, p.value) for p in plain.proto.metadata_props)[STEPS_KEY])
+    assert steps[0]["result"]["removed_at"] == "probe"

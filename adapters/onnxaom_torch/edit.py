@@ -183,17 +183,19 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
     for number, (current, step) in enumerate(zip(models[:-1], steps, strict=True)):
         run = _traced(work, x, steps[:number])
         proto = current.proto
-        cg = build(import_graph(proto), proto)
         head = step[0]
         if isinstance(head, RemoveKernels):
+            removal = done[number]
+            assert isinstance(removal, RemovalPlan)
+            # the same removal point as the ONNX surgery's (its fallback: the chain end)
+            cg = build(import_graph(proto), proto, removal.removed_at or "probe")
             removals = [e for e in step if isinstance(e, RemoveKernels)]
             plan, _ = removal_plan(cg, removals)
             rewriter = Rewriter(cg, plan, init="zeros", rng=np.random.default_rng(0))
-            removal = done[number]
-            assert isinstance(removal, RemovalPlan)
             rewriter.folds = dict(removal.folds)
             step_changed = _apply_plan(work, cg, rewriter, layers, nodes, run, touched)
         elif isinstance(head, WidenLayer):
+            cg = build(import_graph(proto), proto)
             rewriter = _widen_rewriter(cg, head)
             step_changed = _apply_plan(work, cg, rewriter, layers, nodes, run, touched)
         elif isinstance(head, InsertLayer):

@@ -12,7 +12,8 @@ Layout (one concern per module, arrows one way):
 
 from __future__ import annotations
 
-from .apply import METADATA_KEY, apply, plan_removal, remove_kernels
+from .apply import METADATA_KEY, STEPS_KEY, apply, plan_removal, remove_kernels
 from .remove import RemovalPlan
 
-__all__ = ["METADATA_KEY", "RemovalPlan", "apply", "plan_removal", "remove_kernels"]
+__all__ = ["METADATA_KEY", "STEPS_KEY", "RemovalPlan", "apply", "plan_removal",
+           "remove_kernels"]

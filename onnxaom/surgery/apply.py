@@ -11,7 +11,12 @@ Post-conditions, checked on every result (:class:`~onnxaom.EditError` if one fai
 input's IR version, opset imports, producer, doc strings, model and graph metadata, node names,
 node metadata, its choice of intermediate ``value_info`` (none stays none; a model with
 value_info gets it for new tensors too) and its external-data setting; the
-applied edits are appended as JSON to the metadata key ``"onnxaom.edits"``.
+applied edits are appended as JSON to the metadata key ``"onnxaom.edits"`` (a replayable
+list of edits, :func:`onnxaom.edits.edits_from_json`), and what each step did to the key
+``"onnxaom.steps"`` (one object per step: its ``edits``, and its ``result``: for a removal
+the layers and kernels removed, coupled layers included, and ``removed_at``, ``"probe"`` or
+``"chain end"``; for a widening the layers widened and the source kernels; for an insertion
+the new layer's name and kernel count).
 """
 
 from __future__ import annotations
@@ -36,12 +41,15 @@ from .gsio import export_model, import_graph, restore_node_metadata, restore_val
 from .remove import RemovalPlan, plan, remove_with_fallback
 from .widen import widen_step
 
-__all__ = ["METADATA_KEY", "apply", "apply_steps", "plan_removal", "remove_kernels"]
+__all__ = ["METADATA_KEY", "STEPS_KEY", "apply", "apply_steps", "plan_removal",
+           "remove_kernels"]
 
 logger = logging.getLogger(__name__)
 
 #: Model metadata key holding the JSON list of applied edits (appended to on every apply).
 METADATA_KEY = "onnxaom.edits"
+#: Model metadata key holding the JSON list of what each applied step did (appended to).
+STEPS_KEY = "onnxaom.steps"
 #: The oldest default-domain opset the surgery edits (opset 6 and before broadcast by
 #: ``broadcast``/``axis`` attributes, which ONNX Runtime does not run either).
 MIN_OPSET = 7
@@ -118,7 +126,7 @@ def apply_steps(model: Model, edits: Edit | Iterable[Edit]) -> tuple[Model, list
         proto = export_model(graph, proto)
     restore_node_metadata(proto, original)
     restore_value_info(proto, _value_info_names(original, proto))
-    _record(proto, edit_list)
+    _record(proto, edit_list, done)
     _postconditions(proto, edit_list, original)
     return (Model(proto, path=None, external_data=model.external_data,
                   protected=model.protected), done)
@@ -159,21 +167,30 @@ def _value_info_names(original: onnx.ModelProto, edited: onnx.ModelProto) -> lis
     return names + [o for node in edited.graph.node for o in node.output if o and o not in known]
 
 
-def _record(proto: onnx.ModelProto, edits: list[Edit]) -> None:
+def _record(proto: onnx.ModelProto, edits: list[Edit], done: list[object]) -> None:
+    """Append ``edits`` to the metadata's edit history, and one entry per step to its step
+    record (a key holding something else than a JSON list is started anew, with a warning)."""
+    steps = [{"edits": [e.to_dict() for e in step],
+              "result": result.to_dict() if isinstance(result, RemovalPlan) else result}
+             for step, result in zip(edit_steps(edits), done, strict=True)]
+    _append_metadata(proto, METADATA_KEY, [edit.to_dict() for edit in edits])
+    _append_metadata(proto, STEPS_KEY, steps)
+
+
+def _append_metadata(proto: onnx.ModelProto, key: str, items: list[Any]) -> None:
     history: list[Any] = []
     for prop in proto.metadata_props:
-        if prop.key == METADATA_KEY:
+        if prop.key == key:
             try:
                 loaded = json.loads(prop.value)
                 history = loaded if isinstance(loaded, list) else [loaded]
             except json.JSONDecodeError:
-                logger.warning("metadata %r is not JSON; starting a new edit history",
-                               METADATA_KEY)
-    history.extend(edit.to_dict() for edit in edits)
-    keep = [p for p in proto.metadata_props if p.key != METADATA_KEY]
+                logger.warning("metadata %r is not JSON; starting it anew", key)
+    history.extend(items)
+    keep = [p for p in proto.metadata_props if p.key != key]
     del proto.metadata_props[:]
     proto.metadata_props.extend(keep)
-    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(history))
+    proto.metadata_props.add(key=key, value=json.dumps(history))
 
 
 _QUIET_RUN = ort.RunOptions()
