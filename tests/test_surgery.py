@@ -10,6 +10,7 @@ outputs on random inputs, to 1e-5.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -23,6 +24,7 @@ from onnxaom.errors import EditError, LayerNotFoundError
 from onnxaom.layers import find_layers
 from onnxaom.model import Model
 from onnxaom.surgery import METADATA_KEY, STEPS_KEY, apply, plan_removal, remove_kernels
+from onnxaom.surgery.apply import apply_steps
 
 from . import zoo
 
@@ -33,11 +35,12 @@ ATOL = 1e-5
 
 
 def zeroed_at_probes(proto: onnx.ModelProto, removed: Mapping[str, Sequence[int]],
-                     point: str = "probe") -> onnx.ModelProto:
+                     point: str = "probe", chain_end: Sequence[str] = ()) -> onnx.ModelProto:
     """``proto`` with the ``removed`` kernels of each layer forced to zero at its probe point
-    (a Mul by a 0/1 mask right after the tensor's producer), or, with ``point="chain end"``,
-    at the end of its per-channel chain (``Layer.channel_end``: after a batch norm that
-    follows the ReLU; the removal's fallback)."""
+    (a Mul by a 0/1 mask right after the tensor's producer), or, with ``point="chain end"``
+    (every layer) or for the layers in ``chain_end``, at the end of its per-channel chain
+    (``Layer.channel_end``: after a batch norm that follows the ReLU; the removal's
+    fallback)."""
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     layers = {layer.name: layer for layer in find_layers(model)}
@@ -46,7 +49,7 @@ def zeroed_at_probes(proto: onnx.ModelProto, removed: Mapping[str, Sequence[int]
         rank = 4 if layer.op == "Conv" else 2
         mask = np.ones(layer.kernels, np.float32)
         mask[list(kernels)] = 0
-        end = layer.probe if point == "probe" else layer.channel_end
+        end = layer.probe if point == "probe" and name not in chain_end else layer.channel_end
         mask_name, masked = f"oracle_mask_{len(model.graph.initializer)}", f"{end}__zeroed"
         model.graph.initializer.append(
             numpy_helper.from_array(mask.reshape((1, -1) + (1,) * (rank - 2)), mask_name))
@@ -1378,6 +1381,35 @@ def test_a_constant_joined_to_zeros_along_another_axis_is_not_folded():
     with pytest.raises(EditError, match=r"'cat_h' \(Concat\) joins those channels"):
         remove_kernels(Model(concat_along_height("sigmoid")), {"conv1": [1]})
 
+
+def norms_after_relus() -> onnx.ModelProto:
+    """conv1 → relu1 → bn1 → padded conv2 (no bias can take bn1's shift) → relu2 → bn2 →
+    unpadded conv3 (its bias takes bn2's shift) → relu3 → head."""
+    net = _Net()
+    x = net.bn("bn1", net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)]), 4)
+    x = net.bn("bn2", net.op("Relu", "relu2", [net.conv("conv2", x, 4, 5)]), 5)
+    return net.head(net.op("Relu", "relu3", [net.conv("conv3", x, 5, 6, pads=0)]), 6)
+
+
+def test_the_fallback_is_per_layer():
+    """In one step with conv1 (needs the chain end) and conv2 (exact at its probe), only conv1
+    falls back: conv2's removal stays exact, bn2's shift going into conv3's bias."""
+    proto = norms_after_relus()
+    model = Model(proto)
+    with pytest.warns(UserWarning, match=r"removing kernels of 'conv1' as if zeroed"):
+        edited, (removal,) = apply_steps(model, [RemoveKernels("conv1", (1,)),
+                                                 RemoveKernels("conv2", (0, 3))])
+    assert removal.removed_at == "chain end" and removal.chain_end == ("conv1",)
+    assert set(removal.folds) == {"conv3"}
+    x = zoo.random_input(proto, batch=3, seed=1)
+    want = zoo.run(zeroed_at_probes(proto, removal.removed, chain_end=["conv1"]), x)
+    for got, expected in zip(zoo.run(edited.proto, x), want, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=ATOL, atol=ATOL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # alone, conv2 needs no fallback
+        _, (exact,) = apply_steps(model, [RemoveKernels("conv2", (0, 3))])
+    assert exact.removed_at == "probe" and exact.chain_end == ()
+    assert_removal_exact(proto, {"conv2": [0, 3]})
 
 def test_the_metadata_records_what_each_step_did():
     """Key ``onnxaom.steps``: per step its edits and result, the removal point included (the

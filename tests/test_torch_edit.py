@@ -745,6 +745,44 @@ def test_a_batch_norm_after_the_relu_follows_a_removal(tmp_path, exporter, paddi
     assert bool(fallback) == (padding == 1)
 
 
+class TwoReluThenNormNet(nn.Module):
+    """conv1 -> ReLU -> BN -> padded conv2 -> ReLU -> BN -> unpadded conv3: conv1's removal
+    falls back to the chain end, conv2's stays exact (bn2's shift into conv3's bias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 5, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(5)
+        self.conv3 = nn.Conv2d(5, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.bn1(torch.relu(self.conv1(x)))
+        x = self.bn2(torch.relu(self.conv2(x)))
+        return self.fc(torch.relu(self.conv3(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_the_per_layer_fallback_is_followed(tmp_path, exporter):
+    """One step removing from conv1 (chain end) and conv2 (exact at its probe): the torch edit
+    does what the surgery does, layer by layer."""
+    torch.manual_seed(2)
+    module = TwoReluThenNormNet().eval()
+    with torch.no_grad():
+        for bn in (module.bn1, module.bn2):
+            bn.bias.normal_(0, 1)
+            bn.running_mean.normal_(0, 0.3)
+    model = export(tmp_path, module, (1, 3, 8, 8), exporter)
+    first, second = (layer.name for layer in model.layers()[:2])
+    edits = [RemoveKernels(first, (0, 4)), RemoveKernels(second, (1,))]
+    with pytest.warns(UserWarning, match=f"removing kernels of {first!r} as if"):
+        assert_parity(tmp_path, module, model, edits)
+    with pytest.warns(UserWarning, match="per-channel chains"):
+        apply_edits(module, model, edits)  # the self-check passes
+
+
 class FoldedNormThenScaleNet(nn.Module):
     """conv1 -> ReLU -> BN (its shift reaches conv2 as a constant) -> conv2 -> BN (folded
     into conv2 by the export) -> x * 0.5: conv2's ONNX chain starts with that Mul."""

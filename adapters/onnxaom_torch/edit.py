@@ -188,7 +188,7 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
             removal = done[number]
             assert isinstance(removal, RemovalPlan)
             # the same removal point as the ONNX surgery's (its fallback: the chain end)
-            cg = build(import_graph(proto), proto, removal.removed_at or "probe")
+            cg = build(import_graph(proto), proto, chain_end=removal.chain_end)
             removals = [e for e in step if isinstance(e, RemoveKernels)]
             plan, _ = removal_plan(cg, removals)
             rewriter = Rewriter(cg, plan, init="zeros", rng=np.random.default_rng(0))

@@ -380,17 +380,20 @@ def _subgraph_reads(proto: onnx.ModelProto, index: GraphIndex) -> dict[str, int]
 REMOVAL_POINTS = ("probe", "chain end")
 
 
-def build(graph: gs.Graph, proto: onnx.ModelProto, removal_point: str = "probe") -> ChannelGraph:
+def build(graph: gs.Graph, proto: onnx.ModelProto, removal_point: str = "probe",
+          chain_end: Iterable[str] = ()) -> ChannelGraph:
     """Trace ``graph`` (imported from ``proto``, same node order) into a :class:`ChannelGraph`.
 
     ``proto`` names the layers (:func:`onnxaom.layers.find_layers`) and gives the shapes.
     ``removal_point``: where a removed kernel's channel is zero in the removal's oracle, its
     layer's ``"probe"``, or the ``"chain end"`` (:attr:`Layer.channel_end`: after per-channel
     ops that follow the activation, such as Conv -> ReLU -> BN's batch norm); the nodes
-    between a layer and that point lose the channel with it.
+    between a layer and that point lose the channel with it. ``chain_end``: layers removed at
+    their chain end whatever ``removal_point`` says (the removal's per-layer fallback).
     """
     if removal_point not in REMOVAL_POINTS:
         raise ValueError(f"removal_point must be one of {REMOVAL_POINTS}, got {removal_point!r}")
+    at_chain_end = set(chain_end)
     from .ops import handler_for, layer_handler_for
 
     index = GraphIndex(proto)
@@ -402,8 +405,8 @@ def build(graph: gs.Graph, proto: onnx.ModelProto, removal_point: str = "probe")
     by_index: dict[int, Layer] = {layer.node_index: layer for layer in layers}
     pre_probe: set[str] = set()
     for layer in layers:
-        end = layer.probe if removal_point == "probe" else layer.channel_end
-        pre_probe |= _chain_tensors(index, layer, end)
+        at_probe = removal_point == "probe" and layer.name not in at_chain_end
+        pre_probe |= _chain_tensors(index, layer, layer.probe if at_probe else layer.channel_end)
     subgraph_reads = _subgraph_reads(proto, index)
 
     for i, node in enumerate(graph.nodes):

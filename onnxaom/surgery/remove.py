@@ -14,7 +14,10 @@ One fallback: where only the per-channel ops after a layer's activation (its cha
 :attr:`~onnxaom.layers.Layer.channel_end`) stand in the way (Conv -> ReLU -> BN -> a padded
 conv), the channels are removed at the end of that chain instead, as structured-pruning tools
 remove them, with a ``UserWarning`` that the constant the chain adds is dropped;
-:attr:`RemovalPlan.removed_at` says ``"chain end"``.
+:attr:`RemovalPlan.removed_at` says ``"chain end"`` and :attr:`RemovalPlan.chain_end` names
+the layers. The fallback is per layer: every layer of the step that can still be removed at
+its probe point is (tried one layer at a time, in layer order, with the others at their chain
+ends).
 """
 
 from __future__ import annotations
@@ -51,9 +54,11 @@ class RemovalPlan:
     are coupled to requested ones, in layer order. folds: node name -> what was added to its
     bias for removed channels that reach it as constants, one value per output channel of
     the node before the step (filled by :func:`remove_step`; empty in a plan not applied).
-    removed_at: where the removed channels are zero in the edit's oracle, ``"probe"`` or
-    ``"chain end"`` (the fallback in the module's doc); None in a plan not applied (only the
-    rewrite finds whether the fallback is needed).
+    removed_at: where the removed channels are zero in the edit's oracle, ``"probe"`` (for
+    every layer) or ``"chain end"`` (for the layers in ``chain_end``, the fallback in the
+    module's doc; the others at their probes); None in a plan not applied (only the rewrite
+    finds whether the fallback is needed). chain_end: the layers removed at the end of their
+    per-channel chains, in layer order.
     """
 
     requested: Mapping[str, tuple[int, ...]]
@@ -61,11 +66,13 @@ class RemovalPlan:
     coupled: tuple[str, ...]
     folds: Mapping[str, np.ndarray] = field(default_factory=lambda: MappingProxyType({}))
     removed_at: str | None = None
+    chain_end: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         return {"requested": {k: list(v) for k, v in self.requested.items()},
                 "removed": {k: list(v) for k, v in self.removed.items()},
-                "coupled": list(self.coupled), "removed_at": self.removed_at}
+                "coupled": list(self.coupled), "removed_at": self.removed_at,
+                "chain_end": list(self.chain_end)}
 
 
 def plan(cg: ChannelGraph, edits: Sequence[RemoveKernels]) -> tuple[RemovePlan, RemovalPlan]:
@@ -165,36 +172,50 @@ def refuse_coupled(cg: ChannelGraph, layer: str, classes: set[int],
 
 
 def remove_step(graph: gs.Graph, proto: onnx.ModelProto, edits: Sequence[RemoveKernels],
-                removal_point: str = "probe") -> RemovalPlan:
-    """Remove the kernels of ``edits`` (one step) from ``graph`` in place, zeroed at
-    ``removal_point`` (:func:`~onnxaom.surgery.channels.build`)."""
-    cg = build(graph, proto, removal_point)
+                chain_end: Sequence[str] = ()) -> RemovalPlan:
+    """Remove the kernels of ``edits`` (one step) from ``graph`` in place, zeroed at the
+    layers' probe points, or, for the layers in ``chain_end``, at the end of their chains
+    (:func:`~onnxaom.surgery.channels.build`)."""
+    cg = build(graph, proto, chain_end=chain_end)
     remove_plan, result = plan(cg, edits)
     rewriter = Rewriter(cg, remove_plan, init="zeros", rng=np.random.default_rng(0))
     rewrite(cg, rewriter, check_zero=True)
+    at_end = tuple(name for name in result.removed if name in set(chain_end))
     return replace(result, folds=MappingProxyType(dict(rewriter.folds)),
-                   removed_at=removal_point)
+                   removed_at="chain end" if at_end else "probe", chain_end=at_end)
 
 
 def remove_with_fallback(proto: onnx.ModelProto,
                          removals: Sequence[RemoveKernels]) -> tuple[gs.Graph, RemovalPlan]:
     """One removal step on a graph imported from ``proto``: zeroed at the probe points, or,
     where only per-channel ops after an activation stand in the way, at the end of the chains
-    (the fallback in the module's doc), with a ``UserWarning``. Returns the edited graph and
-    what the step did."""
+    of the layers that need it (the fallback in the module's doc), with a ``UserWarning``.
+    Returns the edited graph and what the step did."""
     from .gsio import import_graph
 
     graph = import_graph(proto)
     try:
         return graph, remove_step(graph, proto, removals)
     except EditError as at_probe:
-        if all(layer.probe == layer.channel_end for layer in find_layers(proto)):
+        chained = [layer.name for layer in find_layers(proto)
+                   if layer.probe != layer.channel_end]
+        if not chained:
             raise
         graph = import_graph(proto)  # the failed attempt left the first one half edited
-        result = remove_step(graph, proto, removals, removal_point="chain end")
+        result = remove_step(graph, proto, removals, chain_end=chained)
+        for name in result.chain_end:
+            if len(result.chain_end) == 1:
+                break  # all at their probes is what failed first
+            trial = [n for n in result.chain_end if n != name]
+            tried = import_graph(proto)
+            try:
+                exact = remove_step(tried, proto, removals, chain_end=trial)
+            except EditError:
+                continue  # this layer needs the chain end
+            graph, result = tried, exact
         reason = str(at_probe).removeprefix("cannot remove these kernels exactly: ")
         warnings.warn(
-            f"removing kernels of {', '.join(map(repr, result.removed))} as if zeroed at "
+            f"removing kernels of {', '.join(map(repr, result.chain_end))} as if zeroed at "
             f"their probe points is not exact ({reason.split('; ')[0]}); they were removed "
             f"at the end of their per-channel chains instead, after the ops that follow the "
             f"activation, so the constant those ops add to a zeroed channel is dropped and the "
