@@ -1391,6 +1391,27 @@ def norms_after_relus() -> onnx.ModelProto:
     return net.head(net.op("Relu", "relu3", [net.conv("conv3", x, 5, 6, pads=0)]), 6)
 
 
+def norm_then_pad(mode: str) -> onnx.ModelProto:
+    """conv1 → relu1 → bn1 → Pad (``mode``) → unpadded conv2 → relu2 → head."""
+    net = _Net()
+    x = net.bn("bn1", net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)]), 4)
+    pads = net.const("pads", np.array([0, 0, 1, 2, 0, 0, 2, 1], dtype=np.int64))
+    x = net.op("Pad", "pad", [x, pads], mode=mode)
+    return net.head(net.op("Relu", "relu2", [net.conv("conv2", x, 4, 5, pads=0)]), 5)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "edge", "constant"])
+def test_a_pad_copying_its_border_keeps_a_constant_channel_constant(mode):
+    """bn1's shift of a removed channel survives a reflect or edge Pad as the same constant,
+    so conv2's bias takes it (exact at the probe); zero padding breaks it (the chain end)."""
+    if mode == "constant":
+        with pytest.warns(UserWarning, match="per-channel chains"):
+            assert_removal_exact(norm_then_pad(mode), {"conv1": [1, 2]}, point="chain end")
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert_removal_exact(norm_then_pad(mode), {"conv1": [1, 2]})
+
 def test_the_fallback_is_per_layer():
     """In one step with conv1 (needs the chain end) and conv2 (exact at its probe), only conv1
     falls back: conv2's removal stays exact, bn2's shift going into conv3's bias."""

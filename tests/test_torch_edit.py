@@ -783,6 +783,38 @@ def test_the_per_layer_fallback_is_followed(tmp_path, exporter):
         apply_edits(module, model, edits)  # the self-check passes
 
 
+class NormThenReflectPadNet(nn.Module):
+    """conv1 -> ReLU -> BN -> reflection pad -> unpadded conv2: the shift of a removed channel
+    stays a constant through the pad, and conv2's bias takes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.pad = nn.ReflectionPad2d(1)
+        self.conv2 = nn.Conv2d(6, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.pad(self.bn1(torch.relu(self.conv1(x))))
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_a_reflect_pad_after_the_norm_keeps_the_removal_exact(tmp_path, exporter):
+    torch.manual_seed(3)
+    module = NormThenReflectPadNet().eval()
+    with torch.no_grad():
+        module.bn1.bias.normal_(0, 1)
+        module.bn1.running_mean.normal_(0, 0.3)
+    model = export(tmp_path, module, (1, 3, 8, 8), exporter)
+    edits = [RemoveKernels(model.layers()[0].name, (1, 5))]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*per-channel chains")  # no fallback
+        assert_parity(tmp_path, module, model, edits)
+        apply_edits(module, model, edits)  # the self-check passes
+
+
 class FoldedNormThenScaleNet(nn.Module):
     """conv1 -> ReLU -> BN (its shift reaches conv2 as a constant) -> conv2 -> BN (folded
     into conv2 by the export) -> x * 0.5: conv2's ONNX chain starts with that Mul."""

@@ -627,6 +627,15 @@ class Pad(Handler):
                 raise Unsupported("pads the channel axis")
         return _same(flow, len(node.outputs))
 
+    def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
+                   states: dict[int, State]) -> State:
+        """A channel constant over its positions, padded with copies of its own values (modes
+        edge, reflect and wrap), stays that constant."""
+        held = states.get(0)
+        if isinstance(held, Constant) and node.attrs.get("mode", "constant") != "constant":
+            return held
+        return super().zero_state(r, node, ins, states)
+
     def zero_reason(self, r: Rewriter, node: gs.Node, ins: Changes) -> str | None:
         if node.attrs.get("mode", "constant") != "constant":
             return None
