@@ -708,6 +708,14 @@ def test_a_bias_fold_before_a_frozen_batch_norm_the_export_kept(tmp_path, export
     apply_edits(module, model, [RemoveKernels(first, (1, 3))])  # the self-check passes
 
 
+def shift_norms(*norms: nn.Module) -> None:
+    """Give batch norms a visible shift (a zeroed channel becomes a non-zero constant)."""
+    with torch.no_grad():
+        for norm in norms:
+            norm.bias.normal_(0, 1)
+            norm.running_mean.normal_(0, 0.3)
+
+
 class ReluThenNormNet(nn.Module):
     """Conv -> ReLU -> BN (a Keras habit): the norm after the probe shifts a zeroed channel."""
 
@@ -732,9 +740,7 @@ def test_a_batch_norm_after_the_relu_follows_a_removal(tmp_path, exporter, paddi
     same."""
     torch.manual_seed(1)
     module = ReluThenNormNet(padding).eval()
-    with torch.no_grad():
-        module.bn1.bias.normal_(0, 1)
-        module.bn1.running_mean.normal_(0, 0.3)
+    shift_norms(module.bn1)
     model = export(tmp_path, module, (1, 3, 8, 8), exporter)
     first = model.layers()[0].name
     with warnings.catch_warnings(record=True) as caught:
@@ -770,10 +776,7 @@ def test_the_per_layer_fallback_is_followed(tmp_path, exporter):
     does what the surgery does, layer by layer."""
     torch.manual_seed(2)
     module = TwoReluThenNormNet().eval()
-    with torch.no_grad():
-        for bn in (module.bn1, module.bn2):
-            bn.bias.normal_(0, 1)
-            bn.running_mean.normal_(0, 0.3)
+    shift_norms(module.bn1, module.bn2)
     model = export(tmp_path, module, (1, 3, 8, 8), exporter)
     first, second = (layer.name for layer in model.layers()[:2])
     edits = [RemoveKernels(first, (0, 4)), RemoveKernels(second, (1,))]
@@ -804,9 +807,7 @@ class NormThenReflectPadNet(nn.Module):
 def test_a_reflect_pad_after_the_norm_keeps_the_removal_exact(tmp_path, exporter):
     torch.manual_seed(3)
     module = NormThenReflectPadNet().eval()
-    with torch.no_grad():
-        module.bn1.bias.normal_(0, 1)
-        module.bn1.running_mean.normal_(0, 0.3)
+    shift_norms(module.bn1)
     model = export(tmp_path, module, (1, 3, 8, 8), exporter)
     edits = [RemoveKernels(model.layers()[0].name, (1, 5))]
     with warnings.catch_warnings():
