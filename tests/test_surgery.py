@@ -147,7 +147,7 @@ class _Net:
                        [x] + [self.const(f"{name}.{p}", v) for p, v in
                               (("scale", scale), ("bias", bias), ("mean", mean), ("var", var))])
 
-    def head(self, x: str, c: int, classes: int = 3) -> onnx.ModelProto:
+    def head(self, x: str, c: int, classes: int = 3, opset: int = 17) -> onnx.ModelProto:
         x = self.op("GlobalAveragePool", "gap", [x])
         x = self.op("Flatten", "flatten", [x], axis=1)
         self.gemm("fc", x, c, classes)
@@ -155,7 +155,7 @@ class _Net:
         graph = helper.make_graph(
             self.nodes, "test", [helper.make_tensor_value_info("input", 1, ["N", 3, 8, 8])],
             [helper.make_tensor_value_info("logits", 1, ["N", classes])], self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                                   ir_version=8)
         onnx.checker.check_model(model, full_check=True)
         return model
@@ -372,6 +372,23 @@ def test_add_with_a_graph_input_is_refused():
 def test_pad_and_resize_pass_channels_through():
     assert_removal_exact(pad_resize(), {"conv1": [0, 3]})
 
+
+
+def resize_sizes_on_axes() -> onnx.ModelProto:
+    """conv1 → relu1 → Resize to sizes [12, 12] given for ``axes=[2, 3]`` only (opset 18) →
+    conv2 → relu2 → head."""
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
+    sizes = net.const("sizes", np.array([12, 12], dtype=np.int64))
+    x = net.op("Resize", "resize", [x, "", "", sizes], mode="nearest", axes=[2, 3])
+    return net.head(net.op("Relu", "relu2", [net.conv("conv2", x, 4, 5)]), 5, opset=18)
+
+
+def test_a_resize_whose_sizes_leave_out_the_channel_axis_passes_channels_through():
+    """Its sizes name H and W alone: nothing to rewrite (it crashed with a bare ValueError)."""
+    assert_removal_exact(resize_sizes_on_axes(), {"conv1": [0, 3]})
+    assert_same_function(resize_sizes_on_axes(), apply(Model(resize_sizes_on_axes()),
+                                                       [WidenLayer("conv1", add=2)]).proto)
 
 def test_pad_with_a_non_zero_value_after_the_probe_is_refused():
     with pytest.raises(EditError, match=r"'pad' \(Pad\) pads with the constant 0.5"):

@@ -700,6 +700,8 @@ class Resize(Positional):
         flow = r.cg.flows[node.inputs[0].name]
         axes = [_norm_axis(int(a), flow.rank) for a in node.attrs.get("axes", [])] \
             or list(range(flow.rank))
+        if flow.axis not in axes:  # ``axes`` names only other axes: sizes of those alone
+            return
         new = np.array(sizes, copy=True)
         new[axes.index(flow.axis)] = change.size
         r.set_input(node, 3, new)
