@@ -199,7 +199,9 @@ class _Input:
                 f"model input {self.name!r} takes 8-bit pixels (uint8); these images are not "
                 f"8-bit images scaled to [0, 1] (values from {float(images.min()):.4g} to "
                 f"{float(images.max()):.4g}, not all multiples of 1/255): give 8-bit images "
-                f"(uint8 arrays, image files, IDX) without normalisation")
+                f"(uint8 arrays, image files, IDX) without normalisation and without resizing "
+                f"(a bilinear resize, --resize, gives pixels between the 8-bit levels: resize "
+                f"the images to the model's size beforehand)")
         return np.ascontiguousarray(whole, dtype=np.uint8)
 
     def _first_difference(self, shape: tuple[int, ...]) -> int | None:

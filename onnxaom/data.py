@@ -74,8 +74,8 @@ FASHION_MNIST_CLASSES = (
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 #: File suffixes :func:`load_image_folder` reads (case-insensitive).
-IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".ppm", ".tif", ".tiff",
-                  ".webp")
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jfif", ".jpe", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".ppm",
+                  ".tif", ".tiff", ".webp")
 #: Keys :func:`load_npz` tries, in order, when none is given (case-insensitive).
 NPZ_IMAGE_KEYS = ("images", "x", "x_train", "image", "data", "x_test")
 NPZ_LABEL_KEYS = ("labels", "y", "y_train", "label", "targets", "target", "y_test")
@@ -509,6 +509,9 @@ def load_npz(
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{file}: cannot read as an .npz archive ({exc})") from exc
+    except MemoryError as exc:  # a header that declares more than this machine holds
+        raise DataError(f"{file}: an array in it does not fit in memory ({exc}); a corrupt "
+                        f"header, or split the data into smaller archives") from exc
     if preprocessing is None:
         preprocessing = Preprocessing(scale=default_scale(images.dtype),
                                       layout=_npz_layout(images.shape))
@@ -703,9 +706,14 @@ def load_image_folder(
 ) -> Dataset:
     """A :class:`Dataset` from a folder with one subfolder of images per class (needs Pillow).
 
-    Class names are the sorted subfolder names; images in a class are read in sorted order.
-    Pixels are read on the 8-bit scale 0..255 (16-bit grayscale images are divided by 257, so
-    the default scaling maps both to [0, 1]).
+    Class names are the sorted subfolder names; a class's images are every image file in its
+    subfolder and the folders below it (as torchvision's ``ImageFolder`` reads them; names
+    starting with "." are left out), read in sorted order. Pixels are read on the 8-bit scale
+    0..255 (16-bit grayscale images, and 32-bit integer ones whose values fit 16 bits, are
+    divided by 257, so the default scaling maps both to [0, 1]; Pillow reads 16-bit colour
+    images as 8-bit). Floating-point images (Pillow mode ``F``) have no known scale and are
+    refused. The stored orientation is read, as torchvision reads it: an EXIF orientation
+    tag is not applied.
 
     Parameters
     ----------
@@ -749,14 +757,18 @@ def load_image_folder(
                         f"class, e.g. {folder / 'cat' / '0001.png'}")
     files: list[Path] = []
     labels: list[int] = []
+    skipped: list[Path] = []
     for index, name in enumerate(classes):
-        found = sorted(f for f in _folder_entries(folder / name)
-                       if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        found, others = _class_files(folder / name)
         if not found:
             raise DataError(f"{folder / name}: class folder with no images (looked for "
-                            f"{', '.join(IMAGE_SUFFIXES)})")
+                            f"{', '.join(IMAGE_SUFFIXES)}, in it and the folders below it)")
         files += found
         labels += [index] * len(found)
+        skipped += others
+    if skipped:
+        log.warning("%s: skipped %d file(s) that are not images by their suffix (%s%s)", folder,
+                    len(skipped), skipped[0], ", ..." if len(skipped) > 1 else "")
 
     if grayscale is None:
         colour = next((f for f in files if _image_mode(Image, f) not in _GRAY_MODES), None)
@@ -796,11 +808,39 @@ def _import_pillow() -> Any:
     return Image
 
 
+def _class_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """A class folder's image files, in it and below it, sorted, and the other files (names
+    starting with "." left out of both). Links to folders below it are not followed (a link
+    may loop); the class folder itself may be one."""
+    images: list[Path] = []
+    others: list[Path] = []
+
+    def fail(exc: OSError) -> None:
+        raise DataError(f"{exc.filename or folder}: cannot list the folder "
+                        f"({exc.strerror or exc})") from exc
+
+    for root, dirs, names in os.walk(folder, onerror=fail):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            path = Path(root) / name
+            if name.startswith(".") or not path.is_file():  # hidden, or a broken link
+                continue
+            (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(path)
+    return sorted(images), others
+
+
+def _image_errors(image_module: Any) -> tuple[type[BaseException], ...]:
+    """What Pillow raises for a file it cannot read: OSError (UnidentifiedImageError too),
+    ValueError, and DecompressionBombError for an image above ``Image.MAX_IMAGE_PIXELS``."""
+    bomb = getattr(image_module, "DecompressionBombError", None)
+    return (OSError, ValueError) + ((bomb,) if isinstance(bomb, type) else ())
+
+
 def _image_mode(image_module: Any, file: Path) -> str:
     try:
         with image_module.open(file) as image:
             return str(image.mode)
-    except (OSError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
+    except _image_errors(image_module) as exc:
         raise DataError(f"{file}: cannot read image ({exc})") from exc
 
 
@@ -810,13 +850,26 @@ def _read_image(image_module: Any, file: Path, mode: str) -> np.ndarray:
     three times: Pillow's own conversion would clip every value above 255 to white)."""
     try:
         with image_module.open(file) as image:
+            if image.mode == "F":
+                raise DataError(
+                    f"{file}: a floating-point image (Pillow mode F) has no known pixel scale; "
+                    f"convert it to 8 or 16 bits, or read the pixels yourself and pass them "
+                    f"with onnxaom.from_arrays")
             if image.mode in _SIXTEEN_BIT_MODES:
-                array = np.asarray(image, dtype=np.float32) / np.float32(257.0)
+                array = np.asarray(image, dtype=np.float32)
+                if array.size and (array.min() < 0 or array.max() > 65535):
+                    raise DataError(
+                        f"{file}: a 32-bit integer image with values from {array.min():.0f} "
+                        f"to {array.max():.0f}, beyond 16 bits, has no known pixel scale; "
+                        f"read the pixels yourself and pass them with onnxaom.from_arrays")
+                array /= np.float32(257.0)
                 if mode == "RGB":
                     array = np.repeat(array[:, :, None], 3, axis=2)
             else:
                 array = np.asarray(image.convert(mode), dtype=np.uint8)
-    except (OSError, ValueError) as exc:
+    except DataError:
+        raise
+    except _image_errors(image_module) as exc:
         raise DataError(f"{file}: cannot read image ({exc})") from exc
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
@@ -1049,6 +1102,11 @@ def _stream(batches: Iterable[Any]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         name = f"images (batch {index})"
         x = _to_numpy(item[0], name)
         _check_numeric(x, name)
+        if x.ndim == 3 and np.ndim(_to_numpy(item[1], f"labels (batch {index})")) == 0:
+            raise DataError(
+                f"{name}: one image of shape {x.shape} with one label: the iterable yields "
+                f"single samples, not batches; batch them (e.g. torch.utils.data.DataLoader("
+                f"dataset, batch_size=256)) or give arrays of shape (N, C, H, W) with labels=")
         _check_4d(x, name)
         y = _as_labels(item[1], f"labels (batch {index})", x.shape[0])
         if shape is None:
@@ -1124,7 +1182,10 @@ def _as_labels(value: Any, name: str, n: int) -> np.ndarray:
     """Int64 labels of shape (n,), all >= 0 (a new array)."""
     labels = _to_numpy(value, name)
     if labels.ndim != 1:
-        hint = "; one-hot labels? pass labels.argmax(axis=1)" if labels.ndim == 2 else ""
+        hint = ""
+        if labels.ndim == 2:
+            hint = ("; one column of class indices? pass labels.ravel()" if labels.shape[1] == 1
+                    else "; one-hot labels? pass labels.argmax(axis=1)")
         raise DataError(f"{name}: expected a 1-D array of shape (N,), got shape "
                         f"{labels.shape}{hint}")
     if labels.dtype.kind not in "iu" and labels.size:  # an empty list is float64: allow it

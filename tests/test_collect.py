@@ -878,7 +878,8 @@ def test_a_uint8_input_takes_8_bit_pixels() -> None:
     for images in (pixels, pixels.astype(np.float32) / 255):
         stats = collect(model, images, labels, progress=False)
         np.testing.assert_array_equal(stats.counts["conv"], want)
-    with pytest.raises(DataError, match="model input 'x' takes 8-bit pixels"):
+    with pytest.raises(DataError, match="model input 'x' takes 8-bit pixels.* without "
+                                        "normalisation and without resizing"):
         collect(model, (pixels.astype(np.float32) - 128) / 64, labels, progress=False)
 
 

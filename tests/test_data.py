@@ -5,7 +5,10 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import logging
+import os
 import struct
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -308,6 +311,14 @@ def test_load_npz_bad_files(tmp_path: Path) -> None:
         np.save(handle, np.zeros(3))
     with pytest.raises(DataError, match=r"single\.npz: a single \.npy array"):
         load_npz(single)
+    header = "{'descr': '|u1', 'fortran_order': False, 'shape': (1125899906842624,), }"
+    header += " " * (63 - (len(header) + 10) % 64) + "\n"  # 1 PiB declared, 100 bytes stored
+    npy = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + bytes(100)
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as archive:
+        archive.writestr("x.npy", npy)
+        archive.writestr("y.npy", npy)
+    with pytest.raises(DataError, match=r"huge\.npz: "):  # numpy's MemoryError escaped
+        load_npz(tmp_path / "huge.npz")
 
 
 # --------------------------------------------------------------------------- IDX
@@ -830,16 +841,94 @@ def test_class_names_are_strings_never_split_nor_repeated(tmp_path: Path) -> Non
 
 def test_an_unreadable_folder_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_folder(tmp_path / "set", {"a": [("L", (3, 3))], "b": [("L", (3, 3))]})
-    real = Path.iterdir
+    (root / "b" / "deeper").mkdir()
+    real_iterdir, real_scandir = Path.iterdir, os.scandir
 
     def iterdir(self: Path) -> Iterator[Path]:
-        if self.name == "b":  # root ignores chmod 000, so the OS refusal is simulated
+        if self.name == "set":  # root ignores chmod 000, so the OS refusal is simulated
             raise PermissionError(13, "Permission denied", str(self))
-        return real(self)
+        return real_iterdir(self)
 
-    monkeypatch.setattr(Path, "iterdir", iterdir)
-    with pytest.raises(DataError, match=r"set/b: cannot list the folder \(Permission denied\)"):
+    def denying(name: str) -> Any:
+        def scandir(path: Any = ".") -> Any:
+            if Path(path).name == name:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_scandir(path)
+        return scandir
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "iterdir", iterdir)
+        with pytest.raises(DataError, match=r"set: cannot list the folder \(Permission denied"):
+            load_image_folder(root)
+    for name, where in (("b", "set/b"), ("deeper", "b/deeper")):  # a class, a folder below one
+        monkeypatch.setattr(os, "scandir", denying(name))
+        with pytest.raises(DataError, match=where + r": cannot list the folder \(Permission"):
+            load_image_folder(root)
+
+
+def test_a_class_folder_is_read_with_the_folders_below_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As torchvision's ImageFolder: images in sub-folders of a class belong to it (they were
+    left out silently), .jfif/.jpe files are JPEGs, hidden names are left out, and files that
+    are not images are skipped with a warning that counts them."""
+    image_module = pytest.importorskip("PIL.Image")
+    root = make_folder(tmp_path / "set", {"a": [("L", (3, 3))], "b": [("L", (3, 3))]})
+    (root / "a" / "indoor").mkdir()
+    image_module.fromarray(np.full((3, 3), 200, np.uint8)).save(root / "a" / "indoor" / "x.png")
+    image_module.fromarray(np.full((3, 3), 9, np.uint8)).save(root / "b" / "y.JFIF",
+                                                              format="JPEG")
+    (root / "b" / ".cache").mkdir()
+    image_module.fromarray(np.zeros((3, 3), np.uint8)).save(root / "b" / ".cache" / "z.png")
+    (root / "b" / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING, logger="onnxaom.data"):
+        ds = load_image_folder(root)
+    np.testing.assert_array_equal(ds.labels, [0, 0, 1, 1])
+    assert ds.images[1, 0, 0, 0] == pytest.approx(200 / 255)  # a/indoor/x.png, after a/000.png
+    assert abs(ds.images[3, 0, 0, 0] * 255 - 9) <= 2  # b/y.JFIF (JPEG), after b/000.png
+    assert "skipped 1 file(s) that are not images" in caplog.text and "notes.txt" in caplog.text
+
+
+def test_image_files_without_a_known_scale_are_refused(tmp_path: Path) -> None:
+    """A float TIFF was read as all zeros (truncated to 8 bits); a 32-bit integer one beyond
+    16 bits was divided by 257 as if it were 16-bit."""
+    image_module = pytest.importorskip("PIL.Image")
+    (tmp_path / "f" / "a").mkdir(parents=True)
+    image_module.fromarray(np.full((3, 3), 0.5, np.float32), mode="F").save(
+        tmp_path / "f" / "a" / "x.tif")
+    with pytest.raises(DataError, match=r"x\.tif: a floating-point image \(Pillow mode F\)"):
+        load_image_folder(tmp_path / "f")
+    (tmp_path / "i" / "a").mkdir(parents=True)
+    image_module.fromarray(np.full((3, 3), 1_000_000, np.int32), mode="I").save(
+        tmp_path / "i" / "a" / "x.tif")
+    with pytest.raises(DataError, match=r"x\.tif: a 32-bit integer image with values from "
+                                        r"1000000 to 1000000, beyond 16 bits"):
+        load_image_folder(tmp_path / "i")
+    (tmp_path / "j" / "a").mkdir(parents=True)
+    image_module.fromarray(np.full((3, 3), 514, np.int32), mode="I").save(
+        tmp_path / "j" / "a" / "x.tif")
+    assert load_image_folder(tmp_path / "j").images.max() == pytest.approx(2 / 255)
+
+
+def test_an_image_above_pillows_size_limit_is_refused_by_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image_module = pytest.importorskip("PIL.Image")
+    root = make_folder(tmp_path / "set", {"a": [("L", (40, 40))]})
+    monkeypatch.setattr(image_module, "MAX_IMAGE_PIXELS", 100)  # 1,600 pixels > 2 x 100
+    with pytest.raises(DataError, match=r"000\.png: cannot read image \(.*exceeds limit"):
         load_image_folder(root)
+
+
+def test_labels_and_samples_get_the_right_advice() -> None:
+    """(N, 1) labels: ravel, not argmax (which gives one class); single samples from an
+    iterable: batch them, not layout='NHW'."""
+    images = np.zeros((4, 1, 3, 3), np.float32)
+    with pytest.raises(DataError, match=r"shape \(4, 1\); one column of class indices\? pass "
+                                        r"labels\.ravel\(\)"):
+        from_arrays(images, np.zeros((4, 1), np.int64))
+    with pytest.raises(DataError, match=r"one-hot labels\? pass labels\.argmax"):
+        from_arrays(images, np.eye(4, dtype=np.int64))
+    with pytest.raises(DataError, match=r"yields single samples, not batches; batch them"):
+        list(iter_batches(zip(images, np.arange(4), strict=True), batch_size=2))
 
 
 def test_oversized_inputs_are_refused_with_the_spec_named() -> None:
