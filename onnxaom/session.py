@@ -40,6 +40,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+import numpy as np
+
 from .edits import Edit, edit_from_dict
 from .errors import EditError, ModelError, ModelFileNotFoundError, SessionError
 from .files import atomic_write_to
@@ -175,6 +177,56 @@ class Step:
         )
 
 
+def _check_settings(path: Path, config: Mapping[str, Any], progress: Mapping[str, Any]) -> None:
+    """The loop's and the data's settings that ``session.json`` keeps, of the types the loop
+    reads them as: a damaged one is named here, not met as a traceback mid-loop."""
+
+    def fail(where: str, wanted: str, value: Any) -> None:
+        raise SessionError(f"{path}: {where} must be {wanted}, got {value!r}")
+
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) \
+            and math.isfinite(value)
+
+    def count(value: Any, least: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    loop = config.get("loop") or {}
+    data = config.get("data") or {}
+    for name, section in (("config 'loop'", loop), ("config 'data'", data)):
+        if not isinstance(section, Mapping):
+            fail(name, "a JSON object", section)
+    for where, keep in (("progress 'keep'", progress.get("keep")),
+                        ("config loop 'keep'", loop.get("keep"))):
+        if keep is None:
+            continue
+        if not isinstance(keep, Mapping):
+            fail(where, "a JSON object of layer -> kernel count", keep)
+        for layer, n in keep.items():
+            if not count(n, 1):
+                fail(f"{where}[{layer!r}]", "a kernel count >= 1", n)
+    for where, drop in (("progress 'accept_drop'", progress.get("accept_drop")),
+                        ("config loop 'accept_drop'", loop.get("accept_drop"))):
+        if drop is not None and not (number(drop) and drop >= 0):
+            fail(where, "a number of percentage points >= 0 or null", drop)
+    for where, text in (("progress 'strategy'", progress.get("strategy")),
+                        ("config loop 'strategy'", loop.get("strategy")),
+                        ("config loop 'provider'", loop.get("provider"))):
+        if text is not None and not isinstance(text, str):
+            fail(where, "a string", text)
+    for where, relative in (("progress 'relative_to'", progress.get("relative_to")),
+                            ("config loop 'relative_to'", loop.get("relative_to"))):
+        if relative not in (None, "baseline", "parent"):
+            fail(where, "'baseline' or 'parent'", relative)
+    if "batch_size" in loop and not count(loop["batch_size"], 1):
+        fail("config loop 'batch_size'", "an integer >= 1", loop["batch_size"])
+    fraction = data.get("train_fraction")
+    if fraction is not None and not (number(fraction) and 0 < fraction < 1):
+        fail("config data 'train_fraction'", "a number between 0 and 1", fraction)
+    if "seed" in data and not count(data["seed"], 0):
+        fail("config data 'seed'", "an integer >= 0", data["seed"])
+
+
 def _text(data: Mapping[str, Any], key: str) -> str | None:
     """``data[key]``: a string, or None where absent or null; ValueError for anything else."""
     value = data.get(key)
@@ -224,7 +276,8 @@ def _sha256(path: Path) -> str:
 def _accuracy(value: object, what: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number) \
+            or isinstance(value, np.complexfloating):
         raise SessionError(f"{what} must be a number in [0, 1] or None, got {value!r}")
     value = float(value)
     if math.isnan(value):
@@ -370,8 +423,7 @@ class TuningSession:
                                       or not all(isinstance(v, str) for v in value)):
                 raise SessionError(f"{path}: progress {key!r} must be a list of layer names, got "
                                    f"{value!r}")
-        if not isinstance(progress.get("keep") or {}, dict):
-            raise SessionError(f"{path}: progress 'keep' must be a JSON object")
+        _check_settings(path, data.get("config") or {}, progress)
         return cls(folder, data)
 
     def verify(self) -> None:
@@ -446,12 +498,21 @@ class TuningSession:
                                f"{', '.join(step.files)}") from None
 
     def model(self, index: int | None = None) -> Model:
-        """The ONNX model of step ``index`` (default: the current step)."""
-        path = self.path(index)
+        """The ONNX model of step ``index`` (default: the current step), checked against the
+        step's recorded ``model_digest``."""
+        step = self.current if index is None else self.step(index)
+        path = self.path(step.index)
         if not path.exists():
-            raise SessionError(f"{path} is missing (model of step {index}); the session folder "
-                               f"is damaged")
-        return load(path)
+            raise SessionError(f"{path} is missing (model of step {step.index}); the session "
+                               f"folder is damaged")
+        model = load(path)
+        if model.digest != step.model_digest:
+            raise SessionError(
+                f"{self._folder / SESSION_FILE}: step {step.index}'s model_digest "
+                f"{step.model_digest[:12]} does not match its model {step.files['onnx'].path} "
+                f"({model.digest[:12]}); the session folder is damaged: restore it, or start a "
+                f"new session")
+        return model
 
     def history(self, *, include_undone: bool = False) -> list[dict[str, Any]]:
         """Rows for :func:`onnxaom.charts.tuning_history`: ``step``, ``params``, ``accuracy``,
@@ -495,16 +556,22 @@ class TuningSession:
         stats_digest: str | None = None,
         label: str | None = None,
         info: Mapping[str, Any] | None = None,
+        undone: str | None = None,
     ) -> Step:
         """Record a step made from the current step's model: ``edits`` gave ``model`` (already
         retrained, if at all) with ``accuracy``. Writes its files and then ``session.json``;
-        the new step becomes current."""
+        the new step becomes current. With ``undone`` (the reason), the step is recorded as
+        undone and the current step stays: one write, so that a crash cannot leave a step
+        applied that its judgement rejected."""
         edit_list = tuple(edits)
         if not edit_list:
             raise SessionError("a step needs at least one edit")
+        if undone is not None and not isinstance(undone, str):
+            raise SessionError(f"undone must be the reason (a string) or None, got "
+                               f"{type(undone).__name__}")
         return self._add_step(edit_list, model, parent=self._current, accuracy=accuracy,
                               per_class=per_class, files=files, stats_digest=stats_digest,
-                              label=label, info=info)
+                              label=label, info=info, undone=undone)
 
     def undo(self, reason: str | None = None) -> Step:
         """Undo the current step: it is marked ``"undone"`` and its parent becomes current
@@ -538,7 +605,8 @@ class TuningSession:
     def _add_step(self, edits: tuple[Edit, ...], model: Model, *, parent: int | None,
                   accuracy: float | None, per_class: Sequence[float | None],
                   files: Mapping[str, Artifact] | None, stats_digest: str | None,
-                  label: str | None, info: Mapping[str, Any] | None) -> Step:
+                  label: str | None, info: Mapping[str, Any] | None,
+                  undone: str | None = None) -> Step:
         from .summary import summary
 
         if not isinstance(model, Model):
@@ -550,13 +618,14 @@ class TuningSession:
         with self._exclusive():
             return self._write_step(edits, model, facts, index, parent=parent, accuracy=acc,
                                     per_class=classes, files=files,
-                                    stats_digest=stats_digest, label=label, info=info)
+                                    stats_digest=stats_digest, label=label, info=info,
+                                    undone=undone)
 
     def _write_step(self, edits: tuple[Edit, ...], model: Model, facts: Any, index: int, *,
                     parent: int | None, accuracy: float | None,
                     per_class: tuple[float | None, ...], files: Mapping[str, Artifact] | None,
                     stats_digest: str | None, label: str | None,
-                    info: Mapping[str, Any] | None) -> Step:
+                    info: Mapping[str, Any] | None, undone: str | None = None) -> Step:
         """:meth:`_add_step`'s writing part, under the folder's lock."""
         models = self._folder / MODELS
         models.mkdir(exist_ok=True)
@@ -574,14 +643,16 @@ class TuningSession:
             atomic_write_to(target, write)
             records[kind] = FileRecord(target.relative_to(self._folder).as_posix(),
                                        target.stat().st_size, _sha256(target))
-        step = Step(index=index, parent=parent, edits=edits, status="applied", accuracy=accuracy,
+        step = Step(index=index, parent=parent, edits=edits,
+                    status="applied" if undone is None else "undone", accuracy=accuracy,
                     per_class=per_class, params=facts.total_params, macs=facts.total_macs,
                     stats_digest=stats_digest, model_digest=model.digest, files=records,
                     label=label if label is not None else describe_edits(edits),
-                    info=dict(info or {}), created=_now())
+                    info=dict(info or {}), created=_now(), undo_reason=undone)
         self._steps.append(step)
         previous = self._current
-        self._current = index
+        if undone is None:
+            self._current = index
         try:
             self._write()
         except BaseException:

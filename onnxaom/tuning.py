@@ -157,30 +157,42 @@ def apply_step(
     facts = {**dict(outcome.info), **dict(info or {})}
     if proposal is not None:
         facts["proposal"] = proposal.to_dict()
+    change, reason = _verdict(session, parent, outcome.accuracy, accept_drop, relative_to)
+    # judged before it is recorded: a rejected step is written undone, in the same write
     step = session.record(edit_list, outcome.model, accuracy=outcome.accuracy,
                           per_class=outcome.per_class, files=outcome.files,
                           stats_digest=digest, label=label or describe_edits(edit_list),
-                          info=facts)
-    return _judge(session, runner, step, accept_drop, relative_to, proposal)
+                          info=facts, undone=reason)
+    if reason is not None:
+        runner.forget(step.index)
+    return StepReport(step, reason is None, change, proposal)
+
+
+def _verdict(session: TuningSession, parent: Step, accuracy: float | None,
+             accept_drop: float | None, relative_to: str) -> tuple[float | None, str | None]:
+    """The change in pp of a step made from ``parent`` with ``accuracy`` against the reference,
+    and why it is to be undone (None: kept)."""
+    reference = session.baseline if relative_to == "baseline" else parent
+    change = None
+    if accuracy is not None and reference.accuracy is not None:
+        change = 100.0 * (accuracy - reference.accuracy)
+    if accept_drop is not None and change is not None and -change > accept_drop + 1e-9:
+        return change, (f"accuracy {-change:.2f} pp below the {relative_to} "
+                        f"(more than {accept_drop:g} pp)")
+    return change, None
 
 
 def _judge(session: TuningSession, runner: Runner, step: Step, accept_drop: float | None,
-           relative_to: str, proposal: Proposal | None = None) -> StepReport:
-    """Undo ``step`` (the current one) if it lost more than ``accept_drop`` pp."""
+           relative_to: str) -> StepReport:
+    """Undo ``step`` (the current one, recorded before steps were judged before their
+    record) if it lost more than ``accept_drop`` pp."""
     parent = session.step(step.parent) if step.parent is not None else step
-    reference = session.baseline if relative_to == "baseline" else parent
-    change = None
-    if step.accuracy is not None and reference.accuracy is not None:
-        change = 100.0 * (step.accuracy - reference.accuracy)
-    kept = True
-    if accept_drop is not None and change is not None and -change > accept_drop + 1e-9:
-        reason = (f"accuracy {-change:.2f} pp below the {relative_to} "
-                  f"(more than {accept_drop:g} pp)")
+    change, reason = _verdict(session, parent, step.accuracy, accept_drop, relative_to)
+    if reason is not None:
         session.undo(reason)
         runner.forget(step.index)
         step = session.step(step.index)
-        kept = False
-    return StepReport(step, kept, change, proposal)
+    return StepReport(step, reason is None, change, None)
 
 
 def _layer_names(model: Model, wanted: Sequence[str] | None) -> list[str]:
@@ -279,7 +291,21 @@ def tune(
     channel shuffle) is skipped with a warning and counted as done; the session's progress
     keeps why under ``"refused"``.
     """
+    return _tune(session, runner, data, layers=layers, strategy=strategy, keep=keep,
+                 accept_drop=accept_drop, kept_drop=accept_drop, relative_to=relative_to,
+                 max_steps=max_steps, batch_size=batch_size, provider=provider,
+                 progress=progress)
+
+
+def _tune(session: TuningSession, runner: Runner, data: Dataset, *,
+          layers: Sequence[str] | None, strategy: str, keep: Mapping[str, int] | None,
+          accept_drop: float | None, kept_drop: float | None, relative_to: str,
+          max_steps: int | None, batch_size: int, provider: str,
+          progress: bool) -> list[StepReport]:
+    """:func:`tune`, judging with ``accept_drop`` and keeping ``kept_drop`` in the session's
+    progress (a resume's one-off ``--accept-drop`` is not the session's)."""
     _check_drop(accept_drop, relative_to)
+    _check_drop(kept_drop, relative_to)
     if not isinstance(data, Dataset):
         raise DataError(f"tune() collects statistics from an onnxaom Dataset, got "
                         f"{type(data).__name__}")
@@ -294,7 +320,7 @@ def tune(
         weights = {str(k): str(v) for k, v in dict(state.get("weights") or {}).items()}
     done = list(state.get("done", []))
     state.update({"layers": order, "weights": weights, "done": done, "strategy": strategy,
-                  "keep": dict(keep or {}), "accept_drop": accept_drop,
+                  "keep": dict(keep or {}), "accept_drop": kept_drop,
                   "relative_to": relative_to})
     session.set_progress(state)
     reports: list[StepReport] = []
@@ -359,20 +385,21 @@ def tune(
 def resume_loop(session: TuningSession, runner: Runner, data: Dataset, *,
                 accept_drop: float | None = None, max_steps: int | None = None,
                 progress: bool = True) -> list[StepReport]:
-    """Continue :func:`tune` with the settings kept in the session (``accept_drop`` may be
-    changed); layers already done are skipped."""
+    """Continue :func:`tune` with the settings kept in the session; ``accept_drop`` changes the
+    drop allowed in this call only (the session keeps its own); layers already done are
+    skipped."""
     state = dict(session.progress)
     loop = dict(session.config.get("loop") or {})
     strategy = str(state.get("strategy", loop.get("strategy", DEFAULT_STRATEGY)))
     keep = state.get("keep", loop.get("keep")) or None
     relative_to = str(state.get("relative_to", loop.get("relative_to", "baseline")))
     layers = state.get("layers", loop.get("layers"))
-    drop = accept_drop if accept_drop is not None else state.get(
-        "accept_drop", loop.get("accept_drop", 1.0))
-    return tune(session, runner, data, layers=layers, strategy=strategy, keep=keep,
-                accept_drop=drop, relative_to=relative_to, max_steps=max_steps,
-                batch_size=int(loop.get("batch_size", 256)),
-                provider=str(loop.get("provider", "auto")), progress=progress)
+    kept = state.get("accept_drop", loop.get("accept_drop", 1.0))
+    return _tune(session, runner, data, layers=layers, strategy=strategy, keep=keep,
+                 accept_drop=accept_drop if accept_drop is not None else kept, kept_drop=kept,
+                 relative_to=relative_to, max_steps=max_steps,
+                 batch_size=int(loop.get("batch_size", 256)),
+                 provider=str(loop.get("provider", "auto")), progress=progress)
 
 
 def load_session_data(config: Mapping[str, Any]) -> tuple[Dataset, Dataset]:

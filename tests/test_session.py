@@ -18,7 +18,7 @@ from onnxaom.errors import ModelFileNotFoundError
 from onnxaom.proposal import propose
 from onnxaom.session import Artifact, SessionError, TuningSession
 from onnxaom.surgery import apply
-from onnxaom.tuning import StepOutcome, apply_step, tune
+from onnxaom.tuning import StepOutcome, apply_step, resume_loop, tune
 
 from . import zoo
 
@@ -141,6 +141,59 @@ def test_a_step_that_costs_too_much_accuracy_is_undone(setup):
     assert "undone" in report.line()
 
 
+def test_a_rejected_step_is_written_undone_in_one_write(setup, monkeypatch):
+    """A crash right after the step's record could leave a step applied that its judgement
+    rejects (nothing judged it again): the step is now judged first and recorded undone."""
+    session, runner, _ = setup
+    writes: list[dict] = []
+    real = TuningSession._write
+
+    def spy(self: TuningSession) -> None:
+        real(self)
+        writes.append(json.loads((self.folder / "session.json").read_text()))
+
+    monkeypatch.setattr(TuningSession, "_write", spy)
+    report = apply_step(session, runner, [RemoveKernels("conv1", (0, 1, 2, 3, 4))],
+                        accept_drop=0.5)
+    assert not report.kept and len(writes) == 1  # no window with the step applied
+    assert writes[0]["current"] == 0 and writes[0]["steps"][1]["status"] == "undone"
+    assert "below the baseline" in writes[0]["steps"][1]["undo_reason"]
+    kept = apply_step(session, runner, [RemoveKernels("conv1", (0,))], accept_drop=100)
+    assert kept.kept and len(writes) == 2 and writes[1]["current"] == 2
+
+
+def test_a_resumes_accept_drop_is_for_that_call_only(setup):
+    """`session resume --accept-drop PP` judged every later plain resume with PP too."""
+    session, runner, data = setup
+    tune(session, runner, data, layers=["conv1", "conv2"], keep={"conv1": 1, "conv2": 1},
+         accept_drop=0.5, max_steps=0, progress=False)
+    loose = resume_loop(session, runner, data, accept_drop=100.0, max_steps=1, progress=False)
+    assert len(loose) == 1 and loose[0].kept and loose[0].change_pp < -0.5
+    assert session.progress["accept_drop"] == 0.5  # the session's own
+    strict = resume_loop(session, runner, data, max_steps=1, progress=False)
+    assert len(strict) == 1 and "more than 0.5 pp" in (strict[0].step.undo_reason or "")
+
+def test_a_damaged_model_digest_and_numpy_accuracies(setup):
+    """A ``model_digest`` that does not match the step's file is named when the model is read
+    (the loop blamed a proposal it made itself); a numpy float32 accuracy is a number."""
+    session, runner, _ = setup
+    outcome = runner.run(session, [RemoveKernels("conv1", (0,))])
+    step = session.record([RemoveKernels("conv1", (0,))], outcome.model,
+                          accuracy=np.float32(0.5), per_class=[np.float64(1.0), None, 0])
+    assert step.accuracy == 0.5 and step.per_class == (1.0, None, 0.0)
+    path = session.folder / "session.json"
+    data = json.loads(path.read_text())
+    data["steps"][1]["model_digest"] = "f" * 64
+    path.write_text(json.dumps(data))
+    damaged = TuningSession.resume(session.folder)
+    with pytest.raises(SessionError, match=r"step 1's model_digest ffffffffffff does not match "
+                                           r"its model models/step_1\.onnx"):
+        damaged.model()
+    os.remove(damaged.path(0))
+    with pytest.raises(SessionError, match=r"step_0\.onnx is missing \(model of step 0\)"):
+        damaged.model(0)
+
+
 def test_statistics_of_another_model_are_refused(setup):
     session, runner, data = setup
     apply_step(session, runner, [RemoveKernels("conv1", (0,))])
@@ -251,6 +304,22 @@ def test_resume_refuses_damaged_folders_naming_the_file(setup, tmp_path):
     data["progress"] = {"layers": 5}
     json_file.write_text(json.dumps(data))
     with pytest.raises(SessionError, match="progress 'layers' must be a list"):
+        TuningSession.resume(folder)
+    for key, value, message in (  # the loop met these as tracebacks mid-way
+            ("data", {"train_fraction": "x"}, r"config data 'train_fraction' must be a number"),
+            ("loop", {"batch_size": "abc"}, r"config loop 'batch_size' must be an integer"),
+            ("loop", {"keep": {"conv1": 0}}, r"config loop 'keep'\['conv1'\] must be a kernel"),
+            ("loop", {"accept_drop": "x"}, r"config loop 'accept_drop' must be a number"),
+            ("loop", {"relative_to": "mom"}, r"config loop 'relative_to' must be 'baseline'")):
+        data = json.loads(good)
+        data["config"][key] = value
+        json_file.write_text(json.dumps(data))
+        with pytest.raises(SessionError, match=r"session\.json: " + message):
+            TuningSession.resume(folder)
+    data = json.loads(good)
+    data["progress"] = {"keep": {"conv1": "x"}}
+    json_file.write_text(json.dumps(data))
+    with pytest.raises(SessionError, match=r"progress 'keep'\['conv1'\] must be a kernel count"):
         TuningSession.resume(folder)
     json_file.unlink()
     json_file.mkdir()

@@ -12,6 +12,7 @@ import pytest
 import onnxaom
 from onnxaom.cli import main
 from onnxaom.edits import RemoveKernels
+from onnxaom.errors import OutputError
 from onnxaom.proposal import propose
 from onnxaom.session import SessionError, TuningSession
 
@@ -117,6 +118,32 @@ def test_bad_factories_and_damaged_weights_are_named(tmp_path, data, trained):
     renamed.factory_kwargs = {**KWARGS, "no_such_keyword": 1}
     with pytest.raises(SessionError, match="factory .* failed with keyword arguments"):
         renamed.module(TuningSession.resume(tmp_path / "s", verify=False), 0)
+
+
+def test_a_damaged_edit_record_and_a_full_disk_are_named(tmp_path, data, trained, monkeypatch):
+    """A recorded edit that cannot be replayed names session.json and the step (it read as a
+    fault in the user's own edits); torch.save failing (a full disk raises RuntimeError, not
+    OSError) is a one-line OutputError, with nothing recorded."""
+    runner = make_runner(data)
+    session = runner.start(tmp_path / "s", trained, data=DATA)
+    runner.apply(session, [RemoveKernels("/conv2/Conv", (1,))])
+    path = tmp_path / "s" / "session.json"
+    record = json.loads(path.read_text())
+    record["steps"][1]["edits"][0]["layer"] = "/nope/Conv"
+    path.write_text(json.dumps(record))
+    with pytest.raises(SessionError, match=r"session\.json: step 1's recorded edits cannot be "
+                                           r"replayed on step 0's model.*'/nope/Conv'"):
+        make_runner(data).module(TuningSession.resume(tmp_path / "s"))
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    fresh = make_runner(data)
+    other = fresh.start(tmp_path / "t", trained, data=DATA)
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OutputError, match=r"cannot write .*step_1\.pt: torch\.save failed"):
+        fresh.apply(other, [RemoveKernels("/conv2/Conv", (1,))])
+    assert len(TuningSession.resume(tmp_path / "t").steps) == 1
 
 
 def test_the_command_line_continues_and_shows_a_session(tmp_path, data, trained, capsys):

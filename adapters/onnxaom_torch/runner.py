@@ -33,6 +33,7 @@ import importlib
 import logging
 import math
 import os
+import shutil
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -45,8 +46,8 @@ from torch import nn
 import onnxaom
 from onnxaom.data import Dataset, from_arrays
 from onnxaom.edits import Edit
-from onnxaom.errors import LayerNotFoundError, ModelFileNotFoundError
-from onnxaom.session import Artifact, SessionError, TuningSession
+from onnxaom.errors import LayerNotFoundError, ModelFileNotFoundError, OnnxaomError
+from onnxaom.session import SESSION_FILE, Artifact, SessionError, TuningSession
 from onnxaom.surgery.apply import MIN_OPSET
 from onnxaom.tuning import StepOutcome, StepReport, apply_step, tune
 
@@ -414,7 +415,16 @@ class TorchRunner:
     @staticmethod
     def _state_artifact(module: nn.Module) -> Artifact:
         state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        return Artifact(".pt", lambda path: torch.save(state, path))
+
+        def write(path: Path) -> None:
+            try:
+                torch.save(state, path)
+            except RuntimeError as exc:  # torch's stream errors (a full disk) are not OSError
+                full = shutil.disk_usage(path.parent).free < (1 << 20)
+                raise OSError(f"torch.save failed{' (the disk is full)' if full else ''}: "
+                              f"{one_line(exc)}") from exc
+
+        return Artifact(".pt", write)
 
     def _remember(self, digest: str, module: nn.Module) -> None:
         self._cache[digest] = copy.deepcopy(module).cpu()
@@ -450,7 +460,13 @@ class TorchRunner:
         self._load_state(session, module, lineage[0].index)
         for step in lineage[1:]:
             parent = session.model(step.parent)
-            module = apply_edits(module, parent, list(step.edits), check=False).module
+            try:
+                module = apply_edits(module, parent, list(step.edits), check=False).module
+            except OnnxaomError as exc:
+                raise SessionError(
+                    f"{session.folder / SESSION_FILE}: step {step.index}'s recorded edits cannot "
+                    f"be replayed on step {step.parent}'s model to rebuild its torch module "
+                    f"({one_line(exc)}); the session record is damaged") from exc
             self._load_state(session, module, step.index)
         return module.cpu().eval()
 
