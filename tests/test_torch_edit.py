@@ -5,6 +5,7 @@ mapping and its errors."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import warnings
 from pathlib import Path
@@ -226,6 +227,82 @@ def test_mapping_uses_names_and_weights_and_names_the_first_mismatch(tmp_path):
     with pytest.raises(ModuleMismatchError, match="cannot run an input"):
         map_layers(torch_zoo.chain_bn(0), model)
     assert issubclass(ModuleMismatchError, ModelError)
+    shifted = mnist()  # same weights, a bias 1e-3 off: accepted before, 3e-4 off the surgery
+    with torch.no_grad():
+        shifted.conv2.bias += 1e-3
+    with pytest.raises(ModuleMismatchError, match=r"'/conv2/Conv'.*same weights but different "
+                                                  r"biases"):
+        map_layers(shifted, model)
+    with pytest.raises(ModelError, match=r"holds float64 tensors .*module\.float\(\)"):
+        map_layers(mnist().double(), model)
+
+
+class TwinBlocks(nn.Module):
+    """Two convs with equal weights (a deep copy), registered in the other order than they run:
+    exporters keep one copy of the weights for both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.late = nn.Conv2d(4, 4, 3, padding=1)
+        self.early = copy.deepcopy(self.late)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.early(torch.relu(self.c1(x))))
+        return self.fc(torch.relu(self.late(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_layers_with_equal_weights_map_by_position_not_by_the_shared_name(tmp_path, exporter):
+    """dynamo reads one initializer (``late.weight``) in both convs, and the legacy exporter
+    feeds the second through an Identity: the first-run conv was mapped to ``late`` (an
+    insertion then went after the wrong module, unseen by the check), or refused as having no
+    constant weights."""
+    torch.manual_seed(4)
+    module = TwinBlocks().eval()
+    model = export(tmp_path, module, (1, 3, 8, 8), exporter)
+    first, second = (layer.name for layer in model.layers()[1:3])
+    assert [map_layers(module, model).modules[n] for n in (first, second)] == ["early", "late"]
+    inserted = apply_edits(module, model, [InsertLayer(first, init="random", seed=1)])
+    assert isinstance(inserted.module.early, nn.Sequential)
+    assert_parity(tmp_path, module, model, [RemoveKernels(first, (1,))])
+
+
+def test_a_batch_norm_without_running_statistics_does_not_stop_the_check(tmp_path):
+    """The check exported the edited module with a dynamic batch, which such a norm cannot
+    have: torch's AssertionError escaped."""
+    torch.manual_seed(5)
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(
+        4, track_running_stats=False), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).eval()
+    path = tmp_path / "m.onnx"
+    architectures.export_onnx(module, path, input_shape=(2, 3, 8, 8), dynamic_batch=False)
+    model = onnxaom.load(path)
+    second = model.layers()[1].name
+    result = apply_edits(module, model, [RemoveKernels(second, (0, 2))])
+    assert result.module[3].out_channels == 3
+
+
+class FunctionalConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(5, 4, 3, 3) * 0.2)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = torch.relu(nn.functional.conv2d(torch.relu(self.c1(x)), self.w, padding=1))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_functional_conv_is_named_as_the_cause(tmp_path):
+    torch.manual_seed(6)
+    module = FunctionalConv().eval()
+    model = export(tmp_path, module, (1, 3, 8, 8))
+    with pytest.raises(ModuleMismatchError, match=r"has no module: .*F\.conv2d or F\.linear on "
+                                                  r"a registered Parameter"):
+        map_layers(module, model)
 
 
 def test_bad_edits_raise_before_any_torch_work(tmp_path):

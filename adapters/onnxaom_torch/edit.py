@@ -83,6 +83,7 @@ from .trace import (
     MIXING_NORM_TYPES,
     PER_CHANNEL_TYPES,
     Trace,
+    check_float32,
     one_line,
     trace,
 )
@@ -161,6 +162,7 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
     """
     if not isinstance(module, nn.Module):
         raise ModelError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    check_float32(module)
     edit_list = as_edit_list(edits)
     if not edit_list:
         raise EditError("no edits given; pass at least one RemoveKernels, WidenLayer or "
@@ -594,7 +596,15 @@ def _check_against(work: nn.Module, oracle: onnxaom.Model, x: torch.Tensor,
     from .architectures import export_onnx
 
     with tempfile.TemporaryDirectory(prefix="onnxaom-check-") as tmp:
-        path = export_onnx(work, Path(tmp) / "edited.onnx", input_shape=tuple(x.shape))
+        try:  # the feeds have x's batch: a fixed one exports more modules (a batch norm
+            # without running statistics needs it)
+            path = export_onnx(work, Path(tmp) / "edited.onnx", input_shape=tuple(x.shape),
+                               dynamic_batch=False)
+        except Exception as exc:  # torch's exporter raises many kinds
+            raise EditError(
+                f"the edited torch module cannot be exported to ONNX for the check against the "
+                f"surgery ({one_line(exc)}); apply_edits(..., check=False) skips the check "
+                f"(the ONNX surgery is exact by itself)") from exc
         exported = onnxaom.load(path)
     feed = x.detach().cpu().numpy().astype(np.float32)
     difference, failed = 0.0, None

@@ -25,6 +25,7 @@ layer, and a module that runs more than once (shared weights cannot be edited pe
 from __future__ import annotations
 
 import ast
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -39,7 +40,7 @@ from onnxaom.errors import LayerNotFoundError, ModelError
 from onnxaom.graph import GraphIndex
 from onnxaom.layers import Layer
 
-from .trace import BATCH_NORM_TYPES, PER_CHANNEL_TYPES, Trace, trace
+from .trace import BATCH_NORM_TYPES, PER_CHANNEL_TYPES, Trace, check_float32, trace
 
 #: ONNX ops with one parameter per channel that a torch module (PER_CHANNEL_TYPES) holds.
 PER_CHANNEL_OPS = ("BatchNormalization", "PRelu", "InstanceNormalization")
@@ -179,9 +180,23 @@ def node_module_paths(node: onnx.NodeProto) -> list[tuple[str, str]]:
     return out
 
 
+def _weight_source(index: GraphIndex, name: str) -> str:
+    """The tensor a layer's weight input comes from, through ``Identity`` nodes (the legacy
+    exporter feeds a second layer with the same weights through one)."""
+    seen = {name}
+    while index.constant(name) is None:
+        producer = index.producer.get(name)
+        node = index.graph.node[producer] if producer is not None else None
+        if node is None or node.op_type != "Identity" or node.input[0] in seen:
+            break
+        name = node.input[0]
+        seen.add(name)
+    return name
+
+
 def _onnx_weight(index: GraphIndex, layer: Layer, node: onnx.NodeProto) -> np.ndarray | None:
     """The layer's weight as torch lays it out: Conv (K, C/g, kh, kw); Linear (K, F)."""
-    weight = index.constant(node.input[1])
+    weight = index.constant(_weight_source(index, node.input[1]))
     if weight is None:
         return None
     weight = np.asarray(weight, dtype=np.float64)
@@ -194,18 +209,41 @@ def _onnx_weight(index: GraphIndex, layer: Layer, node: onnx.NodeProto) -> np.nd
     return weight
 
 
-def _torch_weights(module: nn.Module, chain: list[nn.Module]) -> list[np.ndarray]:
-    """The module's weight, and the same with a following eval-mode batch norm folded in."""
+def _torch_weights(module: nn.Module, chain: list[nn.Module]
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The module's (weight, bias), and the same with a following eval-mode batch norm folded
+    in (a module without a bias has a zero one)."""
     weight = module.weight.detach().cpu().double().numpy()  # type: ignore[union-attr,operator]
-    out = [weight]
+    bias = (module.bias.detach().cpu().double().numpy()  # type: ignore[union-attr,operator]
+            if getattr(module, "bias", None) is not None else np.zeros(weight.shape[0]))
+    out = [(weight, bias)]
     bn = chain[0] if chain else None
-    if isinstance(bn, BATCH_NORM_TYPES) and bn.running_var is not None:
+    if isinstance(bn, BATCH_NORM_TYPES) and bn.running_var is not None \
+            and bn.running_mean is not None:
         scale = (bn.weight.detach().cpu().double().numpy() if bn.weight is not None
                  else np.ones(bn.running_var.numel()))
         scale = scale / np.sqrt(bn.running_var.detach().cpu().double().numpy() + bn.eps)
+        shift = bn.bias.detach().cpu().double().numpy() if bn.bias is not None else 0.0
         if scale.shape[0] == weight.shape[0]:
-            out.append(weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1)))
+            mean = bn.running_mean.detach().cpu().double().numpy()
+            out.append((weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1)),
+                        (bias - mean) * scale + shift))
     return out
+
+
+def _onnx_bias(index: GraphIndex, layer: Layer, node: onnx.NodeProto) -> np.ndarray | None:
+    """A Conv's or Gemm's bias input as one value per kernel (None: none, or not a constant
+    of that shape, so not compared)."""
+    if layer.op not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
+        return None
+    bias = index.constant(_weight_source(index, node.input[2]))
+    if bias is None:
+        return None
+    bias = np.asarray(bias, dtype=np.float64)
+    if layer.op == "Gemm":
+        bias = bias * float(index.attribute(node, "beta", 1.0))  # type: ignore[arg-type]
+    bias = bias.reshape(-1) if bias.size == layer.kernels else bias
+    return bias if bias.shape == (layer.kernels,) else None
 
 
 def _check(layer: Layer, node: onnx.NodeProto, onnx_w: np.ndarray | None, path: str,
@@ -227,12 +265,21 @@ def _check(layer: Layer, node: onnx.NodeProto, onnx_w: np.ndarray | None, path: 
             return (f"ONNX layer {layer.name!r} has group={group}, module {path!r} has "
                     f"groups={module.groups}")
     scale = max(1.0, float(np.abs(onnx_w).max(initial=0.0)))
-    for candidate in _torch_weights(module, chain):
-        if np.allclose(candidate, onnx_w, rtol=RTOL, atol=ATOL * scale):
-            return None
-    worst = float(np.abs(_torch_weights(module, chain)[0] - onnx_w).max())
-    return (f"ONNX layer {layer.name!r} and module {path!r} ({kind}) have different weight "
-            f"values (max difference {worst:.3g})")
+    onnx_b = _onnx_bias(index, layer, node)
+    candidates = _torch_weights(module, chain)
+    matching = [b for w, b in candidates if np.allclose(w, onnx_w, rtol=RTOL, atol=ATOL * scale)]
+    if not matching:
+        worst = float(np.abs(candidates[0][0] - onnx_w).max())
+        return (f"ONNX layer {layer.name!r} and module {path!r} ({kind}) have different weight "
+                f"values (max difference {worst:.3g})")
+    if onnx_b is None:
+        return None
+    b_scale = max(1.0, float(np.abs(onnx_b).max(initial=0.0)))
+    if any(np.allclose(b, onnx_b, rtol=RTOL, atol=ATOL * b_scale) for b in matching):
+        return None
+    worst = min(float(np.abs(b - onnx_b).max()) for b in matching)
+    return (f"ONNX layer {layer.name!r} and module {path!r} ({kind}) have the same weights but "
+            f"different biases (max difference {worst:.3g})")
 
 
 def map_layers(module: nn.Module, model: onnxaom.Model,
@@ -247,6 +294,7 @@ def map_layers(module: nn.Module, model: onnxaom.Model,
     if not isinstance(model, onnxaom.Model):
         raise ModelError(f"expected an onnxaom.Model, got {type(model).__name__}; load one with "
                          f"onnxaom.load(path)")
+    check_float32(module)
     x = example_input(model) if example is None else example
     try:
         run = trace(module, x)
@@ -297,14 +345,19 @@ def _match(module: nn.Module, model: onnxaom.Model, run: Trace) -> LayerMap:
     counts = run.call_counts()
     ran = run.layers()
     initializer_owner = {f"{p}.weight": p for p in modules}
+    sources = {layer.name: _weight_source(index, proto.graph.node[layer.node_index].input[1])
+               for layer in layers}
+    # exporters keep one copy of equal weights (a deep copy, two identity insertions): its
+    # name then says nothing about which module a layer is
+    read_by = Counter(sources.values())
 
     def chain_of(path: str) -> list[nn.Module]:
         return [modules[p] for p in run.chain(path)]
 
     def candidates(layer: Layer, node: onnx.NodeProto) -> list[tuple[str, str]]:
         found: list[tuple[str, str]] = []
-        owner = initializer_owner.get(node.input[1])
-        if owner is not None:
+        owner = initializer_owner.get(sources[layer.name])
+        if owner is not None and read_by[sources[layer.name]] == 1:
             found.append((owner, "weight"))
         for path, how in node_module_paths(node):
             sub = modules.get(path)
@@ -361,13 +414,19 @@ def _match(module: nn.Module, model: onnxaom.Model, run: Trace) -> LayerMap:
             f"edits each ONNX layer on its own, so modules used more than once are not supported")
     for layer in layers:
         if layer.name not in chosen:
-            why = problems.get(layer.name) or (
-                f"no module of {type(module).__name__} has its kind, shape and weights "
-                f"({layer.op}, {layer.kernels} kernels)")
+            why = problems.get(layer.name)
+            advice = ("Export the module again (onnxaom_torch.export_onnx) or pass the ONNX "
+                      "model exported from this module")
+            if why is None:
+                why = (f"no module of {type(module).__name__} has its kind, shape and weights "
+                       f"({layer.op}, {layer.kernels} kernels)")
+                advice = ("A layer computed by torch.nn.functional (F.conv2d or F.linear on a "
+                          "registered Parameter) has no module to edit: write it as an "
+                          "nn.Conv2d or nn.Linear. Otherwise pass the ONNX model exported from "
+                          "this module")
             raise ModuleMismatchError(
                 f"the module does not match ONNX model {model.name!r}: layer {layer.name!r} "
-                f"has no module: {why}. Export the module again (onnxaom_torch.export_onnx) or "
-                f"pass the ONNX model exported from this module")
+                f"has no module: {why}. {advice}")
     used = {p for p, _ in chosen.values()}
     extra = [p for p in ran if p not in used]
     if extra:

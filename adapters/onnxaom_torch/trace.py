@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 __all__ = ["BATCH_NORM_TYPES", "CHAIN_TYPES", "LAYER_TYPES", "MIXING_NORM_TYPES",
-           "PER_CHANNEL_TYPES", "Call", "FrozenBatchNorm", "Trace", "one_line", "trace"]
+           "PER_CHANNEL_TYPES", "Call", "FrozenBatchNorm", "Trace", "check_float32", "one_line",
+           "trace"]
 
 class FrozenBatchNorm(abc.ABC):  # noqa: B024 - an isinstance target, nothing to implement
     """An eval-mode batch norm whose ``weight``, ``bias``, ``running_mean`` and
@@ -154,6 +155,20 @@ def _leaves(module: nn.Module) -> list[tuple[str, nn.Module]]:
             out.append((name, sub))
             inside.append(name)
     return out
+
+
+def check_float32(module: nn.Module) -> None:
+    """Refuse a module whose floating-point parameters or buffers are not float32: the adapter
+    feeds float32 (as ONNX Runtime and onnxaom's loaders give it), and would otherwise fail
+    with an error that blames the data or the model's match."""
+    from onnxaom.errors import ModelError
+
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            raise ModelError(
+                f"{type(module).__name__} holds {str(tensor.dtype).removeprefix('torch.')} "
+                f"tensors ({name!r}); onnxaom_torch works on float32 modules: convert it with "
+                f"module.float() (and analyse its float32 ONNX export)")
 
 
 def one_line(exc: BaseException, limit: int = 600) -> str:

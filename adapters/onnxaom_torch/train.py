@@ -31,6 +31,8 @@ from torch import nn
 from onnxaom.data import Dataset
 from onnxaom.errors import DataError, LayerNotFoundError
 
+from .trace import check_float32
+
 __all__ = ["Evaluation", "TrainResult", "evaluate", "freeze", "resolve_device", "retrain"]
 
 logger = logging.getLogger(__name__)
@@ -280,6 +282,7 @@ def retrain(
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+    check_float32(module)
     target = resolve_device(device)
     tensors = _as_tensors(data)
     work = copy.deepcopy(module).to(target)
@@ -344,6 +347,7 @@ def evaluate(module: nn.Module, data: Any, *, batch_size: int = 256,
                                     or not isinstance(num_classes, int | np.integer)
                                     or num_classes < 1):
         raise DataError(f"num_classes must be a positive integer, got {num_classes!r}")
+    check_float32(module)
     target = resolve_device(device)
     tensors = _as_tensors(data)
     modes = {sub: sub.training for sub in module.modules()}
