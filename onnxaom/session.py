@@ -699,7 +699,9 @@ class TuningSession:
         this object read or wrote: another process (a second ``session apply`` on the same
         folder, say) recorded a step meanwhile, and writing now would drop it."""
         path = self._folder / SESSION_FILE
-        with _folder_lock(self._folder / LOCK_FILE):
+        with _folder_lock(self._folder / LOCK_FILE) as locked:
+            if locked:
+                self._clear_temporaries()
             try:
                 now = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
             except OSError as exc:
@@ -712,20 +714,34 @@ class TuningSession:
                     f"was written. Resume the session again to continue from its new state")
             yield
 
+    def _clear_temporaries(self) -> None:
+        """Delete the temporary files of writes a crash cut short (``.session.json.*.tmp``,
+        ``models/.step_*.tmp``): every writer holds the folder's lock, so under it none is
+        one's own."""
+        for folder, pattern in ((self._folder, f".{SESSION_FILE}.*.tmp"),
+                                (self._folder / MODELS, ".step_*.tmp")):
+            for stale in folder.glob(pattern):
+                try:
+                    stale.unlink()
+                except OSError:  # gone already, or not ours to delete: harmless
+                    continue
+                logger.info("deleted %s, left by an interrupted write", stale)
+
     def __repr__(self) -> str:
         return (f"TuningSession({str(self._folder)!r}, steps={len(self._steps)}, "
                 f"current={self._current})")
 
 
 @contextmanager
-def _folder_lock(path: Path) -> Iterator[None]:
+def _folder_lock(path: Path) -> Iterator[bool]:
     """An exclusive advisory lock on ``path`` (created), held for the ``with`` block; waits
-    for another holder. Where ``fcntl`` does not exist (Windows) there is no lock, and the
-    change check of :meth:`TuningSession._exclusive` alone guards the history."""
+    for another holder. Gives whether the lock is held: where ``fcntl`` does not exist
+    (Windows) or the file system has no locks there is none, and the change check of
+    :meth:`TuningSession._exclusive` alone guards the history."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
-        yield
+        yield False
         return
     try:
         handle = path.open("a")
@@ -737,10 +753,10 @@ def _folder_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         except OSError as exc:  # a file system without locks (some network mounts)
             logger.debug("no lock on %s (%s); the change check alone guards it", path, exc)
-            yield
+            yield False
             return
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 

@@ -173,6 +173,17 @@ def test_a_resumes_accept_drop_is_for_that_call_only(setup):
     strict = resume_loop(session, runner, data, max_steps=1, progress=False)
     assert len(strict) == 1 and "more than 0.5 pp" in (strict[0].step.undo_reason or "")
 
+def test_temporary_files_of_interrupted_writes_are_cleared_under_the_lock(setup):
+    session, runner, _ = setup
+    stale = [session.folder / ".session.json.k3j2.tmp", session.folder / "models" /
+             ".step_1.onnx.x9.tmp", session.folder / "models" / ".step_1.pt.q1.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    mine = session.folder / "models" / "notes.tmp"  # not a name the session writes
+    mine.write_text("keep")
+    apply_step(session, runner, [RemoveKernels("conv1", (0,))])
+    assert not any(path.exists() for path in stale) and mine.exists()
+
 def test_a_damaged_model_digest_and_numpy_accuracies(setup):
     """A ``model_digest`` that does not match the step's file is named when the model is read
     (the loop blamed a proposal it made itself); a numpy float32 accuracy is a number."""
