@@ -304,7 +304,7 @@ def _prepare(
     rows = tuple(f"{int(rank[i]):0{digits}d}|k{i}" for i in range(k))
     return _Layer(
         name=layer,
-        classes=tuple(stats.class_names),
+        classes=_shown_class_names(stats.class_names),
         aom=aom,
         order=order_arr,
         rank=rank,
@@ -376,6 +376,15 @@ def _row_filter(
     if kernels is None:
         return on_page
     return {"or": [on_page, {"param": kernels.name, "empty": False}]}
+
+
+def _shown_class_names(names: Sequence[str]) -> tuple[str, ...]:
+    """Class names as the charts show them: Vega's expressions (a class sort, the class menu)
+    cannot hold a line or paragraph separator (U+2028, U+2029), and the menu's "all" is the
+    empty string, so those become a space and ``"(unnamed)"``; a name that then repeats gets its
+    class index."""
+    shown = [str(n).replace("\u2028", " ").replace("\u2029", " ") or "(unnamed)" for n in names]
+    return tuple(f"{n} (class {i})" if shown.count(n) > 1 else n for i, n in enumerate(shown))
 
 
 def _class_filter(classes: alt.Parameter | Sequence[str] | None) -> Any | None:
@@ -842,7 +851,7 @@ def selectivity_counts(stats: OccurrenceStats, layer: str) -> list[dict[str, Any
             "selective": int((a[:, c] > 0).sum()),
             "not_selective": int((a[:, c] <= 0).sum()),
         }
-        for c, name in enumerate(stats.class_names)
+        for c, name in enumerate(_shown_class_names(stats.class_names))
     ]
 
 

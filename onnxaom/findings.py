@@ -71,6 +71,10 @@ REASONS: tuple[Reason, ...] = ("dead", "always_on", "class_blind")
 
 #: Relative tolerance under which two kernel selectivities count as a tie (lowest index wins).
 SELECTIVITY_TIE_RTOL = 1e-9
+#: A measured value within this of a threshold counts as equal to it: occurrence fractions are
+#: ratios of counts (0.60 - 0.55 is 0.04999999999999993 in floating point), and a value on a
+#: threshold must fall on the side its rule says (``<`` or ``<=``), not on rounding's.
+ROUNDING_MARGIN = 1e-9
 #: Longest list of kernels or classes that :meth:`Findings.summary_lines` spells out in one line.
 SUMMARY_MAX_ITEMS = 12
 
@@ -774,11 +778,11 @@ def _ineffective(m: np.ndarray, t: Thresholds) -> tuple[IneffectiveKernel, ...]:
     spread = _class_spread(m)
     found = []
     for i in range(k):
-        if high[i] <= t.dead_below:
+        if high[i] <= t.dead_below + ROUNDING_MARGIN:
             found.append(IneffectiveKernel(i, "dead", float(high[i])))
-        elif low[i] >= t.always_above:
+        elif low[i] >= t.always_above - ROUNDING_MARGIN:
             found.append(IneffectiveKernel(i, "always_on", float(low[i])))
-        elif spread[i] < t.class_blind_below:
+        elif spread[i] < t.class_blind_below - ROUNDING_MARGIN:
             found.append(IneffectiveKernel(i, "class_blind", float(spread[i])))
     return tuple(found)
 
@@ -812,7 +816,7 @@ def _redundant_groups(
     z = linkage(dist, method="average")  # the cut needs no leaf ordering
 
     labels = np.full(len(flat), -1, dtype=np.int64)
-    labels[kept] = fcluster(z, t=t.redundancy_distance, criterion="distance")
+    labels[kept] = fcluster(z, t=t.redundancy_distance + ROUNDING_MARGIN, criterion="distance")
     position = np.empty(len(order), dtype=np.int64)
     position[order] = np.arange(len(order))
     square = np.zeros((len(flat), len(flat)))
@@ -850,7 +854,7 @@ def _similar_pairs(
         diff = np.abs(m[:, a : a + 1] - m[:, a + 1 :]).mean(axis=(2, 3))
         best_kernel = diff.argmax(axis=0)
         best = diff.max(axis=0)
-        for j in np.flatnonzero(best < t.class_pair_below):
+        for j in np.flatnonzero(best < t.class_pair_below - ROUNDING_MARGIN):
             b = a + 1 + int(j)
             c0, c1 = int(class_index[a]), int(class_index[b])
             pair = SimilarClassPair(
@@ -877,14 +881,14 @@ def _weak_classes(
             value, kernel = float(per_kernel[j]), int(kernels[j])
         else:
             value, kernel = 0.0, None
-        if value < t.weak_class_below:
+        if value < t.weak_class_below - ROUNDING_MARGIN:
             found.append(WeakClass(ci, names[ci], value, kernel))
     return tuple(found)
 
 
 def _shallow(m: np.ndarray, t: Thresholds) -> ShallowSign:
     k, c = m.shape[:2]
-    fires = m.mean(axis=(2, 3)) >= t.fires_above  # (K, C)
+    fires = m.mean(axis=(2, 3)) >= t.fires_above - ROUNDING_MARGIN  # (K, C)
     # the small epsilon keeps e.g. 0.3 * 10 = 3.0000000000000004 from rounding up to 4
     min_classes = min(c, max(2, math.ceil(t.many_classes * c - 1e-9)))
     unspecific = np.flatnonzero(fires.sum(axis=1) >= min_classes)
@@ -895,7 +899,7 @@ def _shallow(m: np.ndarray, t: Thresholds) -> ShallowSign:
         min_classes=min_classes,
         unspecific=tuple(int(i) for i in unspecific),
         fraction=float(fraction),
-        raised=bool(fraction >= t.unspecific_fraction),
+        raised=bool(fraction >= t.unspecific_fraction - ROUNDING_MARGIN),
     )
 
 
@@ -947,7 +951,8 @@ def _layer_lines(layer: LayerFindings, t: Thresholds) -> list[str]:
         )
     weak = layer.too_small.weak_classes
     if weak:
-        listed = _join(f"{w.name!r} (best {w.value:.2f})" for w in weak)
+        listed = _join(f"{w.name!r} (best {w.value:.2f})" if w.kernel is not None
+                       else f"{w.name!r} (no effective kernel)" for w in weak)
         lines.append(
             f"{name}: {len(weak)} class(es) reach less than {t.weak_class_below:.0%} occurrence "
             f"in every effective kernel: {listed}; the layer may be too small"

@@ -320,7 +320,8 @@ def build_report(
         "layers": len(stats.layer_names),
         "probe": meta.get("probe", ""),
         "threshold": meta.get("threshold", ""),
-        "data": meta.get("source") or ", ".join(map(str, meta.get("sources", []))),
+        # merged statistics list every run's data under "sources" ("source" is the first's)
+        "data": ", ".join(map(str, meta.get("sources") or [])) or meta.get("source"),
         "provider": meta.get("provider", ""),
     }
     parts = [

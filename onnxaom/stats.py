@@ -112,6 +112,25 @@ def _readonly(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _check_counts(layer: str, counts: np.ndarray, sizes: np.ndarray,
+                  names: tuple[str, ...]) -> None:
+    """A count is a number of samples of its class: in 0..class size. Anything else (a count
+    above its class's size, a negative one) makes AOMs outside [0, 1] and every measure wrong
+    without a sign, so it is refused here."""
+    low = int(counts.min())
+    if low < 0:
+        raise StatsError(f"counts for layer {layer!r} must be >= 0 (numbers of samples), got "
+                         f"{low}")
+    high = counts.max(axis=(0, 2, 3))  # (C,) without a temporary of the counts' size
+    over = np.flatnonzero(high > sizes)
+    if over.size:
+        cls = int(over[0])
+        raise StatsError(f"counts for layer {layer!r} exceed the size of class {names[cls]!r}: "
+                         f"{int(high[cls])} of its {int(sizes[cls])} samples; a count is the "
+                         f"number of the class's samples with the activation > 0, at most its "
+                         f"size")
+
+
 @dataclass(frozen=True)
 class OccurrenceStats:
     """Exact activation-occurrence counts of one model over one labelled data set.
@@ -141,6 +160,12 @@ class OccurrenceStats:
                 f"class_sizes must be a 1-D integer array, got {sizes.dtype} {sizes.shape}"
             )
         c = sizes.shape[0]
+        if c and sizes.min() < 0:
+            raise StatsError(f"class_sizes must be >= 0, got {sizes.min()} for class "
+                             f"{int(sizes.argmin())}")
+        names = tuple(self.class_names) if self.class_names else tuple(str(i) for i in range(c))
+        if len(names) != c:
+            raise StatsError(f"{len(names)} class names given for {c} classes")
         counts: dict[str, np.ndarray] = {}
         for name, array in self.counts.items():
             array = np.asarray(array)
@@ -150,10 +175,9 @@ class OccurrenceStats:
                 )
             if not np.issubdtype(array.dtype, np.integer):
                 raise StatsError(f"counts for layer {name!r} must be integers, got {array.dtype}")
+            if array.size:
+                _check_counts(name, array, sizes, names)
             counts[name] = _readonly(array.astype(np.int64, copy=False))
-        names = tuple(self.class_names) if self.class_names else tuple(str(i) for i in range(c))
-        if len(names) != c:
-            raise StatsError(f"{len(names)} class names given for {c} classes")
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise StatsError(f"class names must be distinct; repeated: {repeated}")
@@ -209,22 +233,29 @@ class OccurrenceStats:
     def csm(self, name: str) -> np.ndarray:
         """Eq. 3, float64 (K, C, H, W), divided by |C| - 1; over the classes with samples (a
         class without any has NaN maps and is left out of the others' means)."""
-        aom, present = self._aom_present(name)
+        aom, present = self._aom_present(name, between=True)
         return self._per_class(csm(aom[:, present]), aom.shape, present)
 
     def class_selectivity(self, name: str) -> np.ndarray:
         """Average CSM per (kernel, class), float64 (K, C); NaN for a class without samples."""
-        aom, present = self._aom_present(name)
+        aom, present = self._aom_present(name, between=True)
         return self._per_class(class_selectivity(aom[:, present]), aom.shape[:2], present)
 
     def selectivity(self, name: str) -> np.ndarray:
         """Eq. 4, float64 (K,), over ordered pairs c0 != c1 of classes with samples."""
-        aom, present = self._aom_present(name)
+        aom, present = self._aom_present(name, between=True)
         return selectivity(aom[:, present])
 
-    def _aom_present(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """The AOM and the indices of the classes with samples (every class, normally)."""
-        return self.aom(name), np.flatnonzero(self.class_sizes > 0)
+    def _aom_present(self, name: str, between: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The AOM and the indices of the classes with samples (every class, normally);
+        ``between``: for a measure between classes, which needs two of them."""
+        present = np.flatnonzero(self.class_sizes > 0)
+        if between and len(present) < 2 <= self.num_classes:
+            raise StatsError(
+                f"the measures between classes need at least 2 classes with samples; "
+                f"{len(present)} of the {self.num_classes} classes have any "
+                f"({', '.join(self.class_names[i] for i in present) or 'none'})")
+        return self.aom(name), present
 
     def _per_class(self, values: np.ndarray, shape: tuple[int, ...], present: np.ndarray
                    ) -> np.ndarray:

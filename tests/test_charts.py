@@ -490,6 +490,17 @@ def test_charts_render_in_jupyter_like_altair(stats: OccurrenceStats, findings: 
     assert any(key.startswith("application/vnd.vegalite") for key in bundle)
 
 
+def test_class_names_vega_cannot_hold_are_shown_changed() -> None:
+    """A U+2028 in a class name stopped every view (Vega's expression lexer), and a class named
+    "" was the class menu's "all"."""
+    base = make_stats(k=3, c=3, h=2, w=2)
+    stats = OccurrenceStats(dict(base.counts), base.class_sizes, ("a\u2028b", "", "(unnamed)"))
+    spec = spec_of(charts.layer_view(stats, "conv", analyze(stats)))
+    params = {p["name"]: p for p in spec["params"]}
+    shown = ["a b", "(unnamed) (class 1)", "(unnamed) (class 2)"]
+    assert params["classes"]["bind"]["options"] == ["", *shown]
+    assert "\u2028" not in json.dumps(spec, ensure_ascii=False)
+
 def test_layer_view_with_one_class_that_has_samples_leaves_out_the_class_comparisons() -> None:
     """Two classes, one of them empty: the view is the AOM grid and the ODM, as for one class
     (it used to fail, saying the statistics had 1 class)."""

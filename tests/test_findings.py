@@ -77,6 +77,23 @@ def test_dead_wins_over_class_blind_and_thresholds_move_the_line() -> None:
     assert [(f.kernel, f.reason) for f in looser.ineffective] == [(0, "dead")]
 
 
+
+def test_a_value_on_a_threshold_falls_on_the_side_its_rule_names() -> None:
+    """Occurrence fractions are ratios of counts: 0.60 - 0.55 and 0.55 - 0.50 are 0.05 on
+    paper but one side of 0.05 or the other in floating point, and were decided by that."""
+    n = 100
+    for high, low in ((55, 50), (60, 55), (35, 30)):  # |difference| 0.05: not < 0.05
+        aom = layer(per_class([high / n, low / n]), per_class([low / n, high / n]))
+        assert analyze_layer("c", aom, class_names=("a", "b")).too_small.similar_pairs == ()
+    for first, second in ((60, 70), (30, 40), (20, 30)):  # ODM (0.1 + 0) / 2 = 0.05: grouped
+        aom = layer(per_class([first / n, 0.0]), per_class([second / n, 0.0]),
+                    per_class([0.1, 0.9]))
+        groups = analyze_layer("c", aom, class_names=("a", "b")).redundant_groups
+        assert [sorted(g.members) for g in groups] == [[0, 1]], (first, second)
+    for low, high in ((25, 35), (50, 60)):  # class spread 0.05: not < 0.05, not class-blind
+        aom = layer(per_class([low / n, high / n]), per_class([0.9, 0.1]))
+        assert analyze_layer("c", aom, class_names=("a", "b")).ineffective == ()
+
 # ------------------------------------------------------------------------------ task 1: redundant
 def test_near_identical_kernels_grouped_with_most_selective_as_representative() -> None:
     aom = layer(

@@ -150,6 +150,13 @@ def test_report_escapes_text_and_cannot_close_its_scripts(tmp_path: Path) -> Non
     assert json.dumps(spec).count("</script>") >= 1  # the class name, decoded again
 
 
+def test_merged_statistics_name_every_data_set() -> None:
+    base = make_stats(k=3, c=2, h=2, w=2)
+    a = OccurrenceStats(dict(base.counts), base.class_sizes, metadata={"source": "digits"})
+    b = OccurrenceStats(dict(base.counts), base.class_sizes, metadata={"source": "npz:x.npz"})
+    page = parse(build_report(a + b, None))
+    assert "data: digits, npz:x.npz" in " ".join(page.text)
+
 def test_write_report_makes_its_folder_and_refuses_a_file(
     tmp_path: Path, two_layer_stats: OccurrenceStats
 ) -> None:

@@ -96,12 +96,33 @@ def test_matrices_equal_brute_force(shape: tuple[int, int, int, int], data: st.D
 
 def random_stats(seed: int, sizes: list[int], meta: dict | None = None) -> OccurrenceStats:
     rng = np.random.default_rng(seed)
+    most = np.asarray(sizes)[None, :, None, None] + 1  # a count is at most its class's size
     counts = {
-        "a": rng.integers(0, 3, size=(3, len(sizes), 2, 2)),
-        "b": rng.integers(0, 3, size=(5, len(sizes), 1, 1)),
+        "a": rng.integers(0, most, size=(3, len(sizes), 2, 2)),
+        "b": rng.integers(0, most, size=(5, len(sizes), 1, 1)),
     }
     return OccurrenceStats(counts, np.array(sizes), metadata=meta or {"model_digest": "d"})
 
+
+def test_counts_no_collection_can_make_are_refused() -> None:
+    """A count above its class's size, or negative, gave AOMs of 3.0 or -0.67 and an ODM of 2
+    without a sign (and later an error about passing CSMs)."""
+    sizes = np.array([3, 3, 0])
+    with pytest.raises(StatsError, match=r"layer 'L' exceed the size of class 'b': 4 of its 3"):
+        OccurrenceStats({"L": np.array([1, 4, 0]).reshape(1, 3, 1, 1)}, sizes, ("a", "b", "c"))
+    with pytest.raises(StatsError, match=r"class 'c': 1 of its 0"):  # an empty class counts 0
+        OccurrenceStats({"L": np.array([1, 1, 1]).reshape(1, 3, 1, 1)}, sizes, ("a", "b", "c"))
+    with pytest.raises(StatsError, match=r"layer 'L' must be >= 0"):
+        OccurrenceStats({"L": np.array([1, -2, 0]).reshape(1, 3, 1, 1)}, sizes)
+    with pytest.raises(StatsError, match=r"class_sizes must be >= 0"):
+        OccurrenceStats({}, np.array([3, -1]))
+    ok = OccurrenceStats({"L": np.array([3, 0, 0]).reshape(1, 3, 1, 1)}, sizes)
+    assert ok.counts["L"].max() == 3
+    one = OccurrenceStats({"L": np.array([1, 0]).reshape(1, 2, 1, 1)}, np.array([3, 0]),
+                          ("a", "b"))
+    with pytest.raises(StatsError, match=r"at least 2 classes with samples; 1 of the 2 classes "
+                                         r"have any \(a\)"):  # it said "the statistics have 1"
+        one.selectivity("L")
 
 def test_merge_adds_counts_exactly() -> None:
     x, y = random_stats(0, [4, 5]), random_stats(1, [2, 3])
