@@ -951,16 +951,21 @@ def layer_view(
     page_size: int = 64,
     cell: int = 28,
     odm_size: int = 640,
+    first_page: int = 1,
 ) -> alt.VConcatChart:
     """All views of ``layer``, linked: ODM on top; AOM grid, CSM grid and selectivity below.
 
     Clicking a kernel (row) in the ODM selects it (shift-click adds, double-click clears):
     its rows are framed in orange and always shown in the grids and bars, other rows fade.
     A class menu (``classes``) filters the grids' columns; layers with more than
-    ``page_size`` kernels get a page slider (``page``). With fewer than 2 classes there is
-    no CSM or selectivity.
+    ``page_size`` kernels get a page slider (``page``), which starts at ``first_page`` (the
+    page a static image shows). With fewer than 2 classes there is no CSM or selectivity.
     """
     prepared = _prepare(stats, layer, findings, order=order, page_size=page_size)
+    if isinstance(first_page, bool) or not isinstance(first_page, int | np.integer) \
+            or not 1 <= first_page <= prepared.pages:
+        raise ReportError(f"first_page must be a page of layer {layer!r}: 1..{prepared.pages} "
+                          f"({page_size} kernels a page), got {first_page!r}")
     kw: dict[str, Any] = {"order": prepared.order, "page_size": page_size}
     kernels = kernel_selection()
     classes = alt.param(
@@ -977,7 +982,7 @@ def layer_view(
     if prepared.pages > 1:
         page = alt.param(
             name="page",
-            value=1,
+            value=int(first_page),
             bind=alt.binding_range(
                 min=1, max=prepared.pages, step=1, name=f"kernels page (of {prepared.pages}, "
                 f"{page_size} a page) "

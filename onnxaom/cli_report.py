@@ -39,13 +39,18 @@ def _cmd_render(args: argparse.Namespace) -> int:
     else:
         found = analyze(stats, layers=[layer]).layer(layer)
     kw: dict[str, Any] = {}
+    kernels = int(stats.counts[layer].shape[0])
+    pages = max(1, -(-kernels // max(args.page_size, 1)))
+    if args.page is not None and not 1 <= args.page <= pages:
+        raise ReportError(f"--page {args.page}: layer {layer!r} has {kernels} kernels, "
+                          f"{pages} page(s) of {args.page_size}; choose 1..{pages}")
     if args.view in ("aom", "csm", "selectivity"):
         kw = {"page": args.page, "page_size": args.page_size}
-        kernels = int(stats.counts[layer].shape[0])
-        pages = max(1, -(-kernels // max(args.page_size, 1)))
-        if args.page is not None and not 1 <= args.page <= pages:
-            raise ReportError(f"--page {args.page}: layer {layer!r} has {kernels} kernels, "
-                              f"{pages} page(s) of {args.page_size}; choose 1..{pages}")
+    elif args.view == "layer":  # a static image shows the slider's page: all kernels, or N
+        kw = ({"page_size": max(kernels, 1)} if args.page is None
+              else {"page_size": args.page_size, "first_page": args.page})
+    elif args.page is not None:
+        raise ReportError(f"--page does not apply to --view {args.view}: it shows every kernel")
     makers: dict[str, Callable[..., Any]] = {
         "aom": charts.aom_grid,
         "odm": charts.odm_heatmap,
@@ -121,7 +126,8 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--findings", metavar="JSON",
                    help="findings.json for the kernel order and groups (default: computed)")
     p.add_argument("--page", type=int, default=None, metavar="N",
-                   help="aom/csm/selectivity: draw only kernels page N (default: all kernels)")
+                   help="aom/csm/selectivity/layer: draw only kernels page N (default: all "
+                        "kernels)")
     p.add_argument("--page-size", type=int, default=64, metavar="K",
                    help="kernels a page (default 64)")
     p.add_argument("--scale", type=_positive, default=1.0,

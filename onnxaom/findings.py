@@ -521,15 +521,20 @@ class Findings:
 
     def summary_lines(self) -> list[str]:
         """The findings in plain words, one line each, for a report or the command line."""
-        lines: list[str] = []
+        return [line for _, line in self.task_lines()]
+
+    def task_lines(self) -> list[tuple[int | None, str]]:
+        """:meth:`summary_lines`, each with the paper's task it answers: 1 (kernels to remove),
+        2 (a layer too small), 3 (a model too shallow), or None (nothing to report, notes)."""
+        lines: list[tuple[int | None, str]] = []
         for layer in self.layers:
-            lines.extend(_layer_lines(layer, self.thresholds))
+            lines.extend(_tagged_lines(layer, self.thresholds))
         notes: dict[str, list[str]] = {}
         for layer in self.layers:
             for note in layer.notes:
                 notes.setdefault(note, []).append(layer.name)
         for note, names in notes.items():
-            lines.append(f"note ({_join(names)}): {note}")
+            lines.append((None, f"note ({_join(names)}): {note}"))
         return lines
 
 
@@ -927,36 +932,41 @@ def _join(items: Iterable[object], limit: int = SUMMARY_MAX_ITEMS) -> str:
 
 
 def _layer_lines(layer: LayerFindings, t: Thresholds) -> list[str]:
+    return [line for _, line in _tagged_lines(layer, t)]
+
+
+def _tagged_lines(layer: LayerFindings, t: Thresholds) -> list[tuple[int | None, str]]:
+    """The layer's findings in words, each with its task (see :meth:`Findings.task_lines`)."""
     name, k = layer.name, layer.num_kernels
-    lines = []
+    lines: list[tuple[int | None, str]] = []
     if layer.ineffective:
         counts = {r: sum(f.reason == r for f in layer.ineffective) for r in REASONS}
         words = {"dead": "dead", "always_on": "always on", "class_blind": "class-blind"}
         parts = ", ".join(f"{counts[r]} {words[r]}" for r in REASONS if counts[r])
-        lines.append(
+        lines.append((1,
             f"{name}: {len(layer.ineffective)} of {k} kernels ineffective ({parts}): "
             f"kernels {_join(layer.ineffective_kernels)}"
-        )
+        ))
     for g in layer.redundant_groups:
-        lines.append(
+        lines.append((1,
             f"{name}: kernels {_join(g.members)} behave alike (keep {g.representative}, the most "
             f"selective; mean ODM {g.mean_distance:.3f})"
-        )
+        ))
     pairs = layer.too_small.similar_pairs
     if pairs:
         listed = _join(f"{p.names[0]!r}/{p.names[1]!r} ({p.value:.3f})" for p in pairs)
-        lines.append(
+        lines.append((2,
             f"{name}: {len(pairs)} class pair(s) look alike in every kernel (largest mean "
             f"difference < {t.class_pair_below:g}): {listed}; the layer may be too small"
-        )
+        ))
     weak = layer.too_small.weak_classes
     if weak:
         listed = _join(f"{w.name!r} (best {w.value:.2f})" if w.kernel is not None
                        else f"{w.name!r} (no effective kernel)" for w in weak)
-        lines.append(
+        lines.append((2,
             f"{name}: {len(weak)} class(es) reach less than {t.weak_class_below:.0%} occurrence "
             f"in every effective kernel: {listed}; the layer may be too small"
-        )
+        ))
     s = layer.shallow
     if s is not None:
         measured = (
@@ -964,7 +974,7 @@ def _layer_lines(layer: LayerFindings, t: Thresholds) -> list[str]:
             f"least {s.min_classes} of {s.num_classes} classes"
         )
         verdict = "the model may be too shallow" if s.raised else "no sign of a too-shallow model"
-        lines.append(f"{name} (last conv layer): {measured}; {verdict}")
+        lines.append((3, f"{name} (last conv layer): {measured}; {verdict}"))
     if not lines:
-        lines.append(f"{name}: {k} kernels, nothing to report")
+        lines.append((None, f"{name}: {k} kernels, nothing to report"))
     return lines

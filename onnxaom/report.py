@@ -237,6 +237,23 @@ def _summary_lines(findings: Any) -> list[str]:
     return []
 
 
+def _task_lines(findings: Any, lines: Sequence[str]) -> list[tuple[int | None, str]]:
+    """Each findings line with its task: from :meth:`Findings.task_lines`, or, for other
+    findings objects, by the wording :mod:`onnxaom.findings` uses (notes first: a note or a
+    class name may hold any word)."""
+    tagged = getattr(findings, "task_lines", None)
+    if callable(tagged):
+        return [(task, str(line)) for task, line in tagged()]
+    out: list[tuple[int | None, str]] = []
+    for line in lines:
+        task = None
+        if not line.startswith("note ("):
+            task = next((number for number, (_, words) in enumerate(_TASKS, 1)
+                         if any(word in line for word in words)), None)
+        out.append((task, line))
+    return out
+
+
 def _lines_of(findings: Any, layer: str, lines: Sequence[str]) -> list[str]:
     """The findings lines of ``layer``: :meth:`Findings.layer_lines`, or, for other findings
     objects, the summary lines that start with the layer's name ("conv1: ...", "conv1 (last
@@ -248,24 +265,20 @@ def _lines_of(findings: Any, layer: str, lines: Sequence[str]) -> list[str]:
 
 
 _TASKS = (
-    ("Task 1: kernels to remove (ineffective or redundant)", ("ineffective", "behave alike")),
-    ("Task 2: layers that may be too small", ("too small",)),
-    ("Task 3: is the model deep enough?", ("too shallow", "last conv layer")),
+    ("Task 1: kernels to remove (ineffective or redundant)",
+     ("kernels ineffective (", "behave alike (keep")),
+    ("Task 2: layers that may be too small", ("; the layer may be too small",)),
+    ("Task 3: is the model deep enough?", (" (last conv layer): ",)),
 )
 
 
-def _by_task(lines: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """Findings lines under the paper's three tasks (by their wording), the rest as notes."""
-    groups: dict[str, list[str]] = {heading: [] for heading, _ in _TASKS}
+def _by_task(tagged: Sequence[tuple[int | None, str]]) -> list[tuple[str, list[str]]]:
+    """Findings lines under the paper's three tasks, the rest as notes."""
+    groups: dict[int, list[str]] = {number: [] for number in range(1, len(_TASKS) + 1)}
     other: list[str] = []
-    for line in lines:
-        for heading, words in _TASKS:
-            if any(word in line for word in words):
-                groups[heading].append(line)
-                break
-        else:
-            other.append(line)
-    out = [(heading, found) for heading, found in groups.items() if found]
+    for task, line in tagged:
+        groups.get(task if task is not None else 0, other).append(line)
+    out = [(_TASKS[number - 1][0], found) for number, found in groups.items() if found]
     return out + ([("Other findings and notes", other)] if other else [])
 
 
@@ -297,6 +310,10 @@ def _layer_findings(findings: Any, layer: str) -> Any:
 
 
 # --------------------------------------------------------------------------- the report
+#: Above this size ``write_report`` warns that a browser will be slow to draw the report.
+LARGE_REPORT_BYTES = 50 * 2**20
+
+
 def build_report(
     stats: OccurrenceStats,
     findings: Any,
@@ -344,7 +361,7 @@ def build_report(
     lines = _summary_lines(findings)
     if not lines:
         parts.append("<p class='hint'>no findings were given.</p>")
-    for heading, task_lines in _by_task(lines):
+    for heading, task_lines in _by_task(_task_lines(findings, lines)):
         parts.append(f"<h3>{_e(heading)}</h3><ul>")
         parts.extend(f"<li>{_e(x)}</li>" for x in task_lines)
         parts.append("</ul>")
@@ -422,4 +439,10 @@ def write_report(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create report folder {out}: {exc.strerror or exc}") from exc
-    return atomic_write(out / REPORT_NAME, text.encode("utf-8"))
+    data = text.encode("utf-8")
+    if len(data) > LARGE_REPORT_BYTES:
+        log.warning("%s is %.0f MB (every kernel x class tile of every layer is inlined): a "
+                    "browser takes long to draw it; give layers=[...] (on the command line, "
+                    "render single views with `onnxaom render`) for a smaller one",
+                    out / REPORT_NAME, len(data) / 2**20)
+    return atomic_write(out / REPORT_NAME, data)

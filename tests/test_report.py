@@ -150,6 +150,32 @@ def test_report_escapes_text_and_cannot_close_its_scripts(tmp_path: Path) -> Non
     assert json.dumps(spec).count("</script>") >= 1  # the class name, decoded again
 
 
+def _sections(text: str) -> dict[str, list[str]]:
+    findings = text[text.index("<section id='findings'>"):]
+    findings = findings[:findings.index("</section>")]
+    return {heading: [html.unescape(li) for li in re.findall(r"<li>(.*?)</li>", body)]
+            for heading, body in re.findall(r"<h3>(.*?)</h3><ul>(.*?)</ul>", findings, re.S)}
+
+
+def test_findings_go_under_their_task_not_by_the_words_in_them() -> None:
+    """A note mentioning "ineffective" went under Task 1, and with a class named "ineffective
+    cat" every Task 2 line did too (the heading vanished)."""
+    import numpy as np
+
+    dead = np.zeros((3, 2, 2, 2), np.int64)
+    alive = np.random.default_rng(0).integers(0, 11, (4, 2, 2, 2))
+    stats = OccurrenceStats({"a": dead, "b": alive}, np.full(2, 10), ("ineffective cat", "dog"))
+    found = analyze(stats)
+    sections = _sections(build_report(stats, found))
+    assert [line.split(":")[0] for line in sections["Task 1: kernels to remove (ineffective or "
+                                                     "redundant)"]] == ["a"]
+    assert len(sections["Task 2: layers that may be too small"]) == 2
+    assert any(line.startswith("note (a): every kernel is ineffective")
+               for line in sections["Other findings and notes"])
+    tagged = found.task_lines()
+    assert [line for _, line in tagged] == found.summary_lines()
+    assert {task for task, _ in tagged} == {1, 2, 3, None}
+
 def test_merged_statistics_name_every_data_set() -> None:
     base = make_stats(k=3, c=2, h=2, w=2)
     a = OccurrenceStats(dict(base.counts), base.class_sizes, metadata={"source": "digits"})
@@ -242,8 +268,8 @@ def test_cli_render(tmp_path: Path, two_layer_stats: OccurrenceStats,
     assert issubclass(ModelFileNotFoundError, OnnxaomError)
 
 
-def test_findings_are_grouped_by_task() -> None:
-    from onnxaom.report import _by_task
+def test_findings_lines_of_other_objects_are_grouped_by_their_wording() -> None:
+    from onnxaom.report import _by_task, _task_lines
 
     lines = [
         "conv: 2 of 8 kernels ineffective (2 dead): kernels 1, 2",
@@ -252,11 +278,26 @@ def test_findings_are_grouped_by_task() -> None:
         "small",
         "conv (last conv layer): 1 of 8 kernels (12%) fire for ...; no sign of a too-shallow model",
         "fc: 10 kernels, nothing to report",
+        "note (fc): every kernel is ineffective; the weak-class check had no kernel to use",
     ]
-    grouped = dict(_by_task(lines))
-    assert [len(v) for v in grouped.values()] == [2, 1, 1, 1]
+    grouped = dict(_by_task(_task_lines(None, lines)))
+    assert [len(v) for v in grouped.values()] == [2, 1, 1, 2]
     assert [line for group in grouped.values() for line in group] == lines
 
+
+def test_cli_render_of_the_layer_view_draws_every_kernel_or_the_page_asked(
+        tmp_path: Path) -> None:
+    """It drew the first 64 kernels (the slider's first page) and ignored --page."""
+    stats = make_stats(k=70, c=2, h=2, w=2)
+    path = stats.save(tmp_path / "stats.npz")
+    drawn = {}
+    for name, extra in (("all", []), ("page2", ["--page", "2", "--page-size", "32"])):
+        out = tmp_path / f"{name}.svg"
+        assert main(["render", str(path), "--view", "layer", *extra, "-o", str(out)]) == 0
+        drawn[name] = out.read_text().count("<image")
+    assert drawn == {"all": 70 * 2 * 2 + 1, "page2": 32 * 2 * 2 + 1}  # AOM + CSM tiles, ODM
+    assert main(["render", str(path), "--view", "odm", "--page", "2", "-o",
+                 str(tmp_path / "odm.svg")]) == 1
 
 def test_cli_render_with_a_findings_file(tmp_path: Path,
                                          two_layer_stats: OccurrenceStats) -> None:
