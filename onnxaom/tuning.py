@@ -184,8 +184,9 @@ def _verdict(session: TuningSession, parent: Step, accuracy: float | None,
 
 def _judge(session: TuningSession, runner: Runner, step: Step, accept_drop: float | None,
            relative_to: str) -> StepReport:
-    """Undo ``step`` (the current one, recorded before steps were judged before their
-    record) if it lost more than ``accept_drop`` pp."""
+    """Undo ``step`` (the current one) if it lost more than ``accept_drop`` pp: for a loop
+    step recorded applied and never judged (written by a version that judged steps after
+    recording them, and cut short in between)."""
     parent = session.step(step.parent) if step.parent is not None else step
     change, reason = _verdict(session, parent, step.accuracy, accept_drop, relative_to)
     if reason is not None:
