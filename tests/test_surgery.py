@@ -1468,3 +1468,18 @@ def test_the_metadata_records_what_each_step_did():
     plain = apply(Model(zoo.chain()), [RemoveKernels("conv1", (0,))])
     steps = json.loads(dict((p.key, p.value) for p in plain.proto.metadata_props)[STEPS_KEY])
     assert steps[0]["result"]["removed_at"] == "probe"
+
+
+def test_the_step_record_replays_two_applies_the_flat_edit_list_cannot():
+    """Two prunes of conv1 in a row: in the flat edit list they are one step (and refused as
+    one layer named twice); the step record keeps them apart."""
+    proto = zoo.chain()
+    once = apply(Model(proto), [RemoveKernels("conv1", (0,))])
+    twice = apply(once, [RemoveKernels("conv1", (0,))])
+    meta = dict((p.key, p.value) for p in twice.proto.metadata_props)
+    with pytest.raises(EditError, match="named by two RemoveKernels edits in one step"):
+        apply(Model(proto), edits_from_json(meta[METADATA_KEY]))
+    replayed = Model(proto)
+    for step in json.loads(meta[STEPS_KEY]):
+        replayed = apply(replayed, edits_from_json(json.dumps(step["edits"])))
+    assert_same_function(twice.proto, replayed.proto)

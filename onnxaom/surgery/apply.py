@@ -11,12 +11,14 @@ Post-conditions, checked on every result (:class:`~onnxaom.EditError` if one fai
 input's IR version, opset imports, producer, doc strings, model and graph metadata, node names,
 node metadata, its choice of intermediate ``value_info`` (none stays none; a model with
 value_info gets it for new tensors too) and its external-data setting; the
-applied edits are appended as JSON to the metadata key ``"onnxaom.edits"`` (a replayable
-list of edits, :func:`onnxaom.edits.edits_from_json`), and what each step did to the key
-``"onnxaom.steps"`` (one object per step: its ``edits``, and its ``result``: for a removal
-the layers and kernels removed, coupled layers included, and ``removed_at``, ``"probe"`` or
-``"chain end"``; for a widening the layers widened and the source kernels; for an insertion
-the new layer's name and kernel count).
+applied edits are appended as JSON to the metadata key ``"onnxaom.edits"`` (every edit in
+order, :func:`onnxaom.edits.edits_from_json`), and what each step did to the key
+``"onnxaom.steps"``: one object per step, its ``edits`` and its ``result`` (for a removal
+the layers and kernels removed, coupled layers included, ``removed_at`` (``"probe"`` or
+``"chain end"``) and ``chain_end``; for a widening the layers widened and the source kernels;
+for an insertion the new layer's name and kernel count). The steps replay the history with
+one ``apply`` per step; the flat edit list alone would merge the consecutive removals of two
+applies into one step.
 """
 
 from __future__ import annotations
