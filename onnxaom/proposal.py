@@ -517,6 +517,10 @@ def propose(
         _check_model(stats, model, strategy)
     if findings is None:
         findings = analyze(stats, layers=chosen) if chosen else Findings((), class_names=())
+    elif findings.class_names and tuple(findings.class_names) != tuple(stats.class_names):
+        raise StatsError(f"the findings are of classes {list(findings.class_names)[:6]}, the "
+                         f"statistics of {list(stats.class_names)[:6]}: pass findings made from "
+                         f"these statistics")
     masses: dict[str, ReadMass] = {}
     dense_layers: set[str] = set()
     if (strategy in MODEL_STRATEGIES or strategy == "auto") and model is not None:
@@ -531,6 +535,7 @@ def propose(
         if lf.num_kernels != k:
             raise StatsError(f"findings for layer {name!r} have {lf.num_kernels} kernels, the "
                              f"statistics {k}: pass findings made from these statistics")
+        _check_findings_match(stats, name, lf)
         target = _check_target(name, targets[name], k) if name in targets else None
         mass = masses.get(name)
         used = _auto_strategy(mass, dense_layers) if strategy == "auto" else strategy
@@ -679,6 +684,39 @@ def _surgery_notes(model: Model, cg: ChannelGraph,
     except OnnxaomError as exc:
         notes.append(f"the surgery refuses these edits: {exc}")
     return notes
+
+
+def _check_findings_match(stats: OccurrenceStats, name: str, lf: LayerFindings) -> None:
+    """Refuse findings of ``name`` that these statistics do not give: the value each
+    ineffective kernel was found with (its highest or lowest occurrence, or its class spread),
+    and each redundant group's mean ODM, measured again on ``stats``."""
+    aom = stats.aom(name, warn=False)
+    m = aom[:, stats.class_sizes > 0]
+    k = m.shape[0]
+    flat = m.reshape(k, -1)
+    spread = np.abs(m - m.mean(axis=1, keepdims=True)).mean(axis=(2, 3)).max(axis=1) \
+        if m.shape[1] else np.zeros(k)
+    measured = {"dead": flat.max(axis=1, initial=0.0), "always_on": flat.min(axis=1, initial=1.0),
+                "class_blind": spread}
+    for found in lf.ineffective:
+        values = measured.get(found.reason)
+        if values is None or not 0 <= found.kernel < k:
+            continue
+        if abs(float(values[found.kernel]) - found.value) > 1e-6:
+            raise StatsError(
+                f"findings for layer {name!r} call kernel {found.kernel} {found.reason} with "
+                f"value {found.value:.4g}, these statistics give {float(values[found.kernel]):.4g}"
+                f": pass findings made from these statistics")
+    if lf.redundant_groups:
+        distance = stats.odm(name)
+        for group in lf.redundant_groups:
+            members = [i for i in group.members if 0 <= i < k]
+            pairs = distance[np.ix_(members, members)][np.triu_indices(len(members), 1)]
+            if pairs.size and abs(float(pairs.mean()) - group.mean_distance) > 1e-6:
+                raise StatsError(
+                    f"findings for layer {name!r} group kernels {list(group.members)} at mean "
+                    f"ODM {group.mean_distance:.4g}, these statistics give {pairs.mean():.4g}: "
+                    f"pass findings made from these statistics")
 
 
 #: Element-wise merges: a layer's channels pass through them from any input (a residual Add).

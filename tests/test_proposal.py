@@ -443,3 +443,22 @@ def test_a_proposal_says_when_the_removal_falls_back_to_the_chain_end():
     with pytest.warns(UserWarning, match="per-channel chains"):
         onnxaom.apply(model, list(proposal.edits))
     assert onnxaom.surgery.plan_removal(model, {"conv1": [0]}).removed_at is None  # not run
+
+
+def test_findings_of_other_statistics_are_refused() -> None:
+    """Only the kernel count was compared: findings with another dead kernel (or of other
+    classes) were used, removing a kernel that fires for every sample as "dead"."""
+    rng = np.random.default_rng(3)
+    counts = rng.integers(1, 11, (4, 3, 2, 2))
+    stats = OccurrenceStats({"conv": counts}, np.full(3, 10), ("x", "y", "z"))
+    dead = counts.copy()
+    dead[0] = 0
+    other = OccurrenceStats({"conv": dead}, np.full(3, 10), ("x", "y", "z"))
+    with pytest.raises(StatsError, match=r"call kernel 0 dead with value 0, these statistics "
+                                         r"give 0\.9"):
+        propose(stats, analyze(other), strategy="paper")
+    renamed = OccurrenceStats({"conv": counts}, np.full(3, 10), ("p", "q", "r"))
+    with pytest.raises(StatsError, match=r"findings are of classes \['p', 'q', 'r'\]"):
+        propose(stats, analyze(renamed), strategy="paper")
+    assert propose(stats, analyze(stats), strategy="paper").to_dict() == \
+        propose(stats, strategy="paper").to_dict()
