@@ -58,6 +58,7 @@ __all__ = [
     "WeakClass",
     "analyze",
     "analyze_layer",
+    "ineffective_kernels",
     "kernel_order",
 ]
 
@@ -774,6 +775,12 @@ def _sort_identical_runs(order: np.ndarray, flat: np.ndarray) -> np.ndarray:
             run = [int(i)]
     out.extend(sorted(run))
     return np.asarray(out, dtype=np.int64)
+
+
+def ineffective_kernels(m: np.ndarray, t: Thresholds) -> tuple[IneffectiveKernel, ...]:
+    """Task 1's ineffective kernels of an AOM ``m`` (K, C, H, W) over classes with samples,
+    by kernel index, as :func:`analyze_layer` finds them with thresholds ``t``."""
+    return _ineffective(m, t)
 
 
 def _ineffective(m: np.ndarray, t: Thresholds) -> tuple[IneffectiveKernel, ...]:

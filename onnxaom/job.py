@@ -18,6 +18,7 @@ from pathlib import Path
 from .collect import collect
 from .data import load_spec
 from .errors import ModelFileNotFoundError, OutputError
+from .files import same_file
 from .findings import Findings, analyze
 from .graph import dim_values
 from .instrument import image_input
@@ -61,6 +62,12 @@ def run_analysis(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ModelFileNotFoundError(f"--out {out} exists and is not a folder")
+    inputs = [model_path, *model.protected, *_spec_files(data_spec)]
+    for name in OUTPUT_NAMES:  # the results replace files of these names in --out
+        hit = next((given for given in inputs if same_file(out / name, given)), None)
+        if hit is not None:
+            raise OutputError(f"--out {out} would replace {out / name}, one of this command's "
+                              f"inputs ({hit}); choose another folder")
     created = _make_folder(out)  # before the long collection: a bad --out fails now
     try:
         stats = collect(
@@ -102,6 +109,19 @@ def run_analysis(
     ]
     lines.append(f"wrote {report_path}")
     return AnalysisResult(stats_path, findings_path, report_path, tuple(lines))
+
+
+#: The files :func:`run_analysis` writes into its folder.
+OUTPUT_NAMES = ("stats.npz", "findings.json", "report.html")
+
+
+def _spec_files(spec: str) -> list[str]:
+    """The files a data spec reads (an npz archive, two IDX files); none for the others."""
+    if spec.startswith("npz:"):
+        return [spec[len("npz:"):]]
+    if spec.startswith("idx:"):
+        return [part.strip() for part in spec[len("idx:"):].split(",")]
+    return [spec] if spec.lower().endswith(".npz") else []
 
 
 def _make_folder(out: Path) -> list[Path]:

@@ -75,7 +75,14 @@ import onnx
 from .edits import RemoveKernels
 from .errors import EditError, LayerNotFoundError, OnnxaomError, StatsError
 from .files import atomic_write_text, read_json
-from .findings import Findings, IneffectiveKernel, LayerFindings, analyze
+from .findings import (
+    Findings,
+    IneffectiveKernel,
+    LayerFindings,
+    Thresholds,
+    analyze,
+    ineffective_kernels,
+)
 from .graph import GraphIndex
 from .layers import (
     CONSTANT_ARITHMETIC,
@@ -535,7 +542,7 @@ def propose(
         if lf.num_kernels != k:
             raise StatsError(f"findings for layer {name!r} have {lf.num_kernels} kernels, the "
                              f"statistics {k}: pass findings made from these statistics")
-        _check_findings_match(stats, name, lf)
+        _check_findings_match(stats, name, lf, findings.thresholds)
         target = _check_target(name, targets[name], k) if name in targets else None
         mass = masses.get(name)
         used = _auto_strategy(mass, dense_layers) if strategy == "auto" else strategy
@@ -686,13 +693,23 @@ def _surgery_notes(model: Model, cg: ChannelGraph,
     return notes
 
 
-def _check_findings_match(stats: OccurrenceStats, name: str, lf: LayerFindings) -> None:
-    """Refuse findings of ``name`` that these statistics do not give: the value each
-    ineffective kernel was found with (its highest or lowest occurrence, or its class spread),
+def _check_findings_match(stats: OccurrenceStats, name: str, lf: LayerFindings,
+                          thresholds: Thresholds) -> None:
+    """Refuse findings of ``name`` that these statistics do not give: the ineffective kernels
+    and the value each was found with (its highest or lowest occurrence, or its class spread),
     and each redundant group's mean ODM, measured again on ``stats``."""
     aom = stats.aom(name, warn=False)
     m = aom[:, stats.class_sizes > 0]
     k = m.shape[0]
+    if m.shape[1]:
+        here = {(f.kernel, f.reason) for f in ineffective_kernels(m, thresholds)}
+        given = {(f.kernel, f.reason) for f in lf.ineffective}
+        if here != given:
+            kernel, reason = min(here ^ given)
+            says = "call" if (kernel, reason) in given else "do not call"
+            raise StatsError(
+                f"findings for layer {name!r} {says} kernel {kernel} {reason}, unlike these "
+                f"statistics: pass findings made from these statistics")
     flat = m.reshape(k, -1)
     spread = np.abs(m - m.mean(axis=1, keepdims=True)).mean(axis=(2, 3)).max(axis=1) \
         if m.shape[1] else np.zeros(k)

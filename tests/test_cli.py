@@ -60,6 +60,22 @@ def test_analyze_npz_data(tmp_path: Path) -> None:
     assert stats.layer_names == ("conv1", "conv2") and stats.num_samples == 20
 
 
+def test_analyze_refuses_a_folder_where_it_would_replace_its_input(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--data npz:DIR/stats.npz --out DIR` replaced the data with counts, and a model saved
+    as DIR/stats.npz was overwritten; both exited 0."""
+    model_path = zoo.save(zoo.chain(), tmp_path / "stats.npz")
+    data = tmp_path / "data" / "stats.npz"
+    data.parent.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.normal(size=(6, 3, 8, 8)).astype(np.float32), y=np.arange(6) % 3)
+    before = {p: p.read_bytes() for p in (model_path, data)}
+    for spec, out in ((f"npz:{data}", data.parent), (str(data), tmp_path)):
+        assert main(["analyze", str(model_path), "--data", spec, "--out", str(out), "-q"]) == 1
+        assert "one of this command's inputs" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before
+
+
 def test_layers_lists_probe_points(capsys) -> None:
     assert main(["layers", str(DEFAULT_MODEL)]) == 0
     out = capsys.readouterr().out

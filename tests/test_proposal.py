@@ -454,11 +454,13 @@ def test_findings_of_other_statistics_are_refused() -> None:
     dead = counts.copy()
     dead[0] = 0
     other = OccurrenceStats({"conv": dead}, np.full(3, 10), ("x", "y", "z"))
-    with pytest.raises(StatsError, match=r"call kernel 0 dead with value 0, these statistics "
-                                         r"give 0\.9"):
+    with pytest.raises(StatsError, match=r"findings for layer 'conv' call kernel 0 dead, unlike "
+                                         r"these statistics"):
         propose(stats, analyze(other), strategy="paper")
     renamed = OccurrenceStats({"conv": counts}, np.full(3, 10), ("p", "q", "r"))
     with pytest.raises(StatsError, match=r"findings are of classes \['p', 'q', 'r'\]"):
         propose(stats, analyze(renamed), strategy="paper")
+    with pytest.raises(StatsError, match=r"do not call kernel 0 dead, unlike these statistics"):
+        propose(other, analyze(stats), strategy="paper")  # kernel 0 left out: it was kept
     assert propose(stats, analyze(stats), strategy="paper").to_dict() == \
         propose(stats, strategy="paper").to_dict()
