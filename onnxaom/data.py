@@ -810,20 +810,30 @@ def _import_pillow() -> Any:
 
 def _class_files(folder: Path) -> tuple[list[Path], list[Path]]:
     """A class folder's image files, in it and below it, sorted, and the other files (names
-    starting with "." left out of both). Links to folders below it are not followed (a link
-    may loop); the class folder itself may be one."""
+    starting with "." left out of both). Links to folders are followed, as torchvision's
+    ``ImageFolder`` follows them, each real folder once (a link may loop)."""
     images: list[Path] = []
     others: list[Path] = []
+    seen: set[str] = set()
 
     def fail(exc: OSError) -> None:
         raise DataError(f"{exc.filename or folder}: cannot list the folder "
                         f"({exc.strerror or exc})") from exc
 
-    for root, dirs, names in os.walk(folder, onerror=fail):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    for root, dirs, names in os.walk(folder, onerror=fail, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # reached again through a link: its files are counted already
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in names:
             path = Path(root) / name
-            if name.startswith(".") or not path.is_file():  # hidden, or a broken link
+            try:
+                regular = path.is_file()
+            except OSError as exc:  # a folder that can be listed but not entered
+                raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+            if name.startswith(".") or not regular:  # hidden, or a broken link
                 continue
             (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(path)
     return sorted(images), others

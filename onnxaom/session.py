@@ -188,8 +188,8 @@ def _check_settings(path: Path, config: Mapping[str, Any], progress: Mapping[str
         return isinstance(value, int | float) and not isinstance(value, bool) \
             and math.isfinite(value)
 
-    def count(value: Any, least: int) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+    def count(value: Any, least: int) -> bool:  # 256.0 from a hand-written config is 256
+        return number(value) and float(value).is_integer() and value >= least
 
     loop = config.get("loop") or {}
     data = config.get("data") or {}
@@ -202,9 +202,9 @@ def _check_settings(path: Path, config: Mapping[str, Any], progress: Mapping[str
             continue
         if not isinstance(keep, Mapping):
             fail(where, "a JSON object of layer -> kernel count", keep)
-        for layer, n in keep.items():
-            if not count(n, 1):
-                fail(f"{where}[{layer!r}]", "a kernel count >= 1", n)
+        for layer, n in keep.items():  # 0 is refused by the proposal, with its reason
+            if not count(n, 0):
+                fail(f"{where}[{layer!r}]", "a kernel count", n)
     for where, drop in (("progress 'accept_drop'", progress.get("accept_drop")),
                         ("config loop 'accept_drop'", loop.get("accept_drop"))):
         if drop is not None and not (number(drop) and drop >= 0):
@@ -221,7 +221,8 @@ def _check_settings(path: Path, config: Mapping[str, Any], progress: Mapping[str
     if "batch_size" in loop and not count(loop["batch_size"], 1):
         fail("config loop 'batch_size'", "an integer >= 1", loop["batch_size"])
     fraction = data.get("train_fraction")
-    if fraction is not None and not (number(fraction) and 0 < fraction < 1):
+    if fraction is not None and "test_spec" not in data \
+            and not (number(fraction) and 0 < fraction < 1):  # unused with test data
         fail("config data 'train_fraction'", "a number between 0 and 1", fraction)
     if "seed" in data and not count(data["seed"], 0):
         fail("config data 'seed'", "an integer >= 0", data["seed"])

@@ -392,7 +392,8 @@ def resume_loop(session: TuningSession, runner: Runner, data: Dataset, *,
     state = dict(session.progress)
     loop = dict(session.config.get("loop") or {})
     strategy = str(state.get("strategy", loop.get("strategy", DEFAULT_STRATEGY)))
-    keep = state.get("keep", loop.get("keep")) or None
+    keep = {str(k): int(v) for k, v in (state.get("keep", loop.get("keep")) or {}).items()} \
+        or None  # session.json may write 5 as 5.0
     relative_to = str(state.get("relative_to", loop.get("relative_to", "baseline")))
     layers = state.get("layers", loop.get("layers"))
     kept = state.get("accept_drop", loop.get("accept_drop", 1.0))

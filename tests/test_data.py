@@ -888,6 +888,30 @@ def test_a_class_folder_is_read_with_the_folders_below_it(
     assert "skipped 1 file(s) that are not images" in caplog.text and "notes.txt" in caplog.text
 
 
+def test_links_below_a_class_folder_are_followed_once(tmp_path: Path) -> None:
+    """As torchvision's ImageFolder (it was left out silently); a link back up does not loop."""
+    root = make_folder(tmp_path / "set", {"cat": [("L", (3, 3))]})
+    batch = make_folder(tmp_path / "elsewhere", {"batch2": [("L", (3, 3))] * 3})
+    (root / "cat" / "batch2").symlink_to(batch / "batch2", target_is_directory=True)
+    (root / "cat" / "loop").symlink_to(root / "cat", target_is_directory=True)
+    assert len(load_image_folder(root)) == 4
+
+
+def test_a_file_that_cannot_be_examined_is_named(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a folder that can be listed but not entered, is_file() raised PermissionError."""
+    root = make_folder(tmp_path / "set", {"cat": [("L", (3, 3))]})
+    real = Path.is_file
+
+    def is_file(self: Path) -> bool:
+        if self.name == "000.png":  # root ignores chmod, so the OS refusal is simulated
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    with pytest.raises(DataError, match=r"cat/000\.png: cannot read \(Permission denied\)"):
+        load_image_folder(root)
+
 def test_image_files_without_a_known_scale_are_refused(tmp_path: Path) -> None:
     """A float TIFF was read as all zeros (truncated to 8 bits); a 32-bit integer one beyond
     16 bits was divided by 257 as if it were 16-bit."""

@@ -319,7 +319,8 @@ def test_resume_refuses_damaged_folders_naming_the_file(setup, tmp_path):
     for key, value, message in (  # the loop met these as tracebacks mid-way
             ("data", {"train_fraction": "x"}, r"config data 'train_fraction' must be a number"),
             ("loop", {"batch_size": "abc"}, r"config loop 'batch_size' must be an integer"),
-            ("loop", {"keep": {"conv1": 0}}, r"config loop 'keep'\['conv1'\] must be a kernel"),
+            ("loop", {"keep": {"conv1": -1}}, r"config loop 'keep'\['conv1'\] must be a kernel"),
+            ("data", {"train_fraction": 1.0}, r"config data 'train_fraction' must be a number"),
             ("loop", {"accept_drop": "x"}, r"config loop 'accept_drop' must be a number"),
             ("loop", {"relative_to": "mom"}, r"config loop 'relative_to' must be 'baseline'")):
         data = json.loads(good)
@@ -332,6 +333,12 @@ def test_resume_refuses_damaged_folders_naming_the_file(setup, tmp_path):
     json_file.write_text(json.dumps(data))
     with pytest.raises(SessionError, match=r"progress 'keep'\['conv1'\] must be a kernel count"):
         TuningSession.resume(folder)
+    for key, value in (("data", {"test_spec": "digits", "train_fraction": 1.0}),  # unused
+                       ("data", {"seed": 0.0}), ("loop", {"batch_size": 256.0, "keep": {"c": 0}})):
+        data = json.loads(good)
+        data["config"][key] = value
+        json_file.write_text(json.dumps(data))
+        TuningSession.resume(folder)  # what session start or a hand-written config holds
     json_file.unlink()
     json_file.mkdir()
     with pytest.raises(SessionError, match="cannot be read"):
