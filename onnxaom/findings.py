@@ -591,7 +591,7 @@ def analyze_layer(
     flat = _flatten(m)
     tree = _tree(flat)
 
-    ineffective = _ineffective(m, thresholds)
+    ineffective = ineffective_kernels(m, thresholds)
     effective = np.ones(k, dtype=bool)
     effective[[f.kernel for f in ineffective]] = False
     if not effective.any():
@@ -780,10 +780,6 @@ def _sort_identical_runs(order: np.ndarray, flat: np.ndarray) -> np.ndarray:
 def ineffective_kernels(m: np.ndarray, t: Thresholds) -> tuple[IneffectiveKernel, ...]:
     """Task 1's ineffective kernels of an AOM ``m`` (K, C, H, W) over classes with samples,
     by kernel index, as :func:`analyze_layer` finds them with thresholds ``t``."""
-    return _ineffective(m, t)
-
-
-def _ineffective(m: np.ndarray, t: Thresholds) -> tuple[IneffectiveKernel, ...]:
     k = m.shape[0]
     flat = m.reshape(k, -1)
     high, low = flat.max(axis=1), flat.min(axis=1)

@@ -702,28 +702,20 @@ def _check_findings_match(stats: OccurrenceStats, name: str, lf: LayerFindings,
     m = aom[:, stats.class_sizes > 0]
     k = m.shape[0]
     if m.shape[1]:
-        here = {(f.kernel, f.reason) for f in ineffective_kernels(m, thresholds)}
-        given = {(f.kernel, f.reason) for f in lf.ineffective}
-        if here != given:
-            kernel, reason = min(here ^ given)
+        here = {(f.kernel, f.reason): f.value for f in ineffective_kernels(m, thresholds)}
+        given = {(f.kernel, f.reason): f.value for f in lf.ineffective}
+        if here.keys() != given.keys():
+            kernel, reason = min(here.keys() ^ given.keys())
             says = "call" if (kernel, reason) in given else "do not call"
             raise StatsError(
                 f"findings for layer {name!r} {says} kernel {kernel} {reason}, unlike these "
                 f"statistics: pass findings made from these statistics")
-    flat = m.reshape(k, -1)
-    spread = np.abs(m - m.mean(axis=1, keepdims=True)).mean(axis=(2, 3)).max(axis=1) \
-        if m.shape[1] else np.zeros(k)
-    measured = {"dead": flat.max(axis=1, initial=0.0), "always_on": flat.min(axis=1, initial=1.0),
-                "class_blind": spread}
-    for found in lf.ineffective:
-        values = measured.get(found.reason)
-        if values is None or not 0 <= found.kernel < k:
-            continue
-        if abs(float(values[found.kernel]) - found.value) > 1e-6:
-            raise StatsError(
-                f"findings for layer {name!r} call kernel {found.kernel} {found.reason} with "
-                f"value {found.value:.4g}, these statistics give {float(values[found.kernel]):.4g}"
-                f": pass findings made from these statistics")
+        for (kernel, reason), value in given.items():
+            if abs(here[(kernel, reason)] - value) > 1e-6:
+                raise StatsError(
+                    f"findings for layer {name!r} call kernel {kernel} {reason} with value "
+                    f"{value:.4g}, these statistics give {here[(kernel, reason)]:.4g}: pass "
+                    f"findings made from these statistics")
     if lf.redundant_groups:
         distance = stats.odm(name)
         for group in lf.redundant_groups:
