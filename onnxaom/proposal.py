@@ -552,7 +552,9 @@ def propose(
         cg = _channel_graph(model, notes)
         coupled: list[list[str]] = []
         if cg is not None:
+            layer_props = _whole_units(cg, layer_props, notes)
             layer_props, coupled = _reconcile_coupled(cg, layer_props, targets, notes)
+            layer_props = _whole_units(cg, layer_props, notes)
         layer_props = _balance_groups(model, layer_props, notes, coupled)
         if cg is not None:
             notes.extend(_surgery_notes(model, cg, layer_props))
@@ -571,6 +573,56 @@ def _channel_graph(model: Model, notes: list[str]) -> ChannelGraph | None:
     except OnnxaomError as exc:
         notes.append(f"coupled layers not checked: {exc}")
         return None
+
+
+def _removal_units(cg: ChannelGraph, name: str) -> list[list[int]] | None:
+    """``name``'s kernels in the sets the surgery removes together (kernels whose channels
+    share a class of the traced graph: the kernels of one input channel of a depthwise conv
+    with a channel multiplier); None when every kernel goes alone."""
+    ref = cg.layers.get(name)
+    if ref is None:
+        return None
+    by_class: dict[int, list[int]] = {}
+    for kernel, slot in enumerate(ref.slots.tolist()):
+        by_class.setdefault(cg.slots.find(slot), []).append(kernel)
+    units = list(by_class.values())
+    return units if any(len(u) > 1 for u in units) else None
+
+
+def _whole_units(cg: ChannelGraph, props: list[LayerProposal],
+                 notes: list[str]) -> list[LayerProposal]:
+    """Keep whole :func:`_removal_units`: walking each layer's ``order``, a kernel brings its
+    unit, until at least as many kernels as proposed are kept (a target of 5 with units of 2
+    keeps 6). Without this the surgery would remove a kept kernel with a removed one of its
+    unit, and the model would keep fewer kernels than the proposal says."""
+    out = []
+    for p in props:
+        units = _removal_units(cg, p.layer)
+        if units is None:
+            out.append(p)
+            continue
+        unit_of = {kernel: tuple(u) for u in units for kernel in u}
+        kept: list[int] = []
+        for kernel in p.order:
+            if len(kept) >= len(p.kept):
+                break
+            if kernel not in kept:
+                kept.extend(unit_of[kernel])
+        if sorted(kept) == list(p.kept):
+            out.append(p)
+            continue
+        removed = [i for i in range(p.num_kernels) if i not in kept]
+        reasons = tuple(
+            f"{'kept' if i in kept else 'removed'}: with its unit {list(unit_of[i])} (the "
+            f"surgery removes these kernels together) ({p.reasons[i]})"
+            for i in range(p.num_kernels))
+        out.append(replace(p, kept=tuple(kept), removed=tuple(removed), reasons=reasons))
+        sizes = sorted({len(u) for u in units})
+        asked = "" if len(kept) == len(p.kept) else f", {len(p.kept)} asked"
+        notes.append(f"layer {p.layer!r}: kept {len(kept)} kernels{asked}, in whole units of "
+                     f"{'/'.join(map(str, sizes))}: the surgery removes the kernels of one "
+                     f"channel together (a depthwise conv with a channel multiplier)")
+    return out
 
 
 def _reconcile_coupled(cg: ChannelGraph, props: list[LayerProposal],

@@ -4,6 +4,7 @@ kernel targets and every strategy; overrides; JSON; invariants under hypothesis.
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -399,6 +400,37 @@ def test_a_target_for_a_layer_tied_in_another_channel_order_is_refused():
     proposal = propose(stats, keep={"conv1": 3}, layers=["conv1", "dw"], model=model,
                        strategy="selectivity")
     assert len(proposal.layer("dw").kept) == 6  # two per kept conv1 channel
+
+
+def test_a_depthwise_conv_with_a_multiplier_keeps_whole_channels():
+    """dw (8 kernels, multiplier 2) alone: the surgery removes an input channel's two kernels
+    together, so the proposal keeps whole pairs (5 asked -> 6) and the applied model keeps
+    exactly the kernels the proposal names. Before, it kept 5 and the model only 2 or 4."""
+    from .test_surgery import depthwise_multiplier
+
+    proto = depthwise_multiplier()
+    model = onnxaom.Model(proto)
+    stats = onnxaom.collect(model, zoo.random_input(proto, batch=60, seed=4),
+                            np.arange(60) % 3, progress=False)
+    for keep, expected in ((5, 6), (4, 4), (1, 2)):
+        for strategy in ("selectivity", "clusters", "paper"):
+            proposal = propose(stats, keep={"dw": keep}, layers=["dw"], model=model,
+                               strategy=strategy)
+            kept = proposal.layer("dw").kept
+            assert len(kept) == expected
+            assert all(k ^ 1 in kept for k in kept)  # pairs (0, 1), (2, 3), ...
+            if expected != keep:
+                assert any("whole units of 2" in n and f"{keep} asked" in n
+                           for n in proposal.notes)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no "loses kernels besides" warning
+                edited = onnxaom.apply(model, list(proposal.edits))
+            layers = {layer.name: layer for layer in onnxaom.summary(edited).layers}
+            assert layers["dw"].kernels == expected
+    # listed first, dw leads and conv1 follows its whole pairs
+    proposal = propose(stats, keep={"dw": 4}, layers=["dw", "conv1"], model=model,
+                       strategy="selectivity")
+    assert len(proposal.layer("dw").kept) == 4 and len(proposal.layer("conv1").kept) == 2
 
 
 def test_a_proposal_names_the_coupled_layers_its_edits_also_change():
