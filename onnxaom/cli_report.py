@@ -131,7 +131,7 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--page-size", type=int, default=64, metavar="K",
                    help="kernels a page (default 64)")
     p.add_argument("--scale", type=_positive, default=1.0,
-                   help="PNG/PDF scale factor (default 1)")
+                   help="PNG scale factor (default 1; SVG and PDF are vector)")
     p.set_defaults(func=_cmd_render)
 
     p = subparsers.add_parser(

@@ -355,7 +355,7 @@ def add_parsers(subparsers: Any) -> None:
     q.add_argument("--findings", metavar="FINDINGS.json",
                    help="findings to use (default: computed from the statistics)")
     q.add_argument("--layers", nargs="+", metavar="NAME",
-                   help="layers to propose for (default: the conv layers)")
+                   help="layers to propose for (default: those of --keep, else the conv layers)")
     q.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES,
                    help=f"how kernels are chosen (default {DEFAULT_STRATEGY}; see "
                    f"experiments/RESULTS.md)")

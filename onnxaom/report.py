@@ -69,7 +69,8 @@ def _spec(chart_or_spec: Any) -> dict[str, Any]:
 def render(chart_or_spec: Any, path: str | os.PathLike[str], *, scale: float = 1.0) -> Path:
     """Write ``chart_or_spec`` (an Altair chart or a Vega-Lite dict) to ``path``.
 
-    The format follows the suffix: ``.png`` (``scale`` x its pixel size), ``.svg`` or ``.pdf``.
+    The format follows the suffix: ``.png`` (``scale`` x its pixel size), ``.svg`` or ``.pdf``
+    (vector: ``scale`` other than 1 is refused).
     Written atomically; returns the path.
     """
     import vl_convert as vlc
@@ -89,17 +90,21 @@ def render(chart_or_spec: Any, path: str | os.PathLike[str], *, scale: float = 1
         scale = math.nan
     if not math.isfinite(scale) or scale <= 0:
         raise ReportError(f"scale must be a positive number, got {scale!r}")
+    if scale != 1 and suffix != ".png":
+        raise ReportError(f"scale applies to PNG only ({suffix[1:].upper()} is vector: it "
+                          f"scales without loss), got scale {scale:g} for {path.name}")
     spec = _spec(chart_or_spec)
     version = _vl_version()
     data: bytes
     try:
         if suffix == ".svg":
             data = str(vlc.vegalite_to_svg(spec, vl_version=version)).encode("utf-8")
+        elif suffix == ".pdf":
+            data = bytes(vlc.vegalite_to_pdf(spec, vl_version=version))
         else:
             if scale > 1:
                 _check_pixels(str(vlc.vegalite_to_svg(spec, vl_version=version)), scale, path)
-            convert = vlc.vegalite_to_png if suffix == ".png" else vlc.vegalite_to_pdf
-            data = bytes(convert(spec, vl_version=version, scale=scale))
+            data = bytes(vlc.vegalite_to_png(spec, vl_version=version, scale=scale))
     except ReportError:
         raise
     except Exception as exc:  # vl-convert raises ValueError with the Rust error inside
@@ -108,7 +113,7 @@ def render(chart_or_spec: Any, path: str | os.PathLike[str], *, scale: float = 1
     return atomic_write(path, data)
 
 
-#: The most pixels a scaled PNG or PDF may have (about 1 GiB of RGBA while drawing).
+#: The most pixels a scaled PNG may have (about 1 GiB of RGBA while drawing).
 MAX_RENDER_PIXELS = 250_000_000
 
 

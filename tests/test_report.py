@@ -224,6 +224,21 @@ def test_render_refuses_a_scale_it_cannot_draw(tmp_path: Path, scale: float,
     assert not (tmp_path / "odm.png").exists()
 
 
+@pytest.mark.parametrize("suffix", [".svg", ".pdf"])
+def test_render_refuses_a_scale_for_vector_formats(tmp_path: Path, suffix: str,
+                                                   recwarn: pytest.WarningsRecorder) -> None:
+    """A scale was ignored for SVG, and for PDF vl-convert printed its own warning and wrote
+    scale 1: both formats are vector, so a scale other than 1 is refused, and 1 is quiet."""
+    from onnxaom import charts
+
+    chart = charts.odm_heatmap(make_stats(k=5, c=3, h=3, w=3), "conv", order=range(5))
+    with pytest.raises(ReportError, match="PNG only"):
+        render(chart, tmp_path / f"odm{suffix}", scale=3)
+    assert not (tmp_path / f"odm{suffix}").exists()
+    render(chart, tmp_path / f"odm{suffix}", scale=1)
+    assert not [w for w in recwarn.list if "scale" in str(w.message)]
+
+
 def test_a_layer_section_has_only_its_own_findings(tmp_path: Path) -> None:
     """Layers named ``conv``, ``conv (b)`` and ``conv: x``: the section of ``conv`` must not
     take the others' lines for its own (they start with its name)."""
