@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError, SessionError, StatsError
-from .proposal import DEFAULT_STRATEGY, STRATEGIES
+from .proposal import DEFAULT_STRATEGY, MODEL_STRATEGIES, STRATEGIES
 
 __all__ = ["add_parsers", "parse_keep", "parse_override"]
 
@@ -153,6 +153,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
                           input_shape=(1, *train.image_shape), num_classes=train.num_classes,
                           seed=args.seed)
     if args.train_epochs is not None:
+        if args.loop_layers:  # a wrong name fails now, not after the training
+            runner.check_loop_layers(module, args.loop_layers)
         module = retrain(module, train, args.train_epochs, lr=args.lr,
                          batch_size=args.batch_size, seed=args.seed, device=args.device,
                          progress=not args.quiet).module
@@ -190,6 +192,9 @@ def _cmd_propose(args: argparse.Namespace) -> int:
 
     if args.output:  # before any work; the model's own files are checked once it is loaded
         refuse_inputs(args.output, [args.stats, args.findings, args.model])
+    if args.strategy in MODEL_STRATEGIES and not args.model:
+        raise StatsError(f"--strategy {args.strategy} reads the next layers' weights: give "
+                         f"--model MODEL.onnx (the model the statistics were collected on)")
     stats = OccurrenceStats.load(args.stats)
     findings = Findings.from_json(args.findings) if args.findings else None
     keep: dict[str, int] = dict(parse_keep(k) for k in args.keep or [])

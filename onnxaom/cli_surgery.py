@@ -176,12 +176,16 @@ def add_parsers(subparsers: Any) -> None:
     _add_output(p)
     p.add_argument("--layer", required=True, help="layer to widen")
     p.add_argument("--add", required=True, type=int, help="how many kernels to add")
-    p.add_argument("--init", choices=WIDEN_INITS, default="net2net")
-    p.add_argument("--sources", metavar="INDICES", help="net2net: kernels to copy, e.g. 0,0,3")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", choices=WIDEN_INITS, default="net2net",
+                   help="how new kernels start (default net2net)")
+    p.add_argument("--sources", metavar="INDICES",
+                   help="net2net: kernels to copy, e.g. 0,0,3 (default: drawn with --seed)")
+    p.add_argument("--seed", type=int, default=0, help="random draws (default 0)")
     p.add_argument("--noise", type=float, default=0.0,
-                   help="net2net: relative noise on copies (breaks exact preservation)")
-    p.add_argument("--coupled", choices=COUPLED_MODES, default="propagate")
+                   help="net2net: relative noise on copies (breaks exact preservation; "
+                        "default 0)")
+    p.add_argument("--coupled", choices=COUPLED_MODES, default="propagate",
+                   help="coupled residual layers: widen them too (default) or refuse")
     p.set_defaults(func=_cmd_widen)
 
     p = subparsers.add_parser(
@@ -191,10 +195,12 @@ def add_parsers(subparsers: Any) -> None:
     )
     _add_output(p)
     p.add_argument("--after", required=True, help="layer whose ReLU the new layer follows")
-    p.add_argument("--kernel-size", type=int, default=3)
-    p.add_argument("--init", choices=INSERT_INITS, default="identity")
+    p.add_argument("--kernel-size", type=int, default=3,
+                   help="the new conv's kernel size (default 3)")
+    p.add_argument("--init", choices=INSERT_INITS, default="identity",
+                   help="identity (same function) or random (default identity)")
     p.add_argument("--name", help="node name of the new layer (default <after>_deep)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random init's seed (default 0)")
     p.set_defaults(func=_cmd_deepen)
 
     p = subparsers.add_parser("summary", help="kernels, parameters and MACs per layer")

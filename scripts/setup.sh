@@ -3,8 +3,9 @@
 #   scripts/setup.sh core   the library and its CLI (enough for `onnxaom demo`)
 #   scripts/setup.sh dev    + torch adapter, test tools, and the Debian packages the tests use
 #                           (chromium, chromium-driver, dataset-fashion-mnist)
-# torch: where no NVIDIA GPU is present we install the CPU build that this machine's pip can
-# find (torch==2.13.0); with a GPU the default (CUDA) build that satisfies torch>=2.3.
+# torch: where no NVIDIA GPU is present, a CPU build: 2.13.0 where pip finds that wheel on local
+# disk (this machine image), else the newest from PyTorch's CPU index; with a GPU the default
+# (CUDA) build that satisfies torch>=2.3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-core}"
@@ -33,8 +34,17 @@ if [ "$mode" = "dev" ]; then
         if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
             pip_q "torch>=2.3"
         else
-            # this machine image carries a CPU build of 2.13.0 for pip; elsewhere fall back to the range
-            pip_q "torch==2.13.0" 2>/dev/null || pip_q "torch>=2.3"
+            # No GPU: a CPU build. This machine image carries one of 2.13.0 on local disk (pip's
+            # find-links); elsewhere PyTorch's CPU index has one (PyPI's Linux wheel is CUDA's).
+            wheels="$(mktemp -d)"
+            if python -m pip download -qq --no-deps --no-index -d "$wheels" "torch==2.13.0" \
+                    2>/dev/null; then
+                pip_q "torch==2.13.0"
+            else
+                pip_q --index-url https://download.pytorch.org/whl/cpu "torch>=2.3" \
+                    || pip_q "torch>=2.3"
+            fi
+            rm -rf "$wheels"
         fi
     fi
     pip_q -e ".[torch,dev]"

@@ -56,8 +56,10 @@ def test_propose_usage_reads_the_model_given(stats_file, tmp_path, capsys):
                  str(model_path), "--keep", "conv2=3", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["strategy"] == "usage" and len(data["layers"][0]["kept"]) == 3
-    assert main(["session", "propose", str(path), "--strategy", "usage"]) == 1
-    assert "pass model=" in capsys.readouterr().err
+    for strategy in ("usage", "activity"):  # the option's name, not the Python keyword
+        assert main(["session", "propose", str(path), "--strategy", strategy]) == 1
+        err = capsys.readouterr().err
+        assert f"--strategy {strategy} reads" in err and "--model MODEL.onnx" in err
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -303,9 +305,15 @@ def test_start_usage_errors_exit_2(tmp_path, capsys, args):
     (["--loop-layers", "/nope/Conv"], "loop layers '/nope/Conv' are not layers"),
 ])
 def test_start_refuses_a_bad_device_or_loop_layer_in_one_line(tmp_path, torch_runner, capsys,
-                                                             args, message):
-    """Refused before a session is written (a bad device before training), in one line; they
-    used to end in a traceback, or to fail only at `session resume`."""
+                                                             monkeypatch, args, message):
+    """Refused before training and before a session is written, in one line; they used to
+    end in a traceback, or to fail only at `session resume` (a loop layer: after training)."""
+    import onnxaom_torch.train
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("trained before refusing")
+
+    monkeypatch.setattr(onnxaom_torch.train, "retrain", no_training)
     assert main(start_args(tmp_path / "s", "--train-epochs", "1", *args)) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err

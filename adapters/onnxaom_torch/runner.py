@@ -36,7 +36,7 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -283,12 +283,7 @@ class TorchRunner:
         self._check_factory(base)
         model = self._export(base)
         map_layers(base, model)  # the export must map back onto the module
-        names = [layer.name for layer in model.layers()]
-        missing = [name for name in (loop or {}).get("layers") or () if name not in names]
-        if missing:  # refused now, not when `session resume` reaches them
-            raise LayerNotFoundError(f"loop layers {', '.join(map(repr, missing))} are not "
-                                     f"layers of the exported model; its layers: "
-                                     f"{', '.join(names)}")
+        _check_loop_layers(model, (loop or {}).get("layers") or ())
         result = evaluate(base, self.test, device=self.device)
         config = {"runner": self.config(), "data": dict(data or {}), "loop": dict(loop or {})}
         session = TuningSession.create(
@@ -393,6 +388,11 @@ class TorchRunner:
                 p in order for p in paths) else -1
             paths.extend(p for p in order[:last] if isinstance(modules.get(p), PER_CHANNEL_TYPES))
         return list(dict.fromkeys(paths))
+
+    def check_loop_layers(self, module: nn.Module, layers: Iterable[str]) -> None:
+        """Refuse ``layers`` that are not layers of ``module``'s export (what :meth:`start`
+        checks), before a long training: the names depend on the structure, not the weights."""
+        _check_loop_layers(self._export(copy.deepcopy(module).cpu().eval()), layers)
 
     def _export(self, module: nn.Module) -> onnxaom.Model:
         shape = self._input_shape()
@@ -510,3 +510,13 @@ def runner_from_session(session: TuningSession, train: Any, test: Any,
     except (TypeError, ValueError) as exc:
         raise SessionError(f"the session's runner options {options} are not valid: "
                            f"{one_line(exc)}") from exc
+
+
+def _check_loop_layers(model: onnxaom.Model, layers: Iterable[str]) -> None:
+    """Loop layers must be layers of ``model`` (refused at start, not when `session resume`
+    reaches them)."""
+    names = [layer.name for layer in model.layers()]
+    missing = [name for name in layers if name not in names]
+    if missing:
+        raise LayerNotFoundError(f"loop layers {', '.join(map(repr, missing))} are not layers of "
+                                 f"the exported model; its layers: {', '.join(names)}")
