@@ -331,6 +331,54 @@ def test_depthwise_channels_and_groups_follow_the_producer():
     assert_removal_exact(proto, {"dwconv2": [1]}, coupled="refuse")
 
 
+def per_channel_group_norm(groups: int = 4, pad: int = 1) -> onnx.ModelProto:
+    """conv1 (4) -> nn.GroupNorm(groups, 4) as the legacy exporter writes it (Reshape to
+    (N, groups, -1) -> InstanceNormalization -> Reshape back to Shape(conv output) -> Mul ->
+    Add, the shifts positive) -> ReLU -> conv2 (3, padded by ``pad``) -> global average pool ->
+    Flatten -> Gemm."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 2, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(np.array([0, groups, -1], np.int64), "grouped"),
+             numpy_helper.from_array(np.ones(groups, np.float32), "in_scale"),
+             numpy_helper.from_array(np.zeros(groups, np.float32), "in_bias"),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, (4, 1, 1)).astype(np.float32), "g"),
+             numpy_helper.from_array(rng.uniform(0.2, 0.8, (4, 1, 1)).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.normal(size=(3, 4, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.normal(size=(2, 3)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Reshape", ["c1", "grouped"], ["r1"]),
+             helper.make_node("InstanceNormalization", ["r1", "in_scale", "in_bias"], ["n1"]),
+             helper.make_node("Shape", ["c1"], ["c1_shape"]),
+             helper.make_node("Reshape", ["n1", "c1_shape"], ["r2"]),
+             helper.make_node("Mul", ["r2", "g"], ["scaled"]),
+             helper.make_node("Add", ["scaled", "b"], ["shifted"]),
+             helper.make_node("Relu", ["shifted"], ["a1"]),
+             helper.make_node("Conv", ["a1", "w2"], ["c2"], name="conv2", pads=[pad] * 4),
+             helper.make_node("GlobalAveragePool", ["c2"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2, 6, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("pad", [0, 1])
+def test_removal_through_a_per_channel_group_norm_zeroes_at_the_relu(pad: int):
+    """nn.GroupNorm(C, C) as the legacy exporter writes it normalises each channel alone,
+    so the surgery removes through it. The conv output is read twice (by the Reshape and by
+    the Shape the Reshape back reads): the chain to the probe went on no further, so the
+    surgery took the removed channel as zero at the conv output and folded ReLU(shift) into
+    the next layer's bias, 2e-2 off the removal at the probe, with no warning (or, before a
+    padded conv, refused the removal)."""
+    proto = per_channel_group_norm(pad=pad)
+    assert find_layers(proto)[0].chain[-1] == "Relu"
+    for kernels in ([0], [1, 3], [0, 2, 3]):
+        assert_removal_exact(proto, {"conv1": kernels})
+    with pytest.raises(EditError, match="'r1' \\(Reshape\\) reshapes the channel axis"):
+        remove_kernels(Model(per_channel_group_norm(groups=2)), {"conv1": [0]})  # 2 a group
+
+
 def test_depthwise_with_channel_multiplier():
     proto = depthwise_multiplier()
     assert plan_removal(Model(proto), {"conv1": [1]}).removed == {"conv1": (1,), "dw": (2, 3)}

@@ -513,7 +513,8 @@ class NormThenRelu(nn.Module):
         self.c1 = nn.Conv2d(3, 4, 3, padding=1)
         self.norm = {"instance": nn.InstanceNorm2d(4),
                      "instance_affine": nn.InstanceNorm2d(4, affine=True),
-                     "group": nn.GroupNorm(2, 4)}[norm]
+                     "group": nn.GroupNorm(2, 4),
+                     "group_per_channel": nn.GroupNorm(4, 4)}[norm]
         self.relu = nn.ReLU()
         self.c2 = nn.Conv2d(4, 5, 3, padding=1)
         self.fc = nn.Linear(5, 3)
@@ -522,9 +523,14 @@ class NormThenRelu(nn.Module):
         return self.fc(torch.relu(self.c2(self.relu(self.norm(self.c1(x))))).mean(dim=(2, 3)))
 
 
-@pytest.mark.parametrize("norm", ["instance", "instance_affine", "group"])
+@pytest.mark.parametrize("norm", ["instance", "instance_affine", "group", "group_per_channel"])
 def test_norms_after_a_conv_follow_its_edits_and_insertions(tmp_path, norm):
+    """A GroupNorm with one channel a group normalises each channel alone, so its edits go
+    through it (its weight and bias sliced or grown); with 2 channels a group they do not."""
     module = torch_zoo.reinit(NormThenRelu(norm), 0).eval()
+    if norm.startswith("group"):
+        with torch.no_grad():  # shifts of both signs: a removed channel is not zero after it
+            module.norm.bias.copy_(torch.tensor([0.4, -0.3, 0.6, 0.2]))
     model = export(tmp_path, module, (1, 3, 8, 8))
     c1 = model.layers()[0].name
     result = assert_parity(tmp_path, module, model, [InsertLayer(after=c1)])
@@ -534,7 +540,10 @@ def test_norms_after_a_conv_follow_its_edits_and_insertions(tmp_path, norm):
             with pytest.raises(EditError, match="Reshape"):
                 apply_edits(module, model, [edit])
         else:
-            assert_parity(tmp_path, module, model, [edit])
+            result = assert_parity(tmp_path, module, model, [edit])
+            if norm == "group_per_channel":
+                kernels = result.module.c1.out_channels
+                assert result.module.norm.num_groups == result.module.norm.num_channels == kernels
 
 
 class UpsamplingHead(nn.Module):

@@ -224,6 +224,23 @@ def test_upto_freezes_the_norm_in_front_of_a_pre_activation_conv(tmp_path, data)
     assert torch.equal(before, after)
 
 
+def test_a_per_channel_group_norm_is_frozen_with_its_layer(tmp_path, data):
+    """A GroupNorm with one channel a group follows conv1's removal (sliced) and is frozen
+    with conv1: its weight and bias, conv1's per-channel affine, do not train."""
+    runner = TorchRunner(data[0], data[1], factory="tests.torch_zoo:GroupNormNet", epochs=1,
+                         device="cpu", progress=False)
+    module = train_module.retrain(torch_zoo.GroupNormNet(), data[0], 1, seed=0, progress=False,
+                                  device="cpu").module
+    session = runner.start(tmp_path / "s", module)
+    step = runner.apply(session, [RemoveKernels("/conv1/Conv", (0, 2))])
+    assert step.step.info["frozen"] == ["conv1", "norm"]
+    edited = runner.module(session)
+    assert edited.norm.num_groups == edited.norm.num_channels == 4
+    for name in ("weight", "bias"):
+        kept = getattr(module.norm, name).detach()[[1, 3, 4, 5]]
+        assert torch.equal(getattr(edited.norm, name).detach(), kept)
+
+
 class FunctionalReluNet(torch.nn.Module):
     """Two convs whose ReLUs are functional: an insertion after conv1 wraps it as conv1.body."""
 

@@ -151,6 +151,22 @@ TORCH_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
+class GroupNormNet(nn.Module):
+    """conv1 -> GroupNorm with one channel a group -> ReLU -> conv2 -> ReLU -> global mean ->
+    fc: the norm's affine is conv1's, frozen with it."""
+
+    def __init__(self, channels: int = 1, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 6, 3, padding=1)
+        self.norm = nn.GroupNorm(6, 6)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv2(torch.relu(self.norm(self.conv1(x)))))
+        return self.fc(y.mean((2, 3)))
+
+
 class PreActConcat(nn.Module):
     """conv0 -> ReLU, concatenated with the image, then a pre-activation block: bn -> ReLU ->
     conv1 (1x1) -> ReLU -> global mean -> fc. ``bn`` is in front of conv1, in no layer's

@@ -398,6 +398,17 @@ def _edit_per_channel(module: nn.Module, path: str, r: Rewriter, change: Change)
                                                        neutral))
         if hasattr(module, "num_features"):
             module.num_features = change.size
+    elif isinstance(module, nn.GroupNorm):
+        # the surgery edits through a group norm only where each channel is its own group
+        if module.num_groups != module.num_channels or module.num_channels != change.old_size:
+            raise EditError(f"GroupNorm {path!r} has {module.num_groups} groups of "
+                            f"{module.num_channels} channels; only one channel a group "
+                            f"follows an edit of the {change.old_size} channels it reads")
+        for name, neutral in (("weight", 1.0), ("bias", 0.0)):
+            if getattr(module, name, None) is not None:
+                _set_param(module, name, r.per_channel(_numpy(getattr(module, name)), 0, change,
+                                                       neutral))
+        module.num_groups = module.num_channels = change.size
     elif isinstance(module, nn.PReLU):
         if module.num_parameters == 1:
             return

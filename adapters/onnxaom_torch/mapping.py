@@ -443,6 +443,8 @@ def _match(module: nn.Module, model: onnxaom.Model, run: Trace) -> LayerMap:
     for node in proto.graph.node:
         if node.op_type in (*PER_CHANNEL_OPS, "ConvTranspose"):
             kinds = PER_CHANNEL_TYPES if node.op_type in PER_CHANNEL_OPS else nn.ConvTranspose2d
+            if node.op_type == "InstanceNormalization":  # nn.GroupNorm as the legacy export
+                kinds = (*PER_CHANNEL_TYPES, nn.GroupNorm)  # writes it (one group a channel)
             for path, _ in node_module_paths(node):
                 if isinstance(modules.get(path), kinds):
                     nodes[node.name] = path

@@ -379,14 +379,16 @@ class TorchRunner:
         for name in chosen:
             path = edited.layers[name]
             paths.append(path)
-            paths.extend(p for p in run.chain(path) if isinstance(modules[p], PER_CHANNEL_TYPES))
+            paths.extend(p for p in run.chain(path, through=(nn.GroupNorm,))
+                         if isinstance(modules[p], _FROZEN_WITH_LAYER))
         if self.freeze == "upto" and paths:
             # the norms that run before the last frozen layer (a pre-activation block's BN
             # in front of its conv) are part of what is frozen: they feed it
             order = [call.name for call in run.calls]
             last = max(order.index(p) for p in paths if p in order) if any(
                 p in order for p in paths) else -1
-            paths.extend(p for p in order[:last] if isinstance(modules.get(p), PER_CHANNEL_TYPES))
+            paths.extend(p for p in order[:last]
+                         if isinstance(modules.get(p), _FROZEN_WITH_LAYER))
         return list(dict.fromkeys(paths))
 
     def check_loop_layers(self, module: nn.Module, layers: Iterable[str]) -> None:
@@ -510,6 +512,11 @@ def runner_from_session(session: TuningSession, train: Any, test: Any,
     except (TypeError, ValueError) as exc:
         raise SessionError(f"the session's runner options {options} are not valid: "
                            f"{one_line(exc)}") from exc
+
+
+#: Modules frozen with the layer they follow: its per-channel norms and activations with
+#: parameters, and a group norm's affine.
+_FROZEN_WITH_LAYER: tuple[type, ...] = (*PER_CHANNEL_TYPES, nn.GroupNorm)
 
 
 def _check_loop_layers(model: onnxaom.Model, layers: Iterable[str]) -> None:

@@ -347,15 +347,19 @@ def describe(node: gs.Node) -> str:
 def _chain_tensors(index: GraphIndex, layer: Layer, end: str) -> set[str]:
     """Tensors from the layer's output up to (not including) ``end``, its probe point or the
     end of its per-channel chain (:attr:`Layer.channel_end`): where a removed channel is
-    simply gone."""
+    simply gone. A ``Shape`` beside the chain (a legacy group norm's reshape back to
+    ``Shape(x)``) reads only sizes; the chain goes on through the one other reader."""
     out: set[str] = set()
     tensor = layer.output
     while tensor != end and tensor not in out:
         out.add(tensor)
-        reader = index.single_consumer(tensor)
-        if reader is None:
+        if tensor in index.graph_outputs:
             break
-        tensor = index.graph.node[reader].output[0]
+        readers = [r for r in index.consumers.get(tensor, [])
+                   if index.graph.node[r].op_type != "Shape"]
+        if len(readers) != 1:
+            break
+        tensor = index.graph.node[readers[0]].output[0]
     return out
 
 
