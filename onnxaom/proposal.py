@@ -555,7 +555,7 @@ def propose(
             layer_props = _whole_units(cg, layer_props, notes)
             layer_props, coupled = _reconcile_coupled(cg, layer_props, targets, notes)
             layer_props = _whole_units(cg, layer_props, notes)
-        layer_props = _balance_groups(model, layer_props, notes, coupled)
+        layer_props = _balance_groups(model, layer_props, notes, coupled, cg)
         if cg is not None:
             notes.extend(_surgery_notes(model, cg, layer_props))
     return Proposal(tuple(layer_props), strategy, stats_digest(stats),
@@ -818,12 +818,14 @@ def _channel_blocks(model: Model, index: GraphIndex, layer: Layer) -> int:
 
 
 def _balance_groups(model: Model, props: list[LayerProposal], notes: list[str],
-                    coupled: Sequence[Sequence[str]] = ()) -> list[LayerProposal]:
+                    coupled: Sequence[Sequence[str]] = (),
+                    cg: ChannelGraph | None = None) -> list[LayerProposal]:
     """Keep the same number of kernels in each block :func:`_channel_blocks` finds (the
     surgery refuses anything else): the best-ranked of each block by the layer's ``order``,
     the target rounded up to a multiple of the block count. The members of a ``coupled``
     group (one choice, one order) are balanced on the blocks of all of them, so they stay
-    one choice."""
+    one choice. Where the layer's kernels go in :func:`_removal_units` (on ``cg``) that lie
+    within the blocks, each block keeps whole units (its count rounded up to the unit)."""
     from .layers import find_layers
 
     index = GraphIndex(model.proto)
@@ -847,14 +849,28 @@ def _balance_groups(model: Model, props: list[LayerProposal], notes: list[str],
             continue
         each = -(-len(p.kept) // blocks)
         rank = {kernel: r for r, kernel in enumerate(p.order)}
-        kept = sorted(i for b in range(blocks)
-                      for i in sorted(range(b * size, (b + 1) * size), key=rank.__getitem__)[:each])
+        units = _removal_units(cg, p.layer) if cg is not None else None
+        unit_of = {i: (i,) for i in range(k)}
+        if units is not None and all(len({i // size for i in u}) == 1 for u in units):
+            unit_of.update((i, tuple(u)) for u in units for i in u)
+        kept = []
+        for b in range(blocks):
+            in_block: list[int] = []
+            for i in sorted(range(b * size, (b + 1) * size), key=rank.__getitem__):
+                if len(in_block) >= each:
+                    break
+                if i not in in_block:
+                    in_block.extend(unit_of[i])
+            kept.extend(in_block)
+        kept.sort()
+        each = len(kept) // blocks
         removed = [i for i in range(k) if i not in kept]
         reasons = tuple(f"{'kept' if i in kept else 'removed'}: the best {each} of its group of "
                         f"{size} (a grouped conv takes the same number from each of its "
                         f"{blocks} groups) ({p.reasons[i]})" for i in range(k))
         out.append(replace(p, kept=tuple(kept), removed=tuple(removed), reasons=reasons))
-        asked = "" if each * blocks == len(p.kept) else f", {len(p.kept)} asked"
+        wanted = p.target if p.target is not None else len(p.kept)
+        asked = "" if each * blocks == wanted else f", {wanted} asked"
         notes.append(f"layer {p.layer!r}: kept {each} of each group of {size} kernels "
                      f"({each * blocks} in all{asked}): a grouped conv removes the same number "
                      f"of channels from each of its groups")

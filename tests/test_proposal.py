@@ -433,6 +433,35 @@ def test_a_depthwise_conv_with_a_multiplier_keeps_whole_channels():
     assert len(proposal.layer("dw").kept) == 4 and len(proposal.layer("conv1").kept) == 2
 
 
+def test_whole_channels_and_equal_groups_together():
+    """dw (8 kernels, multiplier 2) read by a 1x1 conv of 2 groups: whole pairs, and as many
+    from each group of 4. 5 asked -> 3 a group -> whole pairs: 4 a group, all 8 kept; 2 asked
+    -> one pair a group. Before, the group balancing split the pairs again (6 proposed, 4 left
+    by the surgery, with its warning)."""
+    from .test_surgery import _Net
+
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
+    x = net.op("Relu", "relu2", [net.conv("dw", x, 4, 8, group=4)])
+    proto = net.head(net.op("Relu", "relu3", [net.conv("pw", x, 8, 8, k=1, group=2)]), 8)
+    model = onnxaom.Model(proto)
+    stats = onnxaom.collect(model, zoo.random_input(proto, batch=60, seed=4),
+                            np.arange(60) % 3, progress=False)
+    for keep, expected in ((5, 8), (2, 4), (4, 4)):
+        for strategy in ("selectivity", "clusters"):
+            proposal = propose(stats, keep={"dw": keep}, layers=["dw"], model=model,
+                               strategy=strategy)
+            kept = proposal.layer("dw").kept
+            assert len(kept) == expected and all(k ^ 1 in kept for k in kept)
+            assert sum(k < 4 for k in kept) == expected // 2
+            if expected < 8:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    edited = onnxaom.apply(model, list(proposal.edits))
+                layers = {layer.name: layer for layer in onnxaom.summary(edited).layers}
+                assert layers["dw"].kernels == expected
+
+
 def test_a_proposal_names_the_coupled_layers_its_edits_also_change():
     model = onnxaom.Model(zoo.residual(kernels=6, seed=2))
     stats = onnxaom.collect(model, zoo.random_input(model.proto, batch=60, seed=4),
