@@ -850,7 +850,7 @@ def _balance_groups(model: Model, props: list[LayerProposal], notes: list[str],
         each = -(-len(p.kept) // blocks)
         rank = {kernel: r for r, kernel in enumerate(p.order)}
         units = _removal_units(cg, p.layer) if cg is not None else None
-        unit_of = {i: (i,) for i in range(k)}
+        unit_of: dict[int, tuple[int, ...]] = {i: (i,) for i in range(k)}
         if units is not None and all(len({i // size for i in u}) == 1 for u in units):
             unit_of.update((i, tuple(u)) for u in units for i in u)
         kept = []
