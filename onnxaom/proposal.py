@@ -557,6 +557,8 @@ def propose(
             layer_props = _whole_units(cg, layer_props, notes)
         layer_props = _balance_groups(model, layer_props, notes, coupled, cg)
         if cg is not None:
+            notes.extend(_split_units_notes(cg, layer_props))
+        if cg is not None:
             notes.extend(_surgery_notes(model, cg, layer_props))
     return Proposal(tuple(layer_props), strategy, stats_digest(stats),
                     stats.metadata.get("model_digest"), tuple(notes))
@@ -623,6 +625,25 @@ def _whole_units(cg: ChannelGraph, props: list[LayerProposal],
                      f"{'/'.join(map(str, sizes))}: the surgery removes the kernels of one "
                      f"channel together (a depthwise conv with a channel multiplier)")
     return out
+
+
+def _split_units_notes(cg: ChannelGraph, props: Sequence[LayerProposal]) -> list[str]:
+    """A note for each layer whose kept kernels split one of its :func:`_removal_units`
+    (left so only where the units cross the groups of a grouped conv that reads the layer,
+    so that no choice of whole units keeps as many from each group)."""
+    notes = []
+    for p in props:
+        units = _removal_units(cg, p.layer)
+        kept = set(p.kept)
+        split = [u for u in units or () if kept & set(u) and not set(u) <= kept]
+        if split:
+            notes.append(f"layer {p.layer!r}: kept kernels split the units the surgery removes "
+                         f"together ({', '.join(str(list(u)) for u in split[:4])}: the kernels "
+                         f"of one channel of a depthwise conv with a channel multiplier), which "
+                         f"cross the groups of the grouped conv reading it; the applied model "
+                         f"keeps fewer kernels than proposed. Name whole units by hand, as many "
+                         f"from each group")
+    return notes
 
 
 def _reconcile_coupled(cg: ChannelGraph, props: list[LayerProposal],

@@ -462,6 +462,29 @@ def test_whole_channels_and_equal_groups_together():
                 assert layers["dw"].kernels == expected
 
 
+def test_units_that_cross_the_groups_of_a_reader_are_named_when_split():
+    """dw (6 kernels, multiplier 2: pairs {0,1} {2,3} {4,5}) read by a conv of 2 groups of 3:
+    {2,3} crosses the groups. Whatever the ranking, the proposal keeps whole pairs or says
+    that the applied model keeps fewer kernels than proposed."""
+    from .test_surgery import _Net
+
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 3)])
+    x = net.op("Relu", "relu2", [net.conv("dw", x, 3, 6, group=3)])
+    proto = net.head(net.op("Relu", "relu3", [net.conv("pw", x, 6, 6, k=1, group=2)]), 6)
+    model = onnxaom.Model(proto)
+    for seed in range(4):
+        stats = onnxaom.collect(model, zoo.random_input(proto, batch=60, seed=seed),
+                                np.arange(60) % 3, progress=False)
+        for strategy in ("selectivity", "clusters", "paper"):
+            proposal = propose(stats, keep={"dw": 3}, layers=["dw"], model=model,
+                               strategy=strategy)
+            kept = set(proposal.layer("dw").kept)
+            whole = all(k ^ 1 in kept for k in kept)
+            named = any("split the units" in n for n in proposal.notes)
+            assert whole != named
+
+
 def test_a_proposal_names_the_coupled_layers_its_edits_also_change():
     model = onnxaom.Model(zoo.residual(kernels=6, seed=2))
     stats = onnxaom.collect(model, zoo.random_input(model.proto, batch=60, seed=4),
