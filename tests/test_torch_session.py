@@ -210,15 +210,21 @@ def test_runner_options_are_checked_when_made_and_when_read_from_a_session(tmp_p
         runner_from_session(TuningSession.resume(session.folder, verify=False), *data)
 
 
+def _remove_from_trained(tmp_path, data, name: str):
+    """A session on ``tests.torch_zoo:<name>`` trained one epoch, then kernels 0 and 2 of
+    /conv1/Conv removed with one epoch of retraining: (runner, session, module, step)."""
+    runner = TorchRunner(data[0], data[1], factory=f"tests.torch_zoo:{name}", epochs=1,
+                         device="cpu", progress=False)
+    module = train_module.retrain(getattr(torch_zoo, name)(), data[0], 1, seed=0,
+                                  progress=False, device="cpu").module
+    session = runner.start(tmp_path / "s", module)
+    return runner, session, module, runner.apply(session, [RemoveKernels("/conv1/Conv", (0, 2))])
+
+
 def test_upto_freezes_the_norm_in_front_of_a_pre_activation_conv(tmp_path, data):
     """"upto" keeps the frozen part computing what it did: the batch norm that runs before the
     last frozen layer (a pre-activation block's BN, in no layer's chain) is frozen too."""
-    runner = TorchRunner(data[0], data[1], factory="tests.torch_zoo:PreActConcat", epochs=1,
-                         device="cpu", progress=False)
-    module = train_module.retrain(torch_zoo.PreActConcat(), data[0], 1, seed=0, progress=False,
-                                  device="cpu").module
-    session = runner.start(tmp_path / "s", module)
-    step = runner.apply(session, [RemoveKernels("/conv1/Conv", (0, 2))])
+    runner, session, module, step = _remove_from_trained(tmp_path, data, "PreActConcat")
     assert step.step.info["frozen"] == ["conv0", "conv1", "bn"]
     before, after = module.bn.running_mean, runner.module(session).bn.running_mean
     assert torch.equal(before, after)
@@ -227,12 +233,7 @@ def test_upto_freezes_the_norm_in_front_of_a_pre_activation_conv(tmp_path, data)
 def test_a_per_channel_group_norm_is_frozen_with_its_layer(tmp_path, data):
     """A GroupNorm with one channel a group follows conv1's removal (sliced) and is frozen
     with conv1: its weight and bias, conv1's per-channel affine, do not train."""
-    runner = TorchRunner(data[0], data[1], factory="tests.torch_zoo:GroupNormNet", epochs=1,
-                         device="cpu", progress=False)
-    module = train_module.retrain(torch_zoo.GroupNormNet(), data[0], 1, seed=0, progress=False,
-                                  device="cpu").module
-    session = runner.start(tmp_path / "s", module)
-    step = runner.apply(session, [RemoveKernels("/conv1/Conv", (0, 2))])
+    runner, session, module, step = _remove_from_trained(tmp_path, data, "GroupNormNet")
     assert step.step.info["frozen"] == ["conv1", "norm"]
     edited = runner.module(session)
     assert edited.norm.num_groups == edited.norm.num_channels == 4
