@@ -561,7 +561,7 @@ def propose(
         if cg is not None:
             notes.extend(_surgery_notes(model, cg, layer_props))
     return Proposal(tuple(layer_props), strategy, stats_digest(stats),
-                    stats.metadata.get("model_digest"), tuple(notes))
+                    stats.metadata.get("model_digest"), tuple(dict.fromkeys(notes)))
 
 
 def _channel_graph(model: Model, notes: list[str]) -> ChannelGraph | None:
@@ -668,6 +668,7 @@ def _reconcile_coupled(cg: ChannelGraph, props: list[LayerProposal],
         return name
 
     follows: dict[tuple[str, str], tuple[int, ...]] = {}  # (a, b): b's kernels a's removal takes
+    own: dict[str, tuple[int, ...]] = {}  # a: a's kernels its removal takes
     for p in props:
         try:
             with warnings.catch_warnings():  # a tie may take more of the layer: only probing
@@ -675,6 +676,7 @@ def _reconcile_coupled(cg: ChannelGraph, props: list[LayerProposal],
                 _, removal = plan(cg, [RemoveKernels(p.layer, p.removed or (0,))])
         except EditError:  # a layer the surgery refuses to edit: nothing to reconcile
             continue
+        own[p.layer] = tuple(removal.removed.get(p.layer, ()))  # with the kernels tied to them
         for other, kernels in removal.removed.items():
             if other != p.layer and other in by_name:
                 follows[(p.layer, other)] = tuple(kernels)
@@ -686,17 +688,17 @@ def _reconcile_coupled(cg: ChannelGraph, props: list[LayerProposal],
     aligned_groups: list[list[str]] = []
     for members in (m for m in groups.values() if len(m) > 1):
         asked = {targets[m] for m in members if m in targets}
-        if len(asked) > 1:
-            raise StatsError(
-                f"layers {', '.join(map(repr, members))} are coupled (their channels are merged "
-                f"element-wise or tied), so they keep the same kernels; keep asks "
-                f"{', '.join(f'{m}={targets[m]}' for m in members if m in targets)}")
         lead = by_name[members[0]]
         k = lead.num_kernels
-        n = asked.pop() if asked else len(lead.kept)
         aligned = all(by_name[m].num_kernels == k for m in members) and all(
-            follows.get((lead.layer, m), (0,)) == (lead.removed or (0,)) for m in members[1:])
+            follows.get((lead.layer, m)) == own.get(lead.layer) for m in members[1:])
         if aligned:
+            if len(asked) > 1:
+                raise StatsError(
+                    f"layers {', '.join(map(repr, members))} are coupled (their channels are "
+                    f"merged element-wise or tied), so they keep the same kernels; keep asks "
+                    f"{', '.join(f'{m}={targets[m]}' for m in members if m in targets)}")
+            n = asked.pop() if asked else len(lead.kept)
             position = {m: {kernel: r for r, kernel in enumerate(by_name[m].order)}
                         for m in members}
             order = sorted(range(k), key=lambda i: (sum(position[m][i] for m in members),
@@ -720,7 +722,8 @@ def _reconcile_coupled(cg: ChannelGraph, props: list[LayerProposal],
                 kept_m = tuple(i for i in range(by_name[m].num_kernels) if i not in gone)
                 reasons = tuple(f"{'kept' if i in kept_m else 'removed'}: follows coupled "
                                 f"layer {lead.layer!r}" for i in range(by_name[m].num_kernels))
-                if m in targets and len(kept_m) != targets[m]:
+                # its own proposal kept its target in whole units: the count to match
+                if m in targets and len(kept_m) != len(by_name[m].kept):
                     raise StatsError(
                         f"layer {m!r} is coupled to {lead.layer!r} in another channel order (a "
                         f"depthwise conv with a channel multiplier, or a concat), so its kernels "

@@ -485,6 +485,36 @@ def test_units_that_cross_the_groups_of_a_reader_are_named_when_split():
             assert whole != named
 
 
+def test_consistent_targets_for_layers_coupled_through_a_multiplier_are_accepted():
+    """conv1 (4) -> dw (8, multiplier 2): conv1=3 and dw=6 agree (3 channels, 2 kernels each)
+    and were refused as "they keep the same kernels". dw and a 1x1 side conv (8) merged by an
+    Add: 7 each is 8 each in whole channels, and was refused as "another channel order"."""
+    from .test_surgery import _Net, depthwise_multiplier
+
+    def stats_of(proto):
+        model = onnxaom.Model(proto)
+        return model, onnxaom.collect(model, zoo.random_input(proto, batch=60, seed=4),
+                                      np.arange(60) % 3, progress=False)
+
+    model, stats = stats_of(depthwise_multiplier())
+    proposal = propose(stats, keep={"conv1": 3, "dw": 6}, layers=["conv1", "dw"], model=model,
+                       strategy="selectivity")
+    assert len(proposal.layer("conv1").kept) == 3 and len(proposal.layer("dw").kept) == 6
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
+    merged = net.op("Add", "add", [net.conv("dw", x, 4, 8, group=4),
+                                   net.conv("side", x, 4, 8, k=1)])
+    model, stats = stats_of(net.head(net.op("Relu", "relu2", [merged]), 8))
+    proposal = propose(stats, keep={"dw": 5, "side": 5}, layers=["dw", "side"], model=model,
+                       strategy="selectivity")
+    assert proposal.layer("dw").kept == proposal.layer("side").kept
+    assert len(proposal.layer("dw").kept) == 6
+    assert len(proposal.notes) == len(set(proposal.notes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        onnxaom.apply(model, list(proposal.edits))
+
+
 def test_a_proposal_names_the_coupled_layers_its_edits_also_change():
     model = onnxaom.Model(zoo.residual(kernels=6, seed=2))
     stats = onnxaom.collect(model, zoo.random_input(model.proto, batch=60, seed=4),
