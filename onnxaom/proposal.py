@@ -841,6 +841,19 @@ def _channel_blocks(model: Model, index: GraphIndex, layer: Layer) -> int:
     return blocks
 
 
+def _aligned_partners(cg: ChannelGraph, name: str) -> list[str]:
+    """The other layers whose kernel i the surgery removes with kernel i of ``name`` (merged
+    element-wise with it: a residual Add), kernel for kernel."""
+    ref = cg.layers.get(name)
+    if ref is None:
+        return []
+    roots = [cg.slots.find(s) for s in ref.slots.tolist()]
+    return [other for other, slots in cg.layers.items()
+            if other != name and len(slots.slots) == len(roots)
+            and all(cg.slots.find(s) == r for s, r in zip(slots.slots.tolist(), roots,
+                                                           strict=True))]
+
+
 def _balance_groups(model: Model, props: list[LayerProposal], notes: list[str],
                     coupled: Sequence[Sequence[str]] = (),
                     cg: ChannelGraph | None = None) -> list[LayerProposal]:
@@ -856,6 +869,12 @@ def _balance_groups(model: Model, props: list[LayerProposal], notes: list[str],
     layers = {layer.name: layer for layer in find_layers(model.proto, index=index)}
     blocks_of = {p.layer: _channel_blocks(model, index, layers[p.layer]) if p.layer in layers
                  else 1 for p in props}
+    if cg is not None:  # layers merged with it kernel for kernel (a residual Add) group it too
+        for p in props:
+            for other in _aligned_partners(cg, p.layer):
+                if other in layers:
+                    blocks_of[p.layer] = math.lcm(blocks_of[p.layer],
+                                                  _channel_blocks(model, index, layers[other]))
     for members in coupled:
         common = math.lcm(*(blocks_of.get(m, 1) for m in members))
         blocks_of.update({m: common for m in members})

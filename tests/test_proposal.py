@@ -515,6 +515,29 @@ def test_consistent_targets_for_layers_coupled_through_a_multiplier_are_accepted
         onnxaom.apply(model, list(proposal.edits))
 
 
+def test_a_layer_merged_with_a_grouped_conv_keeps_as_many_from_each_group():
+    """a (8) + g (8, a conv of 2 groups) merged by an Add: removing a's kernels removes g's,
+    and g must lose as many from each group, so a's proposal keeps equal halves (5 asked ->
+    3 of each 4). Before, only the layers reading a were looked at, and the surgery refused."""
+    from .test_surgery import _Net
+
+    net = _Net()
+    x = net.op("Relu", "relu0", [net.conv("conv0", "input", 3, 4)])
+    merged = net.op("Add", "add", [net.conv("a", x, 4, 8), net.conv("g", x, 4, 8, group=2)])
+    proto = net.head(net.op("Relu", "relu1", [merged]), 8)
+    model = onnxaom.Model(proto)
+    stats = onnxaom.collect(model, zoo.random_input(proto, batch=60, seed=4),
+                            np.arange(60) % 3, progress=False)
+    for strategy in ("selectivity", "clusters"):
+        proposal = propose(stats, keep={"a": 5}, layers=["a"], model=model, strategy=strategy)
+        kept = proposal.layer("a").kept
+        assert len(kept) == 6 and sum(k < 4 for k in kept) == 3
+        assert not any("refuses" in n for n in proposal.notes)
+        edited = onnxaom.apply(model, list(proposal.edits))
+        layers = {layer.name: layer for layer in onnxaom.summary(edited).layers}
+        assert layers["a"].kernels == layers["g"].kernels == 6
+
+
 def test_a_proposal_names_the_coupled_layers_its_edits_also_change():
     model = onnxaom.Model(zoo.residual(kernels=6, seed=2))
     stats = onnxaom.collect(model, zoo.random_input(model.proto, batch=60, seed=4),
