@@ -559,7 +559,6 @@ def propose(
         layer_props = _balance_groups(model, layer_props, notes, coupled, cg)
         if cg is not None:
             notes.extend(_split_units_notes(cg, layer_props))
-        if cg is not None:
             notes.extend(_surgery_notes(model, cg, layer_props))
     return Proposal(tuple(layer_props), strategy, stats_digest(stats),
                     stats.metadata.get("model_digest"), tuple(dict.fromkeys(notes)))
@@ -691,8 +690,8 @@ def _reconcile_coupled(cg: ChannelGraph, props: list[LayerProposal],
         asked = {targets[m] for m in members if m in targets}
         lead = by_name[members[0]]
         k = lead.num_kernels
-        aligned = all(by_name[m].num_kernels == k for m in members) and all(
-            follows.get((lead.layer, m)) == own.get(lead.layer) for m in members[1:])
+        aligned = lead.layer in own and all(by_name[m].num_kernels == k for m in members) \
+            and all(follows.get((lead.layer, m)) == own[lead.layer] for m in members[1:])
         if aligned:
             if len(asked) > 1:
                 raise StatsError(
