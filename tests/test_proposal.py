@@ -538,6 +538,26 @@ def test_a_layer_merged_with_a_grouped_conv_keeps_as_many_from_each_group():
         assert layers["a"].kernels == layers["g"].kernels == 6
 
 
+def test_a_grouped_conv_behind_a_depthwise_conv_groups_the_layer_before_it():
+    """conv1 (8) -> depthwise dw (8) -> pw (1x1, 2 groups): removing a conv1 kernel removes a
+    dw kernel and a pw input channel, so conv1 keeps as many from each half (5 -> 3 + 3)."""
+    from .test_surgery import _Net
+
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 8)])
+    x = net.op("Relu", "relu2", [net.conv("dw", x, 8, 8, group=8)])
+    proto = net.head(net.op("Relu", "relu3", [net.conv("pw", x, 8, 6, k=1, group=2)]), 6)
+    model = onnxaom.Model(proto)
+    stats = onnxaom.collect(model, zoo.random_input(proto, batch=60, seed=4),
+                            np.arange(60) % 3, progress=False)
+    proposal = propose(stats, keep={"conv1": 5}, layers=["conv1"], model=model,
+                       strategy="selectivity")
+    kept = proposal.layer("conv1").kept
+    assert len(kept) == 6 and sum(k < 4 for k in kept) == 3
+    assert not any("refuses" in n for n in proposal.notes)
+    onnxaom.apply(model, list(proposal.edits))
+
+
 def test_a_proposal_names_the_coupled_layers_its_edits_also_change():
     model = onnxaom.Model(zoo.residual(kernels=6, seed=2))
     stats = onnxaom.collect(model, zoo.random_input(model.proto, batch=60, seed=4),
