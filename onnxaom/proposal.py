@@ -854,6 +854,54 @@ def _aligned_partners(cg: ChannelGraph, name: str) -> list[str]:
                                                            strict=True))]
 
 
+#: Search steps :func:`_balanced_units` takes before giving up, and the most units it takes.
+_BALANCE_SEARCH_STEPS = 20_000
+_BALANCE_SEARCH_DEPTH = 256
+
+
+def _balanced_units(units: Sequence[Sequence[int]], rank: Mapping[int, int], blocks: int,
+                    size: int, least: int) -> list[int] | None:
+    """Whole units, the same number of kernels from each block of ``size`` kernels, at least
+    ``least`` a block and as few as can be: for units that cross the blocks (a depthwise conv
+    with a channel multiplier read by a grouped conv whose groups cut its channels). A
+    depth-first search over the units, best ranked (lowest ``rank`` of a member) first, so
+    that the first set found keeps the best kernels it can; None when there is none, or when
+    the search takes more than :data:`_BALANCE_SEARCH_STEPS` steps."""
+    if len(units) > _BALANCE_SEARCH_DEPTH:  # one level of recursion a unit
+        return None
+    ordered = sorted((tuple(u) for u in units), key=lambda u: min(rank[i] for i in u))
+    counts = np.zeros((len(ordered), blocks), dtype=np.int64)
+    for j, unit in enumerate(ordered):
+        for i in unit:
+            counts[j, i // size] += 1
+    left = np.cumsum(counts[::-1], axis=0)[::-1]  # what units j.. can still add per block
+    steps = 0
+
+    def search(j: int, have: np.ndarray, target: int, chosen: list[int]) -> list[int] | None:
+        nonlocal steps
+        steps += 1
+        if steps > _BALANCE_SEARCH_STEPS:
+            return None
+        if (have == target).all():
+            return chosen
+        if j == len(ordered) or (have + left[j] < target).any():
+            return None
+        grown = have + counts[j]
+        if (grown <= target).all():
+            found = search(j + 1, grown, target, [*chosen, j])
+            if found is not None:
+                return found
+        return search(j + 1, have, target, chosen)
+
+    for target in range(least, size + 1):
+        found = search(0, np.zeros(blocks, dtype=np.int64), target, [])
+        if found is not None:
+            return sorted(i for j in found for i in ordered[j])
+        if steps > _BALANCE_SEARCH_STEPS:
+            return None
+    return None
+
+
 def _balance_groups(model: Model, props: list[LayerProposal], notes: list[str],
                     coupled: Sequence[Sequence[str]] = (),
                     cg: ChannelGraph | None = None) -> list[LayerProposal]:
@@ -861,8 +909,9 @@ def _balance_groups(model: Model, props: list[LayerProposal], notes: list[str],
     surgery refuses anything else): the best-ranked of each block by the layer's ``order``,
     the target rounded up to a multiple of the block count. The members of a ``coupled``
     group (one choice, one order) are balanced on the blocks of all of them, so they stay
-    one choice. Where the layer's kernels go in :func:`_removal_units` (on ``cg``) that lie
-    within the blocks, each block keeps whole units (its count rounded up to the unit)."""
+    one choice. Where the layer's kernels go in :func:`_removal_units` (on ``cg``), each block
+    keeps whole units: the count rounded up to the unit where the units lie within the
+    blocks, else the fewest whole units that fill every block alike (:func:`_balanced_units`)."""
     from .layers import find_layers
 
     index = GraphIndex(model.proto)
@@ -894,7 +943,8 @@ def _balance_groups(model: Model, props: list[LayerProposal], notes: list[str],
         rank = {kernel: r for r, kernel in enumerate(p.order)}
         units = _removal_units(cg, p.layer) if cg is not None else None
         unit_of: dict[int, tuple[int, ...]] = {i: (i,) for i in range(k)}
-        if units is not None and all(len({i // size for i in u}) == 1 for u in units):
+        crossing = units is not None and any(len({i // size for i in u}) > 1 for u in units)
+        if units is not None and not crossing:
             unit_of.update((i, tuple(u)) for u in units for i in u)
         kept = []
         for b in range(blocks):
@@ -905,6 +955,9 @@ def _balance_groups(model: Model, props: list[LayerProposal], notes: list[str],
                 if i not in in_block:
                     in_block.extend(unit_of[i])
             kept.extend(in_block)
+        if crossing and units is not None:
+            found = _balanced_units(units, rank, blocks, size, each)
+            kept = found if found is not None else kept  # else: _split_units_notes says so
         kept.sort()
         each = len(kept) // blocks
         removed = [i for i in range(k) if i not in kept]

@@ -462,10 +462,11 @@ def test_whole_channels_and_equal_groups_together():
                 assert layers["dw"].kernels == expected
 
 
-def test_units_that_cross_the_groups_of_a_reader_are_named_when_split():
+def test_units_that_cross_the_groups_of_a_reader_are_kept_whole_and_balanced():
     """dw (6 kernels, multiplier 2: pairs {0,1} {2,3} {4,5}) read by a conv of 2 groups of 3:
-    {2,3} crosses the groups. Whatever the ranking, the proposal keeps whole pairs or says
-    that the applied model keeps fewer kernels than proposed."""
+    {2,3} crosses the groups. The proposal keeps whole pairs, as many kernels from each group:
+    3 asked -> {0,1,4,5}; 1 asked -> {2,3}. Before, it split pairs and the applied model kept
+    fewer kernels than proposed."""
     from .test_surgery import _Net
 
     net = _Net()
@@ -473,16 +474,33 @@ def test_units_that_cross_the_groups_of_a_reader_are_named_when_split():
     x = net.op("Relu", "relu2", [net.conv("dw", x, 3, 6, group=3)])
     proto = net.head(net.op("Relu", "relu3", [net.conv("pw", x, 6, 6, k=1, group=2)]), 6)
     model = onnxaom.Model(proto)
-    for seed in range(4):
+    for seed in range(3):
         stats = onnxaom.collect(model, zoo.random_input(proto, batch=60, seed=seed),
                                 np.arange(60) % 3, progress=False)
         for strategy in ("selectivity", "clusters", "paper"):
-            proposal = propose(stats, keep={"dw": 3}, layers=["dw"], model=model,
-                               strategy=strategy)
-            kept = set(proposal.layer("dw").kept)
-            whole = all(k ^ 1 in kept for k in kept)
-            named = any("split the units" in n for n in proposal.notes)
-            assert whole != named
+            for keep, expected in ((3, (0, 1, 4, 5)), (1, (2, 3))):
+                proposal = propose(stats, keep={"dw": keep}, layers=["dw"], model=model,
+                                   strategy=strategy)
+                assert proposal.layer("dw").kept == expected
+                assert not any("split the units" in n for n in proposal.notes)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    edited = onnxaom.apply(model, list(proposal.edits))
+                layers = {layer.name: layer for layer in onnxaom.summary(edited).layers}
+                assert layers["dw"].kernels == len(expected)
+
+
+def test_a_balanced_choice_of_whole_units_is_searched_for_briefly():
+    from onnxaom.proposal import _balanced_units
+
+    rank = {i: i for i in range(12)}
+    pairs = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]  # blocks of 3 and 4 cut them
+    assert _balanced_units(pairs, rank, blocks=2, size=6, least=2) == [0, 1, 6, 7]
+    assert _balanced_units(pairs[:3], rank, blocks=2, size=3, least=1) == [2, 3]
+    triples = [[0, 1, 2], [3, 4, 5]]  # blocks of 2: only both together are balanced
+    assert _balanced_units(triples, rank, blocks=3, size=2, least=1) == [0, 1, 2, 3, 4, 5]
+    many = [[i, i + 1] for i in range(0, 600, 2)]  # deeper than the search goes
+    assert _balanced_units(many, {i: i for i in range(600)}, blocks=3, size=200, least=1) is None
 
 
 def test_consistent_targets_for_layers_coupled_through_a_multiplier_are_accepted():
