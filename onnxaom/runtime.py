@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 PROVIDERS = ("auto", "cpu", "cuda")
 _QUIET = 4  # ORT severity: fatal only
-_SESSION_LOG_LEVEL = 3  # errors only for real sessions
+# Fatal only for real sessions too: a failed run raises, and onnxaom turns ORT's message into
+# its own error naming the layer; ORT's log line would repeat it with internal node names.
+_SESSION_LOG_LEVEL = 4
 
 
 @lru_cache(maxsize=1)

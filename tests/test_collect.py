@@ -920,10 +920,11 @@ def test_a_fixed_batch_written_into_a_resize_is_fed_in_chunks(method) -> None:
 
 
 @pytest.mark.parametrize("method", ["graph", "plain"])
-def test_a_run_that_fails_is_a_model_error_on_both_paths(method) -> None:
+def test_a_run_that_fails_is_a_model_error_on_both_paths(method, capfd) -> None:
     """The same Resize with a symbolic batch squeezes a batch of 3 into one row, which both
     paths name; a head reshaped to a batch of 1 fails inside ONNX Runtime, whose exception the
-    plain path let out."""
+    plain path let out. ORT's own log lines (red, naming onnxaom's internal nodes) are not
+    printed: the error says it once."""
     proto = _resized_to_batch_1("N")
     images, labels = data_for(proto, 6, 3)
     with pytest.raises(ModelError, match="'r2' has 1 rows for a batch of 3 samples.* a batch "
@@ -943,6 +944,7 @@ def test_a_run_that_fails_is_a_model_error_on_both_paths(method) -> None:
                                          "of 3: .*declare that batch on its input"):
         collect(onnxaom.Model(proto), images, labels, batch_size=3, method=method,
                 progress=False)
+    assert "onnxruntime" not in capfd.readouterr().err
 
 
 def test_a_batch_norm_written_in_training_mode_is_counted_with_its_running_statistics():
