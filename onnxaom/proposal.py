@@ -552,11 +552,13 @@ def propose(
     if model is not None:
         cg = _channel_graph(model, notes)
         coupled: list[list[str]] = []
+        followers: dict[str, str] = {}
         if cg is not None:
             layer_props = _whole_units(cg, layer_props, notes)
-            layer_props, coupled = _reconcile_coupled(cg, layer_props, targets, notes)
+            layer_props, coupled, followers = _reconcile_coupled(cg, layer_props, targets,
+                                                                 notes)
             layer_props = _whole_units(cg, layer_props, notes)
-        layer_props = _balance_groups(model, layer_props, notes, coupled, cg)
+        layer_props = _balance_groups(model, layer_props, notes, coupled, cg, followers)
         if cg is not None:
             notes.extend(_split_units_notes(cg, layer_props))
             notes.extend(_surgery_notes(model, cg, layer_props))
@@ -648,7 +650,7 @@ def _split_units_notes(cg: ChannelGraph, props: Sequence[LayerProposal]) -> list
 
 def _reconcile_coupled(cg: ChannelGraph, props: list[LayerProposal],
                        targets: Mapping[str, int], notes: list[str]
-                       ) -> tuple[list[LayerProposal], list[list[str]]]:
+                       ) -> tuple[list[LayerProposal], list[list[str]], dict[str, str]]:
     """One choice for layers whose channels are merged element-wise (a residual Add) or tied
     (a depthwise conv): the surgery removes a channel from all of them at once, so separate
     choices would remove their union. Each group of such layers keeps the kernels ranked best
@@ -656,7 +658,7 @@ def _reconcile_coupled(cg: ChannelGraph, props: list[LayerProposal],
     group's target (or its first layer's count). Layers coupled through a different channel
     order (a depthwise conv with a channel multiplier, a concat) follow the first layer's
     choice, as the surgery maps it; a target for one of them is refused. Returns the
-    proposals and the groups given one choice."""
+    proposals, the groups given one choice, and each follower's lead."""
     from .surgery.remove import plan
 
     by_name = {p.layer: p for p in props}
@@ -686,6 +688,7 @@ def _reconcile_coupled(cg: ChannelGraph, props: list[LayerProposal],
         groups.setdefault(root(p.layer), []).append(p.layer)
     out = dict(by_name)
     aligned_groups: list[list[str]] = []
+    followers: dict[str, str] = {}
     for members in (m for m in groups.values() if len(m) > 1):
         asked = {targets[m] for m in members if m in targets}
         lead = by_name[members[0]]
@@ -732,9 +735,10 @@ def _reconcile_coupled(cg: ChannelGraph, props: list[LayerProposal],
                 out[m] = replace(by_name[m], kept=kept_m, removed=tuple(sorted(gone)),
                                  order=tuple(kept_m) + tuple(sorted(gone)), reasons=reasons,
                                  target=None)
+                followers[m] = lead.layer
             notes.append(f"layers {', '.join(map(repr, members))} are coupled in another channel "
                          f"order: they follow {lead.layer!r}'s choice")
-    return [out[p.layer] for p in props], aligned_groups
+    return [out[p.layer] for p in props], aligned_groups, followers
 
 
 def _surgery_notes(model: Model, cg: ChannelGraph,
@@ -902,16 +906,66 @@ def _balanced_units(units: Sequence[Sequence[int]], rank: Mapping[int, int], blo
     return None
 
 
+def _balance_follower(cg: ChannelGraph, props: list[LayerProposal],
+                      followers: Mapping[str, str], blocks_of: Mapping[str, int],
+                      notes: list[str]) -> list[LayerProposal]:
+    """For a follower whose grouped reader needs as many kernels from each of its blocks,
+    choose its lead's channels so that it has them: the follower's units (one a lead kernel)
+    ranked by the lead's order, balanced by :func:`_balanced_units`; the lead keeps the
+    kernels of the units kept. Unchanged where no such choice is found (the surgery then
+    refuses, and a note says so)."""
+    by_name = {p.layer: p for p in props}
+    for name, lead_name in followers.items():
+        p, lead = by_name.get(name), by_name.get(lead_name)
+        blocks = blocks_of.get(name, 1)
+        if p is None or lead is None or blocks <= 1 or p.num_kernels % blocks:
+            continue
+        size = p.num_kernels // blocks
+        if len({sum(1 for i in p.kept if i // size == b) for b in range(blocks)}) == 1:
+            continue
+        lead_of = {cg.slots.find(s): j for j, s in enumerate(cg.layer(lead_name).slots.tolist())}
+        slots = cg.layer(name).slots.tolist()
+        units = _removal_units(cg, name) or [[i] for i in range(p.num_kernels)]
+        roots = [cg.slots.find(slots[u[0]]) for u in units]
+        if any(root not in lead_of for root in roots):
+            continue
+        unit_lead = {tuple(u): lead_of[root] for u, root in zip(units, roots, strict=True)}
+        lead_rank = {j: r for r, j in enumerate(lead.order)}
+        rank = {i: lead_rank[unit_lead[tuple(u)]] for u in units for i in u}
+        found = _balanced_units(units, rank, blocks, size, -(-len(p.kept) // blocks))
+        if found is None:
+            continue
+        kept_lead = sorted({unit_lead[tuple(u)] for u in units if u[0] in found})
+        kept_sets: tuple[tuple[str, list[int]], ...] = ((lead_name, kept_lead), (name, found))
+        for layer, kept in kept_sets:
+            q = by_name[layer]
+            why = (f"so that {name!r}, which follows it, keeps as many from each of its "
+                   f"{blocks} groups")
+            by_name[layer] = replace(
+                q, kept=tuple(kept), removed=tuple(i for i in range(q.num_kernels)
+                                                    if i not in kept),
+                reasons=tuple(f"{'kept' if i in kept else 'removed'}: {why} ({q.reasons[i]})"
+                              for i in range(q.num_kernels)))
+        notes.append(f"layer {lead_name!r}: kept {len(kept_lead)} kernels chosen so that "
+                     f"{name!r} (which follows it) keeps {len(found) // blocks} of each of its "
+                     f"{blocks} groups")
+    return [by_name[p.layer] for p in props]
+
+
 def _balance_groups(model: Model, props: list[LayerProposal], notes: list[str],
                     coupled: Sequence[Sequence[str]] = (),
-                    cg: ChannelGraph | None = None) -> list[LayerProposal]:
+                    cg: ChannelGraph | None = None,
+                    followers: Mapping[str, str] | None = None) -> list[LayerProposal]:
     """Keep the same number of kernels in each block :func:`_channel_blocks` finds (the
     surgery refuses anything else): the best-ranked of each block by the layer's ``order``,
     the target rounded up to a multiple of the block count. The members of a ``coupled``
     group (one choice, one order) are balanced on the blocks of all of them, so they stay
     one choice. Where the layer's kernels go in :func:`_removal_units` (on ``cg``), each block
     keeps whole units: the count rounded up to the unit where the units lie within the
-    blocks, else the fewest whole units that fill every block alike (:func:`_balanced_units`)."""
+    blocks, else the fewest whole units that fill every block alike (:func:`_balanced_units`).
+    A layer that ``followers`` says follows another's choice (a depthwise conv with a
+    multiplier after the conv that feeds it) is not chosen again: the channels of its lead
+    are (:func:`_balance_follower`)."""
     from .layers import find_layers
 
     index = GraphIndex(model.proto)
@@ -927,9 +981,14 @@ def _balance_groups(model: Model, props: list[LayerProposal], notes: list[str],
     for members in coupled:
         common = math.lcm(*(blocks_of.get(m, 1) for m in members))
         blocks_of.update({m: common for m in members})
+    if cg is not None and followers:
+        props = _balance_follower(cg, props, followers, blocks_of, notes)
     out = []
     for p in props:
         blocks = blocks_of[p.layer]
+        if followers and p.layer in followers:  # chosen with its lead
+            out.append(p)
+            continue
         k = p.num_kernels
         if blocks <= 1 or k % blocks:
             out.append(p)

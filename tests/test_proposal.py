@@ -490,6 +490,35 @@ def test_units_that_cross_the_groups_of_a_reader_are_kept_whole_and_balanced():
                 assert layers["dw"].kernels == len(expected)
 
 
+def test_a_follower_read_by_a_grouped_conv_balances_its_lead():
+    """conv1 (4) -> dw (8, multiplier 2) -> pw (1x1, 2 groups), both proposed: dw follows
+    conv1's channels, and pw needs as many of dw's kernels from each half, so conv1 keeps one
+    channel from each half of its 4. Before, dw was re-chosen after following conv1 and the
+    surgery refused the proposal."""
+    from .test_surgery import _Net
+
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
+    x = net.op("Relu", "relu2", [net.conv("dw", x, 4, 8, group=4)])
+    proto = net.head(net.op("Relu", "relu3", [net.conv("pw", x, 8, 8, k=1, group=2)]), 8)
+    model = onnxaom.Model(proto)
+    for seed in range(3):
+        stats = onnxaom.collect(model, zoo.random_input(proto, batch=60, seed=seed),
+                                np.arange(60) % 3, progress=False)
+        for strategy in ("selectivity", "paper", "clusters"):
+            proposal = propose(stats, keep={"conv1": 2}, layers=["conv1", "dw"], model=model,
+                               strategy=strategy)
+            conv1, dw = proposal.layer("conv1").kept, proposal.layer("dw").kept
+            assert len(conv1) == 2 and sum(k < 2 for k in conv1) == 1
+            assert dw == tuple(sorted(i for k in conv1 for i in (2 * k, 2 * k + 1)))
+            assert not any("refuses" in n for n in proposal.notes)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                edited = onnxaom.apply(model, list(proposal.edits))
+            layers = {layer.name: layer for layer in onnxaom.summary(edited).layers}
+            assert (layers["conv1"].kernels, layers["dw"].kernels) == (2, 4)
+
+
 def test_a_balanced_choice_of_whole_units_is_searched_for_briefly():
     from onnxaom.proposal import _balanced_units
 
