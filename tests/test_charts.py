@@ -82,9 +82,18 @@ def unit(spec: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def data_of(spec: dict[str, Any], u: dict[str, Any]) -> list[dict[str, Any]]:
+    """A unit's records; for a tile grid, each with the ``url`` its calculate transform
+    makes (the grid's shared PNG header, a string literal, + the tile's ``png``)."""
     data = u["data"]
     values = spec["datasets"][data["name"]] if "name" in data else data["values"]
-    return list(json.loads(values) if isinstance(values, str) else values)
+    records = list(json.loads(values) if isinstance(values, str) else values)
+    for step in u.get("transform", []):
+        if step.get("as") == "url":
+            head, _, field = step["calculate"].partition("' + datum.")
+            assert head.startswith("'") and field == "png", step["calculate"]
+            for record in records:
+                record["url"] = head[1:] + record["png"]
+    return records
 
 
 def decode_png(url: str) -> tuple[np.ndarray, list[str]]:
