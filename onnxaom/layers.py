@@ -342,6 +342,8 @@ def _rows_may_be_samples(index: GraphIndex, tensor: str, features: int) -> bool:
         if node.op_type in ("Reshape", "Flatten"):
             source = index.shapes.get(node.input[0])
             if source is None or len(source) < 2 or None in source[1:]:
+                source = index.run_shapes.get(node.input[0])  # sizes inference lost
+            if source is None or len(source) < 2 or None in source[1:]:
                 return True
             axis = int(index.attribute(node, "axis", 1))  # type: ignore[call-overload]
             axis = axis if node.op_type == "Flatten" else 1

@@ -179,6 +179,33 @@ def test_a_dense_layer_applied_at_every_position_is_not_a_layer_of_neurons():
         ["conv1", "dense1", "dense2"]
 
 
+def test_a_dense_layer_at_every_position_after_sizes_inference_lost_is_not_a_layer():
+    """As above, with the conv's input padded by computed amounts (a Cast), so that shape
+    inference loses H and W before the Reshape to (-1, C): the sizes one run gives tell that
+    the rows are positions, not samples. Before, the dense layer was listed, and the default
+    collect stopped on it (tf2onnx's Keras Dense on a 4-D map at opset 13)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(4, 5)).astype(np.float32), "wd1"),
+             numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.float32), "padsf"),
+             numpy_helper.from_array(np.array([-1, 4], np.int64), "target")]
+    nodes = [helper.make_node("Cast", ["padsf"], ["pads"], to=7),
+             helper.make_node("Pad", ["x", "pads"], ["xp"]),
+             helper.make_node("Conv", ["xp", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["act"]),
+             helper.make_node("Transpose", ["act"], ["nhwc"], perm=[0, 2, 3, 1]),
+             helper.make_node("Reshape", ["nhwc", "target"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "wd1"], ["d1"], name="dense1")]
+    model = onnxaom.Model(zoo.hand_built(nodes, inits, ["N", 3, 6, 6], ["M", 5], opset=11))
+    assert [layer.name for layer in model.layers()] == ["conv1"]
+    x = np.random.default_rng(1).random((6, 3, 6, 6)).astype(np.float32)
+    stats = onnxaom.collect(model, x, np.arange(6) % 2, progress=False)
+    assert stats.layer_names == ("conv1",)
+
+
 def test_a_dense_head_after_a_flatten_of_unknown_rank_is_found():
     """At opset 11 a computed flatten target leaves the rank unknown to shape inference; the
     second MatMul's input rank is read through the first."""
