@@ -402,6 +402,34 @@ def test_a_target_for_a_layer_tied_in_another_channel_order_is_refused():
     assert len(proposal.layer("dw").kept) == 6  # two per kept conv1 channel
 
 
+def _dw_chain(channels: int, multiplier: int, groups: int, out: int) -> onnxaom.Model:
+    """conv1 (``channels``) -> depthwise dw (``channels * multiplier``) -> pw (1x1, ``out``,
+    ``groups`` groups) -> head, each conv followed by a ReLU."""
+    from .test_surgery import _Net
+
+    net = _Net()
+    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, channels)])
+    x = net.op("Relu", "relu2", [net.conv("dw", x, channels, channels * multiplier,
+                                          group=channels)])
+    x = net.op("Relu", "relu3", [net.conv("pw", x, channels * multiplier, out, k=1,
+                                          group=groups)])
+    return onnxaom.Model(net.head(x, out))
+
+
+def _stats_on(model: onnxaom.Model, seed: int = 4) -> onnxaom.OccurrenceStats:
+    return onnxaom.collect(model, zoo.random_input(model.proto, batch=60, seed=seed),
+                           np.arange(60) % 3, progress=False)
+
+
+def _applied_kernels(model: onnxaom.Model, proposal) -> dict[str, int]:
+    """Kernels per layer of ``model`` with ``proposal`` applied, which must not warn that a
+    layer loses kernels besides those named."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        edited = onnxaom.apply(model, list(proposal.edits))
+    return {layer.name: layer.kernels for layer in onnxaom.summary(edited).layers}
+
+
 def test_a_depthwise_conv_with_a_multiplier_keeps_whole_channels():
     """dw (8 kernels, multiplier 2) alone: the surgery removes an input channel's two kernels
     together, so the proposal keeps whole pairs (5 asked -> 6) and the applied model keeps
@@ -422,11 +450,7 @@ def test_a_depthwise_conv_with_a_multiplier_keeps_whole_channels():
             if expected != keep:
                 assert any("whole units of 2" in n and f"{keep} asked" in n
                            for n in proposal.notes)
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")  # no "loses kernels besides" warning
-                edited = onnxaom.apply(model, list(proposal.edits))
-            layers = {layer.name: layer for layer in onnxaom.summary(edited).layers}
-            assert layers["dw"].kernels == expected
+            assert _applied_kernels(model, proposal)["dw"] == expected
     # listed first, dw leads and conv1 follows its whole pairs
     proposal = propose(stats, keep={"dw": 4}, layers=["dw", "conv1"], model=model,
                        strategy="selectivity")
@@ -438,15 +462,8 @@ def test_whole_channels_and_equal_groups_together():
     from each group of 4. 5 asked -> 3 a group -> whole pairs: 4 a group, all 8 kept; 2 asked
     -> one pair a group. Before, the group balancing split the pairs again (6 proposed, 4 left
     by the surgery, with its warning)."""
-    from .test_surgery import _Net
-
-    net = _Net()
-    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
-    x = net.op("Relu", "relu2", [net.conv("dw", x, 4, 8, group=4)])
-    proto = net.head(net.op("Relu", "relu3", [net.conv("pw", x, 8, 8, k=1, group=2)]), 8)
-    model = onnxaom.Model(proto)
-    stats = onnxaom.collect(model, zoo.random_input(proto, batch=60, seed=4),
-                            np.arange(60) % 3, progress=False)
+    model = _dw_chain(4, 2, groups=2, out=8)
+    stats = _stats_on(model)
     for keep, expected in ((5, 8), (2, 4), (4, 4)):
         for strategy in ("selectivity", "clusters"):
             proposal = propose(stats, keep={"dw": keep}, layers=["dw"], model=model,
@@ -455,11 +472,7 @@ def test_whole_channels_and_equal_groups_together():
             assert len(kept) == expected and all(k ^ 1 in kept for k in kept)
             assert sum(k < 4 for k in kept) == expected // 2
             if expected < 8:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error")
-                    edited = onnxaom.apply(model, list(proposal.edits))
-                layers = {layer.name: layer for layer in onnxaom.summary(edited).layers}
-                assert layers["dw"].kernels == expected
+                assert _applied_kernels(model, proposal)["dw"] == expected
 
 
 def test_units_that_cross_the_groups_of_a_reader_are_kept_whole_and_balanced():
@@ -467,27 +480,16 @@ def test_units_that_cross_the_groups_of_a_reader_are_kept_whole_and_balanced():
     {2,3} crosses the groups. The proposal keeps whole pairs, as many kernels from each group:
     3 asked -> {0,1,4,5}; 1 asked -> {2,3}. Before, it split pairs and the applied model kept
     fewer kernels than proposed."""
-    from .test_surgery import _Net
-
-    net = _Net()
-    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 3)])
-    x = net.op("Relu", "relu2", [net.conv("dw", x, 3, 6, group=3)])
-    proto = net.head(net.op("Relu", "relu3", [net.conv("pw", x, 6, 6, k=1, group=2)]), 6)
-    model = onnxaom.Model(proto)
+    model = _dw_chain(3, 2, groups=2, out=6)
     for seed in range(3):
-        stats = onnxaom.collect(model, zoo.random_input(proto, batch=60, seed=seed),
-                                np.arange(60) % 3, progress=False)
+        stats = _stats_on(model, seed)
         for strategy in ("selectivity", "clusters", "paper"):
             for keep, expected in ((3, (0, 1, 4, 5)), (1, (2, 3))):
                 proposal = propose(stats, keep={"dw": keep}, layers=["dw"], model=model,
                                    strategy=strategy)
                 assert proposal.layer("dw").kept == expected
                 assert not any("split the units" in n for n in proposal.notes)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error")
-                    edited = onnxaom.apply(model, list(proposal.edits))
-                layers = {layer.name: layer for layer in onnxaom.summary(edited).layers}
-                assert layers["dw"].kernels == len(expected)
+                assert _applied_kernels(model, proposal)["dw"] == len(expected)
 
 
 def test_a_follower_read_by_a_grouped_conv_balances_its_lead():
@@ -495,16 +497,9 @@ def test_a_follower_read_by_a_grouped_conv_balances_its_lead():
     conv1's channels, and pw needs as many of dw's kernels from each half, so conv1 keeps one
     channel from each half of its 4. Before, dw was re-chosen after following conv1 and the
     surgery refused the proposal."""
-    from .test_surgery import _Net
-
-    net = _Net()
-    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
-    x = net.op("Relu", "relu2", [net.conv("dw", x, 4, 8, group=4)])
-    proto = net.head(net.op("Relu", "relu3", [net.conv("pw", x, 8, 8, k=1, group=2)]), 8)
-    model = onnxaom.Model(proto)
+    model = _dw_chain(4, 2, groups=2, out=8)
     for seed in range(3):
-        stats = onnxaom.collect(model, zoo.random_input(proto, batch=60, seed=seed),
-                                np.arange(60) % 3, progress=False)
+        stats = _stats_on(model, seed)
         for strategy in ("selectivity", "paper", "clusters"):
             proposal = propose(stats, keep={"conv1": 2}, layers=["conv1", "dw"], model=model,
                                strategy=strategy)
@@ -512,11 +507,8 @@ def test_a_follower_read_by_a_grouped_conv_balances_its_lead():
             assert len(conv1) == 2 and sum(k < 2 for k in conv1) == 1
             assert dw == tuple(sorted(i for k in conv1 for i in (2 * k, 2 * k + 1)))
             assert not any("refuses" in n for n in proposal.notes)
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                edited = onnxaom.apply(model, list(proposal.edits))
-            layers = {layer.name: layer for layer in onnxaom.summary(edited).layers}
-            assert (layers["conv1"].kernels, layers["dw"].kernels) == (2, 4)
+            kernels = _applied_kernels(model, proposal)
+            assert (kernels["conv1"], kernels["dw"]) == (2, 4)
 
 
 def test_a_balanced_choice_of_whole_units_is_searched_for_briefly():
@@ -538,28 +530,21 @@ def test_consistent_targets_for_layers_coupled_through_a_multiplier_are_accepted
     Add: 7 each is 8 each in whole channels, and was refused as "another channel order"."""
     from .test_surgery import _Net, depthwise_multiplier
 
-    def stats_of(proto):
-        model = onnxaom.Model(proto)
-        return model, onnxaom.collect(model, zoo.random_input(proto, batch=60, seed=4),
-                                      np.arange(60) % 3, progress=False)
-
-    model, stats = stats_of(depthwise_multiplier())
-    proposal = propose(stats, keep={"conv1": 3, "dw": 6}, layers=["conv1", "dw"], model=model,
-                       strategy="selectivity")
+    model = onnxaom.Model(depthwise_multiplier())
+    proposal = propose(_stats_on(model), keep={"conv1": 3, "dw": 6}, layers=["conv1", "dw"],
+                       model=model, strategy="selectivity")
     assert len(proposal.layer("conv1").kept) == 3 and len(proposal.layer("dw").kept) == 6
     net = _Net()
     x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 4)])
     merged = net.op("Add", "add", [net.conv("dw", x, 4, 8, group=4),
                                    net.conv("side", x, 4, 8, k=1)])
-    model, stats = stats_of(net.head(net.op("Relu", "relu2", [merged]), 8))
-    proposal = propose(stats, keep={"dw": 5, "side": 5}, layers=["dw", "side"], model=model,
-                       strategy="selectivity")
+    model = onnxaom.Model(net.head(net.op("Relu", "relu2", [merged]), 8))
+    proposal = propose(_stats_on(model), keep={"dw": 5, "side": 5}, layers=["dw", "side"],
+                       model=model, strategy="selectivity")
     assert proposal.layer("dw").kept == proposal.layer("side").kept
     assert len(proposal.layer("dw").kept) == 6
     assert len(proposal.notes) == len(set(proposal.notes))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        onnxaom.apply(model, list(proposal.edits))
+    assert _applied_kernels(model, proposal)["side"] == 6
 
 
 def test_a_layer_merged_with_a_grouped_conv_keeps_as_many_from_each_group():
@@ -571,38 +556,27 @@ def test_a_layer_merged_with_a_grouped_conv_keeps_as_many_from_each_group():
     net = _Net()
     x = net.op("Relu", "relu0", [net.conv("conv0", "input", 3, 4)])
     merged = net.op("Add", "add", [net.conv("a", x, 4, 8), net.conv("g", x, 4, 8, group=2)])
-    proto = net.head(net.op("Relu", "relu1", [merged]), 8)
-    model = onnxaom.Model(proto)
-    stats = onnxaom.collect(model, zoo.random_input(proto, batch=60, seed=4),
-                            np.arange(60) % 3, progress=False)
+    model = onnxaom.Model(net.head(net.op("Relu", "relu1", [merged]), 8))
+    stats = _stats_on(model)
     for strategy in ("selectivity", "clusters"):
         proposal = propose(stats, keep={"a": 5}, layers=["a"], model=model, strategy=strategy)
         kept = proposal.layer("a").kept
         assert len(kept) == 6 and sum(k < 4 for k in kept) == 3
         assert not any("refuses" in n for n in proposal.notes)
-        edited = onnxaom.apply(model, list(proposal.edits))
-        layers = {layer.name: layer for layer in onnxaom.summary(edited).layers}
-        assert layers["a"].kernels == layers["g"].kernels == 6
+        kernels = _applied_kernels(model, proposal)
+        assert kernels["a"] == kernels["g"] == 6
 
 
 def test_a_grouped_conv_behind_a_depthwise_conv_groups_the_layer_before_it():
     """conv1 (8) -> depthwise dw (8) -> pw (1x1, 2 groups): removing a conv1 kernel removes a
     dw kernel and a pw input channel, so conv1 keeps as many from each half (5 -> 3 + 3)."""
-    from .test_surgery import _Net
-
-    net = _Net()
-    x = net.op("Relu", "relu1", [net.conv("conv1", "input", 3, 8)])
-    x = net.op("Relu", "relu2", [net.conv("dw", x, 8, 8, group=8)])
-    proto = net.head(net.op("Relu", "relu3", [net.conv("pw", x, 8, 6, k=1, group=2)]), 6)
-    model = onnxaom.Model(proto)
-    stats = onnxaom.collect(model, zoo.random_input(proto, batch=60, seed=4),
-                            np.arange(60) % 3, progress=False)
-    proposal = propose(stats, keep={"conv1": 5}, layers=["conv1"], model=model,
+    model = _dw_chain(8, 1, groups=2, out=6)
+    proposal = propose(_stats_on(model), keep={"conv1": 5}, layers=["conv1"], model=model,
                        strategy="selectivity")
     kept = proposal.layer("conv1").kept
     assert len(kept) == 6 and sum(k < 4 for k in kept) == 3
     assert not any("refuses" in n for n in proposal.notes)
-    onnxaom.apply(model, list(proposal.edits))
+    assert _applied_kernels(model, proposal)["conv1"] == 6
 
 
 def test_a_proposal_names_the_coupled_layers_its_edits_also_change():
