@@ -935,7 +935,9 @@ def _balance_follower(cg: ChannelGraph, props: list[LayerProposal],
         found = _balanced_units(units, rank, blocks, size, -(-len(p.kept) // blocks))
         if found is None:
             continue
-        kept_lead = sorted({unit_lead[tuple(u)] for u in units if u[0] in found})
+        mapped = set(unit_lead.values())  # lead kernels that reach the follower; others stay
+        kept_lead = sorted({unit_lead[tuple(u)] for u in units if u[0] in found}
+                           | (set(lead.kept) - mapped))
         kept_sets: tuple[tuple[str, list[int]], ...] = ((lead_name, kept_lead), (name, found))
         for layer, kept in kept_sets:
             q = by_name[layer]
