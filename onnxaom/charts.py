@@ -148,11 +148,15 @@ def _palette_png(index: np.ndarray, palette: Sequence[str]) -> bytes:
     )
 
 
-def _image_url(index: np.ndarray, palette: Sequence[str], upscale: int) -> str:
+def _map_png(index: np.ndarray, palette: Sequence[str], upscale: int) -> bytes:
+    """The PNG of a map of palette indices, each pixel ``upscale`` x ``upscale``."""
     if upscale > 1:  # nearest-neighbour here: browsers smooth an image they enlarge
         index = np.repeat(np.repeat(index, upscale, axis=0), upscale, axis=1)
-    data = base64.b64encode(_palette_png(index, (*palette, MISSING_COLOR))).decode("ascii")
-    return PNG_URL + data
+    return _palette_png(index, (*palette, MISSING_COLOR))
+
+
+def _image_url(index: np.ndarray, palette: Sequence[str], upscale: int) -> str:
+    return PNG_URL + base64.b64encode(_map_png(index, palette, upscale)).decode("ascii")
 
 
 PNG_URL = "data:image/png;base64,"
@@ -167,9 +171,7 @@ def _tile_parts(index: np.ndarray, palette: Sequence[str], upscale: int) -> tupl
     and palette, and the rest (IDAT and IEND). The header is padded to a multiple of 3
     bytes, so its base64 ends on a whole group and the tail's starts one. A grid stores the
     header once and each tile's tail (a third of the bytes of a whole small tile)."""
-    if upscale > 1:
-        index = np.repeat(np.repeat(index, upscale, axis=0), upscale, axis=1)
-    png = _palette_png(index, (*palette, MISSING_COLOR))
+    png = _map_png(index, palette, upscale)
     body = png.index(b"IDAT") - 4  # the IDAT chunk's length field
     head = png[:body]
     pad = -(len(head) + 12) % 3

@@ -64,6 +64,9 @@ logger = logging.getLogger(__name__)
 FREEZE_POLICIES = ("upto", "edited", "none")
 #: The module path :func:`runner_from_session` is found under (kept in session configs).
 RUNNER_MODULE = "onnxaom_torch.runner"
+#: Modules frozen with the layer they follow: its per-channel norms and activations with
+#: parameters, and a group norm's affine.
+_FROZEN_WITH_LAYER: tuple[type, ...] = (*PER_CHANNEL_TYPES, nn.GroupNorm)
 #: Options kept in the session config and given back to the runner on resume.
 OPTIONS = ("epochs", "lr", "batch_size", "seed", "device", "freeze", "optimizer", "exporter",
            "opset", "check")
@@ -512,11 +515,6 @@ def runner_from_session(session: TuningSession, train: Any, test: Any,
     except (TypeError, ValueError) as exc:
         raise SessionError(f"the session's runner options {options} are not valid: "
                            f"{one_line(exc)}") from exc
-
-
-#: Modules frozen with the layer they follow: its per-channel norms and activations with
-#: parameters, and a group norm's affine.
-_FROZEN_WITH_LAYER: tuple[type, ...] = (*PER_CHANNEL_TYPES, nn.GroupNorm)
 
 
 def _check_loop_layers(model: onnxaom.Model, layers: Iterable[str]) -> None:
