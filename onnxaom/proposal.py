@@ -593,6 +593,30 @@ def _removal_units(cg: ChannelGraph, name: str) -> list[list[int]] | None:
     return units if any(len(u) > 1 for u in units) else None
 
 
+def _take_units(order: Iterable[int], unit_of: Mapping[int, Sequence[int]], n: int) -> list[int]:
+    """Walking ``order``, each kernel brings its whole unit, until at least ``n`` are taken."""
+    taken: list[int] = []
+    seen: set[int] = set()
+    for kernel in order:
+        if len(taken) >= n:
+            break
+        if kernel not in seen:
+            taken.extend(unit_of[kernel])
+            seen.update(unit_of[kernel])
+    return taken
+
+
+def _rechosen(p: LayerProposal, kept: Iterable[int], why: str | Sequence[str]) -> LayerProposal:
+    """``p`` keeping ``kept``, each kernel's reason prefixed with ``why`` (one for all, or one
+    a kernel)."""
+    chosen = set(kept)
+    whys = [why] * p.num_kernels if isinstance(why, str) else list(why)
+    return replace(p, kept=tuple(sorted(chosen)),
+                   removed=tuple(i for i in range(p.num_kernels) if i not in chosen),
+                   reasons=tuple(f"{'kept' if i in chosen else 'removed'}: {whys[i]} "
+                                 f"({p.reasons[i]})" for i in range(p.num_kernels)))
+
+
 def _whole_units(cg: ChannelGraph, props: list[LayerProposal],
                  notes: list[str]) -> list[LayerProposal]:
     """Keep whole :func:`_removal_units`: walking each layer's ``order``, a kernel brings its
@@ -606,21 +630,12 @@ def _whole_units(cg: ChannelGraph, props: list[LayerProposal],
             out.append(p)
             continue
         unit_of = {kernel: tuple(u) for u in units for kernel in u}
-        kept: list[int] = []
-        for kernel in p.order:
-            if len(kept) >= len(p.kept):
-                break
-            if kernel not in kept:
-                kept.extend(unit_of[kernel])
+        kept = _take_units(p.order, unit_of, len(p.kept))
         if sorted(kept) == list(p.kept):
             out.append(p)
             continue
-        removed = [i for i in range(p.num_kernels) if i not in kept]
-        reasons = tuple(
-            f"{'kept' if i in kept else 'removed'}: with its unit {list(unit_of[i])} (the "
-            f"surgery removes these kernels together) ({p.reasons[i]})"
-            for i in range(p.num_kernels))
-        out.append(replace(p, kept=tuple(kept), removed=tuple(removed), reasons=reasons))
+        out.append(_rechosen(p, kept, [f"with its unit {list(unit_of[i])} (the surgery removes "
+                                       f"these kernels together)" for i in range(p.num_kernels)]))
         sizes = sorted({len(u) for u in units})
         asked = "" if len(kept) == len(p.kept) else f", {len(p.kept)} asked"
         notes.append(f"layer {p.layer!r}: kept {len(kept)} kernels{asked}, in whole units of "
@@ -939,15 +954,9 @@ def _balance_follower(cg: ChannelGraph, props: list[LayerProposal],
         kept_lead = sorted({unit_lead[tuple(u)] for u in units if u[0] in found}
                            | (set(lead.kept) - mapped))
         kept_sets: tuple[tuple[str, list[int]], ...] = ((lead_name, kept_lead), (name, found))
+        why = f"so that {name!r}, which follows it, keeps as many from each of its {blocks} groups"
         for layer, kept in kept_sets:
-            q = by_name[layer]
-            why = (f"so that {name!r}, which follows it, keeps as many from each of its "
-                   f"{blocks} groups")
-            by_name[layer] = replace(
-                q, kept=tuple(kept), removed=tuple(i for i in range(q.num_kernels)
-                                                    if i not in kept),
-                reasons=tuple(f"{'kept' if i in kept else 'removed'}: {why} ({q.reasons[i]})"
-                              for i in range(q.num_kernels)))
+            by_name[layer] = _rechosen(by_name[layer], kept, why)
         notes.append(f"layer {lead_name!r}: kept {len(kept_lead)} kernels chosen so that "
                      f"{name!r} (which follows it) keeps {len(found) // blocks} of each of its "
                      f"{blocks} groups")
@@ -1007,25 +1016,14 @@ def _balance_groups(model: Model, props: list[LayerProposal], notes: list[str],
         crossing = units is not None and any(len({i // size for i in u}) > 1 for u in units)
         if units is not None and not crossing:
             unit_of.update((i, tuple(u)) for u in units for i in u)
-        kept = []
-        for b in range(blocks):
-            in_block: list[int] = []
-            for i in sorted(range(b * size, (b + 1) * size), key=rank.__getitem__):
-                if len(in_block) >= each:
-                    break
-                if i not in in_block:
-                    in_block.extend(unit_of[i])
-            kept.extend(in_block)
+        kept = [i for b in range(blocks) for i in _take_units(
+            sorted(range(b * size, (b + 1) * size), key=rank.__getitem__), unit_of, each)]
         if crossing and units is not None:
             found = _balanced_units(units, rank, blocks, size, each)
             kept = found if found is not None else kept  # else: _split_units_notes says so
-        kept.sort()
         each = len(kept) // blocks
-        removed = [i for i in range(k) if i not in kept]
-        reasons = tuple(f"{'kept' if i in kept else 'removed'}: the best {each} of its group of "
-                        f"{size} (a grouped conv takes the same number from each of its "
-                        f"{blocks} groups) ({p.reasons[i]})" for i in range(k))
-        out.append(replace(p, kept=tuple(kept), removed=tuple(removed), reasons=reasons))
+        out.append(_rechosen(p, kept, f"the best {each} of its group of {size} (a grouped conv "
+                                      f"takes the same number from each of its {blocks} groups)"))
         wanted = p.target if p.target is not None else len(p.kept)
         asked = "" if each * blocks == wanted else f", {wanted} asked"
         notes.append(f"layer {p.layer!r}: kept {each} of each group of {size} kernels "
