@@ -860,17 +860,14 @@ def _channel_blocks(model: Model, index: GraphIndex, layer: Layer) -> int:
     return blocks
 
 
-def _aligned_partners(cg: ChannelGraph, name: str) -> list[str]:
-    """The other layers whose kernel i the surgery removes with kernel i of ``name`` (merged
+def _aligned_partners(cg: ChannelGraph) -> dict[str, list[str]]:
+    """Layer -> the other layers whose kernel i the surgery removes with its kernel i (merged
     element-wise with it: a residual Add), kernel for kernel."""
-    ref = cg.layers.get(name)
-    if ref is None:
-        return []
-    roots = [cg.slots.find(s) for s in ref.slots.tolist()]
-    return [other for other, slots in cg.layers.items()
-            if other != name and len(slots.slots) == len(roots)
-            and all(cg.slots.find(s) == r for s, r in zip(slots.slots.tolist(), roots,
-                                                           strict=True))]
+    by_classes: dict[tuple[int, ...], list[str]] = {}
+    for name, ref in cg.layers.items():
+        by_classes.setdefault(tuple(cg.slots.find(s) for s in ref.slots.tolist()), []).append(name)
+    return {name: [other for other in names if other != name]
+            for names in by_classes.values() for name in names}
 
 
 #: Search steps :func:`_balanced_units` takes before giving up, and the most units it takes.
@@ -984,8 +981,9 @@ def _balance_groups(model: Model, props: list[LayerProposal], notes: list[str],
     blocks_of = {p.layer: _channel_blocks(model, index, layers[p.layer]) if p.layer in layers
                  else 1 for p in props}
     if cg is not None:  # layers merged with it kernel for kernel (a residual Add) group it too
+        partners = _aligned_partners(cg)
         for p in props:
-            for other in _aligned_partners(cg, p.layer):
+            for other in partners.get(p.layer, ()):
                 if other in layers:
                     blocks_of[p.layer] = math.lcm(blocks_of[p.layer],
                                                   _channel_blocks(model, index, layers[other]))
