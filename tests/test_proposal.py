@@ -512,7 +512,7 @@ def test_a_follower_read_by_a_grouped_conv_balances_its_lead():
 
 
 def test_a_balanced_choice_of_whole_units_is_searched_for_briefly():
-    from onnxaom.proposal import _balanced_units
+    from onnxaom.proposal_fit import _balanced_units
 
     rank = {i: i for i in range(12)}
     pairs = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]  # blocks of 3 and 4 cut them
