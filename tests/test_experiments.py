@@ -4,6 +4,7 @@ and the reduced (digits) version of experiments/fashion_mnist.py end to end."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,6 +207,39 @@ def test_quick_run_end_to_end(tmp_path):
                     "## Kernel selectivity experiment", "## Targets"):
         assert heading in md
     assert (out / "base_stats.npz").exists() and (out / "base_findings.json").exists()
+
+
+def test_base_model_initial_weights_do_not_depend_on_the_process():
+    """Base seed 0 is drawn from the recorded runs' seed, not from whatever state torch's global
+    generator is in (torch 2.13 can start a process from a random seed)."""
+    from experiments import fashion_mnist
+
+    torch.manual_seed(1)
+    first = fashion_mnist._initial_model(0).state_dict()
+    state = torch.random.get_rng_state()
+    torch.manual_seed(2)
+    second = fashion_mnist._initial_model(0).state_dict()
+    torch.manual_seed(fashion_mnist.FRESH_PROCESS_SEED)
+    reference = PaperMNISTNet().state_dict()
+    for name, value in first.items():
+        assert torch.equal(value, second[name]) and torch.equal(value, reference[name]), name
+    torch.manual_seed(1)
+    fashion_mnist._initial_model(0)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global generator untouched
+    other = fashion_mnist._initial_model(3).state_dict()
+    assert not torch.equal(other["conv1.weight"], first["conv1.weight"])
+
+
+def test_retraining_settings_leave_recorded_runs_resumable():
+    """The optional retraining batch size and learning rate, unset, keep the digest the recorded
+    runs were made with (so --resume still reuses them); set, they change it."""
+    from experiments.fashion_mnist import Config
+
+    recorded = json.loads(
+        (Path(__file__).parents[1] / "experiments/results/results.json").read_text())
+    assert Config().key() == recorded["config_key"]
+    assert Config(retrain_batch_size=32).key() != Config().key()
+    assert Config(retrain_lr=3e-4).key() != Config().key()
 
 
 def test_charts_render(tmp_path):
