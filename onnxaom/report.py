@@ -296,9 +296,9 @@ def _layer_lines(
     lines += list(summary)
     if found is None:
         return lines
-    from .charts import _as_groups
+    from .charts.common import as_groups
 
-    groups = _as_groups(getattr(found, "redundant_groups", ()) or ())
+    groups = as_groups(getattr(found, "redundant_groups", ()) or ())
     if groups:
         labels = []
         for i, group in enumerate(groups):
@@ -309,7 +309,7 @@ def _layer_lines(
 
 
 def _layer_findings(findings: Any, layer: str) -> Any:
-    from .charts import _layer_findings as pick
+    from .charts.common import findings_of_layer as pick
 
     return pick(findings, layer)
 
