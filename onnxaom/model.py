@@ -67,6 +67,7 @@ class Model:
         self.external_data = external_data
         self.protected = frozenset({*(Path(p).resolve() for p in protected),
                                     *(() if path is None else (Path(path).resolve(),))})
+        self._layers: dict[str, tuple[Layer, ...]] = {}  # by probe: found once, the proto fixed
 
     @property
     def proto(self) -> onnx.ModelProto:
@@ -106,9 +107,11 @@ class Model:
         ``"conv"`` (the raw layer output) or ``"pool"`` (after the pooling that follows the
         activation, where there is one).
         """
-        from .layers import find_layers
+        if probe not in self._layers:
+            from .layers import find_layers
 
-        return find_layers(self._proto, probe=probe)
+            self._layers[probe] = tuple(find_layers(self._proto, probe=probe))
+        return list(self._layers[probe])
 
     def layer(self, name: str, probe: str = "activation") -> Layer:
         """The layer called ``name``; raises :class:`LayerNotFoundError` naming the known ones."""

@@ -165,3 +165,27 @@ def test_replacing_a_model_keeps_a_weights_file_other_models_may_read(tmp_path: 
                     location="c.onnx.data")
     onnxaom.Model(tiny_conv()).save(tmp_path / "c.onnx")
     assert not (tmp_path / "c.onnx.data").exists()
+
+
+def test_layers_are_found_once_per_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proto is fixed, so the layers are traced once per probe (finding them can take an
+    ONNX Runtime run); a caller editing the returned list does not change the next one."""
+    import onnxaom.layers as layers_module
+
+    calls: list[str] = []
+    find = layers_module.find_layers
+
+    def counting(proto: onnx.ModelProto, **kwargs: object) -> object:
+        calls.append(str(kwargs.get("probe")))
+        return find(proto, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(layers_module, "find_layers", counting)
+    model = onnxaom.load(FIXTURE)
+    first = model.layers()
+    names = [layer.name for layer in first]
+    first.clear()
+    assert names and [layer.name for layer in model.layers()] == names
+    model.layer(names[0])
+    model.layers(probe="conv")
+    model.layers(probe="conv")
+    assert calls == ["activation", "conv"]
