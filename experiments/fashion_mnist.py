@@ -362,6 +362,10 @@ def run(config: Config, out: Path, *, resume: bool = False, render: bool = True
         base.load_state_dict(torch.load(base_path))
         base_info: dict[str, Any] = dict(json.loads((models / "base.json").read_text()))
     else:
+        if recorder.previous:  # runs of another base model: reusing them would mix two models
+            log.warning("no %s to resume from: the base model is trained again, and the %d "
+                        "runs in results.json are run again", base_path, len(recorder.previous))
+            recorder.previous.clear()
         t0 = time.perf_counter()
         losses = torchnet.train(base, data.x_train, data.y_train, TrainConfig(
             epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
@@ -431,19 +435,16 @@ def run(config: Config, out: Path, *, resume: bool = False, render: bool = True
     return res
 
 
-#: The seed of torch's default generator in a fresh process, as the recorded runs of base seed 0
-#: had it. Seeded explicitly: a fresh process of torch 2.13 on another machine (2026-11-24)
-#: started from a random seed, so relying on the process's state gave another base model on
-#: every run.
-FRESH_PROCESS_SEED = 67280421310721
-
-
 def _initial_model(base_seed: int) -> PaperMNISTNet:
-    """The untrained base model, its weights drawn from ``base_seed`` (base seed 0: from
-    :data:`FRESH_PROCESS_SEED`, as the recorded runs did) without changing the global
-    generator."""
+    """The untrained base model, its weights drawn from ``torch.manual_seed(base_seed)``
+    without changing the global generator.
+
+    Base seed 0 was once drawn from the global generator as the process had it. torch 2.13
+    here starts each process from a random seed, so that gave another base model on every run,
+    and the recorded base model 0 (experiments/RESULTS.md, sections 1-3) cannot be drawn again;
+    it is now seeded like every other base seed."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(FRESH_PROCESS_SEED if base_seed == 0 else base_seed)
+        torch.manual_seed(base_seed)
         return PaperMNISTNet()
 
 

@@ -210,8 +210,8 @@ def test_quick_run_end_to_end(tmp_path):
 
 
 def test_base_model_initial_weights_do_not_depend_on_the_process():
-    """Base seed 0 is drawn from the recorded runs' seed, not from whatever state torch's global
-    generator is in (torch 2.13 can start a process from a random seed)."""
+    """Base seed 0 is drawn from its seed, not from whatever state torch's global generator is
+    in (torch 2.13 can start a process from a random seed)."""
     from experiments import fashion_mnist
 
     torch.manual_seed(1)
@@ -219,7 +219,7 @@ def test_base_model_initial_weights_do_not_depend_on_the_process():
     state = torch.random.get_rng_state()
     torch.manual_seed(2)
     second = fashion_mnist._initial_model(0).state_dict()
-    torch.manual_seed(fashion_mnist.FRESH_PROCESS_SEED)
+    torch.manual_seed(0)
     reference = PaperMNISTNet().state_dict()
     for name, value in first.items():
         assert torch.equal(value, second[name]) and torch.equal(value, reference[name]), name
@@ -240,6 +240,29 @@ def test_retraining_settings_leave_recorded_runs_resumable():
     assert Config().key() == recorded["config_key"]
     assert Config(retrain_batch_size=32).key() != Config().key()
     assert Config(retrain_lr=3e-4).key() != Config().key()
+
+
+def test_resume_without_the_base_model_runs_everything_again(tmp_path):
+    """Runs recorded on a base model that is no longer on disk are not reused for the base model
+    trained again in its place (they would mix two models in one table)."""
+    pytest.importorskip("torch_pruning")
+    from experiments import fashion_mnist
+
+    out = tmp_path / "quick"
+    args = ["--quick", "--out", str(out), "--no-render", "--stages", "conv1", "--counts", "3",
+            "--strategies", "clusters", "--seeds", "1"]
+    assert fashion_mnist.main(args) == 0
+    path = out / "results.json"
+    results = json.loads(path.read_text())
+    for run in results["runs"]:
+        run["accuracy"] = -1.0  # a marker: reused runs would keep it
+    path.write_text(json.dumps(results))
+    assert fashion_mnist.main([*args, "--resume"]) == 0  # base.pt still there: reused
+    assert {r["accuracy"] for r in json.loads(path.read_text())["runs"]} == {-1.0}
+    (out / "models" / "base.pt").unlink()
+    assert fashion_mnist.main([*args, "--resume"]) == 0
+    runs = json.loads(path.read_text())["runs"]
+    assert runs and all(0.0 <= r["accuracy"] <= 1.0 for r in runs)
 
 
 def test_charts_render(tmp_path):
