@@ -48,10 +48,10 @@ selectivity ``s(k)`` (eq. 4), class selectivity ``s[k, c]`` (average CSM, eq. 3)
   network trained on Fashion-MNIST, ``usage`` was the best strategy on conv2 (read by fc1),
   where the other four lose to L1 magnitude, and ``clusters`` the best on conv1 (read by
   conv2). A measured rule, not a law: ``usage`` on conv2 matched or beat L1 magnitude and
-  random in 7 of 14 comparisons at 4 and 3 kept kernels (seven base models; always above
-  random), ``clusters`` on conv1 in 7 of 14; ``partitions`` and ``activity`` did not beat
+  random in 7 of 16 comparisons at 4 and 3 kept kernels (eight base models; always above
+  random), ``clusters`` on conv1 in 7 of 16; ``partitions`` and ``activity`` did not beat
   ``clusters`` on held-out base models, so they are not used here (experiments/RESULTS.md,
-  section 4).
+  sections 4 and 5).
 
 Ties: lower kernel index first. No strategy removes every kernel of a layer: at least one is
 always kept. Which layers: those named in ``layers``, else those in ``keep``, else the conv layers
