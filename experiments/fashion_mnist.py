@@ -316,8 +316,10 @@ def reduce_stage(
         h = features[:, list(kept)].contiguous()
         torchnet.check_features(model, stage, data.x_train[:16], h[:16])
         info = torchnet.retrain_suffix(model, stage, h, data.y_train, TrainConfig(
-            epochs=config.retrain_epochs, batch_size=config.retrain_batch_size or config.batch_size,
-            lr=config.retrain_lr or config.lr, seed=seed))
+            epochs=config.retrain_epochs, seed=seed,
+            batch_size=config.batch_size if config.retrain_batch_size is None
+            else config.retrain_batch_size,
+            lr=config.lr if config.retrain_lr is None else config.retrain_lr))
         del h
         run = {"stage": stage, "seed": seed, "method": method, "n": n, "kept": list(kept),
                "impl": impl, "accuracy_before": before, "accuracy": _accuracy(model, data),
