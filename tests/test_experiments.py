@@ -250,10 +250,12 @@ def test_resume_without_the_base_model_runs_everything_again(tmp_path):
 
     out = tmp_path / "quick"
     args = ["--quick", "--out", str(out), "--no-render", "--stages", "conv1", "--counts", "3",
-            "--strategies", "clusters", "--seeds", "1"]
+            "--strategies", "clusters", "--seeds", "1", "--retrain-batch-size", "16",
+            "--retrain-lr", "0.002"]
     assert fashion_mnist.main(args) == 0
     path = out / "results.json"
     results = json.loads(path.read_text())
+    assert (results["config"]["retrain_batch_size"], results["config"]["retrain_lr"]) == (16, 0.002)
     for run in results["runs"]:
         run["accuracy"] = -1.0  # a marker: reused runs would keep it
     path.write_text(json.dumps(results))
