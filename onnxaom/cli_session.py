@@ -211,7 +211,7 @@ def _cmd_propose(args: argparse.Namespace) -> int:
         tables[action].setdefault(layer, []).extend(indices)
     if any(tables.values()):
         proposal = override(proposal, keep=tables["keep"], remove=tables["remove"],
-                            only=tables["only"])
+                            only=tables["only"], model=model)
     if args.output:
         refuse_inputs(args.output, [args.stats, args.findings,
                                     *(model.protected if model is not None else ())])

@@ -710,6 +710,7 @@ def override(
     keep: Mapping[str, Iterable[int]] | None = None,
     remove: Mapping[str, Iterable[int]] | None = None,
     only: Mapping[str, Iterable[int]] | None = None,
+    model: Model | None = None,
 ) -> Proposal:
     """The designer's changes to a proposal (a new proposal; ``proposal`` is unchanged).
 
@@ -718,9 +719,18 @@ def override(
     proposal to kernel indices. A kernel both kept and removed, or a layer left without kernels,
     is refused. Changed kernels are listed in :attr:`LayerProposal.overridden` with the reason
     "designer: ...".
+
+    The designer's choice is kept as given, even where the surgery removes more (the other
+    kernels of a depthwise conv's channel) or refuses (a grouped conv losing unequal numbers
+    per group). With ``model`` (the model the proposal is for), a rehearsal of the surgery says
+    so: its warnings and refusals are added to the notes, prefixed "after the override".
     """
     if not isinstance(proposal, Proposal):
         raise StatsError(f"override() takes a Proposal, got {type(proposal).__name__}")
+    if model is not None and proposal.model_digest not in (None, model.digest):
+        raise StatsError(f"the proposal is for model {str(proposal.model_digest)[:12]}..., not "
+                         f"for the model given ({model.digest[:12]}...); pass the model it was "
+                         f"made for")
     changes: dict[str, dict[str, set[int]]] = {}
     for what, table in (("keep", keep), ("remove", remove), ("only", only)):
         for layer, value in (table or {}).items():
@@ -753,4 +763,9 @@ def override(
                               removed=tuple(i for i in range(lp.num_kernels) if i not in kept),
                               reasons=tuple(reasons),
                               overridden=tuple(sorted(set(lp.overridden) | flipped))))
-    return replace(proposal, layers=tuple(layers))
+    notes = list(proposal.notes)
+    if model is not None and changes:
+        from .proposal_fit import rehearsal_notes
+
+        notes.extend(f"after the override: {n}" for n in rehearsal_notes(model, layers))
+    return replace(proposal, layers=tuple(layers), notes=tuple(dict.fromkeys(notes)))

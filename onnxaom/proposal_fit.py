@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from .proposal import LayerProposal
     from .surgery.channels import ChannelGraph
 
-__all__ = ["fit_to_model"]
+__all__ = ["fit_to_model", "rehearsal_notes"]
 
 
 def fit_to_model(model: Model, props: list[LayerProposal], targets: Mapping[str, int]
@@ -69,6 +69,26 @@ def fit_to_model(model: Model, props: list[LayerProposal], targets: Mapping[str,
         notes.extend(_split_units_notes(cg, props))
         notes.extend(_surgery_notes(model, cg, props))
     return props, notes
+
+
+def rehearsal_notes(model: Model, props: Sequence[LayerProposal]) -> list[str]:
+    """What the surgery of ``model`` makes of ``props`` as they stand, nothing changed: a
+    rehearsal of the step as :func:`onnxaom.apply` makes it, giving its warnings (a layer
+    losing kernels besides those named, a fallback) or why it refuses. For a proposal the
+    designer changed by hand (:func:`onnxaom.override`), which no longer follows the fitting
+    above."""
+    from .surgery.remove import remove_with_fallback
+
+    edits = [RemoveKernels(p.layer, p.removed) for p in props if p.removed]
+    if not edits:
+        return []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            remove_with_fallback(model.proto, edits)
+    except OnnxaomError as exc:
+        return [f"the surgery refuses these edits: {exc}"]
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 
 def _channel_graph(model: Model, notes: list[str]) -> ChannelGraph | None:

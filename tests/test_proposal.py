@@ -642,3 +642,28 @@ def test_findings_of_other_statistics_are_refused() -> None:
         propose(other, analyze(stats), strategy="paper")  # kernel 0 left out: it was kept
     assert propose(stats, analyze(stats), strategy="paper").to_dict() == \
         propose(stats, strategy="paper").to_dict()
+
+
+def test_override_with_the_model_says_what_the_surgery_makes_of_it():
+    """A hand override is kept as given; with ``model=`` a rehearsal of the surgery adds its
+    warning (a split pair of a multiplier depthwise conv loses both kernels) or its refusal
+    (a grouped reader losing unequal numbers per group; every channel of conv1 gone) to the
+    notes."""
+    model = _dw_chain(4, 2, groups=2, out=8)
+    stats = _stats_on(model)
+    proposal = propose(stats, keep={"dw": 4}, layers=["dw"], model=model, strategy="selectivity")
+    assert not any(n.startswith("after the override") for n in proposal.notes)
+    split = override(proposal, only={"dw": [0, 1, 2, 4, 5, 6]}, model=model)
+    assert split.layer("dw").kept == (0, 1, 2, 4, 5, 6)  # the designer's choice stands
+    assert any(n.startswith("after the override: layer 'dw' loses kernels [2, 6]")
+               for n in split.notes)
+    for only in ([0, 1, 2, 3, 4, 5], [0, 2, 4, 6]):
+        refused = override(proposal, only={"dw": only}, model=model)
+        assert any(n.startswith("after the override: the surgery refuses")
+                   for n in refused.notes), only
+    plain = override(proposal, only={"dw": [0, 1, 4, 5]}, model=model)  # whole pairs, even
+    assert not any(n.startswith("after the override") for n in plain.notes)
+    assert override(proposal, only={"dw": [0, 2, 4, 6]}).notes == proposal.notes  # no model
+    other = onnxaom.Model(zoo.chain())
+    with pytest.raises(StatsError, match="pass the model it was made for"):
+        override(proposal, only={"dw": [0, 1]}, model=other)
