@@ -722,8 +722,10 @@ def override(
 
     The designer's choice is kept as given, even where the surgery removes more (the other
     kernels of a depthwise conv's channel) or refuses (a grouped conv losing unequal numbers
-    per group). With ``model`` (the model the proposal is for), a rehearsal of the surgery says
-    so: its warnings and refusals are added to the notes, prefixed "after the override".
+    per group). Notes: without ``model`` the proposal's notes are kept as they are (they
+    describe the choice before the changes). With ``model`` (the model the proposal is for),
+    they are replaced by a rehearsal of the surgery on the changed proposal: its warnings, or
+    why it refuses, each prefixed "after the override"; none when it applies cleanly.
     """
     if not isinstance(proposal, Proposal):
         raise StatsError(f"override() takes a Proposal, got {type(proposal).__name__}")
@@ -763,9 +765,9 @@ def override(
                               removed=tuple(i for i in range(lp.num_kernels) if i not in kept),
                               reasons=tuple(reasons),
                               overridden=tuple(sorted(set(lp.overridden) | flipped))))
-    notes = list(proposal.notes)
-    if model is not None and changes:
+    notes = proposal.notes
+    if model is not None:  # the choice as it now stands, checked again
         from .proposal_fit import rehearsal_notes
 
-        notes.extend(f"after the override: {n}" for n in rehearsal_notes(model, layers))
-    return replace(proposal, layers=tuple(layers), notes=tuple(dict.fromkeys(notes)))
+        notes = tuple(f"after the override: {n}" for n in rehearsal_notes(model, layers))
+    return replace(proposal, layers=tuple(layers), notes=notes)

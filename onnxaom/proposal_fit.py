@@ -72,12 +72,12 @@ def fit_to_model(model: Model, props: list[LayerProposal], targets: Mapping[str,
 
 
 def rehearsal_notes(model: Model, props: Sequence[LayerProposal]) -> list[str]:
-    """What the surgery of ``model`` makes of ``props`` as they stand, nothing changed: a
-    rehearsal of the step as :func:`onnxaom.apply` makes it, giving its warnings (a layer
-    losing kernels besides those named, a fallback) or why it refuses. For a proposal the
+    """What the surgery of ``model`` makes of ``props`` as they stand, nothing changed: the
+    step rehearsed with :func:`onnxaom.apply` (its checks included), giving its warnings (a
+    layer losing kernels besides those named, a fallback) or why it refuses. For a proposal the
     designer changed by hand (:func:`onnxaom.override`), which no longer follows the fitting
     above."""
-    from .surgery.remove import remove_with_fallback
+    from .surgery.apply import apply
 
     edits = [RemoveKernels(p.layer, p.removed) for p in props if p.removed]
     if not edits:
@@ -85,10 +85,11 @@ def rehearsal_notes(model: Model, props: Sequence[LayerProposal]) -> list[str]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
-            remove_with_fallback(model.proto, edits)
+            apply(model, edits)
     except OnnxaomError as exc:
         return [f"the surgery refuses these edits: {exc}"]
-    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    return list(dict.fromkeys(str(w.message) for w in caught
+                              if issubclass(w.category, UserWarning)))
 
 
 def _channel_graph(model: Model, notes: list[str]) -> ChannelGraph | None:
