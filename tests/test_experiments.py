@@ -231,8 +231,9 @@ def test_base_model_initial_weights_do_not_depend_on_the_process():
 
 
 def test_retraining_settings_leave_recorded_runs_resumable():
-    """The optional retraining batch size and learning rate, unset, keep the digest the recorded
-    runs were made with (so --resume still reuses them); set, they change it."""
+    """The optional retraining batch size and learning rate, unset, keep the settings digest the
+    recorded runs were made with (so --resume accepts their results.json, and reuses their runs
+    where their base model is on disk); set, they change it."""
     from experiments.fashion_mnist import Config
 
     recorded = json.loads(
@@ -243,8 +244,9 @@ def test_retraining_settings_leave_recorded_runs_resumable():
 
 
 def test_resume_without_the_base_model_runs_everything_again(tmp_path):
-    """Runs recorded on a base model that is no longer on disk are not reused for the base model
-    trained again in its place (they would mix two models in one table)."""
+    """Runs recorded on a base model that is no longer on disk, or that another base model has
+    replaced (its weights digest differs), are not reused (they would mix two models in one
+    table); runs of the same base model are."""
     pytest.importorskip("torch_pruning")
     from experiments import fashion_mnist
 
@@ -261,7 +263,17 @@ def test_resume_without_the_base_model_runs_everything_again(tmp_path):
     path.write_text(json.dumps(results))
     assert fashion_mnist.main([*args, "--resume"]) == 0  # base.pt still there: reused
     assert {r["accuracy"] for r in json.loads(path.read_text())["runs"]} == {-1.0}
-    (out / "models" / "base.pt").unlink()
+    base = out / "models" / "base.pt"
+    state = torch.load(base)
+    state["fc2.bias"] = state["fc2.bias"] + 1.0  # another base model, put in its place
+    torch.save(state, base)
+    assert fashion_mnist.main([*args, "--resume"]) == 0
+    runs = json.loads(path.read_text())["runs"]
+    assert runs and all(0.0 <= r["accuracy"] <= 1.0 for r in runs)
+    for run in runs:
+        run["accuracy"] = -1.0
+    path.write_text(json.dumps({**json.loads(path.read_text()), "runs": runs}))
+    base.unlink()
     assert fashion_mnist.main([*args, "--resume"]) == 0
     runs = json.loads(path.read_text())["runs"]
     assert runs and all(0.0 <= r["accuracy"] <= 1.0 for r in runs)

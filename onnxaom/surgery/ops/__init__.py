@@ -28,7 +28,7 @@ at run time, no channels in their output); Reduce* over other axes; Squeeze, Uns
 Transpose; Slice and Split along other axes. Everything else blocks the channels it reads.
 A channels-last flatten (Transpose to NHWC, then Flatten or Reshape to (N, H*W*C), as Keras
 models exported by tf2onnx have before their dense head) interleaves the channels: a flow's
-segments then repeat once per position (:attr:`Flow.outer`).
+segments then repeat once per position (:attr:`~onnxaom.surgery.channels.Flow.outer`).
 
 The handlers live in one module per family: :mod:`.elementwise`, :mod:`.spatial`,
 :mod:`.layout` (with :mod:`.sizes`, sizes computed in the graph) and :mod:`.layers`; the
@@ -39,8 +39,8 @@ this package registers them all.
 from __future__ import annotations
 
 from . import elementwise, layout, spatial  # noqa: F401 (registers their handlers)
-from .base import HANDLERS, LAYER_HANDLERS, Handler, handler_for, layer_handler_for
+from .base import HANDLERS, LAYER_HANDLERS, Handler, handler_for, layer_handler_for, register
 from .layers import conv_weight, integer_storage, layer_weight
 
 __all__ = ["HANDLERS", "LAYER_HANDLERS", "Handler", "conv_weight", "handler_for",
-           "integer_storage", "layer_handler_for", "layer_weight"]
+           "integer_storage", "layer_handler_for", "layer_weight", "register"]

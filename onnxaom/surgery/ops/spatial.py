@@ -337,7 +337,7 @@ class Split(Positional):
     def zero_state(self, r: Rewriter, node: gs.Node, ins: Changes,
                    states: dict[int, State]) -> State:
         """Zero stays zero in every part; constants are followed only through the first
-        output by :func:`_by_slot`, so they are refused here."""
+        output by :func:`.base._by_slot`, so they are refused here."""
         held = states.get(0)
         if isinstance(held, Constant):
             return f"{held.origin}, which node {describe(node)} splits into parts"
