@@ -65,7 +65,7 @@ from onnxaom.files import atomic_write_text
 from . import selection, tables, torchnet
 from .torchnet import TrainConfig
 
-__all__ = ["Config", "load_data", "main", "run"]
+__all__ = ["Config", "cpu_name", "load_data", "main", "run"]
 
 log = logging.getLogger("experiments.fashion_mnist")
 
@@ -240,8 +240,11 @@ class Recorder:
         self.results: dict[str, Any] = {"config": asdict(config), "config_key": config.key(),
                                         "runs": [], "stages": {}}
         self.previous: dict[tuple[str, int, str, int], dict[str, Any]] = {}
+        #: the weights digest of the base model the previous runs were made on (None: unknown)
+        self.previous_base: str | None = None
         if resume and self.path.exists():
             old = json.loads(self.path.read_text())
+            self.previous_base = old.get("base", {}).get("weights_digest")
             if _digest(old["config"]) == config.key():
                 runs = old["runs"]
             elif _digest(old["config"], stage1_only=True) == config.key(stage1_only=True):
@@ -352,6 +355,7 @@ def run(config: Config, out: Path, *, resume: bool = False, render: bool = True
     res = recorder.results
     res["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
                           "onnxaom": onnxaom.__version__, "machine": platform.machine(),
+                          "cpu": cpu_name(),
                           "cpu_threads": config.threads, "torch_pruning": _tp_version()}
     data = load_data(config.dataset)
     res["data"] = {"source": data.source, "train": len(data.y_train), "test": len(data.y_test),
@@ -376,6 +380,12 @@ def run(config: Config, out: Path, *, resume: bool = False, render: bool = True
         torch.save(base.state_dict(), base_path)
         (models / "base.json").write_text(json.dumps(base_info))
     base.eval()
+    base_info["weights_digest"] = weights_digest(base)
+    if recorder.previous and recorder.previous_base not in (None, base_info["weights_digest"]):
+        log.warning("the runs in results.json were made on another base model (weights %s, "
+                    "this one %s): they are run again", str(recorder.previous_base)[:12],
+                    base_info["weights_digest"][:12])
+        recorder.previous.clear()
     base_info["accuracy"] = _accuracy(base, data)
     res["base"] = base_info
     log.info("trained model: test accuracy %.4f", base_info["accuracy"])
@@ -448,6 +458,29 @@ def _initial_model(base_seed: int) -> PaperMNISTNet:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(base_seed)
         return PaperMNISTNet()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a module's state (names, shapes, float32 bytes), hex: which base model a
+    run was made on, so that --resume never mixes runs of two."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        array = value.detach().cpu().contiguous().numpy()
+        h.update(f"{name}{tuple(array.shape)}{array.dtype}".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``: two CPUs round
+    training differently (experiments/RESULTS.md, section 5)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def _tp_version() -> str | None:
