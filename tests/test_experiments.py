@@ -362,3 +362,27 @@ def test_fig8_quick_run_end_to_end(tmp_path):
     assert fig8.main(["--quick", "--out", str(out), "--no-render", "--resume"]) == 0
     again = json.loads((out / "results.json").read_text())["seeds"][0]
     assert again["fig8"] == rec["fig8"] and again["train"] == rec["train"]
+
+
+def test_reproducibility_kernel_match_and_table():
+    """experiments.reproducibility pairs kernel i with kernel i when the maps are the same, and
+    finds a permutation when they are only reordered."""
+    from experiments import reproducibility
+    from onnxaom.stats import OccurrenceStats
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 50, size=(4, 3, 5, 5))
+    stats = OccurrenceStats({"c": counts}, np.array([50, 50, 50]), ("a", "b", "c"))
+    permuted = OccurrenceStats({"c": counts[[2, 0, 3, 1]]}, np.array([50, 50, 50]),
+                               ("a", "b", "c"))
+    same = reproducibility._kernel_match(stats, stats, "c")
+    assert same["best_match"] == [0, 1, 2, 3] and min(same["same_index_r"]) == 1.0
+    moved = reproducibility._kernel_match(stats, permuted, "c")
+    assert moved["best_match"] == [1, 3, 0, 2]
+    res = {"environment": {"python": "3.11", "torch": "2", "cpu": "x",
+                           "initial_seed_of_this_process": 1},
+           "base_seed1": {"recorded": {"train_losses": [0.5, 0.4], "accuracy": 0.9},
+                          "again": {"train_losses": [0.5001, 0.4], "accuracy": 0.91}},
+           "fresh_seed_draw": {"accuracy": 0.9, "kernels": {"conv1": same}}}
+    table = reproducibility.tables(res)
+    assert "| 1 | 0.500000 | 0.500100 | +0.000100 |" in table and "4 of 4" in table
