@@ -364,14 +364,11 @@ def run(config: Config, out: Path, *, resume: bool = False, render: bool = True
     # 1. the trained model and its statistics
     base_path = models / "base.pt"
     base = _initial_model(config.base_seed)
-    if resume and base_path.exists():
+    loaded = resume and base_path.exists()
+    if loaded:
         base.load_state_dict(torch.load(base_path))
         base_info: dict[str, Any] = dict(json.loads((models / "base.json").read_text()))
     else:
-        if recorder.previous:  # runs of another base model: reusing them would mix two models
-            log.warning("no %s to resume from: the base model is trained again, and the %d "
-                        "runs in results.json are run again", base_path, len(recorder.previous))
-            recorder.previous.clear()
         t0 = time.perf_counter()
         losses = torchnet.train(base, data.x_train, data.y_train, TrainConfig(
             epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
@@ -380,11 +377,14 @@ def run(config: Config, out: Path, *, resume: bool = False, render: bool = True
         torch.save(base.state_dict(), base_path)
         (models / "base.json").write_text(json.dumps(base_info))
     base.eval()
-    base_info["weights_digest"] = weights_digest(base)
-    if recorder.previous and recorder.previous_base not in (None, base_info["weights_digest"]):
-        log.warning("the runs in results.json were made on another base model (weights %s, "
-                    "this one %s): they are run again", str(recorder.previous_base)[:12],
-                    base_info["weights_digest"][:12])
+    base_info["weights_digest"] = digest = weights_digest(base)
+    # earlier runs are reused only on the base model they were made on: the one on disk, whose
+    # weights digest (where recorded) matches; reusing others would mix two models in a table
+    if recorder.previous and not (loaded and recorder.previous_base in (None, digest)):
+        why = (f"made on another base model (weights {str(recorder.previous_base)[:12]})"
+               if loaded else f"not made on a base model on disk ({base_path} was trained)")
+        log.warning("the %d runs in results.json were %s: they are run again",
+                    len(recorder.previous), why)
         recorder.previous.clear()
     base_info["accuracy"] = _accuracy(base, data)
     res["base"] = base_info
