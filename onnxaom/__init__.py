@@ -7,6 +7,7 @@ selectivity, computed exactly by streaming a data set through ONNX Runtime.
 """
 
 from ._version import __version__
+from .bind import bind_inputs
 from .collect import Collector, collect
 from .compare import Comparison, compare
 from .data import (
@@ -75,6 +76,7 @@ __all__ = [
     "__version__",
     "analyze",
     "apply",
+    "bind_inputs",
     "collect",
     "compare",
     "edits_from_json",

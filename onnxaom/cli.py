@@ -61,6 +61,7 @@ def _analyze(model_path: Path, data_spec: str, args: argparse.Namespace) -> int:
         progress=not args.quiet,
         resize=getattr(args, "resize", None),
         allow_empty_classes=args.allow_empty_classes,
+        bind=_bound_values(getattr(args, "bind", None) or []),
     )
     for line in result.lines:
         print(line)
@@ -79,6 +80,40 @@ def _size(text: str) -> tuple[int, int]:
     if len(values) != 2 or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected H,W (two positive integers), got {text!r}")
     return values[0], values[1]
+
+
+def _binding(text: str) -> tuple[str, str]:
+    """``NAME=VALUE`` for ``--bind``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def _bound_values(pairs: Sequence[tuple[str, str]]) -> dict[str, object]:
+    """``--bind`` values: a ``.npy`` file, else a JSON number or (nested) array."""
+    import numpy as np
+
+    from .errors import DataError, ModelFileNotFoundError
+
+    values: dict[str, object] = {}
+    for name, text in pairs:
+        if name in values:
+            raise DataError(f"--bind {name}: given twice")
+        if text.endswith(".npy"):
+            if not Path(text).is_file():
+                raise ModelFileNotFoundError(f"--bind {name}={text}: no such file")
+            try:
+                values[name] = np.load(text, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"--bind {name}={text}: not a .npy array ({exc})") from exc
+            continue
+        try:
+            values[name] = json.loads(text)
+        except json.JSONDecodeError:
+            raise DataError(f"--bind {name}={text}: give a number, a JSON array such as "
+                            f"[1,0] or a .npy file") from None
+    return values
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -160,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--resize", type=_size, metavar="H,W",
                    help="resize every image to H x W (bilinear), e.g. digits to 28,28")
+    p.add_argument("--bind", type=_binding, action="append", metavar="NAME=VALUE",
+                   help="feed the model input NAME (not the images) this constant: a number, "
+                   "a JSON array or a .npy file (repeat for more inputs)")
     _add_collect_options(p)
     p.set_defaults(func=_cmd_analyze)
 

@@ -64,7 +64,11 @@ def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     inputs = fed_inputs(model)
     if len(inputs) != 1:
         names = ", ".join(i.name for i in inputs) or "(none)"
-        raise ModelError(f"model must have exactly one image input; it has {len(inputs)}: {names}")
+        hint = ("; bind the ones that are the same for every sample to constants with "
+                "onnxaom.bind_inputs(model, {name: value}) (on the command line: --bind "
+                "NAME=VALUE)" if len(inputs) > 1 else "")
+        raise ModelError(f"model must have exactly one image input; it has {len(inputs)}: "
+                         f"{names}{hint}")
     return inputs[0]
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from .bind import bind_inputs
 from .collect import collect
 from .data import load_spec
 from .errors import ModelFileNotFoundError, OutputError
@@ -52,12 +54,16 @@ def run_analysis(
     progress: bool = True,
     resize: tuple[int, int] | None = None,
     allow_empty_classes: bool = False,
+    bind: Mapping[str, Any] | None = None,
 ) -> AnalysisResult:
     """Analyse ``model_path`` on the data named by ``data_spec``; write the results to ``out``.
 
     An image folder is read with the model's input channels (1: grayscale, 3: RGB) and resized
-    to ``resize`` (H, W) if given (:func:`~onnxaom.data.load_spec`)."""
+    to ``resize`` (H, W) if given (:func:`~onnxaom.data.load_spec`). ``bind``: values for the
+    model's inputs besides the images (:func:`~onnxaom.bind.bind_inputs`)."""
     model = load(model_path)
+    if bind:
+        model = bind_inputs(model, bind)
     dataset = load_spec(data_spec, channels=_input_channels(model), size=resize)
     out = Path(out)
     if out.exists() and not out.is_dir():

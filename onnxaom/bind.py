@@ -1,0 +1,106 @@
+"""Binding a model's extra inputs to constants, so that one image input is left.
+
+``collect`` feeds a model one thing, a batch of images. A model with more graph inputs (a
+mode flag, a scale, a fixed mask, an ``is_training`` placeholder left by an old TensorFlow
+export) is refused there; :func:`bind_inputs` makes a copy in which those inputs are
+initializers holding the given values, which then analyses like any single-input model.
+A per-sample second input (a second image, a text embedding) cannot be bound: a constant
+does not change from one sample to the next.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import ModelError
+from .graph import dim_values, fed_inputs
+from .model import Model, load
+
+__all__ = ["bind_inputs"]
+
+
+def bind_inputs(model: Model | str | os.PathLike[str], values: Mapping[str, Any]) -> Model:
+    """A copy of ``model`` in which each graph input named in ``values`` is a constant.
+
+    ``values`` maps input names to array-likes. Each is converted to the input's element type
+    (a float value for an integer input is refused, not rounded) and must have its declared
+    shape: static sizes as declared, a symbolic size any size. An input whose first axis is the
+    batch axis of the input left unbound (the same symbolic name) is refused: a constant
+    cannot follow the batch size. The source model and its file are not changed; saving the
+    copy keeps the source's external-data setting and never writes over the source.
+    """
+    if not isinstance(model, Model):
+        model = load(model)
+    if not values:
+        raise ModelError("bind_inputs: no inputs named; give {input name: value}")
+    declared = {value.name: value for value in model.proto.graph.input}
+    initializers = {t.name for t in model.proto.graph.initializer}
+    for name in values:
+        if name not in declared or name in initializers:
+            known = ", ".join(v.name for v in fed_inputs(model.proto)) or "(none)"
+            raise ModelError(f"model {model.name!r} has no graph input {name!r} to bind; "
+                             f"its inputs: {known}")
+    arrays = {name: _value_for(model, declared[name], value) for name, value in values.items()}
+    left = [v for v in declared.values() if v.name not in arrays and v.name not in initializers]
+    _refuse_batch_axis(model, {n: declared[n] for n in arrays}, left)
+    proto = model.copy_proto()
+    keep_listed = proto.ir_version < 4  # before IR 4 an initializer must be a graph input
+    kept = [v for v in proto.graph.input if keep_listed or v.name not in arrays]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    proto.graph.initializer.extend(numpy_helper.from_array(a, n) for n, a in arrays.items())
+    return Model(proto, path=None, external_data=model.external_data,
+                 protected=model.protected)
+
+
+def _value_for(model: Model, value: onnx.ValueInfoProto, given: Any) -> np.ndarray:
+    """``given`` as the tensor input ``value`` takes: its element type and declared shape."""
+    where = f"model {model.name!r} input {value.name!r}"
+    if not value.type.HasField("tensor_type"):
+        raise ModelError(f"{where} is not a tensor ({value.type.WhichOneof('value')}); only "
+                         f"tensor inputs can be bound")
+    elem = value.type.tensor_type.elem_type
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+    try:
+        array = np.asarray(given)
+    except Exception as exc:  # ragged lists and other non-arrays
+        raise ModelError(f"{where}: the value to bind is not an array ({exc})") from exc
+    if array.dtype.kind in "OUSV" or not np.can_cast(array.dtype, dtype, casting="same_kind"):
+        raise ModelError(f"{where} takes {onnx.TensorProto.DataType.Name(elem)}; the value to "
+                         f"bind is {array.dtype} and is not converted (give it as {dtype})")
+    array = np.array(array, dtype=dtype, order="C")  # (ascontiguousarray makes 0-d 1-d)
+    dims = dim_values(value.type)
+    if dims is not None:
+        wrong = len(dims) != array.ndim or any(
+            d is not None and d != got for d, got in zip(dims, array.shape, strict=False))
+        if wrong:
+            shape = "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
+            raise ModelError(f"{where} has shape {shape}; the value to bind has shape "
+                             f"{array.shape}")
+    return array
+
+
+def _batch_name(value: onnx.ValueInfoProto) -> str | None:
+    """The symbolic name of an input's first axis, if it has one."""
+    if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+        return None
+    dims = value.type.tensor_type.shape.dim
+    return (dims[0].dim_param or None) if len(dims) else None
+
+
+def _refuse_batch_axis(model: Model, bound: Mapping[str, onnx.ValueInfoProto],
+                       left: list[onnx.ValueInfoProto]) -> None:
+    batch = {name: owner.name for owner in left if (name := _batch_name(owner))}
+    for name, value in bound.items():
+        axis = _batch_name(value)
+        if axis in batch:
+            raise ModelError(
+                f"model {model.name!r} input {name!r} has the batch axis {axis!r} of input "
+                f"{batch[axis]!r}: it takes one value a sample, which a constant cannot give; "
+                f"only inputs that are the same for every sample can be bound")
