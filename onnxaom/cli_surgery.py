@@ -8,6 +8,7 @@ result atomically through :meth:`onnxaom.Model.save`.
 ::
 
     onnxaom prune MODEL --remove /conv1/Conv:0,3,5 [--remove ...] -o OUT [--coupled refuse]
+    onnxaom prune MODEL --proposal PROPOSAL.json -o OUT
     onnxaom widen MODEL --layer conv1 --add 4 [--init net2net|random|zeros] -o OUT
     onnxaom deepen MODEL --after conv2 [--kernel-size 3] [--init identity|random] -o OUT
     onnxaom summary MODEL [--json]
@@ -16,9 +17,11 @@ result atomically through :meth:`onnxaom.Model.save`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .edits import (
     COUPLED_MODES,
@@ -30,6 +33,9 @@ from .edits import (
     WidenLayer,
 )
 from .errors import EditError, ModelError
+
+if TYPE_CHECKING:
+    from .model import Model
 
 __all__ = ["add_parsers", "parse_indices", "parse_removal"]
 
@@ -85,7 +91,9 @@ def _output_path(model_path: str, output: str) -> Path:
     return Path(output)
 
 
-def _run(args: argparse.Namespace, edits: list[Edit]) -> int:
+def _run(args: argparse.Namespace, edits: list[Edit] | Callable[[Model], list[Edit]]) -> int:
+    """Apply ``edits`` (or the edits a function makes for the loaded model) to ``args.model``,
+    write ``args.output`` and print what changed."""
     from .model import load
     from .summary import summary
     from .surgery import apply
@@ -95,7 +103,7 @@ def _run(args: argparse.Namespace, edits: list[Edit]) -> int:
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     model.check_output(out, external)  # its external data too, before the edit's work
     before = summary(model)
-    new = apply(model, edits)
+    new = apply(model, edits if isinstance(edits, list) else edits(model))
     new.save(out, external_data=external)
     after = summary(new)
     old_rows = {row.name: row for row in before.layers}
@@ -112,11 +120,28 @@ def _run(args: argparse.Namespace, edits: list[Edit]) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
+    if args.proposal is not None:
+        return _run(args, lambda model: _proposal_edits(args.proposal, model, args.coupled))
     edits: list[Edit] = []
     for spec in args.remove:
         layer, kernels = parse_removal(spec)
         edits.append(RemoveKernels(layer, tuple(kernels), args.coupled))
     return _run(args, edits)
+
+
+def _proposal_edits(path: str, model: Model, coupled: str) -> list[Edit]:
+    """The removals of the proposal in ``path`` (``session propose -o``), for ``model``: the
+    model its statistics were collected on (by digest), refused for any other."""
+    from .proposal import Proposal
+
+    proposal = Proposal.from_json(path)
+    if proposal.model_digest not in (None, model.digest):
+        raise EditError(f"--proposal {path} was made for another model "
+                        f"({str(proposal.model_digest)[:12]}...) than {model.name} "
+                        f"({model.digest[:12]}...); propose from statistics of this model")
+    if not proposal.edits:
+        raise EditError(f"--proposal {path} removes no kernels; nothing to prune")
+    return [dataclasses.replace(edit, coupled=coupled) for edit in proposal.edits]
 
 
 def _cmd_widen(args: argparse.Namespace) -> int:
@@ -160,9 +185,13 @@ def add_parsers(subparsers: Any) -> None:
         "from every coupled layer unless --coupled refuse.",
     )
     _add_output(p)
-    p.add_argument("--remove", action="append", required=True, metavar="LAYER:INDICES",
-                   help="LAYER:INDICES with LAYER as `onnxaom layers MODEL` names it, e.g. "
-                        "/conv1/Conv:0,3,5 or /conv2/Conv:0-7 (repeatable)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--remove", action="append", metavar="LAYER:INDICES",
+                      help="LAYER:INDICES with LAYER as `onnxaom layers MODEL` names it, e.g. "
+                           "/conv1/Conv:0,3,5 or /conv2/Conv:0-7 (repeatable)")
+    what.add_argument("--proposal", metavar="PROPOSAL.json",
+                      help="remove what a reviewed proposal removes (`onnxaom session propose "
+                           "STATS.npz --model MODEL -o PROPOSAL.json`; made for MODEL)")
     p.add_argument("--coupled", choices=COUPLED_MODES, default="propagate",
                    help="coupled residual layers: remove there too (default) or refuse")
     p.set_defaults(func=_cmd_prune)

@@ -127,3 +127,38 @@ def test_parsers():
     add_parsers(parser.add_subparsers())
     args = parser.parse_args(["widen", "m.onnx", "--layer", "c", "--add", "2", "-o", "o.onnx"])
     assert (args.init, args.coupled, args.external_data) == ("net2net", "propagate", "auto")
+
+
+def test_prune_from_a_proposal_file(tmp_path, capsys):
+    """analyze -> session propose -o -> prune --proposal: the model the proposal's statistics
+    came from loses what the proposal removes (the same bytes as the API's edit); another
+    model, or a proposal that removes nothing, is refused; --remove and --proposal exclude
+    each other."""
+    proto = zoo.chain()
+    path = zoo.save(proto, tmp_path / "m.onnx")
+    model = onnxaom.load(path)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(30, 3, 8, 8)).astype(np.float32)
+    stats = onnxaom.collect(model, images, np.arange(30) % 3, progress=False)
+    proposal = onnxaom.propose(stats, keep={"conv1": 2, "conv2": 5}, model=model)
+    proposal_path = proposal.to_json(tmp_path / "proposal.json")
+    out = tmp_path / "pruned.onnx"
+    code, stdout, _ = _main(["prune", path, "--proposal", proposal_path, "-o", out], capsys)
+    assert code == 0, stdout
+    assert "conv1: 4 -> 2 kernels" in stdout and "conv2: 8 -> 5 kernels" in stdout
+    want = onnxaom.apply(model, proposal)
+    assert onnxaom.load(out).digest == want.digest
+    other = zoo.save(zoo.chain(seed=1), tmp_path / "other.onnx")
+    code, _, err = _main(["prune", other, "--proposal", proposal_path, "-o",
+                          tmp_path / "o.onnx"], capsys)
+    assert code == 1 and "was made for another model" in err and "other.onnx" in err
+    nothing = onnxaom.propose(stats, keep={"conv1": 4}, model=model).to_json(
+        tmp_path / "nothing.json")
+    code, _, err = _main(["prune", path, "--proposal", nothing, "-o", tmp_path / "n.onnx"],
+                         capsys)
+    assert code == 1 and "removes no kernels" in err
+    for argv in (["--proposal", proposal_path, "--remove", "conv1:0"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([str(a) for a in ["prune", path, *argv, "-o", tmp_path / "x.onnx"]])
+        assert exit_info.value.code == 2
+    assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "x.onnx").exists()
