@@ -558,3 +558,24 @@ def test_large_layers_keep_the_clusterings_own_leaf_order(monkeypatch) -> None:
     assert sorted(g.members for g in large.redundant_groups) == \
         sorted(g.members for g in small.redundant_groups)
     assert any(set(g.members) >= {2, 5} for g in large.redundant_groups)
+
+
+@settings(max_examples=80, deadline=None)
+@given(aoms, st.sampled_from([0.05, 0.2, 0.5, 1.0]))
+def test_similar_pairs_equal_a_brute_force_reference(aom: np.ndarray, below: float) -> None:
+    """Task 2's class pairs against the definition, pair by pair and kernel by kernel: the
+    largest mean |M[k, a] - M[k, b]| over kernels, below the threshold, reached first by the
+    lowest kernel (a tie to rounding is a tie)."""
+    k, c = aom.shape[:2]
+    found = analyze_layer("c", aom, class_names=[str(i) for i in range(c)],
+                          thresholds=Thresholds(class_pair_below=below)).too_small.similar_pairs
+    want = []
+    for a in range(c):
+        for b in range(a + 1, c):
+            diff = [float(np.abs(aom[kernel, a] - aom[kernel, b]).mean()) for kernel in range(k)]
+            best = max(diff)
+            if best < below - 1e-9:
+                first = min(j for j in range(k) if diff[j] >= best - 1e-12)
+                want.append(((a, b), first, best))
+    assert [(p.classes, p.kernel) for p in found] == [(w[0], w[1]) for w in want]
+    np.testing.assert_allclose([p.value for p in found], [w[2] for w in want], atol=1e-12)
