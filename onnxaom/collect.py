@@ -14,9 +14,10 @@ and on the CPU for more than 64 classes, where "plain" is faster):
 Fixed batch sizes: a model whose image input has a fixed batch dimension is first rewritten
 with a symbolic batch, which is used only when a trial batch shows that it runs and counts each
 sample as the exported batch size does. Otherwise (a Reshape with the batch baked in, say),
-batches are fed in chunks of exactly the fixed size, the last one padded with zero images
-whose one-hot column is empty, so padding counts nothing. ``metadata["batching"]``
-records which was used.
+the stream is fed in chunks of exactly the fixed size, whatever the batches it comes in
+(samples after a batch's last whole chunk wait for the next batch's), the last chunk padded
+with zero images whose one-hot column is empty, so padding counts nothing. ``metadata[
+"batching"]`` records which was used.
 """
 
 from __future__ import annotations
@@ -265,6 +266,9 @@ class Collector:
         self.check_nan, self.blocked_reads = check_nan, blocked_reads
         self._engine: Engine | None = None
         self._acc: Accumulator | None = None
+        #: the stream's samples after its last whole chunk, for a model fed in chunks of its
+        #: fixed batch: they run with the next batch's, or padded in :meth:`result`
+        self._pending: tuple[np.ndarray, np.ndarray] | None = None
 
     def update(self, images: np.ndarray, labels: np.ndarray) -> None:
         """Count one batch: float images (n, C, H, W) and integer labels (n,)."""
@@ -320,16 +324,36 @@ class Collector:
             _check_memory(self.layers, max(needed, self.num_classes or 0))
             engine.flush(acc)
             acc.grow(needed)
+        labels = labels.astype(np.int64, copy=False)
+        rest = None
+        if engine.fixed_batch is not None:
+            images, labels, rest = self._whole_chunks(images, labels, engine.fixed_batch)
         try:
-            engine.run(images, labels.astype(np.int64, copy=False), acc)
+            if images.shape[0]:
+                engine.run(images, labels, acc)
         except BaseException:
-            acc.shrink(before)  # a failed batch adds no class either
+            acc.shrink(before)  # a failed batch adds no class either, and keeps no sample
             raise
+        self._pending = rest
+
+    def _whole_chunks(self, images: np.ndarray, labels: np.ndarray, size: int
+                      ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+        """The samples held back so far and ``images`` cut at the last whole chunk of
+        ``size``: what runs now, and what is held back for the next batch. A model fed in
+        chunks of its fixed batch gets the same chunks whatever the batches given (a model
+        whose samples are not independent would count differently with other chunks)."""
+        if self._pending is not None:
+            images = np.concatenate([self._pending[0], images])
+            labels = np.concatenate([self._pending[1], labels])
+        cut = images.shape[0] // size * size
+        rest = (images[cut:].copy(), labels[cut:].copy()) if cut < images.shape[0] else None
+        return images[:cut], labels[:cut], rest
 
     @property
     def num_samples(self) -> int:
-        """Samples counted so far."""
-        return 0 if self._acc is None else int(self._acc.class_sizes.sum())
+        """Samples given so far (those held back for a fixed batch's next chunk included)."""
+        held = 0 if self._pending is None else int(self._pending[1].shape[0])
+        return held + (0 if self._acc is None else int(self._acc.class_sizes.sum()))
 
     def result(
         self,
@@ -338,10 +362,14 @@ class Collector:
         source: str | None = None,
         preprocessing: dict[str, Any] | None = None,
     ) -> OccurrenceStats:
-        """The statistics of every batch so far (collection may go on afterwards)."""
+        """The statistics of every batch so far (collection may go on afterwards). Samples
+        held back for a fixed batch's next chunk run now, padded to the chunk's size."""
         engine, acc = self._engine, self._acc
         if engine is None or acc is None or self.num_samples == 0:
             raise DataError("the data set is empty: no image was given")
+        if self._pending is not None:
+            engine.run(*self._pending, acc)
+            self._pending = None
         engine.flush(acc)
         if self.num_classes is not None:
             acc.grow(self.num_classes)

@@ -474,9 +474,10 @@ def test_fixed_batch_baked_into_a_reshape_is_fed_in_chunks(method: str) -> None:
 
 
 def brute_force_chunked(proto, layers, images, labels, chunk):
-    """The brute force for a model that only runs batches of exactly ``chunk``."""
+    """The brute force for a model that only runs batches of exactly ``chunk``: chunks of the
+    whole data set, the last padded with zero images, as documented."""
     n = images.shape[0]
-    padded = np.concatenate([images, images[: (-n) % chunk]])
+    padded = np.concatenate([images, np.zeros((-n % chunk, *images.shape[1:]), images.dtype)])
     m = onnx.ModelProto()
     m.CopyFrom(proto)
     for layer in layers:
@@ -615,10 +616,12 @@ def test_channels_last_model_as_tf2onnx_writes_it() -> None:
         collect(model, images[:, 1:], labels, progress=False)
 
 
-def _batch_mixing_gate(fixed: int) -> onnx.ModelProto:
+def _batch_mixing_gate(fixed: int, *, across_chunk: bool = False) -> onnx.ModelProto:
     """conv -> relu -> x - max over (the whole tensor reshaped to [fixed, C, -1]) -> conv -> relu
     -> mean -> gemm, batch ``fixed`` baked into the Reshape constants: with the batch made
-    symbolic it still runs (-1 absorbs the extra samples) but gates each sample by the others."""
+    symbolic it still runs (-1 absorbs the extra samples) but gates each sample by the others.
+    ``across_chunk``: the mean of the whole chunk (reshaped to [1, C, -1]) instead, so the
+    samples of a chunk of ``fixed`` gate each other too (the padding included)."""
     rng = np.random.default_rng(3)
     c = 4
 
@@ -631,15 +634,16 @@ def _batch_mixing_gate(fixed: int) -> onnx.ModelProto:
         init("w2", rng.normal(0, 0.3, (c, c, 3, 3)).astype(np.float32)),
         init("b2", rng.uniform(-0.1, 0.1, c).astype(np.float32)),
         init("wf", rng.normal(0, 0.5, (3, c)).astype(np.float32)),
-        init("flat_shape", np.array([fixed, c, -1], np.int64)),
-        init("gate_shape", np.array([fixed, c, 1, 1], np.int64)),
+        init("flat_shape", np.array([1 if across_chunk else fixed, c, -1], np.int64)),
+        init("gate_shape", np.array([1 if across_chunk else fixed, c, 1, 1], np.int64)),
         init("half", np.array(0.5, np.float32)),
     ]
     nodes = [
         helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
         helper.make_node("Reshape", ["r1", "flat_shape"], ["flat"], name="flatten_gate"),
-        helper.make_node("ReduceMax", ["flat"], ["peak"], name="peak", axes=[2], keepdims=1),
+        helper.make_node("ReduceMean" if across_chunk else "ReduceMax", ["flat"], ["peak"],
+                         name="peak", axes=[2], keepdims=1),
         helper.make_node("Reshape", ["peak", "gate_shape"], ["gate"], name="gate"),
         helper.make_node("Mul", ["gate", "half"], ["scaled"], name="scale"),
         helper.make_node("Sub", ["r1", "scaled"], ["gated"], name="subtract"),
@@ -671,6 +675,28 @@ def test_fixed_batch_that_runs_symbolic_but_mixes_samples_is_fed_in_chunks(fixed
     expected = brute_force_chunked(proto, model.layers(), images, labels, chunk=fixed)
     for name in stats.layer_names:
         np.testing.assert_array_equal(stats.counts[name], expected[name], err_msg=name)
+
+
+@pytest.mark.parametrize("method", ["graph", "plain"])
+def test_fixed_batch_chunks_are_cut_from_the_stream_not_each_batch(method: str) -> None:
+    """A model fed in chunks of its fixed batch (3), whose samples gate each other: the chunks
+    are the stream's, so batch sizes that do not divide by 3, and a stream of uneven batches,
+    count what chunks of 3 of the whole data set count (they padded every batch before)."""
+    proto = _batch_mixing_gate(3, across_chunk=True)
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, n=11, classes=3)
+    expected = brute_force_chunked(proto, model.layers(), images, labels, chunk=3)
+    uneven = [(images[a:b], labels[a:b]) for a, b in ((0, 1), (1, 5), (5, 7), (7, 11))]
+    for given in (dict(batch_size=2), dict(batch_size=4), dict(batch_size=5), None):
+        if given is None:
+            stats = collect(model, iter(uneven), method=method, progress=False)
+        else:
+            stats = collect(model, images, labels, method=method, progress=False, **given)
+        assert stats.metadata["batching"] == "fixed:3" and stats.num_samples == 11
+        np.testing.assert_array_equal(stats.class_sizes, np.bincount(labels))
+        for name in stats.layer_names:
+            np.testing.assert_array_equal(stats.counts[name], expected[name],
+                                          err_msg=f"{given} {name}")
 
 
 def test_trial_of_a_fixed_batch_model_with_a_single_image_batch() -> None:
