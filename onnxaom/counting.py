@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 
 from .blocked import BlockedTap, blocked_counting_session
 from .errors import ModelError
-from .instrument import ONEHOT_INPUT, Instrumented, counting_graph, probe_graph
+from .instrument import ONEHOT_INPUT, Instrumented, counting_graph, probe_graph, threshold_in
 from .layers import Layer
 from .runtime import make_session
 
@@ -236,7 +236,8 @@ class Engine:
                 raise ModelError(_rows_message(layer, values.shape[0], images.shape[0]))
             if self.check_nan and np.isnan(values[labels >= 0]).any():  # not the padding
                 raise ModelError(_nan_message(layer))
-            positive = values.reshape(values.shape[0], -1) > self.threshold
+            positive = values.reshape(values.shape[0], -1) > threshold_in(self.threshold,
+                                                                          values.dtype)
             if positive.shape[1] != count_columns(layer):
                 raise ModelError(_size_message(layer, positive.shape[1] // layer.kernels))
             rows = np.stack([positive[labels == c].sum(axis=0) for c in present]) \

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -34,6 +35,7 @@ __all__ = [
     "image_input",
     "probe_graph",
     "tap_tensor",
+    "threshold_in",
 ]
 
 ONEHOT_INPUT = "onnxaom_onehot"
@@ -70,6 +72,17 @@ def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
         raise ModelError(f"model must have exactly one image input; it has {len(inputs)}: "
                          f"{names}{hint}")
     return inputs[0]
+
+
+def threshold_in(threshold: float, dtype: Any) -> np.ndarray:
+    """``threshold`` as a 0-d array of ``dtype`` that compares exactly: the largest value of
+    ``dtype`` not above it, so that ``x > threshold_in(t, x.dtype)`` is ``x > t`` for every
+    ``x`` of that type. Rounded to the nearest instead (0.3 -> float32 0.30000001), an
+    activation of exactly that float32 would not count although it is above 0.3."""
+    value = np.array(threshold, dtype)
+    if float(value) > threshold:
+        value = np.nextafter(value, np.array(-np.inf, dtype))
+    return value
 
 
 def tap_tensor(index: GraphIndex, layer: Layer, threshold: float) -> str:
@@ -250,7 +263,7 @@ def counting_graph(
             dtype = helper.tensor_dtype_to_np_dtype(elem)
             thresholds[elem] = f"{_PREFIX}threshold_{len(thresholds)}"
             graph.initializer.append(
-                numpy_helper.from_array(np.array(threshold, dtype), thresholds[elem])
+                numpy_helper.from_array(threshold_in(threshold, dtype), thresholds[elem])
             )
         p = count_prefix(i)
         count = f"{_PREFIX}count_{i}"

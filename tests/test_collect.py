@@ -1122,3 +1122,29 @@ def test_a_tensor_read_only_in_a_nested_subgraph_keeps_its_producer(method: str)
     expected = brute_force(proto, model.layers(), images, labels)
     for name in stats.layer_names:
         np.testing.assert_array_equal(stats.counts[name], expected[name], err_msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:method='graph' on probes of other types")
+@pytest.mark.parametrize("method", ["graph", "plain"])
+@pytest.mark.parametrize("elem", [TensorProto.FLOAT, TensorProto.FLOAT16])
+def test_threshold_compares_exactly_not_after_rounding(method: str, elem: int) -> None:
+    """Every activation is exactly the model type's value nearest 0.1 (kernel 0) or 0.3
+    (kernel 1), which lie above (float32 0.1, float16 0.1 and 0.3) or below (float32 0.3) the
+    real numbers: an activation counts when it is above ``threshold`` as given, the threshold
+    not rounded to the model's type first (which counted none above a rounded-up 0.3)."""
+    dtype = helper.tensor_dtype_to_np_dtype(elem)
+    bias = np.array([0.1, 0.3], dtype)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    inits = [numpy_helper.from_array(np.zeros((2, 1, 3, 3), dtype), "w"),
+             numpy_helper.from_array(bias, "b")]
+    proto = zoo.hand_built(nodes, inits, ["N", 1, 5, 5], ["N", 2, 3, 3])
+    proto.graph.input[0].type.tensor_type.elem_type = elem
+    proto.graph.output[0].type.tensor_type.elem_type = elem
+    model = onnxaom.Model(proto)
+    images, labels = np.zeros((6, 1, 5, 5), np.float32), np.arange(6) % 2
+    for threshold in (0.1, 0.3, float(bias[0]), float(bias[1]), 0.2999, 0.1000001):
+        stats = collect(model, images, labels, threshold=threshold, method=method,
+                        progress=False)
+        want = [6 * 9 if float(b) > threshold else 0 for b in bias]  # 6 images, 3 x 3
+        assert stats.counts["conv"].sum(axis=(1, 2, 3)).tolist() == want, threshold
