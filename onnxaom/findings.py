@@ -662,7 +662,7 @@ def analyze(
     if layers is None:
         chosen = all_names
     else:
-        wanted = [str(n) for n in layers]
+        wanted = [layers] if isinstance(layers, str) else [str(n) for n in layers]
         for n in wanted:
             if n not in stats.counts:
                 raise LayerNotFoundError(

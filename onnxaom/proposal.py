@@ -501,7 +501,7 @@ def propose(
         chosen = [n for n in stats.layer_names if n in targets] if targets \
             else _default_layers(stats)
     else:
-        chosen = [str(n) for n in layers]
+        chosen = [layers] if isinstance(layers, str) else [str(n) for n in layers]
     for name in [*chosen, *targets]:
         if name not in stats.counts:
             known = ", ".join(stats.layer_names) or "(none)"

@@ -163,7 +163,8 @@ class OccurrenceStats:
         if c and sizes.min() < 0:
             raise StatsError(f"class_sizes must be >= 0, got {sizes.min()} for class "
                              f"{int(sizes.argmin())}")
-        names = tuple(self.class_names) if self.class_names else tuple(str(i) for i in range(c))
+        names = tuple(str(n) for n in self.class_names) if self.class_names \
+            else tuple(str(i) for i in range(c))
         if len(names) != c:
             raise StatsError(f"{len(names)} class names given for {c} classes")
         counts: dict[str, np.ndarray] = {}
@@ -175,12 +176,20 @@ class OccurrenceStats:
                 )
             if not np.issubdtype(array.dtype, np.integer):
                 raise StatsError(f"counts for layer {name!r} must be integers, got {array.dtype}")
+            if 0 in (array.shape[0], array.shape[2], array.shape[3]):
+                raise StatsError(f"counts for layer {name!r} have shape {array.shape}: a layer "
+                                 f"needs at least one kernel and one position")
             if array.size:
                 _check_counts(name, array, sizes, names)
             counts[name] = _readonly(array.astype(np.int64, copy=False))
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise StatsError(f"class names must be distinct; repeated: {repeated}")
+        try:
+            json.dumps(dict(self.metadata), default=_json_default)
+        except (TypeError, ValueError) as exc:
+            raise StatsError(f"metadata must be JSON-able (numbers, strings, lists, dicts; "
+                             f"numpy scalars and arrays are converted): {exc}") from exc
         object.__setattr__(self, "counts", MappingProxyType(counts))
         object.__setattr__(self, "class_sizes", _readonly(sizes.astype(np.int64)))
         object.__setattr__(self, "class_names", names)
@@ -338,7 +347,7 @@ class OccurrenceStats:
         arrays: dict[str, Any] = {
             f"counts_{i}": self.counts[n] for i, n in enumerate(self.layer_names)
         }
-        arrays["header"] = np.array(json.dumps(header))
+        arrays["header"] = np.array(json.dumps(header, default=_json_default))
         arrays["class_sizes"] = self.class_sizes
         return atomic_write(path, lambda handle: np.savez_compressed(handle, **arrays))
 
@@ -356,10 +365,21 @@ class OccurrenceStats:
                                  f"archive); give the stats.npz that `onnxaom analyze` wrote")
         try:
             with np.load(path, allow_pickle=False) as data:
+                if "header" not in data.files:
+                    raise StatsError(f"{path} is not an onnxaom statistics file (an .npz "
+                                     f"without its header); give the stats.npz that `onnxaom "
+                                     f"analyze` wrote")
                 header = json.loads(str(data["header"]))
                 if not isinstance(header, dict) or \
                         header.get("format") != "onnxaom.OccurrenceStats":
                     raise StatsError(f"{path} is not an onnxaom statistics file")
+                version = header.get("version")
+                if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                    raise StatsError(f"{path}: format version {version!r} is not valid")
+                if version > FORMAT_VERSION:
+                    raise StatsError(f"{path} was written by a newer onnxaom (format version "
+                                     f"{version}; this one reads up to {FORMAT_VERSION}): "
+                                     f"upgrade onnxaom")
                 counts = {name: data[f"counts_{i}"] for i, name in enumerate(header["layers"])}
                 sizes = data["class_sizes"]
             return cls(counts, sizes, tuple(header["class_names"]), header["metadata"])
@@ -375,6 +395,15 @@ class OccurrenceStats:
             f"OccurrenceStats(layers={list(self.layer_names)}, classes={self.num_classes}, "
             f"samples={self.num_samples})"
         )
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars and arrays in metadata, as JSON takes them."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} {_short(value, 60)} is not JSON-able")
 
 
 def _pad_classes(array: np.ndarray, c: int, axis: int = 1) -> np.ndarray:

@@ -390,6 +390,7 @@ def test_analyze_real_stats() -> None:
     stats = random_stats({"conv1": (4, 5, 5), "conv2": (6, 3, 3), "fc": (5, 1, 1)}, (20, 30, 25))
     findings = analyze(stats)
     assert findings.layer_names == ("conv1", "conv2", "fc")
+    assert analyze(stats, layers="conv2").layer_names == ("conv2",)  # one name, not its letters
     assert findings.class_names == stats.class_names
     assert [lf.shallow is not None for lf in findings.layers] == [False, True, False]
     for lf in findings.layers:

@@ -102,6 +102,7 @@ def test_layers_and_targets_select_what_is_proposed():
     assert both.layer_names == ("conv", "fc")
     only_fc = propose(stats, keep={"fc": 2})
     assert only_fc.layer_names == ("fc",) and len(only_fc.layer("fc").kept) == 2
+    assert propose(stats, layers="fc").layer_names == ("fc",)  # one name, as collect takes it
 
 
 def test_bad_arguments_are_named():

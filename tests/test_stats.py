@@ -275,3 +275,37 @@ def test_class_names_must_be_distinct() -> None:
     with pytest.raises(StatsError, match=r"repeated: \['same'\]"):
         OccurrenceStats({"a": np.zeros((1, 3, 1, 1), np.int64)}, np.array([1, 1, 1]),
                         ("same", "same", "other"))
+
+
+def test_constructor_edge_cases_are_named_or_normalised(tmp_path) -> None:
+    """Class names are strings (as collect makes them); numpy metadata is saved; a layer
+    without kernels or positions and metadata JSON cannot hold are refused up front."""
+    counts = np.ones((2, 3, 2, 2), np.int64) * np.array([1, 0, 1])[None, :, None, None]
+    stats = OccurrenceStats({"L": counts}, np.array([1, 0, 1]), class_names=(1, 2, 3),
+                            metadata={"num_samples": np.int64(2), "sizes": np.arange(2)})
+    assert stats.class_names == ("1", "2", "3")
+    with pytest.warns(RuntimeWarning):
+        assert np.isnan(stats.aom("L")[:, 1]).all()
+    loaded = OccurrenceStats.load(stats.save(tmp_path / "s.npz"))
+    assert loaded.metadata["num_samples"] == 2 and loaded.metadata["sizes"] == [0, 1]
+    with pytest.raises(StatsError, match=r"layer 'L' have shape \(0, 3, 2, 2\): a layer needs"):
+        OccurrenceStats({"L": np.zeros((0, 3, 2, 2), np.int64)}, np.array([1, 1, 1]))
+    with pytest.raises(StatsError, match="metadata must be JSON-able"):
+        OccurrenceStats({"L": counts}, np.array([1, 0, 1]), metadata={"when": object()})
+
+
+def test_load_refuses_a_newer_format_and_an_npz_that_is_not_statistics(tmp_path) -> None:
+    stats = OccurrenceStats({"L": np.ones((2, 2, 1, 1), np.int64)}, np.array([1, 1]))
+    with np.load(stats.save(tmp_path / "v.npz")) as data:
+        arrays = {k: data[k] for k in data.files}
+    header = json.loads(str(arrays["header"]))
+    header["version"] = 99
+    arrays["header"] = np.array(json.dumps(header))
+    np.savez(tmp_path / "v99.npz", **arrays)
+    with pytest.raises(StatsError, match=r"v99.npz was written by a newer onnxaom \(format "
+                                         r"version 99; this one reads up to 1\)"):
+        OccurrenceStats.load(tmp_path / "v99.npz")
+    np.savez(tmp_path / "plain.npz", x=np.zeros(3))
+    with pytest.raises(StatsError, match=r"plain.npz is not an onnxaom statistics file \(an "
+                                         r"\.npz without its header\)"):
+        OccurrenceStats.load(tmp_path / "plain.npz")
