@@ -551,6 +551,39 @@ def test_random_widening_draws_new_kernels_and_zero_consumer_weights():
     assert not np.any(weights["conv1.bias"][4:])
 
 
+@pytest.mark.parametrize("op", ["Div", "Reciprocal"])
+def test_zero_widening_into_an_op_infinite_at_zero_is_refused(op: str) -> None:
+    """conv1 -> 2 / x (or 1 / x) -> conv2: zero-started kernels give activations of 0, then
+    inf, then NaN in conv2 (0 * inf): init='zeros' is refused, naming the way out; 'random'
+    and 'net2net' keep the function (they were all applied, 'zeros' with NaN outputs)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(v, n) for n, v in {
+        "w1": rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32),
+        "b1": rng.normal(0, 0.3, 4).astype(np.float32),
+        "two": np.full((4, 1, 1), 2.0, np.float32),
+        "w2": rng.normal(0, 0.3, (5, 4, 3, 3)).astype(np.float32),
+        "wf": rng.normal(0, 0.3, (3, 5)).astype(np.float32)}.items()]
+    middle = (helper.make_node("Div", ["two", "c1"], ["o"], name="div") if op == "Div"
+              else helper.make_node("Reciprocal", ["c1"], ["o"], name="recip"))
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
+             middle,
+             helper.make_node("Conv", ["o", "w2"], ["c2"], name="conv2", pads=[1] * 4),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wf"], ["y"], name="fc", transB=1)]
+    proto = zoo.hand_built(nodes, inits, ["N", 3, 6, 6], ["N", 3])
+    model = Model(proto)
+    with pytest.raises(EditError, match=r"inf or NaN in output\(s\) 'y' .*WidenLayer\('conv1', "
+                                        r"init='zeros'\).*init='random' or 'net2net'"):
+        apply(model, WidenLayer("conv1", add=2, init="zeros"))
+    x = zoo.random_input(proto, seed=1)
+    for init in ("random", "net2net"):
+        edited = apply(model, WidenLayer("conv1", add=2, init=init))
+        np.testing.assert_allclose(zoo.run(edited.proto, x)[0], zoo.run(proto, x)[0],
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_widening_a_residual_group_widens_every_coupled_layer():
     model = Model(zoo.residual())
     edited = apply(model, WidenLayer("conv1", add=2))
@@ -613,6 +646,12 @@ def test_inserted_layer_can_be_named_and_randomly_initialised():
     assert not np.allclose(zoo.run(edited.proto, x)[0], zoo.run(proto, x)[0], atol=ATOL)
     with pytest.raises(EditError, match="already used"):
         apply(Model(proto), InsertLayer("conv1", name="conv2"))
+    # a tensor's name is no node's: the layer gets it as given (not with '_1' added), and a
+    # later edit in the same step finds it
+    tensor = next(n.output[0] for n in proto.graph.node if n.name == "relu1")
+    named = apply(Model(proto), [InsertLayer("conv1", name=tensor),
+                                 WidenLayer(tensor, add=1)])
+    assert {x.name: x.kernels for x in named.layers()}[tensor] == 5
 
 
 def test_insertion_needs_a_relu():

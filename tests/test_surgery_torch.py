@@ -129,6 +129,19 @@ def test_external_data_export_keeps_big_weights_external(tmp_path):
     assert_same_function(pruned.proto, reloaded.proto)
 
 
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_external_data_export_of_a_model_with_only_small_weights(tmp_path, exporter):
+    """Every tensor under onnx's 1 KiB threshold: no .data file is written, and the legacy
+    export no longer fails setting the mode of the file that is not there."""
+    if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
+        pytest.skip("the dynamo exporter needs onnxscript")
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                 torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3))
+    path = architectures.export_onnx(module, tmp_path / "small.onnx", exporter=exporter,
+                                     input_shape=(1, 3, 4, 4), external_data=True)
+    assert [x.kernels for x in onnxaom.load(path).layers()] == [4, 3]
+
+
 class _ViewFlatten(torch.nn.Module):
     """The common PyTorch flatten idiom ``x.view(x.size(0), -1)``: with a dynamic batch, the
     legacy exporter computes the target as Concat(Unsqueeze(Gather(Shape(x), 0)), [-1]), and

@@ -301,6 +301,7 @@ def export_onnx(
     if exporter == "legacy" and external_data:
         onnx.save_model(onnx.load_model(path), path, save_as_external_data=True,
                         all_tensors_to_one_file=True, location=data_path.name)
-        data_path.chmod(path.stat().st_mode & 0o777)  # onnx creates it 0600; match the model file
+        if data_path.exists():  # none where every tensor is under onnx's 1 KiB threshold
+            data_path.chmod(path.stat().st_mode & 0o777)  # onnx makes it 0600; as the model
     logger.debug("exported %s with the %s exporter to %s", type(module).__name__, exporter, path)
     return path

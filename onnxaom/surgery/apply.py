@@ -213,8 +213,11 @@ def _postconditions(proto: onnx.ModelProto, edits: list[Edit],
     applied = json.dumps([e.to_dict() for e in edits])
     failure = _check_failure(proto)
     if failure is None:
-        failure = _run_failure(proto)  # what the checker cannot see with a symbolic batch
-        if failure is None or _run_failure(original) is not None:
+        failure, outputs = _run_batches(proto)  # what the checker cannot see: a symbolic batch
+        if failure is None:
+            _refuse_not_finite(outputs, original, edits)
+            return
+        if _run_batches(original)[0] is not None:
             return
         raise EditError(
             f"the edited model does not run in ONNX Runtime ({failure}); this is a bug in "
@@ -240,26 +243,65 @@ def _check_failure(proto: onnx.ModelProto) -> str | None:
     return None
 
 
-def _run_failure(proto: onnx.ModelProto) -> str | None:
+def _run_batches(proto: onnx.ModelProto) -> tuple[str | None, list[Any] | None]:
     """Why ONNX Runtime cannot run ``proto`` on one batch of zeros (one sample where the batch
-    is symbolic); None when it runs, or when an input has other sizes not known (nothing to
-    feed)."""
+    is symbolic); else None and its outputs on one batch of random images (seeded; the other
+    inputs zeros); (None, None) when an input has other sizes not known (nothing to feed)."""
     from ..runtime import make_session
 
-    feeds = {}
+    zeros, drawn = {}, {}
+    rng = np.random.default_rng(0)
     for value in fed_inputs(proto):
         dims = dim_values(value.type)
         if not value.type.HasField("tensor_type") or not dims or None in dims[1:]:
-            return None
+            return None, None
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        feeds[value.name] = np.zeros([dims[0] or 1, *(int(d or 0) for d in dims[1:])], dtype)
+        shape = [dims[0] or 1, *(int(d or 0) for d in dims[1:])]
+        zeros[value.name] = np.zeros(shape, dtype)
+        drawn[value.name] = (rng.standard_normal(shape).astype(dtype) if dtype.kind == "f"
+                             else rng.integers(0, 256, shape).astype(dtype) if dtype == np.uint8
+                             else zeros[value.name])
     try:
         session = make_session(proto, ["CPUExecutionProvider"], threads=1,
                                optimization="disable")
-        session.run(None, feeds, _QUIET_RUN)
+        session.run(None, zeros, _QUIET_RUN)
     except Exception as exc:  # ModelError, and anything ORT raises
-        return " ".join(str(exc).split())[:300] or type(exc).__name__
-    return None
+        return " ".join(str(exc).split())[:300] or type(exc).__name__, None
+    try:
+        return None, session.run(None, drawn, _QUIET_RUN)
+    except Exception:  # runs on zeros only (an index input): nothing to compare
+        return None, None
+
+
+def _not_finite(outputs: list[Any]) -> list[int]:
+    """Which of ``outputs`` (float tensors) hold an inf or a NaN."""
+    return [i for i, value in enumerate(outputs)
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f"
+            and not np.isfinite(value).all()]
+
+
+def _refuse_not_finite(outputs: list[Any] | None, original: onnx.ModelProto,
+                       edits: list[Edit]) -> None:
+    """Refuse an edit after which the model computes inf or NaN on the random batch of
+    :func:`_run_batches` where the input model does not. New kernels started at zero
+    (WidenLayer init='zeros') give activations of 0, which an op on the way to their
+    consumers can turn into inf (a division by the activation, a Reciprocal, a Log), and the
+    consumers' zero weights times inf into NaN."""
+    bad = _not_finite(outputs or [])
+    if not bad:
+        return
+    failure, before = _run_batches(original)
+    if failure is not None or before is None or _not_finite(before):
+        return
+    names = [v.name for v in original.graph.output]
+    where = ", ".join(repr(names[i]) if i < len(names) else str(i) for i in bad)
+    zeros = [e for e in edits if isinstance(e, WidenLayer) and e.init == "zeros"]
+    hint = (f"; WidenLayer({zeros[0].layer!r}, init='zeros') gives the new kernels activations "
+            f"of 0, which an op before their consumers turns into inf (a division by the "
+            f"activation, a Reciprocal, a Log): widen with init='random' or 'net2net'"
+            if zeros else "")
+    raise EditError(f"the edited model computes inf or NaN in output(s) {where} on a batch of "
+                    f"random images, where the input model does not{hint}")
 
 
 def _runs(proto: onnx.ModelProto) -> bool:

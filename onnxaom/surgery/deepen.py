@@ -70,7 +70,7 @@ def insert_step(graph: gs.Graph, proto: onnx.ModelProto, edit: InsertLayer) -> d
         if edit.name in taken:
             raise EditError(f"InsertLayer.name {edit.name!r} is already used by a node or "
                             f"layer; choose another name")
-        name = names.fresh(edit.name)
+        name = names.take(edit.name)  # as given: a tensor of that name is no clash
     else:
         name = names.fresh(f"{edit.after}_deep")
     rng = np.random.default_rng(edit.seed)

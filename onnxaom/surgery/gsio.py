@@ -337,6 +337,13 @@ class NameRegistry:
         self._used: set[str] = set(graph.tensors().keys())
         self._used.update(node.name for node in graph.nodes if node.name)
 
+    def take(self, name: str) -> str:
+        """``name`` itself, for a node, taken from now on. A node's names are apart from its
+        tensors' in ONNX, so a tensor of that name does not stand in the way; the caller
+        checks the node names."""
+        self._used.add(name)
+        return name
+
     def fresh(self, base: str) -> str:
         name, n = base, 1
         while name in self._used:
