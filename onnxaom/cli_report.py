@@ -21,7 +21,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
     from . import charts
     from .errors import LayerNotFoundError, ReportError
     from .files import refuse_inputs
-    from .findings import Findings, analyze
+    from .findings import Findings, analyze, check_findings_match
     from .report import render
     from .stats import OccurrenceStats
 
@@ -35,7 +35,10 @@ def _cmd_render(args: argparse.Namespace) -> int:
         )
     found: Any
     if args.findings is not None:
-        found = Findings.from_json(args.findings).layer(layer)
+        findings = Findings.from_json(args.findings)
+        check_findings_match(findings, stats, ReportError,
+                             what=f"the findings in {args.findings}")
+        found = findings.layer(layer)
     else:
         found = analyze(stats, layers=[layer]).layer(layer)
     kw: dict[str, Any] = {}

@@ -447,12 +447,15 @@ class LayerFindings:
 class Findings:
     """The findings of a model: one :class:`LayerFindings` per analysed layer, in model order.
 
-    ``thresholds`` are the ones used; ``class_names`` are those of the statistics.
+    ``thresholds`` are the ones used; ``class_names`` are those of the statistics, and
+    ``stats_digest`` their :attr:`~onnxaom.OccurrenceStats.digest` (None in files written
+    before it was recorded): charts and proposals refuse findings of other statistics.
     """
 
     layers: tuple[LayerFindings, ...]
     thresholds: Thresholds = field(default_factory=Thresholds)
     class_names: tuple[str, ...] = ()
+    stats_digest: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -479,6 +482,7 @@ class Findings:
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "class_names": list(self.class_names),
+            "stats_digest": self.stats_digest,
             "thresholds": self.thresholds.to_dict(),
             "layers": [layer.to_dict() for layer in self.layers],
         }
@@ -499,6 +503,7 @@ class Findings:
                 layers=tuple(LayerFindings.from_dict(layer) for layer in data["layers"]),
                 thresholds=Thresholds.from_dict(data["thresholds"]),
                 class_names=tuple(str(c) for c in data["class_names"]),
+                stats_digest=_digest_of(data.get("stats_digest")),
             )
         except StatsError:
             raise
@@ -678,7 +683,26 @@ def analyze(
                 n, aom, class_names=stats.class_names, thresholds=thresholds, last_conv=n == last
             )
         )
-    return Findings(tuple(results), thresholds, stats.class_names)
+    return Findings(tuple(results), thresholds, stats.class_names, stats.digest)
+
+
+def _digest_of(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise StatsError(f"stats_digest must be a string or null, got {type(value).__name__}")
+
+
+def check_findings_match(findings: Findings, stats: OccurrenceStats, error: type[Exception],
+                         what: str = "the findings") -> None:
+    """Raise ``error`` when ``findings`` were not made from ``stats``: another digest where
+    both are known, else other class names."""
+    if findings.stats_digest is not None and findings.stats_digest != stats.digest:
+        raise error(f"{what} were made from other statistics ({findings.stats_digest[:12]}...) "
+                    f"than these ({stats.digest[:12]}...): pass the findings of these statistics "
+                    f"(onnxaom.analyze(stats), or the findings.json beside their stats.npz)")
+    if findings.class_names and tuple(findings.class_names) != tuple(stats.class_names):
+        raise error(f"{what} are of classes {list(findings.class_names)[:6]}, the statistics "
+                    f"of {list(stats.class_names)[:6]}: pass the findings of these statistics")
 
 
 # ===================================================================================== helpers

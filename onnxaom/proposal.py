@@ -64,7 +64,6 @@ coupled layers): :mod:`onnxaom.proposal_fit`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -83,6 +82,7 @@ from .findings import (
     LayerFindings,
     Thresholds,
     analyze,
+    check_findings_match,
     ineffective_kernels,
 )
 from .model import Model
@@ -113,19 +113,8 @@ DEFAULT_STRATEGY = "auto"
 
 
 def stats_digest(stats: OccurrenceStats) -> str:
-    """SHA-256 (hex) of the statistics' content: layer names, counts, class sizes and names,
-    and the metadata that defines them (model digest, probe, threshold, preprocessing)."""
-    h = hashlib.sha256()
-    head = {key: stats.metadata.get(key) for key in
-            ("model_digest", "probe", "threshold", "preprocessing")}
-    head["class_names"] = list(stats.class_names)
-    h.update(json.dumps(head, sort_keys=True, default=str).encode())
-    h.update(np.ascontiguousarray(stats.class_sizes, dtype="<i8").tobytes())
-    for name in stats.layer_names:
-        counts = stats.counts[name]
-        h.update(name.encode() + b"\0" + json.dumps(list(counts.shape)).encode())
-        h.update(np.ascontiguousarray(counts, dtype="<i8").tobytes())
-    return h.hexdigest()
+    """SHA-256 (hex) of the statistics' content (:attr:`OccurrenceStats.digest`)."""
+    return stats.digest
 
 
 # ===================================================================================== records
@@ -515,10 +504,8 @@ def propose(
         _check_model(stats, model, strategy)
     if findings is None:
         findings = analyze(stats, layers=chosen) if chosen else Findings((), class_names=())
-    elif findings.class_names and tuple(findings.class_names) != tuple(stats.class_names):
-        raise StatsError(f"the findings are of classes {list(findings.class_names)[:6]}, the "
-                         f"statistics of {list(stats.class_names)[:6]}: pass findings made from "
-                         f"these statistics")
+    else:
+        check_findings_match(findings, stats, StatsError)
     masses: dict[str, ReadMass] = {}
     dense_layers: set[str] = set()
     if (strategy in MODEL_STRATEGIES or strategy == "auto") and model is not None:

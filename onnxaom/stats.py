@@ -13,11 +13,13 @@ Fully-connected layers have H = W = 1.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -196,6 +198,23 @@ class OccurrenceStats:
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
 
     # ----------------------------------------------------------------- basic facts
+    @cached_property
+    def digest(self) -> str:
+        """SHA-256 (hex) of the statistics' content: layer names, counts, class sizes and
+        names, and the metadata that defines them (model digest, probe, threshold,
+        preprocessing). Findings and proposals record it, to be refused on other statistics."""
+        h = hashlib.sha256()
+        head = {key: self.metadata.get(key) for key in
+                ("model_digest", "probe", "threshold", "preprocessing")}
+        head["class_names"] = list(self.class_names)
+        h.update(json.dumps(head, sort_keys=True, default=str).encode())
+        h.update(np.ascontiguousarray(self.class_sizes, dtype="<i8").tobytes())
+        for name in self.layer_names:
+            counts = self.counts[name]
+            h.update(name.encode() + b"\0" + json.dumps(list(counts.shape)).encode())
+            h.update(np.ascontiguousarray(counts, dtype="<i8").tobytes())
+        return h.hexdigest()
+
     @property
     def layer_names(self) -> tuple[str, ...]:
         """Names of the counted layers, in model order."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import dataclasses
 import json
 import struct
 import warnings
@@ -521,3 +522,27 @@ def test_layer_view_with_one_class_that_has_samples_leaves_out_the_class_compari
         spec = spec_of(charts.layer_view(empty, "conv"))
     names = json.dumps(spec)
     assert "aom_images" in names and "csm_images" not in names
+
+
+def test_findings_of_other_statistics_are_refused(tmp_path: Path) -> None:
+    """Findings drawn over other statistics frame the wrong kernels: refused by digest (same
+    layer, same kernel count, another run), and by class names for findings files written
+    before the digest was recorded; the CLI says so in one line."""
+    stats, other = make_stats(seed=0), make_stats(seed=1)
+    layer = stats.layer_names[0]
+    assert analyze(stats).stats_digest == stats.digest != other.digest
+    with pytest.raises(ReportError, match="findings were made from other statistics"):
+        charts.layer_view(stats, layer, analyze(other))
+    renamed = OccurrenceStats(dict(other.counts), other.class_sizes,
+                              tuple(f"c{i}" for i in range(other.num_classes)))
+    old_file = dataclasses.replace(analyze(renamed), stats_digest=None)
+    with pytest.raises(ReportError, match=r"findings are of classes \['c0'"):
+        charts.odm_heatmap(stats, layer, old_file)
+    charts.layer_view(stats, layer, analyze(stats))  # its own findings draw
+    from onnxaom.cli import main
+
+    stats.save(tmp_path / "s.npz")
+    analyze(other).to_json(tmp_path / "f.json")
+    assert main(["render", str(tmp_path / "s.npz"), "--layer", layer, "--findings",
+                 str(tmp_path / "f.json"), "-o", str(tmp_path / "x.svg")]) == 1
+    assert not (tmp_path / "x.svg").exists()

@@ -3,6 +3,7 @@ kernel targets and every strategy; overrides; JSON; invariants under hypothesis.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -626,21 +627,28 @@ def test_a_proposal_says_when_the_removal_falls_back_to_the_chain_end():
 
 def test_findings_of_other_statistics_are_refused() -> None:
     """Only the kernel count was compared: findings with another dead kernel (or of other
-    classes) were used, removing a kernel that fires for every sample as "dead"."""
+    classes) were used, removing a kernel that fires for every sample as "dead". Findings
+    record their statistics' digest; those without (files written before) are measured."""
     rng = np.random.default_rng(3)
     counts = rng.integers(1, 11, (4, 3, 2, 2))
     stats = OccurrenceStats({"conv": counts}, np.full(3, 10), ("x", "y", "z"))
     dead = counts.copy()
     dead[0] = 0
     other = OccurrenceStats({"conv": dead}, np.full(3, 10), ("x", "y", "z"))
+    with pytest.raises(StatsError, match=r"findings were made from other statistics"):
+        propose(stats, analyze(other), strategy="paper")
+
+    def undigested(findings):
+        return dataclasses.replace(findings, stats_digest=None)
+
     with pytest.raises(StatsError, match=r"findings for layer 'conv' call kernel 0 dead, unlike "
                                          r"these statistics"):
-        propose(stats, analyze(other), strategy="paper")
+        propose(stats, undigested(analyze(other)), strategy="paper")
     renamed = OccurrenceStats({"conv": counts}, np.full(3, 10), ("p", "q", "r"))
     with pytest.raises(StatsError, match=r"findings are of classes \['p', 'q', 'r'\]"):
-        propose(stats, analyze(renamed), strategy="paper")
+        propose(stats, undigested(analyze(renamed)), strategy="paper")
     with pytest.raises(StatsError, match=r"do not call kernel 0 dead, unlike these statistics"):
-        propose(other, analyze(stats), strategy="paper")  # kernel 0 left out: it was kept
+        propose(other, undigested(analyze(stats)), strategy="paper")  # kernel 0 was kept
     assert propose(stats, analyze(stats), strategy="paper").to_dict() == \
         propose(stats, strategy="paper").to_dict()
 

@@ -124,6 +124,10 @@ def prepare(
 ) -> LayerData:
     if page_size < 1:
         raise ReportError(f"page_size must be at least 1, got {page_size}")
+    from ..findings import Findings, check_findings_match
+
+    if isinstance(findings, Findings):
+        check_findings_match(findings, stats, ReportError)
     aom = stats.aom(layer, warn=False)  # collect warned; the views draw those classes blank
     k = aom.shape[0]
     found = findings_of_layer(findings, layer)
