@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ._version import __version__
+from .cli_types import int_at_least
 from .errors import OnnxaomError
 
 __all__ = ["build_parser", "main"]
@@ -136,7 +137,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_collect_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", nargs="+", metavar="NAME", help="layers to analyse (default: all)")
-    p.add_argument("--batch-size", type=int, default=256, help="samples per run (default 256)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=256,
+                   help="samples per run (default 256)")
     p.add_argument(
         "--provider",
         choices=("auto", "cpu", "cuda"),
@@ -189,12 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         required=True,
         metavar="SPEC",
-        help="digits | digits:SIZE | fashion-mnist:train|test | npz:PATH | "
-        "idx:IMAGES,LABELS | folder:PATH",
+        help="digits | digits:SIZE | fashion-mnist:train|test (bare fashion-mnist: train) | "
+        "npz:PATH | idx:IMAGES,LABELS | folder:PATH",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--resize", type=_size, metavar="H,W",
-                   help="resize every image to H x W (bilinear), e.g. digits to 28,28")
+                   help="resize every image to H x W (bilinear; one number: a square), e.g. "
+                   "digits to 28,28")
     p.add_argument("--bind", type=_binding, action="append", metavar="NAME=VALUE",
                    help="feed the model input NAME (not the images) this constant: a number, "
                    "a JSON array or a .npy file (repeat for more inputs)")

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .cli_types import float_from, int_at_least
+
 __all__ = ["VIEWS", "add_parsers"]
 
 VIEWS = ("aom", "odm", "csm", "selectivity", "layer")
@@ -100,17 +102,6 @@ def _layer_pair(text: str, a: Any, b: Any) -> tuple[str, str]:
     return text[:cuts[0]], text[cuts[0] + 1:]  # compare() names the unknown layer
 
 
-def _positive(text: str) -> float:
-    """A finite number > 0, for ``--scale``."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def add_parsers(subparsers: Any) -> None:
     """Register ``render`` and ``compare`` on the ``onnxaom`` command's subparsers."""
     p = subparsers.add_parser(
@@ -128,12 +119,12 @@ def add_parsers(subparsers: Any) -> None:
                    help="output file: OUT.png, OUT.svg or OUT.pdf")
     p.add_argument("--findings", metavar="JSON",
                    help="findings.json for the kernel order and groups (default: computed)")
-    p.add_argument("--page", type=int, default=None, metavar="N",
+    p.add_argument("--page", type=int_at_least(1), default=None, metavar="N",
                    help="aom/csm/selectivity/layer: draw only kernels page N (default: all "
                         "kernels)")
-    p.add_argument("--page-size", type=int, default=64, metavar="K",
+    p.add_argument("--page-size", type=int_at_least(1), default=64, metavar="K",
                    help="kernels a page (default 64)")
-    p.add_argument("--scale", type=_positive, default=1.0,
+    p.add_argument("--scale", type=float_from(0, strict=True), default=1.0,
                    help="PNG scale factor (default 1; SVG and PDF are vector)")
     p.set_defaults(func=_cmd_render)
 

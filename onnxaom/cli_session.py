@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError, SessionError, StatsError
+from .cli_types import float_from, int_at_least
+from .errors import TORCH_INSTALL, DataError, SessionError, StatsError
 from .proposal import DEFAULT_STRATEGY, MODEL_STRATEGIES, STRATEGIES
 
 __all__ = ["add_parsers", "parse_keep", "parse_override"]
@@ -43,33 +43,6 @@ OVERRIDE_ACTIONS = ("keep", "remove", "only")
 #: checks that the two agree).
 FREEZE_CHOICES = ("upto", "edited", "none")
 EXPORTERS = ("legacy", "dynamo")
-
-
-def _int_at_least(low: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _float_from(low: float, *, strict: bool) -> Any:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            bound = f"> {low:g}" if strict else f">= {low:g}"
-            raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}")
-        return value
-
-    return parse
 
 
 def parse_keep(text: str) -> tuple[str, int]:
@@ -129,7 +102,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         from onnxaom_torch.train import retrain
     except ImportError as exc:
         raise SessionError(f"session start trains and exports a torch module and needs torch "
-                           f"({exc}): pip install 'onnxaom[torch]'") from exc
+                           f"({exc}): {TORCH_INSTALL}") from exc
 
     # exactly what load_session_data reads back for `session resume` and `session apply`
     data: dict[str, Any] = {"spec": args.data, "train_fraction": args.train_fraction,
@@ -257,10 +230,14 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 def _cmd_undo(args: argparse.Namespace) -> int:
     from .session import TuningSession
 
-    session = TuningSession.resume(args.folder)
-    undone = session.current.index
+    # only the steps it goes back to must be whole: a damaged file of the step undone (or of
+    # another branch) is no reason to refuse the way out of it
+    session = TuningSession.resume(args.folder, verify=False)
+    undone = session.current
+    if undone.parent is not None:
+        session.verify(session.lineage(undone.parent))
     current = session.undo(args.reason)
-    print(f"undid step {undone}; current step is {current.index} ({current.label})")
+    print(f"undid step {undone.index}; current step is {current.index} ({current.label})")
     return 0
 
 
@@ -310,20 +287,20 @@ def add_parsers(subparsers: Any) -> None:
                    help="test data (default: split off --data)")
     q.add_argument("--train-fraction", type=float, default=0.8, metavar="F",
                    help="share of --data used for training, the rest tests (default 0.8)")
-    q.add_argument("--split-seed", type=_int_at_least(0), default=0, metavar="N",
+    q.add_argument("--split-seed", type=int_at_least(0), default=0, metavar="N",
                    help="seed of the stratified split (default 0)")
     source = q.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", metavar="STATE.pt",
                         help="the trained module's state dict (torch.save(module.state_dict(), "
                         "path))")
-    source.add_argument("--train-epochs", type=_int_at_least(1), metavar="N",
+    source.add_argument("--train-epochs", type=int_at_least(1), metavar="N",
                         help="train the module from scratch for N epochs (initialised and "
                         "trained with --seed, --lr, --batch-size)")
-    q.add_argument("--lr", type=_float_from(0.0, strict=True), default=1e-3, metavar="LR",
+    q.add_argument("--lr", type=float_from(0.0, strict=True), default=1e-3, metavar="LR",
                    help="learning rate (default 1e-3)")
-    q.add_argument("--batch-size", type=_int_at_least(1), default=64, metavar="N",
+    q.add_argument("--batch-size", type=int_at_least(1), default=64, metavar="N",
                    help="training batch size (default 64)")
-    q.add_argument("--seed", type=_int_at_least(0), default=0, metavar="N",
+    q.add_argument("--seed", type=int_at_least(0), default=0, metavar="N",
                    help="training seed; step i retrains with seed + i (default 0)")
     q.add_argument("--freeze", choices=FREEZE_CHOICES, default="upto",
                    help="layers kept as they are while a step retrains (default upto: every "
@@ -332,7 +309,7 @@ def add_parsers(subparsers: Any) -> None:
                    help="torch device (default auto: CUDA when available)")
     q.add_argument("--exporter", choices=EXPORTERS, default="legacy",
                    help="torch's ONNX exporter (default legacy)")
-    q.add_argument("--opset", type=_int_at_least(7), default=None, metavar="N",
+    q.add_argument("--opset", type=int_at_least(7), default=None, metavar="N",
                    help="ONNX opset of the exported models (default 17 with the legacy "
                         "exporter, 18 with dynamo)")
     q.add_argument("--loop-layers", nargs="+", metavar="NAME",
@@ -395,7 +372,7 @@ def add_parsers(subparsers: Any) -> None:
     q.add_argument("folder", metavar="DIR")
     _training_options(q, drop_help="undo a step that loses more than PP percentage points of "
                       "accuracy (default: the session's --accept-drop, else 1)")
-    q.add_argument("--max-steps", type=_int_at_least(1), metavar="N",
+    q.add_argument("--max-steps", type=int_at_least(1), metavar="N",
                    help="stop after N steps (at least 1)")
     q.set_defaults(func=_cmd_resume)
 
@@ -405,9 +382,9 @@ def _training_options(q: argparse.ArgumentParser, epochs_default: int | None = N
                       "of accuracy (default: the session's)") -> None:
     """--epochs, --accept-drop and --quiet, validated alike for start, apply and resume
     (``None`` defaults: the session's values)."""
-    q.add_argument("--epochs", type=_int_at_least(0), default=epochs_default, metavar="N",
+    q.add_argument("--epochs", type=int_at_least(0), default=epochs_default, metavar="N",
                    help="retraining epochs after each step (default: "
                    + (f"{epochs_default})" if epochs_default is not None else "the session's)"))
-    q.add_argument("--accept-drop", type=_float_from(0.0, strict=False), metavar="PP",
+    q.add_argument("--accept-drop", type=float_from(0.0, strict=False), metavar="PP",
                    help=drop_help)
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli_types import float_from, int_at_least
 from .edits import (
     COUPLED_MODES,
     INSERT_INITS,
@@ -62,6 +63,9 @@ def parse_indices(text: str) -> list[int]:
                 out.extend(range(first, last + 1))
             else:
                 out.append(int(part))
+                if out[-1] < 0:
+                    raise EditError(f"bad kernel index {part!r} in {text!r}: indices count "
+                                    f"from 0 (the first kernel)")
         except EditError:
             raise
         except ValueError:
@@ -204,13 +208,14 @@ def add_parsers(subparsers: Any) -> None:
     )
     _add_output(p)
     p.add_argument("--layer", required=True, help="layer to widen")
-    p.add_argument("--add", required=True, type=int, help="how many kernels to add")
+    p.add_argument("--add", required=True, type=int_at_least(1),
+                   help="how many kernels to add")
     p.add_argument("--init", choices=WIDEN_INITS, default="net2net",
                    help="how new kernels start (default net2net)")
     p.add_argument("--sources", metavar="INDICES",
                    help="net2net: kernels to copy, e.g. 0,0,3 (default: drawn with --seed)")
-    p.add_argument("--seed", type=int, default=0, help="random draws (default 0)")
-    p.add_argument("--noise", type=float, default=0.0,
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="random draws (default 0)")
+    p.add_argument("--noise", type=float_from(0, strict=False), default=0.0,
                    help="net2net: relative noise on copies (breaks exact preservation; "
                         "default 0)")
     p.add_argument("--coupled", choices=COUPLED_MODES, default="propagate",
@@ -224,12 +229,13 @@ def add_parsers(subparsers: Any) -> None:
     )
     _add_output(p)
     p.add_argument("--after", required=True, help="layer whose ReLU the new layer follows")
-    p.add_argument("--kernel-size", type=int, default=3,
+    p.add_argument("--kernel-size", type=int_at_least(1), default=3,
                    help="the new conv's kernel size (default 3)")
     p.add_argument("--init", choices=INSERT_INITS, default="identity",
                    help="identity (same function) or random (default identity)")
     p.add_argument("--name", help="node name of the new layer (default <after>_deep)")
-    p.add_argument("--seed", type=int, default=0, help="random init's seed (default 0)")
+    p.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="random init's seed (default 0)")
     p.set_defaults(func=_cmd_deepen)
 
     p = subparsers.add_parser("summary", help="kernels, parameters and MACs per layer")

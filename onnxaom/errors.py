@@ -84,3 +84,11 @@ class SessionError(OnnxaomError, ValueError):
 class OutputError(OnnxaomError, OSError):
     """An output file that cannot be written: a read-only or missing folder, a folder where a
     file should go, or one of the inputs of the same command (names the path)."""
+
+
+#: How to get the torch adapter, for the errors that need it. A plain ``pip install torch``
+#: on a machine without a GPU pulls the multi-GB CUDA build; the setup script takes the CPU one.
+TORCH_INSTALL = ("in a source checkout `bash scripts/setup.sh dev` (torch's CPU build where no "
+                 "NVIDIA GPU is); else pip install 'onnxaom[torch]' (with "
+                 "--extra-index-url https://download.pytorch.org/whl/cpu on a machine without "
+                 "a GPU)")

@@ -101,6 +101,9 @@ def read_json(path: str | os.PathLike[str], what: str) -> Any:
         raise ModelFileNotFoundError(f"{what} file not found: {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise StatsError(f"cannot read {what} file {path}: it is not JSON text (a binary "
+                         f"file, such as a model or an .npz?)") from None
     except (OSError, ValueError) as exc:
         raise StatsError(f"cannot read {what} file {path}: {exc}") from exc
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,8 @@ def run_analysis(
     model = load(model_path)
     if bind:
         model = bind_inputs(model, bind)
-    dataset = load_spec(data_spec, channels=_input_channels(model), size=resize)
+    dataset = load_spec(data_spec, channels=_input_channels(model), size=resize,
+                        allow_empty_classes=allow_empty_classes)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ModelFileNotFoundError(f"--out {out} exists and is not a folder")
@@ -76,21 +77,22 @@ def run_analysis(
                               f"inputs ({hit}); choose another folder")
     created = _make_folder(out)  # before the long collection: a bad --out fails now
     try:
-        stats = collect(
-            model,
-            dataset,
-            batch_size=batch_size,
-            layers=layers,
-            provider=provider,
-            threshold=threshold,
-            probe=probe,
-            progress=progress,
-            allow_empty_classes=allow_empty_classes,
-        )
-        findings = analyze(stats)
         # all three files are made in a scratch folder first and moved in together at the end,
-        # so a failure or an interrupt leaves the folder's earlier results whole, not mixed
-        with tempfile.TemporaryDirectory(dir=out, prefix=".onnxaom-") as scratch:
+        # so a failure or an interrupt leaves the folder's earlier results whole, not mixed;
+        # it is made first, so a folder that cannot be written fails before the collection
+        with _scratch_folder(out) as scratch:
+            stats = collect(
+                model,
+                dataset,
+                batch_size=batch_size,
+                layers=layers,
+                provider=provider,
+                threshold=threshold,
+                probe=probe,
+                progress=progress,
+                allow_empty_classes=allow_empty_classes,
+            )
+            findings = analyze(stats)
             made = [stats.save(Path(scratch) / "stats.npz"),
                     findings.to_json(Path(scratch) / "findings.json"),
                     _write_report(model, stats, findings, Path(scratch))]
@@ -107,7 +109,8 @@ def run_analysis(
         raise
     stats_path, findings_path, report_path = (out / p.name for p in made)
     lines = [
-        f"{model.name}: {len(stats.layer_names)} layers, {stats.num_classes} classes, "
+        f"{model.name}: {_count(len(stats.layer_names), 'layer')}, "
+        f"{_count(stats.num_classes, 'class', 'classes')}, "
         f"{stats.num_samples} samples ({dataset.source}) on {stats.metadata['provider']}",
         *findings.summary_lines(),
         f"wrote {stats_path}",
@@ -119,6 +122,24 @@ def run_analysis(
 
 #: The files :func:`run_analysis` writes into its folder.
 OUTPUT_NAMES = ("stats.npz", "findings.json", "report.html")
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    """``1 layer``, ``2 layers``."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+@contextlib.contextmanager
+def _scratch_folder(out: Path) -> Iterator[str]:
+    """A temporary folder in ``out`` (removed afterwards); an ``out`` that cannot be written
+    is an :class:`OutputError` naming it."""
+    try:
+        folder = tempfile.TemporaryDirectory(dir=out, prefix=".onnxaom-")
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot write in this folder "
+                          f"({exc.strerror or exc})") from exc
+    with folder as scratch:
+        yield scratch
 
 
 def _spec_files(spec: str) -> list[str]:

@@ -427,9 +427,10 @@ class TuningSession:
         _check_settings(path, data.get("config") or {}, progress)
         return cls(folder, data)
 
-    def verify(self) -> None:
-        """Check that every file of every step exists with its recorded size and SHA-256."""
-        for step in self._steps:
+    def verify(self, steps: Iterable[Step] | None = None) -> None:
+        """Check that every file of every step (or of ``steps``) exists with its recorded size
+        and SHA-256."""
+        for step in self._steps if steps is None else steps:
             for kind, record in step.files.items():
                 file = self._folder / record.path
                 where = f"{record.path} ({kind} file of step {step.index} in {SESSION_FILE})"

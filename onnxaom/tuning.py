@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 from .data import Dataset, load_spec
 from .edits import Edit
-from .errors import DataError, EditError, LayerNotFoundError
+from .errors import TORCH_INSTALL, DataError, EditError, LayerNotFoundError
 from .model import Model
 from .proposal import DEFAULT_STRATEGY, Proposal, propose, stats_digest
 from .session import Artifact, SessionError, Step, TuningSession, describe_edits
@@ -441,8 +441,7 @@ def load_runner(session: TuningSession, train: Dataset, test: Dataset,
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise SessionError(f"this session needs runner module {module_name!r}, which cannot be "
-                           f"imported ({exc}); for the torch runner: pip install "
-                           f"'onnxaom[torch]'") from exc
+                           f"imported ({exc}); for the torch runner: {TORCH_INSTALL}") from exc
     factory = getattr(module, "runner_from_session", None)
     if factory is None:
         raise SessionError(f"runner module {module_name!r} has no runner_from_session()")

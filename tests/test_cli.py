@@ -204,3 +204,25 @@ def test_a_folder_is_read_with_a_channels_last_models_channels(tmp_path: Path) -
     dataset = load_spec(f"folder:{tmp_path}", channels=_input_channels(model))
     stats = onnxaom.collect(model, dataset, progress=False)
     assert stats.counts["conv1"].shape == (4, 2, 8, 8) and stats.num_samples == 4
+
+
+def test_an_out_folder_that_cannot_be_written_fails_before_collecting(tmp_path: Path, capsys,
+                                                                     monkeypatch) -> None:
+    """An existing --out on a read-only file system (simulated: as root a chmod does not stop
+    writes) is one line naming it, before the collection, not a traceback after it."""
+    import errno
+
+    import onnxaom.job
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def collect(*args, **kwargs):
+        raise AssertionError("collected before finding that --out cannot be written")
+
+    monkeypatch.setattr(onnxaom.job.tempfile, "TemporaryDirectory", read_only)
+    monkeypatch.setattr(onnxaom.job, "collect", collect)
+    assert main(["demo", "--out", str(tmp_path), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path}: cannot write in this folder (Read-only file system)" in err
+    assert "Traceback" not in err

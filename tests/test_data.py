@@ -1020,3 +1020,32 @@ def test_a_batch_iterable_with_labels_is_a_clear_mistake() -> None:
     with pytest.raises(DataError, match=r"labels: a Loader of \(images, labels\) batches carries "
                                         r"its own labels; pass labels=None"):
         next(iter_batches(Loader(), labels, batch_size=4))
+
+
+def test_uint16_arrays_are_16_bit_pixels(tmp_path: Path) -> None:
+    """A uint16 array is scaled to [0, 1] by 1/65535, as 16-bit image files are (it was fed
+    unscaled, up to 65535); the same pixels at 8 bits load to the same images."""
+    rng = np.random.default_rng(0)
+    x8 = rng.integers(0, 256, (6, 1, 4, 4)).astype(np.uint8)
+    y = np.arange(6) % 2
+    np.savez(tmp_path / "d16.npz", x=x8.astype(np.uint16) * 257, y=y)
+    wide = load_npz(tmp_path / "d16.npz")
+    narrow = from_arrays(x8, y)
+    assert wide.preprocessing.scale == pytest.approx(1 / 65535)
+    np.testing.assert_allclose(wide.images, narrow.images, rtol=0, atol=1e-7)
+
+
+def test_an_empty_class_folder_is_kept_on_request(tmp_path: Path) -> None:
+    """allow_empty_classes keeps a class folder without images as a class without samples
+    (it was refused whatever --allow-empty-classes said); a folder of only empty classes is
+    still refused."""
+    pytest.importorskip("PIL.Image")
+    folder = make_folder(tmp_path / "d", {"a": [("L", (2, 2))] * 2, "c": [("L", (2, 2))]})
+    (folder / "b").mkdir()
+    with pytest.raises(DataError, match=r"b: class folder with no images .*--allow-empty-classes"):
+        load_image_folder(folder)
+    data = load_spec(f"folder:{folder}", allow_empty_classes=True)
+    assert data.class_names == ("a", "b", "c") and data.labels.tolist() == [0, 0, 2]
+    (tmp_path / "none" / "x").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images in any class folder"):
+        load_image_folder(tmp_path / "none", allow_empty_classes=True)

@@ -127,7 +127,7 @@ def test_propose_and_render_refuse_to_write_over_their_inputs(tmp_path: Path) ->
                   str(tmp_path / "a.svg"))
     assert result.returncode == 1 and "--page 5: layer 'conv1' has 6 kernels" in result.stderr
     result = _cli("render", str(stats_path), "--scale", "0", "-o", str(tmp_path / "a.png"))
-    assert result.returncode == 2 and "expected a positive number" in result.stderr
+    assert result.returncode == 2 and "--scale: expected a number > 0" in result.stderr
 
 
 def test_a_failed_analysis_leaves_the_earlier_results_whole(tmp_path: Path,

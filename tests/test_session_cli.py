@@ -105,6 +105,25 @@ def test_show_and_undo(stats_file, tmp_path, capsys):
     assert main(["session", "show", str(tmp_path / "s"), "--no-verify"]) == 0
 
 
+def test_undo_is_the_way_out_of_a_step_whose_file_is_damaged(stats_file, tmp_path, capsys):
+    """The undone step's model file is corrupt: undo goes back all the same (it refused,
+    asking to restore the file); a damaged file of the step it goes back to still refuses."""
+    _, proto = stats_file
+    model = onnxaom.Model(proto)
+    session = TuningSession.create(tmp_path / "s", model, accuracy=0.9)
+    for kernel in (0, 1):
+        edit = [onnxaom.edits.RemoveKernels("conv1", (0,))]
+        model = apply(model, edit)
+        session.record(edit, model, accuracy=0.8 - kernel / 10)
+    (tmp_path / "s" / "models" / "step_2.onnx").write_bytes(b"damaged")
+    assert main(["session", "undo", str(tmp_path / "s")]) == 0
+    assert "undid step 2; current step is 1" in capsys.readouterr().out
+    (tmp_path / "s" / "models" / "step_0.onnx").write_bytes(b"damaged")
+    assert main(["session", "undo", str(tmp_path / "s")]) == 1
+    assert "step_0.onnx" in capsys.readouterr().err
+    assert TuningSession.resume(tmp_path / "s", verify=False).current.index == 1
+
+
 # ---------------------------------------------------------------------- session start (torch)
 FACTORY = "onnxaom_torch.architectures:PaperMNISTNet"
 KWARGS = {"image_size": 8, "conv_kernels": [6, 6], "hidden": 16}  # sklearn digits are 8x8

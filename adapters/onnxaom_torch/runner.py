@@ -107,8 +107,17 @@ def _read_state_dict(path: Path, what: str) -> Mapping[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle and zip errors of several kinds
+        try:
+            with path.open("rb") as handle:
+                head = handle.read(2)
+        except OSError:
+            head = b"PK"  # torch's own message says what is wrong with the path
+        # torch.save writes a zip archive (PK), or a pickle (0x80) with the legacy format; for
+        # anything else torch's long weights_only explanation is beside the point
+        why = one_line(exc, limit=300) if head in (b"PK", b"\x80\x02") else \
+            "not a file torch.save writes (neither a zip archive nor a pickle)"
         raise SessionError(f"{path} ({what}) cannot be read as a torch state dict (save one with "
-                           f"torch.save(module.state_dict(), path)): {one_line(exc)}") from exc
+                           f"torch.save(module.state_dict(), path)): {why}") from exc
     if not isinstance(state, Mapping):
         raise SessionError(f"{path} ({what}) holds a {type(state).__name__}, not a state dict "
                            f"(save one with torch.save(module.state_dict(), path))")

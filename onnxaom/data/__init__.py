@@ -19,9 +19,9 @@ Sources:
 Default scaling: 8-bit pixels become [0, 1] wherever images enter onnxaom, as in torchvision's
 ``ToTensor``: uint8 arrays (:func:`from_arrays`, ``.npz``, IDX, arrays and uint8 batches given
 to :func:`iter_batches`) and image files are scaled by 1/255 (16-bit image files are read on
-the same 0..255 scale, divided by 257), and scikit-learn's digits (0..16) by 1/16. Other
-dtypes are taken as they are. An explicit :class:`Preprocessing` replaces the default; either
-way the preprocessing is recorded.
+the same 0..255 scale, divided by 257), uint16 arrays by 1/65535, and scikit-learn's digits
+(0..16) by 1/16. Other dtypes are taken as they are. An explicit :class:`Preprocessing`
+replaces the default; either way the preprocessing is recorded.
 
 Modules: :mod:`.dataset` (the data set), :mod:`.preprocessing`, :mod:`.files` (``.npz``, IDX,
 digits, specs), :mod:`.images` (image folders), :mod:`.batching`, and :mod:`.checks` (validation

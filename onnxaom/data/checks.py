@@ -103,9 +103,11 @@ def _as_labels(value: Any, name: str, n: int) -> np.ndarray:
 
 
 def default_scale(dtype: np.dtype[Any]) -> float:
-    """The default :attr:`Preprocessing.scale` for images of ``dtype``: 1/255 for uint8 (pixels
-    in [0, 1]), else 1."""
-    return 1 / 255 if np.dtype(dtype) == np.uint8 else 1.0
+    """The default :attr:`Preprocessing.scale` for images of ``dtype``: 1/255 for uint8 and
+    1/65535 for uint16 (8- and 16-bit pixels in [0, 1], as image files of either depth
+    become), else 1 (floats, and other integers, are taken as they are)."""
+    dtype = np.dtype(dtype)
+    return 1 / 255 if dtype == np.uint8 else 1 / 65535 if dtype == np.uint16 else 1.0
 
 
 def as_class_names(value: Any) -> tuple[str, ...]:

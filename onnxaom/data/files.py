@@ -351,6 +351,7 @@ def load_spec(
     preprocessing: Preprocessing | None = None,
     channels: int | None = None,
     size: int | tuple[int, int] | None = None,
+    allow_empty_classes: bool = False,
 ) -> Dataset:
     """The data set a CLI ``--data SPEC`` names.
 
@@ -370,6 +371,9 @@ def load_spec(
         Resize every image to ``(H, W)`` (``--resize`` on the command line): an image folder's
         files as they are read, the other sources' arrays after loading
         (:meth:`Dataset.resized`).
+    allow_empty_classes:
+        For an image folder: keep a class subfolder with no images (see
+        :func:`load_image_folder`).
     """
     if channels not in (None, 1, 3):
         raise DataError(f"channels must be 1 or 3 (or None), got {channels!r}")
@@ -384,7 +388,8 @@ def load_spec(
         if not folder:
             raise DataError(f"data spec {spec!r} names no path; e.g. folder:data/train")
         return load_image_folder(folder, preprocessing=preprocessing, size=size,
-                                 grayscale=None if channels is None else channels == 1)
+                                 grayscale=None if channels is None else channels == 1,
+                                 allow_empty_classes=allow_empty_classes)
     data = _load_arrays_spec(spec, text, kind, colon, arg, preprocessing)
     return data if size is None else data.resized(size)
 

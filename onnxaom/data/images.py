@@ -40,6 +40,7 @@ def load_image_folder(
     size: int | tuple[int, int] | None = None,
     grayscale: bool | None = None,
     preprocessing: Preprocessing | None = None,
+    allow_empty_classes: bool = False,
 ) -> Dataset:
     """A :class:`Dataset` from a folder with one subfolder of images per class (needs Pillow).
 
@@ -64,6 +65,9 @@ def load_image_folder(
     preprocessing:
         Default ``Preprocessing(scale=1/255)``: pixels in [0, 1]. The loader arranges pixels as
         NCHW itself, so its layout must stay "NCHW".
+    allow_empty_classes:
+        Keep a class subfolder with no images as a class without samples (with a warning),
+        for ``collect(..., allow_empty_classes=True)``; by default it is refused.
 
     Returns
     -------
@@ -95,17 +99,28 @@ def load_image_folder(
     files: list[Path] = []
     labels: list[int] = []
     skipped: list[Path] = []
+    empty: list[str] = []
     for index, name in enumerate(classes):
         found, others = _class_files(folder / name)
-        if not found:
+        if not found and not allow_empty_classes:
             raise DataError(f"{folder / name}: class folder with no images (looked for "
-                            f"{', '.join(IMAGE_SUFFIXES)}, in it and the folders below it)")
+                            f"{', '.join(IMAGE_SUFFIXES)}, in it and the folders below it); "
+                            f"remove it, or keep it as a class without samples with "
+                            f"allow_empty_classes=True (--allow-empty-classes)")
+        if not found:
+            empty.append(name)
         files += found
         labels += [index] * len(found)
         skipped += others
     if skipped:
         log.warning("%s: skipped %d file(s) that are not images by their suffix (%s%s)", folder,
                     len(skipped), skipped[0], ", ..." if len(skipped) > 1 else "")
+    if empty and not files:
+        raise DataError(f"{folder}: no images in any class folder (looked for "
+                        f"{', '.join(IMAGE_SUFFIXES)})")
+    if empty:
+        log.warning("%s: class folder(s) with no images kept as classes without samples: %s",
+                    folder, ", ".join(empty))
 
     if grayscale is None:
         colour = next((f for f in files if _image_mode(Image, f) not in _GRAY_MODES), None)
