@@ -162,3 +162,24 @@ def test_prune_from_a_proposal_file(tmp_path, capsys):
             cli.main([str(a) for a in ["prune", path, *argv, "-o", tmp_path / "x.onnx"]])
         assert exit_info.value.code == 2
     assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["widen", "--layer", "conv1", "--add", "0"],
+    ["widen", "--layer", "conv1", "--add", "1", "--noise", "-1"],
+    ["widen", "--layer", "conv1", "--add", "1", "--seed", "-3"],
+    ["deepen", "--after", "conv1", "--kernel-size", "0"],
+])
+def test_numbers_out_of_range_are_usage_errors_naming_the_option(model_path, tmp_path, capsys,
+                                                                 argv):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([argv[0], str(model_path), *argv[1:], "-o", str(tmp_path / "o.onnx")])
+    assert exit_info.value.code == 2
+    option = next(a for a in reversed(argv) if a.startswith("--"))
+    assert f"argument {option}: expected" in capsys.readouterr().err
+
+
+def test_a_negative_kernel_index_says_indices_count_from_zero(model_path, tmp_path, capsys):
+    code, _, err = _main(["prune", model_path, "--remove", "conv1:-1", "-o",
+                          tmp_path / "o.onnx"], capsys)
+    assert code == 1 and "indices count from 0" in err
