@@ -325,14 +325,22 @@ class Collector:
             engine.flush(acc)
             acc.grow(needed)
         labels = labels.astype(np.int64, copy=False)
-        rest = None
+        rest, held = None, self._pending
         if engine.fixed_batch is not None:
             images, labels, rest = self._whole_chunks(images, labels, engine.fixed_batch)
         try:
             if images.shape[0]:
                 engine.run(images, labels, acc)
-        except BaseException:
+        except BaseException as exc:
             acc.shrink(before)  # a failed batch adds no class either, and keeps no sample
+            if held is not None and images.shape[0] and not isinstance(exc, KeyboardInterrupt):
+                # they ran in the failed chunk and may be what failed: kept, they would fail
+                # every later batch
+                self._pending = None
+                warnings.warn(f"the {held[1].shape[0]} sample(s) held back from the batch "
+                              f"before (for a whole chunk of the model's fixed batch of "
+                              f"{engine.fixed_batch}) failed with this batch and are dropped "
+                              f"with it", RuntimeWarning, stacklevel=2)
             raise
         self._pending = rest
 

@@ -1034,6 +1034,31 @@ def test_a_failed_batch_counts_nothing(fixed: int | None, method: str, on_device
         np.testing.assert_array_equal(stats.counts[name], expected.counts[name], err_msg=name)
 
 
+def test_samples_held_back_for_a_chunk_go_with_a_batch_that_fails() -> None:
+    """Chunks of 3 cut from the stream: 2 samples of the first batch wait for the next; that
+    batch holds a NaN and fails, and the 2 go with it (with a warning), or they would fail
+    every later batch; the collector goes on with the batches after."""
+    proto = _batch_mixing_gate(3, across_chunk=True)
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, n=12, classes=3)
+    bad = images[5:8].copy()
+    bad[0] = np.nan  # in the chunk it makes with the 2 held back
+    collector = onnxaom.Collector(model)
+    collector.update(images[:5], labels[:5])
+    assert collector.num_samples == 5
+    with pytest.warns(RuntimeWarning, match="2 sample.* held back .* dropped"), \
+            pytest.raises(ModelError, match="NaN"):
+        collector.update(bad, labels[5:8])
+    assert collector.num_samples == 3
+    collector.update(images[8:], labels[8:])
+    stats = collector.result()
+    kept = np.r_[0:3, 8:12]
+    expected = brute_force_chunked(proto, model.layers(), images[kept], labels[kept], chunk=3)
+    assert stats.num_samples == 7
+    for name in stats.layer_names:
+        np.testing.assert_array_equal(stats.counts[name], expected[name], err_msg=name)
+
+
 def _fixed_batch_unknown_size(fixed: int) -> onnx.ModelProto:
     """conv -> relu -> global pool -> Reshape to [fixed, -1] -> Gemm, on images of any size:
     the layers' sizes are known only by running it, and only batches of ``fixed`` run."""
