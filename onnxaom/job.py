@@ -9,6 +9,7 @@ exist: a failure or an interrupt leaves the folder's earlier files untouched.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,6 +30,8 @@ from .stats import OccurrenceStats
 from .summary import summary
 
 __all__ = ["AnalysisResult", "run_analysis"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -174,8 +177,45 @@ def _input_channels(model: Model) -> int | None:
     return dims[3] if dims[3] in (1, 3) and (dims[1] is None or dims[1] > 4) else None
 
 
+#: The most (kernel, class) map tiles the job's report draws, about 450 bytes each: layers past
+#: it, in model order, get no views (their findings are still in the report). 12 layers of
+#: 256 kernels x 100 classes made a 179 MB file that browsers take minutes to open; one
+#: 2,048-kernel layer of a 1,000-class model would be about 1 GB.
+REPORT_MAX_TILES = 250_000
+
+
+def report_layers(stats: OccurrenceStats, budget: int | None = None
+                  ) -> tuple[list[str], list[str]]:
+    """The layers whose views fit in ``budget`` tiles (default :data:`REPORT_MAX_TILES`; K x C
+    each, in model order; the first layer always), and those left out."""
+    budget = REPORT_MAX_TILES if budget is None else budget
+    shown: list[str] = []
+    left: list[str] = []
+    used = 0
+    for name in stats.layer_names:
+        tiles = int(stats.counts[name].shape[0]) * stats.num_classes
+        if shown and (left or used + tiles > budget):
+            left.append(name)
+            continue
+        shown.append(name)
+        used += tiles
+    return shown, left
+
+
 def _write_report(model: Model, stats: OccurrenceStats, findings: Findings, out: Path) -> Path:
-    """The offline HTML report with the model summary, findings in words and every layer's views."""
+    """The offline HTML report with the model summary, findings in words and the layers' views
+    (as many as :data:`REPORT_MAX_TILES` allows)."""
     from .report import write_report  # altair and vl-convert load only when a report is made
 
-    return write_report(stats, findings, out, model_summary=summary(model).to_dict())
+    shown, left = report_layers(stats)
+    notes = []
+    if left:
+        notes.append(f"{len(left)} of {len(stats.layer_names)} layers have no views here "
+                     f"({', '.join(left[:5])}{', ...' if len(left) > 5 else ''}): their "
+                     f"{stats.num_classes}-class maps would pass {REPORT_MAX_TILES:,} tiles. "
+                     f"Their findings are in the findings section; draw one with `onnxaom "
+                     f"render STATS.npz --layer NAME`, or report it with "
+                     f"onnxaom.report.write_report(..., layers=[...])")
+        log.warning("report: %s", notes[-1])
+    return write_report(stats, findings, out, model_summary=summary(model).to_dict(),
+                        layers=shown, notes=notes)

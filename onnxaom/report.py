@@ -329,6 +329,7 @@ def build_report(
     experiment: Iterable[Mapping[str, Any]] | None = None,
     layers: Sequence[str] | None = None,
     page_size: int = 64,
+    notes: Sequence[str] = (),
 ) -> str:
     """The report as one HTML string (see :func:`write_report`)."""
     from . import charts
@@ -356,6 +357,7 @@ def build_report(
         + " · ".join(f"{_e(k)}: {_fmt(v)}" for k, v in facts.items() if v not in ("", None))
         + "</p></header>",
     ]
+    parts.extend(f"<p class='hint'>{_e(note)}</p>" for note in notes)
     contents = ["<a href='#model'>model</a>", "<a href='#findings'>findings</a>"]
     contents += [f"<a href='#layer-{i}'>{_e(n)}</a>" for i, n in enumerate(names)]
     parts.append(f"<nav>{' · '.join(contents)}</nav>")
@@ -416,6 +418,7 @@ def write_report(
     experiment: Iterable[Mapping[str, Any]] | None = None,
     layers: Sequence[str] | None = None,
     page_size: int = 64,
+    notes: Sequence[str] = (),
 ) -> Path:
     """Write ``out_dir/report.html`` atomically (the folder is made if needed) and return its
     path.
@@ -425,7 +428,8 @@ def write_report(
     dict (e.g. ``onnxaom.summary.summary(model).to_dict()``), shown as tables. ``history``:
     tuning steps for :func:`onnxaom.charts.tuning_history`; ``experiment``: records for
     :func:`onnxaom.charts.selectivity_experiment`. ``layers``: which layers get views (default
-    all). The file needs no network: the Vega libraries are inlined.
+    all). ``notes``: lines shown under the title. The file needs no network: the Vega
+    libraries are inlined.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -439,6 +443,7 @@ def write_report(
         experiment=experiment,
         layers=layers,
         page_size=page_size,
+        notes=notes,
     )
     try:
         out.mkdir(parents=True, exist_ok=True)

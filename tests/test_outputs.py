@@ -169,3 +169,26 @@ def test_the_weights_file_gets_the_model_files_permissions(tmp_path: Path) -> No
     path = model.save(tmp_path / "m.onnx", external_data=True)
     data = tmp_path / "m.onnx.data"
     assert data.stat().st_mode & 0o777 == path.stat().st_mode & 0o777
+
+
+def test_the_job_report_draws_the_layers_that_fit_its_tile_budget(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """Past REPORT_MAX_TILES kernel x class tiles (a 1,000-class model made GB-sized reports),
+    the later layers get no views, a note says which and how to draw them, and their findings
+    stay in the report."""
+    from onnxaom import job
+
+    model_path = onnxaom.Model(zoo.chain(seed=7)).save(tmp_path / "m.onnx")
+    x = np.random.default_rng(2).standard_normal((30, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(30) % 3)
+    stats = onnxaom.collect(onnxaom.load(model_path), x, np.arange(30) % 3, progress=False)
+    sizes = [stats.counts[n].shape[0] * 3 for n in stats.layer_names]  # conv1 12, conv2 24, ...
+    assert job.report_layers(stats, budget=sizes[0] + sizes[1]) == (
+        list(stats.layer_names[:2]), list(stats.layer_names[2:]))
+    assert job.report_layers(stats, budget=1)[0] == [stats.layer_names[0]]  # always one
+    monkeypatch.setattr(job, "REPORT_MAX_TILES", sizes[0])
+    job.run_analysis(model_path, f"npz:{tmp_path / 'd.npz'}", tmp_path / "out", progress=False)
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert f"{len(sizes) - 1} of {len(sizes)} layers have no views here" in html
+    assert "id='layer-0'" in html and "id='layer-1'" not in html
+    assert "onnxaom render STATS.npz --layer NAME" in html
