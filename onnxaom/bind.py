@@ -28,9 +28,12 @@ __all__ = ["bind_inputs"]
 def bind_inputs(model: Model | str | os.PathLike[str], values: Mapping[str, Any]) -> Model:
     """A copy of ``model`` in which each graph input named in ``values`` is a constant.
 
-    ``values`` maps input names to array-likes. Each is converted to the input's element type
-    (a float value for an integer input is refused, not rounded) and must have its declared
-    shape: static sizes as declared, a symbolic size any size. An input whose first axis is the
+    ``values`` maps input names to array-likes; an input with a default value (an
+    initializer of its name) takes the value given instead. Each is converted to the input's
+    element type where that does not change it (whole numbers in range for an integer type,
+    finite values staying finite for a float type; ``0.5`` for an int8 input or ``1e6`` for a
+    float16 one is refused) and must have its declared shape: static sizes as declared, a
+    symbolic size any size. An input whose first axis is the
     batch axis of the input left unbound (the same symbolic name) is refused: a constant
     cannot follow the batch size. The source model and its file are not changed; saving the
     copy keeps the source's external-data setting and never writes over the source.
@@ -42,7 +45,7 @@ def bind_inputs(model: Model | str | os.PathLike[str], values: Mapping[str, Any]
     declared = {value.name: value for value in model.proto.graph.input}
     initializers = {t.name for t in model.proto.graph.initializer}
     for name in values:
-        if name not in declared or name in initializers:
+        if name not in declared:  # an input with a default (an initializer) can be bound too
             known = ", ".join(v.name for v in fed_inputs(model.proto)) or "(none)"
             raise ModelError(f"model {model.name!r} has no graph input {name!r} to bind; "
                              f"its inputs: {known}")
@@ -54,9 +57,16 @@ def bind_inputs(model: Model | str | os.PathLike[str], values: Mapping[str, Any]
     kept = [v for v in proto.graph.input if keep_listed or v.name not in arrays]
     del proto.graph.input[:]
     proto.graph.input.extend(kept)
+    others = [t for t in proto.graph.initializer if t.name not in arrays]  # old defaults go
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(others)
     proto.graph.initializer.extend(numpy_helper.from_array(a, n) for n, a in arrays.items())
-    return Model(proto, path=None, external_data=model.external_data,
-                 protected=model.protected)
+    bound = Model(proto, path=None, external_data=model.external_data,
+                  protected=model.protected)
+    values_so_far = model.bound_inputs  # binding a bound model again keeps the first ones
+    values_so_far.update({name: array.tolist() for name, array in arrays.items()})
+    bound._bound_from = (model.source_digest, model.name, values_so_far)
+    return bound
 
 
 def _value_for(model: Model, value: onnx.ValueInfoProto, given: Any) -> np.ndarray:
@@ -71,10 +81,12 @@ def _value_for(model: Model, value: onnx.ValueInfoProto, given: Any) -> np.ndarr
         array = np.asarray(given)
     except Exception as exc:  # ragged lists and other non-arrays
         raise ModelError(f"{where}: the value to bind is not an array ({exc})") from exc
-    if array.dtype.kind in "OUSV" or not np.can_cast(array.dtype, dtype, casting="same_kind"):
-        raise ModelError(f"{where} takes {onnx.TensorProto.DataType.Name(elem)}; the value to "
-                         f"bind is {array.dtype} and is not converted (give it as {dtype})")
-    array = np.array(array, dtype=dtype, order="C")  # (ascontiguousarray makes 0-d 1-d)
+    type_name = onnx.TensorProto.DataType.Name(elem)
+    problem = _conversion_problem(array, dtype)
+    if problem is not None:
+        raise ModelError(f"{where} takes {type_name}; the value to bind {problem}")
+    with np.errstate(over="ignore", invalid="ignore"):  # checked above
+        array = np.array(array, dtype=dtype, order="C")  # (ascontiguousarray makes 0-d 1-d)
     dims = dim_values(value.type)
     if dims is not None:
         wrong = len(dims) != array.ndim or any(
@@ -84,6 +96,32 @@ def _value_for(model: Model, value: onnx.ValueInfoProto, given: Any) -> np.ndarr
             raise ModelError(f"{where} has shape {shape}; the value to bind has shape "
                              f"{array.shape}")
     return array
+
+
+def _conversion_problem(array: np.ndarray, dtype: np.dtype[Any]) -> str | None:
+    """Why ``array`` cannot become ``dtype`` without changing what it says, or None. Integers
+    and booleans must be whole numbers in the type's range (1.0 is 1; 0.5 and 300 for int8
+    are refused); floats must stay finite where they are (1e6 is inf in float16); rounding
+    to a float type's precision is not a change."""
+    kind = array.dtype.kind
+    if kind not in "biuf":
+        return f"is {array.dtype}, not numbers"
+    if dtype.kind in "biu":
+        values = array.astype(np.float64) if kind == "f" else array
+        if kind == "f" and not (np.isfinite(values).all() and (values == np.round(values)).all()):
+            return f"holds values that are not whole numbers (it is {array.dtype})"
+        low, high = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+        if values.size and (values.min() < low or values.max() > high):
+            return (f"holds values outside {low}..{high} (from {values.min()} to "
+                    f"{values.max()})")
+        return None
+    if dtype.kind != "f":
+        return f"cannot be given as {dtype}"
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = array.astype(dtype)
+    if (np.isfinite(array) & ~np.isfinite(converted)).any():
+        return f"holds values beyond the range of {dtype} (up to {np.abs(array).max():g})"
+    return None
 
 
 def _batch_name(value: onnx.ValueInfoProto) -> str | None:

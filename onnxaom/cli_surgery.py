@@ -139,10 +139,10 @@ def _proposal_edits(path: str, model: Model, coupled: str) -> list[Edit]:
     from .proposal import Proposal
 
     proposal = Proposal.from_json(path)
-    if proposal.model_digest not in (None, model.digest):
+    if proposal.model_digest not in (None, model.source_digest):
         raise EditError(f"--proposal {path} was made for another model "
                         f"({str(proposal.model_digest)[:12]}...) than {model.name} "
-                        f"({model.digest[:12]}...); propose from statistics of this model")
+                        f"({model.source_digest[:12]}...); propose from statistics of this model")
     if not proposal.edits:
         raise EditError(f"--proposal {path} removes no kernels; nothing to prune")
     return [dataclasses.replace(edit, coupled=coupled) for edit in proposal.edits]

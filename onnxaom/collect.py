@@ -371,7 +371,9 @@ class Collector:
         preprocessing: dict[str, Any] | None = None,
     ) -> OccurrenceStats:
         """The statistics of every batch so far (collection may go on afterwards). Samples
-        held back for a fixed batch's next chunk run now, padded to the chunk's size."""
+        held back for a fixed batch's next chunk run now, padded to the chunk's size: on a
+        model fed in chunks whose samples mix, a result taken mid-stream changes the chunks
+        after it, and so what the stream counts in the end."""
         engine, acc = self._engine, self._acc
         if engine is None or acc is None or self.num_samples == 0:
             raise DataError("the data set is empty: no image was given")
@@ -400,8 +402,9 @@ class Collector:
             k, h, w = layer.shape
             counts[layer.name] = flat.reshape(c, k, h, w).transpose(1, 0, 2, 3)  # type: ignore[arg-type]
         metadata = {
-            "model_digest": self.model.digest,
+            "model_digest": self.model.source_digest,
             "model_name": self.model.name,
+            **({"bound_inputs": self.model.bound_inputs} if self.model.bound_inputs else {}),
             "threshold": self.threshold,
             "probe": self.probe,
             "layers": [layer.to_dict() for layer in self.layers],
@@ -452,7 +455,8 @@ def collect(
         A :class:`onnxaom.data.Dataset`; or an array of shape (N, channels, H, W) with integer
         labels of shape (N,) in 0..C-1 (C classes); or an iterable of ``(images, labels)``
         batches (a torch DataLoader works), with ``labels`` left as None. Float arrays are taken
-        as they are; uint8 arrays (8-bit pixels) are scaled to [0, 1], as every loader does.
+        as they are; uint8 and uint16 arrays (8- and 16-bit pixels) are scaled to [0, 1], as
+        every loader does.
     batch_size:
         Samples per ORT run when the data is an array or Dataset.
     layers:
@@ -555,7 +559,7 @@ def _preprocessing_of(images: Any, dataset: Dataset | None,
                       stream_dtypes: Sequence[np.dtype[Any]] = ()) -> dict[str, Any] | None:
     """What was done to the pixels, for the metadata: a Dataset's own preprocessing; for an
     array or a stream of batches, the scale :func:`~onnxaom.data.iter_batches` applied (1/255
-    for uint8, else 1); None when that is not known."""
+    for uint8, 1/65535 for uint16, else 1); None when that is not known."""
     if dataset is not None:
         return dataset.preprocessing.to_dict()
     dtype = array_dtype(images)

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import onnx
 from onnx import external_data_helper
@@ -68,6 +68,9 @@ class Model:
         self.protected = frozenset({*(Path(p).resolve() for p in protected),
                                     *(() if path is None else (Path(path).resolve(),))})
         self._layers: dict[str, tuple[Layer, ...]] = {}  # by probe: found once, the proto fixed
+        #: set by :func:`onnxaom.bind_inputs`: the model the inputs were bound in (its digest
+        #: and name) and the values, as JSON lists
+        self._bound_from: tuple[str, str, dict[str, Any]] | None = None
 
     @property
     def proto(self) -> onnx.ModelProto:
@@ -88,8 +91,24 @@ class Model:
 
     @property
     def name(self) -> str:
-        """The file name the model was loaded from, else the graph's name (or ``"model"``)."""
+        """The file name the model was loaded from, else the graph's name (or ``"model"``); for
+        a model made by :func:`onnxaom.bind_inputs`, the name of the model it was made from."""
+        if self._bound_from is not None:
+            return self._bound_from[1]
         return self.path.name if self.path is not None else (self._proto.graph.name or "model")
+
+    @property
+    def source_digest(self) -> str:
+        """:attr:`digest` of the model whose inputs :func:`onnxaom.bind_inputs` bound to make
+        this one, else this model's own. Statistics record it, so that proposals made from them
+        apply to the model file the user has."""
+        return self._bound_from[0] if self._bound_from is not None else self.digest
+
+    @property
+    def bound_inputs(self) -> dict[str, Any]:
+        """The inputs :func:`onnxaom.bind_inputs` bound, name -> value (as a JSON list);
+        empty for any other model."""
+        return {} if self._bound_from is None else dict(self._bound_from[2])
 
     @property
     def opset(self) -> int:

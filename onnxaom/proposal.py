@@ -169,6 +169,9 @@ class LayerProposal:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LayerProposal:
+        if not isinstance(data, Mapping):
+            raise StatsError(f"malformed proposal: a layer entry must be an object, got "
+                             f"{type(data).__name__} {str(data)[:60]}")
         target = data.get("target")
         return cls(str(data["layer"]), int(data["num_kernels"]), str(data["strategy"]),
                    tuple(data["kept"]), tuple(data["removed"]), tuple(data["order"]),
@@ -260,7 +263,7 @@ class Proposal:
                        data.get("model_digest"), tuple(data.get("notes", ())))
         except StatsError:
             raise
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise StatsError(f"malformed proposal: {type(exc).__name__}: {exc}") from exc
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
@@ -572,10 +575,10 @@ def _check_model(stats: OccurrenceStats, model: Model | None, strategy: str) -> 
         raise StatsError(f"strategy {strategy!r} reads the next layers' weights: pass model= "
                          f"(the model the statistics were collected on)")
     expected = stats.metadata.get("model_digest")
-    if expected is not None and expected != model.digest:
+    if expected is not None and expected != model.source_digest:
         raise StatsError(f"the statistics were collected on model {str(expected)[:12]}..., not "
-                         f"on the model given ({model.digest[:12]}...); collect statistics on "
-                         f"this model or pass the one they come from")
+                         f"on the model given ({model.source_digest[:12]}...); collect "
+                         f"statistics on this model or pass the one they come from")
 
 
 def _auto_strategy(mass: ReadMass | None, dense_layers: set[str]) -> str:
@@ -716,10 +719,10 @@ def override(
     """
     if not isinstance(proposal, Proposal):
         raise StatsError(f"override() takes a Proposal, got {type(proposal).__name__}")
-    if model is not None and proposal.model_digest not in (None, model.digest):
+    if model is not None and proposal.model_digest not in (None, model.source_digest):
         raise StatsError(f"the proposal is for model {str(proposal.model_digest)[:12]}..., not "
-                         f"for the model given ({model.digest[:12]}...); pass the model it was "
-                         f"made for")
+                         f"for the model given ({model.source_digest[:12]}...); pass the model "
+                         f"it was made for")
     changes: dict[str, dict[str, set[int]]] = {}
     for what, table in (("keep", keep), ("remove", remove), ("only", only)):
         for layer, value in (table or {}).items():

@@ -33,7 +33,7 @@ __all__ = ["OccurrenceStats", "aom_from_counts", "class_selectivity", "csm", "od
 
 FORMAT_VERSION = 1
 #: Metadata keys that must agree for two runs to be merged.
-MERGE_KEYS = ("model_digest", "threshold", "probe", "layers", "preprocessing")
+MERGE_KEYS = ("model_digest", "bound_inputs", "threshold", "probe", "layers", "preprocessing")
 
 
 def aom_from_counts(counts: np.ndarray, class_sizes: np.ndarray) -> np.ndarray:
@@ -207,7 +207,7 @@ class OccurrenceStats:
         head = {key: self.metadata.get(key) for key in
                 ("model_digest", "probe", "threshold", "preprocessing")}
         head["class_names"] = list(self.class_names)
-        h.update(json.dumps(head, sort_keys=True, default=str).encode())
+        h.update(json.dumps(head, sort_keys=True, default=_json_default).encode())
         h.update(np.ascontiguousarray(self.class_sizes, dtype="<i8").tobytes())
         for name in self.layer_names:
             counts = self.counts[name]

@@ -90,11 +90,18 @@ def test_bad_bindings_name_the_input(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"input 'scale' has shape \(1\); the value to bind "
                                          r"has shape \(2,\)"):
         onnxaom.bind_inputs(model, {"scale": [1.0, 2.0]})
-    with pytest.raises(ModelError, match=r"input 'scale' takes FLOAT; the value to bind is <U3"):
+    with pytest.raises(ModelError, match=r"input 'scale' takes FLOAT; the value to bind is "
+                                         r"<U3, not numbers"):
         onnxaom.bind_inputs(model, {"scale": ["one"]})
-    with pytest.raises(ModelError, match=r"input 'flip' takes INT64; the value to bind is "
-                                         r"float64 and is not converted"):
-        onnxaom.bind_inputs(onnxaom.Model(_flagged_chain()), {"flip": 0.5})
+    flagged = onnxaom.Model(_flagged_chain())
+    with pytest.raises(ModelError, match=r"input 'flip' takes INT64; the value to bind holds "
+                                         r"values that are not whole numbers"):
+        onnxaom.bind_inputs(flagged, {"flip": 0.5})
+    with pytest.raises(ModelError, match=r"holds values beyond the range of float32"):
+        onnxaom.bind_inputs(model, {"scale": [1e300]})
+    # values that convert without change are taken: 1.0 for an integer, an int for a float
+    assert onnxaom.bind_inputs(flagged, {"flip": 1.0}).bound_inputs == {"flip": 1}
+    assert onnxaom.bind_inputs(model, {"scale": [2]}).bound_inputs == {"scale": [2.0]}
     with pytest.raises(ModelError, match="no inputs named"):
         onnxaom.bind_inputs(model, {})
 
@@ -157,3 +164,43 @@ def test_cli_analyze_bind(tmp_path: Path, capsys) -> None:
         main(["analyze", str(path), "--data", data, "--out", out, "--bind", "scale"])
     assert exit_info.value.code == 2
     assert not Path(out).exists()
+
+
+def test_an_input_with_a_default_takes_the_value_bound() -> None:
+    """An input backed by an initializer of its name (a default ORT lets one feed) is bound
+    like any other: the default is replaced (it was refused as 'no graph input')."""
+    proto = _scaled_chain()
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1.0], np.float32),
+                                                                "scale"))
+    images, labels = _data()
+    bound = onnxaom.bind_inputs(onnxaom.Model(proto), {"scale": [-1.0]})
+    assert [t.name for t in bound.proto.graph.initializer].count("scale") == 1
+    got = collect(bound, images, labels, progress=False)
+    want = collect(onnxaom.Model(zoo.chain()), -images, labels, progress=False)
+    for layer in want.layer_names:
+        np.testing.assert_array_equal(got.counts[layer], want.counts[layer])
+
+
+def test_statistics_of_a_bound_model_serve_the_model_file(tmp_path: Path, capsys) -> None:
+    """Statistics collected with inputs bound record the model file's digest, its name and the
+    values, so that propose (with the file as model=) and prune --proposal take the file the
+    user has; merging with statistics of other bound values is refused."""
+    path = zoo.save(_scaled_chain(), tmp_path / "two.onnx")
+    source = onnxaom.load(path)
+    images, labels = _data()
+    bound = onnxaom.bind_inputs(source, {"scale": [-1.0]})
+    assert bound.name == "two.onnx" and bound.source_digest == source.digest != bound.digest
+    stats = collect(bound, images, labels, progress=False)
+    assert stats.metadata["model_digest"] == source.digest
+    assert stats.metadata["bound_inputs"] == {"scale": [-1.0]}
+    assert stats.metadata["model_name"] == "two.onnx"
+    proposal = onnxaom.propose(stats, keep={"conv1": 2}, model=source)
+    assert onnxaom.propose(stats, keep={"conv1": 2}, model=bound).to_dict() == proposal.to_dict()
+    proposal_path = proposal.to_json(tmp_path / "p.json")
+    assert main(["prune", str(path), "--proposal", str(proposal_path), "-o",
+                 str(tmp_path / "pruned.onnx")]) == 0
+    assert onnxaom.load(tmp_path / "pruned.onnx").layer("conv1").kernels == 2
+    other = collect(onnxaom.bind_inputs(source, {"scale": [2.0]}), images, labels,
+                    progress=False)
+    with pytest.raises(onnxaom.StatsError, match="bound_inputs"):
+        stats + other

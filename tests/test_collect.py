@@ -1150,6 +1150,7 @@ def test_a_tensor_read_only_in_a_nested_subgraph_keeps_its_producer(method: str)
 
 
 @pytest.mark.filterwarnings("ignore:method='graph' on probes of other types")
+@pytest.mark.filterwarnings("error")
 @pytest.mark.parametrize("method", ["graph", "plain"])
 @pytest.mark.parametrize("elem", [TensorProto.FLOAT, TensorProto.FLOAT16])
 def test_threshold_compares_exactly_not_after_rounding(method: str, elem: int) -> None:
@@ -1168,7 +1169,8 @@ def test_threshold_compares_exactly_not_after_rounding(method: str, elem: int) -
     proto.graph.output[0].type.tensor_type.elem_type = elem
     model = onnxaom.Model(proto)
     images, labels = np.zeros((6, 1, 5, 5), np.float32), np.arange(6) % 2
-    for threshold in (0.1, 0.3, float(bias[0]), float(bias[1]), 0.2999, 0.1000001):
+    for threshold in (0.1, 0.3, float(bias[0]), float(bias[1]), 0.2999, 0.1000001, 1e39,
+                      -1e39):  # the last two beyond float32 and float16, without warnings
         stats = collect(model, images, labels, threshold=threshold, method=method,
                         progress=False)
         want = [6 * 9 if float(b) > threshold else 0 for b in bias]  # 6 images, 3 x 3

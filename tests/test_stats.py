@@ -309,3 +309,11 @@ def test_load_refuses_a_newer_format_and_an_npz_that_is_not_statistics(tmp_path)
     with pytest.raises(StatsError, match=r"plain.npz is not an onnxaom statistics file \(an "
                                          r"\.npz without its header\)"):
         OccurrenceStats.load(tmp_path / "plain.npz")
+
+
+def test_the_digest_survives_a_save_with_numpy_metadata(tmp_path) -> None:
+    """A numpy scalar threshold went into the digest as its str ('0.3') before saving and as
+    the float it is saved as after loading: findings were refused on their own statistics."""
+    stats = OccurrenceStats({"L": np.ones((2, 2, 1, 1), np.int64)}, np.array([1, 1]),
+                            metadata={"threshold": np.float32(0.3), "probe": "activation"})
+    assert OccurrenceStats.load(stats.save(tmp_path / "s.npz")).digest == stats.digest

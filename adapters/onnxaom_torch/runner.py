@@ -114,7 +114,7 @@ def _read_state_dict(path: Path, what: str) -> Mapping[str, Any]:
             head = b"PK"  # torch's own message says what is wrong with the path
         # torch.save writes a zip archive (PK), or a pickle (0x80) with the legacy format; for
         # anything else torch's long weights_only explanation is beside the point
-        why = one_line(exc, limit=300) if head in (b"PK", b"\x80\x02") else \
+        why = one_line(exc, limit=300) if head == b"PK" or head[:1] == b"\x80" else \
             "not a file torch.save writes (neither a zip archive nor a pickle)"
         raise SessionError(f"{path} ({what}) cannot be read as a torch state dict (save one with "
                            f"torch.save(module.state_dict(), path)): {why}") from exc

@@ -134,9 +134,10 @@ def _stream(batches: Iterable[Any]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
             raise DataError(f"{name}: images of shape (C, H, W) = {x.shape[1:]}, but earlier "
                             f"batches had {shape}")
         elif default_scale(x.dtype) != default_scale(first):
-            raise DataError(f"{name}: {x.dtype} pixels, but batch 0 had {first}; uint8 batches "
-                            f"are scaled to [0, 1] and float ones taken as they are, so a stream "
-                            f"must not mix them (convert every batch to one type)")
+            raise DataError(f"{name}: {x.dtype} pixels, but batch 0 had {first}; uint8 and "
+                            f"uint16 batches are scaled to [0, 1] (by 1/255 and 1/65535) and "
+                            f"float ones taken as they are, so a stream must not mix them "
+                            f"(convert every batch to one type)")
         if x.shape[0] == 0:
             continue
         with np.errstate(over="ignore"):  # too large for float32 becomes inf: reported below

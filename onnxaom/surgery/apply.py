@@ -244,9 +244,10 @@ def _check_failure(proto: onnx.ModelProto) -> str | None:
 
 
 def _run_batches(proto: onnx.ModelProto) -> tuple[str | None, list[Any] | None]:
-    """Why ONNX Runtime cannot run ``proto`` on one batch of zeros (one sample where the batch
-    is symbolic); else None and its outputs on one batch of random images (seeded; the other
-    inputs zeros); (None, None) when an input has other sizes not known (nothing to feed)."""
+    """None and the outputs of ``proto`` on one batch of random images (seeded; one sample
+    where the batch is symbolic; the other inputs zeros), or, where that run fails, why a
+    batch of zeros fails too (None, None where zeros run: an input read as an index, say);
+    (None, None) when an input has other sizes not known (nothing to feed)."""
     from ..runtime import make_session
 
     zeros, drawn = {}, {}
@@ -264,13 +265,18 @@ def _run_batches(proto: onnx.ModelProto) -> tuple[str | None, list[Any] | None]:
     try:
         session = make_session(proto, ["CPUExecutionProvider"], threads=1,
                                optimization="disable")
-        session.run(None, zeros, _QUIET_RUN)
     except Exception as exc:  # ModelError, and anything ORT raises
         return " ".join(str(exc).split())[:300] or type(exc).__name__, None
-    try:
-        return None, session.run(None, drawn, _QUIET_RUN)
-    except Exception:  # runs on zeros only (an index input): nothing to compare
-        return None, None
+    failure = ""
+    for feeds in (drawn, zeros):
+        try:
+            outputs = session.run(None, feeds, _QUIET_RUN)
+        except Exception as exc:  # ORT raises its own types
+            failure = " ".join(str(exc).split())[:300] or type(exc).__name__
+            continue
+        # on zeros only (an input read as an index, say): nothing to compare
+        return None, outputs if feeds is drawn else None
+    return failure, None
 
 
 def _not_finite(outputs: list[Any]) -> list[int]:
