@@ -491,7 +491,11 @@ def _follow_channel_chain(
                 _is_per_channel_constant(index, n, kernels, spatial) for n in others
             ) and not (op == "Clip" and (clip_floor(index, node) or 0.0) > 0)  # None: computed
         elif op in PER_CHANNEL_NORMS:
-            ok = node.input[0] == tensor and spatial
+            # a BatchNormalization of a dense layer's (N, K) output normalises each of its K
+            # kernels alone (torch's BatchNorm1d, which the legacy exporter keeps); on a
+            # longer dense output, (N, T, K), its channel axis would be T
+            ok = node.input[0] == tensor and (spatial or (
+                op == "BatchNormalization" and len(index.shapes.get(tensor) or ()) == 2))
         elif op in CONSTANT_ARITHMETIC and len(node.input) == 2:
             other = node.input[1] if node.input[0] == tensor else node.input[0]
             ok = other != tensor and _is_per_channel_constant(index, other, kernels, spatial)

@@ -220,6 +220,23 @@ def _check_settings(path: Path, config: Mapping[str, Any], progress: Mapping[str
             fail(where, "'baseline' or 'parent'", relative)
     if "batch_size" in loop and not count(loop["batch_size"], 1):
         fail("config loop 'batch_size'", "an integer >= 1", loop["batch_size"])
+    layers = loop.get("layers")  # progress 'layers' is checked with the progress
+    if layers is not None and (not isinstance(layers, list)
+                               or not all(isinstance(n, str) for n in layers)):
+        fail("config loop 'layers'", "a JSON list of layer names", layers)
+    for key in ("spec", "test_spec"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            fail(f"config data {key!r}", "a data spec string", data[key])
+    runner = config.get("runner")
+    if runner is not None:
+        if not isinstance(runner, Mapping):
+            fail("config 'runner'", "a JSON object", runner)
+        if runner.get("factory") is not None and not isinstance(runner["factory"], str):
+            fail("config runner 'factory'", "a string such as 'pkg.module:Name'",
+                 runner["factory"])
+        if runner.get("factory_kwargs") is not None \
+                and not isinstance(runner["factory_kwargs"], Mapping):
+            fail("config runner 'factory_kwargs'", "a JSON object", runner["factory_kwargs"])
     fraction = data.get("train_fraction")
     if fraction is not None and "test_spec" not in data \
             and not (number(fraction) and 0 < fraction < 1):  # unused with test data

@@ -322,7 +322,12 @@ def test_resume_refuses_damaged_folders_naming_the_file(setup, tmp_path):
             ("loop", {"keep": {"conv1": -1}}, r"config loop 'keep'\['conv1'\] must be a kernel"),
             ("data", {"train_fraction": 1.0}, r"config data 'train_fraction' must be a number"),
             ("loop", {"accept_drop": "x"}, r"config loop 'accept_drop' must be a number"),
-            ("loop", {"relative_to": "mom"}, r"config loop 'relative_to' must be 'baseline'")):
+            ("loop", {"relative_to": "mom"}, r"config loop 'relative_to' must be 'baseline'"),
+            ("loop", {"layers": "/conv1/Conv"}, r"config loop 'layers' must be a JSON list"),
+            ("data", {"spec": 5}, r"config data 'spec' must be a data spec string"),
+            ("runner", {"factory_kwargs": [1]}, r"config runner 'factory_kwargs' must be a JSON "
+                                                r"object"),
+            ("runner", {"factory": 3}, r"config runner 'factory' must be a string")):
         data = json.loads(good)
         data["config"][key] = value
         json_file.write_text(json.dumps(data))

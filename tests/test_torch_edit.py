@@ -946,3 +946,73 @@ def test_the_example_input_of_a_dynamic_image_size_is_not_one_pixel(tmp_path):
                       input_names=["x"], dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}})
     x = mapping_module.example_input(onnxaom.load(path))
     assert tuple(x.shape) == (2, 1, mapping_module.EXAMPLE_SIZE, mapping_module.EXAMPLE_SIZE)
+
+
+class DenseNormHead(nn.Module):
+    """conv -> relu -> flatten -> Linear -> BatchNorm1d -> ReLU -> Linear: the legacy exporter
+    keeps the BatchNormalization after the Gemm, dynamo folds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.f1 = nn.Linear(4 * 8 * 8, 16)
+        self.bf = nn.BatchNorm1d(16)
+        self.f2 = nn.Linear(16, 10)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.bf.running_mean.copy_(torch.randn(16, generator=gen))
+            self.bf.running_var.copy_(torch.rand(16, generator=gen) + 0.5)
+            self.bf.bias.copy_(torch.randn(16, generator=gen))
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x)).flatten(1)
+        return self.f2(torch.relu(self.bf(self.f1(x))))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_a_dense_layers_batch_norm_is_in_its_chain(tmp_path, exporter):
+    """Legacy export: the probe of f1 stopped at the Gemm, before its BatchNorm1d and ReLU
+    (other counts than the dynamo export's, insertion refused). Both exporters now read the
+    ReLU, count the same, and take removals and an insertion as the surgery does."""
+    torch.manual_seed(1)
+    module = DenseNormHead().eval()
+    model = export(tmp_path, module, (1, 1, 8, 8), exporter)
+    layer = model.layers()[1]
+    assert model.proto.graph.node[[n.output[0] for n in model.proto.graph.node]
+                                  .index(layer.probe)].op_type == "Relu"
+    data = onnxaom.load_digits()
+    counts = onnxaom.collect(model, data, progress=False).counts[layer.name]
+    (tmp_path / "o").mkdir()
+    other = export(tmp_path / "o", module, (1, 1, 8, 8),
+                   "dynamo" if exporter == "legacy" else "legacy")
+    assert int(counts.sum()) == int(onnxaom.collect(other, data, progress=False)
+                                    .counts[other.layers()[1].name].sum())
+    assert_parity(tmp_path, module, model, [RemoveKernels(layer.name, (0, 5, 9))])
+    assert_parity(tmp_path, module, model, [InsertLayer(after=layer.name)])
+
+
+class SmallNet(nn.Module):
+    """conv -> act -> conv -> act -> flatten -> Linear, ``act`` a ReLU or a ReLU6."""
+
+    def __init__(self, act: type[nn.Module]) -> None:
+        super().__init__()
+        self.conv1, self.act1 = nn.Conv2d(1, 4, 3), act()
+        self.conv2, self.act2 = nn.Conv2d(4, 5, 3), act()
+        self.fc = nn.Linear(5 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = self.act2(self.conv2(self.act1(self.conv1(x))))
+        return self.fc(x.flatten(1))
+
+
+def test_a_module_that_differs_only_on_large_values_is_refused(tmp_path):
+    """A ReLU6 copy of a ReLU net agrees on the random example (nothing reaches 6) and was
+    accepted; the check's feed times 10 makes them part."""
+    torch.manual_seed(0)
+    module = SmallNet(nn.ReLU).eval()
+    model = export(tmp_path, module, (1, 1, 8, 8))
+    clipped = SmallNet(nn.ReLU6).eval()
+    clipped.load_state_dict(module.state_dict())
+    with pytest.raises(ModuleMismatchError, match=r"computes something else.*x 10"):
+        map_layers(clipped, model)
+    map_layers(module, model)

@@ -269,7 +269,8 @@ def _check(layer: Layer, node: onnx.NodeProto, onnx_w: np.ndarray | None, path: 
     candidates = _torch_weights(module, chain)
     matching = [b for w, b in candidates if np.allclose(w, onnx_w, rtol=RTOL, atol=ATOL * scale)]
     if not matching:
-        worst = float(np.abs(candidates[0][0] - onnx_w).max())
+        # the closest reading: the weights as they are, or with a batch norm folded in
+        worst = min(float(np.abs(w - onnx_w).max()) for w, _ in candidates)
         return (f"ONNX layer {layer.name!r} and module {path!r} ({kind}) have different weight "
                 f"values (max difference {worst:.3g})")
     if onnx_b is None:
@@ -312,29 +313,43 @@ def map_layers(module: nn.Module, model: onnxaom.Model,
 OUTPUT_TOLERANCE = 1e-3
 
 
+#: The example is fed as it is and this many times larger: activations that agree on small
+#: values and part on large ones (a ReLU6 for a ReLU, a clipped head) differ only there.
+CHECK_SCALES = (1.0, 10.0)
+
+
 def _check_outputs(module: nn.Module, model: onnxaom.Model, x: torch.Tensor, run: Trace) -> None:
     """Raise :class:`ModuleMismatchError` when ``module`` and ``model`` give other outputs on
-    ``x``: weights that match but a forward pass that differs (another flatten order, say)."""
+    ``x`` or on ``x`` times 10 (:data:`CHECK_SCALES`): weights that match but a forward pass
+    that differs (another flatten order, another activation, say)."""
     if run.output is None:
         return
     from onnxaom.runtime import make_session
 
     try:  # a model ORT cannot run this way (another input type, several inputs) goes unchecked
         session = make_session(model.proto, ["CPUExecutionProvider"])
-        feed = x.detach().cpu().numpy().astype(np.float32)
-        want = np.asarray(session.run(None, {session.get_inputs()[0].name: feed})[0])
+        name = session.get_inputs()[0].name
+        session.run(None, {name: x.detach().cpu().numpy().astype(np.float32)})
     except Exception:  # ORT raises its own exception types
         return
-    got = run.output.detach().cpu().float().numpy()
-    if got.shape != want.shape:
-        raise ModuleMismatchError(f"{type(module).__name__} gives outputs of shape {got.shape}, "
-                                  f"the ONNX model {model.name!r} {want.shape}")
-    difference = float(np.abs(got - want).max(initial=0.0))
-    if difference > OUTPUT_TOLERANCE * max(1.0, float(np.abs(want).max(initial=0.0))):
-        raise ModuleMismatchError(
-            f"{type(module).__name__} has the weights of the ONNX model {model.name!r} but "
-            f"computes something else: outputs differ by up to {difference:.3g} on the example "
-            f"input (another flatten order, activation or head?)")
+    for scale in CHECK_SCALES:
+        fed = x if scale == 1.0 else x * scale
+        output = run.output if scale == 1.0 else trace(module, fed).output
+        if output is None:
+            return
+        want = np.asarray(session.run(None, {name: fed.detach().cpu().numpy()
+                                             .astype(np.float32)})[0])
+        got = output.detach().cpu().float().numpy()
+        if got.shape != want.shape:
+            raise ModuleMismatchError(f"{type(module).__name__} gives outputs of shape "
+                                      f"{got.shape}, the ONNX model {model.name!r} {want.shape}")
+        difference = float(np.abs(got - want).max(initial=0.0))
+        if difference > OUTPUT_TOLERANCE * max(1.0, float(np.abs(want).max(initial=0.0))):
+            where = "the example input" if scale == 1.0 else f"the example input x {scale:g}"
+            raise ModuleMismatchError(
+                f"{type(module).__name__} has the weights of the ONNX model {model.name!r} but "
+                f"computes something else: outputs differ by up to {difference:.3g} on {where} "
+                f"(another flatten order, activation or head?)")
 
 
 def _match(module: nn.Module, model: onnxaom.Model, run: Trace) -> LayerMap:

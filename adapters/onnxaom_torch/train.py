@@ -10,7 +10,9 @@ parameter is trained. Runs are seedable: the same seed, data and device give the
 Data, for both functions: an :class:`onnxaom.Dataset`, an ``(images, labels)`` pair of arrays
 (float (N, C, H, W), integer (N,)), or an iterable of ``(images, labels)`` batches such as a
 torch ``DataLoader`` (its own batching and shuffling are used; its random sampler draws from the
-seeded generator of the run). uint8 images are scaled to [0, 1], as everywhere in onnxaom.
+seeded generator of the run, unless the DataLoader was given a ``generator`` of its own, which
+the run leaves as it is: seed that one for repeatable runs). uint8 images are scaled to [0, 1],
+as everywhere in onnxaom.
 """
 
 from __future__ import annotations
