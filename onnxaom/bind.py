@@ -33,10 +33,14 @@ def bind_inputs(model: Model | str | os.PathLike[str], values: Mapping[str, Any]
     element type where that does not change it (whole numbers in range for an integer type,
     finite values staying finite for a float type; ``0.5`` for an int8 input or ``1e6`` for a
     float16 one is refused) and must have its declared shape: static sizes as declared, a
-    symbolic size any size. An input whose first axis is the
-    batch axis of the input left unbound (the same symbolic name) is refused: a constant
-    cannot follow the batch size. The source model and its file are not changed; saving the
-    copy keeps the source's external-data setting and never writes over the source.
+    symbolic size any size. An input whose first axis is the batch axis of the input left
+    unbound (the same symbolic name) is refused: a constant cannot follow the batch size.
+
+    The copy is named after the source and remembers it: statistics collected on it record the
+    source's digest and the values bound (:attr:`Model.source_digest`,
+    :attr:`Model.bound_inputs`), so proposals made from them apply to the source file. The
+    source model and its file are not changed; saving the copy keeps the source's
+    external-data setting and never writes over the source.
     """
     if not isinstance(model, Model):
         model = load(model)
@@ -61,12 +65,11 @@ def bind_inputs(model: Model | str | os.PathLike[str], values: Mapping[str, Any]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(others)
     proto.graph.initializer.extend(numpy_helper.from_array(a, n) for n, a in arrays.items())
-    bound = Model(proto, path=None, external_data=model.external_data,
-                  protected=model.protected)
     values_so_far = model.bound_inputs  # binding a bound model again keeps the first ones
     values_so_far.update({name: array.tolist() for name, array in arrays.items()})
-    bound._bound_from = (model.source_digest, model.name, values_so_far)
-    return bound
+    return Model(proto, path=None, external_data=model.external_data,
+                 protected=model.protected,
+                 bound_from=(model.source_digest, model.name, values_so_far))
 
 
 def _value_for(model: Model, value: onnx.ValueInfoProto, given: Any) -> np.ndarray:

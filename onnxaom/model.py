@@ -55,11 +55,15 @@ class Model:
     protected:
         Files :meth:`save` must never write: the source model file and its external data files,
         also for models made from it by an edit. ``path`` is always among them.
+    bound_from:
+        For a model :func:`onnxaom.bind_inputs` made: the digest and name of the model whose
+        inputs were bound, and the values (see :attr:`source_digest`, :attr:`bound_inputs`).
     """
 
     def __init__(
         self, proto: onnx.ModelProto, path: Path | None = None, external_data: bool = False,
-        protected: Iterable[Path] = (),
+        protected: Iterable[Path] = (), *,
+        bound_from: tuple[str, str, dict[str, Any]] | None = None,
     ) -> None:
         self._proto = normalize(proto, name=path.name if path is not None
                                 else (proto.graph.name or "model"))
@@ -70,7 +74,7 @@ class Model:
         self._layers: dict[str, tuple[Layer, ...]] = {}  # by probe: found once, the proto fixed
         #: set by :func:`onnxaom.bind_inputs`: the model the inputs were bound in (its digest
         #: and name) and the values, as JSON lists
-        self._bound_from: tuple[str, str, dict[str, Any]] | None = None
+        self._bound_from = bound_from
 
     @property
     def proto(self) -> onnx.ModelProto:
