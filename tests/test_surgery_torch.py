@@ -142,6 +142,38 @@ def test_external_data_export_of_a_model_with_only_small_weights(tmp_path, expor
     assert [x.kernels for x in onnxaom.load(path).layers()] == [4, 3]
 
 
+class _ChannelLayerNorm(torch.nn.Module):
+    """conv -> LayerNorm over channels (permuted channels-last, ConvNeXt's LayerNorm2d) -> conv
+    -> mean -> Linear: torch.export cannot make the batch of a size-1 example dynamic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = torch.nn.LayerNorm(8)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.norm(self.conv1(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+def test_a_dynamo_export_with_a_dynamic_batch_from_a_batch_of_one(tmp_path):
+    """input_shape (1, ...) with a dynamic batch: the dynamo export failed on this model
+    ("Invalid ranges [2:1]"); the example is made a batch of 2."""
+    if importlib.util.find_spec("onnxscript") is None:
+        pytest.skip("the dynamo exporter needs onnxscript")
+    module = _ChannelLayerNorm().eval()
+    path = architectures.export_onnx(module, tmp_path / "ln.onnx", exporter="dynamo",
+                                     input_shape=(1, 3, 8, 8))
+    model = onnxaom.load(path)
+    assert model.proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    x = zoo.random_input(model.proto, batch=3)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(zoo.run(model.proto, x)[0], want, rtol=1e-4, atol=1e-5)
+
+
 class _ViewFlatten(torch.nn.Module):
     """The common PyTorch flatten idiom ``x.view(x.size(0), -1)``: with a dynamic batch, the
     legacy exporter computes the target as Concat(Unsqueeze(Gather(Shape(x), 0)), [-1]), and

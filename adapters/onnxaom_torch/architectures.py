@@ -276,6 +276,10 @@ def export_onnx(
         data_path.unlink(missing_ok=True)  # onnx appends to an existing data file
     parameter = next(module.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
+    if exporter == "dynamo" and dynamic_batch and shape[0] == 1:
+        # torch.export takes a size of 1 for a constant: a dynamic batch needs an example of 2
+        # or more ("Invalid ranges [2:1]" on ConvNeXt-style models)
+        shape = (2, *shape[1:])
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     modes = {sub: sub.training for sub in module.modules()}
     module.eval()
