@@ -105,6 +105,7 @@ def run_analysis(
                     raise OutputError(f"{target} is a folder; remove it or choose another --out")
             for path in made:
                 os.replace(path, out / path.name)
+            _warn_if_large(out / made[-1].name)
     except BaseException:
         for folder in reversed(created):  # a failed run leaves no empty folders behind
             with contextlib.suppress(OSError):
@@ -218,4 +219,10 @@ def _write_report(model: Model, stats: OccurrenceStats, findings: Findings, out:
                      f"onnxaom.report.write_report(..., layers=[...])")
         log.warning("report: %s", notes[-1])
     return write_report(stats, findings, out, model_summary=summary(model).to_dict(),
-                        layers=shown, notes=notes)
+                        layers=shown, notes=notes, warn_large=False)  # warned once in place
+
+
+def _warn_if_large(report: Path) -> None:
+    from .report import warn_if_large
+
+    warn_if_large(report, report.stat().st_size)

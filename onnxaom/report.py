@@ -419,6 +419,7 @@ def write_report(
     layers: Sequence[str] | None = None,
     page_size: int = 64,
     notes: Sequence[str] = (),
+    warn_large: bool = True,
 ) -> Path:
     """Write ``out_dir/report.html`` atomically (the folder is made if needed) and return its
     path.
@@ -428,8 +429,9 @@ def write_report(
     dict (e.g. ``onnxaom.summary.summary(model).to_dict()``), shown as tables. ``history``:
     tuning steps for :func:`onnxaom.charts.tuning_history`; ``experiment``: records for
     :func:`onnxaom.charts.selectivity_experiment`. ``layers``: which layers get views (default
-    all). ``notes``: lines shown under the title. The file needs no network: the Vega
-    libraries are inlined.
+    all). ``notes``: lines shown under the title. ``warn_large``: log a warning for a file
+    over :data:`LARGE_REPORT_BYTES` (a caller that moves the file elsewhere warns itself).
+    The file needs no network: the Vega libraries are inlined.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -450,9 +452,15 @@ def write_report(
     except OSError as exc:
         raise OutputError(f"cannot create report folder {out}: {exc.strerror or exc}") from exc
     data = text.encode("utf-8")
-    if len(data) > LARGE_REPORT_BYTES:
-        log.warning("%s is %.0f MB (every kernel x class tile of every layer is inlined): a "
+    if warn_large:
+        warn_if_large(out / REPORT_NAME, len(data))
+    return atomic_write(out / REPORT_NAME, data)
+
+
+def warn_if_large(path: Path, size: int) -> None:
+    """Log a warning when the report at ``path`` is over :data:`LARGE_REPORT_BYTES`."""
+    if size > LARGE_REPORT_BYTES:
+        log.warning("%s is %.0f MB (every kernel x class tile of its layers is inlined): a "
                     "browser takes long to draw it; give layers=[...] (on the command line, "
                     "render single views with `onnxaom render`) for a smaller one",
-                    out / REPORT_NAME, len(data) / 2**20)
-    return atomic_write(out / REPORT_NAME, data)
+                    path, size / 2**20)

@@ -192,3 +192,22 @@ def test_the_job_report_draws_the_layers_that_fit_its_tile_budget(tmp_path: Path
     assert f"{len(sizes) - 1} of {len(sizes)} layers have no views here" in html
     assert "id='layer-0'" in html and "id='layer-1'" not in html
     assert "onnxaom render STATS.npz --layer NAME" in html
+
+
+def test_the_large_report_warning_names_the_report_written(tmp_path: Path, monkeypatch,
+                                                           caplog) -> None:
+    """analyze warned with the path of its scratch copy (OUT/.onnxaom-XXXX/report.html,
+    gone by then), not OUT/report.html."""
+    import logging
+
+    from onnxaom import job, report
+
+    model_path = onnxaom.Model(zoo.chain(seed=8)).save(tmp_path / "m.onnx")
+    x = np.random.default_rng(3).standard_normal((12, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(12) % 3)
+    monkeypatch.setattr(report, "LARGE_REPORT_BYTES", 1000)
+    with caplog.at_level(logging.WARNING, logger="onnxaom.report"):
+        job.run_analysis(model_path, f"npz:{tmp_path / 'd.npz'}", tmp_path / "out",
+                         progress=False)
+    warned = [r.getMessage() for r in caplog.records if "MB (every kernel" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(str(tmp_path / "out" / "report.html"))
