@@ -52,6 +52,7 @@ from .layers import Layer, channel_mixing_reader, find_layers
 from .memory import available_bytes
 from .model import Model, load
 from .model_input import read_model_input
+from .progress import bar as progress_bar
 from .runtime import make_session, resolve_providers
 from .stats import OccurrenceStats
 
@@ -531,7 +532,8 @@ def collect(
         for batch_images, batch_labels in iter_batches(source, labels, batch_size=batch_size):
             collector.update(batch_images, batch_labels)
             if bar is None:
-                bar = _progress(_length(images), progress)
+                bar = progress_bar(_length(images), desc="collecting", unit="img",
+                                   enabled=progress)
             bar.update(batch_images.shape[0])
     finally:
         if bar is not None:
@@ -700,17 +702,3 @@ def _length(images: Any) -> int | None:
         return None
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        del n
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int | None, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="img", desc="collecting", leave=False)

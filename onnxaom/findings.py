@@ -43,6 +43,7 @@ import numpy as np
 
 from .errors import LayerNotFoundError, StatsError
 from .files import atomic_write_text, read_json
+from .progress import over
 from .stats import OccurrenceStats
 from .stats import selectivity as kernel_selectivity
 
@@ -634,6 +635,7 @@ def analyze(
     *,
     layers: Iterable[str] | None = None,
     thresholds: Thresholds = Thresholds(),
+    progress: bool = False,
 ) -> Findings:
     """Findings of every layer of ``stats`` (or of ``layers``, in the order of ``stats``).
 
@@ -655,6 +657,8 @@ def analyze(
     thresholds:
         The cut-offs of the paper's tasks (dead, always on, class-blind, redundancy, ...);
         :class:`Thresholds` documents each and its default.
+    progress:
+        Show a progress bar over the layers (tqdm) on stderr.
 
     Returns
     -------
@@ -676,7 +680,7 @@ def analyze(
         chosen = tuple(n for n in all_names if n in wanted)
     last = _last_conv(stats)
     results = []
-    for n in chosen:
+    for n in over(chosen, total=len(chosen), desc="analysing", unit="layer", enabled=progress):
         aom = stats.aom(n, warn=False)  # the note of analyze_layer replaces the warning
         results.append(
             analyze_layer(

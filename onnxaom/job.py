@@ -95,10 +95,10 @@ def run_analysis(
                 progress=progress,
                 allow_empty_classes=allow_empty_classes,
             )
-            findings = analyze(stats)
+            findings = analyze(stats, progress=progress)
             made = [stats.save(Path(scratch) / "stats.npz"),
                     findings.to_json(Path(scratch) / "findings.json"),
-                    _write_report(model, stats, findings, Path(scratch))]
+                    _write_report(model, stats, findings, Path(scratch), progress)]
             for path in made:
                 target = out / path.name
                 if target.is_dir():
@@ -203,7 +203,8 @@ def report_layers(stats: OccurrenceStats, budget: int | None = None
     return shown, left
 
 
-def _write_report(model: Model, stats: OccurrenceStats, findings: Findings, out: Path) -> Path:
+def _write_report(model: Model, stats: OccurrenceStats, findings: Findings, out: Path,
+                  progress: bool) -> Path:
     """The offline HTML report with the model summary, findings in words and the layers' views
     (as many as :data:`REPORT_MAX_TILES` allows)."""
     from .report import write_report  # altair and vl-convert load only when a report is made
@@ -219,7 +220,8 @@ def _write_report(model: Model, stats: OccurrenceStats, findings: Findings, out:
                      f"onnxaom.report.write_report(..., layers=[...])")
         log.warning("report: %s", notes[-1])
     return write_report(stats, findings, out, model_summary=summary(model).to_dict(),
-                        layers=shown, notes=notes, warn_large=False)  # warned once in place
+                        layers=shown, notes=notes, warn_large=False,  # warned once in place
+                        progress=progress)
 
 
 def _warn_if_large(report: Path) -> None:

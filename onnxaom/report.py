@@ -28,6 +28,7 @@ from typing import Any
 
 from .errors import ModelFileNotFoundError, OutputError, ReportError
 from .files import atomic_write
+from .progress import over
 from .stats import OccurrenceStats
 
 __all__ = ["build_report", "render", "write_report"]
@@ -330,6 +331,7 @@ def build_report(
     layers: Sequence[str] | None = None,
     page_size: int = 64,
     notes: Sequence[str] = (),
+    progress: bool = False,
 ) -> str:
     """The report as one HTML string (see :func:`write_report`)."""
     from . import charts
@@ -379,7 +381,8 @@ def build_report(
         "groups (G1, G2, ...); grey: ineffective kernels. The class menu filters the "
         "grids' columns."
     )
-    for i, name in enumerate(names):
+    for i, name in enumerate(over(names, total=len(names), desc="report", unit="layer",
+                                  enabled=progress)):
         started = time.perf_counter()
         found = _layer_findings(findings, name)
         chart = charts.layer_view(stats, name, found, page_size=page_size)
@@ -420,6 +423,7 @@ def write_report(
     page_size: int = 64,
     notes: Sequence[str] = (),
     warn_large: bool = True,
+    progress: bool = False,
 ) -> Path:
     """Write ``out_dir/report.html`` atomically (the folder is made if needed) and return its
     path.
@@ -431,6 +435,7 @@ def write_report(
     :func:`onnxaom.charts.selectivity_experiment`. ``layers``: which layers get views (default
     all). ``notes``: lines shown under the title. ``warn_large``: log a warning for a file
     over :data:`LARGE_REPORT_BYTES` (a caller that moves the file elsewhere warns itself).
+    ``progress``: a progress bar over the layers (tqdm) on stderr.
     The file needs no network: the Vega libraries are inlined.
     """
     out = Path(out_dir)
@@ -446,6 +451,7 @@ def write_report(
         layers=layers,
         page_size=page_size,
         notes=notes,
+        progress=progress,
     )
     try:
         out.mkdir(parents=True, exist_ok=True)
