@@ -10,6 +10,7 @@ does not change from one sample to the next.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -18,9 +19,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import ModelError
+from .errors import DataError, ModelError
 from .graph import dim_values, fed_inputs
-from .model import Model, load
+from .model import BoundFrom, Model, load
 
 __all__ = ["bind_inputs"]
 
@@ -32,8 +33,10 @@ def bind_inputs(model: Model | str | os.PathLike[str], values: Mapping[str, Any]
     initializer of its name) takes the value given instead. Each is converted to the input's
     element type where that does not change it (whole numbers in range for an integer type,
     finite values staying finite for a float type; ``0.5`` for an int8 input or ``1e6`` for a
-    float16 one is refused) and must have its declared shape: static sizes as declared, a
-    symbolic size any size. An input whose first axis is the batch axis of the input left
+    float16 one is refused) and must have its declared shape: static sizes as declared (a value
+    with as many elements is reshaped: ``0.5`` for a (1,) input), a symbolic size any size.
+    A value that cannot be bound is a :class:`DataError`; a name or an input that cannot, a
+    :class:`ModelError`. An input whose first axis is the batch axis of the input left
     unbound (the same symbolic name) is refused: a constant cannot follow the batch size.
 
     The copy is named after the source and remembers it: statistics collected on it record the
@@ -69,7 +72,7 @@ def bind_inputs(model: Model | str | os.PathLike[str], values: Mapping[str, Any]
     values_so_far.update({name: array.tolist() for name, array in arrays.items()})
     return Model(proto, path=None, external_data=model.external_data,
                  protected=model.protected,
-                 bound_from=(model.source_digest, model.name, values_so_far))
+                 bound_from=BoundFrom(model.source_digest, model.name, values_so_far))
 
 
 def _value_for(model: Model, value: onnx.ValueInfoProto, given: Any) -> np.ndarray:
@@ -83,21 +86,24 @@ def _value_for(model: Model, value: onnx.ValueInfoProto, given: Any) -> np.ndarr
     try:
         array = np.asarray(given)
     except Exception as exc:  # ragged lists and other non-arrays
-        raise ModelError(f"{where}: the value to bind is not an array ({exc})") from exc
+        raise DataError(f"{where}: the value to bind is not an array ({exc})") from exc
     type_name = onnx.TensorProto.DataType.Name(elem)
     problem = _conversion_problem(array, dtype)
     if problem is not None:
-        raise ModelError(f"{where} takes {type_name}; the value to bind {problem}")
+        raise DataError(f"{where} takes {type_name}; the value to bind {problem}")
     with np.errstate(over="ignore", invalid="ignore"):  # checked above
         array = np.array(array, dtype=dtype, order="C")  # (ascontiguousarray makes 0-d 1-d)
     dims = dim_values(value.type)
     if dims is not None:
         wrong = len(dims) != array.ndim or any(
             d is not None and d != got for d, got in zip(dims, array.shape, strict=False))
-        if wrong:
+        static = [int(d) for d in dims if d is not None]
+        if wrong and len(static) == len(dims) and array.size == math.prod(static):
+            array = array.reshape(static)  # 0.5 for a (1,) input, [1, 2] for a (1, 2) one
+        elif wrong:
             shape = "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
-            raise ModelError(f"{where} has shape {shape}; the value to bind has shape "
-                             f"{array.shape}")
+            raise DataError(f"{where} has shape {shape}; the value to bind has shape "
+                            f"{array.shape}")
     return array
 
 

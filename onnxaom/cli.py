@@ -83,37 +83,39 @@ def _size(text: str) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def _binding(text: str) -> tuple[str, str]:
-    """``NAME=VALUE`` for ``--bind``."""
+def _binding(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` for ``--bind``: a JSON number or (nested) array, or a ``.npy`` file
+    (read when the command runs: a missing one is named then)."""
     name, sep, value = text.partition("=")
     if not sep or not name or not value:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name, value
+    if value.endswith(".npy"):
+        return name, Path(value)
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number, a JSON array such as "
+                                         f"[1,0] or a .npy file") from None
 
 
-def _bound_values(pairs: Sequence[tuple[str, str]]) -> dict[str, object]:
-    """``--bind`` values: a ``.npy`` file, else a JSON number or (nested) array."""
+def _bound_values(pairs: Sequence[tuple[str, object]]) -> dict[str, object]:
+    """``--bind`` values, ``.npy`` files read."""
     import numpy as np
 
     from .errors import DataError, ModelFileNotFoundError
 
     values: dict[str, object] = {}
-    for name, text in pairs:
+    for name, value in pairs:
         if name in values:
             raise DataError(f"--bind {name}: given twice")
-        if text.endswith(".npy"):
-            if not Path(text).is_file():
-                raise ModelFileNotFoundError(f"--bind {name}={text}: no such file")
+        if isinstance(value, Path):
+            if not value.is_file():
+                raise ModelFileNotFoundError(f"--bind {name}={value}: no such file")
             try:
-                values[name] = np.load(text, allow_pickle=False)
+                value = np.load(value, allow_pickle=False)
             except (OSError, ValueError) as exc:
-                raise DataError(f"--bind {name}={text}: not a .npy array ({exc})") from exc
-            continue
-        try:
-            values[name] = json.loads(text)
-        except json.JSONDecodeError:
-            raise DataError(f"--bind {name}={text}: give a number, a JSON array such as "
-                            f"[1,0] or a .npy file") from None
+                raise DataError(f"--bind {name}={value}: not a .npy array ({exc})") from exc
+        values[name] = value
     return values
 
 

@@ -320,30 +320,38 @@ class Collector:
             )
         engine, acc = self._engine, self._acc
         assert acc is not None
-        needed, before = int(labels.max()) + 1, acc.num_classes
-        if needed > before:
-            _check_memory(self.layers, max(needed, self.num_classes or 0))
-            engine.flush(acc)
-            acc.grow(needed)
         labels = labels.astype(np.int64, copy=False)
-        rest, held = None, self._pending
-        if engine.fixed_batch is not None:
+        held, before, rest = self._pending, acc.num_classes, None
+        if engine.fixed_batch is not None:  # a DataError (another image size) changes nothing
             images, labels, rest = self._whole_chunks(images, labels, engine.fixed_batch)
         try:
-            if images.shape[0]:
+            if images.shape[0]:  # classes come with the samples that run, held ones later
+                self._grow(int(labels.max()) + 1)
                 engine.run(images, labels, acc)
         except BaseException as exc:
             acc.shrink(before)  # a failed batch adds no class either, and keeps no sample
             if held is not None and images.shape[0] and not isinstance(exc, KeyboardInterrupt):
-                # they ran in the failed chunk and may be what failed: kept, they would fail
-                # every later batch
-                self._pending = None
-                warnings.warn(f"the {held[1].shape[0]} sample(s) held back from the batch "
-                              f"before (for a whole chunk of the model's fixed batch of "
-                              f"{engine.fixed_batch}) failed with this batch and are dropped "
-                              f"with it", RuntimeWarning, stacklevel=2)
+                self._drop_held(held, "this batch")
             raise
         self._pending = rest
+
+    def _grow(self, needed: int) -> None:
+        """Room in the counts for classes 0..needed-1 (memory checked first)."""
+        engine, acc = self._engine, self._acc
+        assert engine is not None and acc is not None
+        if needed > acc.num_classes:
+            _check_memory(self.layers, max(needed, self.num_classes or 0))
+            engine.flush(acc)
+            acc.grow(needed)
+
+    def _drop_held(self, held: tuple[np.ndarray, np.ndarray], failed_with: str) -> None:
+        """Forget samples held back for a chunk that failed: they ran in it and may be what
+        failed, and kept they would fail every later run."""
+        self._pending = None
+        fixed = self._engine.fixed_batch if self._engine is not None else None
+        warnings.warn(f"the {held[1].shape[0]} sample(s) held back for a whole chunk of the "
+                      f"model's fixed batch of {fixed} failed with {failed_with} and are "
+                      f"dropped", RuntimeWarning, stacklevel=3)
 
     def _whole_chunks(self, images: np.ndarray, labels: np.ndarray, size: int
                       ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
@@ -352,6 +360,12 @@ class Collector:
         chunks of its fixed batch gets the same chunks whatever the batches given (a model
         whose samples are not independent would count differently with other chunks)."""
         if self._pending is not None:
+            if self._pending[0].shape[1:] != images.shape[1:]:
+                raise DataError(
+                    f"images have shape {images.shape[1:]} per sample but the samples held "
+                    f"back from the batch before (for a whole chunk of the model's fixed batch "
+                    f"of {size}) have {self._pending[0].shape[1:]}: a model fed in chunks "
+                    f"takes images of one size")
             images = np.concatenate([self._pending[0], images])
             labels = np.concatenate([self._pending[1], labels])
         cut = images.shape[0] // size * size
@@ -379,7 +393,15 @@ class Collector:
         if engine is None or acc is None or self.num_samples == 0:
             raise DataError("the data set is empty: no image was given")
         if self._pending is not None:
-            engine.run(*self._pending, acc)
+            held, before = self._pending, acc.num_classes
+            try:
+                self._grow(int(held[1].max()) + 1)
+                engine.run(*held, acc)
+            except BaseException as exc:
+                acc.shrink(before)
+                if not isinstance(exc, KeyboardInterrupt):
+                    self._drop_held(held, "the last, padded chunk")
+                raise
             self._pending = None
         engine.flush(acc)
         if self.num_classes is not None:

@@ -178,24 +178,25 @@ def _input_channels(model: Model) -> int | None:
     return dims[3] if dims[3] in (1, 3) and (dims[1] is None or dims[1] > 4) else None
 
 
-#: The most (kernel, class) map tiles the job's report draws, about 450 bytes each: layers past
-#: it, in model order, get no views (their findings are still in the report). 12 layers of
-#: 256 kernels x 100 classes made a 179 MB file that browsers take minutes to open; one
-#: 2,048-kernel layer of a 1,000-class model would be about 1 GB.
-REPORT_MAX_TILES = 250_000
+#: The most (kernel, class) map tiles the job's report draws, about 450 bytes each, so about
+#: the 50 MB above which a report warns: layers past it, in model order, get no views (their
+#: findings are still in the report). 12 layers of 256 kernels x 100 classes made a 179 MB
+#: file that browsers take minutes to open; one 2,048-kernel layer of a 1,000-class model
+#: would be about 1 GB.
+REPORT_MAX_TILES = 110_000
 
 
 def report_layers(stats: OccurrenceStats, budget: int | None = None
                   ) -> tuple[list[str], list[str]]:
     """The layers whose views fit in ``budget`` tiles (default :data:`REPORT_MAX_TILES`; K x C
-    each, in model order; the first layer always), and those left out."""
+    each, in model order, up to the first that does not fit), and those left out."""
     budget = REPORT_MAX_TILES if budget is None else budget
     shown: list[str] = []
     left: list[str] = []
     used = 0
     for name in stats.layer_names:
         tiles = int(stats.counts[name].shape[0]) * stats.num_classes
-        if shown and (left or used + tiles > budget):
+        if left or used + tiles > budget:
             left.append(name)
             continue
         shown.append(name)

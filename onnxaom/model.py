@@ -8,13 +8,15 @@ place and never overwrites the file a model was loaded from.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
 import re
 import secrets
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,12 +31,23 @@ from .normalize import normalize
 if TYPE_CHECKING:
     from .layers import Layer
 
-__all__ = ["Model", "load"]
+__all__ = ["BoundFrom", "Model", "load"]
 
 log = logging.getLogger(__name__)
 
 #: Initializers at least this large (bytes) go to the external-data file when saving externally.
 EXTERNAL_DATA_THRESHOLD = 1024
+
+
+@dataclass(frozen=True)
+class BoundFrom:
+    """Where a model made by :func:`onnxaom.bind_inputs` comes from: the digest and name of
+    the model whose inputs were bound, and the values bound (JSON values: lists, or numbers
+    for scalars)."""
+
+    digest: str
+    name: str
+    values: Mapping[str, Any]
 
 
 class Model:
@@ -56,14 +69,14 @@ class Model:
         Files :meth:`save` must never write: the source model file and its external data files,
         also for models made from it by an edit. ``path`` is always among them.
     bound_from:
-        For a model :func:`onnxaom.bind_inputs` made: the digest and name of the model whose
-        inputs were bound, and the values (see :attr:`source_digest`, :attr:`bound_inputs`).
+        For a model :func:`onnxaom.bind_inputs` made: the model whose inputs were bound, and
+        the values (see :attr:`source_digest`, :attr:`bound_inputs`).
     """
 
     def __init__(
         self, proto: onnx.ModelProto, path: Path | None = None, external_data: bool = False,
         protected: Iterable[Path] = (), *,
-        bound_from: tuple[str, str, dict[str, Any]] | None = None,
+        bound_from: BoundFrom | None = None,
     ) -> None:
         self._proto = normalize(proto, name=path.name if path is not None
                                 else (proto.graph.name or "model"))
@@ -98,7 +111,7 @@ class Model:
         """The file name the model was loaded from, else the graph's name (or ``"model"``); for
         a model made by :func:`onnxaom.bind_inputs`, the name of the model it was made from."""
         if self._bound_from is not None:
-            return self._bound_from[1]
+            return self._bound_from.name
         return self.path.name if self.path is not None else (self._proto.graph.name or "model")
 
     @property
@@ -106,13 +119,13 @@ class Model:
         """:attr:`digest` of the model whose inputs :func:`onnxaom.bind_inputs` bound to make
         this one, else this model's own. Statistics record it, so that proposals made from them
         apply to the model file the user has."""
-        return self._bound_from[0] if self._bound_from is not None else self.digest
+        return self._bound_from.digest if self._bound_from is not None else self.digest
 
     @property
     def bound_inputs(self) -> dict[str, Any]:
-        """The inputs :func:`onnxaom.bind_inputs` bound, name -> value (as a JSON list);
-        empty for any other model."""
-        return {} if self._bound_from is None else dict(self._bound_from[2])
+        """The inputs :func:`onnxaom.bind_inputs` bound, name -> value (a JSON value: a list,
+        or a number for a scalar; a copy); empty for any other model."""
+        return {} if self._bound_from is None else copy.deepcopy(dict(self._bound_from.values))
 
     @property
     def opset(self) -> int:

@@ -113,7 +113,8 @@ DEFAULT_STRATEGY = "auto"
 
 
 def stats_digest(stats: OccurrenceStats) -> str:
-    """SHA-256 (hex) of the statistics' content (:attr:`OccurrenceStats.digest`)."""
+    """SHA-256 (hex) of the statistics' content: :attr:`OccurrenceStats.digest` (kept for
+    callers of this older name)."""
     return stats.digest
 
 
@@ -531,7 +532,7 @@ def propose(
     notes: list[str] = []
     if model is not None:  # what the surgery removes together, per group, coupled
         layer_props, notes = fit_to_model(model, layer_props, targets)
-    return Proposal(tuple(layer_props), strategy, stats_digest(stats),
+    return Proposal(tuple(layer_props), strategy, stats.digest,
                     stats.metadata.get("model_digest"), tuple(dict.fromkeys(notes)))
 
 

@@ -335,6 +335,10 @@ def build_report(
 ) -> str:
     """The report as one HTML string (see :func:`write_report`)."""
     from . import charts
+    from .findings import Findings, check_findings_match
+
+    if isinstance(findings, Findings):  # each layer's view gets its LayerFindings only
+        check_findings_match(findings, stats, ReportError)
 
     names = list(stats.layer_names if layers is None else layers)
     meta = dict(stats.metadata)

@@ -147,7 +147,8 @@ class OccurrenceStats:
         C names (defaults to "0".."C-1").
     metadata:
         JSON-able facts about the run: model digest and name, probe point, threshold,
-        preprocessing, layers (name, op, shape), data source, samples.
+        preprocessing, layers (name, op, shape), data source, samples. Kept as a copy in
+        JSON's own types (numpy scalars become numbers, tuples lists), as a saved file holds it.
     """
 
     counts: Mapping[str, np.ndarray]
@@ -187,15 +188,16 @@ class OccurrenceStats:
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise StatsError(f"class names must be distinct; repeated: {repeated}")
-        try:
-            json.dumps(dict(self.metadata), default=_json_default)
+        try:  # a copy in JSON's own types: what save() writes, load() reads and digest hashes,
+            # and nothing the caller keeps and changes later
+            metadata = json.loads(json.dumps(dict(self.metadata), default=_json_default))
         except (TypeError, ValueError) as exc:
             raise StatsError(f"metadata must be JSON-able (numbers, strings, lists, dicts; "
                              f"numpy scalars and arrays are converted): {exc}") from exc
         object.__setattr__(self, "counts", MappingProxyType(counts))
         object.__setattr__(self, "class_sizes", _readonly(sizes.astype(np.int64)))
         object.__setattr__(self, "class_names", names)
-        object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
+        object.__setattr__(self, "metadata", MappingProxyType(metadata))
 
     # ----------------------------------------------------------------- basic facts
     @cached_property
@@ -206,6 +208,8 @@ class OccurrenceStats:
         h = hashlib.sha256()
         head = {key: self.metadata.get(key) for key in
                 ("model_digest", "probe", "threshold", "preprocessing")}
+        if "bound_inputs" in self.metadata:  # (absent otherwise: earlier digests stay)
+            head["bound_inputs"] = self.metadata["bound_inputs"]
         head["class_names"] = list(self.class_names)
         h.update(json.dumps(head, sort_keys=True, default=_json_default).encode())
         h.update(np.ascontiguousarray(self.class_sizes, dtype="<i8").tobytes())

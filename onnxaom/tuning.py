@@ -40,7 +40,7 @@ from .data import Dataset, load_spec
 from .edits import Edit
 from .errors import TORCH_INSTALL, DataError, EditError, LayerNotFoundError
 from .model import Model
-from .proposal import DEFAULT_STRATEGY, Proposal, propose, stats_digest
+from .proposal import DEFAULT_STRATEGY, Proposal, propose
 from .session import Artifact, SessionError, Step, TuningSession, describe_edits
 from .stats import OccurrenceStats
 
@@ -150,7 +150,7 @@ def apply_step(
             raise SessionError(f"the statistics were collected on another model (digest "
                                f"{str(made_for)[:12]}), not on the current step {parent.index} "
                                f"({parent.model_digest[:12]})")
-        digest = stats_digest(stats)
+        digest = stats.digest
     elif proposal is not None:
         digest = proposal.stats_digest
     outcome = runner.run(session, edit_list)

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnxaom
-from onnxaom import ModelError
+from onnxaom import DataError, ModelError
 from onnxaom.cli import main
 from onnxaom.collect import collect
 
@@ -87,17 +87,17 @@ def test_bad_bindings_name_the_input(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"no graph input 'gain' to bind; its inputs: input, "
                                          r"scale"):
         onnxaom.bind_inputs(model, {"gain": [1.0]})
-    with pytest.raises(ModelError, match=r"input 'scale' has shape \(1\); the value to bind "
-                                         r"has shape \(2,\)"):
+    with pytest.raises(DataError, match=r"input 'scale' has shape \(1\); the value to bind "
+                                        r"has shape \(2,\)"):
         onnxaom.bind_inputs(model, {"scale": [1.0, 2.0]})
-    with pytest.raises(ModelError, match=r"input 'scale' takes FLOAT; the value to bind is "
-                                         r"<U3, not numbers"):
+    with pytest.raises(DataError, match=r"input 'scale' takes FLOAT; the value to bind is "
+                                        r"<U3, not numbers"):
         onnxaom.bind_inputs(model, {"scale": ["one"]})
     flagged = onnxaom.Model(_flagged_chain())
-    with pytest.raises(ModelError, match=r"input 'flip' takes INT64; the value to bind holds "
-                                         r"values that are not whole numbers"):
+    with pytest.raises(DataError, match=r"input 'flip' takes INT64; the value to bind holds "
+                                        r"values that are not whole numbers"):
         onnxaom.bind_inputs(flagged, {"flip": 0.5})
-    with pytest.raises(ModelError, match=r"holds values beyond the range of float32"):
+    with pytest.raises(DataError, match=r"holds values beyond the range of float32"):
         onnxaom.bind_inputs(model, {"scale": [1e300]})
     # values that convert without change are taken: 1.0 for an integer, an int for a float
     assert onnxaom.bind_inputs(flagged, {"flip": 1.0}).bound_inputs == {"flip": 1}
@@ -152,8 +152,12 @@ def test_cli_analyze_bind(tmp_path: Path, capsys) -> None:
             np.testing.assert_array_equal(got.counts[layer], want.counts[layer])
     capsys.readouterr()
     out = str(tmp_path / "bad")
-    assert main(["analyze", str(path), "--data", data, "--out", out, "--bind", "scale=one"]) == 1
-    assert "--bind scale=one: give a number, a JSON array" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # parsed with the options: a usage error
+        main(["analyze", str(path), "--data", data, "--out", out, "--bind", "scale=one"])
+    assert exit_info.value.code == 2
+    assert "'scale=one': give a number, a JSON array" in capsys.readouterr().err
+    assert main(["analyze", str(path), "--data", data, "--out", str(tmp_path / "scalar"), "-q",
+                 "--bind", "scale=-1"]) == 0  # a number for a (1,) input
     missing = tmp_path / "no.npy"
     assert main(["analyze", str(path), "--data", data, "--out", out,
                  "--bind", f"scale={missing}"]) == 1

@@ -220,7 +220,11 @@ def test_an_out_folder_that_cannot_be_written_fails_before_collecting(tmp_path: 
     def collect(*args, **kwargs):
         raise AssertionError("collected before finding that --out cannot be written")
 
-    monkeypatch.setattr(onnxaom.job.tempfile, "TemporaryDirectory", read_only)
+    import types
+
+    # the job's own tempfile only: the test process keeps the real module
+    monkeypatch.setattr(onnxaom.job, "tempfile", types.SimpleNamespace(
+        TemporaryDirectory=read_only))
     monkeypatch.setattr(onnxaom.job, "collect", collect)
     assert main(["demo", "--out", str(tmp_path), "-q"]) == 1
     err = capsys.readouterr().err

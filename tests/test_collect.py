@@ -1059,6 +1059,30 @@ def test_samples_held_back_for_a_chunk_go_with_a_batch_that_fails() -> None:
         np.testing.assert_array_equal(stats.counts[name], expected[name], err_msg=name)
 
 
+def test_held_back_samples_add_their_classes_when_they_run() -> None:
+    """A class seen only in held-back samples that fail with the next batch leaves no empty
+    class behind; a held-back sample that fails in result()'s padded chunk is dropped (every
+    later result() failed the same way)."""
+    proto = _batch_mixing_gate(3, across_chunk=True)
+    model = onnxaom.Model(proto)
+    images, labels = data_for(proto, n=9, classes=2)
+    collector = onnxaom.Collector(model)
+    collector.update(images[:3], labels[:3])
+    collector.update(images[3:4], np.array([2]))  # class 2: only in a held-back sample
+    bad = images[4:6].copy()
+    bad[0] = np.nan
+    with pytest.warns(RuntimeWarning, match="held back"), pytest.raises(ModelError):
+        collector.update(bad, labels[4:6])
+    collector.update(images[6:9], labels[6:9])
+    stats = collector.result()
+    assert stats.num_classes == 2 and stats.num_samples == 6
+    collector.update(images[:1], labels[:1])  # held back; fails in result()'s padded chunk
+    collector.update(bad[:1], labels[:1])
+    with pytest.warns(RuntimeWarning, match="last, padded chunk"), pytest.raises(ModelError):
+        collector.result()
+    assert collector.result().num_samples == 6
+
+
 def _fixed_batch_unknown_size(fixed: int) -> onnx.ModelProto:
     """conv -> relu -> global pool -> Reshape to [fixed, -1] -> Gemm, on images of any size:
     the layers' sizes are known only by running it, and only batches of ``fixed`` run."""

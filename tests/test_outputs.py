@@ -185,7 +185,7 @@ def test_the_job_report_draws_the_layers_that_fit_its_tile_budget(tmp_path: Path
     sizes = [stats.counts[n].shape[0] * 3 for n in stats.layer_names]  # conv1 12, conv2 24, ...
     assert job.report_layers(stats, budget=sizes[0] + sizes[1]) == (
         list(stats.layer_names[:2]), list(stats.layer_names[2:]))
-    assert job.report_layers(stats, budget=1)[0] == [stats.layer_names[0]]  # always one
+    assert job.report_layers(stats, budget=1) == ([], list(stats.layer_names))  # none fits
     monkeypatch.setattr(job, "REPORT_MAX_TILES", sizes[0])
     job.run_analysis(model_path, f"npz:{tmp_path / 'd.npz'}", tmp_path / "out", progress=False)
     html = (tmp_path / "out" / "report.html").read_text()

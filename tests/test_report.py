@@ -323,3 +323,19 @@ def test_cli_render_with_a_findings_file(tmp_path: Path,
     assert main(["render", str(stats_path), "--layer", "conv", "--view", "layer",
                  "--findings", str(findings_path), "-o", str(out)]) == 0
     assert out.read_bytes().startswith(b"<svg")
+
+
+def test_the_report_refuses_findings_of_other_statistics(tmp_path) -> None:
+    """Each layer's view is given its LayerFindings, which carry no digest: the report checks
+    the Findings once, before drawing (it drew another run's groups)."""
+    import numpy as np
+
+    from onnxaom import OccurrenceStats, ReportError, analyze
+    from onnxaom.report import write_report
+
+    rng = np.random.default_rng(0)
+    a, b = (OccurrenceStats({"conv": rng.integers(0, 11, (4, 3, 2, 2))}, np.full(3, 10))
+            for _ in range(2))
+    with pytest.raises(ReportError, match="findings were made from other statistics"):
+        write_report(a, analyze(b), tmp_path)
+    assert not (tmp_path / "report.html").exists()

@@ -317,3 +317,16 @@ def test_the_digest_survives_a_save_with_numpy_metadata(tmp_path) -> None:
     stats = OccurrenceStats({"L": np.ones((2, 2, 1, 1), np.int64)}, np.array([1, 1]),
                             metadata={"threshold": np.float32(0.3), "probe": "activation"})
     assert OccurrenceStats.load(stats.save(tmp_path / "s.npz")).digest == stats.digest
+
+
+def test_metadata_is_a_json_copy_the_caller_cannot_change() -> None:
+    """The metadata was copied one level deep: changing the caller's nested dict changed the
+    statistics (and left their cached digest stale)."""
+    preprocessing = {"scale": 1 / 255, "resize": (28, 28)}
+    stats = OccurrenceStats({"L": np.ones((2, 2, 1, 1), np.int64)}, np.array([1, 1]),
+                            metadata={"preprocessing": preprocessing})
+    digest = stats.digest
+    preprocessing["scale"] = 1.0
+    assert stats.metadata["preprocessing"] == {"scale": 1 / 255, "resize": [28, 28]}
+    assert OccurrenceStats(dict(stats.counts), stats.class_sizes,
+                           metadata=stats.metadata).digest == digest

@@ -297,7 +297,10 @@ def _refuse_not_finite(outputs: list[Any] | None, original: onnx.ModelProto,
     if not bad:
         return
     failure, before = _run_batches(original)
-    if failure is not None or before is None or _not_finite(before):
+    if failure is not None or before is None:
+        return
+    bad = sorted(set(bad) - set(_not_finite(before)))  # outputs the edit made so
+    if not bad:
         return
     names = [v.name for v in original.graph.output]
     where = ", ".join(repr(names[i]) if i < len(names) else str(i) for i in bad)
