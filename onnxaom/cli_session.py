@@ -230,12 +230,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 def _cmd_undo(args: argparse.Namespace) -> int:
     from .session import TuningSession
 
-    # only the steps it goes back to must be whole: a damaged file of the step undone (or of
+    # undo verifies the steps it goes back to: a damaged file of the step undone (or of
     # another branch) is no reason to refuse the way out of it
     session = TuningSession.resume(args.folder, verify=False)
     undone = session.current
-    if undone.parent is not None:
-        session.verify(session.lineage(undone.parent))
     current = session.undo(args.reason)
     print(f"undid step {undone.index}; current step is {current.index} ({current.label})")
     return 0

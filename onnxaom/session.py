@@ -594,10 +594,13 @@ class TuningSession:
 
     def undo(self, reason: str | None = None) -> Step:
         """Undo the current step: it is marked ``"undone"`` and its parent becomes current
-        (returned). The undone step's files stay."""
+        (returned). The undone step's files stay. The files of the steps it goes back to are
+        verified first; the undone step's may be damaged (undo is the way out of it: open
+        the session with ``resume(folder, verify=False)``)."""
         step = self.current
         if step.parent is None:
             raise SessionError("nothing to undo: the current step is the starting model")
+        self.verify(self.lineage(step.parent))
         with self._exclusive():
             self._steps[step.index] = replace(step, status="undone", undo_reason=reason)
             self._current = step.parent
