@@ -79,6 +79,8 @@ def threshold_in(threshold: float, dtype: Any) -> np.ndarray:
     ``dtype`` not above it, so that ``x > threshold_in(t, x.dtype)`` is ``x > t`` for every
     ``x`` of that type. Rounded to the nearest instead (0.3 -> float32 0.30000001), an
     activation of exactly that float32 would not count although it is above 0.3."""
+    if np.dtype(dtype).kind in "biu":  # integers compare exactly with a float64 in numpy
+        return np.array(threshold, np.float64)
     with np.errstate(over="ignore"):  # beyond the type's range: +-inf, stepped down below
         value = np.array(threshold, dtype)
     if float(value) > threshold:

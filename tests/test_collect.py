@@ -1199,3 +1199,18 @@ def test_threshold_compares_exactly_not_after_rounding(method: str, elem: int) -
                         progress=False)
         want = [6 * 9 if float(b) > threshold else 0 for b in bias]  # 6 images, 3 x 3
         assert stats.counts["conv"].sum(axis=(1, 2, 3)).tolist() == want, threshold
+
+
+def test_threshold_in_is_exact_for_every_value_of_small_types() -> None:
+    """``x > threshold_in(t, dtype)`` is ``x > t`` for every value of float16 and uint8 (an
+    integer type raised OverflowError for -0.5 or 300)."""
+    from onnxaom.instrument import threshold_in
+
+    every = {np.float16: np.arange(2**16, dtype=np.uint16).view(np.float16),
+             np.uint8: np.arange(256, dtype=np.uint8)}
+    for dtype, values in every.items():
+        values = values[np.isfinite(values.astype(np.float64))]
+        exact = values.astype(np.float64)
+        for t in (-0.5, 0.0, 0.1, 0.3, 254.5, 300.0, 65504.0, 1e39, -1e39):
+            np.testing.assert_array_equal(values > threshold_in(t, dtype), exact > t,
+                                          err_msg=f"{dtype.__name__} {t}")
