@@ -379,6 +379,47 @@ def test_removal_through_a_per_channel_group_norm_zeroes_at_the_relu(pad: int):
         remove_kernels(Model(per_channel_group_norm(groups=2)), {"conv1": [0]})  # 2 a group
 
 
+def native_group_norm(groups: int, opset: int) -> onnx.ModelProto:
+    """conv1 (4) -> ONNX GroupNormalization(num_groups=``groups``; scale and bias per channel
+    at opset 21, per group at 18) -> ReLU -> conv2 (3, padded) -> global average pool ->
+    Flatten -> Gemm."""
+    rng = np.random.default_rng(6)
+    params = 4 if opset >= 21 else groups
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 2, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, params).astype(np.float32), "gs"),
+             numpy_helper.from_array(rng.uniform(0.2, 0.8, params).astype(np.float32), "gb"),
+             numpy_helper.from_array(rng.normal(size=(3, 4, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.normal(size=(2, 3)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("GroupNormalization", ["c1", "gs", "gb"], ["n1"], name="gn",
+                              num_groups=groups),
+             helper.make_node("Relu", ["n1"], ["a1"]),
+             helper.make_node("Conv", ["a1", "w2"], ["c2"], name="conv2", pads=[1] * 4),
+             helper.make_node("GlobalAveragePool", ["c2"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2, 6, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                             ir_version=10 if opset >= 21 else 8)
+
+
+@pytest.mark.filterwarnings("ignore:the input model fails the ONNX checker")  # opset 18's op
+@pytest.mark.parametrize("opset", [18, 21])
+def test_removal_through_a_native_group_norm_of_one_channel_a_group(opset: int):
+    """An ONNX GroupNormalization with num_groups = C normalises each channel alone: the
+    surgery edits through it (it was refused as an unsupported op), num_groups following;
+    with two channels a group it is refused, naming why."""
+    proto = native_group_norm(4, opset)
+    for kernels in ([0], [1, 3]):
+        edited = assert_removal_exact(proto, {"conv1": kernels})
+        gn = next(n for n in edited.proto.graph.node if n.op_type == "GroupNormalization")
+        assert helper.get_attribute_value(gn.attribute[0]) == 4 - len(kernels)
+    with pytest.raises(EditError, match=r"'gn'.* normalises groups of several channels"):
+        remove_kernels(Model(native_group_norm(2, opset)), {"conv1": [0]})
+
+
 def test_depthwise_with_channel_multiplier():
     proto = depthwise_multiplier()
     assert plan_removal(Model(proto), {"conv1": [1]}).removed == {"conv1": (1,), "dw": (2, 3)}

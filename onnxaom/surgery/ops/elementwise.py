@@ -218,6 +218,29 @@ class InstanceNorm(BatchNorm):
         return r.require_const(node, 2, "bias")[change.removed()].astype(np.float64)
 
 
+@register("GroupNormalization")
+class GroupNorm(InstanceNorm):
+    """An ONNX GroupNormalization with one channel a group (``num_groups`` = C: an instance
+    norm with a per-channel scale and bias, at opset 18 and 21 alike) is edited like one, its
+    ``num_groups`` following the channel count. With several channels a group, removing one
+    would change how the others are normalised: refused."""
+
+    def trace(self, cg: ChannelGraph, node: gs.Node, ins: Flows,
+              layer: LayerSlots | None) -> list[Flow | None]:
+        flow = _only_first_input(node, ins)
+        groups = node.attrs.get("num_groups")
+        if groups != flow.size:
+            raise Unsupported(f"normalises groups of several channels together ({groups} "
+                              f"groups of {flow.size} channels), so a removed channel would "
+                              f"change how the others are normalised")
+        return super().trace(cg, node, ins, layer)
+
+    def apply(self, r: Rewriter, node: gs.Node, ins: Changes, outs: Changes) -> None:
+        super().apply(r, node, ins, outs)
+        if ins[0] is not None:
+            node.attrs["num_groups"] = ins[0].size
+
+
 BINARY_NEUTRAL = {"Add": 0.0, "Sub": 0.0, "Mul": 1.0, "Div": 1.0, "Pow": 1.0, "Max": 0.0,
                   "Min": 0.0, "Sum": 0.0, "Mean": 0.0}
 _NUMPY_OPS: dict[str, Callable[..., np.ndarray]] = {
