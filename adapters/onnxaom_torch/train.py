@@ -32,6 +32,7 @@ from torch import nn
 
 from onnxaom.data import Dataset
 from onnxaom.errors import DataError, LayerNotFoundError
+from onnxaom.progress import over
 
 from .trace import check_float32
 
@@ -189,14 +190,6 @@ def _count(data: Any, tensors: tuple[torch.Tensor, torch.Tensor] | None,
         return None
 
 
-def _progress(iterable: Iterable[Any], total: int | None, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, leave=False)
-
-
 @contextlib.contextmanager
 def _deterministic(device: torch.device) -> Iterator[None]:
     if device.type != "cuda":
@@ -313,8 +306,8 @@ def retrain(
                 sub.eval()
             total, count = 0.0, 0
             batches = _batches(data, tensors, batch_size, generator)
-            bar = _progress(batches, _count(data, tensors, batch_size),
-                            f"epoch {epoch + 1}/{epochs}", progress)
+            bar = over(batches, total=_count(data, tensors, batch_size),
+                       desc=f"epoch {epoch + 1}/{epochs}", unit="it", enabled=progress)
             for x, y in bar:
                 x, y = x.to(target), y.to(target)
                 out = _forward(work, x, first=count == 0 and epoch == 0)
@@ -361,8 +354,8 @@ def evaluate(module: nn.Module, data: Any, *, batch_size: int = 256,
         module.to(target).eval()
         with torch.no_grad():
             batches = _batches(data, tensors, batch_size, None)
-            for x, y in _progress(batches, _count(data, tensors, batch_size), "evaluate",
-                                  progress):
+            for x, y in over(batches, total=_count(data, tensors, batch_size),
+                             desc="evaluate", unit="it", enabled=progress):
                 logits = _forward(module, x.to(target), first=confusion is None)
                 width = int(logits.shape[1])
                 c = int(num_classes) if num_classes is not None else width
