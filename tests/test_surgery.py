@@ -390,19 +390,17 @@ def native_group_norm(groups: int, opset: int) -> onnx.ModelProto:
              numpy_helper.from_array(rng.uniform(0.2, 0.8, params).astype(np.float32), "gb"),
              numpy_helper.from_array(rng.normal(size=(3, 4, 3, 3)).astype(np.float32), "w2"),
              numpy_helper.from_array(rng.normal(size=(2, 3)).astype(np.float32), "fc")]
-    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4),
              helper.make_node("GroupNormalization", ["c1", "gs", "gb"], ["n1"], name="gn",
                               num_groups=groups),
              helper.make_node("Relu", ["n1"], ["a1"]),
              helper.make_node("Conv", ["a1", "w2"], ["c2"], name="conv2", pads=[1] * 4),
              helper.make_node("GlobalAveragePool", ["c2"], ["gap"]),
              helper.make_node("Flatten", ["gap"], ["flat"]),
-             helper.make_node("Gemm", ["flat", "fc"], ["logits"], name="fc", transB=1)]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2, 6, 6])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                             ir_version=10 if opset >= 21 else 8)
+             helper.make_node("Gemm", ["flat", "fc"], ["y"], name="fc", transB=1)]
+    model = zoo.hand_built(nodes, inits, ["N", 2, 6, 6], ["N", 2], opset=opset, name="g")
+    model.ir_version = 10 if opset >= 21 else 8
+    return model
 
 
 @pytest.mark.filterwarnings("ignore:the input model fails the ONNX checker")  # opset 18's op
