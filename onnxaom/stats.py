@@ -211,7 +211,7 @@ class OccurrenceStats:
         if "bound_inputs" in self.metadata:  # (absent otherwise: earlier digests stay)
             head["bound_inputs"] = self.metadata["bound_inputs"]
         head["class_names"] = list(self.class_names)
-        h.update(json.dumps(head, sort_keys=True, default=_json_default).encode())
+        h.update(json.dumps(head, sort_keys=True).encode())  # metadata holds JSON types
         h.update(np.ascontiguousarray(self.class_sizes, dtype="<i8").tobytes())
         for name in self.layer_names:
             counts = self.counts[name]
@@ -370,7 +370,7 @@ class OccurrenceStats:
         arrays: dict[str, Any] = {
             f"counts_{i}": self.counts[n] for i, n in enumerate(self.layer_names)
         }
-        arrays["header"] = np.array(json.dumps(header, default=_json_default))
+        arrays["header"] = np.array(json.dumps(header))  # metadata holds JSON types
         arrays["class_sizes"] = self.class_sizes
         return atomic_write(path, lambda handle: np.savez_compressed(handle, **arrays))
 
