@@ -168,7 +168,8 @@ def _resolve_shapes(
     for layer in layers:
         shape = values[layer.probe].shape
         if len(shape) == 4:
-            resolved.append(_replace_shape(layer, (layer.kernels, int(shape[2]), int(shape[3]))))
+            h, w = (shape[p] for p in (layer.probe_perm or range(4))[2:])
+            resolved.append(_replace_shape(layer, (layer.kernels, int(h), int(w))))
         else:
             resolved.append(_replace_shape(layer, (layer.kernels, 1, 1)))
     return resolved

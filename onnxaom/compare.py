@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import LayerNotFoundError, StatsError
 from .files import atomic_write_text
+from .frozen import readonly_array
 from .stats import OccurrenceStats
 
 __all__ = ["MATCHES", "Comparison", "LayerComparison", "compare", "cross_odm"]
@@ -72,9 +73,7 @@ class LayerComparison:
 
     def __post_init__(self) -> None:
         for name in ("pairs", "distances"):
-            array = np.array(getattr(self, name))
-            array.setflags(write=False)
-            object.__setattr__(self, name, array)
+            object.__setattr__(self, name, readonly_array(getattr(self, name)))
 
     @property
     def mean_distance(self) -> float:

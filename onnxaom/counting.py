@@ -232,6 +232,8 @@ class Engine:
         counts = []
         for layer in self.layers:
             values = results[layer.probe]
+            if layer.probe_perm and values.ndim == len(layer.probe_perm):
+                values = values.transpose(layer.probe_perm)  # channels last: to (N, K, H, W)
             if values.shape[0] != images.shape[0]:
                 raise ModelError(_rows_message(layer, values.shape[0], images.shape[0]))
             if self.check_nan and np.isnan(values[labels >= 0]).any():  # not the padding

@@ -277,7 +277,14 @@ def counting_graph(
             helper.make_node(
                 "Cast", [positive_tensor(i)], [p + "mask"], to=TensorProto.UINT8, name=p + "cast"
             ),
-            helper.make_node("Reshape", [p + "mask", flat_shape], [p + "flat"], name=p + "flatten"),
+        ]
+        mask = p + "mask"
+        if layer.probe_perm:  # a channels-last probe: counted in (N, K, H, W) order
+            nodes.append(helper.make_node("Transpose", [mask], [p + "mask_nchw"],
+                                          perm=list(layer.probe_perm), name=p + "to_nchw"))
+            mask = p + "mask_nchw"
+        nodes += [
+            helper.make_node("Reshape", [mask, flat_shape], [p + "flat"], name=p + "flatten"),
             helper.make_node(
                 "MatMulInteger", [ONEHOT_INPUT, p + "flat"], [count], name=p + "count"
             ),

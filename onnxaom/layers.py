@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,8 +49,8 @@ import onnx
 from .errors import ModelError
 from .graph import GraphIndex, Shape
 
-__all__ = ["PROBES", "Layer", "channel_mixing_reader", "clip_ceiling", "clip_floor",
-           "find_layers", "layer_nodes"]
+__all__ = ["PROBES", "Layer", "chain_layout", "channel_mixing_reader", "clip_ceiling",
+           "clip_floor", "find_layers", "layer_nodes", "nchw_shape"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,10 @@ class Layer:
         when per-channel ops follow the activation, or earlier when the probe reads through a
         normalisation across channels): where a removed kernel's channel is simply gone (the
         surgery's removal point).
+    probe_perm: the axes permutation (for ``numpy.transpose``, or an ONNX ``Transpose``)
+        that brings the probe tensor to (N, K, H, W) where the chain transposed it (a
+        channels-last chain: Conv -> Transpose to NHWC -> per-channel ops -> Relu); empty
+        when the probe is in that order.
     """
 
     name: str
@@ -102,6 +106,7 @@ class Layer:
     chain: tuple[str, ...]
     shape: tuple[int, int | None, int | None]
     channel_end: str = ""
+    probe_perm: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.channel_end:
@@ -118,6 +123,7 @@ class Layer:
             "probe_kind": self.probe_kind,
             "chain": list(self.chain),
             "shape": list(self.shape),
+            **({"probe_perm": list(self.probe_perm)} if self.probe_perm else {}),
         }
 
 
@@ -241,17 +247,20 @@ def find_layers(model: onnx.ModelProto, probe: str = "activation",
         if probe == "conv":
             bias = bias_add(index, node, kernels)  # the layer's own bias, written apart
             tensor, chain = (bias.output[0], ("Add",)) if bias is not None else (output, ())
-            kind = "conv"
+            kind, perm = "conv", tuple[int, ...]()
         else:
             cut = _activation_cut(index, nodes)
             read = nodes[:cut]
-            if cut == len(nodes) and not any(n.op_type in ELEMENTWISE_ACTIVATIONS
-                                              for n in nodes):
+            while read and read[-1].op_type == "Transpose":
+                read.pop()  # read before a Transpose that nothing per-channel follows
+            if cut == len(nodes) and not chain_layout(nodes) and not any(
+                    n.op_type in ELEMENTWISE_ACTIVATIONS for n in nodes):
                 read += _through_channel_mixing_norm(index, channel_end, kernels, spatial)
             tensor = read[-1].output[0] if read else output
             chain = tuple(n.op_type for n in read)
+            perm = chain_layout(read)
             kind = "activation"
-            if probe == "pool":
+            if probe == "pool" and not perm:
                 reader = index.single_consumer(tensor)
                 if reader is not None and index.graph.node[reader].op_type in POOLS:
                     pool = index.graph.node[reader]
@@ -267,8 +276,9 @@ def find_layers(model: onnx.ModelProto, probe: str = "activation",
                 probe=tensor,
                 probe_kind=kind,
                 chain=chain,
-                shape=_probe_shape(index, tensor, kernels, spatial),
+                shape=_probe_shape(index, tensor, kernels, spatial, perm),
                 channel_end=channel_end,
+                probe_perm=perm,
             )
         )
     return layers
@@ -449,7 +459,11 @@ _AXES_CHANGING = frozenset({
     "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"})
 
 
-def _is_per_channel_constant(index: GraphIndex, name: str, kernels: int, spatial: bool) -> bool:
+def _is_per_channel_constant(index: GraphIndex, name: str, kernels: int, spatial: bool,
+                             axis: int = 1) -> bool:
+    """Whether constant ``name`` is one value, or one per kernel on the channel ``axis`` once
+    broadcast against the (N, K, H, W) or (N, K) activation (``axis`` 3 for an activation
+    transposed to channels last)."""
     found = index.constant_shape(name)
     if found is None or any(d is None for d in found):
         return False
@@ -466,7 +480,7 @@ def _is_per_channel_constant(index: GraphIndex, name: str, kernels: int, spatial
     if len(shape) > rank:
         return False
     padded = (1,) * (rank - len(shape)) + shape
-    return padded[1] == kernels
+    return padded[axis] == kernels
 
 
 def _follow_channel_chain(
@@ -474,8 +488,14 @@ def _follow_channel_chain(
 ) -> list[onnx.NodeProto]:
     """The nodes of the per-channel chain after a layer's output, in order: per-channel
     normalisations and constants, pass-through ops and element-wise activations (each with
-    per-channel or scalar parameters), while each tensor has a single reader."""
+    per-channel or scalar parameters), while each tensor has a single reader.
+
+    A conv's chain also runs through a ``Transpose`` that keeps the batch axis first (the
+    channels-last chains of converters that keep Keras' layout: Conv -> Transpose to NHWC ->
+    Mul/Add of one constant per channel on the last axis -> Relu); a chain never ends on such
+    a Transpose (:func:`chain_layout` gives the layout at any point)."""
     chain: list[onnx.NodeProto] = []
+    layout: tuple[int, ...] | None = _NCHW if spatial else None
     while True:
         reader = index.single_consumer(tensor)
         if reader is None:
@@ -484,22 +504,29 @@ def _follow_channel_chain(
         op = node.op_type
         if node.domain not in ("", "ai.onnx"):
             break
+        axis = 1 if layout is None else layout.index(1)
         ok = False
         if op in ELEMENTWISE_ACTIVATIONS or op in PASS_THROUGH:
             others = [n for n in node.input[1:] if n]
             ok = node.input[0] == tensor and all(
-                _is_per_channel_constant(index, n, kernels, spatial) for n in others
+                _is_per_channel_constant(index, n, kernels, spatial, axis) for n in others
             ) and not (op == "Clip" and (clip_floor(index, node) or 0.0) > 0)  # None: computed
         elif op in PER_CHANNEL_NORMS:
             # a BatchNormalization of a dense layer's (N, K) output normalises each of its K
             # kernels alone (torch's BatchNorm1d, which the legacy exporter keeps); on a
             # longer dense output, (N, T, K), its channel axis would be T
-            ok = node.input[0] == tensor and (spatial or (
+            ok = node.input[0] == tensor and axis == 1 and (spatial or (
                 op == "BatchNormalization" and len(index.shapes.get(tensor) or ()) == 2))
         elif op in CONSTANT_ARITHMETIC and len(node.input) == 2:
             other = node.input[1] if node.input[0] == tensor else node.input[0]
-            ok = other != tensor and _is_per_channel_constant(index, other, kernels, spatial)
-        elif op == "QuantizeLinear":
+            ok = other != tensor and _is_per_channel_constant(index, other, kernels, spatial,
+                                                              axis)
+        elif op == "Transpose" and layout is not None:
+            moved = _transposed(layout, node)
+            ok = moved is not None
+            if ok:
+                layout = moved
+        elif op == "QuantizeLinear" and axis == 1:
             pair = _quantize_pair(index, node, tensor, kernels)
             if pair is None:
                 break
@@ -510,7 +537,36 @@ def _follow_channel_chain(
             break
         chain.append(node)
         tensor = node.output[0]
+    while chain and chain[-1].op_type == "Transpose":
+        chain.pop()  # nothing per-channel after it: the chain ends before it, as it did
     return chain
+
+
+#: The axis order of a conv's output: axis i of the tensor holds axis ``layout[i]`` of (N, K,
+#: H, W).
+_NCHW: tuple[int, ...] = (0, 1, 2, 3)
+
+
+def _transposed(layout: tuple[int, ...], node: onnx.NodeProto) -> tuple[int, ...] | None:
+    """The layout after Transpose ``node`` of a tensor in ``layout``; None for one that moves
+    the batch axis or has no explicit 4-D ``perm``."""
+    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+    if perm is None or sorted(perm) != list(range(len(layout))) or perm[0] != 0:
+        return None
+    return tuple(layout[p] for p in perm)
+
+
+def chain_layout(nodes: Sequence[onnx.NodeProto]) -> tuple[int, ...]:
+    """The axes permutation that brings the output of the last of ``nodes`` (a prefix of a
+    conv's chain) back to (N, K, H, W), for ``numpy.transpose``; empty when it is in that
+    order already."""
+    layout: tuple[int, ...] | None = _NCHW
+    for node in nodes:
+        if node.op_type == "Transpose" and layout is not None:
+            layout = _transposed(layout, node)
+    if layout is None or layout == _NCHW:
+        return ()
+    return tuple(layout.index(axis) for axis in _NCHW)
 
 
 def _quantize_pair(index: GraphIndex, quantize: onnx.NodeProto, tensor: str, kernels: int
@@ -709,11 +765,17 @@ def clip_ceiling(index: GraphIndex, node: onnx.NodeProto) -> float | None:
 
 
 def _probe_shape(
-    index: GraphIndex, tensor: str, kernels: int, spatial: bool
+    index: GraphIndex, tensor: str, kernels: int, spatial: bool, perm: Sequence[int] = ()
 ) -> tuple[int, int | None, int | None]:
     if not spatial:
         return (kernels, 1, 1)
     shape = index.shapes.get(tensor)
     if shape is None or len(shape) != 4:
         return (kernels, None, None)
+    shape = nchw_shape(shape, perm)
     return (kernels, shape[2], shape[3])
+
+
+def nchw_shape(shape: Sequence[int | None], perm: Sequence[int]) -> tuple[int | None, ...]:
+    """``shape`` of a probe tensor in (N, K, H, W) order (:attr:`Layer.probe_perm`)."""
+    return tuple(shape[p] for p in perm) if perm else tuple(shape)

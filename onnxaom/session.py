@@ -45,6 +45,7 @@ import numpy as np
 from .edits import Edit, edit_from_dict
 from .errors import EditError, ModelError, ModelFileNotFoundError, SessionError
 from .files import atomic_write_to
+from .frozen import FrozenMap
 from .model import Model, load
 
 __all__ = [
@@ -138,8 +139,8 @@ class Step:
     def __post_init__(self) -> None:
         object.__setattr__(self, "edits", tuple(self.edits))
         object.__setattr__(self, "per_class", tuple(self.per_class))
-        object.__setattr__(self, "files", MappingProxyType(dict(self.files)))
-        object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
+        object.__setattr__(self, "files", FrozenMap(self.files))
+        object.__setattr__(self, "info", FrozenMap(self.info))
 
     @property
     def applied(self) -> bool:

@@ -105,11 +105,13 @@ def with_run_sizes(model: onnx.ModelProto, layers: Sequence[Layer]) -> list[Laye
     if all(None not in layer.shape for layer in layers):
         return list(layers)
     from .graph import GraphIndex
+    from .layers import nchw_shape
 
     shapes = GraphIndex(model).run_shapes
     out = []
     for layer in layers:
         shape = shapes.get(layer.probe)
+        shape = None if shape is None else nchw_shape(shape, layer.probe_perm)
         if None in layer.shape and shape is not None and len(shape) == 4 \
                 and None not in shape[2:]:
             layer = replace(layer, shape=(layer.kernels, int(shape[2]), int(shape[3])))  # type: ignore[arg-type]

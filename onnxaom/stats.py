@@ -21,13 +21,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
 from .errors import LayerNotFoundError, ModelFileNotFoundError, StatsError
 from .files import atomic_write
+from .frozen import FrozenJSON, FrozenMap, readonly_array
 
 __all__ = ["OccurrenceStats", "aom_from_counts", "class_selectivity", "csm", "odm", "selectivity"]
 
@@ -109,9 +109,7 @@ def selectivity(aom: np.ndarray) -> np.ndarray:
 
 
 def _readonly(array: np.ndarray) -> np.ndarray:
-    array = np.array(array, copy=True)
-    array.setflags(write=False)
-    return array
+    return readonly_array(array)
 
 
 def _check_counts(layer: str, counts: np.ndarray, sizes: np.ndarray,
@@ -133,7 +131,7 @@ def _check_counts(layer: str, counts: np.ndarray, sizes: np.ndarray,
                          f"size")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class OccurrenceStats:
     """Exact activation-occurrence counts of one model over one labelled data set.
 
@@ -194,10 +192,20 @@ class OccurrenceStats:
         except (TypeError, ValueError) as exc:
             raise StatsError(f"metadata must be JSON-able (numbers, strings, lists, dicts; "
                              f"numpy scalars and arrays are converted): {exc}") from exc
-        object.__setattr__(self, "counts", MappingProxyType(counts))
+        object.__setattr__(self, "counts", FrozenMap(counts))
         object.__setattr__(self, "class_sizes", _readonly(sizes.astype(np.int64)))
         object.__setattr__(self, "class_names", names)
-        object.__setattr__(self, "metadata", MappingProxyType(metadata))
+        object.__setattr__(self, "metadata", FrozenJSON(metadata))
+
+    def __eq__(self, other: object) -> bool:
+        """Equal statistics: the same :attr:`digest` (counts, class sizes and names, and the
+        metadata that defines them)."""
+        if not isinstance(other, OccurrenceStats):
+            return NotImplemented
+        return self.digest == other.digest
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
 
     # ----------------------------------------------------------------- basic facts
     @cached_property

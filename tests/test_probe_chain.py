@@ -22,6 +22,7 @@ import onnxaom
 from onnxaom.layers import channel_mixing_reader
 from onnxaom.surgery.apply import apply_steps
 
+from . import zoo
 from .test_surgery import assert_removal_exact
 
 K = 4  # kernels of the first conv
@@ -308,3 +309,65 @@ def test_a_matmul_after_a_computed_two_axis_reshape_is_still_a_layer() -> None:
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
     proto.ir_version = 7
     assert [layer.name for layer in onnxaom.Model(proto).layers()] == ["conv1", "fc"]
+
+
+TO_NHWC = ("Transpose", {}, {"perm": [0, 2, 3, 1]})
+TO_NCHW = ("Transpose", {}, {"perm": [0, 3, 1, 2]})
+SCALE, SHIFT = np.linspace(0.5, 2.0, K), np.array([0.3, -0.4, 0.1, -0.2])
+
+
+def _channels_last_chain(scale: np.ndarray = SCALE, shift: np.ndarray = SHIFT
+                         ) -> onnx.ModelProto:
+    """conv1 -> Transpose to NHWC -> Mul, Add of one constant per channel (the last axis) ->
+    Relu -> Transpose back -> conv2: a chain as converters that keep Keras' layout write it."""
+    return _model([TO_NHWC, ("Mul", {"s": scale}, {}), ("Add", {"b": shift}, {}),
+                   ("Relu", {}, {}), TO_NCHW])
+
+
+@pytest.mark.parametrize("method", ["graph", "plain"])
+def test_a_channels_last_chain_is_read_at_its_relu_in_nchw_order(method: str) -> None:
+    """Found by a cross-exporter sweep (2026-11-25): the chain stopped at the Transpose, so the
+    layer was read at the raw conv output, before its bias and ReLU (396 of 512 counts
+    wrong), and compare() called a faithful port different."""
+    proto = _channels_last_chain()
+    layer = onnxaom.Model(proto).layer("conv1")
+    assert (layer.probe, layer.chain) == ("t3", ("Transpose", "Mul", "Add", "Relu"))
+    assert layer.probe_perm == (0, 3, 1, 2) and layer.shape == (K, 6, 6)
+    assert layer.to_dict()["probe_perm"] == [0, 3, 1, 2]
+    x, y = _data()
+    stats = onnxaom.collect(onnxaom.Model(proto), x, y, layers=["conv1"], method=method,
+                            progress=False)
+    want = _counts_of(proto, "t3", x, y).transpose(3, 1, 0, 2)  # (H, C, W, K) -> (K, C, H, W)
+    np.testing.assert_array_equal(stats.counts["conv1"], want)
+    # the same network written channels first counts the same
+    first = _model([("Mul", {"s": SCALE.reshape(K, 1, 1)}, {}),
+                    ("Add", {"b": SHIFT.reshape(K, 1, 1)}, {}), ("Relu", {}, {})])
+    np.testing.assert_array_equal(
+        stats.counts["conv1"],
+        onnxaom.collect(onnxaom.Model(first), x, y, layers=["conv1"], progress=False)
+        .counts["conv1"])
+
+
+def test_removal_through_a_channels_last_chain_is_exact() -> None:
+    proto = _channels_last_chain()
+    x = zoo.random_input(proto, batch=3, seed=1)
+    for kernels in ([0], [1, 3], [K - 1]):
+        edited = onnxaom.remove_kernels(onnxaom.Model(proto), {"conv1": kernels})
+        off = np.isin(np.arange(K), kernels)
+        zeroed = _channels_last_chain(np.where(off, 0.0, SCALE), np.where(off, 0.0, SHIFT))
+        np.testing.assert_allclose(zoo.run(edited.proto, x)[0], zoo.run(zeroed, x)[0],
+                                   rtol=1e-5, atol=1e-5)
+        assert edited.layer("conv1").kernels == K - len(kernels)
+
+
+def test_a_channels_last_chain_refuses_insertion_and_a_bare_transpose_ends_it() -> None:
+    with pytest.raises(onnxaom.EditError, match=r"InsertLayer\(after='conv1'\).*transposed"):
+        onnxaom.apply(onnxaom.Model(_channels_last_chain()),
+                      [onnxaom.InsertLayer(after="conv1")])
+    # nothing per-channel after the Transposes: read at the conv, as before
+    bare = onnxaom.Model(_model([TO_NHWC, TO_NCHW])).layer("conv1")
+    assert (bare.probe, bare.chain, bare.probe_perm) == ("c1", (), ())
+    # a Transpose that moves the batch axis ends the chain
+    batch_moved = _model([("Transpose", {}, {"perm": [1, 0, 2, 3]}), ("Relu", {}, {}),
+                          ("Transpose", {}, {"perm": [1, 0, 2, 3]})])
+    assert onnxaom.Model(batch_moved).layer("conv1").probe == "c1"

@@ -197,6 +197,41 @@ def test_results_are_read_only() -> None:
         stats.counts["new"] = np.zeros(1)  # type: ignore[index]
 
 
+def test_read_only_arrays_and_nested_metadata_cannot_be_changed_back() -> None:
+    """Found by an API review (2026-11-25): ``setflags(write=True)`` undid the read-only flag of
+    the counts, and ``metadata["preprocessing"]["scale"] = ...`` changed the statistics in
+    place; both left the cached digest stale."""
+    stats = random_stats(0, [3, 4], {"model_digest": "d", "preprocessing": {"scale": 0.5},
+                                     "layers": [{"name": "a"}]})
+    digest = stats.digest
+    for array in (stats.counts["a"], stats.class_sizes):
+        with pytest.raises(ValueError):
+            array.setflags(write=True)
+    stats.metadata["preprocessing"]["scale"] = 1.0
+    stats.metadata["layers"].append({"name": "z"})
+    assert stats.metadata["preprocessing"] == {"scale": 0.5}
+    assert stats.metadata["layers"] == [{"name": "a"}]
+    assert dict(stats.metadata)["preprocessing"] == {"scale": 0.5}
+    assert json.loads(json.dumps(dict(stats.metadata)))["layers"] == [{"name": "a"}]
+    assert stats.digest == digest == random_stats(0, [3, 4], {
+        "model_digest": "d", "preprocessing": {"scale": 0.5}}).digest
+
+
+def test_statistics_pickle_copy_and_compare_by_content() -> None:
+    """``pickle`` failed on the read-only mappings (multiprocessing, joblib), and ``==`` raised
+    numpy's "truth value of an array is ambiguous"."""
+    import copy
+    import pickle
+
+    stats = random_stats(1, [2, 5])
+    for again in (pickle.loads(pickle.dumps(stats)), copy.deepcopy(stats)):
+        assert again == stats and hash(again) == hash(stats)
+        assert again.metadata == stats.metadata and again.layer_names == stats.layer_names
+        np.testing.assert_array_equal(again.counts["b"], stats.counts["b"])
+    assert stats in [stats] and stats != random_stats(2, [2, 5]) and stats != "stats"
+    assert len({stats, copy.deepcopy(stats)}) == 1
+
+
 def test_unknown_layer_names_the_known_ones() -> None:
     with pytest.raises(LayerNotFoundError, match="conv"):
         two_by_two().aom("nope")

@@ -1612,3 +1612,14 @@ def test_the_step_record_replays_two_applies_the_flat_edit_list_cannot():
     for step in json.loads(meta[STEPS_KEY]):
         replayed = apply(replayed, edits_from_json(json.dumps(step["edits"])))
     assert_same_function(twice.proto, replayed.proto)
+
+
+def test_a_removal_plan_pickles() -> None:
+    """Its folds were a MappingProxyType, which pickle refuses (API review, 2026-11-25)."""
+    import pickle
+
+    model = Model(zoo.bn_kept())
+    first = model.layers()[0].name
+    plan = plan_removal(model, {first: [0]})
+    again = pickle.loads(pickle.dumps(plan))
+    assert again.removed == plan.removed and set(again.folds) == set(plan.folds)

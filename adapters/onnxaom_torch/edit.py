@@ -42,10 +42,9 @@ import copy
 import logging
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -54,6 +53,7 @@ from torch import nn
 import onnxaom
 from onnxaom.edits import Edit, InsertLayer, RemoveKernels, WidenLayer, as_edit_list, edit_steps
 from onnxaom.errors import EditError, ModelError
+from onnxaom.frozen import FrozenMap
 from onnxaom.runtime import make_session
 from onnxaom.session import describe_edits
 from onnxaom.surgery.apply import apply_steps
@@ -111,7 +111,7 @@ class TorchEdit:
 
     module: nn.Module
     model: onnxaom.Model
-    layers: MappingProxyType[str, str]
+    layers: Mapping[str, str]
     changed: tuple[str, ...]
     modules: tuple[str, ...]
     difference: float | None = None
@@ -219,7 +219,7 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
     order = [layer.name for layer in current.layers()]
     return TorchEdit(
         module=work, model=current,
-        layers=MappingProxyType({name: layers[name] for name in order if name in layers}),
+        layers=FrozenMap({name: layers[name] for name in order if name in layers}),
         changed=tuple(n for n in order if n in changed),
         modules=tuple(dict.fromkeys(touched)),
         difference=difference, notes=tuple(notes),

@@ -28,7 +28,6 @@ import ast
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 
 import numpy as np
 import onnx
@@ -37,6 +36,7 @@ from torch import nn
 
 import onnxaom
 from onnxaom.errors import LayerNotFoundError, ModelError
+from onnxaom.frozen import FrozenMap
 from onnxaom.graph import GraphIndex
 from onnxaom.layers import Layer
 
@@ -80,7 +80,7 @@ class LayerMap:
 
     def __post_init__(self) -> None:
         for name in ("modules", "chains", "nodes", "how"):
-            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+            object.__setattr__(self, name, FrozenMap(getattr(self, name)))
 
     def module_name(self, layer: str) -> str:
         """The module path of ONNX layer ``layer``."""

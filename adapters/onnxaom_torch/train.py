@@ -32,6 +32,7 @@ from torch import nn
 
 from onnxaom.data import Dataset
 from onnxaom.errors import DataError, LayerNotFoundError
+from onnxaom.frozen import readonly_array
 from onnxaom.progress import over
 
 from .trace import check_float32
@@ -116,6 +117,9 @@ class Evaluation:
     class_counts: tuple[int, ...]
     n: int
     confusion: np.ndarray = field(repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "confusion", readonly_array(self.confusion))
 
     def to_dict(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy,

@@ -224,10 +224,17 @@ def _postconditions(proto: onnx.ModelProto, edits: list[Edit],
             f"onnxaom's surgery, please report it with the model and these edits: {applied}")
     own = _check_failure(original)
     if own is not None and _runs(proto):
-        warnings.warn(f"the input model fails the ONNX checker or shape inference itself "
-                      f"({own}), so the edited model was checked by loading it in ONNX Runtime "
-                      f"only", UserWarning, stacklevel=user_stacklevel())
-        return
+        run_failure, outputs = _run_batches(proto)
+        if run_failure is None or _run_batches(original)[0] is not None:
+            warnings.warn(f"the input model fails the ONNX checker or shape inference itself "
+                          f"({own}), so the edited model was checked by running it in ONNX "
+                          f"Runtime only", UserWarning, stacklevel=user_stacklevel())
+            _refuse_not_finite(outputs, original, edits)
+            return
+        raise EditError(
+            f"the edited model does not run in ONNX Runtime ({run_failure}), where the input "
+            f"model does; this is a bug in onnxaom's surgery, please report it with the model "
+            f"and these edits: {applied}")
     raise EditError(
         f"the edited model fails the ONNX checker or shape inference ({failure}); this is a "
         f"bug in onnxaom's surgery, please report it with the model and these edits: {applied}")

@@ -45,6 +45,12 @@ def insert_step(graph: gs.Graph, proto: onnx.ModelProto, edit: InsertLayer) -> d
         known = ", ".join(by_name) or "(none)"
         raise LayerNotFoundError(f"the model has no layer {edit.after!r}; its layers: {known}")
     layer = by_name[edit.after]
+    if layer.probe_perm:
+        chain = " → ".join((layer.op, *layer.chain))
+        raise EditError(
+            f"InsertLayer(after={edit.after!r}) is not supported where the layer's activation "
+            f"is transposed from (N, K, H, W) on its way ({chain}): the new conv would read "
+            f"channels last")
     if not _nonnegative(proto, layer.probe, layer.chain):
         chain = " → ".join((layer.op, *layer.chain))
         raise EditError(

@@ -26,7 +26,6 @@ import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
 
 import numpy as np
 import onnx
@@ -34,6 +33,7 @@ import onnx_graphsurgeon as gs
 
 from ..edits import RemoveKernels
 from ..errors import EditError
+from ..frozen import FrozenMap
 from ..layers import find_layers
 from ..warn import user_stacklevel
 from .channels import ChannelGraph, RemovePlan, Rewriter, build, rewrite
@@ -64,7 +64,7 @@ class RemovalPlan:
     requested: Mapping[str, tuple[int, ...]]
     removed: Mapping[str, tuple[int, ...]]
     coupled: tuple[str, ...]
-    folds: Mapping[str, np.ndarray] = field(default_factory=lambda: MappingProxyType({}))
+    folds: Mapping[str, np.ndarray] = field(default_factory=FrozenMap)
     removed_at: str | None = None
     chain_end: tuple[str, ...] = ()
 
@@ -181,7 +181,7 @@ def remove_step(graph: gs.Graph, proto: onnx.ModelProto, edits: Sequence[RemoveK
     rewriter = Rewriter(cg, remove_plan, init="zeros", rng=np.random.default_rng(0))
     rewrite(cg, rewriter, check_zero=True)
     at_end = tuple(name for name in result.removed if name in set(chain_end))
-    return replace(result, folds=MappingProxyType(dict(rewriter.folds)),
+    return replace(result, folds=FrozenMap(rewriter.folds),
                    removed_at="chain end" if at_end else "probe", chain_end=at_end)
 
 

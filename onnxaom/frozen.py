@@ -1,0 +1,64 @@
+"""Read-only containers for the library's immutable result objects.
+
+:class:`FrozenMap` is a read-only mapping that, unlike :class:`types.MappingProxyType`, can be
+pickled and deep-copied (results go through multiprocessing, joblib and caches).
+:func:`readonly_array` gives an array whose ``WRITEABLE`` flag cannot be set back: a view of a
+read-only copy (numpy refuses to make a view writable when its base is not).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from typing import Any, TypeVar
+
+import numpy as np
+
+__all__ = ["FrozenJSON", "FrozenMap", "readonly_array"]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class FrozenMap(Mapping[K, V]):
+    """A read-only mapping over a private copy of ``data`` (insertion order kept)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[K, V] | None = None) -> None:
+        self._data: dict[K, V] = dict(data or {})
+
+    def __getitem__(self, key: K) -> V:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._data!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self._data,))
+
+
+class FrozenJSON(FrozenMap[str, Any]):
+    """A read-only mapping of JSON values whose nested dicts and lists cannot be changed
+    through it either: each lookup returns a copy of a nested value."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._data[key]
+        return copy.deepcopy(value) if isinstance(value, dict | list) else value
+
+
+def readonly_array(array: Any) -> np.ndarray:
+    """A read-only copy of ``array`` that cannot be made writable again."""
+    base = np.array(array, copy=True)
+    base.setflags(write=False)
+    view = base.view()
+    view.setflags(write=False)
+    return view
