@@ -23,6 +23,7 @@ from .data import (
 )
 from .edits import InsertLayer, RemoveKernels, WidenLayer, edits_from_json, edits_to_json
 from .errors import (
+    ArgumentError,
     DataError,
     EditError,
     LayerNotFoundError,
@@ -45,6 +46,7 @@ from .summary import LayerSummary, ModelSummary, summary
 from .surgery import apply, plan_removal, remove_kernels
 
 __all__ = [
+    "ArgumentError",
     "Collector",
     "Comparison",
     "DataError",

@@ -45,7 +45,7 @@ from .data import (
     default_scale,
     iter_batches,
 )
-from .errors import DataError, LayerNotFoundError, ModelError
+from .errors import ArgumentError, DataError, LayerNotFoundError, ModelError
 from .graph import GraphIndex
 from .instrument import probe_graph
 from .layers import Layer, channel_mixing_reader, find_layers
@@ -206,6 +206,10 @@ class Collector:
     ) -> None:
         if method not in METHODS:
             raise ModelError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(
+                threads, int | np.integer) or threads < 0):
+            raise ArgumentError(f"threads must be a number of threads >= 1 (0 or None: ONNX "
+                                f"Runtime's choice), got {threads!r}")
         try:
             finite = math.isfinite(float(threshold))
         except (TypeError, ValueError):
@@ -273,7 +277,13 @@ class Collector:
         self._pending: tuple[np.ndarray, np.ndarray] | None = None
 
     def update(self, images: np.ndarray, labels: np.ndarray) -> None:
-        """Count one batch: float images (n, C, H, W) and integer labels (n,)."""
+        """Count one batch: images (n, C, H, W) and integer labels (n,). Float images are
+        fed as they are; uint8 and uint16 ones are 8- and 16-bit pixels, scaled to [0, 1] as
+        :func:`collect` scales them (a uint8 input model gets uint8 pixels as they are)."""
+        images = np.asarray(images)
+        if images.dtype in (np.uint16, np.uint8) and not (
+                images.dtype == np.uint8 and self._input.dtype == np.uint8):
+            images = images.astype(np.float32) * np.float32(default_scale(images.dtype))
         images = self._input.check(images)
         labels = np.asarray(labels)
         if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):

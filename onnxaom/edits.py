@@ -342,13 +342,16 @@ def edit_from_dict(data: Mapping[str, Any]) -> Edit:
         raise EditError(f"{kind}: {exc}") from exc
 
 
-def edits_to_json(edits: Iterable[Edit], indent: int | None = None) -> str:
-    """A JSON array of the edits' :meth:`to_dict`."""
-    return json.dumps([edit.to_dict() for edit in edits], indent=indent)
+def edits_to_json(edits: Edit | Iterable[Edit], indent: int | None = None) -> str:
+    """A JSON array of the edits' :meth:`to_dict` (one edit or a list)."""
+    return json.dumps([edit.to_dict() for edit in as_edit_list(edits)], indent=indent)
 
 
 def edits_from_json(text: str) -> list[Edit]:
     """The edits of :func:`edits_to_json` (a JSON array, or a single JSON object)."""
+    if not isinstance(text, str | bytes | bytearray):
+        raise EditError(f"edits_from_json takes JSON text, got {type(text).__name__} (for edit "
+                        f"objects or dicts already parsed use onnxaom.apply, which takes them)")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -16,6 +16,9 @@ also inherits the builtin it matches, so ``except ValueError`` keeps working::
     │                                   does not match (names the file or step)
     ├── OutputError (OSError)           an output that cannot be written: read-only folder, a
     │                                   folder in its place, one of the command's own inputs
+    │                                   (a missing output folder is a ModelFileNotFoundError;
+    │                                   an output on the source model's files a ModelError)
+    ├── ArgumentError (ValueError)      an argument of the wrong kind or out of range (names it)
     └── ProviderError (RuntimeError)    an execution provider asked for that cannot load
 
 Messages name the node, layer, file or argument at fault and, where possible, the fix.
@@ -24,6 +27,7 @@ Messages name the node, layer, file or argument at fault and, where possible, th
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentError",
     "DataError",
     "EditError",
     "LayerNotFoundError",
@@ -79,6 +83,11 @@ class ReportError(OnnxaomError, ValueError):
 
 class SessionError(OnnxaomError, ValueError):
     """A tuning session folder that cannot be used (names the file or step at fault)."""
+
+
+class ArgumentError(OnnxaomError, ValueError):
+    """An argument of the wrong kind or out of range, where no more specific error applies
+    (names the argument and what it takes)."""
 
 
 class OutputError(OnnxaomError, OSError):

@@ -508,7 +508,7 @@ class Findings:
             )
         except StatsError:
             raise
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise StatsError(f"malformed findings dictionary: {type(exc).__name__}: {exc}") from exc
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:

@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any
 import onnx
 from onnx import external_data_helper
 
-from .errors import LayerNotFoundError, ModelError, ModelFileNotFoundError, OutputError
+from .errors import (
+    ArgumentError,
+    LayerNotFoundError,
+    ModelError,
+    ModelFileNotFoundError,
+    OutputError,
+)
 from .files import fsync_path, same_file
 from .normalize import normalize
 
@@ -165,6 +171,7 @@ class Model:
         from (the model file and its external data). With external data (default: as the
         source), weights go to ``<path>.data`` beside the model file.
         """
+        _check_external_data(external_data)
         return save(
             self._proto,
             path,
@@ -182,8 +189,20 @@ class Model:
         return f"Model({self.name!r}, opset={self.opset}, nodes={len(self._proto.graph.node)})"
 
 
-def load(path: str | os.PathLike[str]) -> Model:
-    """Load an ONNX model file, resolving external data (``.onnx.data``) next to it."""
+def _check_external_data(value: object) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise ArgumentError(f"external_data must be True, False or None (as the source), got "
+                            f"{value!r}")
+
+
+def load(path: str | os.PathLike[str] | onnx.ModelProto) -> Model:
+    """Load an ONNX model file, resolving external data (``.onnx.data``) next to it. An
+    ``onnx.ModelProto`` already in memory is wrapped as it is (``Model(proto)``)."""
+    if isinstance(path, onnx.ModelProto):
+        return Model(path)
+    if not isinstance(path, str | os.PathLike):
+        raise ArgumentError(f"load takes a path to an ONNX file (or an onnx.ModelProto), got "
+                            f"{type(path).__name__}")
     path = Path(path)
     if not path.exists():
         raise ModelFileNotFoundError(f"model file not found: {path}")

@@ -504,6 +504,10 @@ def propose(
     if unknown_targets:
         raise StatsError(f"keep names layer {unknown_targets[0]!r}, which is not among the "
                          f"layers proposed for ({', '.join(chosen)}); add it to layers")
+    if model is not None and not isinstance(model, Model):
+        from .model import load
+
+        model = load(model)  # a path (or an onnx.ModelProto)
     if strategy in MODEL_STRATEGIES or (strategy == "auto" and model is not None):
         _check_model(stats, model, strategy)
     if findings is None:

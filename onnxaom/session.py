@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -42,7 +43,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .edits import Edit, edit_from_dict
+from .edits import Edit, as_edit_list, edit_from_dict
 from .errors import EditError, ModelError, ModelFileNotFoundError, SessionError
 from .files import atomic_write_to
 from .frozen import FrozenMap
@@ -347,15 +348,24 @@ class TuningSession:
                                f"TuningSession.resume)")
         if not isinstance(model, Model):
             raise ModelError(f"expected an onnxaom.Model, got {type(model).__name__}")
-        try:
-            json.dumps(_plain(dict(config or {})), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise SessionError(f"config must be JSON (dicts, lists, str, numbers): {exc}") from exc
+        _check_json(config, "config")
+        existed = folder.exists()
         (folder / MODELS).mkdir(parents=True, exist_ok=True)
-        session = cls(folder, {"steps": [], "current": 0, "config": dict(config or {}),
-                               "created": _now()})
-        session._add_step((), model, parent=None, accuracy=accuracy, per_class=per_class,
-                          files=files, stats_digest=None, label=label, info=info)
+        try:
+            session = cls(folder, {"steps": [], "current": 0, "config": dict(config or {}),
+                                   "created": _now()})
+            session._add_step((), model, parent=None, accuracy=accuracy, per_class=per_class,
+                              files=files, stats_digest=None, label=label, info=info)
+        except BaseException:
+            # refused (or interrupted) before step 0 was recorded: leave the folder as it was
+            # (empty or missing), so that a corrected call can start there
+            if (folder / SESSION_FILE).exists():
+                raise  # recorded after all: a session to resume
+            for child in folder.iterdir() if existed else ():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if not existed:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
         return session
 
     @classmethod
@@ -583,7 +593,10 @@ class TuningSession:
         the new step becomes current. With ``undone`` (the reason), the step is recorded as
         undone and the current step stays: one write, so that a crash cannot leave a step
         applied that its judgement rejected."""
-        edit_list = tuple(edits)
+        try:
+            edit_list = tuple(as_edit_list(edits))  # edit dicts parsed, anything else refused
+        except EditError as exc:
+            raise SessionError(f"edits: {exc}") from exc
         if not edit_list:
             raise SessionError("a step needs at least one edit")
         if undone is not None and not isinstance(undone, str):
@@ -616,6 +629,7 @@ class TuningSession:
 
     def set_progress(self, progress: Mapping[str, Any]) -> None:
         """Replace :attr:`progress` and write ``session.json``."""
+        _check_json(progress, "progress")
         with self._exclusive():
             previous, self._progress = self._progress, dict(progress)
             try:
@@ -634,6 +648,7 @@ class TuningSession:
 
         if not isinstance(model, Model):
             raise ModelError(f"expected an onnxaom.Model, got {type(model).__name__}")
+        _check_json(info, "info")
         index = len(self._steps)
         acc = _accuracy(accuracy, "accuracy")
         classes = tuple(_accuracy(a, f"per_class[{i}]") for i, a in enumerate(per_class))
@@ -753,6 +768,16 @@ class TuningSession:
     def __repr__(self) -> str:
         return (f"TuningSession({str(self._folder)!r}, steps={len(self._steps)}, "
                 f"current={self._current})")
+
+
+def _check_json(value: Mapping[str, Any] | None, what: str) -> None:
+    """:class:`SessionError` unless ``value`` (a mapping, or None) can go into session.json."""
+    if value is not None and not isinstance(value, Mapping):
+        raise SessionError(f"{what} must be a dict of JSON values, got {type(value).__name__}")
+    try:
+        json.dumps(_plain(dict(value or {})), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SessionError(f"{what} must be JSON (dicts, lists, str, numbers): {exc}") from exc
 
 
 @contextmanager

@@ -224,7 +224,7 @@ def test_statistics_pickle_copy_and_compare_by_content() -> None:
     import pickle
 
     stats = random_stats(1, [2, 5])
-    for again in (pickle.loads(pickle.dumps(stats)), copy.deepcopy(stats)):
+    for again in (pickle.loads(pickle.dumps(stats)), copy.deepcopy(stats)):  # noqa: S301
         assert again == stats and hash(again) == hash(stats)
         assert again.metadata == stats.metadata and again.layer_names == stats.layer_names
         np.testing.assert_array_equal(again.counts["b"], stats.counts["b"])

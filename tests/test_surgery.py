@@ -1621,5 +1621,5 @@ def test_a_removal_plan_pickles() -> None:
     model = Model(zoo.bn_kept())
     first = model.layers()[0].name
     plan = plan_removal(model, {first: [0]})
-    again = pickle.loads(pickle.dumps(plan))
+    again = pickle.loads(pickle.dumps(plan))  # noqa: S301
     assert again.removed == plan.removed and set(again.folds) == set(plan.folds)

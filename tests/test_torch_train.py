@@ -41,6 +41,24 @@ def test_freeze_turns_off_gradients_of_the_named_modules():
     fresh = architectures.PaperMNISTNet(image_size=8, conv_kernels=(4, 4), hidden=8)
     fresh.features = fresh.conv2  # one module under a second name: either name freezes it
     assert train.freeze(fresh, ["features"]) == ("conv2.weight", "conv2.bias")
+    # one name as a bare string is that name, not its letters (API review, 2026-11-25)
+    other = architectures.PaperMNISTNet(image_size=8, conv_kernels=(4, 4), hidden=8)
+    assert train.freeze(other, "conv1") == ("conv1.weight", "conv1.bias")
+
+
+def test_argument_errors_are_the_librarys_own(digits):
+    """They were plain ValueErrors, where the README promises OnnxaomError for every error
+    raised on purpose; and evaluate(batch_size=0) divided by zero."""
+    module = architectures.PaperMNISTNet(image_size=8, conv_kernels=(4, 4), hidden=8)
+    for call in (lambda: train.retrain(module, digits, epochs=-1),
+                 lambda: train.retrain(module, digits, optimizer="rmsprop"),
+                 lambda: train.evaluate(module, digits, batch_size=0),
+                 lambda: train.evaluate(module, digits, device="tpu"),
+                 lambda: architectures.PaperMNISTNet(image_size=4)):
+        with pytest.raises(onnxaom.ArgumentError):
+            call()
+    result = train.retrain(module, digits, epochs=1, frozen="conv1", progress=False)
+    assert result.frozen == ("conv1.weight", "conv1.bias")
 
 
 def test_frozen_layers_and_their_batch_norm_do_not_change_the_rest_does(digits):

@@ -20,6 +20,8 @@ import onnx
 import torch
 from torch import nn
 
+from onnxaom.errors import ArgumentError
+
 __all__ = ["PaperCIFARNet", "PaperMNISTNet", "export_onnx"]
 
 logger = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ OUTPUT_NAME = "logits"
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise ArgumentError(f"{name} must be a positive int, got {value!r}")
 
 
 class PaperMNISTNet(nn.Module):
@@ -56,7 +58,8 @@ class PaperMNISTNet(nn.Module):
     ) -> None:
         super().__init__()
         if len(conv_kernels) != 2:
-            raise ValueError(f"conv_kernels must hold 2 ints (one per conv), got {conv_kernels!r}")
+            raise ArgumentError(f"conv_kernels must hold 2 ints (one per conv), got "
+                                f"{conv_kernels!r}")
         k1, k2 = conv_kernels
         _check_positive(
             in_channels=in_channels, num_classes=num_classes, image_size=image_size,
@@ -64,7 +67,7 @@ class PaperMNISTNet(nn.Module):
         )
         side = (image_size - 4) // 2
         if side < 1:
-            raise ValueError(f"image_size must be at least 6 for two valid 3x3 convs and a 2x2 "
+            raise ArgumentError(f"image_size must be at least 6 for two valid 3x3 convs and a 2x2 "
                              f"pool, got {image_size}")
         self.conv1 = nn.Conv2d(in_channels, k1, kernel_size=3)
         self.relu1 = nn.ReLU()
@@ -112,7 +115,8 @@ class PaperCIFARNet(nn.Module):
                         width=width, hidden=hidden)
         side = image_size // 8
         if side < 1:
-            raise ValueError(f"image_size must be at least 8 for three 2x2 pools, got {image_size}")
+            raise ArgumentError(f"image_size must be at least 8 for three 2x2 pools, got "
+                                f"{image_size}")
         self.batch_norm = batch_norm
         channels = in_channels
         for i in range(1, 7):
@@ -261,10 +265,10 @@ def export_onnx(
         ``exporter="dynamo"`` without ``onnxscript`` installed.
     """
     if exporter not in ("legacy", "dynamo"):
-        raise ValueError(f"exporter must be 'legacy' or 'dynamo', got {exporter!r}")
+        raise ArgumentError(f"exporter must be 'legacy' or 'dynamo', got {exporter!r}")
     shape = tuple(input_shape)
     if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
-        raise ValueError(f"input_shape must be a non-empty sequence of positive ints, batch "
+        raise ArgumentError(f"input_shape must be a non-empty sequence of positive ints, batch "
                          f"first, got {input_shape!r}")
     if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
         raise ImportError("exporter='dynamo' needs onnxscript: pip install onnxscript "

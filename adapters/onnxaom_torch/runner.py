@@ -46,7 +46,12 @@ from torch import nn
 import onnxaom
 from onnxaom.data import Dataset, from_arrays
 from onnxaom.edits import Edit
-from onnxaom.errors import LayerNotFoundError, ModelFileNotFoundError, OnnxaomError
+from onnxaom.errors import (
+    ArgumentError,
+    LayerNotFoundError,
+    ModelFileNotFoundError,
+    OnnxaomError,
+)
 from onnxaom.session import SESSION_FILE, Artifact, SessionError, TuningSession
 from onnxaom.surgery.apply import MIN_OPSET
 from onnxaom.tuning import StepOutcome, StepReport, apply_step, tune
@@ -247,22 +252,22 @@ class TorchRunner:
         cache_size: int = 4,
     ) -> None:
         if freeze not in FREEZE_POLICIES:
-            raise ValueError(f"freeze must be one of {', '.join(FREEZE_POLICIES)}, got "
+            raise ArgumentError(f"freeze must be one of {', '.join(FREEZE_POLICIES)}, got "
                              f"{freeze!r}")
         if exporter not in ("legacy", "dynamo"):
-            raise ValueError(f"exporter must be 'legacy' or 'dynamo', got {exporter!r}")
+            raise ArgumentError(f"exporter must be 'legacy' or 'dynamo', got {exporter!r}")
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+            raise ArgumentError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got "
                              f"{optimizer!r}")
         for name, value, least in (("epochs", epochs, 0), ("batch_size", batch_size, 1),
                                    ("seed", seed, 0), ("cache_size", cache_size, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+                raise ArgumentError(f"{name} must be an integer >= {least}, got {value!r}")
         if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
+            raise ArgumentError(f"lr must be a positive number, got {lr!r}")
         if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)
                                   or opset < MIN_OPSET):
-            raise ValueError(f"opset must be an integer >= {MIN_OPSET} (the surgery's least) or "
+            raise ArgumentError(f"opset must be an integer >= {MIN_OPSET} (the surgery's least) or "
                              f"None, got {opset!r}")
         resolve_device(device)  # a device torch cannot use fails now, not after training
         self.train, self.test = train, test

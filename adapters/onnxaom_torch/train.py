@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from onnxaom.data import Dataset
-from onnxaom.errors import DataError, LayerNotFoundError
+from onnxaom.errors import ArgumentError, DataError, LayerNotFoundError
 from onnxaom.frozen import readonly_array
 from onnxaom.progress import over
 
@@ -53,9 +53,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as exc:
-        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'") from exc
+        raise ArgumentError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but torch sees no CUDA GPU; use "
+        raise ArgumentError(f"device {device!r} was asked for but torch sees no CUDA GPU; use "
                          f"device='auto' or 'cpu'")
     return resolved
 
@@ -66,6 +66,7 @@ def freeze(module: nn.Module, names: Iterable[str]) -> tuple[str, ...]:
     names by either; ``""`` is ``module`` itself). Returns the frozen parameter names, in
     ``module.named_parameters()`` order. Unknown names raise
     :class:`~onnxaom.LayerNotFoundError` listing the module's paths."""
+    names = [names] if isinstance(names, str) else names  # one module path, not its letters
     subs = []
     for name in dict.fromkeys(str(n) for n in names):  # every name found before any freezes
         try:
@@ -274,18 +275,18 @@ def retrain(
         A tqdm bar per epoch.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+        raise ArgumentError(f"epochs must be an int >= 0, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise ArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        raise ArgumentError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+        raise ArgumentError(f"lr must be a positive number, got {lr!r}")
     check_float32(module)
     target = resolve_device(device)
     tensors = _as_tensors(data)
     work = copy.deepcopy(module).to(target)
-    frozen_names = list(dict.fromkeys(frozen))
+    frozen_names = list(dict.fromkeys([frozen] if isinstance(frozen, str) else frozen))
     for param in work.parameters():
         param.requires_grad_(True)
     frozen_params = freeze(work, frozen_names)
@@ -346,6 +347,8 @@ def evaluate(module: nn.Module, data: Any, *, batch_size: int = 256,
                                     or not isinstance(num_classes, int | np.integer)
                                     or num_classes < 1):
         raise DataError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
     check_float32(module)
     target = resolve_device(device)
     tensors = _as_tensors(data)

@@ -126,6 +126,10 @@ def prepare(
         raise ReportError(f"page_size must be at least 1, got {page_size}")
     from ..findings import Findings, check_findings_match
 
+    if not isinstance(stats, OccurrenceStats):
+        raise ReportError(f"the views draw onnxaom.OccurrenceStats, got {type(stats).__name__} "
+                          f"(load a saved .npz with OccurrenceStats.load)")
+
     if isinstance(findings, Findings):
         check_findings_match(findings, stats, ReportError)
     aom = stats.aom(layer, warn=False)  # collect warned; the views draw those classes blank

@@ -54,6 +54,12 @@ def _tile_grid(
 ) -> alt.LayerChart:
     if cell < 4:
         raise ReportError(f"cell must be at least 4 pixels, got {cell}")
+    if page is not None and not isinstance(page, alt.Parameter):
+        pages = layer.pages
+        if isinstance(page, bool) or not isinstance(page, int | np.integer) \
+                or not 1 <= page <= pages:
+            raise ReportError(f"page must be a page number from 1 to {pages} ({layer.page_size} "
+                              f"kernels a page), a parameter or None, got {page!r}")
     # A tile never carries 2 x 2 or more map pixels per screen pixel: the browser would
     # shrink them anyway, and the file would grow with H x W (a mean of occurrence fractions
     # is still an occurrence fraction).

@@ -19,15 +19,19 @@ def tuning_history(steps: Iterable[Mapping[str, Any]]) -> alt.Chart:
     ``steps``: mappings with ``step`` (int), ``params`` (int), ``accuracy`` (in [0, 1]) and
     optionally ``label`` (what the step did, e.g. "conv1: remove 11 kernels").
     """
-    values = [
-        {
-            "step": int(s["step"]),
-            "params": int(s["params"]),
-            "accuracy": float(s["accuracy"]),
-            "label": str(s.get("label", "")),
-        }
-        for s in steps
-    ]
+    try:
+        values = [
+            {
+                "step": int(s["step"]),
+                "params": int(s["params"]),
+                "accuracy": float(s["accuracy"]),
+                "label": str(s.get("label", "")),
+            }
+            for s in steps
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ReportError(f"tuning_history takes mappings with 'step', 'params' and 'accuracy' "
+                          f"(and optionally 'label'): {type(exc).__name__}: {exc}") from exc
     if not values:
         raise ReportError("tuning_history needs at least one step")
     return (

@@ -162,6 +162,8 @@ class Dataset:
         fraction = _finite_float(fraction, "fraction")
         if not 0.0 < fraction < 1.0:
             raise DataError(f"fraction must be strictly between 0 and 1, got {fraction}")
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+            raise DataError(f"seed must be an integer >= 0, got {seed!r}")
         rng = np.random.default_rng(seed)
         n = len(self)
         classes, inverse = np.unique(self.labels, return_inverse=True)

@@ -4,6 +4,7 @@ and the CLI's ``--data SPEC`` strings."""
 from __future__ import annotations
 
 import math
+import os
 import struct
 import zipfile
 from collections.abc import Sequence
@@ -346,7 +347,7 @@ def load_digits(*, size: int = 8, preprocessing: Preprocessing | None = None) ->
 
 
 def load_spec(
-    spec: str,
+    spec: str | os.PathLike[str],
     *,
     preprocessing: Preprocessing | None = None,
     channels: int | None = None,
@@ -377,6 +378,8 @@ def load_spec(
     """
     if channels not in (None, 1, 3):
         raise DataError(f"channels must be 1 or 3 (or None), got {channels!r}")
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)  # a bare path: an .npz file or a folder
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"empty data spec {spec!r}; accepted forms: {', '.join(SPEC_FORMS)}")
     text = spec.strip()

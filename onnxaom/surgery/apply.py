@@ -100,6 +100,11 @@ def apply_steps(model: Model, edits: Edit | Iterable[Edit]) -> tuple[Model, list
     """:func:`apply`, with what each step did: a :class:`RemovalPlan` for a removal step (its
     ``folds`` filled), the widening's or insertion's description (a dict) for the others."""
     _check_model(model)
+    made_for = getattr(edits, "model_digest", None)  # a Proposal records its model
+    if isinstance(made_for, str) and made_for != model.source_digest:
+        raise EditError(f"the proposal was made for another model ({made_for[:12]}...) than "
+                        f"{model.name!r} ({model.source_digest[:12]}...): its kernel indices "
+                        f"name other kernels here; propose from statistics of this model")
     edit_list = as_edit_list(edits)
     if model.opset < MIN_OPSET:
         raise EditError(f"model {model.name!r} is at opset {model.opset}: the surgery reads "
