@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,25 +116,30 @@ class LayerComparison:
 @dataclass(frozen=True)
 class Comparison:
     """The result of :func:`compare`: one :class:`LayerComparison` per pair of layers, in a's
-    model order. ``classes``: the class names compared (those with samples in both runs)."""
+    model order. ``classes``: the class names compared (those with samples in both runs).
+    ``notes``: settings in which the two runs differ (probe point, threshold), which make
+    their maps differ whatever the models do."""
 
     layers: tuple[LayerComparison, ...]
     match: str
     classes: tuple[str, ...]
     name_a: str = "a"
     name_b: str = "b"
+    notes: tuple[str, ...] = ()
 
     def layer(self, name: str) -> LayerComparison:
-        """The comparison of layer ``name`` (of either run)."""
-        for layer in self.layers:
-            if name in (layer.layer_a, layer.layer_b):
-                return layer
+        """The comparison of layer ``name``: a's layer of that name, else b's."""
+        for side in ("layer_a", "layer_b"):
+            for layer in self.layers:
+                if getattr(layer, side) == name:
+                    return layer
         raise LayerNotFoundError(f"no compared layer {name!r}; compared: "
                                  + ", ".join(f"{x.layer_a} ~ {x.layer_b}" for x in self.layers))
 
     def to_dict(self) -> dict[str, Any]:
         return {"match": self.match, "classes": list(self.classes), "a": self.name_a,
-                "b": self.name_b, "layers": [layer.to_dict() for layer in self.layers]}
+                "b": self.name_b, "notes": list(self.notes),
+                "layers": [layer.to_dict() for layer in self.layers]}
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`to_dict` as JSON, atomically."""
@@ -143,6 +149,7 @@ class Comparison:
         """The comparison in words, a line per pair of layers."""
         lines = [f"{self.name_a} vs {self.name_b}: {len(self.layers)} layer pair(s), kernels "
                  f"paired by {self.match}, {len(self.classes)} classes"]
+        lines += [f"note: {note}" for note in self.notes]
         for x in self.layers:
             worst = x.worst
             text = (f"{x.layer_a} ~ {x.layer_b}: {len(x.pairs)} kernel pairs, mean distance "
@@ -185,8 +192,17 @@ def compare(a: OccurrenceStats, b: OccurrenceStats, *,
     if match not in MATCHES:
         raise StatsError(f"match must be one of {', '.join(MATCHES)}, got {match!r}")
     if a.class_names != b.class_names:
+        hint = ""
+        if len(a.class_names) != len(b.class_names):
+            hint = (f" ({len(a.class_names)} vs {len(b.class_names)} classes; where a run's "
+                    f"data lacks the last classes, collect it with num_classes= or "
+                    f"class_names= for all of them, and --allow-empty-classes for a folder: "
+                    f"classes without samples are left out of the comparison)")
         raise StatsError(f"the two runs have different classes: {_few(a.class_names)} vs "
-                         f"{_few(b.class_names)}")
+                         f"{_few(b.class_names)}{hint}")
+    notes = _setting_notes(a, b)
+    for note in notes:
+        warnings.warn(f"compare(): {note}", UserWarning, stacklevel=2)
     present = (np.asarray(a.class_sizes) > 0) & (np.asarray(b.class_sizes) > 0)
     if not present.any():
         raise StatsError("no class has samples in both runs")
@@ -222,7 +238,20 @@ def compare(a: OccurrenceStats, b: OccurrenceStats, *,
     return Comparison(tuple(results), match,
                       tuple(n for n, p in zip(a.class_names, present, strict=True) if p),
                       str(a.metadata.get("model_name", "a")),
-                      str(b.metadata.get("model_name", "b")))
+                      str(b.metadata.get("model_name", "b")), notes)
+
+
+def _setting_notes(a: OccurrenceStats, b: OccurrenceStats) -> tuple[str, ...]:
+    """The collection settings in which ``a`` and ``b`` differ (probe point, threshold): with
+    them the maps differ whatever the models compute. Noted, not refused: comparing a probe
+    or a threshold with another is a question of its own."""
+    notes = []
+    for key, what in (("probe", "probe point"), ("threshold", "threshold")):
+        va, vb = a.metadata.get(key), b.metadata.get(key)
+        if va is not None and vb is not None and va != vb:
+            notes.append(f"the runs were collected with another {what} ({key}={va!r} vs "
+                         f"{vb!r}): their maps differ by that as well as by the models")
+    return tuple(notes)
 
 
 def _layer_pairs(a: OccurrenceStats, b: OccurrenceStats,

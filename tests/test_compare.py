@@ -3,6 +3,7 @@ and by the least total distance (a kernel permutation is recovered exactly), ref
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -119,6 +120,31 @@ def test_refusals_name_what_disagrees() -> None:
         compare(a, a, match="hungarian")
     with pytest.raises(StatsError, match="b is a dict"):
         compare(a, dict(a.counts))  # type: ignore[arg-type]
+
+
+def test_other_settings_are_noted_and_layer_prefers_a_s_names() -> None:
+    """Found by a cross-exporter sweep (2026-11-25): runs at another probe point or threshold
+    were compared without a word (0.16 mean distance for one network), a run lacking the
+    last classes got a message showing the same names on both sides, and ``layer(name)``
+    gave the pair where ``name`` was b's layer when a's of that name came later."""
+    proto = zoo.bn_kept()
+    x = zoo.random_input(proto, batch=30, seed=3)
+    y = np.arange(30) % 3
+    base = onnxaom.collect(onnxaom.Model(proto), x, y, progress=False)
+    raw = onnxaom.collect(onnxaom.Model(proto), x, y, probe="conv", progress=False)
+    with pytest.warns(UserWarning, match=r"another probe point \(probe='activation' vs 'conv'"):
+        result = compare(base, raw)
+    assert len(result.notes) == 1 and result.summary_lines()[1].startswith("note: ")
+    assert result.to_dict()["notes"] == list(result.notes)
+    assert compare(base, base).notes == ()
+    two = OccurrenceStats({n: c[:, :2] for n, c in base.counts.items()}, base.class_sizes[:2])
+    with pytest.raises(StatsError, match="3 vs 2 classes.*num_classes="):
+        compare(base, two)
+    pair = compare(base, base).layers[0]  # generic names, shifted by one layer
+    named = onnxaom.Comparison(
+        (dataclasses.replace(pair, layer_a="x", layer_b="y"),
+         dataclasses.replace(pair, layer_a="y", layer_b="z")), "index", ("0",))
+    assert named.layer("y").layer_a == "y" and named.layer("z").layer_b == "z"
 
 
 def test_classes_without_samples_in_one_run_are_left_out() -> None:
