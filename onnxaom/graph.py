@@ -79,14 +79,26 @@ class GraphIndex:
     def initializers(self) -> dict[str, onnx.TensorProto]:
         return {t.name: t for t in self.graph.initializer}
 
-    def constant(self, name: str) -> np.ndarray | None:
-        """The value of ``name`` if it is an initializer or a Constant node's output."""
+    def constant(self, name: str, depth: int = 8) -> np.ndarray | None:
+        """The value of ``name`` if it is an initializer, a Constant node's output, or a
+        ``Cast`` or ``Identity`` of one (exporters leave a ReLU6's bounds as a Cast of a
+        Constant unfolded)."""
         if name in self.initializers:
             return numpy_helper.to_array(self.initializers[name])
         index = self.producer.get(name)
         if index is None:
             return None
         node = self.graph.node[index]
+        if node.op_type in ("Cast", "Identity") and node.domain in ("", "ai.onnx") \
+                and node.input and depth > 0:
+            value = self.constant(node.input[0], depth - 1)
+            if value is None or node.op_type == "Identity":
+                return value
+            to = int(self.attribute(node, "to", 0))  # type: ignore[call-overload]
+            try:
+                return value.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+            except (KeyError, TypeError, ValueError):  # a type numpy has no match for
+                return None
         if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
             return None
         for attr in node.attribute:

@@ -13,7 +13,12 @@ surgery, do not expect. Four forms are normalised:
   node; a ``UserWarning`` says it was sorted;
 * **stored intermediate shapes that contradict shape inference** (``value_info`` left stale by
   a hand edit or a tool) are replaced by the inferred ones, with a ``UserWarning`` naming them:
-  ORT ignores them, but shape inference keeps them and every size read from them is wrong.
+  ORT ignores them, but shape inference keeps them and every size read from them is wrong;
+* **a ``CastLike`` whose type comes from an activation** (``CastLike(0, x)``: what
+  ``torch.onnx.export(dynamo=True, optimize=False)`` writes for a ReLU6's bounds or a bias-less
+  conv's zero bias) becomes a ``Cast`` to that type: it reads only ``x``'s element type, yet
+  made a second reader of ``x``, which ended a layer's chain before its activation and made
+  the surgery refuse a removal.
 
 A model that needs none of this is returned as it is (the same proto object).
 """
@@ -43,6 +48,7 @@ def normalize(proto: onnx.ModelProto, name: str = "model") -> onnx.ModelProto:
     proto = inline_functions(proto, name=name)
     proto = _densified(proto, name)
     proto = _sorted(proto, name)
+    proto = _without_type_reads(proto)
     return _without_stale_shapes(proto, name)
 
 
@@ -150,6 +156,36 @@ def _conflict(stored: onnx.TypeProto, inferred: onnx.TypeProto) -> bool:
         return True
     return any(x.HasField("dim_value") and y.HasField("dim_value") and x.dim_value != y.dim_value
                for x, y in zip(a.shape.dim, b.shape.dim, strict=True))
+
+
+def _without_type_reads(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Each ``CastLike`` whose second input (which gives only the type) is computed, as a
+    ``Cast`` to that input's element type, where shape inference knows it."""
+    constant = {t.name for t in proto.graph.initializer} | {
+        out for node in proto.graph.node if node.op_type == "Constant" for out in node.output}
+    casts = [i for i, node in enumerate(proto.graph.node)
+             if node.op_type == "CastLike" and node.domain in ("", "ai.onnx")
+             and len(node.input) == 2 and node.input[1] and node.input[1] not in constant]
+    if not casts:
+        return proto
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # inference is best effort: without the types the nodes stay as they are
+        return proto
+    types = {v.name: v.type.tensor_type.elem_type for v in (
+        *inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
+    out: onnx.ModelProto | None = None
+    for i in casts:
+        node = proto.graph.node[i]
+        elem = types.get(node.input[1], 0)
+        if not elem:
+            continue
+        out = out if out is not None else _copy(proto)
+        cast = onnx.helper.make_node("Cast", [node.input[0]], list(node.output), name=node.name,
+                                     to=elem)
+        cast.attribute.extend(a for a in node.attribute if a.name == "saturate")  # opset 19+
+        out.graph.node[i].CopyFrom(cast)
+    return proto if out is None else out
 
 
 def _without_stale_shapes(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:

@@ -74,7 +74,7 @@ from typing import Any
 import numpy as np
 
 from .edits import RemoveKernels
-from .errors import LayerNotFoundError, StatsError
+from .errors import LayerNotFoundError, OnnxaomError, StatsError
 from .files import atomic_write_text, read_json
 from .findings import (
     Findings,
@@ -510,6 +510,9 @@ def propose(
         model = load(model)  # a path (or an onnx.ModelProto)
     if strategy in MODEL_STRATEGIES or (strategy == "auto" and model is not None):
         _check_model(stats, model, strategy)
+    left_out: list[str] = []
+    if model is not None and layers is None and not targets:
+        chosen, left_out = _editable(model, chosen)
     if findings is None:
         findings = analyze(stats, layers=chosen) if chosen else Findings((), class_names=())
     else:
@@ -533,11 +536,36 @@ def propose(
         mass = masses.get(name)
         used = _auto_strategy(mass, dense_layers) if strategy == "auto" else strategy
         layer_props.append(_propose_layer(stats, lf, name, used, target, mass))
-    notes: list[str] = []
+    notes: list[str] = list(left_out)
     if model is not None:  # what the surgery removes together, per group, coupled
-        layer_props, notes = fit_to_model(model, layer_props, targets)
+        layer_props, fitted = fit_to_model(model, layer_props, targets)
+        notes += fitted
     return Proposal(tuple(layer_props), strategy, stats.digest,
                     stats.metadata.get("model_digest"), tuple(dict.fromkeys(notes)))
+
+
+def _editable(model: Model, names: list[str]) -> tuple[list[str], list[str]]:
+    """``names`` less the layers whose kernels the surgery can remove none of (every channel
+    blocked: a segmentation head whose channels are the graph's output), and a note for each
+    left out. All of ``names`` where the graph cannot be traced (its notes say so later)."""
+    from .surgery.channels import build
+    from .surgery.gsio import import_graph
+
+    try:
+        cg = build(import_graph(model.proto), model.proto)
+    except OnnxaomError:
+        return names, []
+    kept, notes = [], []
+    for name in names:
+        ref = cg.layers.get(name)
+        reasons = [cg.slots.blocked(int(s)) for s in ref.slots] if ref is not None else [[]]
+        if all(reasons):
+            kept_reason = reasons[0][0] if reasons[0] else "its channels cannot change"
+            notes.append(f"layer {name!r} left out of the default layers: the surgery can "
+                         f"remove none of its kernels ({kept_reason})")
+        else:
+            kept.append(name)
+    return kept, notes
 
 
 def _check_findings_match(stats: OccurrenceStats, name: str, lf: LayerFindings,

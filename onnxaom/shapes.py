@@ -60,6 +60,8 @@ def fill_unknown(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> dict[st
         return out
     declared, values = ran
     for name, value in zip(unknown, values, strict=True):
+        if not isinstance(value, np.ndarray):
+            continue  # a sequence (SplitToSequence) or a map: it has no shape of its own
         got = np.shape(value)
         inferred = shapes.get(name)
         if inferred is None:

@@ -1016,3 +1016,64 @@ def test_a_module_that_differs_only_on_large_values_is_refused(tmp_path):
     with pytest.raises(ModuleMismatchError, match=r"computes something else.*x 10"):
         map_layers(clipped, model)
     map_layers(module, model)
+
+
+class _ShiftedReLU(torch.nn.Module):
+    """conv -> x + 0.3 (inline) -> nn.ReLU -> conv2: the traced chain stops at the inline op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.act = torch.nn.ReLU()
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.act(self.conv(x) + 0.3)
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+def test_an_insertion_the_adapter_cannot_place_is_refused_even_unchecked(tmp_path) -> None:
+    """Found by a fuzzer (2026-11-25): with an op between the conv and its nn.ReLU the adapter
+    took its functional-ReLU fallback and wrapped the conv itself, silently 0.016 off the
+    surgery's result with check=False (and refused with a misleading note with the check)."""
+    module = _ShiftedReLU().eval()
+    path = architectures.export_onnx(module, tmp_path / "m.onnx", input_shape=(2, 1, 12, 12))
+    model = onnxaom.load(path)
+    edit = InsertLayer(after="/conv/Conv", kernel_size=3)
+    apply(model, [edit])  # the ONNX surgery places it after the ReLU
+    for check in (False, True):
+        with pytest.raises(EditError, match=r"its ReLU comes after Add"):
+            apply_edits(module, model, [edit], check=check)
+
+
+def test_per_channel_modules_without_names_in_the_graph_are_edited(tmp_path) -> None:
+    """A dynamo export converted to opset 17 loses the nodes' module metadata: a ConvTranspose2d
+    and a PReLU reading the edited channels could not be found (the first by its weight's
+    name, the second as the module the conv's chain already edited)."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(4)
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.act = torch.nn.PReLU(4)
+            self.up = torch.nn.ConvTranspose2d(4, 2, 2, stride=2)
+            self.fc = torch.nn.Linear(2, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.up(self.act(self.conv(x)))).mean((2, 3)))
+
+    module = Net().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = architectures.export_onnx(module, tmp_path / "m17.onnx", exporter="dynamo",
+                                         input_shape=(2, 1, 8, 8), opset=17)
+    proto = onnxaom.load(path).copy_proto()
+    for node in proto.graph.node:  # as the onnx C API's version converter leaves them
+        del node.metadata_props[:]
+    model = onnxaom.Model(proto)
+    first = model.layers()[0].name
+    result = apply_edits(module, model, [RemoveKernels(first, (1,))])
+    assert result.module.act.weight.shape[0] == 3 and result.module.up.in_channels == 3

@@ -204,8 +204,8 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
             inserted = done[number]
             assert isinstance(inserted, dict)
             step_changed = [str(inserted["layer"])]
-            activation = current.layer(head.after).chain[-1]  # "Relu" or "Clip" (surgery checked)
-            _insert(work, head, step_changed[0], activation, layers, nodes, run, touched, notes)
+            onnx_chain = current.layer(head.after).chain  # ends in "Relu" or "Clip" (checked)
+            _insert(work, head, step_changed[0], onnx_chain, layers, nodes, run, touched, notes)
         else:  # pragma: no cover - as_edit_list admits only the three edit types
             raise EditError(f"not an edit: {head!r}")
         changed.extend(n for n in step_changed if n not in changed)
@@ -248,6 +248,7 @@ def _apply_plan(work: nn.Module, cg: ChannelGraph, r: Rewriter, layers: dict[str
     modules = dict(work.named_modules())
     done: set[str] = set()
     changed: list[str] = []
+    followed: list[str] = []  # per-channel modules edited as a layer's chain, not yet claimed
     for rec in cg.records:
         in_flow = rec.ins[0] if rec.ins else None
         in_change = plan.change(in_flow) if in_flow is not None else None
@@ -275,6 +276,7 @@ def _apply_plan(work: nn.Module, cg: ChannelGraph, r: Rewriter, layers: dict[str
                         _edit_per_channel(sub, follower, r, out_change)
                         touched.append(follower)
                         done.add(follower)
+                        followed.append(follower)
         elif in_change is not None and rec.node.op == "ConvTranspose":
             path = nodes.get(rec.node.name)
             module = modules.get(path) if path is not None else None
@@ -289,6 +291,12 @@ def _apply_plan(work: nn.Module, cg: ChannelGraph, r: Rewriter, layers: dict[str
                 done.add(path)
         elif in_change is not None and rec.node.op in PER_CHANNEL_OPS:
             path = nodes.get(rec.node.name)
+            if path is None:  # no name to go by (an export converted to an older opset): the
+                # first module of its kind already edited as a layer's chain, in graph order
+                kinds = _PER_CHANNEL_MODULES[rec.node.op]
+                path = next((f for f in followed if isinstance(modules[f], kinds)), None)
+                if path is not None:
+                    followed.remove(path)
             if path is None:
                 raise EditError(
                     f"ONNX node {rec.node.name!r} ({rec.node.op}) has per-channel parameters "
@@ -299,6 +307,12 @@ def _apply_plan(work: nn.Module, cg: ChannelGraph, r: Rewriter, layers: dict[str
                 touched.append(path)
                 done.add(path)
     return changed
+
+
+#: The torch modules an ONNX per-channel op is exported from.
+_PER_CHANNEL_MODULES: dict[str, tuple[type, ...]] = {
+    "BatchNormalization": BATCH_NORM_TYPES, "PRelu": (nn.PReLU,),
+    "InstanceNormalization": (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.GroupNorm)}
 
 
 # ------------------------------------------------------------------------------- modules
@@ -466,14 +480,18 @@ def _renamed(old: str, new: str, *tables: dict[str, str]) -> None:
                 table[key] = new
 
 
-def _insert(work: nn.Module, edit: InsertLayer, new_name: str, activation: str,
+def _insert(work: nn.Module, edit: InsertLayer, new_name: str, onnx_chain: Sequence[str],
             layers: dict[str, str], nodes: dict[str, str], run: Trace, touched: list[str],
             notes: list[str]) -> None:
     """Put the new layer after the activation module that ends ``edit.after``'s chain
-    (``activation``: its ONNX op, "Relu" or "Clip"), as ``Sequential(act, deep, deep_relu)``;
-    after a module that runs the activation itself (timm's ``BatchNormAct2d``), as
-    ``Sequential(body, deep, deep_relu)``; where that activation is functional, wrap the module
-    before it, which is exact only for a functional ReLU (relu(deep(relu(x))) either way)."""
+    (``onnx_chain``: the ONNX layer's chain, ending in its activation, "Relu" or "Clip"), as
+    ``Sequential(act, deep, deep_relu)``; after a module that runs the activation itself
+    (timm's ``BatchNormAct2d``), as ``Sequential(body, deep, deep_relu)``; where that
+    activation is functional, wrap the module before it, which is exact only for a functional
+    ReLU applied to that module's output (relu(deep(relu(x))) either way): refused where the
+    ONNX chain holds ops before its ReLU that no module of the torch chain accounts for (an
+    inline ``conv(x) + 0.3``, a module the trace does not follow)."""
+    activation = onnx_chain[-1]
     path = layers.get(edit.after)
     if path is None:
         raise EditError(f"no torch module is mapped to ONNX layer {edit.after!r}")
@@ -505,6 +523,15 @@ def _insert(work: nn.Module, edit: InsertLayer, new_name: str, activation: str,
                             f"its {activation} activation is not a module that runs once (a "
                             f"functional call such as F.relu6?); make it an nn.ReLU6 module")
         before = chain[:act_at] if act_at is not None else chain
+        unexplained = _unexplained_ops(onnx_chain[:-1], [modules[p] for p in before])
+        if unexplained:
+            raise EditError(
+                f"cannot insert a layer after {edit.after!r} in the torch module: in the ONNX "
+                f"model its ReLU comes after {', '.join(unexplained)}, which no module of the "
+                f"torch chain after {path!r} ({', '.join(before) or 'none'}) accounts for (an "
+                f"inline op such as conv(x) + c, or a module the adapter does not follow), so "
+                f"the ReLU module or call to insert after cannot be told; make the ReLU an "
+                f"nn.ReLU module right after the layer's chain")
         target = ([path, *before])[-1]
         if counts.get(target, 0) != 1:
             raise EditError(f"cannot insert a layer after {edit.after!r}: module {target!r} "
@@ -517,6 +544,25 @@ def _insert(work: nn.Module, edit: InsertLayer, new_name: str, activation: str,
         notes.append(f"the ReLU after {target!r} is functional or shared: wrapped {target!r} "
                      f"as {target}.body")
     touched.append(layers[new_name])
+
+
+def _unexplained_ops(ops: Sequence[str], modules: Sequence[nn.Module]) -> list[str]:
+    """The ONNX ops of a layer's chain before its activation (``ops``) that the torch modules
+    of its traced chain (``modules``, in order) do not account for: a batch norm module gives
+    a BatchNormalization (or none, folded), a dropout or identity an Identity/Dropout (or none);
+    anything else in ``ops`` is unexplained. Empty when every op has its module."""
+    owned: list[set[str]] = []
+    for module in modules:
+        if isinstance(module, BATCH_NORM_TYPES):
+            owned.append({"BatchNormalization"})
+        elif isinstance(module, nn.Dropout | nn.Identity):
+            owned.append({"Identity", "Dropout"})
+    left = list(ops)
+    for allowed in owned:  # each module accounts for at most one op of its kinds
+        hit = next((i for i, op in enumerate(left) if op in allowed), None)
+        if hit is not None:
+            left.pop(hit)
+    return [op for op in left if op not in ("Identity", "Dropout")]
 
 
 # ------------------------------------------------------------------------------- the check

@@ -180,6 +180,24 @@ def node_module_paths(node: onnx.NodeProto) -> list[tuple[str, str]]:
     return out
 
 
+#: The parameter and buffer names a per-channel module or a ConvTranspose2d exports under.
+_PARAMETER_NAMES = ("weight", "bias", "running_mean", "running_var")
+
+
+def _parameter_owners(index: GraphIndex, node: onnx.NodeProto) -> list[str]:
+    """Module paths named by the constants ``node`` reads (``up.weight`` -> ``up``), through
+    ``Identity`` nodes; in input order, each once."""
+    out: list[str] = []
+    for name in node.input[1:]:
+        if not name:
+            continue
+        source = _weight_source(index, name)
+        path, _, last = source.rpartition(".")
+        if path and last in _PARAMETER_NAMES and path not in out:
+            out.append(path)
+    return out
+
+
 def _weight_source(index: GraphIndex, name: str) -> str:
     """The tensor a layer's weight input comes from, through ``Identity`` nodes (the legacy
     exporter feeds a second layer with the same weights through one)."""
@@ -460,9 +478,10 @@ def _match(module: nn.Module, model: onnxaom.Model, run: Trace) -> LayerMap:
             kinds = PER_CHANNEL_TYPES if node.op_type in PER_CHANNEL_OPS else nn.ConvTranspose2d
             if node.op_type == "InstanceNormalization":  # nn.GroupNorm as the legacy export
                 kinds = (*PER_CHANNEL_TYPES, nn.GroupNorm)  # writes it (one group a channel)
-            for path, _ in node_module_paths(node):
-                if isinstance(modules.get(path), kinds):
-                    nodes[node.name] = path
+            for path in [p for p, _ in node_module_paths(node)] + _parameter_owners(
+                    index, node):  # by name, else by the parameters it reads (their names
+                if isinstance(modules.get(path), kinds):  # survive a conversion to an older
+                    nodes[node.name] = path  # opset, which drops the node's metadata)
                     break
     return LayerMap(
         modules={layer.name: chosen[layer.name][0] for layer in layers},

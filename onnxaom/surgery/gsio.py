@@ -169,12 +169,32 @@ def restore_value_info(model: onnx.ModelProto, names: Iterable[str]) -> None:
         if name in io:
             continue
         if name in found:
-            model.graph.value_info.append(found[name])
+            value = onnx.ValueInfoProto()
+            value.CopyFrom(found[name])
+            _unlink_invented_dims(value.type)
+            model.graph.value_info.append(value)
         elif name in initializers:
             tensor = initializers[name]
             model.graph.value_info.append(
                 onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims))
             )
+
+
+def _unlink_invented_dims(type_proto: onnx.TypeProto) -> None:
+    """Clear the dim names shape inference invents (``unk__N``) in ``type_proto``, in place: it
+    gives one name to dims it merely could not tell (the two parts of a SplitToSequence read
+    by SequenceAt), and ONNX Runtime then requires them equal. Unnamed, they are unknown."""
+    tensor = None
+    if type_proto.HasField("tensor_type"):
+        tensor = type_proto.tensor_type
+    elif type_proto.HasField("sequence_type"):
+        _unlink_invented_dims(type_proto.sequence_type.elem_type)
+        return
+    if tensor is None or not tensor.HasField("shape"):
+        return
+    for dim in tensor.shape.dim:
+        if dim.HasField("dim_param") and dim.dim_param.startswith("unk__"):
+            dim.ClearField("dim_param")
 
 
 #: The size of a tensor's dims, None where unknown (the batch), for :func:`constant_value`.
@@ -187,7 +207,7 @@ def constant_value(tensor: gs.Tensor, depth: int = 16, sizes: Sizes | None = Non
     or a few shape and type ops of constants that exports leave unfolded (``Identity``, which
     exporters share equal weights with; ``Cast``, ``CastLike``, whose second input only gives
     the type; ``Shape`` of a constant, ``ConstantOfShape``, ``Expand``, ``Unsqueeze``,
-    ``Squeeze``, ``Reshape``, ``Slice``, ``Gather``, ``Transpose``, ``Concat``,
+    ``Squeeze``, ``Reshape``, ``Slice``, ``Gather``, ``Transpose``, ``Concat``, ``Range``,
     ``Add``/``Sub``/``Mul``/``Div`` of two constants, and float32/64 ``Sqrt``/``Neg``/
     ``Reciprocal``/``Abs``); else None. ``depth`` bounds the ops followed. With ``sizes``, the
     ``Shape`` of a computed tensor is taken from it too, its unknown dims as ``unknown``:
@@ -284,6 +304,11 @@ def fold_node(node: gs.Node, args: list[np.ndarray | None]) -> np.ndarray | None
         return np.transpose(first, None if perm is None else [int(p) for p in perm])
     if op == "Slice":
         return _slice(node, first, args)
+    if op == "Range" and len(args) == 3 and all(a is not None for a in args):
+        start, limit, delta = (np.asarray(a).reshape(()).item() for a in args)
+        if delta == 0:
+            return None
+        return np.arange(start, limit, delta).astype(np.asarray(args[0]).dtype)
     if op == "Concat" and all(a is not None for a in args):
         return np.concatenate([np.asarray(a) for a in args], axis=int(node.attrs.get("axis", 0)))
     return None

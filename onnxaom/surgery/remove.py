@@ -145,10 +145,10 @@ def check_blocked(cg: ChannelGraph, layer: str, classes: set[int]) -> None:
 def refuse_coupled(cg: ChannelGraph, layer: str, classes: set[int],
                    asked_by_step: set[str]) -> None:
     """Raise when ``classes`` reach other layers by coupling (not by depthwise ties), unless
-    those layers are named in the same step."""
-    ref = cg.layers[layer]
-    own = ref.slots.tolist()
-    tie_roots = {cg.slots.find_tie(s) for s in own}
+    those layers are named in the same step. A layer tied to any layer named in the step (a
+    depthwise conv after a residual merge of two named layers) is tied, not coupled."""
+    named = [name for name in (layer, *sorted(asked_by_step)) if name in cg.layers]
+    tie_roots = {cg.slots.find_tie(int(s)) for name in named for s in cg.layers[name].slots}
     others: list[str] = []
     for name, kernels in cg.layers_in(classes).items():
         if name == layer or name in asked_by_step:

@@ -1,0 +1,173 @@
+"""Graph forms that torch's exporters write and that were read or edited wrongly, found by a
+random-architecture fuzzer and a sweep of dense-prediction models (2026-11-25). Each model is
+a small torch module exported for real; each edit is checked in ONNX Runtime against the
+original model with the removed channels zeroed at the probe, or refused with an EditError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxaom
+
+from . import zoo
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+def _dynamo(module, tmp_path: Path, *, size: int = 12, opset: int = 18,
+            optimize: bool = False) -> onnxaom.Model:
+    path = tmp_path / f"m{opset}{int(optimize)}.onnx"
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (torch.randn(2, 1, size, size),), dynamo=True,
+                          opset_version=opset, optimize=optimize).save(str(path))
+    return onnxaom.load(path)
+
+
+def _legacy(module, *, size: int = 12, opset: int = 13) -> onnxaom.Model:
+    buffer = io.BytesIO()
+    torch.onnx.export(module.eval(), (torch.randn(2, 1, size, size),), buffer, dynamo=False,
+                      opset_version=opset)
+    return onnxaom.Model(onnx.load_from_string(buffer.getvalue()))
+
+
+def _same_outputs(a: onnxaom.Model, b: onnxaom.Model, atol: float = 1e-5) -> None:
+    x = zoo.random_input(a.proto, batch=3, seed=1)
+    for got, want in zip(zoo.run(b.proto, x), zoo.run(a.proto, x), strict=True):
+        np.testing.assert_allclose(got, want, rtol=atol, atol=atol)
+
+
+class _ReLU6Norm(nn.Module):
+    """conv -> ReLU6 -> BN -> padded conv (bias-less: a zero bias the exporter writes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.ReLU6()
+        self.bn = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.c3 = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.bias.uniform_(-1, 1)
+
+    def forward(self, x):
+        x = self.bn(self.act(self.c1(x)))
+        x = torch.sigmoid(self.c2(x))
+        return self.fc(torch.relu(self.c3(x)).mean((2, 3)))
+
+
+def test_castlike_of_an_activation_is_a_cast(tmp_path) -> None:
+    """dynamo=True, optimize=False writes ReLU6 as Clip(x, CastLike(0, x), CastLike(6, x)) and
+    a bias-less conv's zero bias as Expand(CastLike(0, x), Shape(W)): x had three readers, so
+    the chain stopped before the Clip (insertion refused, removal refused), and the bias
+    fold into c3 was refused at the CastLike."""
+    model = _dynamo(_ReLU6Norm(), tmp_path)
+    assert not [n for n in model.proto.graph.node if n.op_type == "CastLike"]
+    first = model.layers()[0]
+    assert first.chain == ("Clip",)
+    deeper = onnxaom.apply(model, [onnxaom.InsertLayer(after=first.name)])
+    _same_outputs(model, deeper)
+    for layer in model.layers()[:2]:  # through ReLU6 -> BN -> padded conv; Sigmoid -> c3
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the chain-end fallback, named
+            edited = onnxaom.remove_kernels(model, {layer.name: [1]})
+        assert edited.layer(layer.name).kernels == 3
+
+
+def test_an_unoptimised_group_norm_and_uneven_split_are_edited(tmp_path) -> None:
+    """GroupNorm(C, C) with optimize=False computes its affine shape with Range (refused as a
+    computed tensor); an uneven torch.split is SplitToSequence + SequenceAt (a raw numpy
+    ValueError from the shapes' fill, then an insertion refused as a surgery bug: inference
+    gave both parts one invented channel dim)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(1)
+            self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+            self.gn = nn.GroupNorm(4, 4)
+            self.c2 = nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = nn.Linear(7, 3)
+
+        def forward(self, x):
+            x = torch.relu(self.gn(self.c1(x)))
+            a, b = torch.split(x, [1, 3], 1)
+            x = torch.cat([torch.relu(self.c2(a)), b], 1)
+            return self.fc(x.mean((2, 3)))
+
+    model = _dynamo(Net(), tmp_path)
+    names = [layer.name for layer in model.layers()]
+    widened = onnxaom.apply(model, [onnxaom.WidenLayer(names[1], 2, init="zeros")])
+    _same_outputs(model, widened)
+    deeper = onnxaom.apply(model, [onnxaom.InsertLayer(after=names[1])])
+    _same_outputs(model, deeper)
+    removed = onnxaom.remove_kernels(model, {names[1]: [0]})
+    assert removed.layer(names[1]).kernels == 3
+    with pytest.raises(onnxaom.EditError, match="SplitToSequence"):
+        onnxaom.apply(model, [onnxaom.WidenLayer(names[0], 1, init="zeros")])
+
+
+def test_refuse_mode_sees_a_depthwise_conv_tied_to_named_layers() -> None:
+    """c0 + b(a(c0)) -> depthwise: naming c0 and b with coupled='refuse' was refused as
+    coupled to the depthwise conv, which the README calls tied, not coupled."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(2)
+            self.c0 = nn.Conv2d(1, 4, 3, padding=1)
+            self.a = nn.Conv2d(4, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 3, padding=1)
+            self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            x0 = torch.relu(self.c0(x))
+            s = x0 + self.b(torch.relu(self.a(x0)))
+            return self.fc(torch.relu(self.dw(s)).mean((2, 3)))
+
+    model = _legacy(Net())
+    for names in (["/c0/Conv", "/b/Conv"], ["/b/Conv", "/c0/Conv"]):
+        step = [onnxaom.RemoveKernels(n, [1], coupled="refuse") for n in names]
+        edited = onnxaom.apply(model, step)
+        assert edited.layer("/dw/Conv").kernels == 3
+    with pytest.raises(onnxaom.EditError, match="coupled to layer"):
+        onnxaom.apply(model, [onnxaom.RemoveKernels("/c0/Conv", [1], coupled="refuse")])
+
+
+def test_the_default_proposal_leaves_out_a_layer_the_surgery_cannot_edit() -> None:
+    """A segmentation head (a conv whose channels are the graph's output) was proposed by
+    default, so the whole proposal could not be applied."""
+
+    class Seg(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(3)
+            self.c1 = nn.Conv2d(1, 6, 3, padding=1)
+            self.c2 = nn.Conv2d(6, 6, 3, padding=1)
+            self.head = nn.Conv2d(6, 3, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.c2(torch.relu(self.c1(x)))))
+
+    model = _legacy(Seg())
+    x = np.random.default_rng(2).standard_normal((30, 1, 12, 12)).astype(np.float32)
+    stats = onnxaom.collect(model, x, np.arange(30) % 3, progress=False)  # in chunks of 2
+    proposal = onnxaom.propose(stats, model=model)
+    assert [p.layer for p in proposal.layers] == ["/c1/Conv", "/c2/Conv"]
+    assert any("'/head/Conv' left out" in note and "graph output" in note
+               for note in proposal.notes)
+    onnxaom.apply(model, proposal)
+    assert [p.layer for p in onnxaom.propose(stats).layers][-1] == "/head/Conv"  # no model
