@@ -318,9 +318,13 @@ def map_layers(module: nn.Module, model: onnxaom.Model,
     try:
         run = trace(module, x)
     except Exception as exc:  # the module cannot run the ONNX model's input at all
+        given = "the example given" if example is not None else (
+            f"made for the ONNX model {model.name!r}'s input, its unknown sizes taken as "
+            f"{EXAMPLE_SIZE}; "
+            f"pass example= (a batch the module runs on) where it only runs at certain sizes")
         raise ModuleMismatchError(
-            f"{type(module).__name__} cannot run an input of shape {tuple(x.shape)} (the ONNX "
-            f"model {model.name!r}'s input): {type(exc).__name__}: {exc}") from exc
+            f"{type(module).__name__} cannot run an input of shape {tuple(x.shape)} ({given}): "
+            f"{type(exc).__name__}: {exc}") from exc
     layer_map = _match(module, model, run)
     _check_outputs(module, model, x, run)
     return layer_map
