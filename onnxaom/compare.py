@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import LayerNotFoundError, StatsError
 from .files import atomic_write_text
-from .frozen import readonly_array
+from .frozen import readonly_array, reduce_by_fields
 from .stats import OccurrenceStats
 
 __all__ = ["MATCHES", "Comparison", "LayerComparison", "compare", "cross_odm"]
@@ -75,6 +75,9 @@ class LayerComparison:
     def __post_init__(self) -> None:
         for name in ("pairs", "distances"):
             object.__setattr__(self, name, readonly_array(getattr(self, name)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_by_fields(self)
 
     @property
     def mean_distance(self) -> float:

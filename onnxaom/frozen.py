@@ -9,12 +9,13 @@ read-only copy (numpy refuses to make a view writable when its base is not).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["FrozenJSON", "FrozenMap", "readonly_array"]
+__all__ = ["FrozenJSON", "FrozenMap", "readonly_array", "reduce_by_fields"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -62,3 +63,10 @@ def readonly_array(array: Any) -> np.ndarray:
     view = base.view()
     view.setflags(write=False)
     return view
+
+
+def reduce_by_fields(obj: Any) -> tuple[Any, ...]:
+    """``__reduce__`` for a frozen dataclass whose ``__post_init__`` makes its arrays read-only:
+    made again through the constructor, since pickle and ``copy`` neither keep numpy's
+    ``WRITEABLE`` flag nor call ``__post_init__`` otherwise."""
+    return (type(obj), tuple(getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init))

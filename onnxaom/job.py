@@ -81,8 +81,10 @@ def run_analysis(
     created = _make_folder(out)  # before the long collection: a bad --out fails now
     try:
         # all three files are made in a scratch folder first and moved in together at the end,
-        # so a failure or an interrupt leaves the folder's earlier results whole, not mixed;
-        # it is made first, so a folder that cannot be written fails before the collection
+        # so a failure or an interrupt leaves the folder's earlier results whole, not mixed
+        # (except for a kill between the three renames, microseconds apart: findings record
+        # their statistics' digest, so such a mix is refused when read back); it is made
+        # first, so a folder that cannot be written fails before the collection
         with _scratch_folder(out) as scratch:
             stats = collect(
                 model,

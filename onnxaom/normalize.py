@@ -183,7 +183,7 @@ def _without_type_reads(proto: onnx.ModelProto) -> onnx.ModelProto:
         out = out if out is not None else _copy(proto)
         cast = onnx.helper.make_node("Cast", [node.input[0]], list(node.output), name=node.name,
                                      to=elem)
-        cast.attribute.extend(a for a in node.attribute if a.name == "saturate")  # opset 19+
+        cast.attribute.extend(node.attribute)  # saturate, round_mode: Cast has them too
         out.graph.node[i].CopyFrom(cast)
     return proto if out is None else out
 

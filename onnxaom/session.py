@@ -344,8 +344,8 @@ class TuningSession:
         folder = Path(folder)
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
             raise SessionError(f"{folder} exists and is not an empty folder; a new session "
-                               f"needs a new folder (resume an existing one with "
-                               f"TuningSession.resume)")
+                               f"needs a new folder (continue an existing one with `onnxaom "
+                               f"session resume`, or TuningSession.resume in Python)")
         if not isinstance(model, Model):
             raise ModelError(f"expected an onnxaom.Model, got {type(model).__name__}")
         _check_json(config, "config")
@@ -537,11 +537,17 @@ class TuningSession:
                                f"folder is damaged")
         model = load(path)
         if model.digest != step.model_digest:
+            record = step.files.get("onnx")
+            intact = record is not None and record.sha256 == _sha256(path)
+            why = ("; its file is the one recorded (SHA-256), so either session.json was "
+                   "changed or the session was recorded by an onnxaom that read this model "
+                   "into another normal form (onnxaom.normalize): start a new session from "
+                   "this step's model file") if intact else (
+                "; the session folder is damaged: restore it, or start a new session")
             raise SessionError(
                 f"{self._folder / SESSION_FILE}: step {step.index}'s model_digest "
                 f"{step.model_digest[:12]} does not match its model {step.files['onnx'].path} "
-                f"({model.digest[:12]}); the session folder is damaged: restore it, or start a "
-                f"new session")
+                f"({model.digest[:12]}){why}")
         return model
 
     def history(self, *, include_undone: bool = False) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import LayerNotFoundError, ModelFileNotFoundError, StatsError
 from .files import atomic_write
-from .frozen import FrozenJSON, FrozenMap, readonly_array
+from .frozen import FrozenJSON, FrozenMap, readonly_array, reduce_by_fields
 
 __all__ = ["OccurrenceStats", "aom_from_counts", "class_selectivity", "csm", "odm", "selectivity"]
 
@@ -206,6 +206,9 @@ class OccurrenceStats:
 
     def __hash__(self) -> int:
         return hash(self.digest)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_by_fields(self)
 
     # ----------------------------------------------------------------- basic facts
     @cached_property

@@ -30,6 +30,7 @@ A session made for the command line stores in its ``config``:
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -140,6 +141,13 @@ def apply_step(
     parent = session.current
     digest = None
     if proposal is not None and proposal.model_digest not in (None, parent.model_digest):
+        applied = _applied_as(session, proposal)
+        if applied is not None:  # the usual case: a command re-run after it was cut short
+            undone = " (then undone)" if applied.status == "undone" else ""
+            raise SessionError(
+                f"this proposal was applied already: step {applied.index}{undone}, made from "
+                f"step {applied.parent}; the current step is {parent.index}. To go on, collect "
+                f"statistics on the current step's model and propose again")
         raise SessionError(f"the proposal was made for another model (digest "
                            f"{str(proposal.model_digest)[:12]}), not for the current step "
                            f"{parent.index} ({parent.model_digest[:12]}); collect statistics on "
@@ -166,6 +174,18 @@ def apply_step(
     if reason is not None:
         runner.forget(step.index)
     return StepReport(step, reason is None, change, proposal)
+
+
+def _applied_as(session: TuningSession, proposal: Proposal) -> Step | None:
+    """The latest step that applied ``proposal`` (recorded in its info) to the model the
+    proposal was made for; None when there is none."""
+    wanted = json.loads(json.dumps(proposal.to_dict()))
+    for step in reversed(session.steps):
+        parent = session.step(step.parent) if step.parent is not None else None
+        if parent is not None and parent.model_digest == proposal.model_digest \
+                and json.loads(json.dumps(step.info.get("proposal"))) == wanted:
+            return step
+    return None
 
 
 def _verdict(session: TuningSession, parent: Step, accuracy: float | None,
@@ -323,7 +343,9 @@ def _tune(session: TuningSession, runner: Runner, data: Dataset, *,
     state.update({"layers": order, "weights": weights, "done": done, "strategy": strategy,
                   "keep": dict(keep or {}), "accept_drop": kept_drop,
                   "relative_to": relative_to})
-    session.set_progress(state)
+    session.model()  # the current step's model checked before anything is written
+    if state != dict(session.progress):  # a damaged folder is named, not rewritten
+        session.set_progress(state)
     reports: list[StepReport] = []
     made_now = 0
     from .collect import collect

@@ -146,6 +146,33 @@ def test_refuse_mode_sees_a_depthwise_conv_tied_to_named_layers() -> None:
     with pytest.raises(onnxaom.EditError, match="coupled to layer"):
         onnxaom.apply(model, [onnxaom.RemoveKernels("/c0/Conv", [1], coupled="refuse")])
 
+    class Branches(nn.Module):
+        """A + B (coupled by the Add); E is depthwise on B alone (tied to B)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(5)
+            self.stem = nn.Conv2d(1, 4, 3, padding=1)
+            self.a = nn.Conv2d(4, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 3, padding=1)
+            self.e = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            s = torch.relu(self.stem(x))
+            b = self.b(s)
+            merged = torch.relu(self.a(s) + b)
+            side = torch.relu(self.e(b))
+            return self.fc(torch.cat([merged, side], 1).mean((2, 3)))
+
+    branches = _legacy(Branches())
+    # naming A and E does not excuse B, coupled to A (a review caught the first fix doing so)
+    with pytest.raises(onnxaom.EditError, match=r"coupled to layer\(s\) '/b/Conv'"):
+        onnxaom.apply(branches, [onnxaom.RemoveKernels("/a/Conv", [1], coupled="refuse"),
+                                 onnxaom.RemoveKernels("/e/Conv", [1], coupled="refuse")])
+    onnxaom.apply(branches, [onnxaom.RemoveKernels("/a/Conv", [1], coupled="refuse"),
+                             onnxaom.RemoveKernels("/b/Conv", [1], coupled="refuse")])
+
 
 def test_the_default_proposal_leaves_out_a_layer_the_surgery_cannot_edit() -> None:
     """A segmentation head (a conv whose channels are the graph's output) was proposed by

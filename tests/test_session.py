@@ -198,11 +198,26 @@ def test_a_damaged_model_digest_and_numpy_accuracies(setup):
     path.write_text(json.dumps(data))
     damaged = TuningSession.resume(session.folder)
     with pytest.raises(SessionError, match=r"step 1's model_digest ffffffffffff does not match "
-                                           r"its model models/step_1\.onnx"):
+                                           r"its model models/step_1\.onnx.*its file is the "
+                                           r"one recorded"):
         damaged.model()
     os.remove(damaged.path(0))
     with pytest.raises(SessionError, match=r"step_0\.onnx is missing \(model of step 0\)"):
         damaged.model(0)
+
+
+def test_a_proposal_applied_again_is_named_as_applied(setup):
+    """Re-running `session apply` after a crash right after the step was recorded said the
+    proposal was for another model and to propose again, inviting a second pruning (a
+    crash-safety sweep, 2026-11-25)."""
+    session, runner, data = setup
+    stats = onnxaom.collect(session.model(), data, progress=False)
+    proposal = propose(stats, layers=["conv2"], keep={"conv2": 4})
+    first = apply_step(session, runner, proposal)
+    with pytest.raises(SessionError, match=rf"applied already: step {first.step.index}, made "
+                                           rf"from step 0"):
+        apply_step(session, runner, proposal)
+    assert runner.runs == 1
 
 
 def test_statistics_of_another_model_are_refused(setup):

@@ -228,6 +228,8 @@ def test_statistics_pickle_copy_and_compare_by_content() -> None:
         assert again == stats and hash(again) == hash(stats)
         assert again.metadata == stats.metadata and again.layer_names == stats.layer_names
         np.testing.assert_array_equal(again.counts["b"], stats.counts["b"])
+        # made again through the constructor: pickle keeps no WRITEABLE flag (a review)
+        assert not again.counts["b"].flags.writeable and not again.class_sizes.flags.writeable
     assert stats in [stats] and stats != random_stats(2, [2, 5]) and stats != "stats"
     assert len({stats, copy.deepcopy(stats)}) == 1
 

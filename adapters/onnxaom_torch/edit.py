@@ -45,8 +45,10 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx_graphsurgeon as gs
 import torch
 from torch import nn
 
@@ -54,6 +56,12 @@ import onnxaom
 from onnxaom.edits import Edit, InsertLayer, RemoveKernels, WidenLayer, as_edit_list, edit_steps
 from onnxaom.errors import EditError, ModelError
 from onnxaom.frozen import FrozenMap
+from onnxaom.layers import (
+    CONSTANT_ARITHMETIC,
+    ELEMENTWISE_ACTIVATIONS,
+    PASS_THROUGH,
+    PER_CHANNEL_NORMS,
+)
 from onnxaom.runtime import make_session
 from onnxaom.session import describe_edits
 from onnxaom.surgery.apply import apply_steps
@@ -248,7 +256,7 @@ def _apply_plan(work: nn.Module, cg: ChannelGraph, r: Rewriter, layers: dict[str
     modules = dict(work.named_modules())
     done: set[str] = set()
     changed: list[str] = []
-    followed: list[str] = []  # per-channel modules edited as a layer's chain, not yet claimed
+    followed: list[str] = []  # per-channel modules edited as a layer's chain
     for rec in cg.records:
         in_flow = rec.ins[0] if rec.ins else None
         in_change = plan.change(in_flow) if in_flow is not None else None
@@ -292,11 +300,10 @@ def _apply_plan(work: nn.Module, cg: ChannelGraph, r: Rewriter, layers: dict[str
         elif in_change is not None and rec.node.op in PER_CHANNEL_OPS:
             path = nodes.get(rec.node.name)
             if path is None:  # no name to go by (an export converted to an older opset): the
-                # first module of its kind already edited as a layer's chain, in graph order
-                kinds = _PER_CHANNEL_MODULES[rec.node.op]
-                path = next((f for f in followed if isinstance(modules[f], kinds)), None)
-                if path is not None:
-                    followed.remove(path)
+                # module of its kind at its place in the chain of the layer it follows, where
+                # that chain was edited with the layer
+                path = _chain_module(cg, rec.node, layers, run, modules)
+                path = path if path in followed else None
             if path is None:
                 raise EditError(
                     f"ONNX node {rec.node.name!r} ({rec.node.op}) has per-channel parameters "
@@ -307,6 +314,36 @@ def _apply_plan(work: nn.Module, cg: ChannelGraph, r: Rewriter, layers: dict[str
                 touched.append(path)
                 done.add(path)
     return changed
+
+
+def _chain_module(cg: ChannelGraph, node: Any, layers: Mapping[str, str], run: Trace,
+                  modules: Mapping[str, nn.Module]) -> str | None:
+    """The torch module of per-channel ONNX ``node`` (a graphsurgeon node) found by place: up
+    its single-input chain of per-channel ops to the ONNX layer it follows, then, in the torch
+    chain after that layer's module, the module of its kind at the same position among those
+    of its kind; None when the node follows no layer that way."""
+    owner = {id(ref.node): name for name, ref in cg.layers.items()}
+    passing = ELEMENTWISE_ACTIVATIONS | PASS_THROUGH | PER_CHANNEL_NORMS | CONSTANT_ARITHMETIC
+    before, current = 0, node
+    for _ in range(64):
+        computed = [t for t in current.inputs if not isinstance(t, gs.Constant)]
+        tensor = computed[0] if computed else None
+        if tensor is None or len(tensor.inputs) != 1:
+            return None
+        producer = tensor.inputs[0]
+        if id(producer) in owner:
+            path = layers.get(owner[id(producer)])
+            if path is None:
+                return None
+            kinds = _PER_CHANNEL_MODULES[node.op]
+            same = [f for f in run.chain(path) if isinstance(modules[f], kinds)]
+            return same[before] if before < len(same) else None
+        computed = [t for t in producer.inputs if not isinstance(t, gs.Constant)]
+        if producer.op not in passing or len(computed) != 1:
+            return None  # a merge of two tensors (a residual Add) ends the chain
+        before += producer.op == node.op
+        current = producer
+    return None
 
 
 #: The torch modules an ONNX per-channel op is exported from.
@@ -547,22 +584,15 @@ def _insert(work: nn.Module, edit: InsertLayer, new_name: str, onnx_chain: Seque
 
 
 def _unexplained_ops(ops: Sequence[str], modules: Sequence[nn.Module]) -> list[str]:
-    """The ONNX ops of a layer's chain before its activation (``ops``) that the torch modules
-    of its traced chain (``modules``, in order) do not account for: a batch norm module gives
-    a BatchNormalization (or none, folded), a dropout or identity an Identity/Dropout (or none);
-    anything else in ``ops`` is unexplained. Empty when every op has its module."""
-    owned: list[set[str]] = []
-    for module in modules:
-        if isinstance(module, BATCH_NORM_TYPES):
-            owned.append({"BatchNormalization"})
-        elif isinstance(module, nn.Dropout | nn.Identity):
-            owned.append({"Identity", "Dropout"})
-    left = list(ops)
-    for allowed in owned:  # each module accounts for at most one op of its kinds
-        hit = next((i for i, op in enumerate(left) if op in allowed), None)
-        if hit is not None:
-            left.pop(hit)
-    return [op for op in left if op not in ("Identity", "Dropout")]
+    """The ONNX ops of a layer's chain before its activation (``ops``) that nothing in the torch
+    module's traced chain (``modules``, in order) can account for: all of them (less Identity
+    and Dropout) where the trace saw no module between the layer and its activation (an
+    inline ``conv(x) + 0.3``, or a module the trace does not follow, sits there); none where it
+    saw some (a batch norm exports as a BatchNormalization, as Mul and Add (torchvision's
+    FrozenBatchNorm2d), or folded; a group norm as Reshape, InstanceNormalization, ...)."""
+    if modules:
+        return []
+    return [op for op in ops if op not in ("Identity", "Dropout")]
 
 
 # ------------------------------------------------------------------------------- the check

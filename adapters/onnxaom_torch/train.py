@@ -32,7 +32,7 @@ from torch import nn
 
 from onnxaom.data import Dataset
 from onnxaom.errors import ArgumentError, DataError, LayerNotFoundError
-from onnxaom.frozen import readonly_array
+from onnxaom.frozen import readonly_array, reduce_by_fields
 from onnxaom.progress import over
 
 from .trace import check_float32
@@ -121,6 +121,9 @@ class Evaluation:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "confusion", readonly_array(self.confusion))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_by_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy,
@@ -347,8 +350,10 @@ def evaluate(module: nn.Module, data: Any, *, batch_size: int = 256,
                                     or not isinstance(num_classes, int | np.integer)
                                     or num_classes < 1):
         raise DataError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) \
+            or batch_size < 1:
         raise ArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = int(batch_size)
     check_float32(module)
     target = resolve_device(device)
     tensors = _as_tensors(data)

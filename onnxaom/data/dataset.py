@@ -144,7 +144,7 @@ class Dataset:
                        self.class_names, f"{self.source}, resized to {pair[0]}x{pair[1]}",
                        replace(self.preprocessing, resize=pair))
 
-    def split(self, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    def split(self, fraction: float, seed: int | None = 0) -> tuple[Dataset, Dataset]:
         """Stratified random split into two data sets.
 
         Parameters
@@ -162,8 +162,10 @@ class Dataset:
         fraction = _finite_float(fraction, "fraction")
         if not 0.0 < fraction < 1.0:
             raise DataError(f"fraction must be strictly between 0 and 1, got {fraction}")
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-            raise DataError(f"seed must be an integer >= 0, got {seed!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int | np.integer)
+                                 or seed < 0):
+            raise DataError(f"seed must be an integer >= 0 (or None: a fresh draw), got "
+                            f"{seed!r}")
         rng = np.random.default_rng(seed)
         n = len(self)
         classes, inverse = np.unique(self.labels, return_inverse=True)

@@ -36,7 +36,7 @@ from ..errors import EditError
 from ..frozen import FrozenMap
 from ..layers import find_layers
 from ..warn import user_stacklevel
-from .channels import ChannelGraph, RemovePlan, Rewriter, build, rewrite
+from .channels import ChannelGraph, LayerSlots, RemovePlan, Rewriter, build, rewrite
 
 __all__ = ["RemovalPlan", "check_blocked", "plan", "refuse_coupled", "remove_step",
            "remove_with_fallback"]
@@ -145,16 +145,30 @@ def check_blocked(cg: ChannelGraph, layer: str, classes: set[int]) -> None:
 def refuse_coupled(cg: ChannelGraph, layer: str, classes: set[int],
                    asked_by_step: set[str]) -> None:
     """Raise when ``classes`` reach other layers by coupling (not by depthwise ties), unless
-    those layers are named in the same step. A layer tied to any layer named in the step (a
-    depthwise conv after a residual merge of two named layers) is tied, not coupled."""
-    named = [name for name in (layer, *sorted(asked_by_step)) if name in cg.layers]
-    tie_roots = {cg.slots.find_tie(int(s)) for name in named for s in cg.layers[name].slots}
+    those layers are named in the same step. A layer whose kernels are tied to ``layer``'s
+    channels is tied, not coupled; so is a depthwise conv whose kernels follow the channels of
+    a layer named in the step (after a residual Add of two named layers)."""
+    named = {layer, *asked_by_step}
+    find_tie = cg.slots.find_tie
+    own_roots = {find_tie(int(s)) for s in cg.layers[layer].slots}
+    owners_by_tie: dict[int, set[str]] = {}
+    for slot, owner in enumerate(cg.slots.owner):
+        if owner is not None:
+            owners_by_tie.setdefault(find_tie(slot), set()).add(owner[0])
     others: list[str] = []
     for name, kernels in cg.layers_in(classes).items():
-        if name == layer or name in asked_by_step:
+        if name in named:
             continue
-        slots = cg.layers[name].slots
-        if any(cg.slots.find_tie(int(slots[k])) not in tie_roots for k in kernels):
+        ref = cg.layers[name]
+        depthwise = int(ref.node.attrs.get("group", 1)) > 1
+
+        def tied(kernel: int, ref: LayerSlots = ref, name: str = name,
+                 depthwise: bool = depthwise) -> bool:
+            root = find_tie(int(ref.slots[kernel]))
+            return root in own_roots or (depthwise and bool(
+                (owners_by_tie.get(root, set()) - {name}) & named))
+
+        if not all(tied(k) for k in kernels):
             others.append(name)
     if not others:
         return
