@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["FrozenJSON", "FrozenMap", "readonly_array", "reduce_by_fields"]
+__all__ = ["FrozenJSON", "FrozenMap", "frozen_in_place", "readonly_array", "reduce_by_fields"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -70,3 +70,19 @@ def reduce_by_fields(obj: Any) -> tuple[Any, ...]:
     made again through the constructor, since pickle and ``copy`` neither keep numpy's
     ``WRITEABLE`` flag nor call ``__post_init__`` otherwise."""
     return (type(obj), tuple(getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init))
+
+
+def frozen_in_place(array: np.ndarray) -> np.ndarray:
+    """``array`` read-only for good without a copy, where it is not shared: an array that owns
+    its data (fresh from pickle or a deep copy) becomes the read-only base of a read-only view;
+    one that is already such a view is returned as it is; anything else is copied
+    (:func:`readonly_array`)."""
+    if not array.flags.writeable and array.base is not None \
+            and not getattr(array.base, "flags", array.flags).writeable:
+        return array
+    if array.base is None and array.flags.writeable:
+        array.setflags(write=False)
+        view = array.view()
+        view.setflags(write=False)
+        return view
+    return readonly_array(array)

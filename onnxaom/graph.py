@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import onnx
@@ -80,24 +81,24 @@ class GraphIndex:
         return {t.name: t for t in self.graph.initializer}
 
     def constant(self, name: str, depth: int = 8) -> np.ndarray | None:
-        """The value of ``name`` if it is an initializer, a Constant node's output, or a
-        ``Cast`` or ``Identity`` of one (exporters leave a ReLU6's bounds as a Cast of a
-        Constant unfolded)."""
+        """The value of ``name`` if it is an initializer, a Constant node's output, or one of
+        the shape and type ops exports leave unfolded on constants (:data:`FOLDED_OPS`:
+        a ReLU6's bounds as a Cast of a Constant; nn.GroupNorm's weight and nn.PReLU's slope as
+        an Unsqueeze or Reshape of an initializer, without constant folding)."""
         if name in self.initializers:
             return numpy_helper.to_array(self.initializers[name])
         index = self.producer.get(name)
         if index is None:
             return None
         node = self.graph.node[index]
-        if node.op_type in ("Cast", "Identity") and node.domain in ("", "ai.onnx") \
-                and node.input and depth > 0:
-            value = self.constant(node.input[0], depth - 1)
-            if value is None or node.op_type == "Identity":
-                return value
-            to = int(self.attribute(node, "to", 0))  # type: ignore[call-overload]
+        if node.op_type in FOLDED_OPS and node.domain in ("", "ai.onnx") and node.input \
+                and depth > 0:
+            args = [self.constant(n, depth - 1) if n else None for n in node.input]
+            if args[0] is None:
+                return None
             try:
-                return value.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
-            except (KeyError, TypeError, ValueError):  # a type numpy has no match for
+                return _fold(node, args, self.attribute)
+            except (KeyError, TypeError, ValueError, IndexError):  # malformed: not constant
                 return None
         if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
             return None
@@ -172,6 +173,75 @@ class GraphIndex:
             if attr.name == name:
                 return onnx.helper.get_attribute_value(attr)
         return default
+
+
+#: Ops :meth:`GraphIndex.constant` evaluates on constant inputs: they only retype, reshape or
+#: broadcast their first input, count (``Range``: the axes of an unoptimised GroupNorm's
+#: affine Unsqueeze), or do small arithmetic on constants (the bounds of that Range); cheap,
+#: and exact (integer Div rounds toward zero, as ONNX).
+FOLDED_OPS = frozenset({"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Expand",
+                        "Flatten", "Range", "Add", "Sub", "Mul", "Div"})
+#: The most elements an arithmetic op is folded for (shape and index arithmetic, not weights).
+_FOLDED_ARITHMETIC = 4096
+
+
+def _fold(node: onnx.NodeProto, args: list[np.ndarray | None],
+          attribute: Any) -> np.ndarray | None:
+    """``node`` (one of :data:`FOLDED_OPS`) on constant ``args`` (None: not constant)."""
+    op, value = node.op_type, args[0]
+    assert value is not None
+    second = args[1] if len(args) > 1 else None
+    if op == "Identity":
+        return value
+    if op == "Cast":
+        return value.astype(onnx.helper.tensor_dtype_to_np_dtype(int(attribute(node, "to", 0))))
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = second if len(node.input) > 1 and node.input[1] else attribute(node, "axes")
+        if len(node.input) > 1 and node.input[1] and second is None:
+            return None  # computed axes
+        if axes is None:
+            return np.squeeze(value) if op == "Squeeze" else None
+        axes = [int(a) for a in np.ravel(axes)]
+        if op == "Squeeze":
+            return np.squeeze(value, axis=tuple(a % value.ndim for a in axes))
+        rank = value.ndim + len(axes)
+        for axis in sorted(a % rank for a in axes):
+            value = np.expand_dims(value, axis)
+        return value
+    if op == "Reshape":
+        if second is None:
+            return None
+        shape = [int(d) for d in np.ravel(second)]
+        zero_is_copy = not int(attribute(node, "allowzero", 0))
+        shape = [value.shape[i] if d == 0 and zero_is_copy else d for i, d in enumerate(shape)]
+        return value.reshape(shape)
+    if op == "Expand":
+        if second is None:
+            return None
+        return value * np.ones([int(d) for d in np.ravel(second)], dtype=value.dtype)
+    if op in ("Add", "Sub", "Mul", "Div"):
+        if second is None or value.size > _FOLDED_ARITHMETIC or np.size(second) > \
+                _FOLDED_ARITHMETIC:
+            return None
+        other = np.asarray(second)
+        if op == "Div" and np.issubdtype(value.dtype, np.integer):
+            if np.any(other == 0):
+                return None
+            return np.trunc(value / other).astype(value.dtype)
+        with np.errstate(all="ignore"):
+            result = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply,
+                      "Div": np.divide}[op](value, other)
+        return np.asarray(result).astype(value.dtype)
+    if op == "Range":
+        if len(args) != 3 or any(a is None for a in args):
+            return None
+        start, limit, delta = (np.asarray(a).reshape(()).item() for a in args)
+        return None if delta == 0 else np.arange(start, limit, delta).astype(value.dtype)
+    if op == "Flatten":
+        axis = int(attribute(node, "axis", 1))
+        axis = axis + value.ndim if axis < 0 else axis
+        return value.reshape(int(np.prod(value.shape[:axis])), -1)
+    return None
 
 
 def fed_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

@@ -261,10 +261,10 @@ def find_layers(model: onnx.ModelProto, probe: str = "activation",
             perm = chain_layout(read)
             kind = "activation"
             if probe == "pool" and not perm:
-                reader = index.single_consumer(tensor)
-                if reader is not None and index.graph.node[reader].op_type in POOLS:
-                    pool = index.graph.node[reader]
-                    tensor, chain, kind = pool.output[0], (*chain, pool.op_type), "pool"
+                found = _pool_after(index, tensor)
+                if found is not None:
+                    tensor, kind = found[-1].output[0], "pool"
+                    chain = (*chain, *(n.op_type for n in found))
         layers.append(
             Layer(
                 name=name,
@@ -762,6 +762,45 @@ def clip_ceiling(index: GraphIndex, node: onnx.NodeProto) -> float | None:
         value = index.constant(node.input[2])
         return None if value is None else float(value.max())
     return float(index.attribute(node, "max", np.inf))  # type: ignore[arg-type]
+
+
+def _pool_after(index: GraphIndex, tensor: str) -> list[onnx.NodeProto] | None:
+    """The pool that reads ``tensor`` (:data:`POOLS`), with the value-keeping ops an exporter
+    may put before it: Identity, Dropout, a multiplication or division by 1, an addition of
+    0, and a zero constant Pad (the legacy exporter's AvgPool2d with padding at opset 9);
+    None when the first op that is none of these is not a pool."""
+    passed: list[onnx.NodeProto] = []
+    for _ in range(8):
+        reader = index.single_consumer(tensor)
+        if reader is None:
+            return None
+        node = index.graph.node[reader]
+        if node.domain not in ("", "ai.onnx") or node.input[0] != tensor:
+            return None
+        if node.op_type in POOLS:
+            return [*passed, node]
+        if not (node.op_type in PASS_THROUGH or _neutral(index, node)):
+            return None
+        passed.append(node)
+        tensor = node.output[0]
+    return None
+
+
+def _neutral(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """Whether ``node`` leaves its first input's values as they are: Mul or Div by a constant
+    1, Add or Sub of a constant 0, a constant-mode Pad with 0 (which only a pool may follow)."""
+    op = node.op_type
+    if op in CONSTANT_ARITHMETIC and len(node.input) == 2:
+        value = index.constant(node.input[1])
+        neutral = 1.0 if op in ("Mul", "Div") else 0.0
+        return value is not None and value.size > 0 and bool(np.all(value == neutral))
+    if op == "Pad":
+        mode = index.attribute(node, "mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        fill = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else \
+            np.asarray(index.attribute(node, "value", 0.0))
+        return mode == "constant" and fill is not None and bool(np.all(fill == 0))
+    return False
 
 
 def _probe_shape(

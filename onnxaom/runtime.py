@@ -82,6 +82,11 @@ def resolve_providers(provider: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def _has_qdq(model: onnx.ModelProto) -> bool:
+    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear")
+               for node in model.graph.node)
+
+
 def make_session(
     model: onnx.ModelProto,
     providers: list[str],
@@ -112,6 +117,14 @@ def make_session(
         options.inter_op_num_threads = 1
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+    if _has_qdq(model):
+        # ORT's graph rewrites (Q/DQ fusions into integer kernels with a quantised bias, and
+        # float fusions whose rounding a QuantizeLinear turns into a whole step) fire or not
+        # depending on each tensor's readers, which instrumenting and pruning change: counts
+        # then depended on which layers were counted and how. Off, every graph computes the
+        # Q/DQ model node by node, as the ONNX spec defines it.
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types

@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import LayerNotFoundError, ModelFileNotFoundError, StatsError
 from .files import atomic_write
-from .frozen import FrozenJSON, FrozenMap, readonly_array, reduce_by_fields
+from .frozen import FrozenJSON, FrozenMap, frozen_in_place, readonly_array
 
 __all__ = ["OccurrenceStats", "aom_from_counts", "class_selectivity", "csm", "odm", "selectivity"]
 
@@ -106,6 +106,21 @@ def selectivity(aom: np.ndarray) -> np.ndarray:
     # O(K C log C) instead of a (K, C, C) temporary
     weights = 2.0 * (2.0 * np.arange(c) - c + 1)
     return np.asarray(a @ weights)
+
+
+def _restored(cls: type[OccurrenceStats], counts: Mapping[str, np.ndarray],
+              class_sizes: np.ndarray, class_names: tuple[str, ...],
+              metadata: dict[str, Any]) -> OccurrenceStats:
+    """:class:`OccurrenceStats` as :meth:`OccurrenceStats.__reduce__` gave them: their arrays
+    made read-only in place (they are fresh from unpickling or a deep copy, or read-only views
+    already, from a shallow copy)."""
+    stats = object.__new__(cls)
+    object.__setattr__(stats, "counts", FrozenMap({name: frozen_in_place(np.asarray(array))
+                                                  for name, array in counts.items()}))
+    object.__setattr__(stats, "class_sizes", frozen_in_place(np.asarray(class_sizes)))
+    object.__setattr__(stats, "class_names", tuple(class_names))
+    object.__setattr__(stats, "metadata", FrozenJSON(metadata))
+    return stats
 
 
 def _readonly(array: np.ndarray) -> np.ndarray:
@@ -208,7 +223,10 @@ class OccurrenceStats:
         return hash(self.digest)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return reduce_by_fields(self)
+        # pickle keeps no read-only flag: made again, without the constructor's checks and
+        # copies (the values were checked when these statistics were made)
+        return (_restored, (type(self), dict(self.counts), self.class_sizes,
+                            self.class_names, dict(self.metadata)))
 
     # ----------------------------------------------------------------- basic facts
     @cached_property

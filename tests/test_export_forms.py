@@ -36,7 +36,8 @@ def _dynamo(module, tmp_path: Path, *, size: int = 12, opset: int = 18,
 def _legacy(module, *, size: int = 12, opset: int = 13) -> onnxaom.Model:
     buffer = io.BytesIO()
     torch.onnx.export(module.eval(), (torch.randn(2, 1, size, size),), buffer, dynamo=False,
-                      opset_version=opset)
+                      opset_version=opset, input_names=["input"],
+                      dynamic_axes={"input": {0: "N"}})
     return onnxaom.Model(onnx.load_from_string(buffer.getvalue()))
 
 
@@ -191,10 +192,76 @@ def test_the_default_proposal_leaves_out_a_layer_the_surgery_cannot_edit() -> No
 
     model = _legacy(Seg())
     x = np.random.default_rng(2).standard_normal((30, 1, 12, 12)).astype(np.float32)
-    stats = onnxaom.collect(model, x, np.arange(30) % 3, progress=False)  # in chunks of 2
+    stats = onnxaom.collect(model, x, np.arange(30) % 3, progress=False)
     proposal = onnxaom.propose(stats, model=model)
     assert [p.layer for p in proposal.layers] == ["/c1/Conv", "/c2/Conv"]
     assert any("'/head/Conv' left out" in note and "graph output" in note
                for note in proposal.notes)
     onnxaom.apply(model, proposal)
     assert [p.layer for p in onnxaom.propose(stats).layers][-1] == "/head/Conv"  # no model
+
+
+def _counts_at(model: onnxaom.Model, tensor: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Brute force: (K, C, H, W) counts of ``tensor`` > 0, from ONNX Runtime."""
+    proto = model.copy_proto()
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(tensor, 1, None))
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    batch = session.get_inputs()[0].shape[0]
+    step = batch if isinstance(batch, int) else len(x)  # a fixed batch: run in chunks of it
+    values = np.concatenate([session.run([tensor], {session.get_inputs()[0].name: x[i:i + step]})
+                             [0] for i in range(0, len(x), step)]) > 0
+    return np.stack([values[y == c].sum(axis=0) for c in range(int(y.max()) + 1)], axis=1)
+
+
+def test_constants_computed_by_the_exporter_keep_the_chain(tmp_path) -> None:
+    """Found by a counting fuzzer (2026-11-25): without constant folding, nn.GroupNorm's affine
+    weight is Unsqueeze(weight, Range(...)) and nn.PReLU's slope a Reshape of the weight; the
+    chain stopped there, so a Conv -> GroupNorm -> ReLU layer was counted before its affine
+    and ReLU (372 of 512 counts wrong), and a PReLU layer at the raw conv output."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(6)
+            self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+            self.gn = nn.GroupNorm(2, 4)
+            self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.act = nn.PReLU(4)
+            self.fc = nn.Linear(4, 3)
+            with torch.no_grad():
+                self.gn.weight.uniform_(0.5, 2)
+                self.gn.bias.uniform_(-1, 1)
+                self.act.weight.uniform_(0.1, 0.3)
+
+        def forward(self, x):
+            x = torch.relu(self.gn(self.c1(x)))
+            return self.fc(self.act(self.c2(x)).mean((2, 3)))
+
+    x = np.random.default_rng(7).standard_normal((24, 1, 12, 12)).astype(np.float32)
+    y = np.arange(24) % 3
+    for model in (_dynamo(Net(), tmp_path, optimize=False), _dynamo(Net(), tmp_path,
+                                                                      optimize=True)):
+        first, second = model.layers()[:2]
+        assert first.chain[-3:] == ("Mul", "Add", "Relu") and second.chain == ("PRelu",)
+        stats = onnxaom.collect(model, x, y, progress=False)
+        for layer in (first, second):
+            np.testing.assert_array_equal(stats.counts[layer.name],
+                                          _counts_at(model, layer.probe, x, y))
+
+
+def test_the_pool_probe_reads_through_value_keeping_ops(tmp_path) -> None:
+    """probe="pool" fell back to the activation, silently, where an exporter put an op between
+    the activation and the pool: a zero Pad (AvgPool2d with padding, legacy opset 9) or a
+    Mul by 1 (nn.ELU with optimize=False)."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ELU(), nn.AvgPool2d(2, padding=1),
+                        nn.Conv2d(4, 2, 3))
+    for model in (_legacy(net, opset=9), _dynamo(net, tmp_path, optimize=False)):
+        layer = model.layers("pool")[0]
+        assert layer.probe_kind == "pool" and layer.chain[-1] == "AveragePool"
+        x = np.random.default_rng(8).standard_normal((12, 1, 12, 12)).astype(np.float32)
+        y = np.arange(12) % 2
+        stats = onnxaom.collect(model, x, y, probe="pool", progress=False)
+        np.testing.assert_array_equal(stats.counts[layer.name],
+                                      _counts_at(model, layer.probe, x, y))

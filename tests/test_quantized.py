@@ -136,3 +136,43 @@ def test_a_cast_between_integer_types_on_a_weights_path_is_no_quantization():
     edited = onnxaom.remove_kernels(model, {"conv": [0]})
     assert edited.layer("conv").kernels == 3
     assert onnxaom.summary(model).total_params == 4 * 2 * 9 + 3 * 4  # not the int32 shape
+
+
+def test_qdq_counts_do_not_depend_on_the_counting_graph():
+    """Found by a counting fuzzer (2026-11-25): ONNX Runtime's Q/DQ fusions quantise a conv's
+    float bias to int32 only where the conv's output has the readers its pattern wants, so
+    the in-graph count (more readers) and the plain one disagreed, and so did a layer counted
+    alone and with the others. Q/DQ models now run node by node, as the ONNX spec defines
+    them: a bias of 0.4 at a bias scale of 1 stays 0.4."""
+    f32 = np.float32
+    inits = [
+        numpy_helper.from_array(np.array(1.0, f32), "xs"),
+        numpy_helper.from_array(np.array(0, np.uint8), "xz"),
+        numpy_helper.from_array(np.ones((2, 1, 1, 1), np.int8), "wq"),
+        numpy_helper.from_array(np.array(1.0, f32), "ws"),
+        numpy_helper.from_array(np.array(0, np.int8), "wz"),
+        numpy_helper.from_array(np.array([0.4, -0.4], f32), "b"),
+        numpy_helper.from_array(np.ones((1, 2, 1, 1), f32), "w2"),
+        numpy_helper.from_array(np.array(0.05, f32), "ys"),
+        numpy_helper.from_array(np.array(128, np.uint8), "yz"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="qx"),
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dqx"),
+        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], name="dqw"),
+        helper.make_node("Conv", ["xd", "wd", "b"], ["c"], name="conv"),
+        helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["cq"], name="qc"),
+        helper.make_node("DequantizeLinear", ["cq", "ys", "yz"], ["cd"], name="dqc"),
+        helper.make_node("Relu", ["cd"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2"),
+    ]
+    proto = zoo.hand_built(nodes, inits, ["N", 1, 2, 2], ["N", 1, 2, 2], opset=13)
+    model = onnxaom.load(proto)
+    images, labels = np.zeros((4, 1, 2, 2), f32), np.array([0, 0, 1, 1])  # output = the bias
+    for probe in ("conv", "activation"):
+        counts = [onnxaom.collect(model, images, labels, probe=probe, method=method,
+                                  layers=layers, progress=False).counts["conv"]
+                  for method in ("graph", "plain") for layers in (None, ["conv"])]
+        for other in counts[1:]:
+            np.testing.assert_array_equal(other, counts[0])
+        assert counts[0][:, :, 0, 0].tolist() == [[2, 2], [0, 0]]

@@ -1077,3 +1077,83 @@ def test_per_channel_modules_without_names_in_the_graph_are_edited(tmp_path) -> 
     first = model.layers()[0].name
     result = apply_edits(module, model, [RemoveKernels(first, (1,))])
     assert result.module.act.weight.shape[0] == 3 and result.module.up.in_channels == 3
+
+
+class _InlineAfterNorm(torch.nn.Module):
+    """conv -> bn -> ``how`` -> conv2: an op the adapter's trace cannot see between the chain's
+    last module and the ReLU."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.how = how
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        if self.how == "add":  # relu(bn(conv(x)) + 0.3)
+            x = torch.relu(self.bn(self.conv(x)) + 0.3)
+        elif self.how == "scale":  # relu(s * bn(conv(x))), s one positive factor a channel
+            scale = torch.tensor([0.5, 1.0, 2.0, 4.0]).view(1, 4, 1, 1)
+            x = torch.relu(scale * self.bn(self.conv(x)))
+        else:  # bn(relu_(conv(x))): the ReLU runs before the norm, in place
+            x = self.bn(torch.nn.functional.relu(self.conv(x), inplace=True))
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", ["add", "scale", "inplace"])
+def test_an_insertion_placed_by_guess_is_checked_even_unchecked(tmp_path, how) -> None:
+    """A review (2026-11-25): with a module in the traced chain, an inline op after it (or an
+    in-place ReLU before it) still got the layer wrapped around the wrong module, 0.009 to
+    0.17 off with check=False. The forward is now probed (the output with the module's
+    output replaced by -|y| equals the output with zeros only where a ReLU follows it), and a
+    guessed place is checked against the surgery whatever ``check`` says."""
+    module = _InlineAfterNorm(how).eval()
+    path = architectures.export_onnx(module, tmp_path / "m.onnx", input_shape=(2, 1, 12, 12))
+    model = onnxaom.load(path)
+    edit = InsertLayer(after="/conv/Conv", kernel_size=3, init="random", seed=3)
+    apply(model, [edit])
+    with pytest.raises(EditError, match="does not apply a ReLU right to|does not give the ONNX "
+                                        "surgery's result"):
+        apply_edits(module, model, [edit], check=False)
+
+
+def test_per_channel_nodes_are_found_by_their_parameters(tmp_path) -> None:
+    """conv -> bn1 (folded into the conv by the export) -> relu -> bn2, names and metadata
+    gone: bn2's node was taken for bn1 by its place in the chain (a review)."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(2)
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.bn1 = torch.nn.BatchNorm2d(4)
+            self.bn2 = torch.nn.BatchNorm2d(4)
+            self.conv2 = torch.nn.Conv2d(4, 4, 1)
+            self.fc = torch.nn.Linear(4, 3)
+            with torch.no_grad():
+                for bn in (self.bn1, self.bn2):
+                    bn.running_mean.uniform_(-0.5, 0.5)
+                    bn.weight.uniform_(0.5, 2)
+
+        def forward(self, x):
+            x = self.bn2(torch.relu(self.bn1(self.conv(x))))
+            return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+    module = Net().eval()
+    path = architectures.export_onnx(module, tmp_path / "m.onnx", input_shape=(2, 1, 8, 8))
+    proto = onnxaom.load(path).copy_proto()
+    renamed = {t.name: f"p{i}" for i, t in enumerate(proto.graph.initializer)}
+    for tensor in proto.graph.initializer:
+        tensor.name = renamed[tensor.name]
+    for i, node in enumerate(proto.graph.node):
+        node.name = f"n{i}"
+        del node.metadata_props[:]
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+    model = onnxaom.Model(proto)
+    result = apply_edits(module, model, [RemoveKernels(model.layers()[0].name, (1,))])
+    assert result.module.bn2.num_features == 3 and result.difference is not None

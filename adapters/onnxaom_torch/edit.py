@@ -42,7 +42,7 @@ import copy
 import logging
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,7 +213,8 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
             assert isinstance(inserted, dict)
             step_changed = [str(inserted["layer"])]
             onnx_chain = current.layer(head.after).chain  # ends in "Relu" or "Clip" (checked)
-            _insert(work, head, step_changed[0], onnx_chain, layers, nodes, run, touched, notes)
+            _insert(work, head, step_changed[0], onnx_chain, layers, nodes, run, touched, notes,
+                    x)
         else:  # pragma: no cover - as_edit_list admits only the three edit types
             raise EditError(f"not an edit: {head!r}")
         changed.extend(n for n in step_changed if n not in changed)
@@ -221,9 +222,21 @@ def apply_edits(module: nn.Module, model: onnxaom.Model, edits: Edit | Iterable[
     _traced(work, x, steps)  # the edited forward must run, checked or not
     difference = None
     noisy = any(isinstance(e, WidenLayer) and e.noise > 0 for e in edit_list)
-    if check and not noisy:
-        difference = _check_against(work, current, x, atol,
-                                    noise=_numeric_noise(module, model, x))
+    guessed = any(note.startswith("the ReLU after") for note in notes)
+    if (check or guessed) and not noisy:
+        # an insertion wrapped around a functional or shared ReLU is a guess about the
+        # forward: checked against the surgery even with check=False
+        try:
+            difference = _check_against(work, current, x, atol,
+                                        noise=_numeric_noise(module, model, x))
+        except EditError as exc:
+            if not guessed or check:
+                raise
+            raise EditError(f"the layer inserted around a functional or shared ReLU does not "
+                            f"give the ONNX surgery's result ({exc}): an op between the "
+                            f"layer's chain and its ReLU (a scale module?) that the adapter "
+                            f"does not see; make the ReLU an nn.ReLU module right after the "
+                            f"layer's chain") from exc
     order = [layer.name for layer in current.layers()]
     return TorchEdit(
         module=work, model=current,
@@ -337,6 +350,10 @@ def _chain_module(cg: ChannelGraph, node: Any, layers: Mapping[str, str], run: T
                 return None
             kinds = _PER_CHANNEL_MODULES[node.op]
             same = [f for f in run.chain(path) if isinstance(modules[f], kinds)]
+            # only where the torch chain has as many modules of the kind as the ONNX chain has
+            # nodes (an exporter folds a batch norm into the conv: then places do not match)
+            if len(same) != _ops_in_chain(producer, node.op, passing):
+                return None
             return same[before] if before < len(same) else None
         computed = [t for t in producer.inputs if not isinstance(t, gs.Constant)]
         if producer.op not in passing or len(computed) != 1:
@@ -344,6 +361,23 @@ def _chain_module(cg: ChannelGraph, node: Any, layers: Mapping[str, str], run: T
         before += producer.op == node.op
         current = producer
     return None
+
+
+def _ops_in_chain(layer_node: Any, op: str, passing: frozenset[str]) -> int:
+    """How many ``op`` nodes the single-reader chain of per-channel ops after ``layer_node``
+    (a graphsurgeon node) holds."""
+    count, tensor = 0, layer_node.outputs[0]
+    for _ in range(64):
+        readers = list(tensor.outputs)
+        if len(readers) != 1:
+            break
+        reader = readers[0]
+        computed = [t for t in reader.inputs if not isinstance(t, gs.Constant)]
+        if reader.op not in passing or len(computed) != 1 or not reader.outputs:
+            break
+        count += reader.op == op
+        tensor = reader.outputs[0]
+    return count
 
 
 #: The torch modules an ONNX per-channel op is exported from.
@@ -519,7 +553,7 @@ def _renamed(old: str, new: str, *tables: dict[str, str]) -> None:
 
 def _insert(work: nn.Module, edit: InsertLayer, new_name: str, onnx_chain: Sequence[str],
             layers: dict[str, str], nodes: dict[str, str], run: Trace, touched: list[str],
-            notes: list[str]) -> None:
+            notes: list[str], example: torch.Tensor) -> None:
     """Put the new layer after the activation module that ends ``edit.after``'s chain
     (``onnx_chain``: the ONNX layer's chain, ending in its activation, "Relu" or "Clip"), as
     ``Sequential(act, deep, deep_relu)``; after a module that runs the activation itself
@@ -527,7 +561,8 @@ def _insert(work: nn.Module, edit: InsertLayer, new_name: str, onnx_chain: Seque
     activation is functional, wrap the module before it, which is exact only for a functional
     ReLU applied to that module's output (relu(deep(relu(x))) either way): refused where the
     ONNX chain holds ops before its ReLU that no module of the torch chain accounts for (an
-    inline ``conv(x) + 0.3``, a module the trace does not follow)."""
+    inline ``conv(x) + 0.3``, a module the trace does not follow), or where the module's
+    forward shows that no ReLU follows that module's output (:func:`_relu_follows`)."""
     activation = onnx_chain[-1]
     path = layers.get(edit.after)
     if path is None:
@@ -574,6 +609,14 @@ def _insert(work: nn.Module, edit: InsertLayer, new_name: str, onnx_chain: Seque
             raise EditError(f"cannot insert a layer after {edit.after!r}: module {target!r} "
                             f"runs {counts.get(target, 0)} times, so wrapping it would insert "
                             f"the layer in several places")
+        if not _relu_follows(work, modules[target], example):
+            raise EditError(
+                f"cannot insert a layer after {edit.after!r} in the torch module: the forward "
+                f"does not apply a ReLU right to the output of {target!r}, the last module "
+                f"the adapter traces before the ONNX model's ReLU (an inline op between them, "
+                f"such as bn(conv(x)) + 0.3, or an in-place F.relu before {target!r}), so the "
+                f"place of the ReLU cannot be told; make the ReLU an nn.ReLU module right "
+                f"after the layer's chain")
         _replace(work, target, nn.Sequential(OrderedDict(
             [("body", modules[target]), ("act", nn.ReLU()), ("deep", new)])))
         _renamed(target, f"{target}.body", layers, nodes)
@@ -581,6 +624,32 @@ def _insert(work: nn.Module, edit: InsertLayer, new_name: str, onnx_chain: Seque
         notes.append(f"the ReLU after {target!r} is functional or shared: wrapped {target!r} "
                      f"as {target}.body")
     touched.append(layers[new_name])
+
+
+def _relu_follows(work: nn.Module, target: nn.Module, example: torch.Tensor) -> bool:
+    """Whether ``work``'s forward on ``example`` applies a ReLU (or an op that, like it, sends
+    every value <= 0 to what it sends 0 to) right to the output of module ``target``: the
+    output is the same with ``target``'s output replaced by -|y| as by zeros. An inline op
+    in between (y + 0.3) or no ReLU at all (an in-place F.relu ran before ``target``) tells
+    the two apart."""
+    def run(replace: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        handle = target.register_forward_hook(lambda _m, _i, out: replace(out))
+        try:
+            with torch.no_grad():
+                out = work(example)
+        finally:
+            handle.remove()
+        return out if isinstance(out, torch.Tensor) else torch.as_tensor(0.0)
+
+    modes = {sub: sub.training for sub in work.modules()}
+    work.eval()
+    try:
+        negative = run(lambda y: -y.abs() - 1.0)
+        zeros = run(torch.zeros_like)
+    finally:
+        for sub, mode in modes.items():
+            sub.train(mode)
+    return bool(torch.allclose(negative, zeros, rtol=1e-5, atol=1e-6))
 
 
 def _unexplained_ops(ops: Sequence[str], modules: Sequence[nn.Module]) -> list[str]:

@@ -192,10 +192,34 @@ def _parameter_owners(index: GraphIndex, node: onnx.NodeProto) -> list[str]:
         if not name:
             continue
         source = _weight_source(index, name)
+        if len(index.consumers.get(source, ())) > 1:
+            continue  # one tensor for equal parameters of several modules: it names none
         path, _, last = source.rpartition(".")
         if path and last in _PARAMETER_NAMES and path not in out:
             out.append(path)
     return out
+
+
+def _holds_parameters(index: GraphIndex, node: onnx.NodeProto, module: nn.Module) -> bool:
+    """Whether ``module`` holds exactly the constant parameters of per-channel ``node``: a
+    BatchNormalization's scale, bias, mean and variance; a PRelu's slope; an
+    InstanceNormalization's scale and bias (False where any is computed)."""
+    names = {"BatchNormalization": ("weight", "bias", "running_mean", "running_var"),
+             "PRelu": ("weight",), "InstanceNormalization": ("weight", "bias")}.get(
+        node.op_type, ())
+    inputs = list(node.input[1:1 + len(names)])
+    if not names or len(inputs) != len(names):
+        return False
+    for name, tensor in zip(names, inputs, strict=True):
+        value = index.constant(tensor) if tensor else None
+        mine = getattr(module, name, None)
+        if value is None or not isinstance(mine, torch.Tensor):
+            return False
+        mine_values = mine.detach().cpu().numpy().ravel()
+        if value.size != mine_values.size or not np.array_equal(
+                value.ravel().astype(np.float32), mine_values.astype(np.float32)):
+            return False
+    return True
 
 
 def _weight_source(index: GraphIndex, name: str) -> str:
@@ -487,6 +511,12 @@ def _match(module: nn.Module, model: onnxaom.Model, run: Trace) -> LayerMap:
                 if isinstance(modules.get(path), kinds):  # survive a conversion to an older
                     nodes[node.name] = path  # opset, which drops the node's metadata)
                     break
+            if node.name not in nodes and node.op_type in PER_CHANNEL_OPS:
+                # else by value: the one module of its kind holding the node's parameters
+                same = [path for path, sub in modules.items() if isinstance(sub, kinds)
+                        and _holds_parameters(index, node, sub)]
+                if len(same) == 1:
+                    nodes[node.name] = same[0]
     return LayerMap(
         modules={layer.name: chosen[layer.name][0] for layer in layers},
         chains={layer.name: run.chain(chosen[layer.name][0]) for layer in layers},
