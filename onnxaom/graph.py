@@ -180,7 +180,8 @@ class GraphIndex:
 #: affine Unsqueeze), or do small arithmetic on constants (the bounds of that Range); cheap,
 #: and exact (integer Div rounds toward zero, as ONNX).
 FOLDED_OPS = frozenset({"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Expand",
-                        "Flatten", "Range", "Add", "Sub", "Mul", "Div"})
+                        "Flatten", "Range", "Add", "Sub", "Mul", "Div", "Concat", "Shape",
+                        "Gather"})
 #: The most elements an arithmetic op is folded for (shape and index arithmetic, not weights).
 _FOLDED_ARITHMETIC = 4096
 
@@ -191,6 +192,19 @@ def _fold(node: onnx.NodeProto, args: list[np.ndarray | None],
     op, value = node.op_type, args[0]
     assert value is not None
     second = args[1] if len(args) > 1 else None
+    if op == "Concat":  # a reshape target of constants (dynamo's p.view(1, -1, 1, 1))
+        parts = [a for a in args if a is not None]
+        if len(parts) != len(args) or sum(int(a.size) for a in parts) > _FOLDED_ARITHMETIC:
+            return None
+        return np.concatenate(parts, axis=int(attribute(node, "axis", 0)))
+    if op == "Shape":
+        start, end = int(attribute(node, "start", 0)), attribute(node, "end")
+        return np.asarray(value.shape[start:None if end is None else int(end)], dtype=np.int64)
+    if op == "Gather":
+        if second is None or value.size > _FOLDED_ARITHMETIC:
+            return None
+        return np.take(value, np.asarray(second).astype(np.int64),
+                       axis=int(attribute(node, "axis", 0)))
     if op == "Identity":
         return value
     if op == "Cast":

@@ -799,8 +799,26 @@ def _neutral(index: GraphIndex, node: onnx.NodeProto) -> bool:
         mode = mode.decode() if isinstance(mode, bytes) else mode
         fill = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else \
             np.asarray(index.attribute(node, "value", 0.0))
-        return mode == "constant" and fill is not None and bool(np.all(fill == 0))
+        return mode == "constant" and fill is not None and bool(np.all(fill == 0)) \
+            and _pads_spatial_only(index, node)
     return False
+
+
+def _pads_spatial_only(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """Whether Pad ``node`` of a 4-D tensor only adds (never crops) along H and W: padding the
+    channels or the batch would not be a pool's padding."""
+    given = index.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else \
+        index.attribute(node, "pads")
+    if given is None:
+        return False
+    pads = [int(p) for p in np.ravel(np.asarray(given))]
+    rank = len(pads) // 2
+    axes = index.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    axes_list = [int(a) % 4 for a in np.ravel(axes)] if axes is not None else list(range(rank))
+    if len(axes_list) != rank or any(p < 0 for p in pads):
+        return False
+    return all(pads[i] == 0 and pads[i + rank] == 0
+               for i, axis in enumerate(axes_list) if axis in (0, 1))
 
 
 def _probe_shape(

@@ -1214,3 +1214,37 @@ def test_threshold_in_is_exact_for_every_value_of_small_types() -> None:
         for t in (-0.5, 0.0, 0.1, 0.3, 254.5, 300.0, 65504.0, 1e39, -1e39):
             np.testing.assert_array_equal(values > threshold_in(t, dtype), exact > t,
                                           err_msg=f"{dtype.__name__} {t}")
+
+
+def test_a_mixing_fixed_batch_model_that_keeps_the_trial_signs_is_fed_in_chunks() -> None:
+    """Found by a counting fuzzer (2026-11-25): the trial of whether a fixed-batch model can run
+    other batch sizes compared the counts of a few samples; a model that normalises over the
+    batch (a Reshape to [1, 1, -1] before an InstanceNormalization) moved values without
+    flipping those samples' signs, passed, and was counted mixed. Values are compared too."""
+    f = np.float32
+    inits = [numpy_helper.from_array(np.ones((1, 1, 1, 1), f), "w1"),
+             numpy_helper.from_array(np.zeros(1, f), "b1"),
+             numpy_helper.from_array(np.array([1, 1, -1], np.int64), "flat"),
+             numpy_helper.from_array(np.ones(1, f), "s"),
+             numpy_helper.from_array(np.zeros(1, f), "b"),
+             numpy_helper.from_array(np.ones((1, 1, 1, 1), f), "w2"),
+             numpy_helper.from_array(np.zeros(1, f), "b2")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+             helper.make_node("Reshape", ["c1", "flat"], ["r"], name="to_groups"),
+             helper.make_node("InstanceNormalization", ["r", "s", "b"], ["n"], name="norm"),
+             helper.make_node("Shape", ["c1"], ["shp"], name="shape"),
+             helper.make_node("Reshape", ["n", "shp"], ["back"], name="back"),
+             helper.make_node("Conv", ["back", "w2", "b2"], ["c2"], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["y"], name="relu2")]
+    proto = zoo.hand_built(nodes, inits, [1, 1, 2, 2], [1, 1, 2, 2], opset=13)
+    images = np.array([[1, 2, 3, 4], [0, 2, 3, 5]] + [[10, 11, 12, 13], [1, 2, 3, 4]] * 4,
+                      f).reshape(-1, 1, 2, 2)
+    labels = np.arange(len(images)) % 2
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = np.concatenate([session.run(None, {"x": image[None]})[0] for image in images])
+    want = np.stack([(y[labels == c] > 0).sum(0) for c in range(2)], axis=1)
+    for method in ("graph", "plain"):
+        stats = onnxaom.collect(onnxaom.load(proto), images, labels, method=method,
+                                progress=False)
+        assert stats.metadata["batching"] == "fixed:1"
+        np.testing.assert_array_equal(stats.counts["conv2"], want)

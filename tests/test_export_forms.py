@@ -265,3 +265,31 @@ def test_the_pool_probe_reads_through_value_keeping_ops(tmp_path) -> None:
         stats = onnxaom.collect(model, x, y, probe="pool", progress=False)
         np.testing.assert_array_equal(stats.counts[layer.name],
                                       _counts_at(model, layer.probe, x, y))
+
+
+def test_a_parameter_viewed_per_channel_is_a_constant(tmp_path) -> None:
+    """A review (2026-11-25): dynamo with optimize=False writes ``b.view(1, -1, 1, 1)`` as a
+    Reshape to a Concat of Constants, which the layer scan did not fold: the layer was read
+    at the conv output (4,113 counts where the optimised export gave 3,453)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(9)
+            self.c1 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+            self.b = nn.Parameter(torch.linspace(-0.5, 0.5, 4))
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = torch.relu(self.c1(x) + self.b.view(1, -1, 1, 1))
+            return self.fc(x.mean((2, 3)))
+
+    x = np.random.default_rng(10).standard_normal((12, 1, 12, 12)).astype(np.float32)
+    y = np.arange(12) % 3
+    counts = []
+    for optimize in (False, True):
+        model = _dynamo(Net(), tmp_path, optimize=optimize)
+        layer = model.layers()[0]
+        assert layer.chain == ("Add", "Relu")
+        counts.append(onnxaom.collect(model, x, y, progress=False).counts[layer.name])
+    np.testing.assert_array_equal(counts[0], counts[1])

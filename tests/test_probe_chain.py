@@ -371,3 +371,25 @@ def test_a_channels_last_chain_refuses_insertion_and_a_bare_transpose_ends_it() 
     batch_moved = _model([("Transpose", {}, {"perm": [1, 0, 2, 3]}), ("Relu", {}, {}),
                           ("Transpose", {}, {"perm": [1, 0, 2, 3]})])
     assert onnxaom.Model(batch_moved).layer("conv1").probe == "c1"
+
+
+@pytest.mark.parametrize(("pads", "pooled"), [([0, 0, 0, 0, 0, 0, 1, 1], True),
+                                              ([0, 1, 0, 0, 0, 1, 0, 0], False),
+                                              ([0, 0, -1, 0, 0, 0, 0, 0], False)])
+def test_the_pool_probe_reads_through_a_zero_pad_of_h_and_w_only(pads, pooled) -> None:
+    """A review (2026-11-25): the pool probe, once it read through a zero Pad, also read
+    through one that pads the channels (and then could not count: 6 channels for 4 kernels)
+    or crops."""
+    rng = np.random.default_rng(12)
+    inits = [numpy_helper.from_array(rng.normal(size=(K, 1, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(pads, np.int64), "pads")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Pad", ["r", "pads"], ["p"], name="pad", mode="constant"),
+             helper.make_node("MaxPool", ["p"], ["y"], name="pool", kernel_shape=[2, 2],
+                              strides=[2, 2])]
+    proto = zoo.hand_built(nodes, inits, ["N", 1, 8, 8], None, opset=13)
+    layer = onnxaom.Model(proto).layer("conv", probe="pool")
+    assert (layer.probe, layer.probe_kind) == (("y", "pool") if pooled else ("r", "activation"))
+    x = rng.normal(size=(10, 1, 8, 8)).astype(np.float32)
+    onnxaom.collect(onnxaom.Model(proto), x, np.arange(10) % 2, probe="pool", progress=False)
