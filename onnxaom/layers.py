@@ -814,7 +814,10 @@ def _pads_spatial_only(index: GraphIndex, node: onnx.NodeProto) -> bool:
     pads = [int(p) for p in np.ravel(np.asarray(given))]
     rank = len(pads) // 2
     axes = index.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-    axes_list = [int(a) % 4 for a in np.ravel(axes)] if axes is not None else list(range(rank))
+    if axes is not None and len(index.shapes.get(node.input[0]) or (0,) * 4) != 4:
+        return False  # axes counted from the end of a tensor whose rank is not 4
+    axes_list = [int(a) + 4 if int(a) < 0 else int(a) for a in np.ravel(axes)] \
+        if axes is not None else list(range(rank))
     if len(axes_list) != rank or any(p < 0 for p in pads):
         return False
     return all(pads[i] == 0 and pads[i + rank] == 0
