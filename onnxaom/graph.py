@@ -213,15 +213,7 @@ def _fold(node: onnx.NodeProto, args: list[np.ndarray | None],
         axes = second if len(node.input) > 1 and node.input[1] else attribute(node, "axes")
         if len(node.input) > 1 and node.input[1] and second is None:
             return None  # computed axes
-        if axes is None:
-            return np.squeeze(value) if op == "Squeeze" else None
-        axes = [int(a) for a in np.ravel(axes)]
-        if op == "Squeeze":
-            return np.squeeze(value, axis=tuple(a % value.ndim for a in axes))
-        rank = value.ndim + len(axes)
-        for axis in sorted(a % rank for a in axes):
-            value = np.expand_dims(value, axis)
-        return value
+        return squeezed(op, value, axes)
     if op == "Reshape":
         if second is None:
             return None
@@ -256,6 +248,20 @@ def _fold(node: onnx.NodeProto, args: list[np.ndarray | None],
         axis = axis + value.ndim if axis < 0 else axis
         return value.reshape(int(np.prod(value.shape[:axis])), -1)
     return None
+
+
+def squeezed(op: str, value: np.ndarray, axes: Any) -> np.ndarray | None:
+    """ONNX ``Squeeze`` or ``Unsqueeze`` (``op``) of ``value`` along ``axes`` (None: a Squeeze
+    of every axis of size 1; an Unsqueeze needs axes); for constant folding."""
+    if axes is None:
+        return np.squeeze(value) if op == "Squeeze" else None
+    axes = [int(a) for a in np.ravel(axes)]
+    if op == "Squeeze":
+        return np.squeeze(value, axis=tuple(a % value.ndim for a in axes))
+    rank = value.ndim + len(axes)
+    for axis in sorted(a % rank for a in axes):
+        value = np.expand_dims(value, axis)
+    return value
 
 
 def fed_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

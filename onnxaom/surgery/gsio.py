@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..graph import squeezed
+
 __all__ = [
     "GRAPH_FIELDS_KEPT",
     "NameRegistry",
@@ -272,17 +274,7 @@ def fold_node(node: gs.Node, args: list[np.ndarray | None]) -> np.ndarray | None
         with np.errstate(all="ignore"):
             return np.asarray(_UNARY[op](first)).astype(first.dtype)
     if op in ("Unsqueeze", "Squeeze"):
-        axes = args[1] if len(args) > 1 else node.attrs.get("axes")
-        if axes is None:
-            return np.squeeze(first) if op == "Squeeze" else None
-        axes = [int(a) for a in np.ravel(axes)]
-        if op == "Squeeze":
-            return np.squeeze(first, axis=tuple(a % first.ndim for a in axes))
-        rank = first.ndim + len(axes)
-        out = first
-        for axis in sorted(a % rank for a in axes):
-            out = np.expand_dims(out, axis)
-        return out
+        return squeezed(op, first, args[1] if len(args) > 1 else node.attrs.get("axes"))
     if op == "Reshape" and len(args) > 1:
         shape = [int(d) for d in np.ravel(np.asarray(args[1]))]
         shape = [first.shape[i] if d == 0 else d for i, d in enumerate(shape)]
