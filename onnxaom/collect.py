@@ -43,6 +43,7 @@ from .data import (
     array_dtype,
     as_class_names,
     default_scale,
+    float_pixels,
     iter_batches,
 )
 from .errors import ArgumentError, DataError, LayerNotFoundError, ModelError
@@ -283,7 +284,7 @@ class Collector:
         images = np.asarray(images)
         if images.dtype in (np.uint16, np.uint8) and not (
                 images.dtype == np.uint8 and self._input.dtype == np.uint8):
-            images = images.astype(np.float32) * np.float32(default_scale(images.dtype))
+            images = float_pixels(images)
         images = self._input.check(images)
         labels = np.asarray(labels)
         if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
@@ -692,7 +693,7 @@ def _samples_independent(engine: Engine, trial: np.ndarray, fixed: int,
     if not all(np.array_equal(a, b) for a, b in zip(whole.counts, alone.counts, strict=True)):
         return False
     # the values too: a mixing that moves values without flipping the few samples' signs
-    session, name = engine._probe_session()
+    session, name = engine.probe_session()
     big = session.run(None, {name: trial}, QUIET_RUN)
     small = session.run(None, {name: trial[:fixed]}, QUIET_RUN)
     for a, b in zip(big, small, strict=True):

@@ -264,12 +264,12 @@ class Engine:
         """Whether the probe of layer ``position`` really holds a NaN for a ``real`` row of
         ``images``: the batch is run again through a session with the probes as outputs (made
         once, on the CPU, only when the in-graph check has flagged a batch)."""
-        session, name = self._probe_session()
+        session, name = self.probe_session()
         probe = self.layers[position].probe
         (values,) = session.run([probe], {name: images})
         return bool(np.isnan(values[real]).any())
 
-    def _probe_session(self) -> tuple[ort.InferenceSession, str]:
+    def probe_session(self) -> tuple[ort.InferenceSession, str]:
         """A CPU session with the probes as outputs, and its input name (made once, when a
         batch needs a second look)."""
         if self._confirm is None:
@@ -285,7 +285,7 @@ class Engine:
         alone; else ONNX Runtime's own first line."""
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         try:
-            session, name = self._probe_session()
+            session, name = self.probe_session()
             values = session.run([layer.probe for layer in self.layers], {name: images})
         except Exception as probe_exc:  # ORT raises its own exception types
             first = (str(probe_exc).strip().splitlines() or [first])[0]

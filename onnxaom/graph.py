@@ -7,6 +7,7 @@ questions the same way.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -229,25 +230,38 @@ def _fold(node: onnx.NodeProto, args: list[np.ndarray | None],
         if second is None or value.size > _FOLDED_ARITHMETIC or np.size(second) > \
                 _FOLDED_ARITHMETIC:
             return None
-        other = np.asarray(second)
-        if op == "Div" and np.issubdtype(value.dtype, np.integer):
-            if np.any(other == 0):
-                return None
-            return np.trunc(value / other).astype(value.dtype)
-        with np.errstate(all="ignore"):
-            result = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply,
-                      "Div": np.divide}[op](value, other)
-        return np.asarray(result).astype(value.dtype)
+        return arithmetic(op, value, second)
     if op == "Range":
-        if len(args) != 3 or any(a is None for a in args):
-            return None
-        start, limit, delta = (np.asarray(a).reshape(()).item() for a in args)
-        return None if delta == 0 else np.arange(start, limit, delta).astype(value.dtype)
+        return ranged(args)
     if op == "Flatten":
         axis = int(attribute(node, "axis", 1))
         axis = axis + value.ndim if axis < 0 else axis
         return value.reshape(int(np.prod(value.shape[:axis])), -1)
     return None
+
+
+def arithmetic(op: str, first: np.ndarray, second: Any) -> np.ndarray | None:
+    """ONNX ``Add``, ``Sub``, ``Mul`` or ``Div`` (``op``) of constants, in ``first``'s type
+    (integer Div rounds toward zero, as ONNX; None for an integer division by zero); for
+    constant folding."""
+    other = np.asarray(second)
+    if op == "Div" and np.issubdtype(first.dtype, np.integer):
+        if np.any(other == 0):
+            return None
+        return np.trunc(first / other).astype(first.dtype)
+    with np.errstate(all="ignore"):
+        result = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply,
+                  "Div": np.divide}[op](first, other)
+    return np.asarray(result).astype(first.dtype)
+
+
+def ranged(args: Sequence[Any]) -> np.ndarray | None:
+    """ONNX ``Range`` of constant (start, limit, delta), in start's type; None when an input is
+    not constant or delta is 0; for constant folding."""
+    if len(args) != 3 or any(a is None for a in args):
+        return None
+    start, limit, delta = (np.asarray(a).reshape(()).item() for a in args)
+    return None if delta == 0 else np.arange(start, limit, delta).astype(np.asarray(args[0]).dtype)
 
 
 def squeezed(op: str, value: np.ndarray, axes: Any) -> np.ndarray | None:

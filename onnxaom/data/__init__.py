@@ -30,7 +30,7 @@ at this boundary). Everything public is importable from ``onnxaom.data``.
 
 from __future__ import annotations
 
-from .batching import array_dtype, iter_batches
+from .batching import array_dtype, float_pixels, iter_batches
 from .checks import MAX_CLASSES, PathLike, as_class_names, default_scale
 from .dataset import Dataset, from_arrays
 from .files import (
@@ -64,6 +64,7 @@ __all__ = [
     "array_dtype",
     "as_class_names",
     "default_scale",
+    "float_pixels",
     "from_arrays",
     "iter_batches",
     "load_digits",

@@ -98,11 +98,11 @@ def _slices(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for start in range(0, x.shape[0], batch_size):
         stop = start + batch_size
-        yield _float_pixels(x[start:stop]), y[start:stop]
+        yield float_pixels(x[start:stop]), y[start:stop]
 
 
-def _float_pixels(x: np.ndarray) -> np.ndarray:
-    """float32 C-contiguous; uint8 scaled to [0, 1] by :func:`default_scale`."""
+def float_pixels(x: np.ndarray) -> np.ndarray:
+    """float32 C-contiguous; uint8 and uint16 scaled to [0, 1] by :func:`default_scale`."""
     out = np.ascontiguousarray(x, dtype=np.float32)
     scale = default_scale(x.dtype)
     return out * np.float32(scale) if scale != 1.0 else out
@@ -141,7 +141,7 @@ def _stream(batches: Iterable[Any]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if x.shape[0] == 0:
             continue
         with np.errstate(over="ignore"):  # too large for float32 becomes inf: reported below
-            x = _float_pixels(x)
+            x = float_pixels(x)
         _check_finite(x, name)
         yielded += 1
         yield x, y

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..graph import squeezed
+from ..graph import arithmetic, ranged, squeezed
 
 __all__ = [
     "GRAPH_FIELDS_KEPT",
@@ -283,24 +283,14 @@ def fold_node(node: gs.Node, args: list[np.ndarray | None]) -> np.ndarray | None
         indices = np.asarray(args[1]).astype(np.int64)
         return np.take(first, indices, axis=int(node.attrs.get("axis", 0)))
     if op in ("Add", "Sub", "Mul", "Div") and len(args) > 1:
-        other = np.asarray(args[1])
-        if op == "Div" and np.issubdtype(first.dtype, np.integer):
-            if np.any(other == 0):
-                return None
-            return np.trunc(first / other).astype(first.dtype)  # ONNX rounds toward zero
-        result = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply,
-                  "Div": np.divide}[op](first, other)
-        return np.asarray(result).astype(first.dtype)
+        return arithmetic(op, first, args[1])
     if op == "Transpose":
         perm = node.attrs.get("perm")
         return np.transpose(first, None if perm is None else [int(p) for p in perm])
     if op == "Slice":
         return _slice(node, first, args)
-    if op == "Range" and len(args) == 3 and all(a is not None for a in args):
-        start, limit, delta = (np.asarray(a).reshape(()).item() for a in args)
-        if delta == 0:
-            return None
-        return np.arange(start, limit, delta).astype(np.asarray(args[0]).dtype)
+    if op == "Range":
+        return ranged(args)
     if op == "Concat" and all(a is not None for a in args):
         return np.concatenate([np.asarray(a) for a in args], axis=int(node.attrs.get("axis", 0)))
     return None
